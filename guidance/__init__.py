@@ -1,0 +1,13 @@
+"""steerguard.guidance: guidance methods for unchanged diffusers pipelines.
+
+>>> from guidance import APG, guide
+>>> with guide(pipe, APG(7.5)):
+...     image = pipe("a lighthouse at dusk").images[0]
+"""
+
+from .apg import APG
+from .cfg import CFG
+from .method import REGISTRY, Guidance
+from .pipeline import FAMILIES, guide
+
+__all__ = ["APG", "CFG", "FAMILIES", "REGISTRY", "Guidance", "guide"]

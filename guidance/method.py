@@ -1,0 +1,79 @@
+"""The extension point for guidance methods, and their registry.
+
+A method combines the conditional prediction with the prediction of another
+branch (the unconditional one for CFG-like methods) into an *update* that is
+added to the conditional prediction:
+
+    D = D_c + sum_m update_m(D_c, D_other_m)
+
+in the space the method asks for (``"x0"``, the denoised prediction, or
+``"model"``, the raw network output). Methods are frozen dataclasses; any
+per-sampling-run state (e.g. APG's momentum buffer) lives in the object
+returned by :meth:`Guidance.new_state`, which the caller creates afresh at the
+start of every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+SPACES = ("x0", "model")
+REGISTRY: dict[str, type[Guidance]] = {}
+
+
+def register(name: str):
+    """Class decorator: list a method under ``name`` (the name the CLI and the app show)."""
+
+    def wrap(cls: type[Guidance]) -> type[Guidance]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def check_real(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Guidance:
+    """Base class of guidance methods (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    #: which extra branch the method needs beside the conditional one
+    branch: ClassVar[str] = "uncond"
+
+    #: where the update is computed: "model" (raw output) or "x0" (denoised)
+    space: ClassVar[str] = "model"
+
+    scale: float
+
+    def __post_init__(self) -> None:
+        check_real("scale", self.scale)
+
+    def new_state(self, family: str | None = None) -> Any:
+        """Fresh per-run state (``None`` if the method is stateless)."""
+        return None
+
+    def update(self, pred_cond: Tensor, pred_other: Tensor, state: Any = None) -> Tensor:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Guidance:
+        data = dict(data)
+        name = data.pop("method", None)
+        if name not in REGISTRY:
+            raise ValueError(f"unknown guidance method {name!r}; known: {sorted(REGISTRY)}")
+        return REGISTRY[name](**data)

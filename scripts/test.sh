@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set everything up (idempotent) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "error: no tests were collected" >&2
+fi
+exit "$status"

@@ -1,0 +1,478 @@
+"""Tiny random-weight diffusers pipelines for fast, offline tests.
+
+Every builder seeds torch before creating each component, so two calls return
+pipelines with identical float32 CPU weights; nothing is downloaded (the
+tokenizers are built in memory). ``default_call_kwargs`` gives small, valid
+call arguments for any pipeline built here, and ``BUILDERS`` names every
+variant::
+
+    pipe = BUILDERS["sd"]()
+    out = pipe(**default_call_kwargs(pipe), generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+SEED = 0
+PROMPT = "a photo of a tiny squirrel eating a burger"
+CLIP_HIDDEN = 32
+CLIP_PROJECTION = 32
+IMAGE_SIZE = 32
+
+# Ids of the special tokens in the vocabulary built by `clip_tokenizer`:
+# 256 byte characters, the same 256 with "</w>", then BOS and EOS (= pad).
+CLIP_BOS_ID = 512
+CLIP_EOS_ID = 513
+CLIP_VOCAB_SIZE = 514
+T5_VOCAB_SIZE = 128  # >= len(t5_tokenizer()) == 98
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """Byte-level CLIP tokenizer without merges (one token per byte), max length 77."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = CLIP_BOS_ID
+    vocab["<|endoftext|>"] = CLIP_EOS_ID
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    assert tokenizer.bos_token_id == CLIP_BOS_ID
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == CLIP_EOS_ID
+    return tokenizer
+
+
+def t5_tokenizer() -> T5TokenizerFast:
+    """Character-level T5 (Unigram) tokenizer over printable ASCII; pad 0, eos 1, unk 2."""
+    chars = [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0), *[(c, -2.0) for c in chars]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+# --------------------------------------------------------------------------- components
+
+
+def _clip_config() -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=CLIP_HIDDEN,
+        intermediate_size=37,
+        projection_dim=CLIP_PROJECTION,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,
+        pad_token_id=CLIP_EOS_ID,
+    )
+
+
+def _clip_text_model(seed: int = SEED) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(_clip_config()).eval()
+
+
+def _clip_text_model_with_projection(seed: int = SEED) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(_clip_config()).eval()
+
+
+def _t5_encoder(d_model: int = 32, seed: int = SEED) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=T5_VOCAB_SIZE,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _vae(
+    block_out_channels: tuple[int, ...] = (32, 64),
+    norm_num_groups: int = 32,
+    flow: bool = False,
+    seed: int = SEED,
+) -> AutoencoderKL:
+    """KL autoencoder with ``latent_channels=4``; scale factor ``2 ** (len(block_out_channels) - 1)``.
+
+    ``flow=True`` mirrors the SD3 / Flux VAE config (no quant convs, a shift factor).
+    """
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    extra: dict[str, Any] = (
+        {"use_quant_conv": False, "use_post_quant_conv": False, "shift_factor": 0.0609, "scaling_factor": 1.5035}
+        if flow
+        else {"scaling_factor": 0.18215}
+    )
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        sample_size=IMAGE_SIZE,
+        force_upcast=False,  # everything is float32; avoids SDXL img2img re-casting the VAE on every call
+        **extra,
+    ).eval()
+
+
+def _finish(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            dtypes = {p.dtype for p in module.parameters()}
+            assert dtypes == {torch.float32}, f"{name} has parameter dtypes {dtypes}"
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def tiny_sd(prediction_type: str = "epsilon", img2img: bool = False) -> DiffusionPipeline:
+    """SD 1.x-style pipeline: UNet (32, 64), CLIP text encoder, DDIM with ``prediction_type``."""
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CLIP_HIDDEN,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    ).eval()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = cls(
+        vae=_vae(),
+        text_encoder=_clip_text_model(),
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+def tiny_sdxl(img2img: bool = False) -> DiffusionPipeline:
+    """SDXL-style pipeline: two CLIP encoders (hidden states concatenated), ``text_time`` added conditioning."""
+    torch.manual_seed(SEED)
+    addition_time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1),
+        cross_attention_dim=2 * CLIP_HIDDEN,  # both encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        # 6 micro-conditioning ints (original size, crop, target size) + pooled text_encoder_2 projection
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + CLIP_PROJECTION,
+        norm_num_groups=32,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    components: dict[str, Any] = {
+        "vae": _vae(),
+        "text_encoder": _clip_text_model(seed=SEED),
+        "text_encoder_2": _clip_text_model_with_projection(seed=SEED + 1),
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(),
+        "unet": unet,
+        "scheduler": scheduler,
+        "image_encoder": None,
+        "feature_extractor": None,
+        "add_watermarker": False,
+    }
+    if img2img:
+        pipe: DiffusionPipeline = StableDiffusionXLImg2ImgPipeline(**components, requires_aesthetics_score=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**components)
+    return _finish(pipe)
+
+
+def tiny_sd3(img2img: bool = False) -> DiffusionPipeline:
+    """SD3-style MMDiT (1 layer, 4 heads of 8) with two projected CLIP encoders, a T5, and flow matching."""
+    t5_dim = 2 * CLIP_HIDDEN  # CLIP hidden states are concatenated, then zero-padded to the T5 width
+    torch.manual_seed(SEED)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_dim,
+        caption_projection_dim=32,  # must equal heads * head_dim
+        pooled_projection_dim=2 * CLIP_PROJECTION,
+        pos_embed_max_size=64,
+    ).eval()
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    pipe = cls(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(flow=True),
+        text_encoder=_clip_text_model_with_projection(seed=SEED),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip_text_model_with_projection(seed=SEED + 1),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5_encoder(d_model=t5_dim),
+        tokenizer_3=t5_tokenizer(),
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _finish(pipe)
+
+
+def tiny_flux(img2img: bool = False, guidance_embeds: bool = True) -> DiffusionPipeline:
+    """Flux-style transformer (1 double + 1 single block), CLIP pooled + T5 text, flow matching with dynamic shift."""
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 width
+        pooled_projection_dim=CLIP_HIDDEN,  # CLIPTextModel pooler output
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    cls = FluxImg2ImgPipeline if img2img else FluxPipeline
+    pipe = cls(
+        scheduler=scheduler,
+        vae=_vae(flow=True),
+        text_encoder=_clip_text_model(),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_t5_encoder(d_model=32),
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _finish(pipe)
+
+
+def tiny_dit() -> DiTPipeline:
+    """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
+    torch.manual_seed(SEED)
+    transformer = DiTTransformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        num_embeds_ada_norm=1000,  # DiTPipeline hard-codes the null label 1000 (embedding table gets 1001 rows)
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+    ).eval()
+    scheduler = DPMSolverMultistepScheduler(
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        prediction_type="epsilon",
+    )
+    id2label = {i: f"class {i}" for i in range(10)}
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(), scheduler=scheduler, id2label=id2label)
+    _finish(pipe)
+    return pipe
+
+
+def tiny_pixart_sigma() -> PixArtSigmaPipeline:
+    """PixArt-Sigma with learned sigma and a T5 encoder.
+
+    ``sample_size=32`` with an 8x VAE (4 blocks) so the pipeline's default resolution binning
+    (``ASPECT_RATIO_256_BIN``, which needs sample_size in {32, 64, 128, 256}) stays cheap.
+    """
+    torch.manual_seed(SEED)
+    transformer = PixArtTransformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        cross_attention_dim=24,  # heads * head_dim
+        caption_channels=32,  # T5 width
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+    scheduler = DPMSolverMultistepScheduler(
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        prediction_type="epsilon",
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=t5_tokenizer(),
+        text_encoder=_t5_encoder(d_model=32),
+        vae=_vae(block_out_channels=(8, 8, 16, 16), norm_num_groups=8),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
+    _finish(pipe)
+    return pipe
+
+
+# --------------------------------------------------------------------------- call arguments
+
+
+def random_image(size: int = IMAGE_SIZE, seed: int = SEED) -> Image.Image:
+    """Seeded random RGB PIL image of ``size`` x ``size``."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8))
+
+
+_IMG2IMG = (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusion3Img2ImgPipeline,
+    FluxImg2ImgPipeline,
+)
+_T5 = (
+    StableDiffusion3Pipeline,
+    StableDiffusion3Img2ImgPipeline,
+    FluxPipeline,
+    FluxImg2ImgPipeline,
+    PixArtSigmaPipeline,
+)
+
+
+def default_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """Small valid ``pipe(...)`` kwargs (without ``generator``) for a pipeline built by this module.
+
+    Guidance settings are left at each pipeline's default; pass ``guidance_scale`` (or
+    ``true_cfg_scale`` with ``negative_prompt`` for Flux) explicitly to control them.
+    Image-to-image pipelines get 4 steps at strength 0.75, i.e. 3 denoiser steps: with 3 steps
+    the flow-matching ones (SD3, Flux) compute ``t_start = int(3 - 3 * 0.75) = 0`` and start from
+    sigma = 1, where the input image is fully replaced by noise.
+    """
+    kwargs: dict[str, Any] = {"num_inference_steps": 3, "output_type": "np"}
+    if isinstance(pipe, DiTPipeline):
+        kwargs["class_labels"] = [1]
+        return kwargs
+    kwargs["prompt"] = PROMPT
+    if isinstance(pipe, _IMG2IMG):
+        kwargs["image"] = random_image(IMAGE_SIZE)
+        kwargs["strength"] = 0.75
+        kwargs["num_inference_steps"] = 4
+    if not isinstance(pipe, (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline)):
+        kwargs["height"] = kwargs["width"] = 64 if isinstance(pipe, PixArtSigmaPipeline) else IMAGE_SIZE
+    if isinstance(pipe, PixArtSigmaPipeline):
+        kwargs["use_resolution_binning"] = False
+        kwargs["clean_caption"] = False  # True needs beautifulsoup4 + ftfy
+    if isinstance(pipe, _T5):
+        kwargs["max_sequence_length"] = 64  # the character-level T5 tokenizer needs one token per char
+    return kwargs
+
+
+BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
+    "sd": tiny_sd,
+    "sd_v": lambda: tiny_sd(prediction_type="v_prediction"),
+    "sd_img2img": lambda: tiny_sd(img2img=True),
+    "sdxl": tiny_sdxl,
+    "sdxl_img2img": lambda: tiny_sdxl(img2img=True),
+    "sd3": tiny_sd3,
+    "sd3_img2img": lambda: tiny_sd3(img2img=True),
+    "flux": tiny_flux,
+    "flux_img2img": lambda: tiny_flux(img2img=True),
+    "dit": tiny_dit,
+    "pixart_sigma": tiny_pixart_sigma,
+}

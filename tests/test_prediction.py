@@ -1,0 +1,104 @@
+"""Conversions and schedules of guidance.prediction against their definitions."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guidance import prediction as P
+
+KINDS = P.PREDICTION_TYPES
+
+
+def _point(seed: int, batch: int = 3, path: str = "vp"):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, 4, 5, 5, generator=g, dtype=torch.float64)
+    eps = torch.randn(batch, 4, 5, 5, generator=g, dtype=torch.float64)
+    u = torch.rand(batch, generator=g, dtype=torch.float64) * 0.96 + 0.02
+    if path == "vp":
+        alpha, sigma = torch.sqrt(1 - u), torch.sqrt(u)
+    elif path == "flow":
+        alpha, sigma = 1 - u, u
+    else:  # ve
+        alpha, sigma = torch.ones_like(u), 5 * u
+    x = P.broadcast(alpha, x0) * x0 + P.broadcast(sigma, x0) * eps
+    return x0, eps, x, alpha, sigma
+
+
+def _truth(kind, x0, eps, alpha, sigma):
+    a, s = P.broadcast(alpha, x0), P.broadcast(sigma, x0)
+    return {"epsilon": eps, "v_prediction": a * eps - s * x0, "flow": eps - x0, "sample": x0}[kind]
+
+
+@pytest.mark.parametrize("path", ["vp", "flow", "ve"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_to_x0_recovers_clean_sample(kind, path):
+    if kind == "flow" and path != "flow":
+        pytest.skip("the flow velocity is defined on the flow path")
+    x0, eps, x, alpha, sigma = _point(0, path=path)
+    pred = _truth(kind, x0, eps, alpha, sigma)
+    torch.testing.assert_close(P.to_x0(pred, x, alpha, sigma, kind), x0)
+    torch.testing.assert_close(P.convert(pred, x, alpha, sigma, kind, "epsilon"), eps)
+    torch.testing.assert_close(P.to_score(pred, x, alpha, sigma, kind), -eps / P.broadcast(sigma, x))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), src=st.sampled_from(KINDS), dst=st.sampled_from(KINDS))
+def test_every_conversion_round_trips(seed, src, dst):
+    x0, eps, x, alpha, sigma = _point(seed, path="flow")
+    pred = _truth(src, x0, eps, alpha, sigma)
+    there = P.convert(pred, x, alpha, sigma, src, dst)
+    torch.testing.assert_close(there, _truth(dst, x0, eps, alpha, sigma))
+    torch.testing.assert_close(P.convert(there, x, alpha, sigma, dst, src), pred)
+    score = P.to_score(pred, x, alpha, sigma, src)
+    torch.testing.assert_close(P.from_score(score, x, alpha, sigma, src), pred)
+
+
+def test_unknown_kind_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown prediction type"):
+        P.x0_coefficients(torch.ones(1), torch.ones(1), "eps")
+
+
+def test_vp_discrete_matches_alphas_cumprod_and_interpolates_log_sigma():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1 - betas, 0)
+    t = torch.tensor([0, 1, 500, 999])
+    ac32 = ac.float()
+    alpha, sigma = P.vp_discrete(ac32, t)
+    ac = ac32.double()
+    torch.testing.assert_close(alpha.double(), ac[t].sqrt(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sigma.double(), (1 - ac[t]).sqrt(), rtol=1e-6, atol=1e-7)
+    # halfway between two timesteps: the geometric mean of their VE sigmas
+    alpha, sigma = P.vp_discrete(ac, torch.tensor([10.5]))
+    ve = ((1 - ac) / ac).sqrt()
+    assert math.isclose((sigma / alpha).item(), (ve[10] * ve[11]).sqrt().item(), rel_tol=1e-5)
+
+
+def test_vp_continuous_and_flow_and_edm_are_on_their_paths():
+    t = torch.linspace(0.01, 1, 7)
+    alpha, sigma = P.vp_continuous(t)
+    torch.testing.assert_close(alpha**2 + sigma**2, torch.ones_like(t))
+    torch.testing.assert_close(alpha[0], torch.tensor(math.exp(-0.25 * 0.01**2 * 19.9 - 0.5 * 0.01 * 0.1)))
+    alpha, sigma = P.flow(t)
+    torch.testing.assert_close(alpha + sigma, torch.ones_like(t))
+    s = torch.tensor([0.1, 1.0, 10.0])
+    alpha, sigma = P.edm(s, 0.5)
+    torch.testing.assert_close(alpha, 1 / (s**2 + 0.25).sqrt())
+    torch.testing.assert_close(sigma / alpha, s)
+
+
+def test_edm_coefficients_match_diffusers_preconditioning():
+    from diffusers import EDMEulerScheduler
+
+    for kind, sign in (("epsilon", 1.0), ("v_prediction", -1.0)):
+        sched = EDMEulerScheduler(sigma_data=0.5, prediction_type=kind)
+        sigma = torch.tensor([0.3, 2.0, 30.0])
+        x_ve = torch.randn(3, 4, 2, 2)
+        out = torch.randn(3, 4, 2, 2)
+        expected = sched.precondition_outputs(x_ve, out, sigma[:, None, None, None])
+        x_in = sched.precondition_inputs(x_ve, sigma[:, None, None, None])
+        alpha, sig = P.edm(sigma, 0.5)
+        a, b = P.edm_x0_coefficients(alpha, sig, 0.5, sign)
+        torch.testing.assert_close(P.broadcast(a, x_in) * x_in + P.broadcast(b, x_in) * out, expected)
