@@ -377,3 +377,39 @@ def test_denoiser_called_outside_a_pipeline_call_is_untouched():
         with guide(pipe, APG(5.0)):
             hooked = pipe.unet(x, 10, encoder_hidden_states=emb).sample
     torch.testing.assert_close(plain, hooked, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "scheduler_name, options",
+    [
+        ("FlowMatchEulerDiscreteScheduler", {}),
+        ("FlowMatchHeunDiscreteScheduler", {}),
+        ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+        ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    ],
+)
+def test_flow_matching_schedulers_sd3_accepts(scheduler_name, options):
+    import diffusers
+
+    pipe = BUILDERS["sd3"]()
+    cls = getattr(diffusers, scheduler_name)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
+    reference = run(pipe, scale=4.0)
+    with guide(pipe, CFG(4.0)):
+        assert_images_close(run(pipe), reference)
+    with guide(pipe, APG(4.0, eta=1.0, norm_threshold=None, momentum=0.0)):
+        assert_images_close(run(pipe), reference, atol=1e-4)
+    with guide(pipe, APG(4.0)):
+        assert np.isfinite(run(pipe)).all()
+
+
+@pytest.mark.parametrize("name", ["sd", "flux", "dit"])
+def test_half_precision_runs_in_the_models_dtype(name):
+    pipe = BUILDERS[name]().to(dtype=torch.bfloat16)
+    reference = run(pipe, scale=3.0)
+    with guide(pipe, CFG(3.0)):
+        guided = run(pipe)
+    with guide(pipe, APG(3.0)):
+        apg = run(pipe)
+    assert np.isfinite(apg).all()
+    np.testing.assert_allclose(guided, reference, atol=0.03)  # bf16 rounding, 3 steps
