@@ -8,6 +8,8 @@
 from .apg import APG
 from .cfg import CFG
 from .method import REGISTRY, Guidance
+from .pag import PAG, SoftPAG
 from .pipeline import FAMILIES, guide
+from .tpg import TPG
 
-__all__ = ["APG", "CFG", "FAMILIES", "REGISTRY", "Guidance", "guide"]
+__all__ = ["APG", "CFG", "FAMILIES", "PAG", "REGISTRY", "TPG", "Guidance", "SoftPAG", "guide"]

@@ -56,9 +56,21 @@ class Guidance:
     space: ClassVar[str] = "model"
 
     scale: float
+    _: dataclasses.KW_ONLY
+    #: the fraction of the denoising calls of a run during which the method acts
+    start: float = 0.0
+    stop: float = 1.0
 
     def __post_init__(self) -> None:
         check_real("scale", self.scale)
+        check_real("start", self.start, low=0.0, high=1.0)
+        check_real("stop", self.stop, low=0.0, high=1.0)
+        if self.start >= self.stop:
+            raise ValueError(f"start must be < stop, got start={self.start}, stop={self.stop}")
+
+    def active(self, fraction: float) -> bool:
+        """Whether the method acts at ``fraction`` (in [0, 1)) of the run."""
+        return self.start <= fraction < self.stop
 
     def new_state(self, family: str | None = None) -> Any:
         """Fresh per-run state (``None`` if the method is stateless)."""

@@ -14,8 +14,14 @@ use our guidance:
   starts a fresh *run* (momentum buffers are reset at the start of every
   pipeline call) and makes sure the call produces an unconditional branch.
 
-On exit both are removed: the pipeline's class, the denoiser's ``forward`` and
-hook registry are as they were.
+Perturbation methods (PAG, SoftPAG, TPG) add a weak-model branch each: the
+denoiser hook appends copies of the conditional rows to the batch and the
+perturbation hooks (:mod:`.perturbation`) act on those rows only, so one
+denoiser call evaluates every branch (or one call per branch with
+``sequential=True``).
+
+On exit everything is removed: the pipeline's class, the denoiser's
+``forward``, hook registries and attention modules are as they were.
 """
 
 from __future__ import annotations
@@ -27,9 +33,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 from torch import Tensor
 
 from . import prediction as P
+from .cfg import CFG
+from .hooks import attach
 from .method import Guidance
 
 HOOK_NAME = "steerguard.guide"
@@ -54,6 +63,10 @@ class Family:
     timestep_divisor: float = 1.0
     #: call arguments that would bypass or double the guidance, with the reason
     refused: tuple[tuple[str, str], ...] = ()
+    #: denoiser arguments without a batch dimension
+    unbatched: tuple[str, ...] = ()
+    #: joint attention puts the text tokens before the image tokens (FLUX) rather than after (SD3)
+    text_first: bool = False
 
 
 _RESCALE = ("guidance_rescale", "CFG rescaling inside the pipeline would act on the already guided prediction")
@@ -89,6 +102,8 @@ FAMILIES: tuple[Family, ...] = (
         "sequential",
         "true_cfg_scale",
         timestep_divisor=1000.0,
+        unbatched=("img_ids", "txt_ids"),
+        text_first=True,
     ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family("pixart", ("PixArtSigmaPipeline", "PixArtAlphaPipeline"), "transformer", "uncond_cond", "guidance_scale"),
@@ -151,108 +166,187 @@ def schedule_of(scheduler: Any) -> Schedule:
     )
 
 
+def _map_batched(value: Any, fn: Callable[[Tensor], Tensor], n: int) -> Any:
+    """Apply ``fn`` to every tensor in ``value`` (nested in dicts, lists, tuples) whose batch size is ``n``."""
+    if isinstance(value, Tensor):
+        return fn(value) if value.ndim >= 1 and value.shape[0] == n else value
+    if isinstance(value, dict):
+        return {key: _map_batched(item, fn, n) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_map_batched(item, fn, n) for item in value)
+    return value
+
+
+def _prediction(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _with_prediction(output: Any, pred: Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (pred, *output[1:])
+    output.sample = pred
+    return output
+
+
 class _Run:
-    """Per-call state: fresh method states, the pending conditional output of a sequential layout."""
+    """Per-call state: method states, batch rows of the perturbed branches, the pending conditional output."""
 
-    def __init__(self, controller: _Controller, pipeline_scale: float) -> None:
+    def __init__(self, controller: _Controller, pipeline_scale: float, has_uncond: bool) -> None:
         self.controller = controller
+        self.family = controller.family
         self.pipeline_scale = pipeline_scale
-        self.states = [m.new_state(controller.family.name) for m in controller.methods]
-        self.pending: tuple[Tensor, Tensor] | None = None  # (x, cond prediction)
+        self.has_uncond = has_uncond
+        methods = controller.methods
+        if has_uncond and not any(m.branch == "uncond" for m in methods):
+            methods = (*methods, CFG(pipeline_scale))  # the pipeline's own CFG, composed with perturbations
+        self.methods = methods
+        self.states = [m.new_state(self.family.name) for m in methods]
+        self.perturbations = [i for i, m in enumerate(methods) if m.branch == "perturbed"]
+        #: batch rows each perturbation acts on during the current denoiser call (read by the hooks)
+        self.rows: dict[int, slice | None] = dict.fromkeys(self.perturbations)
+        self.pending: tuple[Tensor, Tensor, dict[int, Tensor], float] | None = None
         self.schedule = schedule_of(controller.pipe.scheduler)
+        self.evaluations = 0
+        self.total: int | None = None
 
-    def guided(self, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor) -> Tensor:
+    # -- one denoiser call ------------------------------------------------------------------------------------
+    def forward(self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor) -> Any:
+        n = x.shape[0]
+        if self.family.layout == "sequential" and self.has_uncond and self.pending is not None:
+            output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
+            return _with_prediction(output, self._finish_sequential(x, t, _prediction(output)))
+        if self.has_uncond and self.family.layout != "sequential":
+            if n % 2:
+                raise RuntimeError(f"{self.family.name}: expected a CFG batch of even size, got {n}")
+            b = n // 2
+            cond_rows = slice(b, n) if self.family.layout == "uncond_cond" else slice(0, b)
+        else:
+            b, cond_rows = n, slice(0, n)
+        fraction = self._fraction()
+        active = [i for i in self.perturbations if self.methods[i].active(fraction)]
+        perturbed: dict[int, Tensor] = {}
+        if not active:
+            output = call(*inputs[0], **inputs[1])
+            pred = _prediction(output)
+        elif self.controller.sequential:
+            output = call(*inputs[0], **inputs[1])
+            pred = _prediction(output)
+            cond_only = self._rebind(inputs, lambda v: v[cond_rows], n)
+            for i in active:
+                perturbed[i] = self._perturbed_call(call, cond_only, {i: slice(None)})[i]
+        else:
+            expanded = self._rebind(inputs, lambda v: torch.cat([v, *[v[cond_rows]] * len(active)]), n)
+            rows = {i: slice(n + j * b, n + (j + 1) * b) for j, i in enumerate(active)}
+            output, everything = self._perturbed_call(call, expanded, rows, keep_output=True)
+            pred = everything[:n]
+            perturbed = {i: everything[r] for i, r in rows.items()}
+        return _with_prediction(output, self._combine(x, t, pred, perturbed, cond_rows, fraction))
+
+    def _perturbed_call(self, call, inputs, rows, keep_output=False):
+        self.rows.update(rows)
+        try:
+            output = call(*inputs[0], **inputs[1])
+        finally:
+            self.rows.update(dict.fromkeys(rows))
+        pred = _prediction(output)
+        return (output, pred) if keep_output else {i: pred for i in rows}
+
+    def _rebind(self, inputs: tuple[tuple, dict], fn: Callable[[Tensor], Tensor], n: int) -> tuple[tuple, dict]:
+        """The call's arguments with ``fn`` applied along the batch (names in ``family.unbatched`` untouched)."""
+        args, kwargs = inputs
+        names = self.controller.parameter_names
+        skip = self.family.unbatched
+        return (
+            tuple(v if names[i] in skip else _map_batched(v, fn, n) for i, v in enumerate(args)),
+            {k: v if k in skip else _map_batched(v, fn, n) for k, v in kwargs.items()},
+        )
+
+    def _fraction(self) -> float:
+        if self.total is None:
+            scheduler = self.controller.pipe.scheduler
+            timesteps = getattr(scheduler, "timesteps", None)
+            steps = (len(timesteps) if timesteps is not None else 0) - (getattr(scheduler, "begin_index", None) or 0)
+            self.total = max(steps, 1)
+        fraction = min(self.evaluations / self.total, 1 - 1e-9)
+        self.evaluations += 1
+        return fraction
+
+    # -- combining the branches ------------------------------------------------------------------------------
+    def _combine(self, x, t, pred, perturbed, cond_rows, fraction) -> Tensor:
+        channels = x.shape[1]
+        learned_sigma = x.ndim == 4 and pred.shape[1] == 2 * channels
+        eps, rest = (pred[:, :channels], pred[:, channels:]) if learned_sigma else (pred, None)
+        perturbed = {i: p[:, :channels] if learned_sigma else p for i, p in perturbed.items()}
+        cond = eps[cond_rows]
+        if not self.has_uncond:
+            eps = self.guided(x, t, cond, None, perturbed, fraction)
+        elif self.family.layout == "sequential":  # the conditional call of a FLUX step: wait for the other
+            self.pending = (x, cond, perturbed, fraction)
+        else:
+            uncond_rows = slice(0, cond.shape[0]) if cond_rows.start else slice(cond.shape[0], None)
+            x_half, t_half = x[cond_rows], (t[cond_rows] if t.numel() > 1 else t)
+            g = self.guided(x_half, t_half, cond, eps[uncond_rows], perturbed, fraction)
+            eps = torch.cat([g, g])
+        return eps if rest is None else torch.cat([eps, rest], dim=1)
+
+    def _finish_sequential(self, x: Tensor, t: Tensor, uncond: Tensor) -> Tensor:
+        x_cond, cond, perturbed, fraction = self.pending
+        self.pending = None
+        if x_cond.data_ptr() != x.data_ptr() or x_cond.shape != x.shape:
+            raise RuntimeError("the unconditional call did not follow the conditional one on the same latents")
+        g = self.guided(x, t, cond, uncond, perturbed, fraction).float()
+        s = self.pipeline_scale  # the pipeline then computes u + s (c - u); solve it for u
+        return ((g - s * cond.float()) / (1 - s)).to(uncond.dtype)
+
+    def guided(self, x, t, cond, uncond, perturbed, fraction) -> Tensor:
         """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype."""
-        cond32, uncond32, x32 = cond.float(), uncond.float(), x.float()
+        x32, cond32 = x.float(), cond.float()
         total = cond32.clone()
         coefs = None
-        for method, state in zip(self.controller.methods, self.states):
+        for i, (method, state) in enumerate(zip(self.methods, self.states)):
+            if not method.active(fraction):
+                continue
+            other = uncond if method.branch == "uncond" else perturbed.get(i)
+            if other is None:
+                continue
+            other32 = other.float()
             if method.space == "x0":
                 if coefs is None:
                     a, b = self.schedule.coefficients(*self.schedule.alpha_sigma(t.expand(x.shape[0])))
                     coefs = P.broadcast(a, x32), P.broadcast(b, x32)
                 a, b = coefs
-                update = method.update(a * x32 + b * cond32, a * x32 + b * uncond32, state) / b
+                total += method.update(a * x32 + b * cond32, a * x32 + b * other32, state) / b
             else:
-                update = method.update(cond32, uncond32, state)
-            total += update
+                total += method.update(cond32, other32, state)
         return total.to(cond.dtype)
 
-    def on_output(self, x: Tensor, t: Tensor, pred: Tensor) -> Tensor:
-        family = self.controller.family
-        channels = x.shape[1]
-        learned_sigma = x.ndim == 4 and pred.shape[1] == 2 * channels
-        eps, rest = (pred[:, :channels], pred[:, channels:]) if learned_sigma else (pred, None)
-        if family.layout == "sequential":
-            eps = self._sequential(x, t, eps)
-        else:
-            if eps.shape[0] % 2:
-                raise RuntimeError(f"{family.name}: expected a CFG batch of even size, got {eps.shape[0]}")
-            first, second = eps.chunk(2)
-            cond, uncond = (second, first) if family.layout == "uncond_cond" else (first, second)
-            x_half, t_half = x.chunk(2)[0], (t.chunk(2)[0] if t.numel() > 1 else t)
-            g = self.guided(x_half, t_half, cond, uncond)
-            eps = torch.cat([g, g])
-        return eps if rest is None else torch.cat([eps, rest], dim=1)
 
-    def _sequential(self, x: Tensor, t: Tensor, pred: Tensor) -> Tensor:
-        if self.pending is None:  # the conditional call of a step
-            self.pending = (x, pred)
-            return pred
-        x_cond, cond = self.pending
-        self.pending = None
-        if x_cond.data_ptr() != x.data_ptr() or x_cond.shape != x.shape:
-            raise RuntimeError("the unconditional call did not follow the conditional one on the same latents")
-        g = self.guided(x, t, cond, pred).float()
-        s = self.pipeline_scale  # the pipeline then computes u + s (c - u); solve it for u
-        return ((g - s * cond.float()) / (1 - s)).to(pred.dtype)
-
-
-class _DenoiserHook:
-    """A ``diffusers.hooks.ModelHook`` (duck-typed) replacing the denoiser's forward."""
-
-    _is_stateful = False
+class _DenoiserHook(ModelHook):
+    """Replaces the denoiser's forward during pipeline calls (see the module docstring)."""
 
     def __init__(self, controller: _Controller, signature: inspect.Signature) -> None:
+        super().__init__()
         self.controller = controller
         self.signature = signature
-        self.fn_ref = None
         self.sample_arg = next(iter(signature.parameters))
 
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
-    def deinitalize_hook(self, module: torch.nn.Module) -> torch.nn.Module:  # sic: diffusers' spelling
-        return module
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        return args, kwargs
-
-    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        return output
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        return module
-
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        output = self.fn_ref.original_forward(*args, **kwargs)
         run = self.controller.run
         if run is None:  # the denoiser called outside a pipeline call
-            return output
+            return self.fn_ref.original_forward(*args, **kwargs)
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         x, t = bound[self.sample_arg], bound["timestep"]
         t = torch.as_tensor(t, device=x.device).reshape(-1) * self.controller.family.timestep_divisor
-        if isinstance(output, tuple):
-            return (run.on_output(x, t, output[0]), *output[1:])
-        output.sample = run.on_output(x, t, output.sample)
-        return output
+        return run.forward(self.fn_ref.original_forward, (args, kwargs), x, t)
 
 
 class _Controller:
-    def __init__(self, pipe: Any, methods: tuple[Guidance, ...]) -> None:
+    def __init__(self, pipe: Any, methods: tuple[Guidance, ...], sequential: bool) -> None:
         self.pipe = pipe
         self.methods = methods
+        self.sequential = sequential
         self.family = family_of(pipe)
+        self.parameter_names: list[str] = []
         self.run: _Run | None = None
 
     def call(self, call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
@@ -265,16 +359,27 @@ class _Controller:
         for name, reason in self.family.refused:
             if arguments.get(name) not in (None, 0, 0.0, [], ()):
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")
-        self._ensure_uncond_branch(pipe, arguments)
-        self.run = _Run(self, float(arguments[self.family.scale_arg]))
+        if any(m.branch == "uncond" for m in self.methods):
+            self._ensure_uncond_branch(pipe, arguments)
+        self.run = _Run(self, float(arguments[self.family.scale_arg]), self._has_uncond(pipe, arguments))
         try:
             return call(*bound.args, **bound.kwargs)
         finally:
             self.run = None
 
-    def _ensure_uncond_branch(self, pipe: Any, arguments: dict[str, Any]) -> None:
+    def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
+        if arguments[self.family.scale_arg] <= 1 or self._distilled(pipe):
+            return False
+        if self.family.layout == "sequential":
+            return arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
+        return True
+
+    def _distilled(self, pipe: Any) -> bool:
         config = getattr(getattr(pipe, self.family.denoiser), "config", {})
-        if config.get("time_cond_proj_dim") is not None:
+        return config.get("time_cond_proj_dim") is not None
+
+    def _ensure_uncond_branch(self, pipe: Any, arguments: dict[str, Any]) -> None:
+        if self._distilled(pipe):
             raise ValueError(
                 f"{type(pipe).__name__}: this guidance-distilled denoiser (time_cond_proj_dim is set) runs no "
                 "unconditional branch, so CFG-type guidance cannot be applied"
@@ -315,25 +420,30 @@ def _validate(methods: tuple[Guidance, ...]) -> None:
         raise ValueError("guide() needs at least one guidance method, e.g. guide(pipe, APG(7.5))")
     for method in methods:
         if not isinstance(method, Guidance):
-            raise TypeError(f"guide() takes guidance methods (CFG, APG, ...), got {type(method).__name__}")
+            raise TypeError(f"guide() takes guidance methods (CFG, APG, PAG, ...), got {type(method).__name__}")
     uncond = [m for m in methods if m.branch == "uncond"]
     if len(uncond) > 1:
         raise ValueError(f"at most one of CFG/APG per call, got {[type(m).__name__ for m in uncond]}")
 
 
 @contextlib.contextmanager
-def guide(pipe: Any, *methods: Guidance) -> Iterator[Any]:
+def guide(pipe: Any, *methods: Guidance, sequential: bool = False) -> Iterator[Any]:
     """Use ``methods`` in every call of ``pipe`` inside the ``with`` block.
 
-    >>> with guide(pipe, APG(7.5)):
+    >>> with guide(pipe, APG(7.5), PAG(3.0)):
     ...     image = pipe("a photo of a cat").images[0]
 
-    Inside the block the pipeline's own CFG scale argument only switches the
-    unconditional branch on (it is raised above 1 if needed); the methods'
-    scales decide. On exit the pipeline is exactly as it was.
+    At most one CFG-type method (CFG, APG) and any number of perturbation methods
+    (PAG, SoftPAG, TPG); their updates add up. With a CFG-type method the
+    pipeline's own CFG scale argument only switches the unconditional branch on
+    (it is raised above 1 if needed) and the method's scale decides; with
+    perturbations only, the pipeline's own CFG (if its scale > 1) is kept and
+    composed with them. The perturbed branches are batched with the others in
+    one denoiser call; ``sequential=True`` runs them as separate calls (less
+    memory). On exit the pipeline is exactly as it was.
     """
     _validate(methods)
-    controller = _Controller(pipe, methods)
+    controller = _Controller(pipe, methods, sequential)
     denoiser = getattr(pipe, controller.family.denoiser, None)
     if not isinstance(denoiser, torch.nn.Module):
         raise TypeError(f"guide() needs {type(pipe).__name__}.{controller.family.denoiser} to be a torch module")
@@ -343,21 +453,17 @@ def guide(pipe: Any, *methods: Guidance) -> Iterator[Any]:
     if hasattr(type(pipe), "_steerguard_base"):
         raise RuntimeError("this pipeline is already inside guide(); combine the methods in one guide() call")
 
-    from diffusers.hooks import HookRegistry
+    from .perturbation import install
 
-    had_registry = hasattr(denoiser, "_diffusers_hook")
-    had_forward = "forward" in vars(denoiser)
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    remove_perturbations = install(controller, denoiser)  # validates the layer selectors
     signature = inspect.signature(type(denoiser).forward.__get__(denoiser))  # the class forward, not a wrapper
-    registry.register_hook(_DenoiserHook(controller, signature), HOOK_NAME)
+    controller.parameter_names = list(signature.parameters)
+    detach = attach(denoiser, _DenoiserHook(controller, signature), HOOK_NAME)
     original_class = type(pipe)
     pipe.__class__ = _guided_class(original_class, controller)
     try:
         yield pipe
     finally:
         pipe.__class__ = original_class
-        registry.remove_hook(HOOK_NAME, recurse=False)
-        if not had_registry and not registry.hooks:
-            del denoiser._diffusers_hook
-        if not had_forward:
-            vars(denoiser).pop("forward", None)
+        detach()
+        remove_perturbations()

@@ -4,6 +4,7 @@ references computed from the schedulers' own noise levels, and diffusers' APG.""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 
 import numpy as np
@@ -56,11 +57,13 @@ def recording(pipe):
     calls, steps, input_scale = [], [], [1.0]
     original_forward, original_step = denoiser.forward, scheduler.step
     original_scale = getattr(scheduler, "scale_model_input", None)
+    signature = inspect.signature(type(denoiser).forward.__get__(denoiser))
+    sample_arg = next(iter(signature.parameters))
 
     def forward(*args, **kwargs):
         out = original_forward(*args, **kwargs)
-        x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        x, t = bound[sample_arg], bound["timestep"]
         sample = out[0] if isinstance(out, tuple) else out.sample
         index = getattr(scheduler, "step_index", None)
         if index is None and hasattr(scheduler, "sigmas"):  # set on the first step() of flow-matching schedulers

@@ -1,0 +1,97 @@
+"""Choosing layers of a denoiser by name, diffusers spelling or index.
+
+A selector is one of:
+
+* an ``int``: the i-th candidate (self-attention layer or transformer block), in
+  module order; negative indices count from the end;
+* an exact module name, e.g. ``"mid_block.attentions.0.transformer_blocks.0.attn1"``;
+* a regular expression in diffusers' ``pag_applied_layers`` style, searched in
+  module names: ``"mid"``, ``"down_blocks.2"``, ``"blocks.1"``; the older spelling
+  ``"down.block_1"`` / ``"up.block_0.attentions_1"`` is accepted too. A trailing
+  number means that number only: ``"blocks.1"`` is block 1, never block 10 (the
+  diffusers PAG pipelines match both).
+
+A selector that matches nothing is an error listing the valid names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+Selector = int | str
+
+
+def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Attention modules of ``model`` whose queries and keys come from the same tokens (incl. joint attention)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if hasattr(module, "processor") and not getattr(module, "is_cross_attention", False)
+    }
+
+
+def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Transformer blocks of ``model`` (BasicTransformerBlock, JointTransformerBlock, Flux blocks, ...)."""
+    return {
+        name: module for name, module in model.named_modules() if type(module).__name__.endswith("TransformerBlock")
+    }
+
+
+def _pattern(selector: str) -> re.Pattern[str]:
+    legacy = re.fullmatch(r"(down|up)\.block_(\d+)(?:\.attentions_(\d+))?", selector)
+    if legacy:
+        direction, block, attention = legacy.groups()
+        selector = f"{direction}_blocks.{block}" + (f".attentions.{attention}" if attention else "")
+    elif re.fullmatch(r"blocks?_(\d+)", selector):
+        selector = "blocks." + selector.split("_")[1]
+    if selector[-1].isdigit():
+        selector += r"(?![0-9])"
+    try:
+        return re.compile(selector)
+    except re.error as error:
+        raise ValueError(f"invalid layer pattern {selector!r}: {error}") from None
+
+
+def select(candidates: dict[str, nn.Module], selectors: Iterable[Selector], what: str) -> dict[str, nn.Module]:
+    """The candidates chosen by ``selectors``, in module order; ``ValueError`` for a selector matching none."""
+    names = list(candidates)
+    chosen: set[str] = set()
+    for selector in selectors:
+        if isinstance(selector, bool) or not isinstance(selector, (int, str)) or selector == "":
+            raise ValueError(f"a layer selector must be an int or a non-empty str, got {selector!r}")
+        if isinstance(selector, int):
+            if not -len(names) <= selector < len(names):
+                raise ValueError(f"{what} index {selector} is out of range: the model has {len(names)} {what}s")
+            matched = [names[selector]]
+        elif selector in candidates:
+            matched = [selector]
+        else:
+            pattern = _pattern(selector)
+            matched = [name for name in names if pattern.search(name)]
+        if not matched:
+            raise ValueError(f"no {what} matches {selector!r}; valid names: {_summary(names)}")
+        chosen.update(matched)
+    return {name: candidates[name] for name in names if name in chosen}
+
+
+def _summary(names: Sequence[str], limit: int = 40) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def default_layers(candidates: dict[str, nn.Module]) -> list[Selector]:
+    """The default choice: the UNet's middle block, else the middle transformer block of the stack."""
+    if any(name.startswith("mid_block") for name in candidates):
+        return ["mid"]
+    blocks: dict[str, list[int]] = {}
+    for name in candidates:
+        if m := re.match(r"([a-z_]*blocks)\.(\d+)", name):
+            blocks.setdefault(m.group(1), []).append(int(m.group(2)))
+    if not blocks:
+        return [len(candidates) // 2]
+    stack = "transformer_blocks" if "transformer_blocks" in blocks else next(iter(blocks))
+    indices = sorted(set(blocks[stack]))
+    return [f"^{stack}.{indices[len(indices) // 2]}"]

@@ -1,0 +1,164 @@
+"""Installing weak-model perturbations (PAG, SoftPAG, TPG) as scoped hooks on a denoiser.
+
+Each perturbation acts only on the batch rows that the guide controller assigns
+to it for the current denoiser call (``run.rows[i]``), so the perturbed branches
+can be batched with the conditional and unconditional ones.
+
+Attention perturbations intercept ``torch.nn.functional.scaled_dot_product_attention``
+inside the chosen attention modules (as diffusers' guiders do), so they work
+whatever SDPA-based processor is set and keep QK-norm and joint attention intact.
+An attention module whose forward never reaches SDPA (xformers, flash backends)
+raises an error instead of being silently skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+from torch import nn
+
+from .hooks import attach
+from .layers import default_layers, select, self_attention_layers, transformer_blocks
+from .pag import PAG, SoftPAG, soft_identity
+from .tpg import TPG, shuffle_tokens
+
+SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+Rule = tuple[slice, "list[int] | None", float, "tuple[int, int] | None"]  # rows, heads, strength, image block
+
+
+class _AttentionMode(torch.overrides.TorchFunctionMode):
+    """On the given rows and heads, SDPA's output becomes ``(1 - u) out + u v`` (or image-only identity)."""
+
+    def __init__(self, rules: list[Rule]) -> None:
+        super().__init__()
+        self.rules = rules
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is SDPA:
+            names = ("query", "key", "value")
+            query, key, value = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(names))
+            if query.shape[-2] == value.shape[-2]:  # self / joint attention only
+                self.calls += 1
+                for rows, heads, strength, image in self.rules:
+                    if image is None:
+                        out[rows] = soft_identity(out[rows], value[rows], strength, heads)
+                    else:
+                        mask = _image_identity_mask(query.shape[-2], image, query)
+                        extra = {"scale": kwargs["scale"]} if kwargs.get("scale") is not None else {}
+                        out[rows] = func(query[rows], key[rows], value[rows], attn_mask=mask, **extra)
+        return out
+
+
+def _image_identity_mask(length: int, image: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """Additive mask: image tokens see only themselves among image tokens (and all text tokens)."""
+    start, count = image
+    mask = torch.zeros(length, length, device=like.device, dtype=like.dtype)
+    block = torch.full((count, count), float("-inf"), device=like.device, dtype=like.dtype)
+    mask[start : start + count, start : start + count] = block.fill_diagonal_(0)
+    return mask
+
+
+class _AttentionHook(ModelHook):
+    def __init__(self, controller: Any, name: str, rules: list[tuple[int, list[int] | None, float, bool]]) -> None:
+        super().__init__()
+        self.controller, self.name, self.rules = controller, name, rules
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run = self.controller.run
+        image = self._image_block(args, kwargs)
+        active = [
+            (run.rows[i], heads, u, image if image_only else None)
+            for i, heads, u, image_only in self.rules
+            if run is not None and run.rows[i] is not None
+        ]
+        if not active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        with _AttentionMode(active) as mode:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        if mode.calls == 0:
+            processor = type(getattr(module, "processor", None)).__name__
+            raise RuntimeError(
+                f"{self.name}: attention ran without torch's scaled_dot_product_attention (processor {processor}); "
+                "attention perturbations need an SDPA processor and the 'native' attention backend"
+            )
+        return output
+
+    def _image_block(self, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        """Where the image tokens sit in a joint attention's sequence (``None``: not joint)."""
+        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if context is None:
+            return None
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        return (context.shape[1] if self.controller.family.text_first else 0), hidden.shape[1]
+
+
+class _ShuffleHook(ModelHook):
+    def __init__(self, controller: Any, methods: list[int]) -> None:
+        super().__init__()
+        self.controller, self.methods = controller, methods
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        run = self.controller.run
+        rows = [(run.rows[i], run.states[i]) for i in self.methods] if run is not None else []
+        rows = [(r, generator) for r, generator in rows if r is not None]
+        if not rows:
+            return args, kwargs
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden = hidden.clone()
+        for r, generator in rows:
+            hidden[r] = shuffle_tokens(hidden[r], generator)
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+
+def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
+    """Hook every perturbation method of ``controller`` into ``denoiser``; returns the remover."""
+    attention = self_attention_layers(denoiser)
+    blocks = transformer_blocks(denoiser)
+    attention_rules: dict[str, list[tuple[int, list[int] | None, float, bool]]] = {}
+    shuffles: dict[str, list[int]] = {}
+    for i, method in enumerate(controller.methods):
+        if isinstance(method, PAG):
+            layers = default_layers(attention) if method.layers == "auto" else method.layers
+            for name in select(attention, layers, "self-attention layer"):
+                attention_rules.setdefault(name, []).append((i, None, 1.0, method.joint == "image"))
+        elif isinstance(method, SoftPAG):
+            for name, heads in _heads_by_layer(attention, method.heads).items():
+                attention_rules.setdefault(name, []).append((i, heads, method.strength, False))
+        elif isinstance(method, TPG):
+            layers = default_layers(blocks) if method.layers == "auto" else method.layers
+            for name in select(blocks, layers, "transformer block"):
+                shuffles.setdefault(name, []).append(i)
+    detachers = [
+        attach(attention[name], _AttentionHook(controller, name, rules), "steerguard.perturb")
+        for name, rules in attention_rules.items()
+    ]
+    detachers += [
+        attach(blocks[name], _ShuffleHook(controller, idx), "steerguard.perturb") for name, idx in shuffles.items()
+    ]
+
+    def remove() -> None:
+        for detach in reversed(detachers):
+            detach()
+
+    return remove
+
+
+def _heads_by_layer(attention: dict[str, nn.Module], pairs: tuple) -> dict[str, list[int]]:
+    chosen: dict[str, set[int]] = {}
+    for layer, head in pairs:
+        for name, module in select(attention, [layer], "self-attention layer").items():
+            count = getattr(module, "heads", None)
+            if count is not None and head >= count:
+                raise ValueError(f"head {head} is out of range for {name}, which has {count} heads")
+            chosen.setdefault(name, set()).add(head)
+    return {name: sorted(heads) for name, heads in chosen.items()}

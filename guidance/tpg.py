@@ -1,0 +1,52 @@
+"""Token Perturbation Guidance (TPG, 2025).
+
+The weak model shuffles the tokens of the hidden states entering chosen
+transformer blocks, ``h' = P h`` with a random permutation ``P`` of the token
+axis (norm preserving, no training); guidance moves away from it:
+
+    eps = eps_c + s (eps_c - eps_tpg)
+
+A fresh permutation is drawn for every block call from a generator seeded with
+``seed`` at the start of each pipeline call, so results are reproducible. The
+official SDXL setting shuffles in the ``down_blocks.2`` transformer blocks with
+``s = 3``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .layers import Selector
+from .method import register
+from .pag import _check_layers, _Perturbation
+
+
+def shuffle_tokens(hidden: Tensor, generator: torch.Generator) -> Tensor:
+    """``P h``: the tokens (dim 1 of ``(B, L, C)``) in one random order, shared by the batch."""
+    order = torch.randperm(hidden.shape[1], generator=generator, device=generator.device)
+    return hidden[:, order.to(hidden.device)]
+
+
+@register("tpg")
+@dataclasses.dataclass(frozen=True)
+class TPG(_Perturbation):
+    """Token Perturbation Guidance: token shuffle at the input of the blocks chosen by ``layers``."""
+
+    _: dataclasses.KW_ONLY
+    layers: tuple[Selector, ...] | Literal["auto"] = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        _check_layers(self.layers)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+
+    def new_state(self, family: str | None = None) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)

@@ -1,0 +1,233 @@
+"""PAG, SoftPAG and TPG through guide(): against diffusers' PAG pipelines, against each other, on every family."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from guidance import CFG, PAG, TPG, SoftPAG, guide
+from guidance.layers import select, self_attention_layers
+from guidance.pag import soft_identity
+from guidance.pipeline import family_of
+from guidance.tpg import shuffle_tokens
+from tests.factories import BUILDERS, default_call_kwargs
+from tests.test_pipeline import _snapshot, assert_images_close, gen, get_pipe, run
+
+FAMILIES = ["sd", "sd_img2img", "sdxl", "sd3", "flux", "flux_img2img", "dit", "pixart_sigma"]
+
+
+def _diffusers_pag(pipe, layers):
+    import diffusers
+
+    cls = {
+        "StableDiffusionPipeline": diffusers.StableDiffusionPAGPipeline,
+        "StableDiffusionXLPipeline": diffusers.StableDiffusionXLPAGPipeline,
+        "StableDiffusion3Pipeline": diffusers.StableDiffusion3PAGPipeline,
+    }[type(pipe).__name__]
+    components = {k: v for k, v in pipe.components.items() if k in cls.__init__.__code__.co_varnames}
+    return cls(**components, pag_applied_layers=layers)
+
+
+@pytest.mark.parametrize(
+    "name, layers, joint",
+    [
+        ("sd", ["mid"], "full"),
+        ("sdxl", ["mid"], "full"),
+        ("sdxl", ["down_blocks.1", "up"], "full"),
+        ("sd3", ["blocks.0"], "image"),
+    ],
+)
+def test_cfg_plus_pag_matches_the_diffusers_pag_pipelines(name, layers, joint):
+    pipe = BUILDERS[name]()
+    theirs = _diffusers_pag(pipe, layers)
+    theirs.set_progress_bar_config(disable=True)
+    kwargs = default_call_kwargs(pipe)
+    expected = theirs(**kwargs, guidance_scale=4.0, pag_scale=3.0, generator=gen()).images
+    with guide(pipe, CFG(4.0), PAG(3.0, layers=tuple(layers), joint=joint)):
+        ours = pipe(**kwargs, generator=gen()).images
+    no_pag = run(pipe, scale=4.0)
+    assert np.abs(expected - no_pag).max() > 1e-3, "PAG must change this tiny model's output"
+    assert_images_close(ours, expected, atol=1e-4)
+    # without CFG, PAG alone (the pipeline's guidance_scale = 1)
+    expected = theirs(**kwargs, guidance_scale=1.0, pag_scale=3.0, generator=gen()).images
+    with guide(pipe, PAG(3.0, layers=tuple(layers), joint=joint)):
+        ours = pipe(**kwargs, guidance_scale=1.0, generator=gen()).images
+    assert_images_close(ours, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3", "flux", "dit"])
+def test_softpag_interpolates_between_no_perturbation_and_pag(name):
+    pipe = get_pipe(name)
+    denoiser = getattr(pipe, family_of(pipe).denoiser)
+    layer, module = next(iter(select(self_attention_layers(denoiser), ["^" + _first_block(pipe)], "layer").items()))
+    heads = [(layer, h) for h in range(module.heads)]
+    with guide(pipe, CFG(3.0), PAG(2.0, layers=(layer,))):
+        pag = run(pipe)
+    with guide(pipe, CFG(3.0), SoftPAG(2.0, heads=heads, strength=1.0)):
+        soft_one = run(pipe)
+    with guide(pipe, CFG(3.0), SoftPAG(2.0, heads=heads, strength=0.0)):
+        soft_zero = run(pipe)
+    with guide(pipe, CFG(3.0), SoftPAG(2.0, heads=heads[:1], strength=0.5)):
+        one_head = run(pipe)
+    plain = run(pipe, scale=3.0)
+    assert np.abs(pag - plain).max() > 1e-3
+    assert_images_close(soft_one, pag, atol=1e-5)
+    assert_images_close(soft_zero, plain, atol=1e-5)
+    assert np.abs(one_head - plain).max() > 1e-5 and np.abs(one_head - pag).max() > 1e-5
+
+
+def _first_block(pipe):
+    return "mid" if hasattr(pipe, "unet") else "transformer_blocks.0"
+
+
+def test_soft_identity_is_the_paper_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    mixed = soft_identity(out, v, 0.25, heads=[1])
+    attention = torch.softmax(q @ k.transpose(-1, -2) / 2, dim=-1)
+    soft = 0.75 * attention + 0.25 * torch.eye(5)
+    torch.testing.assert_close(mixed[:, 1], soft[:, 1] @ v[:, 1])
+    torch.testing.assert_close(mixed[:, [0, 2]], out[:, [0, 2]])
+    torch.testing.assert_close(soft_identity(out, v, 1.0), v)
+
+
+def test_token_shuffle_keeps_tokens_and_norms_and_follows_the_generator():
+    h = torch.randn(2, 16, 8, generator=gen())
+    a = shuffle_tokens(h, torch.Generator().manual_seed(3))
+    b = shuffle_tokens(h, torch.Generator().manual_seed(3))
+    c = shuffle_tokens(h, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    torch.testing.assert_close(a.norm(dim=(1, 2)), h.norm(dim=(1, 2)))
+    torch.testing.assert_close(a.norm(dim=2).sort(dim=1).values, h.norm(dim=2).sort(dim=1).values)
+    torch.testing.assert_close(a.sum(dim=1), h.sum(dim=1))  # a permutation of the same tokens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_method_runs_on_every_family_batched_and_sequentially(name):
+    pipe = get_pipe(name)
+    plain = run(pipe, scale=3.0)
+    snapshot = _snapshot(pipe)  # after a first call: FLUX's own cache_context adds a hook registry
+    methods = [PAG(2.0), TPG(2.0, seed=1), SoftPAG(2.0, heads=[(0, 0), (0, 1)], strength=0.5)]
+    results = {}
+    for method in methods:
+        with guide(pipe, CFG(3.0), method):
+            batched, again = run(pipe), run(pipe)
+        with guide(pipe, CFG(3.0), method, sequential=True):
+            one_by_one = run(pipe)
+        np.testing.assert_array_equal(batched, again)
+        assert_images_close(one_by_one, batched, atol=2e-4)
+        assert np.abs(batched - plain).max() > 1e-4, f"{method} must change the output"
+        results[type(method).__name__] = batched
+    with guide(pipe, CFG(3.0), *methods):  # all three together: one denoiser call of five branches
+        together = run(pipe)
+    assert np.isfinite(together).all()
+    assert _snapshot(pipe) == snapshot
+    np.testing.assert_array_equal(run(pipe, scale=3.0), plain)
+
+
+def test_tpg_is_reproducible_from_its_seed():
+    pipe = get_pipe("sd")
+    with guide(pipe, TPG(3.0, seed=7)):
+        a = run(pipe)
+    with guide(pipe, TPG(3.0, seed=7)):
+        b = run(pipe)
+    with guide(pipe, TPG(3.0, seed=8)):
+        c = run(pipe)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-5
+
+
+def test_perturbed_branch_is_batched_with_the_others():
+    pipe = get_pipe("sd")
+    sizes = []
+    hook = pipe.unet.conv_in.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        with guide(pipe, CFG(3.0), PAG(2.0)):
+            run(pipe)
+        assert set(sizes) == {3}  # uncond, cond, perturbed in one call
+        sizes.clear()
+        with guide(pipe, CFG(3.0), PAG(2.0), TPG(2.0)):
+            run(pipe)
+        assert set(sizes) == {4}
+        sizes.clear()
+        with guide(pipe, CFG(3.0), PAG(2.0), sequential=True):
+            run(pipe)
+        assert sizes == [2, 1] * 3
+        sizes.clear()
+        with guide(pipe, CFG(3.0), PAG(2.0, start=0.5)):  # the interval: the branch is not even computed before
+            run(pipe)
+        assert sizes == [2, 2, 3]  # steps at fractions 0, 1/3, 2/3 of the run
+    finally:
+        hook.remove()
+
+
+def test_layer_selectors_and_their_errors():
+    names = [f"transformer_blocks.{i}.attn" for i in range(12)] + ["single_transformer_blocks.1.attn"]
+    modules = {name: nn.Identity() for name in names}
+    assert list(select(modules, ["blocks.1"], "layer")) == [
+        "transformer_blocks.1.attn",
+        "single_transformer_blocks.1.attn",
+    ]
+    assert list(select(modules, ["^transformer_blocks.1"], "layer")) == ["transformer_blocks.1.attn"]
+    assert list(select(modules, [10, -1], "layer")) == [
+        "transformer_blocks.10.attn",
+        "single_transformer_blocks.1.attn",
+    ]
+    assert list(select(modules, ["transformer_blocks.3.attn"], "layer")) == ["transformer_blocks.3.attn"]
+    unet = [f"down_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1" for b in (1, 2) for a in (0, 1)]
+    unet_modules = {name: nn.Identity() for name in unet}
+    assert list(select(unet_modules, ["down.block_2.attentions_1"], "layer")) == [unet[3]]
+    assert list(select(unet_modules, ["down.block_1"], "layer")) == unet[:2]
+    with pytest.raises(ValueError, match=r"no layer matches 'blocks\.13'; valid names: transformer_blocks\.0"):
+        select(modules, ["blocks.13"], "layer")
+    with pytest.raises(ValueError, match="out of range"):
+        select(modules, [13], "layer")
+    with pytest.raises(ValueError, match="int or a non-empty str"):
+        select(modules, [1.5], "layer")
+    with pytest.raises(ValueError, match="invalid layer pattern"):
+        select(modules, ["blocks.("], "layer")
+
+
+def test_bad_perturbation_arguments_are_clear_errors():
+    pipe = get_pipe("sd")
+    with pytest.raises(ValueError, match="no self-attention layer matches 'nope'"):
+        with guide(pipe, PAG(2.0, layers=("nope",))):
+            pass
+    with pytest.raises(ValueError, match="head 99 is out of range"):
+        with guide(pipe, SoftPAG(2.0, heads=[("mid", 99)])):
+            pass
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and "forward" not in vars(pipe.unet)
+    with pytest.raises(ValueError, match="strength"):
+        SoftPAG(2.0, heads=[(0, 0)], strength=1.5)
+    with pytest.raises(ValueError, match="at least one"):
+        SoftPAG(2.0)
+    with pytest.raises(ValueError, match="layers"):
+        PAG(2.0, layers="mid")
+    with pytest.raises(ValueError, match="start must be < stop"):
+        TPG(2.0, start=0.6, stop=0.5)
+
+
+def test_attention_outside_sdpa_is_refused_not_skipped():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = BUILDERS["sd"]()
+    pipe.unet.set_attn_processor(AttnProcessor())  # the classic processor: explicit softmax, no SDPA
+    with guide(pipe, PAG(2.0)), pytest.raises(RuntimeError, match="scaled_dot_product_attention"):
+        run(pipe)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+
+
+def test_flux_without_true_cfg_gets_perturbation_only():
+    pipe = get_pipe("flux")
+    plain = run(pipe)
+    with guide(pipe, PAG(2.0)):
+        pag = run(pipe)
+    assert np.abs(pag - plain).max() > 1e-4
+    kwargs = default_call_kwargs(pipe)
+    with guide(pipe, PAG(2.0)):
+        again = pipe(**kwargs, generator=gen()).images
+    np.testing.assert_array_equal(again, pag)
