@@ -52,7 +52,8 @@ _lock = threading.Lock()
 def _load(name: str, device: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(resolve(name), torch_dtype=dtype, use_safetensors=True)
+    options = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+    pipe = DiffusionPipeline.from_pretrained(resolve(name), use_safetensors=True, **options)
     pipe.set_progress_bar_config(disable=True)
     if name.startswith("demo/") and hasattr(pipe, "get_label_ids") and not getattr(pipe, "labels", None):
         from .demo import CLASS_NAMES
