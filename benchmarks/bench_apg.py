@@ -13,55 +13,22 @@ download; prompt embeddings are random tensors, the VAE is not run).
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-from collections.abc import Callable
-
-import torch
-
-from common import build, device_name, now, print_table, side_by_side
-from guidance import APG, CFG, guide
+from common import header, print_table, setup, side_by_side, timer
+from guidance import APG, CFG
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["small", "sdxl"], default="small")
-    parser.add_argument("--size", type=int, default=None, help="image size in pixels (latents are size/8)")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    size = args.size or (1024 if args.arch == "sdxl" else 256)
-    pipe, embeds = build(args.arch, args.device, dtype)
-    call = dict(
-        embeds, height=size, width=size, num_inference_steps=args.steps, output_type="latent", guidance_scale=5.0
-    )
+    args, pipe, embeds, size = setup(__doc__, steps=8, repeats=7)
+    call = dict(embeds, height=size, width=size, num_inference_steps=args.steps, output_type="latent")
+    timed = timer(args, pipe, call)
     settings = {
-        "pipeline CFG (peer)": (),
-        "guide CFG": (CFG(5.0),),
-        "guide APG x0": (APG(5.0),),
-        "guide APG model": (APG(5.0, space="model"),),
+        "pipeline CFG (peer)": timed(pipe, guidance_scale=5.0),
+        "guide CFG": timed(pipe, (CFG(5.0),)),
+        "guide APG x0": timed(pipe, (APG(5.0),)),
+        "guide APG model": timed(pipe, (APG(5.0, space="model"),)),
     }
-
-    def timed(methods) -> Callable[[], float]:
-        def once() -> float:
-            generator = torch.Generator(args.device).manual_seed(0)
-            with guide(pipe, *methods) if methods else contextlib.nullcontext():
-                start = now(args.device)
-                pipe(**call, generator=generator)
-                return (now(args.device) - start) / args.steps
-
-        return once
-
-    results = side_by_side({name: timed(m) for name, m in settings.items()}, args.repeats, args.device)
-    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
-    print(
-        f"# APG vs CFG per step: {args.arch} UNet ({params:.0f} M params), {size}x{size}, batch 1 (+uncond), "
-        f"{args.dtype}, {args.steps} steps, {args.repeats} repeats, {device_name(args.device)}, "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
-    )
+    results = side_by_side(settings, args.repeats, args.device)
+    print(header("APG vs CFG per step (+ the unconditional branch)", args, pipe, size))
     print_table(results, "pipeline CFG (peer)")
 
 

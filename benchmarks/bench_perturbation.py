@@ -10,59 +10,29 @@ extra batch branch). All settings share one random-weight SDXL-architecture UNet
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-from collections.abc import Callable
-
-import torch
 from diffusers import StableDiffusionXLPAGPipeline
 
-from common import build, device_name, now, print_table, side_by_side
-from guidance import CFG, PAG, TPG, SoftPAG, guide
+from common import header, print_table, setup, side_by_side, timer
+from guidance import CFG, PAG, TPG, SoftPAG
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=["small", "sdxl"], default="small")
-    parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    size = args.size or (1024 if args.arch == "sdxl" else 256)
-    pipe, embeds = build(args.arch, args.device, dtype)
+    args, pipe, embeds, size = setup(__doc__, steps=6, repeats=5)
     theirs = StableDiffusionXLPAGPipeline(**pipe.components, pag_applied_layers=["mid"])
     theirs.set_progress_bar_config(disable=True)
     call = dict(embeds, height=size, width=size, num_inference_steps=args.steps, output_type="latent")
-    heads = [("mid", h) for h in range(4)]
-
-    def timed(target, methods=(), sequential=False, **extra) -> Callable[[], float]:
-        def once() -> float:
-            generator = torch.Generator(args.device).manual_seed(0)
-            with guide(pipe, *methods, sequential=sequential) if methods else contextlib.nullcontext():
-                start = now(args.device)
-                target(**call, **extra, generator=generator)
-                return (now(args.device) - start) / args.steps
-
-        return once
-
+    timed = timer(args, pipe, call)
+    pag = (CFG(5.0), PAG(3.0, layers=("mid",)))
     settings = {
         "plain CFG (peer)": timed(pipe, guidance_scale=5.0),
         "diffusers PAG pipeline, CFG + PAG mid": timed(theirs, guidance_scale=5.0, pag_scale=3.0),
-        "ours CFG + PAG mid": timed(pipe, (CFG(5.0), PAG(3.0, layers=("mid",)))),
-        "ours CFG + PAG mid, sequential": timed(pipe, (CFG(5.0), PAG(3.0, layers=("mid",))), sequential=True),
-        "ours CFG + SoftPAG 4 mid heads": timed(pipe, (CFG(5.0), SoftPAG(3.0, heads=heads, strength=0.5))),
+        "ours CFG + PAG mid": timed(pipe, pag),
+        "ours CFG + PAG mid, sequential": timed(pipe, pag, sequential=True),
+        "ours CFG + SoftPAG 4 mid heads": timed(pipe, (CFG(5.0), SoftPAG(3.0, heads=[("mid", h) for h in range(4)]))),
         "ours CFG + TPG down_blocks.2": timed(pipe, (CFG(5.0), TPG(3.0, layers=("down_blocks.2",)))),
     }
     results = side_by_side(settings, args.repeats, args.device)
-    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
-    print(
-        f"# perturbation guidance per step: {args.arch} UNet ({params:.0f} M params), {size}x{size}, batch 1, "
-        f"{args.dtype}, {args.steps} steps, {args.repeats} repeats, {device_name(args.device)}, "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
-    )
+    print(header("perturbation guidance per step", args, pipe, size))
     print_table(results, "plain CFG (peer)")
     ours, peer = results["ours CFG + PAG mid"]["median"], results["diffusers PAG pipeline, CFG + PAG mid"]["median"]
     print(f"\nours / diffusers PAG pipeline: {ours / peer:.3f}x")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from guidance import guide
 
 SDXL_UNET = dict(
     sample_size=128,
@@ -82,6 +86,45 @@ def build(arch: str, device: str, dtype: torch.dtype):
         "negative_pooled_prompt_embeds": torch.randn(1, pooled, generator=g),
     }
     return pipe, {k: v.to(device, dtype) for k, v in embeds.items()}
+
+
+def setup(doc: str, steps: int, repeats: int) -> tuple[argparse.Namespace, object, dict, int]:
+    """Parse the shared options and build the pipeline: ``(args, pipe, embeddings, image size)``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", choices=["small", "sdxl"], default="small")
+    parser.add_argument("--size", type=int, default=None, help="image size in pixels (latents are size/8)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args()
+    pipe, embeds = build(args.arch, args.device, getattr(torch, args.dtype))
+    return args, pipe, embeds, args.size or (1024 if args.arch == "sdxl" else 256)
+
+
+def timer(args: argparse.Namespace, pipe, call: dict) -> Callable[..., Callable[[], float]]:
+    """``timed(target, methods=(), sequential=False, **extra)``: a function timing one call per step."""
+
+    def timed(target, methods=(), sequential=False, **extra) -> Callable[[], float]:
+        def once() -> float:
+            generator = torch.Generator(args.device).manual_seed(0)
+            with guide(pipe, *methods, sequential=sequential) if methods else contextlib.nullcontext():
+                start = now(args.device)
+                target(**call, **extra, generator=generator)
+                return (now(args.device) - start) / args.steps
+
+        return once
+
+    return timed
+
+
+def header(title: str, args: argparse.Namespace, pipe, size: int) -> str:
+    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    return (
+        f"# {title}: {args.arch} UNet ({params:.0f} M params), {size}x{size}, batch 1, {args.dtype}, "
+        f"{args.steps} steps, {args.repeats} repeats, {device_name(args.device)}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
 
 
 def now(device: str) -> float:

@@ -38,7 +38,7 @@ def test_generate_endpoint_and_a_bad_request(server):
     grid = Image.open(image)
     assert grid.size == (2 * 256, 3 * 256)  # 2 images x (none, cfg, apg), 32 px shown 8x
     assert "row 3: apg" in caption
-    with pytest.raises(Exception, match="not in the list of choices|unknown class"):
+    with pytest.raises(Exception, match=r"not in the list of choices|unknown class"):
         client.predict("unicorn", "apg", 6, 0, None, -0.5, 4, 0, 2, False, api_name="/generate")
     image, _ = client.predict("disc", "cfg", 3, 0, None, -0.5, 2, 1, 1, False, api_name="/generate")
     assert Image.open(image).size[0] > 0  # still answering

@@ -40,6 +40,14 @@ def run(pipe, scale=None, seed=0, **extra):
     return pipe(**kwargs, generator=gen(seed)).images
 
 
+def assert_cfg_and_plain_apg_reproduce_the_pipeline(pipe, scale=4.0):
+    reference = run(pipe, scale=scale)
+    with guide(pipe, CFG(scale)):
+        assert_images_close(run(pipe), reference)
+    with guide(pipe, APG(scale, eta=1.0, norm_threshold=None, momentum=0.0)):
+        assert_images_close(run(pipe), reference, atol=1e-4)
+
+
 def assert_images_close(a, b, atol=2e-5):
     np.testing.assert_allclose(a, b, atol=atol, rtol=0)
 
@@ -284,11 +292,7 @@ def test_any_scheduler_sd_accepts(scheduler_name, options):
     pipe = BUILDERS["sd"]()
     cls = getattr(diffusers, scheduler_name)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
-    reference = run(pipe, scale=4.0)
-    with guide(pipe, CFG(4.0)):
-        assert_images_close(run(pipe), reference)
-    with guide(pipe, APG(4.0, eta=1.0, norm_threshold=None, momentum=0.0)):
-        assert_images_close(run(pipe), reference, atol=1e-4)
+    assert_cfg_and_plain_apg_reproduce_the_pipeline(pipe)
     if not scheduler_name.startswith("EDM"):  # EDM's F-prediction has no alphas_cumprod reference
         with recording(pipe) as (calls, steps), guide(pipe, APG(5.0)):
             run(pipe)
@@ -397,11 +401,7 @@ def test_flow_matching_schedulers_sd3_accepts(scheduler_name, options):
     pipe = BUILDERS["sd3"]()
     cls = getattr(diffusers, scheduler_name)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **options)
-    reference = run(pipe, scale=4.0)
-    with guide(pipe, CFG(4.0)):
-        assert_images_close(run(pipe), reference)
-    with guide(pipe, APG(4.0, eta=1.0, norm_threshold=None, momentum=0.0)):
-        assert_images_close(run(pipe), reference, atol=1e-4)
+    assert_cfg_and_plain_apg_reproduce_the_pipeline(pipe)
     with guide(pipe, APG(4.0)):
         assert np.isfinite(run(pipe)).all()
 
