@@ -7,9 +7,10 @@
 
 from .apg import APG
 from .cfg import CFG
+from .corrector import LangevinCorrector
 from .method import REGISTRY, Guidance
 from .pag import PAG, SoftPAG
 from .pipeline import FAMILIES, guide
 from .tpg import TPG
 
-__all__ = ["APG", "CFG", "FAMILIES", "PAG", "REGISTRY", "TPG", "Guidance", "SoftPAG", "guide"]
+__all__ = ["APG", "CFG", "FAMILIES", "PAG", "REGISTRY", "TPG", "Guidance", "LangevinCorrector", "SoftPAG", "guide"]

@@ -132,7 +132,7 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
             for name in select(attention, layers, "self-attention layer"):
                 attention_rules.setdefault(name, []).append((i, None, 1.0, method.joint == "image"))
         elif isinstance(method, SoftPAG):
-            for name, heads in _heads_by_layer(attention, method.heads).items():
+            for name, heads in heads_by_layer(attention, method.heads).items():
                 attention_rules.setdefault(name, []).append((i, heads, method.strength, False))
         elif isinstance(method, TPG):
             layers = default_layers(blocks) if method.layers == "auto" else method.layers
@@ -153,7 +153,7 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
     return remove
 
 
-def _heads_by_layer(attention: dict[str, nn.Module], pairs: tuple) -> dict[str, list[int]]:
+def heads_by_layer(attention: dict[str, nn.Module], pairs: tuple) -> dict[str, list[int]]:
     chosen: dict[str, set[int]] = {}
     for layer, head in pairs:
         for name, module in select(attention, [layer], "self-attention layer").items():

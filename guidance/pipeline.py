@@ -27,6 +27,7 @@ On exit everything is removed: the pipeline's class, the denoiser's
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
@@ -38,8 +39,10 @@ from torch import Tensor
 
 from . import prediction as P
 from .cfg import CFG
+from .corrector import LangevinCorrector
 from .hooks import attach
 from .method import Guidance
+from .samplers import langevin_correct
 
 HOOK_NAME = "steerguard.guide"
 #: the scale the pipeline's own CFG gets when a call would otherwise skip the
@@ -208,6 +211,9 @@ class _Run:
         self.schedule = schedule_of(controller.pipe.scheduler)
         self.evaluations = 0
         self.total: int | None = None
+        self.correction: tuple[Tensor, Tensor] | None = None  # (model input before, after) the last correction
+        corrector = controller.corrector
+        self.corrector_generator = torch.Generator().manual_seed(corrector.seed) if corrector is not None else None
 
     # -- one denoiser call ------------------------------------------------------------------------------------
     def forward(self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor) -> Any:
@@ -218,29 +224,83 @@ class _Run:
         if self.has_uncond and self.family.layout != "sequential":
             if n % 2:
                 raise RuntimeError(f"{self.family.name}: expected a CFG batch of even size, got {n}")
-            b = n // 2
-            cond_rows = slice(b, n) if self.family.layout == "uncond_cond" else slice(0, b)
+            cond_rows = slice(n // 2, n) if self.family.layout == "uncond_cond" else slice(0, n // 2)
         else:
-            b, cond_rows = n, slice(0, n)
+            cond_rows = slice(0, n)
         fraction = self._fraction()
+        if self.controller.corrector is not None:
+            x, inputs = self._correct(call, inputs, x, t, cond_rows, fraction)
+        output, pred, perturbed = self._branches(call, inputs, x, cond_rows, fraction)
+        return _with_prediction(output, self._combine(x, t, pred, perturbed, cond_rows, fraction))
+
+    def _branches(self, call, inputs, x, cond_rows, fraction) -> tuple[Any, Tensor, dict[int, Tensor]]:
+        """Evaluate the denoiser on the call's rows and on every active perturbation's copy of the cond rows."""
+        n, b = x.shape[0], cond_rows.stop - cond_rows.start
         active = [i for i in self.perturbations if self.methods[i].active(fraction)]
-        perturbed: dict[int, Tensor] = {}
         if not active:
             output = call(*inputs[0], **inputs[1])
-            pred = _prediction(output)
-        elif self.controller.sequential:
+            return output, _prediction(output), {}
+        if self.controller.sequential:
             output = call(*inputs[0], **inputs[1])
-            pred = _prediction(output)
             cond_only = self._rebind(inputs, lambda v: v[cond_rows], n)
-            for i in active:
-                perturbed[i] = self._perturbed_call(call, cond_only, {i: slice(None)})[i]
-        else:
-            expanded = self._rebind(inputs, lambda v: torch.cat([v, *[v[cond_rows]] * len(active)]), n)
-            rows = {i: slice(n + j * b, n + (j + 1) * b) for j, i in enumerate(active)}
-            output, everything = self._perturbed_call(call, expanded, rows, keep_output=True)
-            pred = everything[:n]
-            perturbed = {i: everything[r] for i, r in rows.items()}
-        return _with_prediction(output, self._combine(x, t, pred, perturbed, cond_rows, fraction))
+            perturbed = {i: self._perturbed_call(call, cond_only, {i: slice(None)})[i] for i in active}
+            return output, _prediction(output), perturbed
+        expanded = self._rebind(inputs, lambda v: torch.cat([v, *[v[cond_rows]] * len(active)]), n)
+        rows = {i: slice(n + j * b, n + (j + 1) * b) for j, i in enumerate(active)}
+        output, everything = self._perturbed_call(call, expanded, rows, keep_output=True)
+        return output, everything[:n], {i: everything[r] for i, r in rows.items()}
+
+    def _correct(self, call, inputs, x, t, cond_rows, fraction) -> tuple[Tensor, tuple[tuple, dict]]:
+        """Langevin corrector steps on the noisy sample at this level, with the guided score (Song et al. 2021)."""
+        corrector = self.controller.corrector
+        n, b = x.shape[0], cond_rows.stop - cond_rows.start
+        t_cond = t[cond_rows] if t.numel() > 1 else t.expand(b)
+        alpha, sigma = self.schedule.alpha_sigma(t_cond)
+        if alpha.min() < 1e-4:  # pure noise (flow matching at sigma = 1): nothing to correct, and no VE scale
+            return x, inputs
+        a = P.broadcast(alpha, x[cond_rows])
+        coef_a, coef_b = (P.broadcast(c, x[cond_rows]) for c in self.schedule.coefficients(alpha, sigma))
+        saved = copy.deepcopy([st for st in self.states if not isinstance(st, torch.Generator)])
+
+        def denoise(x_ve: Tensor, _sigma: Tensor) -> Tensor:  # guided x0 on the VE scale x0 + (sigma / alpha) eps
+            x_in = (x_ve * a).to(x.dtype)
+            x_all = x_in.repeat(n // b, *[1] * (x.ndim - 1))
+            _, pred, perturbed = self._branches(call, self._with_sample(inputs, x_all), x_all, cond_rows, fraction)
+            g = self._guided_rows(x_all, t, pred, perturbed, cond_rows, fraction)
+            return coef_a * x_in.float() + coef_b * g.float()
+
+        x_cond = x[cond_rows]
+        x_ve, _ = langevin_correct(
+            denoise,
+            x_cond.float() / a,
+            sigma / alpha,
+            steps=corrector.steps,
+            snr=corrector.snr,
+            generator=self.corrector_generator,
+        )
+        it = iter(saved)
+        self.states = [st if isinstance(st, torch.Generator) else next(it) for st in self.states]
+        corrected = (x_ve * a).to(x.dtype)
+        self.correction = (x_cond, corrected)
+        x_all = corrected.repeat(n // b, *[1] * (x.ndim - 1))
+        return x_all, self._with_sample(inputs, x_all)
+
+    def _with_sample(self, inputs: tuple[tuple, dict], x: Tensor) -> tuple[tuple, dict]:
+        args, kwargs = inputs
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, self.controller.parameter_names[0]: x}
+
+    def apply_correction(self, sample: Tensor) -> Tensor:
+        """The scheduler's ``sample`` moved by the last correction (model inputs are ``c * sample``)."""
+        if self.correction is None:
+            return sample
+        before, after = self.correction
+        self.correction = None
+        rows = sample[: before.shape[0]].float()
+        scale = (before.float() * rows).sum() / rows.square().sum()  # x_in = c * latents
+        delta = ((after.float() - before.float()) / scale).to(sample.dtype)
+        return sample + delta.repeat(sample.shape[0] // delta.shape[0], *[1] * (sample.ndim - 1))
 
     def _perturbed_call(self, call, inputs, rows, keep_output=False):
         self.rows.update(rows)
@@ -273,21 +333,31 @@ class _Run:
 
     # -- combining the branches ------------------------------------------------------------------------------
     def _combine(self, x, t, pred, perturbed, cond_rows, fraction) -> Tensor:
+        """The output the pipeline expects: its own CFG combination of it is the guided prediction."""
         channels = x.shape[1]
         learned_sigma = x.ndim == 4 and pred.shape[1] == 2 * channels
-        eps, rest = (pred[:, :channels], pred[:, channels:]) if learned_sigma else (pred, None)
-        perturbed = {i: p[:, :channels] if learned_sigma else p for i, p in perturbed.items()}
-        cond = eps[cond_rows]
-        if not self.has_uncond:
-            eps = self.guided(x, t, cond, None, perturbed, fraction)
-        elif self.family.layout == "sequential":  # the conditional call of a FLUX step: wait for the other
-            self.pending = (x, cond, perturbed, fraction)
+        rest = pred[:, channels:] if learned_sigma else None
+        if self.has_uncond and self.family.layout == "sequential":  # FLUX's conditional call: wait for the other
+            perturbed = {i: p[:, :channels] if learned_sigma else p for i, p in perturbed.items()}
+            self.pending = (x, pred[cond_rows], perturbed, fraction)
+            eps = pred
         else:
-            uncond_rows = slice(0, cond.shape[0]) if cond_rows.start else slice(cond.shape[0], None)
-            x_half, t_half = x[cond_rows], (t[cond_rows] if t.numel() > 1 else t)
-            g = self.guided(x_half, t_half, cond, eps[uncond_rows], perturbed, fraction)
-            eps = torch.cat([g, g])
+            g = self._guided_rows(x, t, pred, perturbed, cond_rows, fraction)
+            eps = g.repeat(x.shape[0] // g.shape[0], *[1] * (g.ndim - 1))
         return eps if rest is None else torch.cat([eps, rest], dim=1)
+
+    def _guided_rows(self, x, t, pred, perturbed, cond_rows, fraction) -> Tensor:
+        """The guided prediction for the cond rows of a batched call (learned-sigma channels dropped)."""
+        channels = x.shape[1]
+        if x.ndim == 4 and pred.shape[1] == 2 * channels:
+            pred = pred[:, :channels]
+            perturbed = {i: p[:, :channels] for i, p in perturbed.items()}
+        cond = pred[cond_rows]
+        if not self.has_uncond:
+            return self.guided(x, t, cond, None, perturbed, fraction)
+        uncond_rows = slice(0, cond.shape[0]) if cond_rows.start else slice(cond.shape[0], None)
+        x_half, t_half = x[cond_rows], (t[cond_rows] if t.numel() > 1 else t)
+        return self.guided(x_half, t_half, cond, pred[uncond_rows], perturbed, fraction)
 
     def _finish_sequential(self, x: Tensor, t: Tensor, uncond: Tensor) -> Tensor:
         x_cond, cond, perturbed, fraction = self.pending
@@ -341,10 +411,13 @@ class _DenoiserHook(ModelHook):
 
 
 class _Controller:
-    def __init__(self, pipe: Any, methods: tuple[Guidance, ...], sequential: bool) -> None:
+    def __init__(
+        self, pipe: Any, methods: tuple[Guidance, ...], sequential: bool, corrector: LangevinCorrector | None
+    ) -> None:
         self.pipe = pipe
         self.methods = methods
         self.sequential = sequential
+        self.corrector = corrector
         self.family = family_of(pipe)
         self.parameter_names: list[str] = []
         self.run: _Run | None = None
@@ -361,7 +434,13 @@ class _Controller:
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")
         if any(m.branch == "uncond" for m in self.methods):
             self._ensure_uncond_branch(pipe, arguments)
-        self.run = _Run(self, float(arguments[self.family.scale_arg]), self._has_uncond(pipe, arguments))
+        has_uncond = self._has_uncond(pipe, arguments)
+        if self.corrector is not None and has_uncond and self.family.layout == "sequential":
+            raise ValueError(
+                f"{type(pipe).__name__}: the Langevin corrector needs every branch in one denoiser call; FLUX's true "
+                "CFG runs the unconditional branch in a separate call (use the corrector without true CFG)"
+            )
+        self.run = _Run(self, float(arguments[self.family.scale_arg]), has_uncond)
         try:
             return call(*bound.args, **bound.kwargs)
         finally:
@@ -415,19 +494,25 @@ def _guided_class(cls: type, controller: _Controller) -> type:
     return type(cls.__name__, (cls,), namespace)
 
 
-def _validate(methods: tuple[Guidance, ...]) -> None:
-    if not methods:
+def _split(items: tuple[Guidance | LangevinCorrector, ...]) -> tuple[tuple[Guidance, ...], LangevinCorrector | None]:
+    """Validate ``guide()``'s arguments: guidance methods and at most one corrector."""
+    if not items:
         raise ValueError("guide() needs at least one guidance method, e.g. guide(pipe, APG(7.5))")
-    for method in methods:
-        if not isinstance(method, Guidance):
-            raise TypeError(f"guide() takes guidance methods (CFG, APG, PAG, ...), got {type(method).__name__}")
+    for item in items:
+        if not isinstance(item, (Guidance, LangevinCorrector)):
+            raise TypeError(f"guide() takes guidance methods (CFG, APG, PAG, ...), got {type(item).__name__}")
+    methods = tuple(m for m in items if isinstance(m, Guidance))
+    correctors = [m for m in items if isinstance(m, LangevinCorrector)]
     uncond = [m for m in methods if m.branch == "uncond"]
     if len(uncond) > 1:
         raise ValueError(f"at most one of CFG/APG per call, got {[type(m).__name__ for m in uncond]}")
+    if len(correctors) > 1:
+        raise ValueError("at most one LangevinCorrector per guide()")
+    return methods, (correctors[0] if correctors else None)
 
 
 @contextlib.contextmanager
-def guide(pipe: Any, *methods: Guidance, sequential: bool = False) -> Iterator[Any]:
+def guide(pipe: Any, *methods: Guidance | LangevinCorrector, sequential: bool = False) -> Iterator[Any]:
     """Use ``methods`` in every call of ``pipe`` inside the ``with`` block.
 
     >>> with guide(pipe, APG(7.5), PAG(3.0)):
@@ -440,10 +525,12 @@ def guide(pipe: Any, *methods: Guidance, sequential: bool = False) -> Iterator[A
     perturbations only, the pipeline's own CFG (if its scale > 1) is kept and
     composed with them. The perturbed branches are batched with the others in
     one denoiser call; ``sequential=True`` runs them as separate calls (less
-    memory). On exit the pipeline is exactly as it was.
+    memory). A :class:`LangevinCorrector` adds corrector steps with the guided
+    score before every denoiser evaluation. On exit the pipeline is exactly as
+    it was.
     """
-    _validate(methods)
-    controller = _Controller(pipe, methods, sequential)
+    guidance, corrector = _split(methods)
+    controller = _Controller(pipe, guidance, sequential, corrector)
     denoiser = getattr(pipe, controller.family.denoiser, None)
     if not isinstance(denoiser, torch.nn.Module):
         raise TypeError(f"guide() needs {type(pipe).__name__}.{controller.family.denoiser} to be a torch module")
@@ -461,9 +548,29 @@ def guide(pipe: Any, *methods: Guidance, sequential: bool = False) -> Iterator[A
     detach = attach(denoiser, _DenoiserHook(controller, signature), HOOK_NAME)
     original_class = type(pipe)
     pipe.__class__ = _guided_class(original_class, controller)
+    scheduler = pipe.scheduler
+    own_step = vars(scheduler).get("step")  # an instance-level step someone else installed, kept as is
+    if corrector is not None:
+        scheduler.step = _correcting_step(scheduler.step, controller)
     try:
         yield pipe
     finally:
         pipe.__class__ = original_class
+        if corrector is not None:
+            if own_step is None:
+                vars(scheduler).pop("step", None)
+            else:
+                scheduler.step = own_step
         detach()
         remove_perturbations()
+
+
+def _correcting_step(step: Callable[..., Any], controller: _Controller) -> Callable[..., Any]:
+    """``scheduler.step`` that starts from the corrected sample of the current step."""
+
+    def corrected_step(model_output: Tensor, timestep: Any, sample: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if controller.run is not None:
+            sample = controller.run.apply_correction(sample)
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    return corrected_step

@@ -52,6 +52,14 @@ def assert_images_close(a, b, atol=2e-5):
     np.testing.assert_allclose(a, b, atol=atol, rtol=0)
 
 
+class Steps(list):
+    """The model outputs the scheduler stepped with; ``.samples``: the samples it stepped from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples: list[torch.Tensor] = []
+
+
 @contextlib.contextmanager
 def recording(pipe):
     """Record the denoiser's raw inputs/outputs and what the scheduler steps with.
@@ -62,7 +70,7 @@ def recording(pipe):
     """
     family = family_of(pipe)
     denoiser, scheduler = getattr(pipe, family.denoiser), pipe.scheduler
-    calls, steps, input_scale = [], [], [1.0]
+    calls, steps, input_scale = [], Steps(), [1.0]
     original_forward, original_step = denoiser.forward, scheduler.step
     original_scale = getattr(scheduler, "scale_model_input", None)
     signature = inspect.signature(type(denoiser).forward.__get__(denoiser))
@@ -79,9 +87,10 @@ def recording(pipe):
         calls.append((x.clone(), torch.as_tensor(t).clone(), sample.clone(), (index, input_scale[0])))
         return out
 
-    def step(model_output, *args, **kwargs):
+    def step(model_output, timestep, sample, *args, **kwargs):
         steps.append(model_output.clone())
-        return original_step(model_output, *args, **kwargs)
+        steps.samples.append(sample.clone())
+        return original_step(model_output, timestep, sample, *args, **kwargs)
 
     def scale_model_input(sample, *args, **kwargs):
         out = original_scale(sample, *args, **kwargs)
