@@ -373,3 +373,32 @@ def test_samplers_run_a_diffusers_model(unet):
     x = view.sigma_max * _randn(2, 3, 8, 8)
     out = sample_predictor_corrector(view, x, sigmas, generator=_gen(0))
     assert out.shape == x.shape and out.isfinite().all()
+
+
+def test_score_sampling_pipeline_gives_seeded_pil_images_whatever_the_batch():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from guidance.score_pipeline import ScoreSamplingPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    pipe = ScoreSamplingPipeline(unet.eval(), DDPMScheduler())
+    options = dict(num_levels=3, steps_per_level=2, epsilon=1e-4)
+    images = pipe(2, generator=[_gen(0), _gen(1)], **options)
+    assert len(images) == 2 and images[0].size == (8, 8) and images[0].mode == "RGB"
+    alone = pipe(1, generator=[_gen(1)], **options)
+    np.testing.assert_array_equal(np.asarray(images[1]), np.asarray(alone[0]))
+    pc = pipe(2, sampler="predictor_corrector", generator=_gen(0), output_type="pt", num_levels=3)
+    assert pc.shape == (2, 3, 8, 8) and 0 <= pc.min() and pc.max() <= 1
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe(1, sampler="ddim")
+    with pytest.raises(ValueError, match="generators for a batch"):
+        pipe(2, generator=[_gen(0)])
