@@ -1,9 +1,16 @@
-"""Guidance quality on the demo DiT: no guidance, CFG and APG at the same scales, same seeds.
+"""Guidance quality on the demo DiT, every setting on the same seeds.
 
-Prints a Markdown table (FD, precision, recall, accuracy, saturation, clipped)
+``--suite apg``: no guidance, CFG and APG at the same scales (class-conditional).
+``--suite perturbation``: unconditional (the null label) with no guidance, PAG,
+SoftPAG on heads found by HeadHunter (objective: the demo classifier's
+confidence in its top class) and TPG; then class-conditional CFG against
+CFG + each of them.
+
+Prints Markdown tables (FD, precision, recall, accuracy, saturation, clipped)
 and writes a contact sheet per setting to ``--figures``.
 
-    python benchmarks/bench_quality_dit.py --per-class 20 --steps 25
+    python benchmarks/bench_quality_dit.py --suite apg --per-class 20 --steps 25
+    python benchmarks/bench_quality_dit.py --suite perturbation --per-class 20 --steps 25
 """
 
 from __future__ import annotations
@@ -16,8 +23,11 @@ import torch
 
 from apps.demo import CLASS_NAMES, generate, load_classifier
 from apps.models import load_pipeline
-from guidance import APG, CFG, PAG, TPG, guide
+from guidance import APG, CFG, PAG, TPG, SoftPAG, guide
+from guidance.search import headhunter, save_heads
 from quality import contact_sheet, measure, table
+
+NULL_LABEL = 1000  # DiTPipeline's unconditional label
 
 
 def main() -> None:
@@ -25,7 +35,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 4.0, 8.0])
-    parser.add_argument("--perturbation", action="store_true", help="also CFG + PAG / TPG at the middle scale")
+    parser.add_argument("--suite", choices=["apg", "perturbation"], default="apg")
     parser.add_argument("--figures", type=Path, default=Path("benchmarks/figures"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -35,28 +45,67 @@ def main() -> None:
     real, _ = generate(4000, torch.Generator().manual_seed(12345))
     real_features = torch.cat([classifier.features(x.to(args.device)).cpu() for x in real.split(500)])
 
-    settings: list[tuple[str, tuple]] = [("no guidance", ())]
-    settings += [(f"CFG {w:g}", (CFG(w),)) for w in args.scales]
-    settings += [(f"APG {w:g} (x0, eta 0, auto r, beta -0.5)", (APG(w),)) for w in args.scales]
-    if args.perturbation:
-        mid = args.scales[len(args.scales) // 2]
-        settings += [(f"CFG {mid:g} + PAG 2", (CFG(mid), PAG(2.0))), (f"CFG {mid:g} + TPG 2", (CFG(mid), TPG(2.0)))]
+    args.figures.mkdir(parents=True, exist_ok=True)
+    if args.suite == "apg":
+        settings: list[tuple[str, tuple, torch.Tensor | None]] = [("no guidance", (), labels)]
+        settings += [(f"CFG {w:g}", (CFG(w),), labels) for w in args.scales]
+        settings += [(f"APG {w:g} (x0, eta 0, auto r, beta -0.5)", (APG(w),), labels) for w in args.scales]
+    else:
+        heads = search_heads(pipe, classifier, args)
+        null = torch.full_like(labels, NULL_LABEL)
+        weak = [
+            ("PAG 2", PAG(2.0)),
+            (f"SoftPAG 2 ({len(heads)} searched heads, u 0.5)", SoftPAG(2.0, heads=heads, strength=0.5)),
+            ("TPG 2", TPG(2.0)),
+        ]
+        settings = [("unconditional, no guidance", (), null)]
+        settings += [(f"unconditional, {name}", (method,), null) for name, method in weak]
+        settings += [("CFG 3", (CFG(3.0),), labels)]
+        settings += [(f"CFG 3 + {name}", (CFG(3.0), method), labels) for name, method in weak]
 
     held_out, _ = generate(len(labels), torch.Generator().manual_seed(999))
     rows = [("real data (held out)", measure(held_out, None, real_features, classifier))]
-    args.figures.mkdir(parents=True, exist_ok=True)
-    for name, methods in settings:
+    for name, methods, requested in settings:
         start = time.perf_counter()
-        images = sample(pipe, labels, methods, args.steps)
-        metrics = measure(images, labels, real_features, classifier)
+        images = sample(pipe, requested, methods, args.steps)
+        metrics = measure(images, requested if requested[0] != NULL_LABEL else None, real_features, classifier)
         metrics["seconds"] = time.perf_counter() - start
         rows.append((name, metrics))
-        slug = name.split(" (")[0].replace(" ", "_").replace("+", "plus").lower()
+        slug = name.split(" (")[0].replace(",", "").replace(" ", "_").replace("+", "plus").lower()
         contact_sheet(images.view(len(CLASS_NAMES), args.per_class, *images.shape[1:])[:, :8].flatten(0, 1), 8).save(
             args.figures / f"dit_{slug}.png"
         )
-    print(f"# demo DiT, {len(labels)} samples ({args.per_class} per class), {args.steps} DDIM steps, same seeds")
+    print(
+        f"# demo DiT ({args.suite}), {len(labels)} samples ({args.per_class} per class where conditional), "
+        f"{args.steps} steps, same seeds"
+    )
     print(table(rows, ["fd", "precision", "recall", "accuracy", "saturation", "clipped", "seconds"]))
+
+
+def search_heads(pipe, classifier, args) -> list[tuple[str, int]]:
+    """HeadHunter on the unconditional DiT: heads whose SoftPAG makes samples the classifier is surest of."""
+
+    @torch.no_grad()
+    def confidence(images, prompts):
+        logits = classifier((images * 2 - 1).to(classifier.device))
+        return logits.softmax(dim=1).amax(dim=1).cpu()
+
+    ranked = headhunter(
+        pipe,
+        [str(i) for i in range(16)],
+        confidence,
+        scale=2.0,
+        strength=1.0,
+        rounds=2,
+        heads_per_round=2,
+        num_inference_steps=10,
+        batch_size=16,
+        progress=False,
+        call_kwargs=lambda pipe, prompts: {"class_labels": [NULL_LABEL] * len(prompts)},
+    )
+    save_heads(args.figures / "dit_headhunter.json", ranked)
+    print("HeadHunter:", ", ".join(f"{h.layer}#{h.head} ({h.score:.3f})" for h in ranked))
+    return [(h.layer, h.head) for h in ranked]
 
 
 @torch.no_grad()
