@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .generate import METHODS, Request, class_names, generate, grid
+from .generate import METHODS, PERTURBATIONS, Request, class_names, generate, grid
 from .models import DEFAULT_MODEL, listed_models, load_pipeline
 
 COMPARE = ("none", "cfg", "apg")
@@ -29,6 +29,9 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None):
         eta,
         threshold,
         momentum,
+        perturbation,
+        perturbation_scale,
+        corrector_steps,
         steps,
         seed,
         num_images,
@@ -45,22 +48,25 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None):
                 num_images=int(num_images),
                 norm_threshold=float(threshold) if threshold else None,
                 momentum=None if momentum is None else float(momentum),
+                perturbation=perturbation,
+                perturbation_scale=float(perturbation_scale),
+                corrector_steps=int(corrector_steps),
             )
-            methods = COMPARE if compare else (method,)
-            requests = [Request(method=m, **base) for m in methods]
+            chosen = Request(method=method, **base)
+            requests = [Request(method=m, **base) for m in COMPARE] + [chosen] if compare else [chosen]
         except (TypeError, ValueError) as error:
             raise gr.Error(str(error)) from None
         progress(0, desc="loading the model")
         p = pipe()
         rows = []
         for i, request in enumerate(requests):
-            progress(i / len(requests), desc=f"generating with {request.method}")
+            progress(i / len(requests), desc=f"generating: {request.describe()}")
             try:
                 rows.extend(generate(p, request))
             except ValueError as error:
                 raise gr.Error(str(error)) from None
         scale_up = max(1, 256 // rows[0].width)
-        caption = " | ".join(f"row {i + 1}: {r.method}" for i, r in enumerate(requests))
+        caption = " | ".join(f"row {i + 1}: {r.describe()}" for i, r in enumerate(requests))
         return grid(rows, columns=len(rows) // len(requests), scale=scale_up), caption
 
     names = class_names(pipe())
@@ -79,15 +85,33 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None):
                         eta = gr.Slider(0, 1, value=0, step=0.05, label="eta (parallel component)")
                         threshold = gr.Number(None, label="norm threshold r (empty: family default)")
                         momentum = gr.Slider(-0.9, 0.9, value=-0.5, step=0.05, label="momentum beta")
+                    with gr.Row():
+                        perturbation = gr.Radio(list(PERTURBATIONS), value="none", label="weak-model guidance")
+                        perturbation_scale = gr.Slider(0, 10, value=2, step=0.5, label="its scale s")
+                    corrector_steps = gr.Slider(0, 5, value=0, step=1, label="Langevin corrector steps per level")
                     steps = gr.Slider(1, 100, value=25, step=1, label="steps")
                     seed = gr.Number(0, precision=0, label="seed")
                     num_images = gr.Slider(1, 8, value=4, step=1, label="images")
-                    compare = gr.Checkbox(False, label="compare none / CFG / APG on the same seeds")
+                    compare = gr.Checkbox(False, label="compare with none / CFG / APG on the same seeds")
                     button = gr.Button("Generate", variant="primary")
                 with gr.Column():
                     image = gr.Image(label="images", type="pil", format="png")
                     caption = gr.Markdown()
-            inputs = [subject, method, scale, eta, threshold, momentum, steps, seed, num_images, compare]
+            inputs = [
+                subject,
+                method,
+                scale,
+                eta,
+                threshold,
+                momentum,
+                perturbation,
+                perturbation_scale,
+                corrector_steps,
+                steps,
+                seed,
+                num_images,
+                compare,
+            ]
             button.click(run_generate, inputs, [image, caption], api_name="generate", concurrency_limit=MAX_CONCURRENCY)
             if names:
                 gr.Examples(

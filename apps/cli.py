@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .generate import METHODS
+from .generate import METHODS, PERTURBATIONS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--eta", type=float, default=0.0)
     gen.add_argument("--norm-threshold", type=float, default=None)
     gen.add_argument("--momentum", type=float, default=None)
+    gen.add_argument("--perturbation", choices=tuple(PERTURBATIONS), default="none", help="PAG or TPG on top")
+    gen.add_argument("--perturbation-scale", type=float, default=2.0)
+    gen.add_argument("--corrector-steps", type=int, default=0, help="Langevin corrector steps per noise level")
     gen.add_argument("--steps", type=int, default=25)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=int, default=4)
@@ -68,6 +71,9 @@ def _generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         seed=args.seed,
         num_images=args.num_images,
+        perturbation=args.perturbation,
+        perturbation_scale=args.perturbation_scale,
+        corrector_steps=args.corrector_steps,
     )
     images = generate(load_pipeline(args.model, args.device), request)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from guidance import APG, CFG, REGISTRY, guide
+from guidance import APG, CFG, PAG, TPG, LangevinCorrector, guide
 from guidance.pipeline import family_of
 
-METHODS = ("none", *REGISTRY)  # what the UI and the CLI offer
+METHODS = ("none", "cfg", "apg")  # CFG-type guidance the UI and the CLI offer
+PERTURBATIONS = {"none": None, "pag": PAG, "tpg": TPG}  # weak-model guidance, combinable with the above
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,9 @@ class Request:
     steps: int = 25
     seed: int = 0
     num_images: int = 4
+    perturbation: str = "none"
+    perturbation_scale: float = 2.0
+    corrector_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -37,19 +41,39 @@ class Request:
             raise ValueError(f"num_images must be between 1 and 16, got {self.num_images}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
-        self.guidance()  # validates the method's own arguments
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {tuple(PERTURBATIONS)}, got {self.perturbation!r}")
+        if not 0 <= self.corrector_steps <= 10:
+            raise ValueError(f"corrector_steps must be between 0 and 10, got {self.corrector_steps}")
+        self.guidance()  # validates the methods' own arguments
 
-    def guidance(self):
+    def guidance(self) -> tuple:
+        """The guidance methods (and corrector) of this request, for ``guide()``."""
+        methods: list = []
         if self.method == "cfg":
-            return CFG(self.scale)
-        if self.method == "apg":
-            return APG(
-                self.scale,
-                eta=self.eta,
-                norm_threshold="auto" if self.norm_threshold is None else self.norm_threshold,
-                momentum="auto" if self.momentum is None else self.momentum,
+            methods.append(CFG(self.scale))
+        elif self.method == "apg":
+            methods.append(
+                APG(
+                    self.scale,
+                    eta=self.eta,
+                    norm_threshold="auto" if self.norm_threshold is None else self.norm_threshold,
+                    momentum="auto" if self.momentum is None else self.momentum,
+                )
             )
-        return None
+        if PERTURBATIONS[self.perturbation] is not None:
+            methods.append(PERTURBATIONS[self.perturbation](self.perturbation_scale))
+        if self.corrector_steps:
+            methods.append(LangevinCorrector(steps=self.corrector_steps, seed=self.seed))
+        return tuple(methods)
+
+    def describe(self) -> str:
+        parts = [f"{self.method} {self.scale:g}" if self.method != "none" else "no CFG"]
+        if self.perturbation != "none":
+            parts.append(f"{self.perturbation} {self.perturbation_scale:g}")
+        if self.corrector_steps:
+            parts.append(f"{self.corrector_steps} corrector step(s)")
+        return " + ".join(parts)
 
 
 def class_names(pipe: Any) -> list[str] | None:
@@ -72,15 +96,12 @@ def generate(pipe: Any, request: Request) -> list[Image.Image]:
         if not request.subject.strip():
             raise ValueError("the prompt is empty")
         call["prompt"] = [request.subject] * request.num_images
-    method = request.guidance()
-    scale_arg = family_of(pipe).scale_arg
-    if method is None:
-        call[scale_arg] = 1.0
-        output = pipe(**call)
-    else:
-        with guide(pipe, method):
-            output = pipe(**call)
-    return output.images
+    methods = request.guidance()
+    call[family_of(pipe).scale_arg] = 1.0  # CFG only when a method asks for it
+    if not methods:
+        return pipe(**call).images
+    with guide(pipe, *methods):
+        return pipe(**call).images
 
 
 def grid(images: list[Image.Image], columns: int | None = None, scale: int = 1) -> Image.Image:

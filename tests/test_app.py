@@ -34,13 +34,15 @@ def test_generate_endpoint_and_a_bad_request(server):
     from PIL import Image
 
     client = Client(server, verbose=False)
-    image, caption = client.predict("star", "apg", 6, 0, None, -0.5, 4, 0, 2, True, api_name="/generate")
+    image, caption = client.predict("star", "apg", 6, 0, None, -0.5, "pag", 2, 1, 4, 0, 2, True, api_name="/generate")
     grid = Image.open(image)
-    assert grid.size == (2 * 256, 3 * 256)  # 2 images x (none, cfg, apg), 32 px shown 8x
-    assert "row 3: apg" in caption
+    assert grid.size == (2 * 256, 4 * 256)  # 2 images x (none, cfg, apg, the chosen one), 32 px shown 8x
+    assert "row 4: apg 6 + pag 2 + 1 corrector step(s)" in caption
     with pytest.raises(Exception, match=r"not in the list of choices|unknown class"):
-        client.predict("unicorn", "apg", 6, 0, None, -0.5, 4, 0, 2, False, api_name="/generate")
-    image, _ = client.predict("disc", "cfg", 3, 0, None, -0.5, 2, 1, 1, False, api_name="/generate")
+        client.predict("unicorn", "apg", 6, 0, None, -0.5, "none", 2, 0, 4, 0, 2, False, api_name="/generate")
+    with pytest.raises(Exception, match=r"less than minimum|steps must be between"):
+        client.predict("disc", "cfg", 3, 0, None, -0.5, "none", 2, 0, 0, 1, 1, False, api_name="/generate")
+    image, _ = client.predict("disc", "cfg", 3, 0, None, -0.5, "tpg", 2, 0, 2, 1, 1, False, api_name="/generate")
     assert Image.open(image).size[0] > 0  # still answering
 
 

@@ -375,22 +375,12 @@ def test_samplers_run_a_diffusers_model(unet):
     assert out.shape == x.shape and out.isfinite().all()
 
 
-def test_score_sampling_pipeline_gives_seeded_pil_images_whatever_the_batch():
-    from diffusers import DDPMScheduler, UNet2DModel
+def test_score_sampling_pipeline_gives_seeded_pil_images_whatever_the_batch(unet):
+    from diffusers import DDPMScheduler
 
     from guidance.score_pipeline import ScoreSamplingPipeline
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-    pipe = ScoreSamplingPipeline(unet.eval(), DDPMScheduler())
+    pipe = ScoreSamplingPipeline(unet, DDPMScheduler())
     options = dict(num_levels=3, steps_per_level=2, epsilon=1e-4)
     images = pipe(2, generator=[_gen(0), _gen(1)], **options)
     assert len(images) == 2 and images[0].size == (8, 8) and images[0].mode == "RGB"
