@@ -34,6 +34,7 @@ def main() -> None:
     ddpm = DDPMPipeline.from_pretrained(str(model_path("unet")), use_safetensors=True).to(args.device)
     ddpm.set_progress_bar_config(disable=True)
     score = ScoreSamplingPipeline(ddpm.unet, ddpm.scheduler)
+    ddpm_scheduler, ddim_scheduler = ddpm.scheduler, DDIMScheduler.from_config(ddpm.scheduler.config)
     classifier = load_classifier(args.device)
     size = ddpm.unet.config.sample_size
     real, _ = generate(4000, torch.Generator().manual_seed(12345), size=size)
@@ -43,10 +44,8 @@ def main() -> None:
     per_eval = time_one_evaluation(ddpm.unet, args.samples, args.device)
     for nfe in args.nfe:
         samplers = {
-            f"DDPM {nfe} steps": lambda g, n=nfe: run_diffusers(ddpm, ddpm.scheduler, n, args.samples, g),
-            f"DDIM {nfe} steps": lambda g, n=nfe: run_diffusers(
-                ddpm, DDIMScheduler.from_config(ddpm.scheduler.config), n, args.samples, g
-            ),
+            f"DDPM {nfe} steps": lambda g, n=nfe: run_diffusers(ddpm, ddpm_scheduler, n, args.samples, g),
+            f"DDIM {nfe} steps": lambda g, n=nfe: run_diffusers(ddpm, ddim_scheduler, n, args.samples, g),
             f"annealed Langevin {LEVELS}x{nfe // LEVELS - 1}+final": lambda g, n=nfe: score(
                 args.samples,
                 sampler="annealed_langevin",

@@ -73,7 +73,7 @@ class DiffusersDenoiser:
         self.num_train_timesteps = config.get("num_train_timesteps", 1000)
         if name.startswith("EDM") or config.get("timestep_type", "discrete") == "continuous":
             raise ValueError(f"{name}: continuous-time (EDM-style) timesteps are not supported, only VP and flow")
-        if name.startswith("FlowMatch") or kind == "flow_prediction" or config.get("use_flow_sigmas", False):
+        if P.is_flow_schedule(name, config):
             self.prediction_type, self.alphas_cumprod = "flow", None
         elif kind in ("epsilon", "v_prediction", "sample"):
             self.prediction_type, self.alphas_cumprod = kind, _alphas_cumprod(scheduler, config)

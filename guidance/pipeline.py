@@ -142,7 +142,7 @@ def schedule_of(scheduler: Any) -> Schedule:
     name = type(scheduler).__name__
     kind = config.get("prediction_type", "epsilon")
     n_train = config.get("num_train_timesteps", 1000)
-    if name.startswith("FlowMatch") or kind == "flow_prediction" or config.get("use_flow_sigmas", False):
+    if P.is_flow_schedule(name, config):
         return Schedule(
             f"flow matching ({name})",
             lambda t: P.flow(t.float() / n_train),

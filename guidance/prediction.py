@@ -20,7 +20,7 @@ log-sigma as k-diffusion and diffusers' Euler schedulers do), continuous VP
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -81,6 +81,15 @@ def from_score(score: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, kind: str
     """The prediction of type ``kind`` whose score is ``score``."""
     eps = -score * broadcast(sigma, x)
     return convert(eps, x, alpha, sigma, "epsilon", kind)
+
+
+def is_flow_schedule(scheduler_name: str, config: Any) -> bool:
+    """Whether a diffusers scheduler (class name and config mapping) runs the flow-matching path."""
+    return (
+        scheduler_name.startswith("FlowMatch")
+        or config.get("prediction_type") == "flow_prediction"
+        or bool(config.get("use_flow_sigmas", False))
+    )
 
 
 # Schedules: timestep -> (alpha, sigma) of path (1), in float32 on t's device.
