@@ -40,6 +40,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UNet2DModel,
 )
 from PIL import Image
 from transformers import (
@@ -461,6 +462,21 @@ def default_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
     if isinstance(pipe, _T5):
         kwargs["max_sequence_length"] = 64  # the character-level T5 tokenizer needs one token per char
     return kwargs
+
+
+def tiny_pixel_unet(sample_size: int = 8) -> UNet2DModel:
+    """A tiny unconditional pixel-space ``UNet2DModel`` (RGB, channels (8, 16)), seeded, in eval mode."""
+    torch.manual_seed(SEED)
+    return UNet2DModel(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
 
 
 BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {

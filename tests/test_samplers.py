@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from guidance import prediction as P
 from guidance.denoisers import (
@@ -22,6 +22,7 @@ from guidance.samplers import (
     sample_annealed_langevin,
     sample_predictor_corrector,
 )
+from tests.factories import tiny_pixel_unet
 
 F64 = torch.float64
 MEAN_2D = torch.tensor([1.0, -0.5], dtype=F64)
@@ -257,17 +258,7 @@ def test_bad_denoiser_arguments_are_clear_errors():
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    model = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    model = tiny_pixel_unet()
     return model.double().eval()
 
 

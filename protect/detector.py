@@ -1,0 +1,203 @@
+"""EPS-AD: adversarial input detection with the Expected Perturbation Score and a deep-kernel MMD
+(Zhang et al., ICML 2023; official code ZSHsh98/EPS-AD).
+
+``fit`` computes the EPS (:mod:`.eps`) of clean and adversarial training images, trains a deep kernel for
+test power on them (Liu et al. 2020, :mod:`.mmd`), keeps a reference set of clean EPS and sets the threshold
+at the ``1 - fpr`` quantile of the scores of held-out clean images. ``score`` is each image's ``MMD^2`` to the
+reference set (the official per-sample ``MMD_batch``): higher means more adversarial. The diffusion model is
+passed in, never loaded here, and is not part of what :meth:`EPSDetector.save_pretrained` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .eps import as_denoiser, check_images, expected_perturbation_score
+from .mmd import DeepKernel, conv_featurizer, mmd2_per_sample, train_kernel
+
+CONFIG_NAME, WEIGHTS_NAME, FORMAT = "config.json", "detector.safetensors", "steerguard.eps_detector/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EPSDetectorConfig:
+    """EPS levels (``timesteps``, ``t_max``, noise ``seed``), kernel training, reference set and calibration."""
+
+    timesteps: int = 20
+    t_max: float | None = None
+    seed: int = 0
+    batch_size: int = 256
+    reference_size: int = 500
+    calibration_fraction: float = 0.25
+    fpr: float = 0.05
+    epochs: int = 200
+    lr: float = 5e-4
+    kernel_batch_size: int = 100
+    channels: tuple[int, ...] = (16, 32)
+    feature_dim: int = 300
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(self.channels))
+        for name in ("timesteps", "batch_size", "reference_size", "kernel_batch_size", "feature_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if "size" in name else 1):
+                raise ValueError(f"{name} must be an int >= {2 if 'size' in name else 1}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"epochs must be a non-negative int, got {self.epochs!r}")
+        if not 0 < self.fpr < 1 or not 0 < self.calibration_fraction < 1 or not self.lr > 0:
+            raise ValueError("fpr and calibration_fraction must lie in (0, 1) and lr be positive")
+        if self.t_max is not None and not 0 < self.t_max <= 1:
+            raise ValueError(f"t_max must lie in (0, 1], got {self.t_max}")
+        if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.channels):
+            raise ValueError(f"channels must be positive ints, got {self.channels!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "channels": list(self.channels)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EPSDetectorConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown EPSDetectorConfig keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class EPSDetector:
+    """EPS-AD detector with scikit-learn-like ``fit`` / ``score`` / ``predict``.
+
+    Args:
+        model: a VP :class:`~guidance.denoisers.DiffusersDenoiser`, or a diffusers model with ``scheduler``.
+        scheduler: the model's scheduler (or its config) when ``model`` is not a denoiser.
+        config: an :class:`EPSDetectorConfig`; keyword ``overrides`` replace its fields.
+
+    Image ``i`` of every call draws its EPS noise from ``config.seed + i``, so a score does not depend on
+    the batch size or on the other images.
+    """
+
+    def __init__(self, model: Any, scheduler: Any = None, config: EPSDetectorConfig | None = None, **overrides: Any):
+        self.denoiser = as_denoiser(model, scheduler)
+        base = (config or EPSDetectorConfig()).to_dict()
+        self.config = EPSDetectorConfig.from_dict({**base, **overrides})
+        self.kernel: DeepKernel | None = None
+        self.reference: Tensor | None = None
+        self.threshold: float | None = None
+
+    def eps(self, images: Tensor) -> Tensor:
+        """The EPS of ``images`` with this detector's levels and seeds."""
+        c = self.config
+        return expected_perturbation_score(
+            self.denoiser, images, timesteps=c.timesteps, t_max=c.t_max, generator=c.seed, batch_size=c.batch_size
+        )
+
+    def fit(self, clean: Tensor, adversarial: Tensor, *, generator: torch.Generator | None = None) -> EPSDetector:
+        """Train the kernel on clean vs adversarial EPS, keep the reference set, calibrate the threshold.
+
+        ``generator`` (seed 0 if none) splits the clean images into training and calibration parts and
+        initialises and trains the kernel.
+        """
+        c = self.config
+        check_images(clean, "clean images")
+        check_images(adversarial, "adversarial images")
+        if clean.shape[1:] != adversarial.shape[1:]:
+            raise ValueError(f"clean {tuple(clean.shape[1:])} and adversarial {tuple(adversarial.shape[1:])} differ")
+        n_cal = max(2, round(c.calibration_fraction * len(clean)))
+        if len(clean) - n_cal < 2 or len(adversarial) < 2:
+            raise ValueError(
+                f"too few samples: need >= {n_cal + 2} clean ({n_cal} held out for calibration) and >= 2 adversarial"
+                f" images, got {len(clean)} and {len(adversarial)}"
+            )
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        order = torch.randperm(len(clean), generator=generator).to(clean.device)
+        clean_eps, adversarial_eps = self.eps(clean)[order], self.eps(adversarial)
+        calibration, train = clean_eps[:n_cal], clean_eps[n_cal:]
+        featurizer = conv_featurizer(
+            clean.shape[1], channels=c.channels, feature_dim=c.feature_dim, generator=generator
+        )
+        self.kernel = train_kernel(
+            train,
+            adversarial_eps,
+            kernel=DeepKernel(featurizer),
+            epochs=c.epochs,
+            lr=c.lr,
+            batch_size=c.kernel_batch_size,
+            generator=generator,
+        )
+        self.reference = train[: c.reference_size].detach()
+        with torch.no_grad():
+            calibration_scores = mmd2_per_sample(self.reference, calibration, self.kernel)
+        self.threshold = float(torch.quantile(calibration_scores.double(), 1 - c.fpr, interpolation="higher"))
+        return self
+
+    @torch.no_grad()
+    def score(self, images: Tensor) -> Tensor:
+        """Each image's ``MMD^2`` between its EPS and the clean reference EPS, ``(N,)``; higher = more adversarial."""
+        if self.kernel is None or self.reference is None:
+            raise RuntimeError("the detector is not fitted: call fit() or from_pretrained() first")
+        check_images(images)
+        if images.shape[1:] != self.reference.shape[1:]:
+            raise ValueError(
+                f"images of shape {tuple(images.shape[1:])}, the detector was fitted on "
+                f"{tuple(self.reference.shape[1:])}"
+            )
+        eps = self.eps(images)
+        self.kernel.to(device=eps.device, dtype=eps.dtype)
+        return mmd2_per_sample(self.reference.to(eps), eps, self.kernel)
+
+    def predict(self, images: Tensor) -> Tensor:
+        """``True`` where an image is flagged adversarial (score above the calibrated threshold)."""
+        scores = self.score(images)
+        return scores > self.threshold
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``detector.safetensors`` (kernel weights and reference EPS) to ``directory``."""
+        if self.kernel is None or self.reference is None or self.threshold is None:
+            raise RuntimeError("the detector is not fitted: nothing to save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"kernel.{k}": v.detach().cpu().contiguous() for k, v in self.kernel.state_dict().items()}
+        save_file({**tensors, "reference": self.reference.detach().cpu().contiguous()}, directory / WEIGHTS_NAME)
+        meta = {"format": FORMAT, "config": self.config.to_dict(), "threshold": self.threshold}
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, model: Any, scheduler: Any = None) -> EPSDetector:
+        """Load a detector saved by :meth:`save_pretrained`, around the diffusion ``model`` it was fitted with."""
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found: not a saved EPSDetector")
+        try:
+            meta = json.loads((directory / CONFIG_NAME).read_text())
+            tensors = load_file(directory / WEIGHTS_NAME)
+        except (json.JSONDecodeError, SafetensorError, OSError) as error:
+            raise ValueError(f"corrupt EPSDetector files in {directory}: {error}") from error
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{directory / CONFIG_NAME} is not an EPSDetector config ({FORMAT})")
+        detector = cls(model, scheduler, EPSDetectorConfig.from_dict(meta.get("config", {})))
+        threshold, reference = meta.get("threshold"), tensors.pop("reference", None)
+        if not isinstance(threshold, int | float) or not math.isfinite(threshold):
+            raise ValueError(f"{directory / CONFIG_NAME}: the threshold must be a finite number, got {threshold!r}")
+        if reference is None or reference.ndim != 4 or len(reference) < 2:
+            raise ValueError(f"{directory / WEIGHTS_NAME}: need a reference EPS set (n >= 2, C, H, W)")
+        c = detector.config
+        kernel = DeepKernel(conv_featurizer(reference.shape[1], channels=c.channels, feature_dim=c.feature_dim))
+        expected = {f"kernel.{k}": v.shape for k, v in kernel.state_dict().items()}
+        found = {k: v.shape for k, v in tensors.items()}
+        if found != expected:
+            raise ValueError(
+                f"{directory / WEIGHTS_NAME}: kernel tensors do not match the config: "
+                f"expected {expected}, found {found}"
+            )
+        kernel.load_state_dict({k.removeprefix("kernel."): v for k, v in tensors.items()})
+        detector.kernel, detector.reference, detector.threshold = kernel.eval(), reference, float(threshold)
+        return detector

@@ -1,0 +1,173 @@
+"""Per-image protections (PhotoGuard, Mist, Diff-Protect SDS) and their batched PGD, on tiny 32x32 images."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from apps.demo import DEMO_DIR
+from protect.losses import encoder_loss, latent, multi_vae_loss, sds_loss
+from protect.pgd import fit_to_ball, pgd
+from protect.protect import METHODS, ProtectionReport, default_target, protect
+
+EPS = 8 / 255
+
+
+def _tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        scaling_factor=0.5,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def vae() -> AutoencoderKL:
+    if (DEMO_DIR / "vae").is_dir():
+        from apps.demo import load_vae
+
+        return load_vae()
+    return _tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def denoiser():
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+    return lambda z_t, t: conv(z_t) * (1 + t.view(-1, 1, 1, 1) / 1000)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    from apps.demo import generate
+
+    return (generate(2, torch.Generator().manual_seed(0))[0] + 1) / 2
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _run(images, vae, denoiser, method, **kwargs):
+    kwargs.setdefault("steps", 4)
+    return protect(images, method, vae=vae, denoiser=denoiser if method != "photoguard" else None, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", METHODS)
+def test_budget_and_range_hold_exactly(images, vae, denoiser, method, dtype):
+    x = images.to(dtype)
+    out, report = _run(x, vae, denoiser, method, generator=_gen(), step=EPS)  # big steps hit the ball's faces
+    assert out.dtype == dtype and out.shape == x.shape
+    assert (out.double() - x.double()).abs().max() <= EPS
+    assert out.min() >= 0 and out.max() <= 1
+    assert isinstance(report, ProtectionReport) and len(report.psnr) == len(report.ssim) == 2
+    assert all(0 < v <= EPS for v in report.linf) and len(report.losses) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fit_to_ball_rounds_inside(dtype):
+    center = torch.rand(4096, generator=_gen()).to(dtype)
+    raw = (center.float() + EPS * torch.randn(4096, generator=_gen(1)).sign()).clamp(0, 1)
+    out = fit_to_ball(raw, center, EPS, dtype)
+    assert out.dtype == dtype and (out.double() - center.double()).abs().max() <= EPS
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("method", ["photoguard", "mist"])
+def test_loss_decreases(images, vae, method):
+    _, report = protect(images, method, vae=vae, steps=15, generator=_gen())
+    first, last = np.mean(report.losses[0]), np.mean(report.losses[-1])
+    assert last < 0.9 * first, report.losses
+
+
+def test_protection_moves_latent_far_more_than_noise(images, vae):
+    out, _ = protect(images, "photoguard", vae=vae, steps=15, generator=_gen())
+    noise = (images + EPS * torch.randn(images.shape, generator=_gen(1)).sign()).clamp(0, 1)
+    with torch.no_grad():
+        clean = latent(vae, images)
+        moved = (latent(vae, out) - clean).pow(2).flatten(1).mean(1)
+        noisy = (latent(vae, noise) - clean).pow(2).flatten(1).mean(1)
+    assert (moved > 3 * noisy).all(), (moved, noisy)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_seeded_runs_reproduce(images, vae, denoiser, method):
+    a, _ = _run(images, vae, denoiser, method, steps=3, generator=_gen(7), robust=True)
+    b, _ = _run(images, vae, denoiser, method, steps=3, generator=_gen(7), robust=True)
+    c, _ = _run(images, vae, denoiser, method, steps=3, generator=_gen(8), robust=True)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_losses_are_per_image(images, vae, denoiser):
+    assert encoder_loss(vae, images).shape == (2,)
+    assert torch.allclose(multi_vae_loss([vae, vae], images), 2 * encoder_loss(vae, images))
+    assert sds_loss(vae, denoiser, images, generator=_gen()).shape == (2,)
+    with pytest.raises(ValueError, match="target latents"):
+        multi_vae_loss([vae], images, [None, None])
+
+
+@pytest.mark.parametrize(
+    ("images", "kwargs", "match"),
+    [
+        (torch.rand(3, 32, 32), {}, "shape"),
+        (torch.rand(1, 4, 32, 32), {}, "shape"),
+        (torch.rand(1, 3, 1, 1), {}, "2x2"),
+        (torch.rand(1, 3, 32, 32) * 2, {}, r"\[0, 1\]"),
+        (torch.full((1, 3, 32, 32), float("nan")), {}, "NaN"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), {}, "float"),
+        (torch.zeros(1, 3, 1, 1).expand(1, 3, 4097, 4096), {}, "cap"),
+        (torch.rand(1, 3, 32, 32), {"method": "glaze"}, "unknown method"),
+        (torch.rand(1, 3, 32, 32), {"method": "sds"}, "denoiser"),
+        (torch.rand(1, 3, 32, 32), {"target": "noise"}, "unknown target"),
+        (torch.rand(1, 3, 32, 32), {"weight": 2.0}, "weight"),
+        (torch.rand(1, 3, 32, 32), {"robust": ("sharpen",)}, "transforms"),
+        ("image.png", {}, "tensor or a list"),
+    ],
+)
+def test_bad_inputs_raise(vae, images, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        protect(images, vae=vae, steps=1, **kwargs)
+
+
+def test_pil_round_trip_keeps_size_mode_and_budget(images, vae):
+    pil = [Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for x in images]
+    out, report = protect(pil, vae=vae, steps=3, generator=_gen())
+    assert [(im.size, im.mode) for im in out] == [(im.size, im.mode) for im in pil]
+    for a, b in zip(out, pil):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 8
+    assert max(report.linf) <= EPS
+
+
+def test_pil_inputs_are_converted(vae):
+    from protect.protect import _from_pil
+
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    assert torch.equal(_from_pil(rgba), torch.ones(3, 32, 32))  # transparent -> white
+    gray16 = Image.fromarray(np.full((32, 32), 65535 // 2, dtype=np.uint16))
+    assert gray16.mode.startswith("I") and torch.allclose(_from_pil(gray16), torch.full((3, 32, 32), 0.5), atol=1 / 255)
+    gray = _from_pil(Image.new("L", (32, 32), 51))
+    assert torch.allclose(gray, torch.full((3, 32, 32), 0.2))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 16)).save(buffer, "JPEG", exif=exif.tobytes())
+    assert _from_pil(Image.open(buffer)).shape == (3, 32, 16)
+    out, _ = protect([Image.new("RGBA", (32, 32), (200, 10, 10, 128))], vae=vae, steps=1, generator=_gen())
+    assert out[0].mode == "RGBA" and out[0].getchannel("A").getextrema() == (128, 128)
+
+
+def test_pgd_without_random_start_or_steps_is_identity(images):
+    out = pgd(images, lambda x: x.flatten(1).sum(1), steps=0, random_start=False)
+    assert torch.equal(out, images)
+    assert default_target(32, 32).shape == (3, 32, 32)
