@@ -1,23 +1,70 @@
 """The steerguard Gradio app: built by :func:`build_app`, nothing loaded at import.
 
-Tabs grow with the library; the named API endpoint ``/generate`` serves programs
-(``gradio_client.Client(url).predict(..., api_name="/generate")``).
+Tabs grow with the library; named API endpoints serve programs
+(``gradio_client.Client(url).predict(..., api_name="/generate")``):
+
+* ``/generate``: guided generation (class or prompt, guidance options) -> image grid, caption;
+* ``/protect``: image files, method, eps (in 1/255), steps, seed -> comparison gallery, metrics table,
+  protected PNG files, summary;
+* ``/detect``: image files -> JSON verdicts (score, threshold, verdict per image), score plot, note.
+
+Uploads are decoded only by :func:`apps.uploads.open_upload` (content sniffing, size and pixel caps before
+decoding); a bad upload answers with a ``gr.Error`` message and the server keeps serving.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from .generate import METHODS, PERTURBATIONS, Request, class_names, generate, grid
 from .models import DEFAULT_MODEL, listed_models, load_pipeline
+from .uploads import (
+    MAX_BYTES,
+    PROTECT_METHODS,
+    detect_images,
+    load_detector,
+    open_upload,
+    perturbation_image,
+    protect_image,
+    restore_mode,
+    save_new,
+)
 
 COMPARE = ("none", "cfg", "apg")
-MAX_CONCURRENCY = 1  # one generation at a time per model on one device
+MAX_CONCURRENCY = 1  # one job at a time on the device: generate, protect and detect share one slot
+MAX_FILES = 8  # images per /protect or /detect request
+IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"]  # the picker's filter; content decides
 
 
-def build_app(model: str = DEFAULT_MODEL, device: str | None = None):
-    """A ``gr.Blocks`` app generating with ``model`` (the embedded demo DiT by default)."""
+def _paths(files: Any) -> list[str]:
+    """The temp-file paths Gradio handed over for a ``gr.File`` value (one path, a list, or file dicts)."""
+    if files is None:
+        return []
+    items = files if isinstance(files, list | tuple) else [files]
+    paths = []
+    for item in items:
+        path = item.get("path") if isinstance(item, dict) else getattr(item, "name", item)
+        if not isinstance(path, str | Path) or not str(path):
+            raise ValueError("unexpected upload value; send image files")
+        paths.append(str(path))
+    return paths
+
+
+def launch_options() -> dict[str, Any]:
+    """``launch()`` options the app is meant to run with (the upload size cap, enforced by Gradio too)."""
+    return {"max_file_size": MAX_BYTES}
+
+
+def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: str | Path | None = None):
+    """A ``gr.Blocks`` app generating with ``model`` (the embedded demo DiT by default).
+
+    ``detector`` is the folder of a saved EPS-AD detector for the Detect tab (default
+    ``demo_models/eps_detector``; without one, ``/detect`` answers "no detector available").
+    """
     import gradio as gr
+    import pandas as pd
 
     def pipe():
         return load_pipeline(model, device)
@@ -69,6 +116,94 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None):
         caption = " | ".join(f"row {i + 1}: {r.describe()}" for i, r in enumerate(requests))
         return grid(rows, columns=len(rows) // len(requests), scale=scale_up), caption
 
+    def uploads(files, purpose: str):
+        try:
+            paths = _paths(files)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        if not paths:
+            raise gr.Error("upload at least one image (PNG, JPEG, WebP, BMP or TIFF)")
+        if len(paths) > MAX_FILES:
+            raise gr.Error(f"at most {MAX_FILES} images per request, got {len(paths)}")
+        loaded = []
+        for path in paths:
+            try:
+                loaded.append(open_upload(path, purpose=purpose))
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+        return loaded
+
+    def run_protect(files, method, eps, steps, seed, progress=gr.Progress()):  # noqa: B008
+        try:
+            eps, steps, seed = float(eps), int(steps), int(seed)
+        except (TypeError, ValueError):
+            raise gr.Error("eps, steps and seed must be numbers") from None
+        if method not in PROTECT_METHODS:
+            raise gr.Error(f"method must be one of {PROTECT_METHODS}, got {method!r}")
+        if not 1 <= eps <= 32:
+            raise gr.Error(f"eps must be between 1 and 32 (in 1/255 units), got {eps:g}")
+        if not 1 <= steps <= 500:
+            raise gr.Error(f"steps must be between 1 and 500, got {steps}")
+        if not 0 <= seed < 2**63:
+            raise gr.Error(f"seed must be a non-negative integer, got {seed}")
+        loaded = uploads(files, "protect")
+        out_dir = Path(tempfile.mkdtemp(prefix="steerguard-protect-"))
+        gallery, rows, outputs = [], [], []
+        for i, upload in enumerate(loaded):
+            progress(i / len(loaded), desc=f"protecting {upload.name} ({i + 1}/{len(loaded)})")
+            try:
+                protected, metrics = protect_image(
+                    upload.image, method=method, eps=eps / 255, steps=steps, seed=seed + i, device=device
+                )
+            except ValueError as error:
+                raise gr.Error(f"{upload.name}: {error}") from None
+            protected = restore_mode(protected, upload.mode)
+            outputs.append(str(save_new(protected, out_dir, f"{upload.name}-protected")))
+            gallery += [
+                (upload.image, f"{upload.name}: original"),
+                (protected, f"{upload.name}: protected ({method}, eps {eps:g}/255)"),
+                (perturbation_image(upload.image, protected, eps / 255), f"{upload.name}: perturbation, amplified"),
+            ]
+            w, h = upload.size
+            values = [metrics[k] for k in ("psnr", "ssim", "linf_255", "seconds")]
+            rows.append([upload.name, f"{w}x{h}", protected.mode, *values])
+        progress(1, desc="done")
+        table = pd.DataFrame(rows, columns=["file", "size", "mode", "PSNR (dB)", "SSIM", "Linf (/255)", "seconds"])
+        summary = (
+            f"Protected {len(loaded)} image(s) with **{method}** (eps {eps:g}/255, {steps} PGD steps, seed {seed}) "
+            "against the demo VAE. Download the PNG files: re-encoding them (JPEG, resizing) weakens the protection."
+        )
+        return gallery, table, outputs, summary
+
+    def run_detect(files):
+        loaded = uploads(files, "detect")
+        try:
+            model = load_detector(detector, device)
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise gr.Error(str(error)) from None
+        try:
+            results = detect_images(model, [u.image for u in loaded])
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        width, height = results[0]["resized_to"]
+        note = (
+            f"Images are resized to the detector's resolution ({width}x{height}) before scoring; "
+            "a perturbation made at another size does not survive resizing intact."
+        )
+        images = [
+            {"file": u.name, "original_size": list(u.size), **{k: r[k] for k in ("score", "threshold", "verdict")}}
+            for u, r in zip(loaded, results)
+        ]
+        verdicts = {"threshold": model.threshold, "resolution": [width, height], "note": note, "images": images}
+        bars = [{"name": r["file"], "score": r["score"], "kind": f"upload: {r['verdict']}"} for r in images]
+        bars.append({"name": "threshold", "score": model.threshold, "kind": "threshold"})
+        clean = getattr(model, "clean_scores", None)
+        if clean:
+            s = sorted(clean)
+            for label, q in (("clean median", 0.5), ("clean 95%", 0.95), ("clean max", 1.0)):
+                bars.append({"name": label, "score": s[min(len(s) - 1, int(q * (len(s) - 1)))], "kind": "clean"})
+        return verdicts, pd.DataFrame(bars), note
+
     names = class_names(pipe())
     with gr.Blocks(title="steerguard") as app:
         gr.Markdown(f"# steerguard\nGuidance for diffusers pipelines. Model: `{model}`.")
@@ -112,7 +247,14 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None):
                 num_images,
                 compare,
             ]
-            button.click(run_generate, inputs, [image, caption], api_name="generate", concurrency_limit=MAX_CONCURRENCY)
+            button.click(
+                run_generate,
+                inputs,
+                [image, caption],
+                api_name="generate",
+                concurrency_limit=MAX_CONCURRENCY,
+                concurrency_id="device",
+            )
             if names:
                 gr.Examples(
                     [[names[0], "apg", 8, 0, None, -0.5, 20, 0, 4, True]],
@@ -121,9 +263,60 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None):
                     fn=run_generate,
                     cache_examples=False,
                 )
+        with gr.Tab("Protect"):
+            gr.Markdown(
+                "Add an imperceptible L-infinity perturbation that misleads the (demo) VAE encoder, so that "
+                "diffusion-based editing or mimicry of the image fails (PhotoGuard; Mist's textural loss)."
+            )
+            with gr.Row():
+                with gr.Column():
+                    protect_files = gr.File(
+                        file_count="multiple", file_types=IMAGE_TYPES, type="filepath", label="images"
+                    )
+                    protect_method = gr.Radio(list(PROTECT_METHODS), value="photoguard", label="method")
+                    protect_eps = gr.Slider(1, 32, value=8, step=1, label="budget eps (in 1/255)")
+                    protect_steps = gr.Slider(1, 500, value=50, step=1, label="PGD steps")
+                    protect_seed = gr.Number(0, precision=0, label="seed")
+                    protect_button = gr.Button("Protect", variant="primary")
+                with gr.Column():
+                    protect_gallery = gr.Gallery(label="original | protected | perturbation (amplified)", columns=3)
+                    protect_table = gr.Dataframe(label="metrics", interactive=False)
+                    protect_out = gr.File(label="protected PNG files", file_count="multiple")
+                    protect_summary = gr.Markdown()
+            protect_button.click(
+                run_protect,
+                [protect_files, protect_method, protect_eps, protect_steps, protect_seed],
+                [protect_gallery, protect_table, protect_out, protect_summary],
+                api_name="protect",
+                concurrency_limit=MAX_CONCURRENCY,
+                concurrency_id="device",
+            )
+        with gr.Tab("Detect"):
+            gr.Markdown(
+                "Score images with the EPS-AD detector (Expected Perturbation Score + deep-kernel MMD): "
+                "a score above the calibrated threshold flags an adversarial (protected) image."
+            )
+            with gr.Row():
+                with gr.Column():
+                    detect_files = gr.File(
+                        file_count="multiple", file_types=IMAGE_TYPES, type="filepath", label="images"
+                    )
+                    detect_button = gr.Button("Detect", variant="primary")
+                with gr.Column():
+                    detect_json = gr.JSON(label="verdicts")
+                    detect_plot = gr.BarPlot(x="name", y="score", color="kind", label="score vs threshold")
+                    detect_note = gr.Markdown()
+            detect_button.click(
+                run_detect,
+                [detect_files],
+                [detect_json, detect_plot, detect_note],
+                api_name="detect",
+                concurrency_limit=MAX_CONCURRENCY,
+                concurrency_id="device",
+            )
         gr.Markdown("Models listed in `models.txt`: " + ", ".join(f"`{n}`" for n, _ in listed_models()))
     app.queue(default_concurrency_limit=MAX_CONCURRENCY, max_size=64)
     return app
 
 
-__all__ = ["build_app", "class_names"]
+__all__ = ["MAX_FILES", "build_app", "class_names", "launch_options"]

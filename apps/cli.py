@@ -1,12 +1,14 @@
-"""The ``steerguard`` command line: ``app``, ``generate`` and ``train``."""
+"""The ``steerguard`` command line: ``app``, ``generate``, ``protect``, ``detect`` and ``train``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from .generate import METHODS, PERTURBATIONS
+from .uploads import PROTECT_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     app.add_argument("--host", default="127.0.0.1")
     app.add_argument("--port", type=int, default=7860)
     app.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
+    app.add_argument("--detector", type=Path, default=None, help="saved EPS-AD detector (default: the demo one)")
 
     gen = commands.add_parser("generate", help="generate images to PNG files")
     gen.add_argument("subject", help="a class name (class-conditional models) or a prompt")
@@ -36,17 +39,49 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (files are never overwritten)")
     gen.add_argument("--device", default=None)
 
+    prot = commands.add_parser(
+        "protect",
+        help="protect image files against mimicry (PNG outputs next to a JSON report)",
+        description="Protect images with an L-infinity PGD perturbation against the demo VAE. Outputs are PNG "
+        "files of the same size and mode (RGB, RGBA, L, LA; other modes become RGB/RGBA) in --out, with a JSON "
+        "report; no existing file is ever overwritten (a numbered suffix is added). Exit code 2 if any input "
+        "failed (the others are still protected).",
+    )
+    prot.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG, WebP, BMP, TIFF)")
+    prot.add_argument("--out", type=Path, required=True, help="output folder")
+    prot.add_argument("--method", choices=PROTECT_METHODS, default="photoguard")
+    prot.add_argument("--eps", type=float, default=8.0, help="L-infinity budget in 1/255 units (default 8)")
+    prot.add_argument("--steps", type=int, default=50, help="PGD steps (default 50)")
+    prot.add_argument("--seed", type=int, default=0, help="seed of the PGD start (image i uses seed + i)")
+    prot.add_argument("--device", default=None)
+
+    det = commands.add_parser(
+        "detect",
+        help="flag adversarial (protected) images with the EPS-AD detector",
+        description="Score images with a saved EPS-AD detector (resized to its resolution, 16x16 for the demo) "
+        "and print one verdict per file. Exit code 2 if any input failed or no detector is available.",
+    )
+    det.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG, WebP, BMP, TIFF)")
+    det.add_argument("--json", action="store_true", help="one JSON object per line: file, score, threshold, verdict")
+    det.add_argument("--detector", type=Path, default=None, help="saved detector folder (default: the demo one)")
+    det.add_argument("--device", default=None)
+
     train = commands.add_parser("train", help="train the embedded demo models (python -m apps.demo.train)")
     train.add_argument("args", nargs=argparse.REMAINDER, help="arguments for apps.demo.train")
 
     args = parser.parse_args(argv)
     try:
         if args.command == "app":
-            from .app import build_app
+            from .app import build_app, launch_options
 
-            build_app(args.model, args.device).launch(server_name=args.host, server_port=args.port)
+            app = build_app(args.model, args.device, detector=args.detector)
+            app.launch(server_name=args.host, server_port=args.port, **launch_options())
         elif args.command == "generate":
             return _generate(args)
+        elif args.command == "protect":
+            return _protect(args)
+        elif args.command == "detect":
+            return _detect(args)
         elif args.command == "train":
             from .demo.train import main as train_main
 
@@ -85,6 +120,88 @@ def _generate(args: argparse.Namespace) -> int:
             path, n = args.out / f"{stem}-{i}.{n}.png", n + 1
         image.save(path)
         print(path)
+    return 0
+
+
+def _protect(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .uploads import open_upload, protect_image, restore_mode, save_new, write_new
+
+    if not 1 <= args.eps <= 32:
+        raise ValueError(f"--eps must be between 1 and 32 (in 1/255 units), got {args.eps:g}")
+    if not 1 <= args.steps <= 500:
+        raise ValueError(f"--steps must be between 1 and 500, got {args.steps}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    done, failed = [], []
+    for i, path in enumerate(tqdm(args.inputs, desc=f"protect ({args.method})", unit="image", file=sys.stderr)):
+        try:
+            upload = open_upload(path)
+            protected, metrics = protect_image(
+                upload.image,
+                method=args.method,
+                eps=args.eps / 255,
+                steps=args.steps,
+                seed=args.seed + i,
+                device=args.device,
+            )
+        except (ValueError, OSError) as error:
+            failed.append({"input": str(path), "error": str(error)})
+            tqdm.write(f"steerguard protect: error: {error}", file=sys.stderr)
+            continue
+        protected = restore_mode(protected, upload.mode)
+        output = save_new(protected, args.out, f"{upload.name}-protected")
+        w, h = upload.size
+        done.append(
+            {
+                "input": str(path),
+                "output": str(output),
+                "size": [w, h],
+                "mode": upload.mode,
+                "output_mode": protected.mode,
+                **metrics,
+            }
+        )
+        print(output)
+    report = {
+        "method": args.method,
+        "eps_255": args.eps,
+        "steps": args.steps,
+        "seed": args.seed,
+        "model": "demo VAE (demo_models/vae)",
+        "files": done,
+        "failed": failed,
+    }
+    print(write_new(json.dumps(report, indent=2), args.out, "report"))
+    if failed:
+        names = ", ".join(f["input"] for f in failed)
+        print(f"steerguard protect: {len(failed)} of {len(args.inputs)} input(s) failed: {names}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from .uploads import detect_images, load_detector, open_upload
+
+    detector = load_detector(args.detector, args.device)
+    failed = 0
+    for path in args.inputs:
+        try:
+            (result,) = detect_images(detector, [open_upload(path, purpose="detect").image])
+        except (ValueError, OSError) as error:
+            failed += 1
+            if args.json:
+                print(json.dumps({"file": str(path), "error": str(error)}))
+            print(f"steerguard detect: error: {error}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"file": str(path), **result}))
+        else:
+            print(f"{path}: {result['verdict']} (score {result['score']:.4g}, threshold {result['threshold']:.4g})")
+    if failed:
+        print(f"steerguard detect: {failed} of {len(args.inputs)} input(s) failed", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,10 +1,17 @@
-"""The app started as the README starts it (on the embedded demo DiT), called through its API like a program."""
+"""The app started as the README starts it (on the embedded demo DiT), called through its API like a program;
+the ``protect`` and ``detect`` commands of the CLI."""
 
 from __future__ import annotations
 
+import json
 import socket
+import struct
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from apps.cli import main as cli_main
 from apps.demo import DEMO_DIR
@@ -18,22 +25,96 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
-    from apps.app import build_app
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    app = build_app("demo/dit", device="cpu")
+
+def _bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A valid-looking PNG whose IHDR claims ``width x height`` RGB pixels (the data is a few bytes)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _image(size=(24, 20), mode="RGB", seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
+    pixels = rng.integers(40, 215, (size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+
+
+def _linf(protected: Image.Image, original: Image.Image) -> int:
+    """Budget check as protect.protect defines it: colour channels vs the original composited on white."""
+    from apps.uploads import composite_rgb
+
+    a, b = np.asarray(protected.convert("RGB"), np.int16), np.asarray(composite_rgb(original), np.int16)
+    if original.mode in ("RGBA", "LA"):
+        assert protected.getchannel("A").tobytes() == original.getchannel("A").tobytes()  # alpha untouched
+    return int(np.abs(a - b).max())
+
+
+@pytest.fixture(scope="session")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("bad")
+    good = folder / "good.png"
+    _image().save(good)
+    files = {
+        "text": (b"just some text, not an image\n", r"not a supported image"),
+        "truncated": (good.read_bytes()[:200], r"truncated|corrupt"),
+        "bomb": (_bomb_png(), r"50000x50000|too many pixels|limit"),
+        "empty": (b"", r"empty"),
+    }
+    paths = {}
+    for name, (data, _) in files.items():
+        paths[name] = folder / f"{name}.png"
+        paths[name].write_bytes(data)
+    return {name: (paths[name], files[name][1]) for name in files}
+
+
+@pytest.fixture(scope="session")
+def detector_dir(tmp_path_factory) -> Path:
+    """The demo detector when it is trained, else a tiny one fitted here on the demo UNet (seconds)."""
+    if (DEMO_DIR / "eps_detector" / "config.json").is_file():
+        return DEMO_DIR / "eps_detector"
+    if not (DEMO_DIR / "unet").is_dir():
+        pytest.skip("no detector in demo_models/ and no demo UNet to fit one")
+    import torch
+    import torch.nn.functional as F
+
+    from apps.demo import load_ddpm_pipeline
+    from protect import EPSDetector
+
+    pipe = load_ddpm_pipeline("cpu")
+    g = torch.Generator().manual_seed(0)
+    clean = F.interpolate(torch.rand(12, 3, 4, 4, generator=g) * 1.2 - 0.6, size=16, mode="bilinear")
+    adversarial = (clean[:6] + 0.1 * torch.randn(6, 3, 16, 16, generator=g).sign()).clamp(-1, 1)
+    detector = EPSDetector(
+        pipe.unet, pipe.scheduler, timesteps=2, epochs=3, kernel_batch_size=4, channels=(4,), feature_dim=8
+    )
+    folder = tmp_path_factory.mktemp("detector")
+    detector.fit(clean, adversarial).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(detector_dir):
+    from apps.app import build_app, launch_options
+
+    app = build_app("demo/dit", device="cpu", detector=detector_dir)
     port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
     yield f"http://127.0.0.1:{port}/"
     app.close()
 
 
-def test_generate_endpoint_and_a_bad_request(server):
+@pytest.fixture(scope="module")
+def client(server):
     from gradio_client import Client
-    from PIL import Image
 
-    client = Client(server, verbose=False)
+    return Client(server, verbose=False)
+
+
+def test_generate_endpoint_and_a_bad_request(client):
     image, caption = client.predict("star", "apg", 6, 0, None, -0.5, "pag", 2, 1, 4, 0, 2, True, api_name="/generate")
     grid = Image.open(image)
     assert grid.size == (2 * 256, 4 * 256)  # 2 images x (none, cfg, apg, the chosen one), 32 px shown 8x
@@ -46,9 +127,101 @@ def test_generate_endpoint_and_a_bad_request(server):
     assert Image.open(image).size[0] > 0  # still answering
 
 
+def _protect(client, *paths, method="photoguard", eps=8, steps=3):
+    from gradio_client import handle_file
+
+    return client.predict([handle_file(str(p)) for p in paths], method, eps, steps, 0, api_name="/protect")
+
+
+def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
+    paths = [tmp_path / "photo.png", tmp_path / "logo.png"]
+    originals = [_image((24, 20)), _image((18, 30), "RGBA", seed=1)]
+    for path, image in zip(paths, originals):
+        image.save(path)
+    gallery, table, files, summary = _protect(client, *paths, method="mist", eps=6)
+    assert len(gallery) == 6 and "mist" in summary
+    assert [row[0] for row in table["data"]] == ["photo", "logo"]
+    assert len(files) == 2
+    for original, file in zip(originals, files):
+        protected = Image.open(file)
+        assert protected.format == "PNG" and protected.size == original.size and protected.mode == original.mode
+        assert 0 < _linf(protected, original) <= 6
+
+
+def test_detect_endpoint_returns_verdicts(client, tmp_path):
+    from gradio_client import handle_file
+
+    path = tmp_path / "photo.png"
+    _image((40, 40)).save(path)
+    verdicts, _plot, note = client.predict([handle_file(str(path))], api_name="/detect")
+    (entry,) = verdicts["images"]
+    assert set(entry) >= {"score", "threshold", "verdict"} and entry["verdict"] in ("clean", "adversarial")
+    assert entry["file"] == "photo" and entry["original_size"] == [40, 40]
+    assert isinstance(entry["score"], float) and entry["threshold"] == verdicts["threshold"]
+    assert "resized" in note and verdicts["resolution"] == [16, 16]
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "bomb", "empty"])
+def test_bad_uploads_give_errors_and_the_server_keeps_answering(client, bad_files, kind, tmp_path):
+    from gradio_client import handle_file
+
+    path, message = bad_files[kind]
+    with pytest.raises(Exception, match=message):
+        _protect(client, path)
+    with pytest.raises(Exception, match=message):
+        client.predict([handle_file(str(path))], api_name="/detect")
+    good = tmp_path / "good.png"
+    _image((8, 8)).save(good)
+    *_, files, _ = _protect(client, good, steps=1)
+    assert Image.open(files[0]).size == (8, 8)  # still answering
+
+
 def test_cli_generate_writes_new_files_only(tmp_path):
     args = ["generate", "ring", "--steps", "2", "--num-images", "1", "--out", str(tmp_path), "--device", "cpu"]
     assert cli_main(args) == 0
     assert cli_main(args) == 0
     assert len(list(tmp_path.glob("*.png"))) == 2  # the second run did not overwrite the first
     assert cli_main([*args[:1], "unicorn", *args[2:]]) == 2
+
+
+def test_cli_protect_keeps_size_and_mode_and_never_overwrites(tmp_path, bad_files, capsys):
+    inputs = []
+    for name, mode, size in [("a", "RGB", (20, 16)), ("b", "RGBA", (12, 18)), ("c", "L", (16, 16))]:
+        inputs.append(tmp_path / f"{name}.png")
+        _image(size, mode).save(inputs[-1])
+    _image((20, 20)).save(tmp_path / "d.jpg", quality=95)
+    inputs.append(tmp_path / "d.jpg")
+    before = {p: p.read_bytes() for p in inputs}
+    out = tmp_path  # the inputs' own folder: outputs must not replace them
+    args = ["protect", *map(str, inputs), "--out", str(out), "--eps", "4", "--steps", "2", "--device", "cpu"]
+    assert cli_main(args) == 0
+    assert cli_main(args) == 0
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert len(list(out.glob("*-protected*.png"))) == 8 and len(list(out.glob("report*.json"))) == 2
+    report = json.loads((out / "report.json").read_text())
+    assert not report["failed"] and len(report["files"]) == 4
+    for entry in report["files"]:
+        original, protected = Image.open(entry["input"]), Image.open(entry["output"])
+        assert protected.size == original.size and protected.mode == original.mode
+        assert _linf(protected, original) <= 4
+    capsys.readouterr()
+    bad, _ = bad_files["text"]
+    assert cli_main(["protect", str(bad), str(inputs[0]), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert "text.png" in capsys.readouterr().err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert len(report["files"]) == 1 and report["failed"][0]["input"] == str(bad)  # the good file went on
+
+
+def test_cli_detect_json(tmp_path, detector_dir, bad_files, capsys):
+    path = tmp_path / "x.png"
+    _image((16, 16)).save(path)
+    capsys.readouterr()
+    assert cli_main(["detect", str(path), str(path), "--json", "--detector", str(detector_dir), "--device", "cpu"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    assert lines[0]["file"] == str(path) and lines[0]["verdict"] in ("clean", "adversarial")
+    assert isinstance(lines[0]["score"], float) and isinstance(lines[0]["threshold"], float)
+    bad, _ = bad_files["bomb"]
+    assert cli_main(["detect", str(bad), "--json", "--detector", str(detector_dir)]) == 2
+    assert cli_main(["detect", str(path), "--detector", str(tmp_path / "none")]) == 2
+    assert "no detector available" in capsys.readouterr().err
