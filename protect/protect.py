@@ -3,8 +3,9 @@
 >>> protected, report = protect(images, method="photoguard", vae=vae, generator=torch.Generator().manual_seed(0))
 
 ``images`` is a float tensor (N, 3, H, W) in [0, 1] or a list of PIL images; the same kind comes back. PIL
-inputs get their EXIF orientation applied; RGBA/LA/transparent palette images are composited on white (RGBA
-comes back as RGBA with its alpha untouched); grayscale and 16-bit images become 8-bit RGB. These baselines
+inputs get their EXIF orientation applied; RGBA images are protected in their stored colours and come back as
+RGBA with the alpha untouched (so every stored value stays within the budget); LA / transparent palette images
+are composited on white; grayscale and 16-bit images become 8-bit RGB. These baselines
 are what FastProtect (Ahn et al., CVPR 2025) amortises; the amortised protector lives elsewhere.
 
 Default target (PhotoGuard and Mist): :func:`default_target`, a deterministic high-frequency texture (a 4-pixel
@@ -59,7 +60,9 @@ def _from_pil(image: Image.Image) -> Tensor:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         gray = np.asarray(image, dtype=np.float64) / 65535.0
         image = Image.fromarray(np.round(gray.clip(0, 1) * 255).astype(np.uint8)).convert("RGB")
-    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    elif image.mode == "RGBA":  # perturb the stored colours; the alpha is put back unchanged by _to_pil
+        image = image.convert("RGB")
+    elif image.mode in ("LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     else:

@@ -153,7 +153,9 @@ def test_pil_inputs_are_converted(vae):
     from protect.protect import _from_pil
 
     rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
-    assert torch.equal(_from_pil(rgba), torch.ones(3, 32, 32))  # transparent -> white
+    assert torch.equal(_from_pil(rgba), torch.zeros(3, 32, 32))  # RGBA: the stored colours, alpha kept aside
+    la = Image.new("LA", (32, 32), (0, 0))
+    assert torch.equal(_from_pil(la), torch.ones(3, 32, 32))  # other transparent modes: composited on white
     gray16 = Image.fromarray(np.full((32, 32), 65535 // 2, dtype=np.uint16))
     assert gray16.mode.startswith("I") and torch.allclose(_from_pil(gray16), torch.full((3, 32, 32), 0.5), atol=1 / 255)
     gray = _from_pil(Image.new("L", (32, 32), 51))
@@ -163,8 +165,11 @@ def test_pil_inputs_are_converted(vae):
     buffer = io.BytesIO()
     Image.new("RGB", (32, 16)).save(buffer, "JPEG", exif=exif.tobytes())
     assert _from_pil(Image.open(buffer)).shape == (3, 32, 16)
-    out, _ = protect([Image.new("RGBA", (32, 32), (200, 10, 10, 128))], vae=vae, steps=1, generator=_gen())
+    source = Image.new("RGBA", (32, 32), (200, 10, 10, 128))
+    out, _ = protect([source], vae=vae, steps=1, generator=_gen())
     assert out[0].mode == "RGBA" and out[0].getchannel("A").getextrema() == (128, 128)
+    change = np.abs(np.asarray(out[0], dtype=int)[..., :3] - np.asarray(source, dtype=int)[..., :3]).max()
+    assert change <= 8  # every stored colour within the 8/255 budget
 
 
 def test_pgd_without_random_start_or_steps_is_identity(images):
