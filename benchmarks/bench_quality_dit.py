@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     parser.add_argument("--suite", choices=["apg", "perturbation"], default="apg")
-    parser.add_argument("--figures", type=Path, default=Path("benchmarks/figures"))
+    parser.add_argument("--figures", type=Path, default=Path(__file__).resolve().parent / "figures")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     pipe = load_pipeline("demo/dit", args.device, torch.float32)
@@ -50,6 +50,10 @@ def main() -> None:
         settings: list[tuple[str, tuple, torch.Tensor | None]] = [("no guidance", (), labels)]
         settings += [(f"CFG {w:g}", (CFG(w),), labels) for w in args.scales]
         settings += [(f"APG {w:g} (x0, eta 0, auto r, beta -0.5)", (APG(w),), labels) for w in args.scales]
+        settings += [
+            (f"APG {w:g} (x0, eta 0, no threshold, beta -0.5)", (APG(w, norm_threshold=None),), labels)
+            for w in args.scales
+        ]
     else:
         heads = search_heads(pipe, classifier, args)
         null = torch.full_like(labels, NULL_LABEL)
@@ -71,7 +75,8 @@ def main() -> None:
         metrics = measure(images, requested if requested[0] != NULL_LABEL else None, real_features, classifier)
         metrics["seconds"] = time.perf_counter() - start
         rows.append((name, metrics))
-        slug = name.split(" (")[0].replace(",", "").replace(" ", "_").replace("+", "plus").lower()
+        slug = name.replace(" (x0, eta 0, ", "_").replace(", beta -0.5)", "").replace(",", "").replace("(", "")
+        slug = slug.replace(")", "").replace(" ", "_").replace("+", "plus").lower()
         contact_sheet(images.view(len(CLASS_NAMES), args.per_class, *images.shape[1:])[:, :8].flatten(0, 1), 8).save(
             args.figures / f"dit_{slug}.png"
         )
@@ -115,12 +120,15 @@ def sample(pipe, labels: torch.Tensor, methods: tuple, steps: int, batch: int = 
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch].tolist()
         generators = [torch.Generator(pipe.device).manual_seed(start + i) for i in range(len(chunk))]
-        call = dict(class_labels=chunk, num_inference_steps=steps, generator=generators, output_type="np")
+        # guidance_scale 1: the pipeline's own CFG stays off unless a method asks for the unconditional branch
+        call = dict(
+            class_labels=chunk, num_inference_steps=steps, generator=generators, output_type="np", guidance_scale=1.0
+        )
         if methods:
             with guide(pipe, *methods):
                 images = pipe(**call).images
         else:
-            images = pipe(**call, guidance_scale=1.0).images
+            images = pipe(**call).images
         out.append(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1)
     return torch.cat(out)
 
