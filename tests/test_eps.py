@@ -13,14 +13,6 @@ from tests.factories import tiny_pixel_unet
 T = 4  # perturbation levels: enough to exercise the batching, cheap on shared cores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet():
     model = tiny_pixel_unet()

@@ -30,15 +30,6 @@ VAR_2D = torch.tensor([0.1, 0.05], dtype=F64)
 MIXTURE = GaussianMixtureDenoiser(torch.tensor([[-2.0], [2.0]], dtype=F64), 0.1, torch.tensor([0.3, 0.7], dtype=F64))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: handing them to a second thread costs more than it saves, the more so on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -11,14 +11,6 @@ from protect import testbed as tb
 DETECTOR_DIR = DEMO_DIR / "eps_detector"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def victim():
     try:
