@@ -123,10 +123,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distributed(device: str | None):
+    """``accelerate``'s process state and this process's device (``accelerate launch`` splits the files)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    return state, device if device is not None else str(state.device)
+
+
+def _gathered(state, items: list) -> list:
+    """Every process's items, in process order (a no-op with one process)."""
+    if state.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
 def _protect(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .uploads import open_upload, protect_image, restore_mode, save_new, write_new
+    from .uploads import write_new
 
     if not 1 <= args.eps <= 32:
         raise ValueError(f"--eps must be between 1 and 32 (in 1/255 units), got {args.eps:g}")
@@ -134,42 +151,28 @@ def _protect(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be between 1 and 500, got {args.steps}")
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    state, device = _distributed(args.device)
     done, failed = [], []
-    for i, path in enumerate(tqdm(args.inputs, desc=f"protect ({args.method})", unit="image", file=sys.stderr)):
-        try:
-            upload = open_upload(path)
-            protected, metrics = protect_image(
-                upload.image,
-                method=args.method,
-                eps=args.eps / 255,
-                steps=args.steps,
-                seed=args.seed + i,
-                device=args.device,
-            )
-        except (ValueError, OSError) as error:
-            failed.append({"input": str(path), "error": str(error)})
-            tqdm.write(f"steerguard protect: error: {error}", file=sys.stderr)
-            continue
-        protected = restore_mode(protected, upload.mode)
-        output = save_new(protected, args.out, f"{upload.name}-protected")
-        w, h = upload.size
-        done.append(
-            {
-                "input": str(path),
-                "output": str(output),
-                "size": [w, h],
-                "mode": upload.mode,
-                "output_mode": protected.mode,
-                **metrics,
-            }
+    with state.split_between_processes(list(enumerate(args.inputs))) as mine:
+        work = tqdm(
+            mine,
+            desc=f"protect ({args.method})",
+            unit="image",
+            file=sys.stderr,
+            disable=not state.is_local_main_process,
         )
-        print(output)
+        for i, path in work:  # image i always gets seed + i, whatever the number of processes
+            _protect_one(args, i, path, device, done, failed)
+    done, failed = _gathered(state, done), _gathered(state, failed)
+    if not state.is_main_process:
+        return 2 if failed else 0
     report = {
         "method": args.method,
         "eps_255": args.eps,
         "steps": args.steps,
         "seed": args.seed,
         "model": "demo VAE (demo_models/vae)",
+        "processes": state.num_processes,
         "files": done,
         "failed": failed,
     }
@@ -181,24 +184,57 @@ def _protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _protect_one(args: argparse.Namespace, i: int, path: str, device: str, done: list, failed: list) -> None:
+    from tqdm.auto import tqdm
+
+    from .uploads import open_upload, protect_image, restore_mode, save_new
+
+    try:
+        upload = open_upload(path)
+        protected, metrics = protect_image(
+            upload.image, method=args.method, eps=args.eps / 255, steps=args.steps, seed=args.seed + i, device=device
+        )
+    except (ValueError, OSError) as error:
+        failed.append({"input": str(path), "error": str(error)})
+        tqdm.write(f"steerguard protect: error: {error}", file=sys.stderr)
+        return
+    protected = restore_mode(protected, upload.mode)
+    output = save_new(protected, args.out, f"{upload.name}-protected")
+    w, h = upload.size
+    done.append(
+        {
+            "input": str(path),
+            "output": str(output),
+            "size": [w, h],
+            "mode": upload.mode,
+            "output_mode": protected.mode,
+            **metrics,
+        }
+    )
+    print(output)
+
+
 def _detect(args: argparse.Namespace) -> int:
     from .uploads import detect_images, load_detector, open_upload
 
-    detector = load_detector(args.detector, args.device)
+    state, device = _distributed(args.device)
+    detector = load_detector(args.detector, device)
     failed = 0
-    for path in args.inputs:
-        try:
-            (result,) = detect_images(detector, [open_upload(path, purpose="detect").image])
-        except (ValueError, OSError) as error:
-            failed += 1
+    with state.split_between_processes(list(args.inputs)) as mine:
+        for path in mine:
+            try:
+                (result,) = detect_images(detector, [open_upload(path, purpose="detect").image])
+            except (ValueError, OSError) as error:
+                failed += 1
+                if args.json:
+                    print(json.dumps({"file": str(path), "error": str(error)}))
+                print(f"steerguard detect: error: {error}", file=sys.stderr)
+                continue
             if args.json:
-                print(json.dumps({"file": str(path), "error": str(error)}))
-            print(f"steerguard detect: error: {error}", file=sys.stderr)
-            continue
-        if args.json:
-            print(json.dumps({"file": str(path), **result}))
-        else:
-            print(f"{path}: {result['verdict']} (score {result['score']:.4g}, threshold {result['threshold']:.4g})")
+                print(json.dumps({"file": str(path), **result}))
+            else:
+                verdict, score, threshold = result["verdict"], result["score"], result["threshold"]
+                print(f"{path}: {verdict} (score {score:.4g}, threshold {threshold:.4g})")
     if failed:
         print(f"steerguard detect: {failed} of {len(args.inputs)} input(s) failed", file=sys.stderr)
         return 2

@@ -4,8 +4,11 @@ the ``protect`` and ``detect`` commands of the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -224,3 +227,36 @@ def test_cli_detect_json(tmp_path, detector_dir, bad_files, capsys):
     assert cli_main(["detect", str(bad), "--json", "--detector", str(detector_dir)]) == 2
     assert cli_main(["detect", str(path), "--detector", str(tmp_path / "none")]) == 2
     assert "no detector available" in capsys.readouterr().err
+
+
+def test_cli_protect_splits_files_across_processes(tmp_path):
+    """What `accelerate launch` does on several GPUs, here with two CPU processes under torchrun."""
+    rng = np.random.default_rng(0)
+    inputs = []
+    for i in range(3):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+        inputs.append(str(path))
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "apps.cli",
+        "protect",
+        *inputs,
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2
+    assert sorted(f["input"] for f in report["files"]) == inputs
+    assert len(list(out.glob("*-protected.png"))) == 3
