@@ -131,7 +131,6 @@ def family_of(pipe: Any) -> Family:
 class Schedule:
     """Maps a denoiser's timestep to ``(alpha, sigma)`` and its output to x0 (see :mod:`.prediction`)."""
 
-    describe: str
     alpha_sigma: Callable[[Tensor], tuple[Tensor, Tensor]]
     coefficients: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -144,7 +143,6 @@ def schedule_of(scheduler: Any) -> Schedule:
     n_train = config.get("num_train_timesteps", 1000)
     if P.is_flow_schedule(name, config):
         return Schedule(
-            f"flow matching ({name})",
             lambda t: P.flow(t.float() / n_train),
             lambda a, s: P.x0_coefficients(a, s, "flow"),
         )
@@ -152,7 +150,6 @@ def schedule_of(scheduler: Any) -> Schedule:
         sigma_data = config["sigma_data"]
         sign = -1.0 if kind == "v_prediction" else 1.0
         return Schedule(
-            f"EDM preconditioning ({name}, {kind})",
             lambda t: P.edm(torch.exp(4 * t.float()), sigma_data),
             lambda a, s: P.edm_x0_coefficients(a, s, sigma_data, sign),
         )
@@ -162,7 +159,7 @@ def schedule_of(scheduler: Any) -> Schedule:
         else:
             cumprod = scheduler.alphas_cumprod
             alpha_sigma = lambda t: P.vp_discrete(cumprod, t)
-        return Schedule(f"VP ({name}, {kind})", alpha_sigma, lambda a, s: P.x0_coefficients(a, s, kind))
+        return Schedule(alpha_sigma, lambda a, s: P.x0_coefficients(a, s, kind))
     raise TypeError(
         f"guide() cannot read the noise schedule of {name}: it needs a flow-matching scheduler, an EDM scheduler "
         f"or one with `alphas_cumprod` and prediction_type in {P.PREDICTION_TYPES} (got {kind!r})"
