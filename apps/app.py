@@ -3,7 +3,8 @@
 Tabs grow with the library; named API endpoints serve programs
 (``gradio_client.Client(url).predict(..., api_name="/generate")``):
 
-* ``/generate``: guided generation (class or prompt, guidance options) -> image grid, caption;
+* ``/generate``: guided generation (class or prompt, guidance options; then, optional, the sampler and the
+  model, one of :func:`generation_models`) -> image grid, caption;
 * ``/protect``: image files, method, eps (in 1/255), steps, seed -> comparison gallery, metrics table,
   protected PNG files, summary;
 * ``/detect``: image files -> JSON verdicts (score, threshold, verdict per image), score plot, note.
@@ -14,11 +15,21 @@ decoding); a bad upload answers with a ``gr.Error`` message and the server keeps
 
 from __future__ import annotations
 
+import inspect
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .generate import METHODS, PERTURBATIONS, Request, class_names, generate, grid
+from .generate import (
+    METHODS,
+    PERTURBATIONS,
+    SOFTPAG_STRENGTH,
+    Request,
+    class_names,
+    generate,
+    grid,
+    samplers_for,
+)
 from .models import DEFAULT_MODEL, listed_models, load_pipeline
 from .uploads import (
     MAX_BYTES,
@@ -36,6 +47,7 @@ COMPARE = ("none", "cfg", "apg")
 MAX_CONCURRENCY = 1  # one job at a time on the device: generate, protect and detect share one slot
 MAX_FILES = 8  # images per /protect or /detect request
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"]  # the picker's filter; content decides
+EXAMPLES = Path(__file__).resolve().parent / "examples"  # one-click example images (scripts/make_examples.py)
 
 
 def _paths(files: Any) -> list[str]:
@@ -50,6 +62,12 @@ def _paths(files: Any) -> list[str]:
             raise ValueError("unexpected upload value; send image files")
         paths.append(str(path))
     return paths
+
+
+def generation_models(model: str = DEFAULT_MODEL) -> list[str]:
+    """``model`` first, then the other generation models of ``models.txt`` (text-to-image, class-conditional)."""
+    listed = [name for name, role in listed_models() if "text-to-image" in role or "class-conditional" in role]
+    return [model, *(name for name in listed if name != model)]
 
 
 def launch_options() -> dict[str, Any]:
@@ -83,6 +101,8 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
         seed,
         num_images,
         compare,
+        sampler="default",
+        model_name=model,
         progress=gr.Progress(),  # noqa: B008  (Gradio's idiom)
     ) -> tuple[Any, str]:
         try:
@@ -98,13 +118,22 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
                 perturbation=perturbation,
                 perturbation_scale=float(perturbation_scale),
                 corrector_steps=int(corrector_steps),
+                sampler=sampler or "default",
             )
             chosen = Request(method=method, **base)
             requests = [Request(method=m, **base) for m in COMPARE] + [chosen] if compare else [chosen]
         except (TypeError, ValueError) as error:
             raise gr.Error(str(error)) from None
-        progress(0, desc="loading the model")
-        p = pipe()
+        model_name = model_name or model
+        progress(0, desc=f"loading {model_name}")
+        try:
+            p = load_pipeline(model_name, device)
+        except Exception as error:  # a hub model offline, missing weights, no disk space: say so, keep serving
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300].rstrip(".")
+            raise gr.Error(
+                f"could not load the model {model_name!r}: {reason}. Hub models are downloaded on first use and "
+                f"need network access; `{model}` is always available."
+            ) from None
         rows = []
         for i, request in enumerate(requests):
             progress(i / len(requests), desc=f"generating: {request.describe()}")
@@ -205,63 +234,69 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
         return verdicts, pd.DataFrame(bars), note
 
     names = class_names(pipe())
+    samplers = samplers_for(pipe())
+    examples = all((EXAMPLES / f).is_file() for f in ("star-32.png", "checker-128.png", "clean-16.png", "pgd8-16.png"))
     with gr.Blocks(title="steerguard") as app:
         gr.Markdown(f"# steerguard\nGuidance for diffusers pipelines. Model: `{model}`.")
         with gr.Tab("Generate"):
+            g: dict[str, Any] = {}  # the controls, by run_generate's parameter names
             with gr.Row():
                 with gr.Column():
+                    g["model_name"] = gr.Dropdown(
+                        generation_models(model), value=model, label="model (hub models need network access)"
+                    )
                     if names:
-                        subject = gr.Dropdown(names, value=names[0], label="class")
+                        g["subject"] = gr.Dropdown(
+                            names, value=names[0], allow_custom_value=True, label="class (or a prompt: text models)"
+                        )
                     else:
-                        subject = gr.Textbox("a lighthouse at dusk", label="prompt")
-                    method = gr.Radio(list(METHODS), value="apg", label="guidance")
-                    scale = gr.Slider(1, 20, value=6, step=0.5, label="scale w")
+                        g["subject"] = gr.Textbox("a lighthouse at dusk", label="prompt")
+                    g["method"] = gr.Radio(list(METHODS), value="apg", label="guidance")
+                    g["scale"] = gr.Slider(1, 20, value=6, step=0.5, label="scale w")
                     with gr.Accordion("APG options", open=False):
-                        eta = gr.Slider(0, 1, value=0, step=0.05, label="eta (parallel component)")
-                        threshold = gr.Number(None, label="norm threshold r (empty: family default)")
-                        momentum = gr.Slider(-0.9, 0.9, value=-0.5, step=0.05, label="momentum beta")
+                        g["eta"] = gr.Slider(0, 1, value=0, step=0.05, label="eta (parallel component)")
+                        g["threshold"] = gr.Number(None, label="norm threshold r (empty: family default)")
+                        g["momentum"] = gr.Slider(-0.9, 0.9, value=-0.5, step=0.05, label="momentum beta")
                     with gr.Row():
-                        perturbation = gr.Radio(list(PERTURBATIONS), value="none", label="weak-model guidance")
-                        perturbation_scale = gr.Slider(0, 10, value=2, step=0.5, label="its scale s")
-                    corrector_steps = gr.Slider(0, 5, value=0, step=1, label="Langevin corrector steps per level")
-                    steps = gr.Slider(1, 100, value=25, step=1, label="steps")
-                    seed = gr.Number(0, precision=0, label="seed")
-                    num_images = gr.Slider(1, 8, value=4, step=1, label="images")
-                    compare = gr.Checkbox(False, label="compare with none / CFG / APG on the same seeds")
-                    button = gr.Button("Generate", variant="primary")
+                        g["perturbation"] = gr.Radio(
+                            list(PERTURBATIONS),
+                            value="none",
+                            label="weak-model guidance",
+                            info=f"softpag: every head of PAG's layer at strength {SOFTPAG_STRENGTH:g}",
+                        )
+                        g["perturbation_scale"] = gr.Slider(0, 10, value=2, step=0.5, label="its scale s")
+                    g["corrector_steps"] = gr.Slider(0, 5, value=0, step=1, label="Langevin corrector steps per level")
+                    with gr.Row():
+                        g["sampler"] = gr.Radio(samplers, value="default", label="sampler")
+                        g["steps"] = gr.Slider(1, 100, value=25, step=1, label="steps")
+                    g["seed"] = gr.Number(0, precision=0, label="seed")
+                    g["num_images"] = gr.Slider(1, 8, value=4, step=1, label="images")
+                    g["compare"] = gr.Checkbox(False, label="compare with none / CFG / APG on the same seeds")
+                    button = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 with gr.Column():
-                    image = gr.Image(label="images", type="pil", format="png")
-                    caption = gr.Markdown()
-            inputs = [
-                subject,
-                method,
-                scale,
-                eta,
-                threshold,
-                momentum,
-                perturbation,
-                perturbation_scale,
-                corrector_steps,
-                steps,
-                seed,
-                num_images,
-                compare,
-            ]
+                    image = gr.Image(label="images", type="pil", format="png", elem_id="generate-image")
+                    caption = gr.Markdown(elem_id="generate-caption")
+            parameters = [name for name in inspect.signature(run_generate).parameters if name != "progress"]
             button.click(
                 run_generate,
-                inputs,
+                [g[name] for name in parameters],
                 [image, caption],
                 api_name="generate",
                 concurrency_limit=MAX_CONCURRENCY,
                 concurrency_id="device",
             )
             if names:
+                example = dict(
+                    subject=names[0], method="apg", scale=8, eta=0, threshold=None, momentum=-0.5,
+                    perturbation="softpag", perturbation_scale=2, corrector_steps=0, sampler="default", steps=20,
+                    seed=0, num_images=4, compare=True,
+                )  # fmt: skip
                 gr.Examples(
-                    [[names[0], "apg", 8, 0, None, -0.5, 20, 0, 4, True]],
-                    inputs,
-                    [image, caption],
-                    fn=run_generate,
+                    [list(example.values())],
+                    [g[name] for name in example],
+                    example_labels=[f"{names[0]}, 4 seeds, SoftPAG 2 on: none / CFG 8 / APG 8"],
                     cache_examples=False,
+                    elem_id="generate-examples",
                 )
         with gr.Tab("Protect"):
             gr.Markdown(
@@ -277,15 +312,29 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
                     protect_eps = gr.Slider(1, 32, value=8, step=1, label="budget eps (in 1/255)")
                     protect_steps = gr.Slider(1, 500, value=50, step=1, label="PGD steps")
                     protect_seed = gr.Number(0, precision=0, label="seed")
-                    protect_button = gr.Button("Protect", variant="primary")
+                    protect_button = gr.Button("Protect", variant="primary", elem_id="protect-button")
                 with gr.Column():
-                    protect_gallery = gr.Gallery(label="original | protected | perturbation (amplified)", columns=3)
+                    protect_gallery = gr.Gallery(
+                        label="original | protected | perturbation (amplified)", columns=3, elem_id="protect-gallery"
+                    )
                     protect_table = gr.Dataframe(label="metrics", interactive=False)
                     protect_out = gr.File(label="protected PNG files", file_count="multiple")
-                    protect_summary = gr.Markdown()
+                    protect_summary = gr.Markdown(elem_id="protect-summary")
+            protect_inputs = [protect_files, protect_method, protect_eps, protect_steps, protect_seed]
+            if examples:
+                gr.Examples(
+                    [
+                        [[str(EXAMPLES / "star-32.png"), str(EXAMPLES / "checker-128.png")], "photoguard", 8, 20, 0],
+                        [[str(EXAMPLES / "star-32.png")], "mist", 4, 50, 0],
+                    ],
+                    protect_inputs,
+                    example_labels=["two demo shapes (32 and 128 px): PhotoGuard 8/255", "one shape: Mist 4/255"],
+                    cache_examples=False,
+                    elem_id="protect-examples",
+                )
             protect_button.click(
                 run_protect,
-                [protect_files, protect_method, protect_eps, protect_steps, protect_seed],
+                protect_inputs,
                 [protect_gallery, protect_table, protect_out, protect_summary],
                 api_name="protect",
                 concurrency_limit=MAX_CONCURRENCY,
@@ -294,18 +343,31 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
         with gr.Tab("Detect"):
             gr.Markdown(
                 "Score images with the EPS-AD detector (Expected Perturbation Score + deep-kernel MMD): "
-                "a score above the calibrated threshold flags an adversarial (protected) image."
+                "a score above the calibrated threshold flags an adversarial (protected) image. The first example "
+                "is a pair the demo detector gets right, at its own 16 px resolution; on the demo testbed it flags "
+                "about one PGD 8/255 image in four (benchmarks/RESULTS.md)."
             )
             with gr.Row():
                 with gr.Column():
                     detect_files = gr.File(
                         file_count="multiple", file_types=IMAGE_TYPES, type="filepath", label="images"
                     )
-                    detect_button = gr.Button("Detect", variant="primary")
+                    detect_button = gr.Button("Detect", variant="primary", elem_id="detect-button")
                 with gr.Column():
-                    detect_json = gr.JSON(label="verdicts")
+                    detect_json = gr.JSON(label="verdicts", elem_id="detect-json")
                     detect_plot = gr.BarPlot(x="name", y="score", color="kind", label="score vs threshold")
-                    detect_note = gr.Markdown()
+                    detect_note = gr.Markdown(elem_id="detect-note")
+            if examples:
+                gr.Examples(
+                    [
+                        [[str(EXAMPLES / "clean-16.png"), str(EXAMPLES / "pgd8-16.png")]],
+                        [[str(EXAMPLES / "star-32.png"), str(EXAMPLES / "checker-128.png")]],
+                    ],
+                    [detect_files],
+                    example_labels=["a clean shape and its PGD 8/255 version", "two clean shapes, 32 and 128 px"],
+                    cache_examples=False,
+                    elem_id="detect-examples",
+                )
             detect_button.click(
                 run_detect,
                 [detect_files],
@@ -319,4 +381,4 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
     return app
 
 
-__all__ = ["MAX_FILES", "build_app", "class_names", "launch_options"]
+__all__ = ["MAX_FILES", "build_app", "class_names", "generation_models", "launch_options"]

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from PIL import Image
 
-from guidance import APG, CFG, PAG, TPG, LangevinCorrector, guide
+from guidance import APG, CFG, PAG, TPG, LangevinCorrector, SoftPAG, guide
+from guidance.layers import default_layers, select, self_attention_layers
 from guidance.pipeline import family_of
+from guidance.prediction import is_flow_schedule
 
 METHODS = ("none", "cfg", "apg")  # CFG-type guidance the UI and the CLI offer
-PERTURBATIONS = {"none": None, "pag": PAG, "tpg": TPG}  # weak-model guidance, combinable with the above
+# weak-model guidance, combinable with the above; SoftPAG acts on all heads of PAG's default layer at strength
+# SOFTPAG_STRENGTH (a half-strength PAG; HeadHunter-searched heads did not help the demo DiT, see RESULTS.md)
+PERTURBATIONS = {"none": None, "pag": PAG, "softpag": SoftPAG, "tpg": TPG}
+SOFTPAG_STRENGTH = 0.5
+# sampler name -> diffusers scheduler class swapped in for the call ("default": the pipeline's own scheduler)
+SAMPLERS = {
+    "default": None,
+    "ddim": "DDIMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+_pipe_lock = threading.Lock()  # one call at a time per process: the scheduler swap and guide() change the pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +48,7 @@ class Request:
     perturbation: str = "none"
     perturbation_scale: float = 2.0
     corrector_steps: int = 0
+    sampler: str = "default"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -45,10 +63,20 @@ class Request:
             raise ValueError(f"perturbation must be one of {tuple(PERTURBATIONS)}, got {self.perturbation!r}")
         if not 0 <= self.corrector_steps <= 10:
             raise ValueError(f"corrector_steps must be between 0 and 10, got {self.corrector_steps}")
-        self.guidance()  # validates the methods' own arguments
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
+        self._methods(heads=((0, 0),))  # validates the methods' own arguments (heads depend on the model)
 
-    def guidance(self) -> tuple:
-        """The guidance methods (and corrector) of this request, for ``guide()``."""
+    def guidance(self, pipe: Any = None) -> tuple:
+        """The guidance methods (and corrector) of this request, for ``guide()``.
+
+        SoftPAG's heads depend on the model: ``pipe`` is required when ``perturbation == "softpag"``.
+        """
+        if self.perturbation == "softpag" and pipe is None:
+            raise ValueError("SoftPAG needs the pipeline to choose its heads: call guidance(pipe)")
+        return self._methods(softpag_heads(pipe) if self.perturbation == "softpag" else ())
+
+    def _methods(self, heads: tuple) -> tuple:
         methods: list = []
         if self.method == "cfg":
             methods.append(CFG(self.scale))
@@ -61,7 +89,9 @@ class Request:
                     momentum="auto" if self.momentum is None else self.momentum,
                 )
             )
-        if PERTURBATIONS[self.perturbation] is not None:
+        if self.perturbation == "softpag":
+            methods.append(SoftPAG(self.perturbation_scale, heads=heads, strength=SOFTPAG_STRENGTH))
+        elif PERTURBATIONS[self.perturbation] is not None:
             methods.append(PERTURBATIONS[self.perturbation](self.perturbation_scale))
         if self.corrector_steps:
             methods.append(LangevinCorrector(steps=self.corrector_steps, seed=self.seed))
@@ -73,7 +103,61 @@ class Request:
             parts.append(f"{self.perturbation} {self.perturbation_scale:g}")
         if self.corrector_steps:
             parts.append(f"{self.corrector_steps} corrector step(s)")
-        return " + ".join(parts)
+        text = " + ".join(parts)
+        return text if self.sampler == "default" else f"{text} ({self.sampler})"
+
+
+def softpag_heads(pipe: Any) -> tuple[tuple[str, int], ...]:
+    """All heads of the denoiser's default self-attention layer(s), the layers PAG perturbs by default."""
+    denoiser = getattr(pipe, family_of(pipe).denoiser)
+    attention = self_attention_layers(denoiser)
+    chosen = select(attention, default_layers(attention), "self-attention layer")
+    return tuple((name, head) for name, module in chosen.items() for head in range(module.heads))
+
+
+def scheduler_for(pipe: Any, sampler: str) -> Any:
+    """A new scheduler of ``sampler`` from ``pipe``'s scheduler config (``None`` for "default"); ``ValueError`` when
+    the sampler cannot serve this pipeline."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
+    if SAMPLERS[sampler] is None:
+        return None
+    import diffusers
+
+    config = pipe.scheduler.config
+    if is_flow_schedule(type(pipe.scheduler).__name__, config):
+        raise ValueError(f"{sampler}: this model samples with flow matching; only the default sampler serves it")
+    scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(config)
+    if family_of(pipe).name == "dit" and float(scheduler.init_noise_sigma) != 1.0:
+        raise ValueError(f"{sampler}: DiTPipeline does not scale its noise for sigma-parameterised samplers")
+    return scheduler
+
+
+def samplers_for(pipe: Any) -> list[str]:
+    """The names in :data:`SAMPLERS` that can serve ``pipe``."""
+    usable = []
+    for name in SAMPLERS:
+        try:
+            scheduler_for(pipe, name)
+        except ValueError:
+            continue
+        usable.append(name)
+    return usable
+
+
+@contextlib.contextmanager
+def using_sampler(pipe: Any, sampler: str) -> Iterator[None]:
+    """``pipe`` with the scheduler of ``sampler`` for the block; its own scheduler is restored afterwards."""
+    scheduler = scheduler_for(pipe, sampler)
+    if scheduler is None:
+        yield
+        return
+    original = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
 
 
 def class_names(pipe: Any) -> list[str] | None:
@@ -96,12 +180,13 @@ def generate(pipe: Any, request: Request) -> list[Image.Image]:
         if not request.subject.strip():
             raise ValueError("the prompt is empty")
         call["prompt"] = [request.subject] * request.num_images
-    methods = request.guidance()
+    methods = request.guidance(pipe)
     call[family_of(pipe).scale_arg] = 1.0  # CFG only when a method asks for it
-    if not methods:
-        return pipe(**call).images
-    with guide(pipe, *methods):
-        return pipe(**call).images
+    with _pipe_lock, using_sampler(pipe, request.sampler):
+        if not methods:
+            return pipe(**call).images
+        with guide(pipe, *methods):
+            return pipe(**call).images
 
 
 def grid(images: list[Image.Image], columns: int | None = None, scale: int = 1) -> Image.Image:
