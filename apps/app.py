@@ -271,7 +271,9 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
                         g["steps"] = gr.Slider(1, 100, value=25, step=1, label="steps")
                     g["seed"] = gr.Number(0, precision=0, label="seed")
                     g["num_images"] = gr.Slider(1, 8, value=4, step=1, label="images")
-                    g["compare"] = gr.Checkbox(False, label="compare with none / CFG / APG on the same seeds")
+                    g["compare"] = gr.Checkbox(
+                        False, label="compare with none / CFG / APG on the same seeds", elem_id="generate-compare"
+                    )
                     button = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 with gr.Column():
                     image = gr.Image(label="images", type="pil", format="png", elem_id="generate-image")
@@ -306,7 +308,11 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
             with gr.Row():
                 with gr.Column():
                     protect_files = gr.File(
-                        file_count="multiple", file_types=IMAGE_TYPES, type="filepath", label="images"
+                        file_count="multiple",
+                        file_types=IMAGE_TYPES,
+                        type="filepath",
+                        label="images",
+                        elem_id="protect-files",
                     )
                     protect_method = gr.Radio(list(PROTECT_METHODS), value="photoguard", label="method")
                     protect_eps = gr.Slider(1, 32, value=8, step=1, label="budget eps (in 1/255)")
@@ -350,7 +356,11 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
             with gr.Row():
                 with gr.Column():
                     detect_files = gr.File(
-                        file_count="multiple", file_types=IMAGE_TYPES, type="filepath", label="images"
+                        file_count="multiple",
+                        file_types=IMAGE_TYPES,
+                        type="filepath",
+                        label="images",
+                        elem_id="detect-files",
                     )
                     detect_button = gr.Button("Detect", variant="primary", elem_id="detect-button")
                 with gr.Column():

@@ -69,12 +69,14 @@ def shots(tmp_path):
     return shot
 
 
-def _run_example(page, tab: str, example: str):
-    """Open ``tab``, click its first example, check it filled the inputs, then click the tab's button."""
+def _run_example(page, tab: str, example: str, filled: str) -> None:
+    """Open ``tab``, click the example labelled ``example``, wait until the selector ``filled`` shows that it
+    filled the inputs, then click the tab's button."""
     page.get_by_role("tab", name=tab.capitalize()).click()
     examples = page.locator(f"#{tab}-examples")
     examples.wait_for(state="visible")
     examples.get_by_text(example).first.click()
+    page.locator(filled).first.wait_for(state="visible", timeout=30_000)
     page.locator(f"#{tab}-button").click()
 
 
@@ -82,12 +84,12 @@ def test_one_example_per_tab_in_chromium(browser, server, shots):  # noqa: F811
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(server, wait_until="networkidle")
+    page.goto(server, wait_until="load")
     page.locator("#generate-button").wait_for(state="visible", timeout=60_000)
     assert page.title() == "steerguard"
     shots(page, "0-page")
 
-    _run_example(page, "generate", "4 seeds")
+    _run_example(page, "generate", "4 seeds", "#generate-compare input:checked")
     caption = page.locator("#generate-caption")
     caption.get_by_text("row 4: apg 8 + softpag 2").wait_for(timeout=TIMEOUT_MS)
     image = page.locator("#generate-image img")
@@ -95,14 +97,14 @@ def test_one_example_per_tab_in_chromium(browser, server, shots):  # noqa: F811
     assert image.evaluate("img => img.complete && img.naturalWidth") == 4 * 256  # 4 seeds, 32 px shown 8x
     shots(page, "1-generate")
 
-    _run_example(page, "protect", "two demo shapes")
+    _run_example(page, "protect", "two demo shapes", "#protect-files >> text=checker-128")
     page.locator("#protect-summary").get_by_text("Protected 2 image(s)").wait_for(timeout=TIMEOUT_MS)
     gallery = page.locator("#protect-gallery img")
     gallery.nth(5).wait_for(state="visible", timeout=TIMEOUT_MS)  # original | protected | perturbation, twice
     assert gallery.count() >= 6
     shots(page, "2-protect")
 
-    _run_example(page, "detect", "PGD 8/255")
+    _run_example(page, "detect", "PGD 8/255", "#detect-files >> text=pgd8-16")
     verdicts = page.locator("#detect-json")
     verdicts.get_by_text("pgd8-16").first.wait_for(timeout=TIMEOUT_MS)
     text = verdicts.inner_text()
