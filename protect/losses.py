@@ -16,7 +16,8 @@ Every loss returns one value per image, shape (N,), so one batched attack optimi
   multi-VAE protection loss, Ahn et al. 2025).
 
 A denoiser is any callable ``eps(z_t, t) -> eps_hat`` on scaled latents and integer timesteps (N,); a result
-with a ``.sample`` attribute (a diffusers model output) is unwrapped. Randomness comes only from ``generator``.
+with a ``.sample`` attribute (a diffusers model output) is unwrapped. Randomness comes only from ``generator`` (one
+``torch.Generator``, or a list of one per image for batch-independent draws).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+
+from .pgd import Generators, draw
 
 Tensor = torch.Tensor
 Denoiser = Callable[[Tensor, Tensor], object]
@@ -70,14 +73,13 @@ def encoder_loss(vae: AutoencoderKL, x: Tensor, target_latent: Tensor | None = N
     return _per_image_mse(z, target.expand_as(z))
 
 
-def _noised(z: Tensor, alphas_cumprod: Tensor | None, generator: torch.Generator | None) -> tuple[Tensor, ...]:
+def _noised(z: Tensor, alphas_cumprod: Tensor | None, generator: Generators) -> tuple[Tensor, ...]:
     """Forward diffusion at one random timestep per image: ``z_t = sqrt(a_t) z + sqrt(1 - a_t) eps``."""
-    alphas = (default_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.float()).cpu()
-    rng_device = generator.device if generator is not None else z.device
-    t = torch.randint(len(alphas), (z.shape[0],), generator=generator, device=rng_device).cpu()
-    eps = torch.randn(z.shape, generator=generator, device=rng_device).to(z)
+    alphas = (default_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.float()).to(z.device)
+    t = draw(len(alphas), (z.shape[0],), generator, z)
+    eps = draw("randn", z.shape, generator, z)
     a = alphas[t].to(z).view(-1, *([1] * (z.dim() - 1)))
-    return a.sqrt() * z + (1 - a).sqrt() * eps, t.to(z.device), eps
+    return a.sqrt() * z + (1 - a).sqrt() * eps, t, eps
 
 
 def _predict(denoiser: Denoiser, z_t: Tensor, t: Tensor) -> Tensor:
@@ -93,7 +95,7 @@ def mist_loss(
     weight: float = 1.0,
     *,
     alphas_cumprod: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Mist: textural loss to ``target_latent`` minus ``weight`` x the denoising loss (textural only if no denoiser)."""
     z = latent(vae, x)
@@ -113,7 +115,7 @@ def sds_loss(
     *,
     ascent: bool = True,
     alphas_cumprod: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """Diff-Protect SDS surrogate: value = -/+ the denoising loss, gradient = -/+ ``(eps_hat - eps) dz/dx``.
 

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 Transform = Callable[[Tensor, torch.Generator | None], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
-__all__ = ["TRANSFORMS", "exact_dtype", "fit_to_ball", "pgd"]
+__all__ = ["TRANSFORMS", "Generators", "draw", "exact_dtype", "fit_to_ball", "pgd", "random_transform"]
 
 
 def _rng_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
@@ -27,9 +28,31 @@ def _rng_device(generator: torch.Generator | None, like: Tensor) -> torch.device
     return generator.device if generator is not None else like.device
 
 
+def _check_generators(generator: Generators, n: int) -> None:
+    if isinstance(generator, list | tuple) and len(generator) != n:
+        raise ValueError(f"got {len(generator)} generators for a batch of {n} images; pass one per image")
+
+
+def draw(kind: str | int, shape: Sequence[int], generator: Generators, like: Tensor, dtype: torch.dtype | None = None):
+    """``torch.rand`` / ``randn`` / ``randint(high)`` of ``shape`` (batch first) on ``like``'s device.
+
+    ``kind`` is "rand", "randn" or an int ``high`` for ``randint``. With a list of generators, image ``i`` draws
+    from ``generator[i]`` alone, so its numbers do not depend on the batch it is in (diffusers' convention).
+    """
+    if isinstance(generator, list | tuple):
+        _check_generators(generator, shape[0])
+        return torch.cat([draw(kind, (1, *shape[1:]), g, like, dtype) for g in generator])
+    device = _rng_device(generator, like)
+    if isinstance(kind, int):
+        out = torch.randint(kind, tuple(shape), generator=generator, device=device)
+    else:
+        fn = torch.rand if kind == "rand" else torch.randn
+        out = fn(tuple(shape), generator=generator, device=device, dtype=dtype or like.dtype)
+    return out.to(like.device)
+
+
 def _uniform(low: float, high: float, n: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    rand = torch.rand(n, generator=generator, device=_rng_device(generator, like))
-    return (low + (high - low) * rand).to(like.device)
+    return low + (high - low) * draw("rand", (n,), generator, like, torch.float32)
 
 
 def _jpeg(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -51,13 +74,21 @@ def _blur(x: Tensor, generator: torch.Generator | None) -> Tensor:
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     std = _uniform(0.0, 0.05, x.shape[0], generator, x).view(-1, 1, 1, 1)
-    noise = torch.randn(x.shape, generator=generator, device=_rng_device(generator, x)).to(x)
+    noise = draw("randn", x.shape, generator, x)
     return (x + std * noise).clamp(0, 1)
 
 
 TRANSFORMS: dict[str, Transform] = {"jpeg": _jpeg, "resize": _resize, "blur": _blur, "noise": _noise}
 if not hasattr(kornia.enhance, "jpeg_codec_differentiable"):  # older kornia
     del TRANSFORMS["jpeg"]
+
+
+def random_transform(transforms: Sequence[Transform], x: Tensor, generator: Generators) -> Tensor:
+    """One transformation drawn from ``generator`` (per image with a list of generators) applied to ``x``."""
+    if isinstance(generator, list | tuple):
+        return torch.cat([random_transform(transforms, x[i : i + 1], g) for i, g in enumerate(generator)])
+    pick = int(draw(len(transforms), (1,), generator, x).item())
+    return transforms[pick](x, generator)
 
 
 def exact_dtype(device: torch.device) -> torch.dtype:
@@ -93,7 +124,7 @@ def pgd(
     step: float | None = None,
     steps: int = 100,
     random_start: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     robust: Sequence[str] | None = None,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
 ) -> Tensor:
@@ -105,7 +136,8 @@ def pgd(
         step: signed-gradient step size; default ``2.5 * eps / steps`` (Madry et al.).
         steps: number of gradient steps.
         random_start: start from a uniform draw inside the ball (drawn from ``generator``).
-        generator: the only source of randomness (start, transformations, and whatever ``loss_fn`` closes over).
+        generator: the only source of randomness (start, transformations, and whatever ``loss_fn`` closes over);
+            a list of one generator per image makes each image's attack independent of the batch it is in.
         robust: names from :data:`TRANSFORMS`; each step applies one of them, drawn from ``generator``.
         callback: ``callback(i, x, loss)`` after computing the loss of iterate ``i`` (x before its update).
     """
@@ -114,22 +146,20 @@ def pgd(
     unknown = set(robust or ()) - set(TRANSFORMS)
     if unknown:
         raise ValueError(f"unknown robustness transforms {sorted(unknown)}; choose from {sorted(TRANSFORMS)}")
+    _check_generators(generator, images.shape[0])
     step = 2.5 * eps / max(steps, 1) if step is None else step
     work = torch.promote_types(images.dtype, torch.float32)
     x0 = images.detach().to(work)
     lower, upper = (x0 - eps).clamp(0, 1), (x0 + eps).clamp(0, 1)
     x = x0.clone()
     if random_start:
-        start = torch.rand(x0.shape, generator=generator, device=_rng_device(generator, x0), dtype=work)
-        x = x0 + eps * (2 * start.to(x0.device) - 1)
+        start = draw("rand", x0.shape, generator, x0, work)
+        x = x0 + eps * (2 * start - 1)
         x = torch.maximum(torch.minimum(x, upper), lower)
     transforms = [TRANSFORMS[name] for name in robust or ()]
     for i in range(steps):
         x.requires_grad_(True)
-        view = x
-        if transforms:
-            pick = torch.randint(len(transforms), (1,), generator=generator, device=_rng_device(generator, x)).item()
-            view = transforms[pick](x, generator)
+        view = random_transform(transforms, x, generator) if transforms else x
         loss = loss_fn(view)
         (grad,) = torch.autograd.grad(loss.sum(), x)
         if callback is not None:

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from apps.demo import DEMO_DIR
+from protect.amortized import AmortizedProtector
 from protect.losses import encoder_loss, latent, multi_vae_loss, sds_loss
 from protect.pgd import fit_to_ball, pgd
 from protect.protect import METHODS, ProtectionReport, default_target, protect
@@ -58,21 +59,31 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _run(images, vae, denoiser, method, **kwargs):
+@pytest.fixture(scope="module")
+def protector() -> AmortizedProtector:
+    torch.manual_seed(0)
+    return AmortizedProtector(num_experts=3, patch_size=8, hidden=4).eval()
+
+
+def _run(images, vae, denoiser, method, protector=None, **kwargs):
     kwargs.setdefault("steps", 4)
+    if method == "amortized":
+        for key in ("step", "robust"):
+            kwargs.pop(key, None)
+        return protect(images, method, vae=vae, protector=protector, **kwargs)
     return protect(images, method, vae=vae, denoiser=denoiser if method != "photoguard" else None, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)
-def test_budget_and_range_hold_exactly(images, vae, denoiser, method, dtype):
+def test_budget_and_range_hold_exactly(images, vae, denoiser, protector, method, dtype):
     x = images.to(dtype)
-    out, report = _run(x, vae, denoiser, method, generator=_gen(), step=EPS)  # big steps hit the ball's faces
+    out, report = _run(x, vae, denoiser, method, protector, generator=_gen(), step=EPS)  # big steps: the faces
     assert out.dtype == dtype and out.shape == x.shape
     assert (out.double() - x.double()).abs().max() <= EPS
     assert out.min() >= 0 and out.max() <= 1
     assert isinstance(report, ProtectionReport) and len(report.psnr) == len(report.ssim) == 2
-    assert all(0 < v <= EPS for v in report.linf) and len(report.losses) == 4
+    assert all(0 < v <= EPS for v in report.linf) and len(report.losses) == (0 if method == "amortized" else 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -102,11 +113,20 @@ def test_protection_moves_latent_far_more_than_noise(images, vae):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_seeded_runs_reproduce(images, vae, denoiser, method):
-    a, _ = _run(images, vae, denoiser, method, steps=3, generator=_gen(7), robust=True)
-    b, _ = _run(images, vae, denoiser, method, steps=3, generator=_gen(7), robust=True)
-    c, _ = _run(images, vae, denoiser, method, steps=3, generator=_gen(8), robust=True)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+def test_seeded_runs_reproduce(images, vae, denoiser, protector, method):
+    a, _ = _run(images, vae, denoiser, method, protector, steps=3, generator=_gen(7), robust=True)
+    b, _ = _run(images, vae, denoiser, method, protector, steps=3, generator=_gen(7), robust=True)
+    c, _ = _run(images, vae, denoiser, method, protector, steps=3, generator=_gen(8), robust=True)
+    assert torch.equal(a, b) and torch.equal(a, c) == (method == "amortized")  # amortized: no randomness
+
+
+@pytest.mark.parametrize("method", ["photoguard", "mist", "sds"])
+def test_per_image_generators_make_results_batch_independent(images, vae, denoiser, method):
+    both, _ = _run(images, vae, denoiser, method, steps=3, generator=[_gen(3), _gen(4)], robust=True)
+    second, _ = _run(images[1:], vae, denoiser, method, steps=3, generator=[_gen(4)], robust=True)
+    assert torch.allclose(both[1:], second, atol=1e-6)
+    with pytest.raises(ValueError, match="one per image"):
+        _run(images, vae, denoiser, method, steps=1, generator=[_gen(3)])
 
 
 def test_losses_are_per_image(images, vae, denoiser):
@@ -132,6 +152,7 @@ def test_losses_are_per_image(images, vae, denoiser):
         (torch.rand(1, 3, 32, 32), {"target": "noise"}, "unknown target"),
         (torch.rand(1, 3, 32, 32), {"weight": 2.0}, "weight"),
         (torch.rand(1, 3, 32, 32), {"robust": ("sharpen",)}, "transforms"),
+        (torch.rand(1, 3, 32, 32), {"method": "amortized"}, "needs protector"),
         ("image.png", {}, "tensor or a list"),
     ],
 )
