@@ -28,7 +28,8 @@ MAX_BYTES = 20 * 1024 * 1024  # 20 MB per file
 MAX_PIXELS = 4096 * 4096  # the cap of protect.protect
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
 KEPT_MODES = ("RGB", "RGBA", "L", "LA")  # modes a protected file keeps; others become RGB / RGBA
-PROTECT_METHODS = ("photoguard", "mist")  # "sds" needs a latent denoiser, which the demo models lack
+PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
+PROTECTOR_NAME = "protector"
 DETECTOR_NAME = "eps_detector"
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError)
@@ -208,6 +209,15 @@ def _vae(device: str):
     return load_vae(device)
 
 
+@functools.lru_cache(maxsize=2)
+def _protector(device: str):
+    from protect import AmortizedProtector
+
+    from .demo import model_path
+
+    return AmortizedProtector.from_pretrained(str(model_path(PROTECTOR_NAME))).to(device).eval()
+
+
 def protect_image(
     image: Image.Image,
     *,
@@ -217,7 +227,11 @@ def protect_image(
     seed: int = 0,
     device: str | None = None,
 ) -> tuple[Image.Image, dict[str, float]]:
-    """Protect one RGB/RGBA image with the demo VAE; returns the protected image and its metrics."""
+    """Protect one RGB/RGBA image against the demo VAE; returns the protected image and its metrics.
+
+    "amortized" runs the demo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply);
+    "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``.
+    """
     import torch
 
     from protect import protect
@@ -233,8 +247,12 @@ def protect_image(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with _lock:
         vae = _vae(device)
-    generator = torch.Generator(device).manual_seed(seed)
-    (protected,), report = protect([image], method=method, vae=vae, eps=eps, steps=steps, generator=generator)
+        model = _protector(device) if method == "amortized" else None
+    if model is not None:
+        (protected,), report = protect([image], method=method, vae=vae, eps=eps, protector=model)
+    else:
+        generator = torch.Generator(device).manual_seed(seed)
+        (protected,), report = protect([image], method=method, vae=vae, eps=eps, steps=steps, generator=generator)
     metrics = {
         "psnr": report.psnr[0],
         "ssim": report.ssim[0],

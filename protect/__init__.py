@@ -1,12 +1,27 @@
 """steerguard.protect: protection of images against mimicry, and adversarial input detection.
 
 * :func:`protect` — PhotoGuard / Mist / SDS (Diff-Protect) perturbations by batched L-inf PGD
-  against any diffusers ``AutoencoderKL``, with budget and range invariants and an invisibility report;
+  against any diffusers ``AutoencoderKL``, with budget and range invariants and an invisibility report,
+  and ``method="amortized"``: a pre-trained :class:`AmortizedProtector` (FastProtect-style, one forward pass);
+* :func:`evaluate` — mimic clean and protected images (SDEdit, LoRA fine-tune) before and after purification
+  (JPEG, resize, noise, blur) and measure the damage against the invisibility (``protect.evaluate``);
 * :class:`EPSDetector` — EPS-AD (Expected Perturbation Score + deep-kernel MMD) detection.
+
+Training an amortized protector: ``python -m protect.train`` (``accelerate launch`` for several GPUs).
 """
 
+from .amortized import AmortizedProtector
 from .detector import EPSDetector, EPSDetectorConfig
 from .eps import expected_perturbation_score
+from .evaluate import evaluate
 from .protect import ProtectionReport, protect
 
-__all__ = ["EPSDetector", "EPSDetectorConfig", "ProtectionReport", "expected_perturbation_score", "protect"]
+__all__ = [
+    "AmortizedProtector",
+    "EPSDetector",
+    "EPSDetectorConfig",
+    "ProtectionReport",
+    "evaluate",
+    "expected_perturbation_score",
+    "protect",
+]

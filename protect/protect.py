@@ -6,7 +6,8 @@
 inputs get their EXIF orientation applied; RGBA images are protected in their stored colours and come back as
 RGBA with the alpha untouched (so every stored value stays within the budget); LA / transparent palette images
 are composited on white; grayscale and 16-bit images become 8-bit RGB. These baselines
-are what FastProtect (Ahn et al., CVPR 2025) amortises; the amortised protector lives elsewhere.
+are what FastProtect (Ahn et al., CVPR 2025) amortises: ``method="amortized"`` runs a pre-trained
+:class:`protect.amortized.AmortizedProtector` instead (one forward pass, no PGD; pass ``protector=``).
 
 Default target (PhotoGuard and Mist): :func:`default_target`, a deterministic high-frequency texture (a 4-pixel
 checkerboard crossed with diagonal colour stripes), in the spirit of Mist's repeated target pattern.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import kornia
 import numpy as np
@@ -25,11 +27,12 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image, ImageOps
 
+from .amortized import AmortizedProtector
 from .losses import Denoiser, encoder_loss, latent, mist_loss, sds_loss
-from .pgd import TRANSFORMS, exact_dtype, pgd
+from .pgd import TRANSFORMS, Generators, exact_dtype, pgd
 
 Tensor = torch.Tensor
-METHODS = ("photoguard", "mist", "sds")
+METHODS = ("photoguard", "mist", "sds", "amortized")
 MAX_PIXELS = 4096 * 4096
 
 __all__ = ["MAX_PIXELS", "METHODS", "ProtectionReport", "default_target", "protect"]
@@ -139,8 +142,10 @@ def protect(
     step: float | None = None,
     target: Tensor | Image.Image | str | None = None,
     weight: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     robust: bool | tuple[str, ...] = False,
+    protector: AmortizedProtector | str | None = None,
+    alphas_cumprod: Tensor | None = None,
 ) -> tuple[Tensor | list[Image.Image], ProtectionReport]:
     """Protect ``images`` against mimicry by an L-infinity PGD attack on ``vae`` (and ``denoiser``).
 
@@ -151,8 +156,12 @@ def protect(
         eps, steps, step: PGD budget (in [0, 1] pixel units), iterations and step size (see :func:`protect.pgd.pgd`).
         target: target pattern for "photoguard"/"mist": an image (tensor in [0, 1] or PIL), "zero" for the zero
             latent, or None for :func:`default_target`.
-        generator: the only randomness (PGD start, timesteps, noise, robustness transforms).
+        generator: the only randomness (PGD start, timesteps, noise, robustness transforms); a list of one
+            generator per image makes each result independent of the batch (same seed, same protection).
         robust: True for every transform in :data:`protect.pgd.TRANSFORMS`, or a tuple of their names.
+        alphas_cumprod: the denoiser's noise schedule for "mist" and "sds" (default: Stable Diffusion's).
+        protector: for "amortized": a trained :class:`~protect.amortized.AmortizedProtector` or its folder
+            (``steps``, ``step``, ``target``, ``generator`` and ``robust`` do not apply: it was trained robust).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -164,6 +173,12 @@ def protect(
         raise ValueError(f"weight is Mist's semantic-loss weight; method {method!r} does not use it")
     if method == "photoguard" and denoiser is not None:
         raise ValueError("method 'photoguard' attacks the encoder only; pass denoiser=None")
+    if (method == "amortized") != (protector is not None):
+        raise ValueError("method 'amortized' needs protector= (a trained AmortizedProtector); other methods take none")
+    if method == "amortized" and (denoiser is not None or target is not None or robust):
+        raise ValueError("method 'amortized' takes no denoiser, target or robust option (its training fixed them)")
+    if isinstance(protector, str | Path):
+        protector = AmortizedProtector.from_pretrained(str(protector))
     is_pil = isinstance(images, list | tuple)
     if is_pil:
         if not images or not all(isinstance(im, Image.Image) for im in images):
@@ -179,26 +194,38 @@ def protect(
     _validate(batch)
 
     start = time.perf_counter()
-    if method == "sds":
-        loss_fn = partial(sds_loss, vae, denoiser, generator=generator)
+    trace: list[list[float]] = []
+    if method == "amortized":
+        protector = protector.to(batch.device)
+        protected, _ = protector.protect(batch, vae, eps=eps)
+    elif method == "sds":
+        loss_fn = partial(sds_loss, vae, denoiser, alphas_cumprod=alphas_cumprod, generator=generator)
     else:
         target_latent = _target_latent(vae, target, batch)
         if method == "photoguard":
             loss_fn = partial(encoder_loss, vae, target_latent=target_latent)
         else:
-            loss_fn = partial(mist_loss, vae, denoiser, target_latent=target_latent, weight=weight, generator=generator)
-    trace: list[list[float]] = []
-    transforms = tuple(TRANSFORMS) if robust is True else tuple(robust or ())
-    protected = pgd(
-        batch,
-        loss_fn,
-        eps=eps,
-        step=step,
-        steps=steps,
-        generator=generator,
-        robust=transforms,
-        callback=lambda i, x, loss: trace.append(loss.float().tolist()),
-    )
+            loss_fn = partial(
+                mist_loss,
+                vae,
+                denoiser,
+                target_latent=target_latent,
+                weight=weight,
+                alphas_cumprod=alphas_cumprod,
+                generator=generator,
+            )
+    if method != "amortized":
+        transforms = tuple(TRANSFORMS) if robust is True else tuple(robust or ())
+        protected = pgd(
+            batch,
+            loss_fn,
+            eps=eps,
+            step=step,
+            steps=steps,
+            generator=generator,
+            robust=transforms,
+            callback=lambda i, x, loss: trace.append(loss.float().tolist()),
+        )
     seconds = time.perf_counter() - start
     if is_pil:  # the budget holds in 8-bit levels: |q - k| <= floor(255 eps)
         outputs = [_to_pil(x, c, eps, im) for x, c, im in zip(protected, batch, images)]

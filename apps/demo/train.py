@@ -1,12 +1,13 @@
 """Train the embedded demo models from scratch on the procedural shapes data.
 
-    python -m apps.demo.train {classifier,vae,dit,unet,all} --out DIR [--steps N] [--batch-size B] [--seed S]
+    python -m apps.demo.train {classifier,vae,dit,unet,vae_b,all} --out DIR [--steps N] [--batch-size B] [--seed S]
 
 Each model lands in ``DIR/<name>/`` (diffusers ``save_pretrained``, safetensors)
 with a ``README.md`` model card: data, settings, final losses, metrics, wall time.
 ``dit`` needs a trained VAE (``DIR/vae`` or ``--vae``); the metrics of ``vae``,
 ``dit`` and ``unet`` use the classifier in ``DIR/classifier`` when it exists.
-``all`` trains classifier, vae, dit, unet in that order. Training uses float32,
+``all`` trains classifier, vae, dit, unet, vae_b in that order (``vae_b``: a second autoencoder for the
+multi-VAE protection loss; the amortized protector is trained by ``python -m protect.train``). Training uses float32,
 AdamW with linear warm-up and cosine decay, and an EMA of the diffusion models.
 """
 
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from tqdm.auto import tqdm
 from .classifier import ShapeClassifier, accuracy, batched, frechet_distance, load_classifier
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, contact_sheet, generate
 
-MODELS = ("classifier", "vae", "dit", "unet")
+MODELS = ("classifier", "vae", "dit", "unet", "vae_b")
 NULL_LABEL = 1000  # DiTPipeline hard-codes class 1000 as the unconditional label
 LABEL_DROPOUT = 0.1
 TINY_RUN = 100  # runs with fewer steps (smoke tests) get a minimal evaluation
@@ -66,6 +68,7 @@ DEFAULTS = {
     "vae": Defaults(steps=300, batch_size=64, lr=1e-3, full_steps=20000, full_batch_size=128),
     "dit": Defaults(steps=800, batch_size=128, lr=1e-3, full_steps=100000, full_batch_size=256),
     "unet": Defaults(steps=1000, batch_size=64, lr=1e-3, full_steps=100000, full_batch_size=128),
+    "vae_b": Defaults(steps=300, batch_size=64, lr=1e-3, full_steps=20000, full_batch_size=128),
 }
 
 
@@ -245,6 +248,25 @@ def make_vae() -> AutoencoderKL:
     )
 
 
+def make_vae_b() -> AutoencoderKL:
+    """A second, different AutoencoderKL: 32x32x3 -> 4x8x8 (stride 4), (16, 32, 64) channels (~0.5 M parameters).
+
+    Not used for generation: the multi-VAE protection loss (FastProtect) trains against ``vae`` and this one,
+    and protection transfer is measured across the two.
+    """
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+    )
+
+
 def make_dit(sample_size: int, channels: int) -> DiTTransformer2DModel:
     """Class-conditional DiT on latents: 4 layers, width 128 (4 heads of 32), patch 2, ~1.9 M parameters.
 
@@ -353,10 +375,10 @@ def train_classifier(run: Run) -> Report:
     return report
 
 
-def train_vae(run: Run) -> Report:
+def train_vae(run: Run, name: str = "vae") -> Report:
     """Train the AutoencoderKL (L1 + MSE reconstruction + 1e-6 KL), set its latent scaling factor, and save it."""
-    steps, batch_size, lr = run.settings("vae")
-    vae = seeded(run.seed, make_vae).to(run.device)
+    steps, batch_size, lr = run.settings(name)
+    vae = seeded(run.seed, make_vae if name == "vae" else make_vae_b).to(run.device)
     data, noise_gen = run.data_generator(), run.noise_generator()
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -365,15 +387,15 @@ def train_vae(run: Run) -> Report:
         recon = vae.decode(posterior.sample(generator=noise_gen)).sample
         return F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
 
-    losses, per_step = optimise(vae, loss_fn, steps, lr, "vae")
-    report = Report("vae", steps, batch_size, lr, losses, step_seconds=per_step)
-    report.metrics.update(evaluate_vae(vae, run, noise_gen))
-    vae.save_pretrained(run.out / "vae", safe_serialization=True)
+    losses, per_step = optimise(vae, loss_fn, steps, lr, name)
+    report = Report(name, steps, batch_size, lr, losses, step_seconds=per_step)
+    report.metrics.update(evaluate_vae(vae, run, noise_gen, name))
+    vae.save_pretrained(run.out / name, safe_serialization=True)
     return report
 
 
 @torch.no_grad()
-def evaluate_vae(vae: AutoencoderKL, run: Run, generator: torch.Generator) -> dict[str, Any]:
+def evaluate_vae(vae: AutoencoderKL, run: Run, generator: torch.Generator, name: str = "vae") -> dict[str, Any]:
     """Set ``scaling_factor`` = 1 / std of held-out latents; report reconstruction error and classifier metrics."""
     images, labels = held_out(run, run.n_eval(1024))
     latents = batched(lambda x: vae.encode(x.to(run.device)).latent_dist.sample(generator=generator), images)
@@ -390,7 +412,7 @@ def evaluate_vae(vae: AutoencoderKL, run: Run, generator: torch.Generator) -> di
     }
     classifier = maybe_classifier(run)
     metrics.update({f"recon_{k}": v for k, v in quality_metrics(classifier, recon, images, labels).items()})
-    save_sheet(torch.cat([images[:10], recon[:10]]), rows=2, path=run.out / "vae" / "reconstructions.png")
+    save_sheet(torch.cat([images[:10], recon[:10]]), rows=2, path=run.out / name / "reconstructions.png")
     return metrics
 
 
@@ -521,6 +543,7 @@ TRAINERS: dict[str, Callable[[Run], Report]] = {
     "vae": train_vae,
     "dit": train_dit,
     "unet": train_unet,
+    "vae_b": partial(train_vae, name="vae_b"),
 }
 
 
@@ -538,6 +561,9 @@ DESCRIPTIONS = {
     "sigma; label dropout 0.1 to the null label 1000 (the label DiTPipeline uses for classifier-free guidance). "
     "EMA weights. Use `pipe(class_labels, guidance_scale=4, num_inference_steps=25)`; class ids follow the data's "
     "class names (`pipe.labels`).",
+    "vae_b": "`AutoencoderKL`: 32x32x3 images to 4x8x8 latents, (16, 32, 64) channels, one layer per block: a "
+    "second, different autoencoder for the multi-VAE protection loss and for measuring protection transfer. "
+    "`config.scaling_factor` = 1 / std of held-out latents. Loss: L1 + MSE + 1e-6 KL.",
     "unet": "`DDPMPipeline` (unconditional): a pixel-space eps `UNet2DModel`, (32, 64, 64) channels, one layer per "
     "block, attention at the middle level, linear betas over 1000 steps. EMA weights. Sample with the saved "
     "`DDPMScheduler` and `num_inference_steps=100` or more (DDIM leaves residual noise with short-run weights).",

@@ -1,0 +1,236 @@
+"""An amortized protector in the spirit of FastProtect (Ahn et al., CVPR 2025): protection in one forward pass.
+
+Per-image PGD (PhotoGuard, Mist, SDS) optimises every image for tens to hundreds of encoder passes. This module
+pre-trains the perturbation instead:
+
+* a **mixture of perturbations**: ``num_experts`` learned perturbation fields (3, P, P), each trained to pull the
+  latent of any image toward its own target pattern's latent (the PhotoGuard/Mist objective);
+* a **spatial gate**, a small conv net that reads the image's latent (the VAE encoder on the image, shrunk to
+  ``gate_size`` at most) and, at every latent position, its distance to each target's latent, and mixes the
+  experts per region (softmax over experts): the target is chosen per image and region (**adaptive targeted
+  protection**);
+* a **perceptual strength map**: the L-inf budget is spent where the eye does not see it, full ``eps`` in textured
+  regions and ``min_strength * eps`` in flat ones (local standard deviation of the luminance);
+* **any resolution**: the fields are periodic, tiled over the image (``tile=True``) or resized to it, and the
+  gate's map is upsampled to the image;
+* trained with the **multi-VAE loss** (the relative latent distance to the target, summed over several VAEs'
+  latent spaces) under expectation over JPEG / resize / blur / noise (``protect.train``).
+
+At inference, protecting an image costs one encoder pass (on a thumbnail for large images), a tiny conv net and
+element-wise ops on the image; the budget ``|x' - x|_inf <= eps`` and the range [0, 1] hold exactly
+(:func:`protect.pgd.fit_to_ball`).
+Save and load with diffusers' ``save_pretrained`` / ``from_pretrained`` (safetensors + ``config.json``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import kornia
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .losses import latent
+from .pgd import fit_to_ball
+
+Tensor = torch.Tensor
+
+__all__ = ["AmortizedProtector", "multi_vae_target_loss", "strength_map", "target_bank"]
+
+
+def target_bank(count: int, size: int) -> Tensor:
+    """``count`` deterministic high-contrast target patterns (count, 3, size, size) in [0, 1].
+
+    Pattern 0 is :func:`protect.protect.default_target` (checker x colour stripes); the others are checkerboards
+    and stripes at several periods, angles and colourings: targets whose latents are far from natural images'.
+    """
+    from .protect import default_target
+
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    patterns = [default_target(size, size)]
+    for k in range(1, count):
+        period = 2 + k % 4
+        angle = math.pi * k / count
+        phase = math.cos(angle) * xx + math.sin(angle) * yy
+        stripes = ((phase / period).floor() % 2).float()
+        checker = ((yy // period + xx // period) % 2).float()
+        base = stripes if k % 2 else checker
+        colour = torch.tensor([(k * 0.37) % 1, (k * 0.61) % 1, (k * 0.23) % 1]).view(3, 1, 1)
+        patterns.append((0.15 + 0.7 * (base * colour + (1 - base) * (1 - colour))).clamp(0, 1))
+    return torch.stack(patterns)
+
+
+def strength_map(images: Tensor, min_strength: float, scale: float, window: int = 5) -> Tensor:
+    """Per-pixel budget fraction (N, 1, H, W): ``min_strength`` on flat regions, 1 where the local luminance std
+    (``window`` x ``window``) reaches ``scale`` (texture masks the perturbation)."""
+    gray = kornia.color.rgb_to_grayscale(images.float())
+    window = max(1, min(window, *images.shape[-2:]))
+    mean = kornia.filters.box_blur(gray, (window, window), border_type="replicate")
+    var = kornia.filters.box_blur(gray * gray, (window, window), border_type="replicate") - mean * mean
+    texture = (var.clamp_min(0).sqrt() / scale).clamp(0, 1)
+    return min_strength + (1 - min_strength) * texture
+
+
+def _cover(field: Tensor, height: int, width: int, tile: bool) -> Tensor:
+    """A (N, C, P, P) field over (H, W): periodic tiling (``tile``) or bilinear resizing."""
+    if not tile:
+        return F.interpolate(field, size=(height, width), mode="bilinear", align_corners=False)
+    p = field.shape[-1]
+    reps = (1, 1, -(-height // p), -(-width // p))
+    return field.repeat(*reps)[..., :height, :width]
+
+
+def multi_vae_target_loss(
+    vaes: Sequence[AutoencoderKL],
+    protected: Tensor,
+    clean_latents: Sequence[Tensor],
+    target_latents: Sequence[Tensor],
+    weights: Tensor,
+) -> Tensor:
+    """Per-image mixture loss, averaged over the VAEs: the share of the distance to the targets that remains,
+
+    ``sum_{k,p} w_kp ||E_v(x')_p - z_vk,p||^2 / sum_{k,p} w_kp ||E_v(x)_p - z_vk,p||^2`` over latent positions p,
+
+    with the gate's weights ``w`` (N, K, h, w) resized to each VAE's latent grid. ``clean_latents[v]`` is
+    (N, C, h_v, w_v) and ``target_latents[v]`` is (K, C, h_v, w_v). 1 means no progress toward the targets;
+    VAEs with different latent scales and strides count alike.
+    """
+    total = 0
+    for vae, clean, targets in zip(vaes, clean_latents, target_latents):
+        z = latent(vae, protected)
+        t = targets.to(z)[None]  # (1, K, C, h, w)
+        w = F.interpolate(weights.float(), size=z.shape[-2:], mode="bilinear", align_corners=False)
+        remaining = (w * (z[:, None] - t).pow(2).mean(2)).flatten(1).sum(1)
+        initial = (w * (clean.to(z)[:, None] - t).pow(2).mean(2)).flatten(1).sum(1)
+        total = total + remaining / initial.clamp_min(1e-8)
+    return total / len(vaes)
+
+
+class AmortizedProtector(ModelMixin, ConfigMixin):
+    """A pre-trained, per-image mixture of perturbation fields (see the module docstring).
+
+    >>> protector = AmortizedProtector.from_pretrained("demo_models/protector")
+    >>> protected, info = protector.protect(images, vae, eps=8 / 255)   # images (N, 3, H, W) in [0, 1]
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        num_experts: int = 8,
+        patch_size: int = 32,
+        latent_channels: int = 4,
+        gate_size: int = 256,
+        hidden: int = 32,
+        eps: float = 8 / 255,
+        min_strength: float = 0.5,
+        texture_scale: float = 0.08,
+        texture_window: int = 5,
+        tile: bool = True,
+        temperature: float = 1.0,
+        trained_on: tuple[str, ...] = (),
+    ):
+        super().__init__()
+        if num_experts < 1 or patch_size < 1 or gate_size < 2 or hidden < 1:
+            raise ValueError("num_experts, patch_size and hidden must be >= 1 and gate_size >= 2")
+        if not 0 <= min_strength <= 1:
+            raise ValueError(f"min_strength must lie in [0, 1], got {min_strength}")
+        self.fields = nn.Parameter(0.5 * torch.randn(num_experts, 3, patch_size, patch_size))
+        self.register_buffer("targets", target_bank(num_experts, patch_size))
+        self.gate = nn.Sequential(
+            nn.Conv2d(latent_channels + num_experts, hidden, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(hidden, num_experts, 1),
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def thumbnail(self, images: Tensor) -> Tensor:
+        """The gate's view of the images: shrunk (antialiased) so that the longer side is at most ``gate_size``."""
+        h, w = images.shape[-2:]
+        factor = self.config.gate_size / max(h, w)
+        if factor >= 1:
+            return images.float()
+        size = (max(2, round(h * factor)), max(2, round(w * factor)))
+        return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+
+    def target_latents(self, vae: AutoencoderKL, height: int, width: int) -> Tensor:
+        """Latents (K, C, h, w) of the target patterns laid over an image of ``height`` x ``width`` (no gradient).
+
+        Tiled patterns have periodic latents: one period is encoded once per VAE (from the middle of a 3 x 3
+        tiling, away from the borders) and tiled over the latent grid, so new image sizes cost nothing.
+        """
+        stride = 2 ** (len(vae.config.block_out_channels) - 1)
+        p = self.config.patch_size
+        grid = (-(-height // stride), -(-width // stride))
+        if not self.config.tile or p % stride:  # no period in latent space: encode at this size
+            return self._encoded_targets(vae, height, width)
+        period = p // stride
+        tile = self._encoded_targets(vae, 3 * p, 3 * p)[..., period : 2 * period, period : 2 * period]
+        reps = (1, 1, -(-grid[0] // period), -(-grid[1] // period))
+        return tile.repeat(*reps)[..., : grid[0], : grid[1]]
+
+    def _encoded_targets(self, vae: AutoencoderKL, height: int, width: int) -> Tensor:
+        """The targets' latents at one size, cached per VAE, size, device and dtype (the VAEs are frozen)."""
+        param = next(vae.parameters())
+        key = (id(vae), height, width, param.device, param.dtype, self.targets.device)
+        cache = self.__dict__.setdefault("_target_cache", {})
+        if key not in cache:
+            with torch.no_grad():
+                cache[key] = latent(vae, _cover(self.targets, height, width, self.config.tile))
+        return cache[key]
+
+    def mixture_weights(self, vae: AutoencoderKL, images: Tensor) -> Tensor:
+        """Spatial softmax gate weights (N, K, h, w) on the thumbnail's latent grid.
+
+        The gate reads, at every latent position, the image's latent and its squared distance to each target's
+        latent there: each region picks (mixes) the targets and experts that suit its content.
+        """
+        if vae.config.latent_channels != self.config.latent_channels:
+            raise ValueError(
+                f"this protector's gate reads {self.config.latent_channels}-channel latents; "
+                f"the VAE has {vae.config.latent_channels}"
+            )
+        thumb = self.thumbnail(images)
+        with torch.no_grad():
+            z = latent(vae, thumb)
+        zt = self.target_latents(vae, *thumb.shape[-2:])
+        distance = (z[:, None] - zt[None]).pow(2).mean(2)  # (N, K, h, w)
+        features = torch.cat([z, distance.log1p()], dim=1).to(self.fields.dtype)
+        return torch.softmax(self.gate(features) / self.config.temperature, dim=1)
+
+    def perturbation(self, images: Tensor, weights: Tensor, eps: float | None = None) -> Tensor:
+        """The perturbation (N, 3, H, W) for ``images`` and gate ``weights``: ``eps * strength * tanh(mix)``."""
+        eps = self.config.eps if eps is None else eps
+        h, w = images.shape[-2:]
+        experts = _cover(self.fields, h, w, self.config.tile)  # (K, 3, H, W)
+        gates = F.interpolate(weights.to(self.fields.dtype), size=(h, w), mode="bilinear", align_corners=False)
+        field = torch.einsum("nkhw,kchw->nchw", gates, experts).tanh()
+        strength = strength_map(images, self.config.min_strength, self.config.texture_scale, self.config.texture_window)
+        return eps * strength.to(field) * field
+
+    def forward(self, images: Tensor, vae: AutoencoderKL, eps: float | None = None) -> tuple[Tensor, Tensor]:
+        """Differentiable protection (for training): ``clamp(x + delta, 0, 1)`` and the gate weights."""
+        weights = self.mixture_weights(vae, images)
+        delta = self.perturbation(images.float(), weights, eps)
+        return (images.float() + delta.to(images.device)).clamp(0, 1), weights
+
+    @torch.no_grad()
+    def protect(self, images: Tensor, vae: AutoencoderKL, eps: float | None = None) -> tuple[Tensor, dict]:
+        """Protect ``images`` (N, 3, H, W) in [0, 1], any size; returns them in the input dtype and device, with
+        the exact budget and range, and ``{"weights": (N, K), "target": (N,) chosen expert}``."""
+        eps = self.config.eps if eps is None else eps
+        if eps < 0:
+            raise ValueError(f"eps must be non-negative, got {eps}")
+        param = self.fields
+        x = images.to(param.device)
+        protected, weights = self.forward(x, vae, eps)
+        out = fit_to_ball(protected.to(images.device), images, eps, images.dtype)
+        return out, {"weights": weights, "target": weights.mean((2, 3)).argmax(1)}

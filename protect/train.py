@@ -1,0 +1,198 @@
+"""Train an :class:`~protect.amortized.AmortizedProtector` against one or more VAEs, with ``accelerate``.
+
+The same command runs on one CPU, one GPU or several GPUs (each process draws its own images; gradients are
+averaged by ``accelerate``)::
+
+    python -m protect.train --vae demo_models/vae --vae demo_models/vae_b --out demo_models/protector
+    accelerate launch -m protect.train --vae stabilityai/sd-vae-ft-mse --images art/ --size 256 --out protector/
+
+VAEs are given as local diffusers folders or hub ids (``from_pretrained``, safetensors only; a folder holding a
+``vae/`` subfolder, like a pipeline, works too). The first VAE feeds the gate. Training images come from
+``--images DIR`` (random crops of every image in it, decoded with the app's safe loader rules: PNG/JPEG/WebP/BMP/
+TIFF, 50 MB and 40 M pixels at most) or, by default, the procedural demo shapes (``apps.demo.data``).
+The loss is :func:`~protect.amortized.multi_vae_target_loss` of the protected images after a random
+purification (JPEG, resize, blur or noise, drawn per step with probability ``--robust-prob``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from .amortized import AmortizedProtector, multi_vae_target_loss
+from .losses import latent
+from .pgd import TRANSFORMS, random_transform
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+MAX_FILE_BYTES = 50 * 1024 * 1024
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def load_vae(name: str, device: torch.device | str = "cpu") -> AutoencoderKL:
+    """A frozen ``AutoencoderKL`` in eval mode from a folder or hub id (``vae/`` subfolder if there is one)."""
+    kwargs = {"use_safetensors": True}
+    path = Path(name)
+    if path.is_dir() and (path / "vae" / "config.json").is_file():
+        kwargs["subfolder"] = "vae"
+    elif not path.exists() and name.startswith("demo/"):
+        from apps.demo import model_path
+
+        name = str(model_path(name.removeprefix("demo/")))
+    vae = AutoencoderKL.from_pretrained(name, **kwargs).to(device).eval()
+    vae.requires_grad_(False)
+    return vae
+
+
+def folder_images(folder: Path, size: int, generator: random.Random) -> Iterator[torch.Tensor]:
+    """Endless random ``size`` x ``size`` crops (3, size, size) in [0, 1] of the images in ``folder``."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = [p for p in files if p.stat().st_size <= MAX_FILE_BYTES]
+    if not files:
+        raise ValueError(f"no images (PNG, JPEG, WebP, BMP, TIFF up to 50 MB) found under {folder}")
+    pictures = []
+    for path in files:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                continue
+            image = image.convert("RGB")
+            if min(image.size) < size:
+                image = image.resize((max(size, image.width), max(size, image.height)), Image.BICUBIC)
+            pictures.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    if not pictures:
+        raise ValueError(f"every image under {folder} exceeds {MAX_IMAGE_PIXELS} pixels")
+    while True:
+        picture = pictures[generator.randrange(len(pictures))]
+        top = generator.randrange(picture.shape[1] - size + 1)
+        left = generator.randrange(picture.shape[2] - size + 1)
+        yield picture[:, top : top + size, left : left + size].float() / 255
+
+
+def batches(args: argparse.Namespace, process: int) -> Iterator[torch.Tensor]:
+    """Training batches (B, 3, S, S) in [0, 1], an independent stream per process."""
+    seed = args.seed + 1000 * process
+    if args.images is not None:
+        crops = folder_images(args.images, args.size, random.Random(seed))
+        while True:
+            yield torch.stack([next(crops) for _ in range(args.batch_size)])
+    from apps.demo.data import generate
+
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        images, _ = generate(args.batch_size, generator, size=args.size)
+        yield (images + 1) / 2
+
+
+def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m protect.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vae", action="append", required=True, help="VAE folder or id (repeat for multi-VAE)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the trained protector")
+    parser.add_argument("--images", type=Path, help="folder of training images (default: demo shapes)")
+    parser.add_argument("--size", type=int, default=32, help="training crop size (default 32)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--patch-size", type=int, default=32, help="period of the perturbation fields, pixels")
+    parser.add_argument("--eps", type=float, default=8.0, help="training budget in 1/255 (default 8)")
+    parser.add_argument("--min-strength", type=float, default=0.5, help="budget share on flat regions")
+    parser.add_argument("--robust-prob", type=float, default=0.5, help="chance of a purification per step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing protector in --out")
+    args = parser.parse_args(None if argv is None else list(argv))
+    if args.steps < 1 or args.batch_size < 1 or args.size < 8:
+        parser.error("--steps and --batch-size must be >= 1 and --size >= 8")
+    if not 0 < args.eps <= 64:
+        parser.error("--eps must be in (0, 64] (1/255 units)")
+    if (args.out / "config.json").exists() and not args.overwrite:
+        parser.error(f"{args.out} already holds a protector; pass --overwrite to replace it")
+    return args
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train and save a protector; returns the training record (also written to ``OUT/training.json``)."""
+    from accelerate import Accelerator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator()
+    device = accelerator.device
+    vaes = [load_vae(name, device) for name in args.vae]
+    torch.manual_seed(args.seed)
+    protector = AmortizedProtector(
+        num_experts=args.experts,
+        patch_size=args.patch_size,
+        latent_channels=vaes[0].config.latent_channels,
+        eps=args.eps / 255,
+        min_strength=args.min_strength,
+        trained_on=tuple(args.vae),
+    )
+    optimizer = torch.optim.Adam(protector.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
+    protector, optimizer, scheduler = accelerator.prepare(protector, optimizer, scheduler)
+    model = accelerator.unwrap_model(protector)
+    with torch.no_grad():
+        target_latents = [model.target_latents(vae, args.size, args.size) for vae in vaes]
+    data = batches(args, accelerator.process_index)
+    rng = torch.Generator().manual_seed(args.seed + 7 + accelerator.process_index)
+    transforms = list(TRANSFORMS.values())
+    losses, usage, start = [], torch.zeros(args.experts), time.perf_counter()
+    for step in range(args.steps):
+        images = next(data).to(device)
+        with torch.no_grad():
+            clean = [latent(vae, images) for vae in vaes]
+        protected, weights = protector(images, vaes[0])
+        if torch.rand((), generator=rng).item() < args.robust_prob:
+            protected = random_transform(transforms, protected, rng)
+        loss = multi_vae_target_loss(vaes, protected, clean, target_latents, weights).mean()
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        losses.append(accelerator.reduce(loss.detach(), "mean").item())
+        usage += weights.detach().float().mean((0, 2, 3)).cpu()
+        if accelerator.is_main_process and (step % 100 == 0 or step == args.steps - 1):
+            print(f"step {step}: loss {losses[-1]:.4f}", flush=True)
+    record = {
+        "command": "python -m protect.train " + " ".join(sys.argv[1:]),
+        "vaes": list(args.vae),
+        "data": str(args.images) if args.images else "demo shapes (apps.demo.data)",
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "processes": accelerator.num_processes,
+        "lr": args.lr,
+        "size": args.size,
+        "robust_prob": args.robust_prob,
+        "first_loss": losses[0],
+        "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        "losses": [float(f"{x:.5g}") for x in losses[:: max(1, len(losses) // 200)]],
+        "expert_usage": (usage / args.steps).tolist(),
+        "seconds": time.perf_counter() - start,
+        "device": str(device),
+    }
+    if accelerator.is_main_process:
+        args.out.mkdir(parents=True, exist_ok=True)
+        accelerator.unwrap_model(protector).save_pretrained(args.out, safe_serialization=True)
+        (args.out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    return record
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    record = train(parse_args(argv))
+    print(f"final loss {record['final_loss']:.4f} in {record['seconds']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

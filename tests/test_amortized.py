@@ -1,0 +1,209 @@
+"""The amortized (FastProtect-style) protector, its accelerate training command, and the mimicry evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from apps.demo import DEMO_DIR
+from protect import AmortizedProtector, protect
+from protect.amortized import multi_vae_target_loss, strength_map, target_bank
+from protect.evaluate import PURIFICATIONS, evaluate, lora_mimic, purify, sdedit
+from protect.losses import latent
+
+EPS = 8 / 255
+HAS_DEMO = all((DEMO_DIR / name).is_dir() for name in ("vae", "dit", "classifier"))
+demo_only = pytest.mark.skipif(not HAS_DEMO, reason="the demo models are not in demo_models/")
+
+
+def _tiny_vae(seed: int = 0, blocks: int = 2) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16)[:blocks],
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        scaling_factor=0.5,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def vae() -> AutoencoderKL:
+    return _tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def protector() -> AmortizedProtector:
+    torch.manual_seed(0)
+    return AmortizedProtector(num_experts=3, patch_size=8, hidden=4).eval()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (1, 3, 45, 70), (1, 3, 9, 300), (1, 3, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_any_resolution_budget_and_range(protector, vae, shape, dtype):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out, info = protector.protect(x, vae, eps=EPS)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert (out.double() - x.double()).abs().max() <= EPS and out.min() >= 0 and out.max() <= 1
+    assert (out != x).any()
+    weights = info["weights"]
+    assert weights.shape[:2] == (shape[0], 3) and torch.allclose(weights.sum(1), torch.ones(1))
+    assert info["target"].shape == (shape[0],)
+
+
+def test_target_latents_are_periodic_and_cached(protector, vae):
+    a = protector.target_latents(vae, 40, 24)  # stride 2, period 8 px = 4 latents
+    assert a.shape == (3, 4, 20, 12)
+    assert torch.equal(a[..., :4, :4], a[..., 4:8, 8:12])
+    assert protector.target_latents(vae, 18, 64).shape == (3, 4, 9, 32)
+    assert len(protector.__dict__["_target_cache"]) == 1  # one encoded period serves every size
+
+
+def test_strength_map_spends_more_on_texture():
+    flat = torch.full((1, 3, 16, 16), 0.5)
+    noisy = torch.rand((1, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(strength_map(flat, 0.25, 0.08), torch.full((1, 1, 16, 16), 0.25))
+    assert strength_map(noisy, 0.25, 0.08).mean() > 0.9
+    assert target_bank(5, 12).shape == (5, 3, 12, 12) and target_bank(5, 12).min() >= 0
+
+
+def test_save_load_round_trip(protector, vae, tmp_path):
+    protector.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = AmortizedProtector.from_pretrained(str(tmp_path)).eval()
+    x = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(2))
+    assert loaded.config.num_experts == 3 and torch.equal(loaded.targets, protector.targets)
+    assert torch.equal(loaded.protect(x, vae)[0], protector.protect(x, vae)[0])
+    _, report = protect(x, "amortized", vae=vae, protector=str(tmp_path))  # by folder too
+    assert report.method == "amortized" and report.losses == [] and max(report.linf) <= EPS
+
+
+def test_bad_configuration_and_inputs(protector):
+    with pytest.raises(ValueError, match="latent"):
+        protector.protect(
+            torch.rand(1, 3, 16, 16), AutoencoderKL(latent_channels=8, norm_num_groups=8, block_out_channels=(8,))
+        )
+    with pytest.raises(ValueError, match="min_strength"):
+        AmortizedProtector(min_strength=2)
+    with pytest.raises(ValueError, match="non-negative"):
+        protector.protect(torch.rand(1, 3, 16, 16), _tiny_vae(), eps=-1)
+    with pytest.raises(ValueError, match="no denoiser"):
+        protect(torch.rand(1, 3, 16, 16), "amortized", vae=_tiny_vae(), protector=protector, robust=True)
+
+
+def test_multi_vae_loss_is_one_without_perturbation(vae):
+    other = _tiny_vae(seed=3, blocks=3)  # a different stride: 4
+    model = AmortizedProtector(num_experts=2, patch_size=8, hidden=4)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    clean = [latent(v, x) for v in (vae, other)]
+    targets = [model.target_latents(v, 16, 16) for v in (vae, other)]
+    weights = model.mixture_weights(vae, x)
+    loss = multi_vae_target_loss([vae, other], x, clean, targets, weights)
+    assert loss.shape == (2,) and torch.allclose(loss, torch.ones(2), atol=1e-5)
+
+
+def test_training_command_lowers_the_loss_and_saves(tmp_path):
+    from protect import train
+
+    vae_dir = tmp_path / "vae"
+    _tiny_vae().save_pretrained(vae_dir)
+    out = tmp_path / "protector"
+    argv = ["--vae", str(vae_dir), "--vae", str(vae_dir), "--out", str(out), "--steps", "25", "--batch-size", "8"]
+    argv += ["--size", "16", "--patch-size", "8", "--experts", "2", "--robust-prob", "0", "--lr", "0.1"]
+    assert train.main(argv) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["final_loss"] < record["first_loss"] - 0.02, record
+    loaded = AmortizedProtector.from_pretrained(str(out))
+    assert loaded.config.trained_on == [str(vae_dir)] * 2
+    with pytest.raises(SystemExit):  # never overwrite a trained protector without --overwrite
+        train.main(argv)
+    with pytest.raises(SystemExit):
+        train.main([*argv, "--overwrite", "--eps", "0"])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_purifications_keep_shape_and_range():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for name in PURIFICATIONS:
+        y = purify(x, name)
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert torch.equal(purify(x, "none"), x) and not torch.equal(purify(x, "jpeg75"), x)
+    with pytest.raises(ValueError, match="unknown purification"):
+        purify(x, "diffpure")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from apps.demo import generate, load_classifier, load_dit_pipeline
+
+    images, labels = generate(8, torch.Generator().manual_seed(3_000_017))
+    return load_dit_pipeline(), load_classifier(), (images + 1) / 2, labels
+
+
+def _gens(n: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@demo_only
+def test_sdedit_and_lora_mimicry_run(demo):
+    pipe, _, images, labels = demo
+    edited = sdedit(pipe, images[:2], labels[:2], strength=0.3, steps=5, generator=_gens(2))
+    again = sdedit(pipe, images[1:2], labels[1:2], strength=0.3, steps=5, generator=_gens(1, 1))
+    assert edited.shape == (2, 3, 32, 32) and torch.allclose(edited[1:], again, atol=1e-5)  # per-image seeds
+    with pytest.raises(ValueError, match="strength"):
+        sdedit(pipe, images, labels, strength=0)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    samples = lora_mimic(pipe, images[:4], labels[:4], steps=2, batch_size=2, samples=3, sampling_steps=3)
+    assert samples.shape == (3, 3, 32, 32)
+    assert all(torch.equal(before[k], v) for k, v in pipe.transformer.state_dict().items())  # the pipe is untouched
+
+
+@demo_only
+def test_pgd_protection_degrades_img2img_by_a_clear_margin(demo):
+    """PhotoGuard against the demo VAE changes the SDEdit result of the demo DiT far more than random noise of the
+    same budget does, and the classifier's accuracy on the edits drops."""
+    pipe, classifier, images, labels = demo
+    protected, _ = protect(images, "photoguard", vae=pipe.vae, steps=20, generator=_gens(8))
+    signs = torch.randint(0, 2, images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = (images + EPS * signs).clamp(0, 1)
+
+    def mimic(x):
+        return sdedit(pipe, x, labels, strength=0.2, steps=10, generator=_gens(8, 100))
+
+    rows = evaluate(
+        images,
+        {"pgd": protected, "noise": noise},
+        labels,
+        mimics={"sdedit": mimic},
+        classifier=classifier,
+        vaes={"A": pipe.vae},
+        purifications=("none",),
+    )
+    by = {r["protection"]: r for r in rows}
+    assert by["clean"]["sdedit_psnr_to_clean"] > 100  # the reference against itself
+    assert by["pgd"]["sdedit_psnr_to_clean"] < by["noise"]["sdedit_psnr_to_clean"] - 6, rows
+    assert by["pgd"]["latent_distortion_A"] > 2 * by["noise"]["latent_distortion_A"], rows
+    assert by["pgd"]["linf_255"] <= 8 + 1e-3 and by["pgd"]["psnr"] > 28
+
+
+@demo_only
+@pytest.mark.skipif(not (DEMO_DIR / "protector").is_dir(), reason="no trained protector in demo_models/")
+def test_committed_protector_beats_noise_in_one_pass(demo):
+    pipe, _, images, _ = demo
+    model = AmortizedProtector.from_pretrained(str(DEMO_DIR / "protector"))
+    protected, report = protect(images, "amortized", vae=pipe.vae, protector=model)
+    signs = torch.randint(0, 2, images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = (images + EPS * signs).clamp(0, 1)
+    with torch.no_grad():
+        clean = latent(pipe.vae, images)
+        moved = (latent(pipe.vae, protected) - clean).flatten(1).norm(dim=1)
+        noisy = (latent(pipe.vae, noise) - clean).flatten(1).norm(dim=1)
+    assert moved.mean() > 1.5 * noisy.mean(), (moved, noisy)
+    assert max(report.linf) <= EPS and min(report.psnr) > 30
