@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         process = start_app(port, log)
     try:
         startup = wait_until_up(url, process)
+        load_before = os.getloadavg()[0]
         result = run_load(url, args.calls, args.clients)
     finally:
         if process is not None:
@@ -190,12 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         {
             "startup_s": startup,
             "machine": f"{cpu_model()}, {os.cpu_count()} CPU(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+            "load_average_1min": [load_before, os.getloadavg()[0]],  # before and after: other work on the machine
             "software": f"Python {platform.python_version()}, gradio {gradio.__version__}",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
     )
     print(f"/detect load test, {result['date']}: {result['machine']}; {result['software']}")
-    print(f"app answered after {startup:.1f} s; {args.calls} calls from {args.clients} concurrent clients")
+    print(
+        f"app answered after {startup:.1f} s; {args.calls} calls from {args.clients} concurrent clients "
+        f"(1-min load average {load_before:.2f} before, {result['load_average_1min'][1]:.2f} after)"
+    )
     print(f"answered {result['answered']}/{args.calls}, lost {result['lost']}")
     if result["answered"]:
         print(
