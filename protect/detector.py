@@ -10,8 +10,10 @@ passed in, never loaded here, and is not part of what :meth:`EPSDetector.save_pr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,12 @@ CONFIG_NAME, WEIGHTS_NAME, FORMAT = "config.json", "detector.safetensors", "stee
 
 @dataclass(frozen=True, kw_only=True)
 class EPSDetectorConfig:
-    """EPS levels (``timesteps``, ``t_max``, noise ``seed``), kernel training, reference set and calibration."""
+    """EPS levels (``timesteps``, ``t_max``, ``antithetic`` noise pairs, noise ``seed``), kernel training,
+    reference set and calibration."""
 
     timesteps: int = 20
     t_max: float | None = None
+    antithetic: bool = False
     seed: int = 0
     batch_size: int = 256
     reference_size: int = 500
@@ -56,6 +60,8 @@ class EPSDetectorConfig:
             raise ValueError(f"epochs must be a non-negative int, got {self.epochs!r}")
         if not 0 < self.fpr < 1 or not 0 < self.calibration_fraction < 1 or not self.lr > 0:
             raise ValueError("fpr and calibration_fraction must lie in (0, 1) and lr be positive")
+        if not isinstance(self.antithetic, bool) or (self.antithetic and self.timesteps % 2):
+            raise ValueError(f"antithetic must be a bool, and needs an even number of timesteps ({self.timesteps})")
         if self.t_max is not None and not 0 < self.t_max <= 1:
             raise ValueError(f"t_max must lie in (0, 1], got {self.t_max}")
         if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.channels):
@@ -91,12 +97,20 @@ class EPSDetector:
         self.kernel: DeepKernel | None = None
         self.reference: Tensor | None = None
         self.threshold: float | None = None
+        self.calibration_scores: Tensor | None = None
+        self.diffusion_model: str | None = None
 
     def eps(self, images: Tensor) -> Tensor:
         """The EPS of ``images`` with this detector's levels and seeds."""
         c = self.config
         return expected_perturbation_score(
-            self.denoiser, images, timesteps=c.timesteps, t_max=c.t_max, generator=c.seed, batch_size=c.batch_size
+            self.denoiser,
+            images,
+            timesteps=c.timesteps,
+            t_max=c.t_max,
+            generator=c.seed,
+            batch_size=c.batch_size,
+            antithetic=c.antithetic,
         )
 
     def fit(self, clean: Tensor, adversarial: Tensor, *, generator: torch.Generator | None = None) -> EPSDetector:
@@ -135,6 +149,7 @@ class EPSDetector:
         self.reference = train[: c.reference_size].detach()
         with torch.no_grad():
             calibration_scores = mmd2_per_sample(self.reference, calibration, self.kernel)
+        self.calibration_scores = calibration_scores.detach().cpu()
         self.threshold = float(torch.quantile(calibration_scores.double(), 1 - c.fpr, interpolation="higher"))
         return self
 
@@ -158,15 +173,26 @@ class EPSDetector:
         scores = self.score(images)
         return scores > self.threshold
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``detector.safetensors`` (kernel weights and reference EPS) to ``directory``."""
+    def save_pretrained(self, directory: str | Path, *, diffusion_model: str | None = None) -> None:
+        """Write ``config.json`` and ``detector.safetensors`` (kernel weights and reference EPS) to ``directory``.
+
+        ``config.json`` also records ``diffusion_model`` (a name or path of the score model the detector needs,
+        for loaders; default: the one given to :meth:`from_pretrained`, if any), the ``model_fingerprint`` of the
+        diffusion model's weights (checked by :meth:`from_pretrained`) and the ``calibration_scores``.
+        """
         if self.kernel is None or self.reference is None or self.threshold is None:
             raise RuntimeError("the detector is not fitted: nothing to save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"kernel.{k}": v.detach().cpu().contiguous() for k, v in self.kernel.state_dict().items()}
         save_file({**tensors, "reference": self.reference.detach().cpu().contiguous()}, directory / WEIGHTS_NAME)
-        meta = {"format": FORMAT, "config": self.config.to_dict(), "threshold": self.threshold}
+        meta: dict[str, Any] = {"format": FORMAT, "config": self.config.to_dict(), "threshold": self.threshold}
+        diffusion_model = diffusion_model if diffusion_model is not None else self.diffusion_model
+        if diffusion_model is not None:
+            meta["diffusion_model"] = str(diffusion_model)
+        meta["model_fingerprint"] = model_fingerprint(self.denoiser.model)
+        if self.calibration_scores is not None:
+            meta["calibration_scores"] = [float(s) for s in self.calibration_scores.double().tolist()]
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -184,6 +210,14 @@ class EPSDetector:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{directory / CONFIG_NAME} is not an EPSDetector config ({FORMAT})")
         detector = cls(model, scheduler, EPSDetectorConfig.from_dict(meta.get("config", {})))
+        expected_model, fingerprint = meta.get("diffusion_model"), meta.get("model_fingerprint")
+        detector.diffusion_model = str(expected_model) if expected_model is not None else None
+        if isinstance(fingerprint, str) and fingerprint != model_fingerprint(detector.denoiser.model):
+            warnings.warn(
+                f"{directory} was fitted with another diffusion model ({expected_model or 'unnamed'}, weights "
+                f"fingerprint {fingerprint}); its scores and threshold do not apply to the one given",
+                stacklevel=2,
+            )
         threshold, reference = meta.get("threshold"), tensors.pop("reference", None)
         if not isinstance(threshold, int | float) or not math.isfinite(threshold):
             raise ValueError(f"{directory / CONFIG_NAME}: the threshold must be a finite number, got {threshold!r}")
@@ -200,4 +234,16 @@ class EPSDetector:
             )
         kernel.load_state_dict({k.removeprefix("kernel."): v for k, v in tensors.items()})
         detector.kernel, detector.reference, detector.threshold = kernel.eval(), reference, float(threshold)
+        calibration = meta.get("calibration_scores")
+        if isinstance(calibration, list) and calibration:
+            detector.calibration_scores = torch.tensor([float(s) for s in calibration])
         return detector
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short SHA-256 of a model's state dict (names and float32 values), to tell diffusion models apart."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -74,6 +74,7 @@ def expected_perturbation_score(
     t_max: float | None = None,
     generator: Generators = 0,
     batch_size: int = 256,
+    antithetic: bool = False,
 ) -> Tensor:
     """EPS of each image, ``(N, C, H, W)``, on the model's VP scale (Zhang et al. 2023).
 
@@ -86,10 +87,16 @@ def expected_perturbation_score(
             ``seed + i``), one generator per image, or one generator that draws image by image in order. Either
             way the result does not depend on ``batch_size``.
         batch_size: model evaluations per forward pass (the ``N T`` perturbed copies are stacked and chunked).
+        antithetic: pair the noise draws of neighbouring levels, ``z`` at level ``2j - 1`` and ``-z`` at level
+            ``2j`` (``T`` even): each level still sees ``N(0, I)`` noise, so the expectation is the same, but the
+            part of the score that is linear in ``z`` (large at small levels, ``-z / sigma``) nearly cancels
+            within each pair instead of averaging out slowly.
     """
     check_images(images, channels=getattr(getattr(denoiser.model, "config", None), "in_channels", None))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if antithetic and timesteps % 2:
+        raise ValueError(f"antithetic noise pairs the levels: timesteps must be even, got {timesteps}")
     sigma = denoiser.t_to_sigma(perturbation_timesteps(denoiser, timesteps, t_max)).to(images)  # VE levels (T,)
     alpha, _ = P.ve_to_vp(sigma)  # sqrt(abar_t)
     generators = _generators(generator, images.shape[0])
@@ -97,7 +104,7 @@ def expected_perturbation_score(
     chunks = []
     for start in range(0, images.shape[0], per_chunk):
         x = images[start : start + per_chunk]
-        noise = torch.stack([_randn((timesteps, *x.shape[1:]), g, x) for g in generators[start : start + len(x)]])
+        noise = torch.stack([_noise(timesteps, x, g, antithetic) for g in generators[start : start + len(x)]])
         # x_t / sqrt(abar_t) = x + sigma_ve z: the same perturbation on the denoiser's VE scale
         x_ve = (x[:, None] + P.broadcast(sigma, noise[0])[None] * noise).flatten(0, 1)
         score = _score(denoiser, x_ve, sigma.repeat(len(x)), batch_size)
@@ -122,6 +129,14 @@ def _generators(generator: Generators, n: int) -> list[torch.Generator]:
             raise ValueError(f"got {len(generator)} generators for {n} images")
         return list(generator)
     raise ValueError(f"generator must be an int seed, a torch.Generator or one per image, got {generator!r}")
+
+
+def _noise(timesteps: int, x: Tensor, generator: torch.Generator, antithetic: bool) -> Tensor:
+    """One image's ``(T, C, H, W)`` noise: ``T`` draws, or ``T / 2`` draws interleaved with their negatives."""
+    if not antithetic:
+        return _randn((timesteps, *x.shape[1:]), generator, x)
+    half = _randn((timesteps // 2, *x.shape[1:]), generator, x)
+    return torch.stack([half, -half], 1).flatten(0, 1)
 
 
 def _randn(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ import contextlib
 import io
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,6 +55,24 @@ def load_victim(device: torch.device | str | None = None) -> Victim:
     victim = Victim(load_classifier(device=device)).eval()
     victim.requires_grad_(False)
     return victim
+
+
+SCORE_MODEL = "demo/unet_eps"
+
+
+def load_score_model(name: str = SCORE_MODEL, device: torch.device | str | None = None):
+    """The unconditional ``DDPMPipeline`` that an EPS detector runs on: ``"demo/<folder>"`` for a demo model
+    (``demo/unet_eps``, the EPS score model; ``demo/unet``, the original demo UNet) or a local folder path."""
+    from diffusers import DDPMPipeline
+
+    from apps.demo import DEMO_DIR
+
+    path = DEMO_DIR / name.removeprefix("demo/") if name.startswith("demo/") else Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"score model {name!r} not found at {path}")
+    pipe = DDPMPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+    pipe.unet.eval()
+    return pipe.to(device) if device is not None else pipe
 
 
 def to_unit(images: Tensor) -> Tensor:

@@ -71,6 +71,21 @@ def test_one_level_is_minus_eps_over_sqrt_one_minus_abar(unet, denoiser):
     torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-3)  # VE round trip in float32
 
 
+def test_antithetic_pairs_neighbouring_levels_with_opposite_noise(unet, denoiser):
+    model, scheduler = unet
+    x = _images(2)
+    z = torch.stack([torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(10 + i))[0] for i in range(2)])
+    expected = 0
+    for k, noise in ((1, z), (2, -z)):
+        abar = scheduler.alphas_cumprod[k]
+        with torch.no_grad():
+            expected = expected - model(abar.sqrt() * x + (1 - abar).sqrt() * noise, k).sample / (1 - abar).sqrt() / 2
+    eps = expected_perturbation_score(denoiser, x, timesteps=2, t_max=2 / 1000, generator=10, antithetic=True)
+    torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="even"):
+        expected_perturbation_score(denoiser, x, timesteps=3, antithetic=True)
+
+
 def test_default_levels_are_the_official_ones(denoiser):
     assert perturbation_timesteps(denoiser).tolist() == pytest.approx(list(range(1, 21)))
 
@@ -169,6 +184,18 @@ def test_save_and_load_round_trip(fitted, unet, tmp_path):
     x = _images(4, seed=5)
     assert loaded.threshold == fitted.threshold and loaded.config == fitted.config
     torch.testing.assert_close(loaded.score(x), fitted.score(x), rtol=0, atol=0)
+
+
+def test_saved_detector_names_and_checks_its_diffusion_model(fitted, unet, tmp_path):
+    fitted.save_pretrained(tmp_path, diffusion_model="demo/unet_x")
+    loaded = EPSDetector.from_pretrained(tmp_path, *unet)
+    assert loaded.diffusion_model == "demo/unet_x"
+    torch.testing.assert_close(loaded.calibration_scores, fitted.calibration_scores.float())
+    other = tiny_pixel_unet()  # same architecture, other weights
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.warns(UserWarning, match="another diffusion model"):
+        EPSDetector.from_pretrained(tmp_path, other, unet[1])
 
 
 def test_loading_rejects_missing_and_corrupt_files(fitted, unet, tmp_path):

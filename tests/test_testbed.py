@@ -96,10 +96,12 @@ def test_baselines_and_metrics():
 
 @pytest.mark.skipif(not (DETECTOR_DIR / "config.json").is_file(), reason="demo eps_detector not saved")
 def test_demo_detector_separates_pgd_from_clean(victim):
-    from apps.demo import load_ddpm_pipeline
+    import json
+
     from protect.detector import EPSDetector
 
-    pipe = load_ddpm_pipeline()
+    name = json.loads((DETECTOR_DIR / "config.json").read_text()).get("diffusion_model", "demo/unet")
+    pipe = tb.load_score_model(name)
     detector = EPSDetector.from_pretrained(DETECTOR_DIR, pipe.unet, pipe.scheduler)
     images, labels = generate(32, torch.Generator().manual_seed(5_000_003), size=16)
     clean, attacked = tb.to_unit(images[:16]), tb.attack("pgd", victim, tb.to_unit(images[16:]), labels[16:], 8 / 255)
