@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         help="evaluate protections against mimicry on the demo models (SDEdit, LoRA; JPEG, resize, noise, blur)",
         description="Protect held-out demo images with each method, purify them, mimic them with SDEdit and a "
         "LoRA fine-tune of the demo DiT, and report invisibility against the damage to the mimicry. Methods: "
-        "photoguard, mist, sds, amortized, noise (random signs, the naive baseline); 'photoguard@10' sets the "
+        "photoguard, mist, sds, amortized, amortized-full (full budget on flat regions too), noise (random "
+        "signs, the naive baseline); 'photoguard@10' sets the "
         "PGD steps. Writes a JSON report (never overwriting a file) and prints a Markdown table.",
     )
     ev.add_argument("--methods", nargs="+", default=["photoguard", "amortized", "noise"])

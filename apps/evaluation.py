@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-PROTECTIONS = ("photoguard", "mist", "sds", "amortized", "noise")
+PROTECTIONS = ("photoguard", "mist", "sds", "amortized", "amortized-full", "noise")
 EVAL_SEED = 3_000_017  # held-out images: a stream neither the demo models nor the protector trained on
 
 
@@ -54,8 +54,11 @@ def protect_all(
         if name == "noise":  # the naive baseline: random signs at the full budget
             signs = torch.cat([torch.randint(0, 2, (1, *images.shape[1:]), generator=g) for g in gens()]) * 2 - 1
             out[method] = (images + eps * signs.to(images)).clamp(0, 1)
-        elif name == "amortized":
-            out[method], _ = protect(images, "amortized", vae=pipe.vae, protector=protector, eps=eps)
+        elif name.startswith("amortized"):  # "amortized-full": the full budget on flat regions too
+            floor = 1.0 if name == "amortized-full" else None
+            out[method], _ = protect(
+                images, "amortized", vae=pipe.vae, protector=protector, eps=eps, min_strength=floor
+            )
         else:
             extra = {"denoiser": _denoiser(pipe), "alphas_cumprod": alphas} if name in ("mist", "sds") else {}
             out[method], _ = protect(images, name, vae=pipe.vae, eps=eps, steps=n_steps, generator=gens(), **extra)

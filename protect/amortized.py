@@ -91,23 +91,27 @@ def multi_vae_target_loss(
     clean_latents: Sequence[Tensor],
     target_latents: Sequence[Tensor],
     weights: Tensor,
+    distortion_weight: float = 1.0,
 ) -> Tensor:
-    """Per-image mixture loss, averaged over the VAEs: the share of the distance to the targets that remains,
+    """Per-image mixture loss, averaged over the VAEs (lower = stronger protection):
 
-    ``sum_{k,p} w_kp ||E_v(x')_p - z_vk,p||^2 / sum_{k,p} w_kp ||E_v(x)_p - z_vk,p||^2`` over latent positions p,
-
-    with the gate's weights ``w`` (N, K, h, w) resized to each VAE's latent grid. ``clean_latents[v]`` is
-    (N, C, h_v, w_v) and ``target_latents[v]`` is (K, C, h_v, w_v). 1 means no progress toward the targets;
+    ``(sum_{k,p} w_kp ||E_v(x')_p - z_vk,p||^2 - lambda sum_p ||E_v(x')_p - E_v(x)_p||^2) / sum_{k,p} w_kp
+    ||E_v(x)_p - z_vk,p||^2`` over latent positions p: the share of the distance to the targets that remains,
+    minus ``lambda`` (``distortion_weight``) times how far the latent moved (PhotoGuard's targeted attack plus
+    an untargeted push), with the gate's weights ``w`` (N, K, h, w) resized to each VAE's latent grid.
+    ``clean_latents[v]`` is (N, C, h_v, w_v) and ``target_latents[v]`` is (K, C, h_v, w_v). 1 means no change;
     VAEs with different latent scales and strides count alike.
     """
     total = 0
     for vae, clean, targets in zip(vaes, clean_latents, target_latents):
         z = latent(vae, protected)
+        clean = clean.to(z)
         t = targets.to(z)[None]  # (1, K, C, h, w)
         w = F.interpolate(weights.float(), size=z.shape[-2:], mode="bilinear", align_corners=False)
         remaining = (w * (z[:, None] - t).pow(2).mean(2)).flatten(1).sum(1)
-        initial = (w * (clean.to(z)[:, None] - t).pow(2).mean(2)).flatten(1).sum(1)
-        total = total + remaining / initial.clamp_min(1e-8)
+        initial = (w * (clean[:, None] - t).pow(2).mean(2)).flatten(1).sum(1)
+        moved = (z - clean).pow(2).mean(1).flatten(1).sum(1)
+        total = total + (remaining - distortion_weight * moved) / initial.clamp_min(1e-8)
     return total / len(vaes)
 
 
@@ -126,7 +130,9 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         num_experts: int = 8,
         patch_size: int = 32,
         latent_channels: int = 4,
-        gate_size: int = 256,
+        gate_size: int = 64,
+        latent_stride: int = 8,
+        residual: bool = True,
         hidden: int = 32,
         eps: float = 8 / 255,
         min_strength: float = 0.5,
@@ -149,6 +155,18 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
             nn.Conv2d(hidden, hidden, 3, padding=1),
             nn.SiLU(),
             nn.Conv2d(hidden, num_experts, 1),
+        )
+        # image-adaptive term: the latent's residual to its mixed target, lifted back to pixels (a learned,
+        # amortised stand-in for the encoder's transposed Jacobian that one PGD step would apply)
+        self.lift = (
+            nn.Sequential(
+                nn.Conv2d(latent_channels, hidden, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(hidden, 3 * latent_stride**2, 3, padding=1),
+                nn.PixelShuffle(latent_stride),
+            )
+            if residual
+            else None
         )
 
     # ------------------------------------------------------------------ pieces
@@ -187,8 +205,9 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
                 cache[key] = latent(vae, _cover(self.targets, height, width, self.config.tile))
         return cache[key]
 
-    def mixture_weights(self, vae: AutoencoderKL, images: Tensor) -> Tensor:
-        """Spatial softmax gate weights (N, K, h, w) on the thumbnail's latent grid.
+    def analyse(self, vae: AutoencoderKL, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Spatial softmax gate weights (N, K, h, w) on the thumbnail's latent grid, and the latent's residual to
+        its mixed target (N, C, h, w).
 
         The gate reads, at every latent position, the image's latent and its squared distance to each target's
         latent there: each region picks (mixes) the targets and experts that suit its content.
@@ -204,33 +223,61 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         zt = self.target_latents(vae, *thumb.shape[-2:])
         distance = (z[:, None] - zt[None]).pow(2).mean(2)  # (N, K, h, w)
         features = torch.cat([z, distance.log1p()], dim=1).to(self.fields.dtype)
-        return torch.softmax(self.gate(features) / self.config.temperature, dim=1)
+        weights = torch.softmax(self.gate(features) / self.config.temperature, dim=1)
+        residual = z.to(weights) - torch.einsum("nkhw,kchw->nchw", weights, zt.to(weights))
+        return weights, residual
 
-    def perturbation(self, images: Tensor, weights: Tensor, eps: float | None = None) -> Tensor:
-        """The perturbation (N, 3, H, W) for ``images`` and gate ``weights``: ``eps * strength * tanh(mix)``."""
+    def mixture_weights(self, vae: AutoencoderKL, images: Tensor) -> Tensor:
+        """The gate weights of :meth:`analyse`."""
+        return self.analyse(vae, images)[0]
+
+    def perturbation(
+        self,
+        images: Tensor,
+        weights: Tensor,
+        eps: float | None = None,
+        residual: Tensor | None = None,
+        min_strength: float | None = None,
+    ) -> Tensor:
+        """The perturbation (N, 3, H, W): ``eps * strength * tanh(sum_k w_k field_k + lift(residual))``."""
         eps = self.config.eps if eps is None else eps
+        floor = self.config.min_strength if min_strength is None else min_strength
         h, w = images.shape[-2:]
         experts = _cover(self.fields, h, w, self.config.tile)  # (K, 3, H, W)
         gates = F.interpolate(weights.to(self.fields.dtype), size=(h, w), mode="bilinear", align_corners=False)
-        field = torch.einsum("nkhw,kchw->nchw", gates, experts).tanh()
-        strength = strength_map(images, self.config.min_strength, self.config.texture_scale, self.config.texture_window)
+        mix = torch.einsum("nkhw,kchw->nchw", gates, experts)
+        if self.lift is not None and residual is not None:
+            lifted = self.lift(residual.to(self.fields.dtype))
+            mix = mix + F.interpolate(lifted, size=(h, w), mode="bilinear", align_corners=False)
+        field = mix.tanh()
+        strength = strength_map(images, floor, self.config.texture_scale, self.config.texture_window)
         return eps * strength.to(field) * field
 
-    def forward(self, images: Tensor, vae: AutoencoderKL, eps: float | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, images: Tensor, vae: AutoencoderKL, eps: float | None = None, min_strength: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Differentiable protection (for training): ``clamp(x + delta, 0, 1)`` and the gate weights."""
-        weights = self.mixture_weights(vae, images)
-        delta = self.perturbation(images.float(), weights, eps)
+        weights, residual = self.analyse(vae, images)
+        delta = self.perturbation(images.float(), weights, eps, residual, min_strength)
         return (images.float() + delta.to(images.device)).clamp(0, 1), weights
 
     @torch.no_grad()
-    def protect(self, images: Tensor, vae: AutoencoderKL, eps: float | None = None) -> tuple[Tensor, dict]:
+    def protect(
+        self, images: Tensor, vae: AutoencoderKL, eps: float | None = None, min_strength: float | None = None
+    ) -> tuple[Tensor, dict]:
         """Protect ``images`` (N, 3, H, W) in [0, 1], any size; returns them in the input dtype and device, with
-        the exact budget and range, and ``{"weights": (N, K), "target": (N,) chosen expert}``."""
+        the exact budget and range, and ``{"weights": (N, K, h, w), "target": (N,) dominant expert}``.
+
+        ``min_strength`` overrides the budget share spent on flat regions (1: the full ``eps`` everywhere, the
+        strongest and most visible setting; default: the trained value).
+        """
         eps = self.config.eps if eps is None else eps
         if eps < 0:
             raise ValueError(f"eps must be non-negative, got {eps}")
+        if min_strength is not None and not 0 <= min_strength <= 1:
+            raise ValueError(f"min_strength must lie in [0, 1], got {min_strength}")
         param = self.fields
         x = images.to(param.device)
-        protected, weights = self.forward(x, vae, eps)
+        protected, weights = self.forward(x, vae, eps, min_strength)
         out = fit_to_ball(protected.to(images.device), images, eps, images.dtype)
         return out, {"weights": weights, "target": weights.mean((2, 3)).argmax(1)}

@@ -146,6 +146,7 @@ def protect(
     robust: bool | tuple[str, ...] = False,
     protector: AmortizedProtector | str | None = None,
     alphas_cumprod: Tensor | None = None,
+    min_strength: float | None = None,
 ) -> tuple[Tensor | list[Image.Image], ProtectionReport]:
     """Protect ``images`` against mimicry by an L-infinity PGD attack on ``vae`` (and ``denoiser``).
 
@@ -162,6 +163,8 @@ def protect(
         alphas_cumprod: the denoiser's noise schedule for "mist" and "sds" (default: Stable Diffusion's).
         protector: for "amortized": a trained :class:`~protect.amortized.AmortizedProtector` or its folder
             (``steps``, ``step``, ``target``, ``generator`` and ``robust`` do not apply: it was trained robust).
+        min_strength: for "amortized": the budget share on flat regions (1 = full ``eps`` everywhere; default:
+            the protector's trained value).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -177,6 +180,8 @@ def protect(
         raise ValueError("method 'amortized' needs protector= (a trained AmortizedProtector); other methods take none")
     if method == "amortized" and (denoiser is not None or target is not None or robust):
         raise ValueError("method 'amortized' takes no denoiser, target or robust option (its training fixed them)")
+    if min_strength is not None and method != "amortized":
+        raise ValueError("min_strength applies to method 'amortized' only")
     if isinstance(protector, str | Path):
         protector = AmortizedProtector.from_pretrained(str(protector))
     is_pil = isinstance(images, list | tuple)
@@ -197,7 +202,7 @@ def protect(
     trace: list[list[float]] = []
     if method == "amortized":
         protector = protector.to(batch.device)
-        protected, _ = protector.protect(batch, vae, eps=eps)
+        protected, _ = protector.protect(batch, vae, eps=eps, min_strength=min_strength)
     elif method == "sds":
         loss_fn = partial(sds_loss, vae, denoiser, alphas_cumprod=alphas_cumprod, generator=generator)
     else:

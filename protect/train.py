@@ -106,6 +106,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eps", type=float, default=8.0, help="training budget in 1/255 (default 8)")
     parser.add_argument("--min-strength", type=float, default=0.5, help="budget share on flat regions")
     parser.add_argument("--robust-prob", type=float, default=0.5, help="chance of a purification per step")
+    parser.add_argument("--distortion-weight", type=float, default=1.0, help="weight of the untargeted push")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing protector in --out")
@@ -133,6 +134,7 @@ def train(args: argparse.Namespace) -> dict:
         num_experts=args.experts,
         patch_size=args.patch_size,
         latent_channels=vaes[0].config.latent_channels,
+        latent_stride=2 ** (len(vaes[0].config.block_out_channels) - 1),
         eps=args.eps / 255,
         min_strength=args.min_strength,
         trained_on=tuple(args.vae),
@@ -154,7 +156,7 @@ def train(args: argparse.Namespace) -> dict:
         protected, weights = protector(images, vaes[0])
         if torch.rand((), generator=rng).item() < args.robust_prob:
             protected = random_transform(transforms, protected, rng)
-        loss = multi_vae_target_loss(vaes, protected, clean, target_latents, weights).mean()
+        loss = multi_vae_target_loss(vaes, protected, clean, target_latents, weights, args.distortion_weight).mean()
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -173,6 +175,7 @@ def train(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "size": args.size,
         "robust_prob": args.robust_prob,
+        "distortion_weight": args.distortion_weight,
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
         "losses": [float(f"{x:.5g}") for x in losses[:: max(1, len(losses) // 200)]],

@@ -51,6 +51,9 @@ def test_any_resolution_budget_and_range(protector, vae, shape, dtype):
     assert out.shape == x.shape and out.dtype == dtype
     assert (out.double() - x.double()).abs().max() <= EPS and out.min() >= 0 and out.max() <= 1
     assert (out != x).any()
+    full, _ = protector.protect(x, vae, eps=EPS, min_strength=1.0)
+    assert (full.double() - x.double()).abs().max() <= EPS
+    assert (full.double() - x.double()).abs().mean() >= (out.double() - x.double()).abs().mean()
     weights = info["weights"]
     assert weights.shape[:2] == (shape[0], 3) and torch.allclose(weights.sum(1), torch.ones(1))
     assert info["target"].shape == (shape[0],)
@@ -92,6 +95,10 @@ def test_bad_configuration_and_inputs(protector):
         AmortizedProtector(min_strength=2)
     with pytest.raises(ValueError, match="non-negative"):
         protector.protect(torch.rand(1, 3, 16, 16), _tiny_vae(), eps=-1)
+    with pytest.raises(ValueError, match="min_strength"):
+        protector.protect(torch.rand(1, 3, 16, 16), _tiny_vae(), min_strength=1.5)
+    with pytest.raises(ValueError, match="amortized' only"):
+        protect(torch.rand(1, 3, 16, 16), "photoguard", vae=_tiny_vae(), min_strength=1.0)
     with pytest.raises(ValueError, match="no denoiser"):
         protect(torch.rand(1, 3, 16, 16), "amortized", vae=_tiny_vae(), protector=protector, robust=True)
 
