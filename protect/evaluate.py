@@ -198,7 +198,9 @@ def lora_mimic(
     config = LoraConfig(
         r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
     )
-    transformer = inject_adapter_in_model(config, transformer)
+    with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global generator
+        torch.manual_seed(seed)
+        transformer = inject_adapter_in_model(config, transformer)
     params = [p for name, p in transformer.named_parameters() if "lora_" in name]
     for p in params:
         p.requires_grad_(True)
@@ -208,10 +210,9 @@ def lora_mimic(
         z_all = latent(pipe.vae, images)
     labels = labels.to(z_all.device)
     rng = torch.Generator().manual_seed(seed)
-    transformer.train()
+    transformer.eval()  # no label dropout (it draws from the global generator); LoRA itself has no dropout
     with torch.enable_grad():
         _fit(transformer, optimizer, z_all, labels, alphas, rng, steps, batch_size)
-    transformer.eval()
     n = samples or len(images)
     classes = labels[torch.arange(n, device=labels.device) % len(labels)]
     gens = [torch.Generator().manual_seed(seed + 10_000 + i) for i in range(n)]

@@ -214,3 +214,42 @@ def test_committed_protector_beats_noise_in_one_pass(demo):
         noisy = (latent(pipe.vae, noise) - clean).flatten(1).norm(dim=1)
     assert moved.mean() > 1.5 * noisy.mean(), (moved, noisy)
     assert max(report.linf) <= EPS and min(report.psnr) > 30
+
+
+@demo_only
+def test_evaluate_command_writes_a_new_report(tmp_path, capsys):
+    from apps.cli import main as cli_main
+
+    report = tmp_path / "eval.json"
+    argv = ["evaluate", "--methods", "photoguard@1", "noise", "-n", "4", "--strengths", "0.3"]
+    argv += ["--lora-steps", "2", "--json", str(report), "--device", "cpu"]
+    assert cli_main(argv) == 0
+    assert cli_main(argv) == 0  # a second run never overwrites the first report
+    first, second = json.loads(report.read_text()), json.loads((tmp_path / "eval-1.json").read_text())
+    assert first["rows"] == second["rows"]  # seeded end to end
+    rows = {(r["protection"], r["purification"]): r for r in first["rows"]}
+    assert len(rows) == 3 * 5 and "lora_fd" in rows[("noise", "jpeg75")] and "lora_fd" not in rows[("noise", "blur1")]
+    assert rows[("photoguard@1", "none")]["linf_255"] <= 8 + 1e-3
+    assert "| photoguard@1 | none |" in capsys.readouterr().out
+    assert cli_main(["evaluate", "--methods", "glaze"]) == 2
+    assert cli_main(["evaluate", "--strengths", "1.5"]) == 2
+
+
+@demo_only
+@pytest.mark.skipif(not (DEMO_DIR / "protector").is_dir(), reason="no trained protector in demo_models/")
+def test_protect_command_with_the_amortized_protector(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from apps.cli import main as cli_main
+
+    source = tmp_path / "art.png"
+    pixels = np.random.default_rng(0).integers(30, 220, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(source)
+    before = source.read_bytes()
+    out = tmp_path / "out"
+    assert cli_main(["protect", str(source), "--out", str(out), "--method", "amortized", "--device", "cpu"]) == 0
+    assert source.read_bytes() == before
+    (png,) = out.glob("*.png")
+    protected = np.asarray(Image.open(png), dtype=int)
+    assert protected.shape == pixels.shape and 0 < np.abs(protected - pixels).max() <= 8
