@@ -107,6 +107,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-strength", type=float, default=0.5, help="budget share on flat regions")
     parser.add_argument("--robust-prob", type=float, default=0.5, help="chance of a purification per step")
     parser.add_argument("--distortion-weight", type=float, default=1.0, help="weight of the untargeted push")
+    parser.add_argument(
+        "--balance", type=float, default=0.0, help="load-balancing weight: K * sum_k usage_k^2 (1 when uniform)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing protector in --out")
@@ -157,6 +160,8 @@ def train(args: argparse.Namespace) -> dict:
         if torch.rand((), generator=rng).item() < args.robust_prob:
             protected = random_transform(transforms, protected, rng)
         loss = multi_vae_target_loss(vaes, protected, clean, target_latents, weights, args.distortion_weight).mean()
+        if args.balance:  # Switch-Transformer-style: keep every expert in use across the batch
+            loss = loss + args.balance * args.experts * weights.float().mean((0, 2, 3)).pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
@@ -176,6 +181,7 @@ def train(args: argparse.Namespace) -> dict:
         "size": args.size,
         "robust_prob": args.robust_prob,
         "distortion_weight": args.distortion_weight,
+        "balance": args.balance,
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
         "losses": [float(f"{x:.5g}") for x in losses[:: max(1, len(losses) // 200)]],
