@@ -1,12 +1,14 @@
 """EPS-AD on the demo testbed: detection of attacks it was not trained on, naive baselines, benign false positives.
 
-The EPSDetector (demo 16x16 UNet, T = 20 levels) is fitted on clean images vs FGSM at 4/255 only (as in the
-paper), then tested on FGSM, PGD, PGD-L2, BIM, MIM and CW at three budgets, beside two naive baselines that
-get the same calibration (threshold at the 95 % quantile of the fitting clean images): the norm of the EPS and
-the high-frequency (Laplacian) energy of the image itself. Benign changes (JPEG 75, resize x0.5 and back,
-Gaussian noise 2/255, random sign noise 4/255) measure false positives at the calibrated thresholds.
+The EPSDetector (score model ``demo/unet_eps``, the 16x16 demo UNet fine-tuned at small noise levels; T = 20
+levels t_k = k / 1000) is fitted on clean images vs FGSM at 4/255 only (as in the paper), then tested on FGSM,
+PGD, PGD-L2, BIM, MIM and CW at three budgets and on standard AutoAttack (a subset: it takes seconds per image on a
+CPU), beside two naive baselines that get the same calibration (threshold at the 95 % quantile of the fitting
+clean images): the norm of the EPS and the high-frequency (Laplacian) energy of the image itself. Benign changes
+(JPEG 75, resize x0.5 and back, Gaussian noise 2/255, random sign noise 4/255) measure false positives at the
+calibrated thresholds. Last, EPS throughput: levels stacked in one batch (the library) vs a per-level loop.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_detection [--fit 300 --test 200] [--save demo_models/eps_detector]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_detection [--fit 600 --test 200] [--save demo_models/eps_detector]
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from apps.demo import generate, load_ddpm_pipeline
+from apps.demo import generate
 from guidance import prediction as P
 from guidance.denoisers import score_from_denoised
 from protect import testbed as tb
 from protect.detector import EPSDetector
-from protect.eps import perturbation_timesteps
+from protect.eps import _noise, perturbation_timesteps
 from protect.mmd import mmd2_per_sample
 
 ATTACKS = ("fgsm", "pgd", "pgd_l2", "bim", "mim", "cw")
@@ -53,10 +55,10 @@ def eps_per_level_loop(detector: EPSDetector, images: torch.Tensor) -> torch.Ten
     alpha, _ = P.ve_to_vp(sigma)
     noise = torch.stack(
         [
-            torch.randn((c.timesteps, *images.shape[1:]), generator=torch.Generator().manual_seed(c.seed + i))
+            _noise(c.timesteps, images, torch.Generator().manual_seed(c.seed + i), c.antithetic)
             for i in range(len(images))
         ]
-    ).to(images)
+    )
     total = torch.zeros_like(images)
     for k in range(c.timesteps):
         s = sigma[k].expand(len(images))
@@ -76,18 +78,32 @@ def markdown(headers: list[str], rows: list[list]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fit", type=int, default=300, help="clean images to fit the detector on")
+    parser.add_argument("--fit", type=int, default=600, help="clean images to fit the detector on")
     parser.add_argument("--test", type=int, default=200, help="images per test set")
     parser.add_argument("--timesteps", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument(
+        "--t-max", type=float, default=None, help="largest EPS level, diffusion time (default T/1000, the paper's)"
+    )
+    parser.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--lr", type=float, default=2e-3, help="kernel learning rate (the paper's: 5e-4)")
+    parser.add_argument(
+        "--fit-budgets", type=str, default="4", help="comma-separated FGSM L-inf budgets (/255) to fit on"
+    )
+    parser.add_argument(
+        "--unet", default=tb.SCORE_MODEL, help="score model: demo/<folder> (demo/unet_eps, demo/unet) or a path"
+    )
+    parser.add_argument("--autoattack", type=int, default=50, help="images for AutoAttack (0: skip it)")
+    parser.add_argument("--autoattack-budgets", type=str, default="4,8")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save", type=Path, default=None, help="save the fitted detector (and a model card) here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    pipe = load_ddpm_pipeline()
+    pipe = tb.load_score_model(args.unet)
     unet, scheduler = pipe.unet.eval(), pipe.scheduler
+    fit_budgets = [float(b) for b in args.fit_budgets.split(",")]
     victim = tb.load_victim()
     size = unet.config.sample_size
 
@@ -98,10 +114,23 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         clean_acc = (victim(test01).argmax(1) == test_y).double().mean().item()
 
-    # fit on FGSM 4/255 only
+    # fit on FGSM only: image i of the fit set attacked at budget fit_budgets[i % len(fit_budgets)]
     t0 = time.perf_counter()
-    fit_adv = tb.attack("fgsm", victim, fit01, fit_y, 4 / 255, seed=ATTACK_SEED)
-    detector = EPSDetector(unet, scheduler, timesteps=args.timesteps, epochs=args.epochs, reference_size=args.fit)
+    fit_adv = torch.empty_like(fit01)
+    for j, budget in enumerate(fit_budgets):
+        fit_adv[j :: len(fit_budgets)] = tb.attack(
+            "fgsm", victim, fit01[j :: len(fit_budgets)], fit_y[j :: len(fit_budgets)], budget / 255, seed=ATTACK_SEED
+        )
+    detector = EPSDetector(
+        unet,
+        scheduler,
+        timesteps=args.timesteps,
+        t_max=args.t_max,
+        antithetic=args.antithetic,
+        epochs=args.epochs,
+        lr=args.lr,
+        reference_size=args.fit,
+    )
     detector.fit(tb.to_signed(fit01), tb.to_signed(fit_adv))
     fit_time = time.perf_counter() - t0
 
@@ -127,30 +156,46 @@ def main(argv: list[str] | None = None) -> dict:
 
     attack_rows, attack_time = [], 0.0
     results: dict = {"attacks": {}, "benign": {}}
+
+    def evaluate_attack(name: str, budget: int, images01: torch.Tensor, labels: torch.Tensor, label: str) -> None:
+        nonlocal attack_time
+        t0 = time.perf_counter()
+        adv = tb.attack(name, victim, images01, labels, budget / 255, seed=ATTACK_SEED)
+        seconds = time.perf_counter() - t0
+        attack_time += seconds
+        norm, radius = tb.budget_of(name, budget / 255, tuple(images01.shape[1:]))
+        asr = tb.success_rate(victim, images01, adv, labels)
+        with torch.no_grad():
+            fooled = victim(adv).argmax(1) != labels
+        s = {k: sign[k] * v for k, v in scores(adv).items()}
+        row = [label, f"{norm} {radius * 255:.0f}/255" if norm == "linf" else f"l2 {radius:.3f}", len(adv), asr]
+        entry = {
+            "asr": asr,
+            "norm": norm,
+            "radius": radius,
+            "n": len(adv),
+            "attack_seconds_per_image": seconds / len(adv),
+        }
+        for k in methods:
+            entry[k] = {
+                "auroc": tb.auroc(clean[k], s[k]),
+                "tpr@5": tb.tpr_at_fpr(clean[k], s[k]),
+                "tpr@thr": tb.flag_rate(s[k], thresholds[k]),
+            }
+            row += [entry[k]["auroc"], entry[k]["tpr@5"]]
+        entry["EPS-AD"]["auroc_fooled"] = tb.auroc(clean["EPS-AD"], s["EPS-AD"][fooled]) if fooled.any() else None
+        row += ["-" if not fooled.any() else f"{entry['EPS-AD']['auroc_fooled']:.3f} (n={int(fooled.sum())})"]
+        row += [entry["EPS-AD"]["tpr@thr"]]
+        results["attacks"][f"{name}@{budget}" + ("" if len(adv) == len(test01) else f"[:{len(adv)}]")] = entry
+        attack_rows.append(row)
+
     for name in ATTACKS:
         for budget in BUDGETS:
-            t0 = time.perf_counter()
-            adv = tb.attack(name, victim, test01, test_y, budget / 255, seed=ATTACK_SEED)
-            attack_time += time.perf_counter() - t0
-            norm, radius = tb.budget_of(name, budget / 255, tuple(test01.shape[1:]))
-            asr = tb.success_rate(victim, test01, adv, test_y)
-            with torch.no_grad():
-                fooled = victim(adv).argmax(1) != test_y
-            s = {k: sign[k] * v for k, v in scores(adv).items()}
-            row = [name, f"{norm} {radius * 255:.0f}/255" if norm == "linf" else f"l2 {radius:.3f}", asr]
-            entry = {"asr": asr, "norm": norm, "radius": radius}
-            for k in methods:
-                entry[k] = {
-                    "auroc": tb.auroc(clean[k], s[k]),
-                    "tpr@5": tb.tpr_at_fpr(clean[k], s[k]),
-                    "tpr@thr": tb.flag_rate(s[k], thresholds[k]),
-                }
-                row += [entry[k]["auroc"], entry[k]["tpr@5"]]
-            entry["EPS-AD"]["auroc_fooled"] = tb.auroc(clean["EPS-AD"], s["EPS-AD"][fooled]) if fooled.any() else None
-            row += ["-" if not fooled.any() else f"{entry['EPS-AD']['auroc_fooled']:.3f} (n={int(fooled.sum())})"]
-            row += [entry["EPS-AD"]["tpr@thr"]]
-            results["attacks"][f"{name}@{budget}"] = entry
-            attack_rows.append(row)
+            evaluate_attack(name, budget, test01, test_y, name)
+    if args.autoattack:
+        n = min(args.autoattack, len(test01))
+        for budget in (int(b) for b in args.autoattack_budgets.split(",")):
+            evaluate_attack("autoattack", budget, test01[:n], test_y[:n], "autoattack (standard)")
 
     benign_rows = [["clean (held out)", clean_acc] + [tb.flag_rate(clean[k], thresholds[k]) for k in methods]]
     benign_rows[0] += [0.5] * len(methods)
@@ -180,18 +225,21 @@ def main(argv: list[str] | None = None) -> dict:
     max_diff = (a - b).abs().max().item() / a.abs().max().item()
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    budgets_text = ", ".join(f"{b:g}/255" for b in fit_budgets)
     print(f"## EPS-AD detection benchmark ({date})\n")
     print(f"Machine: {machine()}  ")
+    c = detector.config
     print(
-        f"Data: demo shapes at {size}x{size}, fit {args.fit} clean (seed {FIT_SEED}) + FGSM 4/255 of them; "
+        f"Data: demo shapes at {size}x{size}, fit {args.fit} clean (seed {FIT_SEED}) + FGSM {budgets_text} of them; "
         f"test {args.test} per set (seed {TEST_SEED}). Victim: demo classifier on bilinear 16->32 upsampling, "
-        f"clean accuracy {clean_acc:.3f}. EPS: T = {args.timesteps}; kernel epochs {args.epochs}; "
-        f"reference {len(detector.reference)} clean EPS; threshold {detector.threshold:.4g} "
-        f"(target FPR {detector.config.fpr}).  "
+        f"clean accuracy {clean_acc:.3f}. Score model {args.unet}. EPS: T = {c.timesteps}, "
+        f"t_max = {c.t_max if c.t_max is not None else c.timesteps / 1000}, antithetic {c.antithetic}; "
+        f"kernel epochs {c.epochs}, lr {c.lr}; reference {len(detector.reference)} clean EPS; "
+        f"threshold {detector.threshold:.4g} (target FPR {c.fpr}).  "
     )
     print(f"Baseline orientation from the fit data (+1 = higher on adversarial): {sign}\n")
-    print("### Attacks (detector trained on FGSM 4/255 only)\n")
-    heads = ["attack", "budget", "ASR"]
+    print(f"### Attacks (detector trained on FGSM {budgets_text} only)\n")
+    heads = ["attack", "budget", "n", "ASR"]
     for k in methods:
         heads += [f"AUROC {k}", f"TPR@5%FPR {k}"]
     heads += ["AUROC EPS-AD, fooled only", "EPS-AD flagged at thr"]
@@ -201,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("### Benign changes: flag rate at the calibrated thresholds (= false positive rate)\n")
     heads = ["change", "victim acc"] + [f"FPR {k}" for k in methods] + [f"AUROC vs clean {k}" for k in methods]
     print(markdown(heads, benign_rows))
-    print("\n### EPS throughput (64 images, T levels, same noise)\n")
+    print(f"\n### EPS throughput ({len(speed_x)} images, T = {detector.config.timesteps} levels, same noise)\n")
     print(markdown(["EPS implementation", "images / s"], [[k, v[0]] for k, v in timings.items()]))
     print(f"\nmax relative difference batched vs loop: {max_diff:.2e}")
     total = time.perf_counter() - started
@@ -219,9 +267,12 @@ def main(argv: list[str] | None = None) -> dict:
         eps_images_per_s={"batched": batched_ips, "loop": loop_ips},
         fit=args.fit,
         test=args.test,
+        fit_budgets=fit_budgets,
+        score_model=args.unet,
+        seconds={"fit": fit_time, "clean_eps": clean_eps_time, "attacks": attack_time, "total": total},
     )
     if args.save is not None:
-        detector.save_pretrained(args.save)
+        detector.save_pretrained(args.save, diffusion_model=args.unet)
         (args.save / "metrics.json").write_text(json.dumps(results, indent=2))
         write_card(args.save, results, detector, attack_rows, benign_rows, methods)
     return results
@@ -229,35 +280,39 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_card(directory: Path, results: dict, detector: EPSDetector, attack_rows, benign_rows, methods) -> None:
     c = detector.config
-    heads = ["attack", "budget", "ASR"]
+    heads = ["attack", "budget", "n", "ASR"]
     for k in methods:
         heads += [f"AUROC {k}", f"TPR@5%FPR {k}"]
     heads += ["AUROC EPS-AD, fooled only", "EPS-AD flagged at thr"]
     benign_heads = ["change", "victim acc"] + [f"FPR {k}" for k in methods] + [f"AUROC vs clean {k}" for k in methods]
+    budgets = ", ".join(f"{b:g}/255" for b in results["fit_budgets"])
+    t_max = c.t_max if c.t_max is not None else c.timesteps / 1000
+    noise_text = "antithetic noise pairs" if c.antithetic else "one noise draw per level"
     text = f"""# steerguard demo model: eps_detector
 
-An `EPSDetector` (EPS-AD, Zhang et al. ICML 2023) around the demo 16x16 pixel UNet (`demo_models/unet`):
-the kernel weights, a reference set of {len(detector.reference)} clean EPS (3x16x16) and the threshold. The
-UNet is not stored here; load with
+An `EPSDetector` (EPS-AD, Zhang et al. ICML 2023) around the 16x16 pixel UNet `{results["score_model"]}`
+(`config.json` names it under `diffusion_model`, with a fingerprint of its weights that `from_pretrained` checks):
+the kernel weights, a reference set of {len(detector.reference)} clean EPS (3x16x16), the threshold and the
+calibration scores. The UNet is not stored here; load with
 
 ```python
-from apps.demo import load_ddpm_pipeline
+from protect import testbed as tb
 from protect.detector import EPSDetector
-pipe = load_ddpm_pipeline()
+pipe = tb.load_score_model("{results["score_model"]}")
 detector = EPSDetector.from_pretrained("demo_models/eps_detector", pipe.unet, pipe.scheduler)
 flags = detector.predict(images)  # (N, 3, 16, 16) in [-1, 1]
 ```
 
 ## Data and training
 - Images: procedural demo shapes (`apps/demo/data.py`) at 16x16, {results["fit"]} clean images (seed {FIT_SEED},
-  disjoint from the seed-0 training streams of the demo models) and their FGSM 4/255 versions against the victim
-  (demo classifier on bilinear 16->32 upsampling, `protect.testbed.load_victim`). Trained on FGSM 4/255 ONLY.
-- EPS: T = {c.timesteps} levels (t_k = k/1000), noise seed {c.seed}; deep kernel {list(c.channels)} ->
-  {c.feature_dim}-d, {c.epochs} epochs, lr {c.lr}.
+  disjoint from the seed-0 training streams of the demo models) and their FGSM versions ({budgets}) against the
+  victim (demo classifier on bilinear 16->32 upsampling, `protect.testbed.load_victim`). Trained on FGSM ONLY.
+- EPS: T = {c.timesteps} levels t_k = k t_max / T with t_max = {t_max}, {noise_text}, noise seed {c.seed};
+  deep kernel {list(c.channels)} -> {c.feature_dim}-d, {c.epochs} epochs, lr {c.lr}.
 - Threshold {detector.threshold:.6g}: the {1 - c.fpr:.0%} quantile of the scores of
   {round(c.calibration_fraction * results["fit"])} held-out clean images (target FPR {c.fpr}).
 - Reproduce: `OMP_NUM_THREADS=1 python -m benchmarks.bench_detection --save demo_models/eps_detector`
-  ({results["machine"]}, {results["date"]}).
+  ({results["machine"]}, {results["date"]}, {results["seconds"]["total"]:.0f} s).
 
 ## Metrics ({results["test"]} held-out images per set, seed {TEST_SEED})
 {markdown(heads, attack_rows)}

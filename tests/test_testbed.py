@@ -108,4 +108,4 @@ def test_demo_detector_separates_pgd_from_clean(victim):
     clean_scores = detector.score(tb.to_signed(clean))
     adversarial_scores = detector.score(tb.to_signed(attacked))
     assert clean_scores.mean() < adversarial_scores.mean()
-    assert tb.auroc(clean_scores, adversarial_scores) > 0.5
+    assert tb.auroc(clean_scores, adversarial_scores) > 0.8  # 0.98 on 200 + 200 images in bench_detection
