@@ -321,9 +321,12 @@ flags = detector.predict(images)  # (N, 3, 16, 16) in [-1, 1]
 {markdown(benign_heads, benign_rows)}
 
 ## Caveats
-Compare EPS-AD with the naive baselines in the same table before trusting it: on this easy, synthetic data a
-plain statistic may detect perturbations as well, and benign changes (JPEG, resizing, noise) may be flagged.
-This is a toy-scale demo detector for a toy UNet, not a production detector. `metrics.json` has all numbers.
+- Compare EPS-AD with the naive baselines (EPS norm, HF energy) in the same tables before trusting it.
+- It flags departures from the clean training distribution, not only attacks: check the benign-change table
+  (at 16x16, JPEG re-compression and a resize round trip are large changes that the score model has never seen).
+- AutoAttack (torchattacks `MultiAttack`) returns the clean image where all its attacks fail, so its all-images
+  AUROC mixes in unperturbed images; the "fooled only" column is the one to read for it.
+- A toy-scale demo detector for a toy UNet, not a production detector. `metrics.json` has all numbers.
 """
     (directory / "README.md").write_text(text)
 
