@@ -44,6 +44,7 @@ __all__ = [
     "default_detector_dir",
     "detect_images",
     "load_detector",
+    "mimicry_preview",
     "open_upload",
     "perturbation_image",
     "protect_image",
@@ -262,6 +263,63 @@ def protect_image(
     return protected, metrics
 
 
+@functools.lru_cache(maxsize=2)
+def _mimicry_models(device: str):
+    from .demo import load_classifier, load_dit_pipeline
+
+    return load_dit_pipeline(device), load_classifier(device)
+
+
+PREVIEW_CROP = 64  # the mimicry preview edits a native-resolution centre crop (resizing would blur the protection)
+
+
+def mimicry_preview(
+    original: Image.Image,
+    protected: Image.Image,
+    *,
+    strength: float = 0.3,
+    seed: int = 0,
+    device: str | None = None,
+    scale: int = 4,
+) -> tuple[Image.Image, Image.Image, dict[str, Any]] | None:
+    """SDEdit (img2img) of the original and of the protected image with the demo DiT, on the same centre crop
+    (at most 64x64, native resolution) and with the same noise; the class is the demo classifier's guess for
+    the original. Returns both edits (enlarged ``scale`` times), and the class and the PSNR between the edits;
+    ``None`` for images under 8 pixels a side."""
+    import torch
+
+    from protect.evaluate import sdedit
+
+    width, height = original.size
+    side = min(PREVIEW_CROP, width, height) // 4 * 4
+    if side < 8:
+        return None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    left, top = (width - side) // 2, (height - side) // 2
+    crops = [
+        torch.from_numpy(np.asarray(composite_rgb(im).crop((left, top, left + side, top + side)), np.float32).copy())
+        for im in (original, protected)
+    ]
+    x = (torch.stack(crops).permute(0, 3, 1, 2) / 255).to(device)
+    with _lock:
+        pipe, classifier = _mimicry_models(device)
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(x[:1] * 2 - 1, size=(32, 32), mode="bilinear", antialias=True)
+        label = classifier(small).argmax(1)
+        generators = [torch.Generator().manual_seed(seed) for _ in range(2)]  # the same noise for both
+        edits = sdedit(pipe, x, label.repeat(2), strength=strength, steps=20, generator=generators)
+    mse = (edits[0] - edits[1]).pow(2).mean().clamp_min(1e-12)
+    pictures = [
+        Image.fromarray((e.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).resize(
+            (side * scale, side * scale), Image.NEAREST
+        )
+        for e in edits
+    ]
+    names = sorted(pipe.labels, key=pipe.labels.get)
+    info = {"class": names[int(label)], "psnr_between_edits": float(10 * torch.log10(1 / mse)), "crop": side}
+    return pictures[0], pictures[1], info
+
+
 def default_detector_dir() -> Path:
     from .demo import DEMO_DIR
 
@@ -271,19 +329,19 @@ def default_detector_dir() -> Path:
 @functools.lru_cache(maxsize=2)
 def _detector(directory: str, device: str):
     from protect import EPSDetector
+    from protect.testbed import load_score_model
 
-    from .demo import load_ddpm_pipeline
-
-    pipe = load_ddpm_pipeline(device)
-    detector = EPSDetector.from_pretrained(directory, pipe.unet, pipe.scheduler)
     meta = json.loads((Path(directory) / "config.json").read_text())
+    pipe = load_score_model(meta.get("diffusion_model", "demo/unet"), device)  # the model it was fitted on
+    detector = EPSDetector.from_pretrained(directory, pipe.unet, pipe.scheduler)
     clean = meta.get("calibration_scores") or meta.get("clean_scores")
     detector.clean_scores = [float(s) for s in clean] if isinstance(clean, list) else None
     return detector
 
 
 def load_detector(directory: str | Path | None = None, device: str | None = None):
-    """The EPS-AD detector saved in ``directory`` (default ``demo_models/eps_detector``), around the demo UNet.
+    """The EPS-AD detector saved in ``directory`` (default ``demo_models/eps_detector``), around the score model
+    its ``config.json`` names (``diffusion_model``; the demo detector runs on ``demo/unet_eps``).
 
     Raises ``FileNotFoundError`` ("no detector available ...") when there is none.
     """
