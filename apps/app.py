@@ -350,8 +350,9 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
             gr.Markdown(
                 "Score images with the EPS-AD detector (Expected Perturbation Score + deep-kernel MMD): "
                 "a score above the calibrated threshold flags an adversarial (protected) image. The first example "
-                "is a pair the demo detector gets right, at its own 16 px resolution; on the demo testbed it flags "
-                "about one PGD 8/255 image in four (benchmarks/RESULTS.md)."
+                "is a clean shape and its PGD 8/255 version at the detector's own 16 px resolution. The demo "
+                "detector's measured rates, false positives on benign changes (JPEG, resizing) included, are in "
+                "its model card (demo_models/eps_detector)."
             )
             with gr.Row():
                 with gr.Column():

@@ -4,8 +4,7 @@
 * ``clean-16.png``, ``pgd8-16.png``: a clean 16x16 shape and its PGD (L-inf 8/255, 10 steps) adversarial
   version against the demo classifier, at the EPS detector's own resolution, for the Detect tab. The pair is
   the first one (in seed order) where the classifier is fooled and the demo detector is right on both images;
-  on the testbed the demo detector flags only about a quarter of PGD 8/255 images (``benchmarks/RESULTS.md``),
-  which this script prints again.
+  the script prints how often the detector is right on its 64 candidates (its full figures: its model card).
 
     OMP_NUM_THREADS=1 python scripts/make_examples.py
 """
