@@ -141,13 +141,26 @@ def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
     for path, image in zip(paths, originals):
         image.save(path)
     gallery, table, files, summary = _protect(client, *paths, method="mist", eps=6)
-    assert len(gallery) == 6 and "mist" in summary
+    assert len(gallery) == 10 and "mist" in summary  # original, protected, perturbation, two SDEdit previews
     assert [row[0] for row in table["data"]] == ["photo", "logo"]
+    assert all(20 < row[-1] < 80 for row in table["data"])  # the PSNR between the two edits
     assert len(files) == 2
     for original, file in zip(originals, files):
         protected = Image.open(file)
         assert protected.format == "PNG" and protected.size == original.size and protected.mode == original.mode
         assert 0 < _linf(protected, original) <= 6
+
+
+def test_protect_endpoint_amortized_without_preview(client, tmp_path):
+    from gradio_client import handle_file
+
+    path = tmp_path / "art.png"
+    _image((40, 36)).save(path)
+    gallery, table, files, summary = client.predict(
+        [handle_file(str(path))], "amortized", 8, 1, 0, False, api_name="/protect"
+    )
+    assert len(gallery) == 3 and "one forward pass" in summary and table["data"][0][-1] is None
+    assert 0 < _linf(Image.open(files[0]), Image.open(path)) <= 8
 
 
 def test_detect_endpoint_returns_verdicts(client, tmp_path):
