@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .generate import METHODS, PERTURBATIONS
+from .generate import METHODS, PERTURBATIONS, SAMPLERS
 from .uploads import PROTECT_METHODS
 
 
@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--eta", type=float, default=0.0)
     gen.add_argument("--norm-threshold", type=float, default=None)
     gen.add_argument("--momentum", type=float, default=None)
-    gen.add_argument("--perturbation", choices=tuple(PERTURBATIONS), default="none", help="PAG or TPG on top")
+    gen.add_argument("--perturbation", choices=tuple(PERTURBATIONS), default="none", help="PAG, SoftPAG or TPG on top")
     gen.add_argument("--perturbation-scale", type=float, default=2.0)
     gen.add_argument("--corrector-steps", type=int, default=0, help="Langevin corrector steps per noise level")
     gen.add_argument("--steps", type=int, default=25)
+    gen.add_argument("--sampler", choices=tuple(SAMPLERS), default="default", help="scheduler swapped in for the call")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=int, default=4)
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (files are never overwritten)")
@@ -139,6 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
         perturbation=args.perturbation,
         perturbation_scale=args.perturbation_scale,
         corrector_steps=args.corrector_steps,
+        sampler=args.sampler,
     )
     images = generate(load_pipeline(args.model, args.device), request)
     args.out.mkdir(parents=True, exist_ok=True)

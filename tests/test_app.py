@@ -196,6 +196,8 @@ def test_cli_generate_writes_new_files_only(tmp_path):
     assert cli_main(args) == 0
     assert cli_main(args) == 0
     assert len(list(tmp_path.glob("*.png"))) == 2  # the second run did not overwrite the first
+    assert cli_main([*args, "--sampler", "ddim", "--perturbation", "softpag"]) == 0
+    assert len(list(tmp_path.glob("*.png"))) == 3
     assert cli_main([*args[:1], "unicorn", *args[2:]]) == 2
 
 
