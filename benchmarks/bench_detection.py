@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
 from apps.demo import generate
+from benchmarks.common import machine
 from guidance import prediction as P
 from guidance.denoisers import score_from_denoised
 from protect import testbed as tb
@@ -33,18 +33,6 @@ from protect.mmd import mmd2_per_sample
 ATTACKS = ("fgsm", "pgd", "pgd_l2", "bim", "mim", "cw")
 BUDGETS = (2, 4, 8)  # L-inf, in 1/255; L2 attacks use tb.l2_budget of it
 FIT_SEED, TEST_SEED, ATTACK_SEED = 1_000_003, 2_000_003, 7
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {platform.python_version()}"
 
 
 @torch.no_grad()

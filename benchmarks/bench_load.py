@@ -26,18 +26,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.common import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "apps" / "examples"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:

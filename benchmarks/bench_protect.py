@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL
 
 from apps.demo import DEMO_DIR, load_dit_pipeline
 from apps.evaluation import _denoiser
-from benchmarks.bench_detection import machine
+from benchmarks.common import machine
 from protect import AmortizedProtector, protect
 
 

@@ -8,6 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -133,8 +134,24 @@ def now(device: str) -> float:
     return time.perf_counter()
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """CPU model, torch threads and versions, for the header of a CPU benchmark."""
+    return f"{cpu_model()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, {platform.python_version()}"
+
+
 def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    return torch.cuda.get_device_name() if device.startswith("cuda") else cpu_model()
 
 
 def side_by_side(settings: dict[str, Callable[[], float]], repeats: int, device: str) -> dict[str, dict]:
