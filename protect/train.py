@@ -129,7 +129,8 @@ def train(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator()
+    # cpu=True without a GPU: under torchrun / accelerate launch the CPU processes then join one gloo group
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     vaes = [load_vae(name, device) for name in args.vae]
     torch.manual_seed(args.seed)

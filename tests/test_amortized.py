@@ -133,6 +133,25 @@ def test_training_command_lowers_the_loss_and_saves(tmp_path):
         train.main([*argv, "--overwrite", "--eps", "0"])
 
 
+def test_training_command_runs_data_parallel(tmp_path):
+    """What `accelerate launch` does on several GPUs, here with two CPU processes under torchrun (gloo)."""
+    import os
+    import subprocess
+    import sys
+
+    vae_dir = tmp_path / "vae"
+    _tiny_vae().save_pretrained(vae_dir)
+    out = tmp_path / "protector"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "protect.train"]
+    command += ["--vae", str(vae_dir), "--out", str(out), "--steps", "3", "--batch-size", "4", "--size", "16"]
+    command += ["--patch-size", "8", "--experts", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run(command, check=True, capture_output=True, timeout=300, env=env)
+    record = json.loads((out / "training.json").read_text())
+    assert record["processes"] == 2 and record["steps"] == 3
+    AmortizedProtector.from_pretrained(str(out))
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
