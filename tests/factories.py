@@ -174,6 +174,12 @@ def _vae(
     ).eval()
 
 
+def tiny_vae(block_out_channels: tuple[int, ...] = (8, 16), seed: int = 0) -> AutoencoderKL:
+    """A very small KL autoencoder (4 latent channels, stride ``2 ** (len(block_out_channels) - 1)``) for the
+    protection tests."""
+    return _vae(block_out_channels, norm_num_groups=4, seed=seed)
+
+
 def _finish(pipe: DiffusionPipeline) -> DiffusionPipeline:
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):

@@ -13,6 +13,7 @@ from protect import AmortizedProtector, protect
 from protect.amortized import multi_vae_target_loss, strength_map, target_bank
 from protect.evaluate import PURIFICATIONS, evaluate, lora_mimic, purify, sdedit
 from protect.losses import latent
+from tests.factories import tiny_vae
 
 EPS = 8 / 255
 HAS_DEMO = all((DEMO_DIR / name).is_dir() for name in ("vae", "dit", "classifier"))
@@ -20,16 +21,7 @@ demo_only = pytest.mark.skipif(not HAS_DEMO, reason="the demo models are not in 
 
 
 def _tiny_vae(seed: int = 0, blocks: int = 2) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16, 16)[:blocks],
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        scaling_factor=0.5,
-    ).eval()
+    return tiny_vae((8, 16, 16)[:blocks], seed)
 
 
 @pytest.fixture(scope="module")

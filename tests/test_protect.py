@@ -15,21 +15,13 @@ from protect.amortized import AmortizedProtector
 from protect.losses import encoder_loss, latent, multi_vae_loss, sds_loss
 from protect.pgd import fit_to_ball, pgd
 from protect.protect import METHODS, ProtectionReport, default_target, protect
+from tests.factories import tiny_vae
 
 EPS = 8 / 255
 
 
 def _tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        scaling_factor=0.5,
-    ).eval()
+    return tiny_vae((8, 16), seed)
 
 
 @pytest.fixture(scope="module")
