@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     prot = commands.add_parser(
         "protect",
         help="protect image files against mimicry (PNG outputs next to a JSON report)",
-        description="Protect images with an L-infinity PGD perturbation against the demo VAE. Outputs are PNG "
+        description="Protect images against the demo VAE: 'amortized' runs the demo amortized protector (one "
+        "forward pass per image), 'photoguard' and 'mist' an L-infinity PGD attack. Outputs are PNG "
         "files of the same size and mode (RGB, RGBA, L, LA; other modes become RGB/RGBA) in --out, with a JSON "
         "report; no existing file is ever overwritten (a numbered suffix is added). Exit code 2 if any input "
         "failed (the others are still protected).",
@@ -234,9 +235,10 @@ def _protect(args: argparse.Namespace) -> int:
     report = {
         "method": args.method,
         "eps_255": args.eps,
-        "steps": args.steps,
-        "seed": args.seed,
-        "model": "demo VAE (demo_models/vae)",
+        "steps": None if args.method == "amortized" else args.steps,  # the amortized protector: one pass
+        "seed": None if args.method == "amortized" else args.seed,
+        "model": "demo VAE (demo_models/vae)"
+        + (", amortized protector (demo_models/protector)" if args.method == "amortized" else ""),
         "processes": state.num_processes,
         "files": done,
         "failed": failed,

@@ -264,3 +264,10 @@ def test_protect_command_with_the_amortized_protector(tmp_path):
     (png,) = out.glob("*.png")
     protected = np.asarray(Image.open(png), dtype=int)
     assert protected.shape == pixels.shape and 0 < np.abs(protected - pixels).max() <= 8
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] is None and "protector" in report["model"] and report["failed"] == []
+    tiny = tmp_path / "one.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    assert cli_main(["protect", str(tiny), "--out", str(out), "--method", "amortized", "--device", "cpu"]) == 2
+    failed = json.loads((out / "report-1.json").read_text())["failed"]
+    assert "2x2" in failed[0]["error"]
