@@ -23,7 +23,7 @@ from apps.demo.classifier import ShapeClassifier, frechet_distance, load_classif
 from apps.demo.data import CLASS_NAMES, generate, generate_uint8
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("classifier", "vae", "dit", "unet")
+MODELS = ("classifier", "vae", "dit", "unet", "vae_b")
 
 
 def committed(name: str) -> Path:
@@ -95,6 +95,18 @@ def test_committed_vae_round_trip():
     assert (recon - images).abs().mean() < 0.2
 
 
+def test_committed_second_vae_round_trip():
+    path = committed("vae_b")
+    assert_safetensors_only(path)
+    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+    images, _ = generate(4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mode()
+        recon = vae.decode(latents).sample
+    assert latents.shape == (4, 4, 8, 8) and recon.shape == images.shape
+    assert (recon - images).abs().mean() < 0.3  # a lossier stride-4 autoencoder (recon PSNR 17 dB)
+
+
 def test_committed_dit_generates_requested_classes():
     path = committed("dit")
     assert_safetensors_only(path)
@@ -155,9 +167,10 @@ def test_training_cli_writes_a_loadable_model_and_card(trained: Path, name: str)
         model = load_classifier(folder)
         assert isinstance(model, ShapeClassifier)
         assert model(generate(2, generator)[0]).shape == (2, 10)
-    elif name == "vae":
+    elif name in ("vae", "vae_b"):
         vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-        assert vae.decode(torch.zeros(1, 4, 16, 16)).sample.shape == (1, 3, 32, 32)
+        side = 16 if name == "vae" else 8  # vae_b has stride 4
+        assert vae.decode(torch.zeros(1, 4, side, side)).sample.shape == (1, 3, 32, 32)
     elif name == "dit":
         pipe = DiTPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
