@@ -207,7 +207,7 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
                     ]
                     edit_psnr = round(info["psnr_between_edits"], 2)
             w, h = upload.size
-            values = [metrics[k] for k in ("psnr", "ssim", "linf_255", "seconds")]
+            values = [round(float(metrics[k]), 4) for k in ("psnr", "ssim", "linf_255", "seconds")]
             rows.append([upload.name, f"{w}x{h}", protected.mode, *values, edit_psnr])
         progress(1, desc="done")
         columns = ["file", "size", "mode", "PSNR (dB)", "SSIM", "Linf (/255)", "seconds", "edits PSNR (dB)"]
