@@ -406,7 +406,9 @@ def build_app(model: str = DEFAULT_MODEL, device: str | None = None, detector: s
                     detect_button = gr.Button("Detect", variant="primary", elem_id="detect-button")
                 with gr.Column():
                     detect_json = gr.JSON(label="verdicts", elem_id="detect-json")
-                    detect_plot = gr.BarPlot(x="name", y="score", color="kind", label="score vs threshold")
+                    detect_plot = gr.BarPlot(
+                        x="name", y="score", color="kind", label="score vs threshold", elem_id="detect-plot"
+                    )
                     detect_note = gr.Markdown(elem_id="detect-note")
             if examples:
                 gr.Examples(
