@@ -100,7 +100,10 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=32, help="training crop size (default 32)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate of the perturbation fields")
+    parser.add_argument(
+        "--gate-lr", type=float, default=1e-3, help="learning rate of the gate and lift networks (default 1e-3)"
+    )
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--patch-size", type=int, default=32, help="period of the perturbation fields, pixels")
     parser.add_argument("--eps", type=float, default=8.0, help="training budget in 1/255 (default 8)")
@@ -143,7 +146,10 @@ def train(args: argparse.Namespace) -> dict:
         min_strength=args.min_strength,
         trained_on=tuple(args.vae),
     )
-    optimizer = torch.optim.Adam(protector.parameters(), lr=args.lr)
+    networks = [p for name, p in protector.named_parameters() if name != "fields"]
+    optimizer = torch.optim.Adam(
+        [{"params": [protector.fields], "lr": args.lr}, {"params": networks, "lr": args.gate_lr}]
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     protector, optimizer, scheduler = accelerator.prepare(protector, optimizer, scheduler)
     model = accelerator.unwrap_model(protector)
@@ -179,6 +185,7 @@ def train(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "processes": accelerator.num_processes,
         "lr": args.lr,
+        "gate_lr": args.gate_lr,
         "size": args.size,
         "robust_prob": args.robust_prob,
         "distortion_weight": args.distortion_weight,
