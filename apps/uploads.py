@@ -289,6 +289,7 @@ def mimicry_preview(
     import torch
 
     from protect.evaluate import sdedit
+    from protect.protect import psnr
 
     width, height = original.size
     side = min(PREVIEW_CROP, width, height) // 4 * 4
@@ -308,7 +309,6 @@ def mimicry_preview(
         label = classifier(small).argmax(1)
         generators = [torch.Generator().manual_seed(seed) for _ in range(2)]  # the same noise for both
         edits = sdedit(pipe, x, label.repeat(2), strength=strength, steps=20, generator=generators)
-    mse = (edits[0] - edits[1]).pow(2).mean().clamp_min(1e-12)
     pictures = [
         Image.fromarray((e.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).resize(
             (side * scale, side * scale), Image.NEAREST
@@ -316,7 +316,7 @@ def mimicry_preview(
         for e in edits
     ]
     names = sorted(pipe.labels, key=pipe.labels.get)
-    info = {"class": names[int(label)], "psnr_between_edits": float(10 * torch.log10(1 / mse)), "crop": side}
+    info = {"class": names[int(label)], "psnr_between_edits": psnr(edits[:1], edits[1:]).item(), "crop": side}
     return pictures[0], pictures[1], info
 
 

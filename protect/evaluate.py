@@ -34,7 +34,7 @@ from PIL import Image
 
 from .losses import latent
 from .pgd import Generators, draw
-from .protect import _psnr_ssim
+from .protect import _psnr_ssim, psnr
 
 Tensor = torch.Tensor
 Mimic = Callable[[Tensor], Tensor]
@@ -230,21 +230,6 @@ def lora_mimic(
 # ----------------------------------------------------------------------------- metrics
 
 
-def _psnr(a: Tensor, b: Tensor) -> Tensor:
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
-
-
-def _frechet(a: Tensor, b: Tensor) -> float:
-    from scipy import linalg  # scipy ships with scikit-learn / scikit-image
-
-    a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
-
-
 @torch.no_grad()
 def _latent_distortion(vae: AutoencoderKL, clean: Tensor, protected: Tensor) -> float:
     zc, zp = latent(vae, clean), latent(vae, protected)
@@ -269,6 +254,8 @@ def evaluate(
 
     ``classifier`` takes images in [-1, 1] and has ``features(x)`` (the demo classifier's interface).
     """
+    from apps.demo.classifier import frechet_distance  # the project's torch Fréchet distance
+
     device = next(classifier.parameters()).device
     rows = []
     entries = {"clean": clean, **protected}
@@ -282,8 +269,8 @@ def evaluate(
                 )
             shown = purify(images, purification)
             row: dict[str, Any] = {"protection": name, "purification": purification}
-            psnr, ssim = _psnr_ssim(clean, images)
-            row["psnr"], row["ssim"] = float(np.mean(psnr)), float(np.mean(ssim))
+            psnr_values, ssim_values = _psnr_ssim(clean, images)
+            row["psnr"], row["ssim"] = float(np.mean(psnr_values)), float(np.mean(ssim_values))
             row["linf_255"] = (images.float() - clean.float()).abs().amax().item() * 255
             for vae_name, vae in (vaes or {}).items():
                 row[f"latent_distortion_{vae_name}"] = _latent_distortion(vae, purify(clean, purification), shown)
@@ -294,7 +281,7 @@ def evaluate(
                 x = out.to(device) * 2 - 1
                 logits = classifier(x)
                 row[f"{mimic_name}_accuracy"] = (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
-                row[f"{mimic_name}_fd"] = _frechet(real_features, classifier.features(x).float())
-                row[f"{mimic_name}_psnr_to_clean"] = _psnr(out, reference[(purification, mimic_name)]).mean().item()
+                row[f"{mimic_name}_fd"] = frechet_distance(real_features, classifier.features(x).float())
+                row[f"{mimic_name}_psnr_to_clean"] = psnr(out, reference[(purification, mimic_name)]).mean().item()
             rows.append(row)
     return rows

@@ -122,13 +122,17 @@ def _target_latent(vae: AutoencoderKL, target: Tensor | Image.Image | str | None
         return latent(vae, pattern.clamp(0, 1))
 
 
+def psnr(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image PSNR (N,) in dB of images in [0, 1] (capped at 120 dB for identical images)."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
 def _psnr_ssim(clean: Tensor, protected: Tensor) -> tuple[list[float], list[float]]:
     clean, protected = clean.float(), protected.float()
-    mse = (clean - protected).pow(2).flatten(1).mean(1)
-    psnr = 10 * torch.log10(1 / mse.clamp_min(1e-12))
     window = min(11, min(clean.shape[-2:]) - (1 - min(clean.shape[-2:]) % 2))
     ssim = kornia.metrics.ssim(clean, protected, window_size=window).flatten(1).mean(1)
-    return psnr.tolist(), ssim.tolist()
+    return psnr(clean, protected).tolist(), ssim.tolist()
 
 
 def protect(
@@ -240,6 +244,8 @@ def protect(
         outputs = final = protected
         exact = exact_dtype(batch.device)
         linf = (final.to(exact) - batch.to(exact)).abs().flatten(1).amax(1)
-    psnr, ssim = _psnr_ssim(batch, final)
-    report = ProtectionReport(method=method, psnr=psnr, ssim=ssim, linf=linf.tolist(), losses=trace, seconds=seconds)
+    psnr_values, ssim_values = _psnr_ssim(batch, final)
+    report = ProtectionReport(
+        method=method, psnr=psnr_values, ssim=ssim_values, linf=linf.tolist(), losses=trace, seconds=seconds
+    )
     return outputs, report
