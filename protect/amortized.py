@@ -35,7 +35,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .losses import latent
+from .losses import latent, vae_stride
 from .pgd import fit_to_ball
 
 Tensor = torch.Tensor
@@ -185,7 +185,7 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         Tiled patterns have periodic latents: one period is encoded once per VAE (from the middle of a 3 x 3
         tiling, away from the borders) and tiled over the latent grid, so new image sizes cost nothing.
         """
-        stride = 2 ** (len(vae.config.block_out_channels) - 1)
+        stride = vae_stride(vae)
         p = self.config.patch_size
         grid = (-(-height // stride), -(-width // stride))
         if not self.config.tile or p % stride:  # no period in latent space: encode at this size

@@ -41,6 +41,7 @@ __all__ = [
     "mist_loss",
     "multi_vae_loss",
     "sds_loss",
+    "vae_stride",
 ]
 
 
@@ -50,9 +51,14 @@ def default_alphas_cumprod(num_train_timesteps: int = 1000) -> Tensor:
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+def vae_stride(vae: AutoencoderKL) -> int:
+    """Pixels per latent position along each side: 2 per down block after the first (8 for SD's VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def latent(vae: AutoencoderKL, x: Tensor) -> Tensor:
     """Scaled posterior-mean latent of images ``x`` in [0, 1]; edges replicate-padded to the VAE's stride."""
-    stride = 2 ** (len(vae.config.block_out_channels) - 1)
+    stride = vae_stride(vae)
     pad_h, pad_w = -x.shape[-2] % stride, -x.shape[-1] % stride
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")

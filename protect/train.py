@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from .amortized import AmortizedProtector, multi_vae_target_loss
-from .losses import latent
+from .losses import latent, vae_stride
 from .pgd import TRANSFORMS, random_transform
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -141,7 +141,7 @@ def train(args: argparse.Namespace) -> dict:
         num_experts=args.experts,
         patch_size=args.patch_size,
         latent_channels=vaes[0].config.latent_channels,
-        latent_stride=2 ** (len(vaes[0].config.block_out_channels) - 1),
+        latent_stride=vae_stride(vaes[0]),
         eps=args.eps / 255,
         min_strength=args.min_strength,
         trained_on=tuple(args.vae),
