@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     args.checkpoints.mkdir(parents=True, exist_ok=True)
     ckpt = args.checkpoints / "state.pt"
     if args.resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         schedule.load_state_dict(state["schedule"])
