@@ -40,14 +40,13 @@ MAX_IMAGE_PIXELS = 40_000_000
 
 def load_vae(name: str, device: torch.device | str = "cpu") -> AutoencoderKL:
     """A frozen ``AutoencoderKL`` in eval mode from a folder or hub id (``vae/`` subfolder if there is one)."""
-    kwargs = {"use_safetensors": True}
-    path = Path(name)
-    if path.is_dir() and (path / "vae" / "config.json").is_file():
-        kwargs["subfolder"] = "vae"
-    elif not path.exists() and name.startswith("demo/"):
-        from apps.demo import model_path
+    if not Path(name).exists():
+        from apps.models import resolve  # demo/<name> aliases, as everywhere else
 
-        name = str(model_path(name.removeprefix("demo/")))
+        name = resolve(name)
+    kwargs = {"use_safetensors": True}
+    if (Path(name) / "vae" / "config.json").is_file():
+        kwargs["subfolder"] = "vae"
     vae = AutoencoderKL.from_pretrained(name, **kwargs).to(device).eval()
     vae.requires_grad_(False)
     return vae
