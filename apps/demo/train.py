@@ -50,6 +50,7 @@ NULL_LABEL = 1000  # DiTPipeline hard-codes class 1000 as the unconditional labe
 LABEL_DROPOUT = 0.1
 TINY_RUN = 100  # runs with fewer steps (smoke tests) get a minimal evaluation
 EVAL_SEED_OFFSET = 1_000_003  # held-out data comes from a different generator stream than training data
+LATENT_BANK = 65536  # at most this many training images are encoded once for the DiT (re-sampled posteriors)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,14 @@ class Run:
     eval_samples: int | None = None
     vae_path: Path | None = None
     command: str = ""
+    checkpoints: Path | None = None
+    checkpoint_every: int = 250
+
+    def checkpoint(self, name: str, *generators: torch.Generator) -> Checkpoint | None:
+        """The resumable checkpoint of model ``name`` under ``--checkpoints``, if one was asked for."""
+        if self.checkpoints is None:
+            return None
+        return Checkpoint(self.checkpoints / f"{name}.pt", self.checkpoint_every, generators)
 
     def settings(self, name: str) -> tuple[int, int, float]:
         """Steps, batch size and learning rate for model ``name`` (CLI values override the defaults)."""
@@ -174,6 +183,59 @@ class EMA:
             target.copy_(average)
 
 
+@dataclass
+class Checkpoint:
+    """Where a long run saves its state every ``every`` steps, and the generators whose states travel with it.
+
+    The file holds tensors, dicts and lists only, and is read back with ``torch.load(weights_only=True)``.
+    """
+
+    path: Path
+    every: int = 250
+    generators: tuple[torch.Generator, ...] = ()
+
+    def save(
+        self, step: int, model: nn.Module, optimiser: torch.optim.Optimizer, schedule: Any, ema: EMA | None,
+        losses: list[float],
+    ) -> None:
+        """Write the state after ``step`` steps (atomically: a crash mid-write keeps the previous checkpoint)."""
+        state = {
+            "step": step,
+            "model": model.state_dict(),
+            "optimiser": optimiser.state_dict(),
+            "schedule": schedule.state_dict(),
+            "ema": ema.shadow if ema is not None else [],
+            "ema_updates": ema.updates if ema is not None else 0,
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "generators": [g.get_state() for g in self.generators],
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial_path = self.path.with_suffix(".partial")
+        torch.save(state, partial_path)
+        partial_path.replace(self.path)
+
+    def restore(
+        self, model: nn.Module, optimiser: torch.optim.Optimizer, schedule: Any, ema: EMA | None,
+        losses: list[float],
+    ) -> int:
+        """Load the saved state into the given objects when a checkpoint exists; return the step to resume at."""
+        if not self.path.is_file():
+            return 0
+        state = torch.load(self.path, weights_only=True, map_location="cpu")
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        if ema is not None:
+            for target, saved in zip(ema.shadow, state["ema"], strict=True):
+                target.copy_(saved)
+            ema.updates = int(state["ema_updates"])
+        losses[:] = state["losses"].tolist()
+        for generator, saved in zip(self.generators, state["generators"], strict=True):
+            generator.set_state(saved)
+        print(f"resuming from {self.path} at step {state['step']}", file=sys.stderr, flush=True)
+        return int(state["step"])
+
+
 def optimise(
     model: nn.Module,
     loss_fn: Callable[[int], torch.Tensor],
@@ -181,14 +243,20 @@ def optimise(
     lr: float,
     desc: str,
     ema: EMA | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[list[float], float]:
-    """Run ``steps`` AdamW steps on ``loss_fn(step)`` with a progress bar; return the losses and seconds per step."""
+    """Run ``steps`` AdamW steps on ``loss_fn(step)`` with a progress bar; return the losses and seconds per step.
+
+    With a ``checkpoint``, the run resumes from its file when one exists and saves to it every ``every`` steps
+    (model, EMA, optimiser, schedule, losses and the states of the generators it was given).
+    """
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(max(1, min(100, steps // 10)), steps))
     model.train()
     losses: list[float] = []
+    first = checkpoint.restore(model, optimiser, schedule, ema, losses) if checkpoint is not None else 0
     start = time.perf_counter()
-    with tqdm(range(steps), desc=desc, dynamic_ncols=True, file=sys.stderr) as bar:
+    with tqdm(range(first, steps), desc=desc, dynamic_ncols=True, file=sys.stderr, initial=first, total=steps) as bar:
         for step in bar:
             loss = loss_fn(step)
             optimiser.zero_grad(set_to_none=True)
@@ -200,10 +268,12 @@ def optimise(
                 ema.update(model)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
+            if checkpoint is not None and ((step + 1) % checkpoint.every == 0 or step + 1 == steps):
+                checkpoint.save(step + 1, model, optimiser, schedule, ema, losses)
     if ema is not None:
         ema.copy_to(model)
     model.eval()
-    return losses, (time.perf_counter() - start) / max(1, steps)
+    return losses, (time.perf_counter() - start) / max(1, steps - first)
 
 
 def final_loss(losses: list[float]) -> float:
@@ -441,7 +511,7 @@ def train_dit(run: Run) -> Report:
     vae_path = run.vae_path or run.out / "vae"
     vae = AutoencoderKL.from_pretrained(str(vae_path), use_safetensors=True, local_files_only=True).to(run.device)
     vae.eval().requires_grad_(False)
-    means, stds, labels = encode_bank(vae, run, min(steps * batch_size, 16384))
+    means, stds, labels = encode_bank(vae, run, min(steps * batch_size, LATENT_BANK))
     latent_channels, latent_size = means.shape[1], means.shape[-1]
     model = seeded(run.seed, lambda: make_dit(latent_size, latent_channels)).to(run.device)
     disable_builtin_label_dropout(model)
@@ -456,7 +526,7 @@ def train_dit(run: Run) -> Report:
         y = torch.where(drop, NULL_LABEL, labels[idx])
         return diffusion_loss(lambda x, t: model(x, timestep=t, class_labels=y).sample, latents, scheduler, noise_gen)
 
-    losses, per_step = optimise(model, loss_fn, steps, lr, "dit", ema)
+    losses, per_step = optimise(model, loss_fn, steps, lr, "dit", ema, run.checkpoint("dit", noise_gen))
     pipe = DiTPipeline(model, vae, sampling_scheduler(scheduler.config), id2label=dict(enumerate(CLASS_NAMES)))
     pipe.register_to_config(id2label=dict(enumerate(CLASS_NAMES)))  # so that save_pretrained keeps the labels
     report = Report("dit", steps, batch_size, lr, losses, step_seconds=per_step)
@@ -666,6 +736,10 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--vae", type=Path, help="trained VAE folder for dit (default: OUT/vae)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--checkpoints", type=Path, help="save a resumable checkpoint per model here (and resume from it if present)"
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
     return parser.parse_args(None if argv is None else list(argv))
 
 
@@ -687,6 +761,8 @@ def main(argv: Iterable[str] | None = None) -> list[Path]:
         args.eval_samples,
         args.vae,
         command,
+        args.checkpoints,
+        args.checkpoint_every,
     )
     cards = []
     for name in MODELS if args.model == "all" else (args.model,):
