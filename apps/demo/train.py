@@ -195,7 +195,12 @@ class Checkpoint:
     generators: tuple[torch.Generator, ...] = ()
 
     def save(
-        self, step: int, model: nn.Module, optimiser: torch.optim.Optimizer, schedule: Any, ema: EMA | None,
+        self,
+        step: int,
+        model: nn.Module,
+        optimiser: torch.optim.Optimizer,
+        schedule: Any,
+        ema: EMA | None,
         losses: list[float],
     ) -> None:
         """Write the state after ``step`` steps (atomically: a crash mid-write keeps the previous checkpoint)."""
@@ -215,7 +220,11 @@ class Checkpoint:
         partial_path.replace(self.path)
 
     def restore(
-        self, model: nn.Module, optimiser: torch.optim.Optimizer, schedule: Any, ema: EMA | None,
+        self,
+        model: nn.Module,
+        optimiser: torch.optim.Optimizer,
+        schedule: Any,
+        ema: EMA | None,
         losses: list[float],
     ) -> int:
         """Load the saved state into the given objects when a checkpoint exists; return the step to resume at."""
