@@ -1,0 +1,69 @@
+"""CUDA-only checks: guidance and protection in half precision on a GPU (skipped without CUDA).
+
+``python -m benchmarks.gpu`` runs them on the day a GPU is lent (``pytest -m cuda``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guidance import APG, CFG, PAG, guide
+from protect import protect
+from tests.factories import BUILDERS, default_call_kwargs, tiny_vae
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+EPS = 8 / 255
+
+
+def run(pipe, **extra):
+    kwargs = default_call_kwargs(pipe) | {"output_type": "np"} | extra
+    return pipe(**kwargs, generator=torch.Generator("cuda").manual_seed(0)).images
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux", "dit"])
+def test_cfg_through_guide_equals_the_pipelines_own_cfg_in_half_precision(name, dtype):
+    pipe = BUILDERS[name]().to("cuda", dtype)
+    scale = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": ""}}.get(name, {"guidance_scale": 3.0})
+    reference = run(pipe, **scale)
+    with guide(pipe, CFG(3.0)):
+        guided = run(pipe, **({"negative_prompt": ""} if name == "flux" else {}))
+    with guide(pipe, APG(3.0)):
+        apg = run(pipe)
+    assert np.isfinite(apg).all() and np.abs(apg - guided).max() > 0
+    np.testing.assert_allclose(guided, reference, atol=0.03)  # half-precision rounding over 3 steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cfg_plus_pag_equals_diffusers_sdxl_pag_pipeline_on_cuda(dtype):
+    from diffusers import StableDiffusionXLPAGPipeline
+
+    pipe = BUILDERS["sdxl"]().to("cuda", dtype)
+    theirs = StableDiffusionXLPAGPipeline(**pipe.components, pag_applied_layers=["mid"])
+    theirs.set_progress_bar_config(disable=True)
+    reference = run(theirs, guidance_scale=4.0, pag_scale=2.0)
+    with guide(pipe, CFG(4.0), PAG(2.0, layers=("mid",))):
+        ours = run(pipe)
+    np.testing.assert_allclose(ours, reference, atol=0.03)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["photoguard", "amortized"])
+def test_protection_in_half_precision_keeps_the_budget_and_range_exactly(method, dtype):
+    from protect import AmortizedProtector
+
+    torch.manual_seed(0)
+    vae = tiny_vae((8, 16)).to("cuda", dtype)
+    images = torch.rand(2, 3, 64, 64, device="cuda").to(dtype)
+    extra = {"protector": AmortizedProtector(num_experts=3, patch_size=8, hidden=4).to("cuda").eval()}
+    if method == "photoguard":
+        extra = {"steps": 3, "generator": [torch.Generator("cuda").manual_seed(i) for i in range(2)]}
+    out, report = protect(images, method, vae=vae, eps=EPS, **extra)
+    assert out.device.type == "cuda" and out.dtype == dtype and out.shape == images.shape
+    assert (out.double() - images.double()).abs().max() <= EPS
+    assert out.min() >= 0 and out.max() <= 1 and max(report.linf) > 0
