@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .generate import METHODS, PERTURBATIONS, SAMPLERS
-from .uploads import PROTECT_METHODS
+from .generate import METHODS, PERTURBATIONS, SAMPLERS, Request
+from .services import PROTECT_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import Request, generate
-    from .models import load_pipeline
+    from .files import save_new
+    from .services import generate_images, load_pipeline
 
     request = Request(
         args.subject,
@@ -143,16 +143,10 @@ def _generate(args: argparse.Namespace) -> int:
         corrector_steps=args.corrector_steps,
         sampler=args.sampler,
     )
-    images = generate(load_pipeline(args.model, args.device), request)
-    args.out.mkdir(parents=True, exist_ok=True)
+    images = generate_images(load_pipeline(args.model, args.device), request)
     stem = f"{args.subject[:40].replace(' ', '_').replace('/', '_')}-{args.method}-s{args.scale:g}-seed{args.seed}"
     for i, image in enumerate(images):
-        path = args.out / f"{stem}-{i}.png"
-        n = 1
-        while path.exists():
-            path, n = args.out / f"{stem}-{i}.{n}.png", n + 1
-        image.save(path)
-        print(path)
+        print(save_new(image, args.out, f"{stem}-{i}"))
     return 0
 
 
@@ -160,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import json
 
     from . import evaluation
-    from .uploads import write_new
+    from .files import write_new
 
     unknown = [m for m in args.methods if m.partition("@")[0] not in evaluation.PROTECTIONS]
     if unknown:
@@ -209,7 +203,7 @@ def _gathered(state, items: list) -> list:
 def _protect(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .uploads import write_new
+    from .files import write_new
 
     if not 1 <= args.eps <= 32:
         raise ValueError(f"--eps must be between 1 and 32 (in 1/255 units), got {args.eps:g}")
@@ -254,7 +248,8 @@ def _protect(args: argparse.Namespace) -> int:
 def _protect_one(args: argparse.Namespace, i: int, path: str, device: str, done: list, failed: list) -> None:
     from tqdm.auto import tqdm
 
-    from .uploads import open_upload, protect_image, restore_mode, save_new
+    from .files import open_upload, restore_mode, save_new
+    from .services import protect_image
 
     try:
         upload = open_upload(path)
@@ -282,7 +277,8 @@ def _protect_one(args: argparse.Namespace, i: int, path: str, device: str, done:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from .uploads import detect_images, load_detector, open_upload
+    from .files import open_upload
+    from .services import detect_images, load_detector
 
     state, device = _distributed(args.device)
     detector = load_detector(args.detector, device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +28,6 @@ SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
-_pipe_lock = threading.Lock()  # one call at a time per process: the scheduler swap and guide() change the pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +165,10 @@ def class_names(pipe: Any) -> list[str] | None:
 
 
 def generate(pipe: Any, request: Request) -> list[Image.Image]:
-    """Run ``pipe`` for ``request`` with per-image seeds (same seed, same image, whatever the batch)."""
+    """Run ``pipe`` for ``request`` with per-image seeds (same seed, same image, whatever the batch).
+
+    It changes ``pipe`` for the call (scheduler, hooks): serve concurrent callers through
+    :func:`apps.services.generate_images`, which holds the device lock."""
     device = pipe.device
     generators = [torch.Generator(device).manual_seed(request.seed + i) for i in range(request.num_images)]
     names = class_names(pipe)
@@ -182,7 +183,7 @@ def generate(pipe: Any, request: Request) -> list[Image.Image]:
         call["prompt"] = [request.subject] * request.num_images
     methods = request.guidance(pipe)
     call[family_of(pipe).scale_arg] = 1.0  # CFG only when a method asks for it
-    with _pipe_lock, using_sampler(pipe, request.sampler):
+    with using_sampler(pipe, request.sampler):
         if not methods:
             return pipe(**call).images
         with guide(pipe, *methods):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from apps.demo import CLASS_NAMES, generate, load_classifier
-from apps.models import load_pipeline
+from apps.services import load_pipeline
 from guidance import APG, CFG, PAG, TPG, SoftPAG, guide
 from guidance.search import headhunter, save_heads
 from quality import contact_sheet, measure, table

@@ -18,7 +18,7 @@ from PIL import Image
 
 from apps.demo import CLASS_NAMES
 from apps.demo.data import generate, generate_uint8, to_uint8
-from apps.uploads import detect_images, load_detector
+from apps.services import detect_images, load_detector
 from protect import testbed as tb
 
 OUT = Path(__file__).resolve().parents[1] / "apps" / "examples"

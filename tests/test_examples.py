@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apps.app import EXAMPLES
 from apps.demo import DEMO_DIR
+from apps.tabs.common import EXAMPLES
 
 SIZES = {"star-32.png": 32, "checker-128.png": 128, "clean-16.png": 16, "pgd8-16.png": 16}
 
@@ -22,7 +22,7 @@ def test_example_images_are_small_rgb_squares():
 
 @pytest.mark.skipif(not (DEMO_DIR / "eps_detector" / "config.json").is_file(), reason="no demo detector")
 def test_the_demo_detector_gets_the_example_pair_right():
-    from apps.uploads import detect_images, load_detector
+    from apps.services import detect_images, load_detector
 
     clean, adversarial = (Image.open(EXAMPLES / name) for name in ("clean-16.png", "pgd8-16.png"))
     difference = np.abs(np.asarray(clean, np.int16) - np.asarray(adversarial, np.int16))

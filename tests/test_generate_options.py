@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (DEMO_DIR / "dit").is_dir(), reason="the dem
 
 @pytest.fixture(scope="module")
 def pipe():
-    from apps.models import load_pipeline
+    from apps.services import load_pipeline
 
     return load_pipeline("demo/dit", "cpu")
 
@@ -68,7 +68,7 @@ def test_samplers_are_swapped_for_the_call_and_restored(pipe, monkeypatch):
 def test_generate_api_options_and_a_model_that_cannot_load(server, monkeypatch):  # noqa: F811
     from gradio_client import Client
 
-    import apps.app
+    import apps.services
 
     client = Client(server, verbose=False)
     old = ("star", "apg", 6, 0, None, -0.5, "softpag", 2, 0, 3, 0, 1, False)  # the 13 arguments of before
@@ -82,7 +82,7 @@ def test_generate_api_options_and_a_model_that_cannot_load(server, monkeypatch):
     def offline(name, device=None):
         raise OSError(f"We couldn't connect to the hub to load {name}.\nCheck your connection.")
 
-    monkeypatch.setattr(apps.app, "load_pipeline", offline)  # never reach the hub from a test
+    monkeypatch.setattr(apps.services, "load_pipeline", offline)  # never reach the hub from a test
     with pytest.raises(Exception, match=r"could not load the model 'facebook/DiT-XL-2-256'.*network access"):
         client.predict(*old, "default", "facebook/DiT-XL-2-256", api_name="/generate")
     with pytest.raises(Exception, match="not in the list of choices"):

@@ -1,0 +1,241 @@
+"""The services the app and the CLI run on the device: generate, protect, detect and the mimicry preview.
+
+Every model is loaded once per device and cached here; one lock serialises the loads, the generation calls
+(the scheduler swap and ``guide()`` change the pipeline) and the detector's scoring. The inputs are images
+already decoded by :mod:`apps.files`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .files import composite_rgb
+from .generate import Request, generate
+from .models import DEFAULT_MODEL, best_device, resolve
+
+PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
+PROTECTOR_NAME = "protector"
+DETECTOR_NAME = "eps_detector"
+
+__all__ = [
+    "PROTECT_METHODS",
+    "default_detector_dir",
+    "detect_images",
+    "generate_images",
+    "load_detector",
+    "load_pipeline",
+    "mimicry_preview",
+    "protect_image",
+]
+
+_lock = threading.RLock()  # one job on the device at a time: loading, generating, scoring
+
+
+@functools.lru_cache(maxsize=4)
+def _pipeline(name: str, device: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    options = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+    pipe = DiffusionPipeline.from_pretrained(resolve(name), use_safetensors=True, **options)
+    pipe.set_progress_bar_config(disable=True)
+    if name.startswith("demo/") and hasattr(pipe, "get_label_ids") and not getattr(pipe, "labels", None):
+        from .demo import CLASS_NAMES
+
+        pipe.labels = {label: i for i, label in enumerate(CLASS_NAMES)}
+    return pipe.to(device)
+
+
+def load_pipeline(
+    name: str = DEFAULT_MODEL, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+):
+    """A diffusers pipeline for ``name`` (cached), on the best device unless one is given."""
+    best_dev, best_dtype = best_device()
+    device = torch.device(device) if device is not None else best_dev
+    if dtype is None:
+        dtype = best_dtype if device.type == "cuda" else torch.float32
+    with _lock:
+        return _pipeline(name, str(device), dtype)
+
+
+def generate_images(pipe: Any, request: Request) -> list[Image.Image]:
+    """:func:`apps.generate.generate` holding the device lock (one call at a time changes the pipeline)."""
+    with _lock:
+        return generate(pipe, request)
+
+
+@functools.lru_cache(maxsize=2)
+def _vae(device: str):
+    from .demo import load_vae
+
+    return load_vae(device)
+
+
+@functools.lru_cache(maxsize=2)
+def _protector(device: str):
+    from protect import AmortizedProtector
+
+    from .demo import model_path
+
+    return AmortizedProtector.from_pretrained(str(model_path(PROTECTOR_NAME))).to(device).eval()
+
+
+def protect_image(
+    image: Image.Image,
+    *,
+    method: str = "photoguard",
+    eps: float = 8 / 255,
+    steps: int = 50,
+    seed: int = 0,
+    device: str | None = None,
+) -> tuple[Image.Image, dict[str, float]]:
+    """Protect one RGB/RGBA image against the demo VAE; returns the protected image and its metrics.
+
+    "amortized" runs the demo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply);
+    "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``.
+    """
+    from protect import protect
+
+    if method not in PROTECT_METHODS:
+        raise ValueError(f"method must be one of {PROTECT_METHODS}, got {method!r}")
+    if not 0 < eps <= 32 / 255:
+        raise ValueError(f"eps must lie in (0, 32/255], got {eps * 255:g}/255")
+    if not 1 <= steps <= 500:
+        raise ValueError(f"steps must be between 1 and 500, got {steps}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    device = device or str(best_device()[0])
+    with _lock:
+        vae = _vae(device)
+        model = _protector(device) if method == "amortized" else None
+    if model is not None:
+        (protected,), report = protect([image], method=method, vae=vae, eps=eps, protector=model)
+    else:
+        generator = torch.Generator(device).manual_seed(seed)
+        (protected,), report = protect([image], method=method, vae=vae, eps=eps, steps=steps, generator=generator)
+    metrics = {
+        "psnr": report.psnr[0],
+        "ssim": report.ssim[0],
+        "linf_255": round(report.linf[0] * 255, 4),
+        "seconds": report.seconds,
+    }
+    return protected, metrics
+
+
+@functools.lru_cache(maxsize=2)
+def _mimicry_models(device: str):
+    from .demo import load_classifier, load_dit_pipeline
+
+    return load_dit_pipeline(device), load_classifier(device)
+
+
+PREVIEW_CROP = 64  # the mimicry preview edits a native-resolution centre crop (resizing would blur the protection)
+
+
+def mimicry_preview(
+    original: Image.Image,
+    protected: Image.Image,
+    *,
+    strength: float = 0.3,
+    seed: int = 0,
+    device: str | None = None,
+    scale: int = 4,
+) -> tuple[Image.Image, Image.Image, dict[str, Any]] | None:
+    """SDEdit (img2img) of the original and of the protected image with the demo DiT, on the same centre crop
+    (at most 64x64, native resolution) and with the same noise; the class is the demo classifier's guess for
+    the original. Returns both edits (enlarged ``scale`` times), and the class and the PSNR between the edits;
+    ``None`` for images under 8 pixels a side."""
+    from protect.evaluate import sdedit
+    from protect.protect import psnr
+
+    width, height = original.size
+    side = min(PREVIEW_CROP, width, height) // 4 * 4
+    if side < 8:
+        return None
+    device = device or str(best_device()[0])
+    left, top = (width - side) // 2, (height - side) // 2
+    crops = [
+        torch.from_numpy(np.asarray(composite_rgb(im).crop((left, top, left + side, top + side)), np.float32).copy())
+        for im in (original, protected)
+    ]
+    x = (torch.stack(crops).permute(0, 3, 1, 2) / 255).to(device)
+    with _lock:
+        pipe, classifier = _mimicry_models(device)
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(x[:1] * 2 - 1, size=(32, 32), mode="bilinear", antialias=True)
+        label = classifier(small).argmax(1)
+        generators = [torch.Generator().manual_seed(seed) for _ in range(2)]  # the same noise for both
+        edits = sdedit(pipe, x, label.repeat(2), strength=strength, steps=20, generator=generators)
+    pictures = [
+        Image.fromarray((e.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).resize(
+            (side * scale, side * scale), Image.NEAREST
+        )
+        for e in edits
+    ]
+    names = sorted(pipe.labels, key=pipe.labels.get)
+    info = {"class": names[int(label)], "psnr_between_edits": psnr(edits[:1], edits[1:]).item(), "crop": side}
+    return pictures[0], pictures[1], info
+
+
+def default_detector_dir() -> Path:
+    from .demo import DEMO_DIR
+
+    return DEMO_DIR / DETECTOR_NAME
+
+
+@functools.lru_cache(maxsize=2)
+def _detector(directory: str, device: str):
+    from protect import EPSDetector
+    from protect.testbed import load_score_model
+
+    meta = json.loads((Path(directory) / "config.json").read_text())
+    pipe = load_score_model(meta.get("diffusion_model", "demo/unet"), device)  # the model it was fitted on
+    detector = EPSDetector.from_pretrained(directory, pipe.unet, pipe.scheduler)
+    clean = meta.get("calibration_scores") or meta.get("clean_scores")
+    detector.clean_scores = [float(s) for s in clean] if isinstance(clean, list) else None
+    return detector
+
+
+def load_detector(directory: str | Path | None = None, device: str | None = None):
+    """The EPS-AD detector saved in ``directory`` (default ``demo_models/eps_detector``), around the score model
+    its ``config.json`` names (``diffusion_model``; the demo detector runs on ``demo/unet_eps``).
+
+    Raises ``FileNotFoundError`` ("no detector available ...") when there is none.
+    """
+    directory = Path(directory) if directory is not None else default_detector_dir()
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no detector available: {directory} holds no saved EPSDetector (fit one and save_pretrained it there)"
+        )
+    device = device or str(best_device()[0])
+    with _lock:
+        return _detector(str(directory.resolve()), device)
+
+
+def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, Any]]:
+    """Score RGB ``images`` resized to the detector's resolution: ``score``, ``threshold``, ``verdict`` each."""
+    height, width = detector.reference.shape[-2:]
+    batch = []
+    for image in images:
+        small = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
+        batch.append(torch.from_numpy(np.asarray(small, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
+    device = detector.reference.device if detector.reference is not None else "cpu"
+    with _lock:
+        scores = detector.score(torch.stack(batch).to(device)).double().cpu().tolist()
+    threshold = float(detector.threshold)
+    return [
+        {
+            "score": float(s),
+            "threshold": threshold,
+            "verdict": "adversarial" if s > threshold else "clean",
+            "resized_to": [width, height],
+        }
+        for s in scores
+    ]
