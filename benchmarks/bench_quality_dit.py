@@ -9,8 +9,8 @@ CFG + each of them.
 Prints Markdown tables (FD, precision, recall, accuracy, saturation, clipped)
 and writes a contact sheet per setting to ``--figures``.
 
-    python benchmarks/bench_quality_dit.py --suite apg --per-class 20 --steps 25
-    python benchmarks/bench_quality_dit.py --suite perturbation --per-class 20 --steps 25
+    python -m benchmarks.bench_quality_dit --suite apg --per-class 20 --steps 25
+    python -m benchmarks.bench_quality_dit --suite perturbation --per-class 20 --steps 25
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 
 from apps.demo import CLASS_NAMES, generate, load_classifier
 from apps.services import load_pipeline
+from benchmarks.quality import contact_sheet, measure, table
 from guidance import APG, CFG, PAG, TPG, SoftPAG, guide
 from guidance.search import headhunter, save_heads
-from quality import contact_sheet, measure, table
 
 NULL_LABEL = 1000  # DiTPipeline's unconditional label
 
@@ -114,12 +114,12 @@ def search_heads(pipe, classifier, args) -> list[tuple[str, int]]:
 
 
 @torch.no_grad()
-def sample(pipe, labels: torch.Tensor, methods: tuple, steps: int, batch: int = 100) -> torch.Tensor:
-    """Images in [-1, 1]; sample ``i`` always gets the noise of seed ``i``."""
+def sample(pipe, labels: torch.Tensor, methods: tuple, steps: int, batch: int = 100, seed: int = 0) -> torch.Tensor:
+    """Images in [-1, 1]; sample ``i`` always gets the noise of seed ``seed * 100000 + i``."""
     out = []
     for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch].tolist()
-        generators = [torch.Generator(pipe.device).manual_seed(start + i) for i in range(len(chunk))]
+        generators = [torch.Generator(pipe.device).manual_seed(seed * 100_000 + start + i) for i in range(len(chunk))]
         # guidance_scale 1: the pipeline's own CFG stays off unless a method asks for the unconditional branch
         call = dict(
             class_labels=chunk, num_inference_steps=steps, generator=generators, output_type="np", guidance_scale=1.0

@@ -1,0 +1,35 @@
+"""The DiT sweep harness at a token size: every suite runs, rows carry the seed spread, a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import sweep_dit
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_suite_with_seed_spread_and_resumes(tmp_path):
+    argv = [
+        *("--per-class", "1", "--steps", "2", "--seeds", "2", "--w", "4", "--s", "2", "--real", "100"),
+        *("--hunt-samples", "2", "--hunt-rounds", "1", "--hunt-steps", "2"),
+        *("--json", str(tmp_path / "sweep.json"), "--figures", str(tmp_path / "figures")),
+    ]
+    rows = sweep_dit.main(argv)
+    names = [row["name"] for row in rows]
+    assert len(names) == len(set(names))
+    families = {row["family"] for row in rows}
+    for family in ("none-2x", "cfg", "apg", "uncond-pag", "cfg-softpag", "uncond-tpg", "uncond-softpag-headhunter"):
+        assert family in families
+    for row in rows:
+        assert len(row["per_seed"]) == 2 and row["fd_sd"] >= 0 and row["nfe"] > 0
+    cfg = next(row for row in rows if row["name"] == "CFG 4")
+    assert cfg["nfe"] == 2 * 2 and "accuracy" in cfg
+    uncond = next(row for row in rows if row["name"] == "uncond PAG 2")
+    assert "accuracy" not in uncond  # unconditional samples have no requested class
+    assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert sweep_dit.main(argv) == rows  # a rerun resumes: nothing left to run
+    table = sweep_dit.summary_table(rows)
+    assert "| APG 4" in table and "baseline at equal NFE" in table
+    assert (tmp_path / "figures" / "sweep_cfg_4.png").is_file()
