@@ -5,7 +5,8 @@ Every sampler has k-diffusion's shape ``sample_x(model, x, sigmas, *, generator,
 score ``(x0 - x) / sigma^2``). ``sigmas`` are the noise levels ``sigma_1 > ... > sigma_L > 0``
 (a trailing 0 is allowed and changes nothing); ``x`` starts at the first level, e.g.
 ``sigma_1 * randn``. Noise comes only from ``generator``: one generator, or one per sample so
-that a sample does not depend on the batch it is drawn in.
+that a sample's noise does not depend on the batch it is drawn in (the corrector's step size does:
+it is a batch mean, as in the reference code, see :func:`langevin_correct`).
 
 * Annealed Langevin dynamics: Song & Ermon, "Generative Modeling by Estimating Gradients of the
   Data Distribution" (2019), Algorithm 1; final denoising step of Jolicoeur-Martineau et al.,
@@ -24,7 +25,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from . import prediction as P
 from .denoisers import DenoiseFn, per_sample, score_from_denoised
 from .method import check_real
 
@@ -115,7 +115,15 @@ def langevin_correct(
     snr: float = 0.16,
     generator: Generators = None,
 ) -> tuple[Tensor, Tensor]:
-    """Langevin corrector with step ``2 (r ||z|| / ||s||)^2`` per sample, Algorithm 4 of Song et al. (2021)."""
+    """Langevin corrector, Algorithm 4 of Song et al. (2021), with the reference code's batch-mean step size.
+
+    The step is ``e = 2 (r mean_b ||z_b|| / mean_b ||s_b||)^2``, one value for the whole batch, as
+    score_sde's ``LangevinCorrector`` computes it. A per-sample ratio ``||z_b|| / ||s_b||`` would be
+    correlated with the sample itself (samples far out have large scores, hence small steps) and does
+    not leave the noisy marginal invariant in few dimensions: from the exact marginal of a 2-D
+    Gaussian its variance grows x4 after one step. The batch-mean step does, so the step (not the
+    noise) of a sample depends on the batch it is corrected in, as in the reference.
+    """
     _check_count("steps", steps, low=0)
     _check_positive("snr", snr)
     generator = _generator(generator, x)
@@ -123,9 +131,9 @@ def langevin_correct(
     for _ in range(steps):
         _, grad = _evaluate(model, x, sigma)
         z = _randn(x, generator)
-        step = 2 * (snr * _norm(z) / _norm(grad)) ** 2  # eps = 2 (r ||z|| / ||g||)^2
-        x_mean = x + P.broadcast(step, x) * grad
-        x = x_mean + P.broadcast(torch.sqrt(2 * step), x) * z
+        step = 2 * (snr * _norm(z).mean() / _norm(grad).mean()) ** 2  # eps = 2 (r mean||z|| / mean||g||)^2
+        x_mean = x + step * grad
+        x = x_mean + torch.sqrt(2 * step) * z
     return x, x_mean
 
 

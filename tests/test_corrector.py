@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import diffusers
 import numpy as np
 import pytest
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 
 from guidance import APG, CFG, PAG, LangevinCorrector, guide
+from guidance.denoisers import GaussianDenoiser, GaussianMixtureDenoiser
 from tests.factories import BUILDERS
 from tests.test_pipeline import _snapshot, recording, run
 
@@ -63,3 +68,81 @@ def test_corrector_refuses_flux_true_cfg_and_bad_arguments():
     with pytest.raises(ValueError, match="at most one LangevinCorrector"):
         with guide(pipe, LangevinCorrector(), LangevinCorrector()):
             pass
+
+
+# --- at equilibrium the hook keeps the noisy marginal (analytic denoiser in a real SD pipeline) ---
+
+
+class ExactEpsUNet(ModelMixin, ConfigMixin):
+    """A UNet stand-in whose epsilon is exact for latents with i.i.d. elements drawn from ``data`` (a VE denoiser)."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, sample_size: int = 16, time_cond_proj_dim: int | None = None):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # device and dtype for ModelMixin
+        self.data = None
+        self.alphas_cumprod = None
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        abar = self.alphas_cumprod[torch.as_tensor(timestep).long()].double()
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        x = sample.double().reshape(-1, 1)
+        x0 = self.data(x / a, torch.full((x.shape[0],), (s / a).item(), dtype=torch.float64))  # Tweedie, VE scale
+        return (((x - a * x0) / s).reshape(sample.shape).to(sample.dtype),)
+
+
+def _exact_pipe(data):
+    pipe = BUILDERS["sd"]()
+    pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    unet = ExactEpsUNet()
+    unet.data, unet.alphas_cumprod = data, pipe.scheduler.alphas_cumprod
+    pipe.unet = unet
+    return pipe
+
+
+GAUSSIAN_1D = GaussianDenoiser(torch.tensor([0.5], dtype=torch.float64), 0.2)
+MIXTURE_1D = GaussianMixtureDenoiser(
+    torch.tensor([[-1.0], [1.0]], dtype=torch.float64), 0.05, torch.tensor([0.3, 0.7], dtype=torch.float64)
+)
+
+
+def _marginal_latents(data, abar, shape, seed=0):
+    """Exact samples of the noisy marginal ``a x0 + s eps`` at ``abar``."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    if isinstance(data, GaussianDenoiser):
+        x0 = data.mean + data.var.sqrt() * torch.randn(n, generator=g, dtype=torch.float64)
+    else:
+        right = torch.rand(n, generator=g, dtype=torch.float64) < 0.7
+        x0 = torch.where(right, 1.0, -1.0) + 0.05**0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    eps = torch.randn(n, generator=g, dtype=torch.float64)
+    return (abar**0.5 * x0 + (1 - abar) ** 0.5 * eps).reshape(shape).float()
+
+
+@pytest.mark.parametrize(
+    ("data", "steps", "snr"), [("gaussian", 1, 0.16), ("gaussian", 50, 0.1), ("mixture", 50, 0.16)]
+)
+def test_corrector_hook_keeps_the_noisy_marginal(data, steps, snr):
+    data = GAUSSIAN_1D if data == "gaussian" else MIXTURE_1D
+    pipe = _exact_pipe(data)
+    t, shape = 500, (64, 4, 16, 16)
+    abar = pipe.scheduler.alphas_cumprod[t].double()
+    latents = _marginal_latents(data, abar, shape)
+    kwargs = {"prompt": "a", "num_images_per_prompt": shape[0], "timesteps": [t], "guidance_scale": 1.0}
+    with recording(pipe) as (calls, stepped), guide(pipe, LangevinCorrector(steps=steps, snr=snr)):
+        pipe(**kwargs, latents=latents, height=32, width=32, output_type="latent")
+    assert int(calls[0][1]) == t, calls[0][1]
+    torch.testing.assert_close(calls[0][0], latents)
+    before, after = latents.double(), stepped.samples[0].double()
+    assert (after - before).abs().mean() > 0.05  # the corrector did move the samples
+    if data is GAUSSIAN_1D:
+        var = abar * 0.2 + 1 - abar
+        assert abs(after.var() / var - 1) < 0.03, (after.var() / var).item()
+        assert abs(after.mean() - abar.sqrt() * 0.5) < 0.01
+    else:  # the mode weights: the share of elements whose posterior mean of x0 is in the 0.7-weight mode
+        sigma = ((1 - abar) / abar).sqrt().expand(after.numel())
+
+        def right_mode(x):
+            return (MIXTURE_1D(x.reshape(-1, 1) / abar.sqrt(), sigma) > 0).double().mean()
+
+        assert abs(right_mode(after) - right_mode(before)) < 8 * (0.21 / after.numel()) ** 0.5

@@ -131,6 +131,75 @@ def test_predictor_corrector_recovers_a_gaussian(predictor):
     assert abs((x.var(0) / var).mean() - 1) < 0.1
 
 
+# --- at equilibrium the correctors keep the noisy marginal (batch-mean step size, as score_sde) ---
+
+EQ_N, EQ_SIGMA = 40000, 0.5
+
+
+def _gaussian_marginal(seed=0):
+    """Exact samples of the 2-D Gaussian's noisy marginal ``N(mean, var + sigma^2)`` at ``EQ_SIGMA``."""
+    return MEAN_2D + (VAR_2D + EQ_SIGMA**2).sqrt() * _randn(EQ_N, 2, seed=seed)
+
+
+def _mixture_marginal(seed=0):
+    right = torch.rand(EQ_N, generator=_gen(seed), dtype=F64) < 0.7
+    return torch.where(right, 2.0, -2.0)[:, None] + (0.1 + EQ_SIGMA**2) ** 0.5 * _randn(EQ_N, 1, seed=seed + 1)
+
+
+def _mode_weight_tolerance(p=0.7, n=EQ_N):
+    return 4 * (p * (1 - p) / n) ** 0.5  # four standard errors of a binomial proportion
+
+
+@pytest.mark.parametrize(("steps", "snr"), [(1, 0.16), (50, 0.1)])
+def test_langevin_correct_keeps_the_gaussian_marginal(steps, snr):
+    # with the per-sample step 2 (r ||z_b|| / ||s_b||)^2 the variance grew x4 after one step, x13 after 50.
+    # Unadjusted Langevin's own bias at equilibrium is a variance ratio of about 1 / (1 - r^2) (+2.6 % at
+    # r = 0.16), so the 3 % bound over 50 steps is checked at r = 0.1.
+    x = _gaussian_marginal()
+    y, _ = langevin_correct(GaussianDenoiser(MEAN_2D, VAR_2D), x, EQ_SIGMA, steps=steps, snr=snr, generator=_gen(1))
+    ratio = y.var(0) / (VAR_2D + EQ_SIGMA**2)
+    assert ((ratio - 1).abs() < 0.03).all(), ratio
+    assert ((y.mean(0) - MEAN_2D).abs() < 0.02).all()
+
+
+def test_langevin_correct_keeps_the_mixture_weights():
+    x = _mixture_marginal(2)
+    y, _ = langevin_correct(MIXTURE, x, EQ_SIGMA, steps=50, generator=_gen(4))
+    assert abs((y > 0).double().mean() - 0.7) < _mode_weight_tolerance()
+
+
+def test_annealed_langevin_keeps_the_marginal_at_one_level():
+    level = torch.tensor([EQ_SIGMA])
+    y = sample_annealed_langevin(
+        GaussianDenoiser(MEAN_2D, VAR_2D),
+        _gaussian_marginal(),
+        level,
+        steps_per_level=50,
+        epsilon=2e-3,
+        final_denoise=False,
+        generator=_gen(1),
+    )
+    ratio = y.var(0) / (VAR_2D + EQ_SIGMA**2)
+    assert ((ratio - 1).abs() < 0.03).all(), ratio
+    y = sample_annealed_langevin(
+        MIXTURE, _mixture_marginal(2), level, steps_per_level=50, epsilon=2e-3, final_denoise=False, generator=_gen(4)
+    )
+    assert abs((y > 0).double().mean() - 0.7) < _mode_weight_tolerance()
+
+
+def test_predictor_corrector_with_corrector_recovers_the_gaussian_and_the_mixture_weights():
+    # the per-sample step put 0.467 of the samples in the 0.3-weight mode; the batch-mean step 0.3.
+    # r = 0.1 for the 3 % variance bound (see above: at r = 0.16 the ratio is 1.016 / 1.035)
+    sigmas = geometric_sigmas(20.0, 0.01, 200)
+    gaussian = GaussianDenoiser(MEAN_2D, VAR_2D)
+    x = sample_predictor_corrector(gaussian, 20 * _randn(EQ_N, 2, seed=5), sigmas, snr=0.1, generator=_gen(6))
+    ratio = x.var(0) / VAR_2D
+    assert ((ratio - 1).abs() < 0.03).all(), ratio
+    assert ((x.mean(0) - MEAN_2D).abs() < 0.01).all()
+    x = sample_predictor_corrector(MIXTURE, 20 * _randn(EQ_N, 1, seed=7), sigmas, generator=_gen(8))
+    assert abs((x > 0).double().mean() - 0.7) < _mode_weight_tolerance()
+
+
 # --- sampler mechanics ---
 
 
@@ -144,10 +213,13 @@ def test_seeded_runs_reproduce_and_differ_across_seeds(name):
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_per_sample_generators_make_samples_independent_of_the_batch(name):
+    # the corrector's step size is a batch mean (score_sde), so the predictor-corrector runs without it here
+    options = {"corrector_steps": 0} if name == "predictor_corrector" else {}
     x = _randn(3, 2)
-    batch = _cheap_run(name, x, [_gen(s) for s in (10, 11, 12)])
+    batch = _cheap_run(name, x, [_gen(s) for s in (10, 11, 12)], **options)
     for row, seed in enumerate((10, 11, 12)):
-        torch.testing.assert_close(batch[row : row + 1], _cheap_run(name, x[row : row + 1], [_gen(seed)]))
+        single = _cheap_run(name, x[row : row + 1], [_gen(seed)], **options)
+        torch.testing.assert_close(batch[row : row + 1], single)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
