@@ -63,6 +63,11 @@ class Guidance:
 
     def __post_init__(self) -> None:
         check_real("scale", self.scale)
+        if self.scale < 0:
+            raise ValueError(
+                f"{type(self).__name__}: scale must be >= 0 (0 switches the method's update off; a negative scale "
+                f"would guide toward the {self.branch} branch instead of away from it), got {self.scale!r}"
+            )
         check_real("start", self.start, low=0.0, high=1.0)
         check_real("stop", self.stop, low=0.0, high=1.0)
         if self.start >= self.stop:

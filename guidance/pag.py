@@ -41,11 +41,18 @@ def soft_identity(out: Tensor, value: Tensor, strength: float, heads: Sequence[i
     return mixed
 
 
-def _check_layers(layers: Any) -> None:
+def layer_selection(layers: Any) -> tuple[Selector, ...] | Literal["auto"]:
+    """``layers`` as stored: ``"auto"``, or a tuple of selectors (one name or index, or a list, become a tuple)."""
     if layers == "auto":
-        return
-    if isinstance(layers, (str, int)) or not isinstance(layers, tuple) or not layers:
-        raise ValueError(f"layers must be 'auto' or a non-empty tuple of names / indices, got {layers!r}")
+        return layers
+    if isinstance(layers, (str, int)) and not isinstance(layers, bool):
+        layers = (layers,)  # one selector, as diffusers' pag_applied_layers="mid"
+    if not isinstance(layers, (tuple, list)) or not layers:
+        raise ValueError(
+            f"layers must be 'auto', one layer name / pattern / index, or a non-empty sequence (tuple or list) "
+            f"of them, got {layers!r}"
+        )
+    return tuple(layers)
 
 
 class _Perturbation(Guidance):
@@ -73,9 +80,7 @@ class PAG(_Perturbation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        _check_layers(self.layers)
+        object.__setattr__(self, "layers", layer_selection(self.layers))
         if self.joint not in ("full", "image"):
             raise ValueError(f"joint must be 'full' or 'image', got {self.joint!r}")
 

@@ -7,12 +7,16 @@ can be batched with the conditional and unconditional ones.
 Attention perturbations intercept ``torch.nn.functional.scaled_dot_product_attention``
 inside the chosen attention modules (as diffusers' guiders do), so they work
 whatever SDPA-based processor is set and keep QK-norm and joint attention intact.
-An attention module whose forward never reaches SDPA (xformers, flash backends)
-raises an error instead of being silently skipped.
+An attention module whose processor does not call SDPA (sliced attention, the
+classic ``AttnProcessor``, xformers, a non-native attention backend) is refused
+when ``guide()`` is entered; one that still never reaches SDPA at run time raises
+an error instead of being silently skipped.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -138,6 +142,8 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
             layers = default_layers(blocks) if method.layers == "auto" else method.layers
             for name in select(blocks, layers, "transformer block"):
                 shuffles.setdefault(name, []).append(i)
+    for name in attention_rules:
+        check_sdpa_processor(name, attention[name])
     detachers = [
         attach(attention[name], _AttentionHook(controller, name, rules), "steerguard.perturb")
         for name, rules in attention_rules.items()
@@ -151,6 +157,30 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
             detach()
 
     return remove
+
+
+@functools.cache
+def _calls_sdpa(processor_class: type) -> bool | None:
+    """Whether the processor's ``__call__`` calls SDPA, directly or through diffusers' dispatcher (None: unknown)."""
+    try:
+        source = inspect.getsource(processor_class.__call__)
+    except (OSError, TypeError):
+        return None
+    return "scaled_dot_product_attention" in source or "dispatch_attention_fn" in source
+
+
+def check_sdpa_processor(name: str, module: nn.Module) -> None:
+    """``ValueError`` unless the attention ``module`` runs torch's SDPA, which the attention perturbations act on."""
+    processor = getattr(module, "processor", None)
+    backend = getattr(processor, "_attention_backend", None)
+    native = backend is None or str(getattr(backend, "value", backend)) == "native"
+    if processor is not None and (_calls_sdpa(type(processor)) is False or not native):
+        what = type(processor).__name__ + ("" if native else f" with attention backend {backend}")
+        raise ValueError(
+            f"{name}: attention perturbations act on torch's scaled_dot_product_attention, but this layer's "
+            f"processor is {what} (enable_attention_slicing and xformers set such processors); use an SDPA "
+            "processor: pipe.disable_attention_slicing(), or set_attn_processor(AttnProcessor2_0()) on the denoiser"
+        )
 
 
 def heads_by_layer(attention: dict[str, nn.Module], pairs: tuple) -> dict[str, list[int]]:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .layers import Selector
 from .method import register
-from .pag import _check_layers, _Perturbation
+from .pag import _Perturbation, layer_selection
 
 
 def shuffle_tokens(hidden: Tensor, generator: torch.Generator) -> Tensor:
@@ -42,9 +42,7 @@ class TPG(_Perturbation):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        _check_layers(self.layers)
+        object.__setattr__(self, "layers", layer_selection(self.layers))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
 

@@ -131,6 +131,18 @@ def test_methods_are_frozen_keyword_validated_and_serialisable():
         CFG(float("inf"))
 
 
+@pytest.mark.parametrize("cls", ["cfg", "apg", "pag", "softpag", "tpg"])
+def test_negative_scales_are_refused_and_zero_is_allowed(cls):
+    from guidance.method import REGISTRY
+
+    extra = {"heads": ((0, 0),)} if cls == "softpag" else {}
+    method = REGISTRY[cls]
+    assert method(0.0, **extra).scale == 0.0  # 0: no update (CFG: the unconditional prediction)
+    assert method(0.5, **extra).scale == 0.5
+    with pytest.raises(ValueError, match=r"scale must be >= 0 .*got -3"):
+        method(-3, **extra)
+
+
 def test_cfg_update_is_the_pipeline_formula():
     c, u = _pair(3)
     torch.testing.assert_close(c + cfg_update(c, u, 7.5), u + 7.5 * (c - u), rtol=1e-5, atol=1e-5)

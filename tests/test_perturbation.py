@@ -205,17 +205,56 @@ def test_bad_perturbation_arguments_are_clear_errors():
         SoftPAG(2.0, heads=[(0, 0)], strength=1.5)
     with pytest.raises(ValueError, match="at least one"):
         SoftPAG(2.0)
-    with pytest.raises(ValueError, match="layers"):
-        PAG(2.0, layers="mid")
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        PAG(2.0, layers=[])
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        TPG(2.0, layers={"mid"})
     with pytest.raises(ValueError, match="start must be < stop"):
         TPG(2.0, start=0.6, stop=0.5)
 
 
-def test_attention_outside_sdpa_is_refused_not_skipped():
+def test_one_layer_selector_is_accepted_as_diffusers_pag_applied_layers():
+    assert PAG(2.0, layers="mid").layers == ("mid",)
+    assert PAG(2.0, layers=["mid", 0]).layers == ("mid", 0)
+    assert PAG(2.0, layers=3).layers == (3,)
+    assert TPG(2.0, layers="down_blocks.1").layers == ("down_blocks.1",)
+    pipe = get_pipe("sd")
+    with guide(pipe, PAG(2.0, layers="mid")):
+        one = run(pipe)
+    with guide(pipe, PAG(2.0, layers=("mid",))):
+        np.testing.assert_array_equal(run(pipe), one)
+
+
+@pytest.mark.parametrize("how", ["slicing", "classic"])
+def test_attention_outside_sdpa_is_refused_at_entry(how):
     from diffusers.models.attention_processor import AttnProcessor
 
     pipe = BUILDERS["sd"]()
-    pipe.unet.set_attn_processor(AttnProcessor())  # the classic processor: explicit softmax, no SDPA
+    if how == "slicing":
+        pipe.enable_attention_slicing()  # SlicedAttnProcessor: explicit softmax, no SDPA
+    else:
+        pipe.unet.set_attn_processor(AttnProcessor())
+    snapshot = _snapshot(pipe)
+    with pytest.raises(ValueError, match=r"mid_block.*Attn.*Processor.*disable_attention_slicing"):
+        with guide(pipe, PAG(2.0)):
+            pass
+    assert _snapshot(pipe) == snapshot and type(pipe).__name__ == "StableDiffusionPipeline"
+    assert not any(hasattr(m, "_diffusers_hook") for m in pipe.unet.modules())
+    with guide(pipe, CFG(3.0)):  # no attention perturbation: any processor is fine
+        run(pipe)
+
+
+def test_attention_that_never_reaches_sdpa_is_refused_at_run_time():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    namespace = {"AttnProcessor": AttnProcessor}
+    exec(  # a processor whose source cannot be read: the entry check lets it through, the run-time one does not
+        "class OpaqueProcessor(AttnProcessor):\n    def __call__(self, *args, **kwargs):\n"
+        "        return super().__call__(*args, **kwargs)\n",
+        namespace,
+    )
+    pipe = BUILDERS["sd"]()
+    pipe.unet.set_attn_processor(namespace["OpaqueProcessor"]())
     with guide(pipe, PAG(2.0)), pytest.raises(RuntimeError, match="scaled_dot_product_attention"):
         run(pipe)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
