@@ -8,6 +8,7 @@ Available when the installed diffusers has ``diffusers.guiders``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .method import Guidance
@@ -19,8 +20,12 @@ except ImportError:  # diffusers without modular guiders
     BaseGuidance = None
 
 
-def as_guider(method: Guidance, *, start: float = 0.0, stop: float = 1.0) -> Any:
-    """A ``BaseGuidance`` running ``method`` (CFG, or APG in model space)."""
+def as_guider(method: Guidance, *, start: float | None = None, stop: float | None = None) -> Any:
+    """A ``BaseGuidance`` running ``method`` (CFG, or APG in model space).
+
+    The guider acts at steps ``i`` of ``n`` with ``start <= i / n < stop``, as ``guide()`` does; ``start`` and
+    ``stop`` default to the method's own.
+    """
     if BaseGuidance is None:
         raise ImportError("the installed diffusers has no `diffusers.guiders` (modular guiders need diffusers>=0.35)")
     if method.space != "model":
@@ -28,6 +33,9 @@ def as_guider(method: Guidance, *, start: float = 0.0, stop: float = 1.0) -> Any
             f"{type(method).__name__}(space={method.space!r}): modular guiders do not see the noisy sample needed to "
             "form x0; use space='model' here, or guide() on a classic pipeline for the paper's x0-space form"
         )
+    start = method.start if start is None else start
+    stop = method.stop if stop is None else stop
+    method = dataclasses.replace(method, start=start, stop=stop)  # validated as the method's own interval
     return SteerguardGuider(method=method.to_dict(), start=start, stop=stop)
 
 
@@ -75,5 +83,4 @@ if BaseGuidance is not None:
                 return False
             if self._num_inference_steps is None:
                 return True
-            steps = self._num_inference_steps
-            return int(self._start * steps) <= self._step < int(self._stop * steps)
+            return self._start <= self._step / self._num_inference_steps < self._stop

@@ -179,3 +179,35 @@ def test_modular_guiders_match_diffusers_guiders():
                 torch.testing.assert_close(*outputs, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="space='model'"):
         as_guider(APG(5.0))
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "active"),
+    [
+        (CFG(5.0, start=0.5), {}, [False, False, True, True]),
+        (CFG(5.0, stop=0.5), {}, [True, True, False, False]),
+        (CFG(5.0, start=0.3, stop=0.8), {}, [False, False, True, True]),  # as guide(): 0.3 <= i / 4 < 0.8
+        (CFG(5.0), {"start": 0.25}, [False, True, True, True]),
+        (CFG(5.0, start=0.5), {"start": 0.0, "stop": 0.25}, [True, False, False, False]),
+    ],
+)
+def test_modular_guider_follows_the_methods_interval(method, options, active):
+    pytest.importorskip("diffusers.guiders")
+    from guidance.modular import as_guider
+
+    guider = as_guider(method, **options)
+    c, u = _pair(0)
+    got = []
+    for step in range(4):
+        guider.set_state(step, 4, torch.tensor(999 - step))
+        batches = guider.prepare_inputs({"prompt_embeds": (torch.ones(1), torch.zeros(1))})
+        for batch in batches:
+            batch.noise_pred = {"pred_cond": c, "pred_uncond": u}[getattr(batch, guider._identifier_key)]
+        pred = guider(batches).pred
+        guided = not torch.equal(pred, c)
+        assert len(batches) == (2 if guided else 1)
+        if guided:
+            torch.testing.assert_close(pred, u + 5.0 * (c - u))
+        got.append(guided)
+    assert got == active
+    assert got == [method.active(i / 4) for i in range(4)] or options
