@@ -48,6 +48,7 @@ HOOK_NAME = "steerguard.guide"
 #: the scale the pipeline's own CFG gets when a call would otherwise skip the
 #: unconditional branch (its value cancels out, see the module docstring)
 FORCED_PIPELINE_SCALE = 2.0
+_MISSING = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +189,22 @@ def _with_prediction(output: Any, pred: Tensor) -> Any:
     return output
 
 
+def steps_of_the_call(pipe: Any) -> int:
+    """How many denoiser evaluations (one per step of a first-order scheduler) the running call makes.
+
+    Pipelines set ``_num_timesteps`` to the length of the timesteps their loop runs over, after cutting them
+    for ``strength``, ``denoising_start`` and ``denoising_end`` (``guide()`` clears it before each call). Otherwise
+    the scheduler's timesteps from its ``begin_index`` on.
+    """
+    count = vars(pipe).get("_num_timesteps")
+    if isinstance(count, int) and count > 0:
+        return count
+    scheduler = pipe.scheduler
+    timesteps = getattr(scheduler, "timesteps", None)
+    steps = (len(timesteps) if timesteps is not None else 0) - (getattr(scheduler, "begin_index", None) or 0)
+    return max(steps, 1)
+
+
 class _Run:
     """Per-call state: method states, batch rows of the perturbed branches, the pending conditional output."""
 
@@ -319,11 +336,9 @@ class _Run:
         )
 
     def _fraction(self) -> float:
+        """``i / n`` for the i-th of the ``n`` denoising steps this call runs (read at its first evaluation)."""
         if self.total is None:
-            scheduler = self.controller.pipe.scheduler
-            timesteps = getattr(scheduler, "timesteps", None)
-            steps = (len(timesteps) if timesteps is not None else 0) - (getattr(scheduler, "begin_index", None) or 0)
-            self.total = max(steps, 1)
+            self.total = steps_of_the_call(self.controller.pipe)
         fraction = min(self.evaluations / self.total, 1 - 1e-9)
         self.evaluations += 1
         return fraction
@@ -438,10 +453,13 @@ class _Controller:
                 "CFG runs the unconditional branch in a separate call (use the corrector without true CFG)"
             )
         self.run = _Run(self, float(arguments[self.family.scale_arg]), has_uncond)
+        previous_count = vars(pipe).pop("_num_timesteps", _MISSING)  # a stale count from an earlier call
         try:
             return call(*bound.args, **bound.kwargs)
         finally:
             self.run = None
+            if previous_count is not _MISSING and "_num_timesteps" not in vars(pipe):
+                pipe._num_timesteps = previous_count
 
     def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
         if arguments[self.family.scale_arg] <= 1 or self._distilled(pipe):
