@@ -103,6 +103,14 @@ def side_by_side(ctx: Context, settings: dict[str, Callable[[], None]], per: int
     }
 
 
+def per_step_rows(rows: list[dict[str, Any]], what: str, model, size: int, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """``rows`` labelled with the denoiser's size and the call's shape."""
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    for row in rows:
+        row["shape"] = f"{what} {params:.0f} M params, {size}x{size}, batch 1, {dtype}, per step"
+    return rows
+
+
 def ratios(results: dict[str, dict[str, Any]], peer: str) -> list[dict[str, Any]]:
     """The rows of one side-by-side table, each with its ratio to ``peer``'s median."""
     base = results[peer]["median_s"]
@@ -163,11 +171,7 @@ def section_sdxl(ctx: Context) -> list[dict[str, Any]]:
             "peer": "diffusers SDXL PAG pipeline, CFG + PAG mid",
         }
     )
-    params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
-    for row in rows:
-        row["shape"] = f"UNet {params:.0f} M params, {size}x{size}, batch 1, {dtype}, per step"
-    del pipe, theirs
-    return rows
+    return per_step_rows(rows, "UNet", pipe.unet, size, dtype)
 
 
 SD3_MEDIUM = dict(
@@ -278,11 +282,7 @@ def section_sd3(ctx: Context) -> list[dict[str, Any]]:
         },
         per=ctx.steps,
     )
-    rows = ratios(results, "pipeline CFG (peer)")
-    params = sum(p.numel() for p in transformer.parameters()) / 1e6
-    for row in rows:
-        row["shape"] = f"SD3 transformer {params:.0f} M params, {size}x{size}, batch 1, {dtype}, per step"
-    return rows
+    return per_step_rows(ratios(results, "pipeline CFG (peer)"), "SD3 transformer", transformer, size, dtype)
 
 
 def section_flux(ctx: Context) -> list[dict[str, Any]]:
@@ -318,17 +318,11 @@ def section_flux(ctx: Context) -> list[dict[str, Any]]:
             "pipeline true CFG (peer)": timed(pipe, true_cfg_scale=4.0),
             "guide CFG": timed(pipe, (CFG(4.0),)),
             "guide APG x0": timed(pipe, (APG(4.0),)),
-            "guide CFG + PAG single block 0": timed(
-                pipe, (CFG(4.0), PAG(3.0, layers=("single_transformer_blocks.0",)))
-            ),
+            "guide CFG + PAG single block 0": timed(pipe, (CFG(4.0), PAG(3.0, layers=(SINGLE_BLOCK_0,)))),
         },
         per=ctx.steps,
     )
-    rows = ratios(results, "pipeline true CFG (peer)")
-    params = sum(p.numel() for p in transformer.parameters()) / 1e6
-    for row in rows:
-        row["shape"] = f"FLUX transformer {params:.0f} M params, {size}x{size}, batch 1, {dtype}, per step"
-    return rows
+    return per_step_rows(ratios(results, "pipeline true CFG (peer)"), "FLUX transformer", transformer, size, dtype)
 
 
 # ----------------------------------------------------------------------------- protection and detection
