@@ -34,8 +34,9 @@ from .pgd import TRANSFORMS, Generators, exact_dtype, pgd
 Tensor = torch.Tensor
 METHODS = ("photoguard", "mist", "sds", "amortized")
 MAX_PIXELS = 4096 * 4096
+MAX_EPS = 64 / 255  # the largest L-infinity budget accepted (the field evaluates 4-16/255)
 
-__all__ = ["MAX_PIXELS", "METHODS", "ProtectionReport", "default_target", "protect"]
+__all__ = ["MAX_EPS", "MAX_PIXELS", "METHODS", "ProtectionReport", "default_target", "protect"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +173,11 @@ def protect(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if not (isinstance(eps, int | float) and 0 < eps <= MAX_EPS):
+        raise ValueError(
+            f"eps is an L-infinity budget in [0, 1] pixel units and must lie in (0, 64/255 = {MAX_EPS:.3f}], got "
+            f"{eps!r} (for 8 levels of 255 pass eps=8/255)"
+        )
     if method == "sds" and denoiser is None:
         raise ValueError("method 'sds' needs a denoiser eps(z_t, t)")
     if method == "sds" and target is not None:
