@@ -25,6 +25,7 @@ Save and load with diffusers' ``save_pretrained`` / ``from_pretrained`` (safeten
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import kornia
@@ -40,7 +41,21 @@ from .pgd import fit_to_ball
 
 Tensor = torch.Tensor
 
-__all__ = ["AmortizedProtector", "multi_vae_target_loss", "strength_map", "target_bank"]
+__all__ = ["AmortizedProtector", "multi_vae_target_loss", "strength_map", "target_bank", "vae_signature"]
+
+SIGNATURE_VALUES = 16  # weights read from each of two encoder convolutions
+
+
+def vae_signature(vae: AutoencoderKL) -> tuple[float, ...]:
+    """A short fingerprint of a VAE's encoder: its first weights of ``conv_in`` and ``conv_out`` (float, 6 digits).
+
+    Two differently trained VAEs (or a random one) differ here; the same VAE in float16 or on another device
+    matches within the tolerance of :meth:`AmortizedProtector.trained_for`.
+    """
+    values = []
+    for conv in (vae.encoder.conv_in, vae.encoder.conv_out):
+        values += conv.weight.detach().flatten()[:SIGNATURE_VALUES].float().cpu().tolist()
+    return tuple(float(f"{v:.6g}") for v in values)
 
 
 def target_bank(count: int, size: int) -> Tensor:
@@ -141,6 +156,7 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         tile: bool = True,
         temperature: float = 1.0,
         trained_on: tuple[str, ...] = (),
+        trained_vae_signatures: tuple[tuple[float, ...], ...] = (),
     ):
         super().__init__()
         if num_experts < 1 or patch_size < 1 or gate_size < 2 or hidden < 1:
@@ -170,6 +186,18 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         )
 
     # ------------------------------------------------------------------ pieces
+    def trained_for(self, vae: AutoencoderKL) -> bool | None:
+        """Whether ``vae`` is one of the VAEs this protector was trained against (by :func:`vae_signature`, within
+        1 % relative tolerance, so float16 copies match); None when the protector records no signatures."""
+        recorded = self.config.trained_vae_signatures
+        if not recorded:
+            return None
+        mine = torch.tensor(vae_signature(vae), dtype=torch.float64)
+        return any(
+            len(sig) == len(mine) and torch.allclose(mine, torch.tensor(sig, dtype=torch.float64), rtol=1e-2, atol=1e-5)
+            for sig in recorded
+        )
+
     def thumbnail(self, images: Tensor) -> Tensor:
         """The gate's view of the images: shrunk (antialiased) so that the longer side is at most ``gate_size``."""
         h, w = images.shape[-2:]
@@ -276,6 +304,15 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
             raise ValueError(f"eps must be non-negative, got {eps}")
         if min_strength is not None and not 0 <= min_strength <= 1:
             raise ValueError(f"min_strength must lie in [0, 1], got {min_strength}")
+        if self.trained_for(vae) is False:
+            trained_on = ", ".join(self.config.trained_on) or "other VAEs"
+            warnings.warn(
+                f"this amortized protector was trained against {trained_on}, and the VAE given is none of them "
+                "(its encoder weights differ): its protection is untested against this VAE and may be weak; "
+                "retrain it with `python -m protect.train --vae <this VAE>` or use a PGD method",
+                UserWarning,
+                stacklevel=2,
+            )
         param = self.fields
         x = images.to(param.device)
         protected, weights = self.forward(x, vae, eps, min_strength)

@@ -29,7 +29,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from .amortized import AmortizedProtector, multi_vae_target_loss
+from .amortized import AmortizedProtector, multi_vae_target_loss, vae_signature
 from .losses import latent, vae_stride
 from .pgd import TRANSFORMS, random_transform
 
@@ -144,6 +144,7 @@ def train(args: argparse.Namespace) -> dict:
         eps=args.eps / 255,
         min_strength=args.min_strength,
         trained_on=tuple(args.vae),
+        trained_vae_signatures=tuple(vae_signature(vae) for vae in vaes),
     )
     networks = [p for name, p in protector.named_parameters() if name != "fields"]
     optimizer = torch.optim.Adam(

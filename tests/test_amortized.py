@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 
 from apps.demo import DEMO_DIR
 from protect import AmortizedProtector, protect
-from protect.amortized import multi_vae_target_loss, strength_map, target_bank
+from protect.amortized import multi_vae_target_loss, strength_map, target_bank, vae_signature
 from protect.evaluate import PURIFICATIONS, evaluate, lora_mimic, purify, sdedit
 from protect.losses import latent
 from tests.factories import tiny_vae
@@ -119,6 +119,7 @@ def test_training_command_lowers_the_loss_and_saves(tmp_path):
     assert record["final_loss"] < record["first_loss"] - 0.02, record
     loaded = AmortizedProtector.from_pretrained(str(out))
     assert loaded.config.trained_on == [str(vae_dir)] * 2
+    assert loaded.trained_for(_tiny_vae()) is True
     with pytest.raises(SystemExit):  # never overwrite a trained protector without --overwrite
         train.main(argv)
     with pytest.raises(SystemExit):
@@ -278,3 +279,36 @@ def test_protect_command_with_the_amortized_protector(tmp_path):
     assert cli_main(["protect", str(tiny), "--out", str(out), "--method", "amortized", "--device", "cpu"]) == 2
     failed = json.loads((out / "report-1.json").read_text())["failed"]
     assert "2x2" in failed[0]["error"]
+
+
+def test_protector_records_its_vaes_and_warns_on_another(vae):
+    import warnings
+
+    torch.manual_seed(0)
+    unrecorded = AmortizedProtector(num_experts=2, patch_size=8, hidden=4).eval()
+    recorded = AmortizedProtector(
+        num_experts=2, patch_size=8, hidden=4, trained_on=("tiny",), trained_vae_signatures=(vae_signature(vae),)
+    ).eval()
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    other = _tiny_vae(seed=1)
+    assert recorded.trained_for(vae) is True and recorded.trained_for(other) is False
+    assert unrecorded.trained_for(other) is None
+    assert recorded.trained_for(_tiny_vae().to(torch.float16)) is True  # a half-precision copy is the same VAE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recorded.protect(x, vae, eps=EPS)
+        unrecorded.protect(x, other, eps=EPS)
+    with pytest.warns(UserWarning, match="trained against tiny, and the VAE given is none of them"):
+        recorded.protect(x, other, eps=EPS)
+    with pytest.warns(UserWarning, match="untested against this VAE"):
+        protect(x, "amortized", vae=other, protector=recorded, eps=EPS)
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "protector").is_dir(), reason="the demo protector is not in demo_models/")
+def test_demo_protector_is_trained_for_both_demo_vaes_only():
+    protector = AmortizedProtector.from_pretrained(str(DEMO_DIR / "protector"))
+    for name in ("vae", "vae_b"):
+        demo_vae = AutoencoderKL.from_pretrained(DEMO_DIR / name, use_safetensors=True, local_files_only=True)
+        assert protector.trained_for(demo_vae) is True
+    sd_like = tiny_vae((8, 16, 16, 16), 0)  # any other 4-channel VAE
+    assert protector.trained_for(sd_like) is False
