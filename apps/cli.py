@@ -124,8 +124,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _check_out(folder: Path) -> None:
+    """Refuse an ``--out`` that cannot be an output folder before any work is done."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} exists and is not a folder; name a folder (it is created if missing)")
+    for parent in folder.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {folder}: {parent} is a file, not a folder")
+            break
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .files import save_new
+
+    _check_out(args.out)
     from .services import generate_images, load_pipeline
 
     request = Request(
@@ -205,6 +218,7 @@ def _protect(args: argparse.Namespace) -> int:
 
     from .files import write_new
 
+    _check_out(args.out)
     if not 1 <= args.eps <= 32:
         raise ValueError(f"--eps must be between 1 and 32 (in 1/255 units), got {args.eps:g}")
     if not 1 <= args.steps <= 500:

@@ -93,8 +93,10 @@ def open_upload(
         raise ValueError(f"purpose must be 'protect' or 'detect', got {purpose!r}")
     path = Path(path)
     label = Path(name).name if name else path.name
+    if path.is_dir():
+        raise ValueError(f"{label}: is a folder, not an image file")
     if not path.is_file():
-        raise ValueError(f"{label}: no such file")
+        raise ValueError(f"{label}: no such file" if not path.exists() else f"{label}: not a regular file")
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"{label}: the file is empty")

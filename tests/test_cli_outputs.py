@@ -1,0 +1,47 @@
+"""CLI output and input checks: an ``--out`` that names a file is refused before any work, and a folder given as
+an input is reported as a folder (not as a missing file)."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from apps import files, services
+from apps.cli import main as cli_main
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the CLI starts protecting or loading a pipeline."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the CLI started working before checking --out")
+
+    monkeypatch.setattr(services, "protect_image", refuse)
+    monkeypatch.setattr(services, "load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("command", [["protect", "IMAGE"], ["generate", "star"]])
+def test_out_naming_a_file_is_refused_before_working(tmp_path, capsys, no_work, command):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16)).save(image)
+    existing = tmp_path / "report.txt"
+    existing.write_text("keep me")
+    argv = [str(image) if a == "IMAGE" else a for a in command]
+    assert cli_main([*argv, "--out", str(existing)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+    assert cli_main([*argv, "--out", str(existing / "sub")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_folder_as_input_is_reported_as_a_folder(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="photos: is a folder, not an image file"):
+        files.open_upload(folder)
+    with pytest.raises(ValueError, match=r"missing\.png: no such file"):
+        files.open_upload(tmp_path / "missing.png")
+    assert cli_main(["protect", str(folder), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "no such file" not in err
