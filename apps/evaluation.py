@@ -19,14 +19,23 @@ PROTECTIONS = ("photoguard", "mist", "sds", "amortized", "amortized-full", "nois
 EVAL_SEED = 3_000_017  # held-out images: a stream neither the demo models nor the protector trained on
 
 
-def _denoiser(pipe):
-    """The demo DiT as an unconditional (null-class) latent denoiser ``eps(z_t, t)`` for Mist / SDS."""
+def dit_denoiser(pipe):
+    """The demo DiT as an unconditional (null-class) latent denoiser ``eps(z_t, t)`` for Mist / SDS.
+
+    The DiT works on square latents whose side is a multiple of its patch: other latents are replicate-padded to
+    that square and the prediction is cropped back.
+    """
     transformer = pipe.transformer
+    patch = transformer.config.patch_size
 
     def eps(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        height, width = z_t.shape[-2:]
+        side = max(height, width)
+        side += -side % patch
+        z = torch.nn.functional.pad(z_t, (0, side - width, 0, side - height), mode="replicate")
         null = torch.full((len(z_t),), 1000, device=z_t.device, dtype=torch.long)
-        out = transformer(z_t, timestep=t, class_labels=null).sample
-        return out[:, : z_t.shape[1]]
+        out = transformer(z, timestep=t, class_labels=null).sample
+        return out[:, : z_t.shape[1], :height, :width]
 
     return eps
 
@@ -60,7 +69,7 @@ def protect_all(
                 images, "amortized", vae=pipe.vae, protector=protector, eps=eps, min_strength=floor
             )
         else:
-            extra = {"denoiser": _denoiser(pipe), "alphas_cumprod": alphas} if name in ("mist", "sds") else {}
+            extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": alphas} if name in ("mist", "sds") else {}
             out[method], _ = protect(images, name, vae=pipe.vae, eps=eps, steps=n_steps, generator=gens(), **extra)
         seconds[method] = (time.perf_counter() - start) / len(images)
     return out, seconds

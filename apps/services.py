@@ -22,6 +22,7 @@ from .generate import Request, generate
 from .models import DEFAULT_MODEL, best_device, resolve
 
 PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
+MIST_MAX_SIDE = 256  # Mist's semantic part, the demo DiT, attends over all latent tokens: memory ~ pixels^2
 PROTECTOR_NAME = "protector"
 DETECTOR_NAME = "eps_detector"
 
@@ -99,7 +100,9 @@ def protect_image(
     """Protect one RGB/RGBA image against the demo VAE; returns the protected image and its metrics.
 
     "amortized" runs the demo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply);
-    "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``.
+    "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``; "mist" uses the demo
+    DiT (null class) as its semantic part, the latent diffusion model on the demo VAE (images up to
+    ``MIST_MAX_SIDE`` px: the DiT attends over every latent token).
     """
     from protect import protect
 
@@ -111,15 +114,29 @@ def protect_image(
         raise ValueError(f"steps must be between 1 and 500, got {steps}")
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if method == "mist" and max(image.size) > MIST_MAX_SIDE:
+        raise ValueError(
+            f"mist needs a latent diffusion model for its semantic part; the demo one (the DiT) works up to "
+            f"{MIST_MAX_SIDE} px and this image is {image.size[0]}x{image.size[1]}: use amortized or photoguard "
+            "(without a diffusion model Mist is PhotoGuard's encoder attack)"
+        )
     device = device or str(best_device()[0])
+    extra: dict[str, Any] = {}
     with _lock:
         vae = _vae(device)
         model = _protector(device) if method == "amortized" else None
+        if method == "mist":
+            from .evaluation import dit_denoiser
+
+            pipe, _ = _mimicry_models(device)
+            extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": pipe.scheduler.alphas_cumprod}
     if model is not None:
         (protected,), report = protect([image], method=method, vae=vae, eps=eps, protector=model)
     else:
         generator = torch.Generator(device).manual_seed(seed)
-        (protected,), report = protect([image], method=method, vae=vae, eps=eps, steps=steps, generator=generator)
+        (protected,), report = protect(
+            [image], method=method, vae=vae, eps=eps, steps=steps, generator=generator, **extra
+        )
     metrics = {
         "psnr": report.psnr[0],
         "ssim": report.ssim[0],

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from apps.demo import DEMO_DIR, load_dit_pipeline
-from apps.evaluation import _denoiser
+from apps.evaluation import dit_denoiser
 from benchmarks.common import machine
 from protect import AmortizedProtector, protect
 
@@ -84,7 +84,7 @@ def main() -> None:
         for method in methods:
             extra = {}
             if method in ("mist", "sds"):
-                extra = {"denoiser": _denoiser(pipe), "alphas_cumprod": pipe.scheduler.alphas_cumprod}
+                extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": pipe.scheduler.alphas_cumprod}
             seconds = timed(partial(protect, images, method, vae=vae, steps=steps_run, generator=gen(), **extra)) / n
             seconds *= steps_reported / steps_run
             how = "measured" if steps_run == steps_reported else f"{steps_run} steps measured, scaled"

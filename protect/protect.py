@@ -156,8 +156,8 @@ def protect(
     """Protect ``images`` against mimicry by an L-infinity PGD attack on ``vae`` (and ``denoiser``).
 
     Args:
-        method: "photoguard" (encoder attack toward ``target``), "mist" (textural + ``weight`` x semantic loss;
-            textural only without a denoiser) or "sds" (Diff-Protect SDS+, needs ``denoiser``).
+        method: "photoguard" (encoder attack toward ``target``), "mist" (textural + ``weight`` x semantic loss,
+            needs ``denoiser``) or "sds" (Diff-Protect SDS+, needs ``denoiser``).
         denoiser: ``eps(z_t, t)`` on scaled latents; used by "mist" and "sds".
         eps, steps, step: PGD budget (in [0, 1] pixel units), iterations and step size (see :func:`protect.pgd.pgd`).
         target: target pattern for "photoguard"/"mist": an image (tensor in [0, 1] or PIL), "zero" for the zero
@@ -180,6 +180,11 @@ def protect(
         )
     if method == "sds" and denoiser is None:
         raise ValueError("method 'sds' needs a denoiser eps(z_t, t)")
+    if method == "mist" and denoiser is None:
+        raise ValueError(
+            "method 'mist' needs a denoiser eps(z_t, t) (a latent diffusion model on this VAE) for its semantic "
+            "loss; without one it is PhotoGuard's encoder attack: use method='photoguard'"
+        )
     if method == "sds" and target is not None:
         raise ValueError("method 'sds' has no target; pass target=None")
     if method != "mist" and weight != 1.0:

@@ -88,8 +88,9 @@ def test_fit_to_ball_rounds_inside(dtype):
 
 
 @pytest.mark.parametrize("method", ["photoguard", "mist"])
-def test_loss_decreases(images, vae, method):
-    _, report = protect(images, method, vae=vae, steps=15, generator=_gen())
+def test_loss_decreases(images, vae, denoiser, method):
+    extra = {"denoiser": denoiser} if method == "mist" else {}
+    _, report = protect(images, method, vae=vae, steps=15, generator=_gen(), **extra)
     first, last = np.mean(report.losses[0]), np.mean(report.losses[-1])
     assert last < 0.9 * first, report.losses
 
@@ -147,6 +148,7 @@ def test_losses_are_per_image(images, vae, denoiser):
         (torch.rand(1, 3, 32, 32), {"eps": float("nan")}, "L-infinity budget"),
         (torch.rand(1, 3, 32, 32), {"method": "amortized", "eps": 2.0}, "L-infinity budget"),
         (torch.rand(1, 3, 32, 32), {"method": "sds"}, "denoiser"),
+        (torch.rand(1, 3, 32, 32), {"method": "mist"}, "needs a denoiser"),
         (torch.rand(1, 3, 32, 32), {"target": "noise"}, "unknown target"),
         (torch.rand(1, 3, 32, 32), {"weight": 2.0}, "weight"),
         (torch.rand(1, 3, 32, 32), {"robust": ("sharpen",)}, "transforms"),

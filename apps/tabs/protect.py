@@ -84,7 +84,8 @@ def protect_tab(device: str | None = None) -> None:
             "Add an imperceptible L-infinity perturbation that misleads the (demo) VAE encoder, so that "
             "diffusion-based editing or mimicry of the image fails: **amortized** (a pre-trained protector, "
             "one forward pass, FastProtect-style), **photoguard** (PGD encoder attack) or **mist** (Mist's "
-            "textural loss). Measured effects on the demo models are modest: see benchmarks/RESULTS.md."
+            "textural loss plus its semantic loss through the demo DiT; images up to 256 px). Measured effects "
+            "on the demo models are modest: see benchmarks/RESULTS.md."
         )
         with gr.Row():
             with gr.Column():
