@@ -24,7 +24,7 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from .hooks import attach
+from .hooks import ACTIVE_RUN, attach
 from .layers import default_layers, select, self_attention_layers, transformer_blocks
 from .pag import PAG, SoftPAG, soft_identity
 from .tpg import TPG, shuffle_tokens
@@ -70,13 +70,20 @@ def _image_identity_mask(length: int, image: tuple[int, int], like: torch.Tensor
     return mask
 
 
+def active_run(controller: Any) -> Any:
+    """The run of ``controller``'s pipeline call in progress in this thread, or ``None``."""
+    run = ACTIVE_RUN.get()
+    return run if run is not None and run.controller is controller else None
+
+
 class _AttentionHook(ModelHook):
     def __init__(self, controller: Any, name: str, rules: list[tuple[int, list[int] | None, float, bool]]) -> None:
         super().__init__()
         self.controller, self.name, self.rules = controller, name, rules
 
+    @torch.compiler.disable
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run = self.controller.run
+        run = active_run(self.controller)
         image = self._image_block(args, kwargs)
         active = [
             (run.rows[i], heads, u, image if image_only else None)
@@ -109,8 +116,9 @@ class _ShuffleHook(ModelHook):
         super().__init__()
         self.controller, self.methods = controller, methods
 
+    @torch.compiler.disable
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        run = self.controller.run
+        run = active_run(self.controller)
         rows = [(run.rows[i], run.states[i]) for i in self.methods] if run is not None else []
         rows = [(r, generator) for r, generator in rows if r is not None]
         if not rows:
@@ -144,18 +152,21 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
                 shuffles.setdefault(name, []).append(i)
     for name in attention_rules:
         check_sdpa_processor(name, attention[name])
-    detachers = [
-        attach(attention[name], _AttentionHook(controller, name, rules), "steerguard.perturb")
-        for name, rules in attention_rules.items()
-    ]
-    detachers += [
-        attach(blocks[name], _ShuffleHook(controller, idx), "steerguard.perturb") for name, idx in shuffles.items()
-    ]
+    hook_name = f"steerguard.perturb.{id(controller):x}"  # one per guide(): pipelines may share the denoiser
+    detachers: list[Callable[[], None]] = []
 
     def remove() -> None:
-        for detach in reversed(detachers):
-            detach()
+        while detachers:
+            detachers.pop()()
 
+    try:
+        for name, rules in attention_rules.items():
+            detachers.append(attach(attention[name], _AttentionHook(controller, name, rules), hook_name))
+        for name, idx in shuffles.items():
+            detachers.append(attach(blocks[name], _ShuffleHook(controller, idx), hook_name))
+    except BaseException:
+        remove()
+        raise
     return remove
 
 

@@ -1,27 +1,46 @@
 """``guide(pipe, *methods)``: guidance methods swapped into unchanged diffusers pipelines.
 
-Two scoped, named, reversible hooks make a classic pipeline's own ``__call__``
+Two scoped, reversible interceptions make a classic pipeline's own ``__call__``
 use our guidance:
 
-* a ``diffusers.hooks`` hook on the denoiser (``unet`` / ``transformer``),
-  named ``"steerguard.guide"``, reads the conditional and unconditional
+* the denoiser's calls (``unet`` / ``transformer``) go through the controller
+  (:func:`.hooks.intercept_calls`: a subclass of the module's own class whose
+  ``__call__`` asks first). It reads the conditional and unconditional
   predictions of each step, applies the methods (in x0 or model space) and
   hands the pipeline outputs whose own CFG combination equals the guided
   prediction: both halves of a CFG batch are set to it (``u + s (c - u)`` is
   then exactly it), and for FLUX's true CFG, which calls the denoiser twice,
-  the unconditional output is solved from ``u + s (c - u) = guided``;
+  the unconditional output is solved from ``u + s (c - u) = guided``. Sitting
+  on ``__call__``, it survives what re-wraps ``forward``: model / sequential
+  CPU offload (diffusers re-applies accelerate's hooks after every call), group
+  offloading, ``torch.compile(module)`` and ``module.compile()`` (the compiled
+  call runs inside, unchanged, so the graph is not recompiled per step);
 * the pipeline instance gets a subclass of its own class whose ``__call__``
   starts a fresh *run* (momentum buffers are reset at the start of every
   pipeline call) and makes sure the call produces an unconditional branch.
 
+Scope and threads: guidance acts only during the guided pipeline's own
+``__call__``, in the thread (or asyncio task) that makes it
+(:data:`.hooks.ACTIVE_RUN`). Other pipelines sharing the denoiser (``from_pipe``,
+``Pipeline(**pipe.components)``), guided or not, and calls of the denoiser from
+other threads are untouched; a second concurrent call of the *same* guided
+pipeline object is refused (diffusers pipelines keep per-call state on the
+instance and its scheduler: give each thread its own pipeline object and
+scheduler; they may share the models).
+
+The branch layout is read at every step: a step-end callback that switches the
+pipeline's CFG off (diffusers' ``SDCFGCutoffCallback``) leaves the conditional
+branch only, and the CFG-type method stops there.
+
 Perturbation methods (PAG, SoftPAG, TPG) add a weak-model branch each: the
-denoiser hook appends copies of the conditional rows to the batch and the
-perturbation hooks (:mod:`.perturbation`) act on those rows only, so one
+denoiser interception appends copies of the conditional rows to the batch and
+the perturbation hooks (:mod:`.perturbation`) act on those rows only, so one
 denoiser call evaluates every branch (or one call per branch with
 ``sequential=True``).
 
-On exit everything is removed: the pipeline's class, the denoiser's
-``forward``, hook registries and attention modules are as they were.
+Entering is all or nothing (a failure removes whatever was installed); on exit
+everything is removed: the pipeline's and the denoiser's classes, hook
+registries and attention modules are as they were.
 """
 
 from __future__ import annotations
@@ -30,21 +49,20 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
 from torch import Tensor
 
 from . import prediction as P
 from .cfg import CFG
 from .corrector import LangevinCorrector
-from .hooks import attach
+from .hooks import ACTIVE_RUN, PASS, intercept_calls
 from .method import Guidance
 from .samplers import langevin_correct
 
-HOOK_NAME = "steerguard.guide"
 #: the scale the pipeline's own CFG gets when a call would otherwise skip the
 #: unconditional branch (its value cancels out, see the module docstring)
 FORCED_PIPELINE_SCALE = 2.0
@@ -212,7 +230,9 @@ class _Run:
         self.controller = controller
         self.family = controller.family
         self.pipeline_scale = pipeline_scale
-        self.has_uncond = has_uncond
+        #: whether the call runs an unconditional branch; ``has_uncond``: whether the current step does (a
+        #: step-end callback such as diffusers' SDCFGCutoffCallback may switch the pipeline's CFG off)
+        self.call_has_uncond = self.has_uncond = has_uncond
         methods = controller.methods
         if has_uncond and not any(m.branch == "uncond" for m in methods):
             methods = (*methods, CFG(pipeline_scale))  # the pipeline's own CFG, composed with perturbations
@@ -232,6 +252,7 @@ class _Run:
     # -- one denoiser call ------------------------------------------------------------------------------------
     def forward(self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor) -> Any:
         n = x.shape[0]
+        self.has_uncond = self.call_has_uncond and self._pipeline_cfg_on()
         if self.family.layout == "sequential" and self.has_uncond and self.pending is not None:
             output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
             return _with_prediction(output, self._finish_sequential(x, t, _prediction(output)))
@@ -298,6 +319,12 @@ class _Run:
         self.correction = (x_cond, corrected)
         x_all = corrected.repeat(n // b, *[1] * (x.ndim - 1))
         return x_all, self._with_sample(inputs, x_all)
+
+    def _pipeline_cfg_on(self) -> bool:
+        """Whether the pipeline still runs its CFG batch this step (its ``do_classifier_free_guidance``, if any)."""
+        if self.family.layout == "sequential":
+            return True
+        return bool(getattr(self.controller.pipe, "do_classifier_free_guidance", True))
 
     def _with_sample(self, inputs: tuple[tuple, dict], x: Tensor) -> tuple[tuple, dict]:
         args, kwargs = inputs
@@ -403,25 +430,6 @@ class _Run:
         return total.to(cond.dtype)
 
 
-class _DenoiserHook(ModelHook):
-    """Replaces the denoiser's forward during pipeline calls (see the module docstring)."""
-
-    def __init__(self, controller: _Controller, signature: inspect.Signature) -> None:
-        super().__init__()
-        self.controller = controller
-        self.signature = signature
-        self.sample_arg = next(iter(signature.parameters))
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        run = self.controller.run
-        if run is None:  # the denoiser called outside a pipeline call
-            return self.fn_ref.original_forward(*args, **kwargs)
-        bound = self.signature.bind_partial(*args, **kwargs).arguments
-        x, t = bound[self.sample_arg], bound["timestep"]
-        t = torch.as_tensor(t, device=x.device).reshape(-1) * self.controller.family.timestep_divisor
-        return run.forward(self.fn_ref.original_forward, (args, kwargs), x, t)
-
-
 class _Controller:
     def __init__(
         self, pipe: Any, methods: tuple[Guidance, ...], sequential: bool, corrector: LangevinCorrector | None
@@ -431,12 +439,35 @@ class _Controller:
         self.sequential = sequential
         self.corrector = corrector
         self.family = family_of(pipe)
+        self.denoiser: torch.nn.Module | None = None
+        self.signature: inspect.Signature | None = None
         self.parameter_names: list[str] = []
         self.run: _Run | None = None
+        self._busy = threading.Lock()
+
+    def intercept(self, module: torch.nn.Module, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """The denoiser's calls during this pipeline's own calls in this thread (others pass, see hooks.ACTIVE_RUN)."""
+        run = ACTIVE_RUN.get()
+        if run is None or run.controller is not self or module is not self.denoiser:
+            return PASS
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        x, t = bound[self.parameter_names[0]], bound["timestep"]
+        t = torch.as_tensor(t, device=x.device).reshape(-1) * self.family.timestep_divisor
+        return run.forward(call, (args, kwargs), x, t)
 
     def call(self, call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
-        if self.run is not None:
-            raise RuntimeError("this guided pipeline is already running a call (calls cannot be nested or concurrent)")
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                f"this guided {type(pipe).__name__} is already running a call (in this or another thread): calls of "
+                "one guided pipeline cannot be nested or concurrent; give each thread its own pipeline object "
+                "(they may share components)"
+            )
+        try:
+            return self._call(call, pipe, args, kwargs)
+        finally:
+            self._busy.release()
+
+    def _call(self, call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
         signature = inspect.signature(call)
         bound = signature.bind(pipe, *args, **kwargs)
         bound.apply_defaults()
@@ -453,10 +484,12 @@ class _Controller:
                 "CFG runs the unconditional branch in a separate call (use the corrector without true CFG)"
             )
         self.run = _Run(self, float(arguments[self.family.scale_arg]), has_uncond)
+        token = ACTIVE_RUN.set(self.run)
         previous_count = vars(pipe).pop("_num_timesteps", _MISSING)  # a stale count from an earlier call
         try:
             return call(*bound.args, **bound.kwargs)
         finally:
+            ACTIVE_RUN.reset(token)
             self.run = None
             if previous_count is not _MISSING and "_num_timesteps" not in vars(pipe):
                 pipe._num_timesteps = previous_count
@@ -557,35 +590,37 @@ def guide(pipe: Any, *methods: Guidance | LangevinCorrector, sequential: bool = 
 
     from .perturbation import install
 
-    remove_perturbations = install(controller, denoiser)  # validates the layer selectors
-    signature = inspect.signature(type(denoiser).forward.__get__(denoiser))  # the class forward, not a wrapper
-    controller.parameter_names = list(signature.parameters)
-    detach = attach(denoiser, _DenoiserHook(controller, signature), HOOK_NAME)
-    original_class = type(pipe)
-    pipe.__class__ = _guided_class(original_class, controller)
-    scheduler = pipe.scheduler
-    own_step = vars(scheduler).get("step")  # an instance-level step someone else installed, kept as is
-    if corrector is not None:
-        scheduler.step = _correcting_step(scheduler.step, controller)
-    try:
-        yield pipe
-    finally:
-        pipe.__class__ = original_class
+    inner = getattr(denoiser, "_orig_mod", denoiser)  # torch.compile(module) wraps the module: read its own forward
+    controller.denoiser = denoiser
+    controller.signature = inspect.signature(type(inner).forward.__get__(inner))
+    controller.parameter_names = list(controller.signature.parameters)
+    with contextlib.ExitStack() as undo:  # all or nothing: whatever was installed is removed if a later part fails
+        undo.callback(install(controller, inner))  # validates the layer selectors and processors first
+        undo.callback(intercept_calls(denoiser, controller.intercept))
+        original_class = type(pipe)
+        pipe.__class__ = _guided_class(original_class, controller)
+        undo.callback(setattr, pipe, "__class__", original_class)
         if corrector is not None:
-            if own_step is None:
-                vars(scheduler).pop("step", None)
-            else:
-                scheduler.step = own_step
-        detach()
-        remove_perturbations()
+            undo.callback(_restore_step, pipe.scheduler, vars(pipe.scheduler).get("step"))
+            pipe.scheduler.step = _correcting_step(pipe.scheduler.step, controller)
+        yield pipe
+
+
+def _restore_step(scheduler: Any, own_step: Callable[..., Any] | None) -> None:
+    """Put back an instance-level ``step`` someone else installed, or none."""
+    if own_step is None:
+        vars(scheduler).pop("step", None)
+    else:
+        scheduler.step = own_step
 
 
 def _correcting_step(step: Callable[..., Any], controller: _Controller) -> Callable[..., Any]:
     """``scheduler.step`` that starts from the corrected sample of the current step."""
 
     def corrected_step(model_output: Tensor, timestep: Any, sample: Tensor, *args: Any, **kwargs: Any) -> Any:
-        if controller.run is not None:
-            sample = controller.run.apply_correction(sample)
+        run = ACTIVE_RUN.get()
+        if run is not None and run.controller is controller:
+            sample = run.apply_correction(sample)
         return step(model_output, timestep, sample, *args, **kwargs)
 
     return corrected_step
