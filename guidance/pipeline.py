@@ -95,7 +95,14 @@ _RESCALE = ("guidance_rescale", "CFG rescaling inside the pipeline would act on 
 FAMILIES: tuple[Family, ...] = (
     Family(
         "sd",
-        ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+        (
+            "StableDiffusionPipeline",
+            "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionInpaintPipeline",
+            "StableDiffusionControlNetPipeline",
+            "StableDiffusionControlNetImg2ImgPipeline",
+            "StableDiffusionControlNetInpaintPipeline",
+        ),
         "unet",
         "uncond_cond",
         "guidance_scale",
@@ -103,7 +110,14 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "sdxl",
-        ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+        (
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "StableDiffusionXLInpaintPipeline",
+            "StableDiffusionXLControlNetPipeline",
+            "StableDiffusionXLControlNetImg2ImgPipeline",
+            "StableDiffusionXLControlNetInpaintPipeline",
+        ),
         "unet",
         "uncond_cond",
         "guidance_scale",
@@ -111,7 +125,12 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "sd3",
-        ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+        (
+            "StableDiffusion3Pipeline",
+            "StableDiffusion3Img2ImgPipeline",
+            "StableDiffusion3InpaintPipeline",
+            "StableDiffusion3ControlNetPipeline",
+        ),
         "transformer",
         "uncond_cond",
         "guidance_scale",
@@ -119,7 +138,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "flux",
-        ("FluxPipeline", "FluxImg2ImgPipeline"),
+        ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"),
         "transformer",
         "sequential",
         "true_cfg_scale",
@@ -409,6 +428,8 @@ class _Run:
 
     def guided(self, x, t, cond, uncond, perturbed, fraction) -> Tensor:
         """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype."""
+        if x.ndim == cond.ndim and x.shape[1] > cond.shape[1]:  # SD inpainting: mask and image channels follow
+            x = x[:, : cond.shape[1]]
         x32, cond32 = x.float(), cond.float()
         total = cond32.clone()
         coefs = None
@@ -478,6 +499,8 @@ class _Controller:
         if any(m.branch == "uncond" for m in self.methods):
             self._ensure_uncond_branch(pipe, arguments)
         has_uncond = self._has_uncond(pipe, arguments)
+        if self.corrector is not None:
+            self._check_corrector(pipe)
         if self.corrector is not None and has_uncond and self.family.layout == "sequential":
             raise ValueError(
                 f"{type(pipe).__name__}: the Langevin corrector needs every branch in one denoiser call; FLUX's true "
@@ -493,6 +516,21 @@ class _Controller:
             self.run = None
             if previous_count is not _MISSING and "_num_timesteps" not in vars(pipe):
                 pipe._num_timesteps = previous_count
+
+    def _check_corrector(self, pipe: Any) -> None:
+        """The corrector moves the latents the denoiser sees; refuse where other inputs are computed from them."""
+        if getattr(pipe, "controlnet", None) is not None:
+            raise ValueError(
+                f"{type(pipe).__name__}: the Langevin corrector is not supported with ControlNet (the ControlNet "
+                "residuals are computed from the latents before the denoiser call, not from the corrected ones)"
+            )
+        config = getattr(self.denoiser, "config", {})
+        inputs, outputs = config.get("in_channels"), config.get("out_channels")
+        if inputs is not None and outputs is not None and outputs not in (inputs, 2 * inputs):  # 2x: learned sigma
+            raise ValueError(
+                f"{type(pipe).__name__}: the Langevin corrector needs a denoiser whose input is the latents alone "
+                f"(this one takes {inputs} channels, e.g. inpainting's mask and image, and returns {outputs})"
+            )
 
     def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
         if arguments[self.family.scale_arg] <= 1 or self._distilled(pipe):

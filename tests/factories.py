@@ -498,3 +498,102 @@ BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "dit": tiny_dit,
     "pixart_sigma": tiny_pixart_sigma,
 }
+
+
+# --------------------------------------------------------------------------- inpainting and ControlNet variants
+
+
+def _controlnet_for(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """A seeded tiny ControlNet matching ``pipe``'s denoiser (its conditioning embedding maps images to latents)."""
+    import diffusers
+
+    torch.manual_seed(SEED + 7)
+    if hasattr(pipe, "unet"):
+        return diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    config = pipe.transformer.config
+    if isinstance(pipe.transformer, SD3Transformer2DModel):
+        return diffusers.SD3ControlNetModel(
+            sample_size=config.sample_size,
+            patch_size=config.patch_size,
+            in_channels=config.in_channels,
+            out_channels=config.out_channels,
+            num_layers=1,
+            attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads,
+            joint_attention_dim=config.joint_attention_dim,
+            caption_projection_dim=config.caption_projection_dim,
+            pooled_projection_dim=config.pooled_projection_dim,
+            pos_embed_max_size=config.pos_embed_max_size,
+        ).eval()
+    return diffusers.FluxControlNetModel(
+        patch_size=config.patch_size,
+        in_channels=config.in_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.joint_attention_dim,
+        pooled_projection_dim=config.pooled_projection_dim,
+        guidance_embeds=config.guidance_embeds,
+        axes_dims_rope=config.axes_dims_rope,
+    ).eval()
+
+
+def _inpainting_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The same UNet with SD-inpainting's 9 input channels (latents, mask, masked-image latents)."""
+    torch.manual_seed(SEED)
+    return UNet2DConditionModel.from_config({**unet.config, "in_channels": 9}).eval()
+
+
+def variant(family: str, kind: str) -> DiffusionPipeline:
+    """``family`` in sd / sdxl / sd3 / flux; ``kind``: inpaint, inpaint9 (SD's 9-channel UNet), controlnet,
+    controlnet_img2img, controlnet_inpaint."""
+    import diffusers
+
+    base = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[family]()
+    components = dict(base.components)
+    prefix = {"sd": "StableDiffusion", "sdxl": "StableDiffusionXL", "sd3": "StableDiffusion3", "flux": "Flux"}[family]
+    if kind == "inpaint9":
+        components["unet"] = _inpainting_unet(base.unet)
+        kind = "inpaint"
+    names = {
+        "inpaint": f"{prefix}InpaintPipeline",
+        "controlnet": f"{prefix}ControlNetPipeline",
+        "controlnet_img2img": f"{prefix}ControlNetImg2ImgPipeline",
+        "controlnet_inpaint": f"{prefix}ControlNet{'Inpainting' if family == 'sd3' else 'Inpaint'}Pipeline",
+    }
+    cls = getattr(diffusers, names[kind])
+    if kind.startswith("controlnet"):
+        components["controlnet"] = _controlnet_for(base)
+    if family == "sdxl" and "requires_aesthetics_score" in cls.__init__.__code__.co_varnames:
+        components["requires_aesthetics_score"] = False
+    accepted = cls.__init__.__code__.co_varnames
+    return _finish(cls(**{k: v for k, v in components.items() if k in accepted}))
+
+
+def variant_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """Small valid call kwargs for a :func:`variant` pipeline (without ``generator`` and guidance settings)."""
+    name = type(pipe).__name__
+    kwargs: dict[str, Any] = {"prompt": PROMPT, "num_inference_steps": 3, "output_type": "np"}
+    kwargs["height"] = kwargs["width"] = IMAGE_SIZE
+    if name.startswith(("StableDiffusion3", "Flux")):
+        kwargs["max_sequence_length"] = 64
+    control = random_image(IMAGE_SIZE, seed=SEED + 3)
+    if "Inpaint" in name:
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        mask[8:24, 8:24] = 255
+        kwargs["image"] = random_image(IMAGE_SIZE)
+        kwargs["mask_image"] = Image.fromarray(mask)
+        kwargs["strength"] = 1.0 if "ControlNet" not in name else 0.99
+    elif "Img2Img" in name:
+        kwargs["image"] = random_image(IMAGE_SIZE)
+        kwargs["strength"] = 0.75
+        kwargs["num_inference_steps"] = 4
+    if "ControlNet" in name:
+        key = (
+            "control_image"
+            if name.startswith(("StableDiffusion3", "Flux")) or "Img2Img" in name or "Inpaint" in name
+            else "image"
+        )
+        kwargs[key] = control
+    return kwargs
