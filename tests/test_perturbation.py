@@ -270,3 +270,37 @@ def test_flux_without_true_cfg_gets_perturbation_only():
     with guide(pipe, PAG(2.0)):
         again = pipe(**kwargs, generator=gen()).images
     np.testing.assert_array_equal(again, pag)
+
+
+def _sd3_with_qk_norm(pipe):
+    import diffusers
+
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    transformer = diffusers.SD3Transformer2DModel(**config | {"qk_norm": "rms_norm"}).eval()
+    transformer.load_state_dict(pipe.transformer.state_dict(), strict=False)  # the norms start at weight 1
+    pipe.transformer = transformer
+    return pipe
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_sd3_joint_modes_against_the_diffusers_sd3_pag_pipeline(qk_norm):
+    # README "SD3 and diffusers' PAG": diffusers' joint PAG processor keeps image-to-text attention and drops
+    # QK-norm in every branch of the chosen layers; joint="image" is the same perturbation with QK-norm kept.
+    pipe = BUILDERS["sd3"]()
+    if qk_norm:
+        _sd3_with_qk_norm(pipe)
+    theirs = _diffusers_pag(pipe, ["blocks.0"])
+    theirs.set_progress_bar_config(disable=True)
+    kwargs = default_call_kwargs(pipe)
+    expected = theirs(**kwargs, guidance_scale=4.0, pag_scale=3.0, generator=gen()).images
+    pag_effect = np.abs(expected - run(pipe, scale=4.0)).max()
+    ours = {}
+    for joint in ("full", "image"):
+        with guide(pipe, CFG(4.0), PAG(3.0, layers=("blocks.0",), joint=joint)):
+            ours[joint] = pipe(**kwargs, generator=gen()).images
+    full, image = (np.abs(ours[j] - expected).max() for j in ("full", "image"))
+    assert full > pag_effect  # measured 0.116 vs 0.052 (QK-norm off), 0.136 vs 0.055 (on)
+    if qk_norm:
+        assert image > 1e-2  # measured 0.054: diffusers drops the QK-norm, we keep it
+    else:
+        assert image < 1e-4
