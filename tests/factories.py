@@ -511,31 +511,14 @@ def _controlnet_for(pipe: DiffusionPipeline) -> torch.nn.Module:
     if hasattr(pipe, "unet"):
         return diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32)).eval()
     config = pipe.transformer.config
+    keys = ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim")
+    same = {key: config[key] for key in (*keys, "pooled_projection_dim")}
     if isinstance(pipe.transformer, SD3Transformer2DModel):
-        return diffusers.SD3ControlNetModel(
-            sample_size=config.sample_size,
-            patch_size=config.patch_size,
-            in_channels=config.in_channels,
-            out_channels=config.out_channels,
-            num_layers=1,
-            attention_head_dim=config.attention_head_dim,
-            num_attention_heads=config.num_attention_heads,
-            joint_attention_dim=config.joint_attention_dim,
-            caption_projection_dim=config.caption_projection_dim,
-            pooled_projection_dim=config.pooled_projection_dim,
-            pos_embed_max_size=config.pos_embed_max_size,
-        ).eval()
+        extra = ("sample_size", "out_channels", "caption_projection_dim", "pos_embed_max_size")
+        return diffusers.SD3ControlNetModel(**same, **{key: config[key] for key in extra}, num_layers=1).eval()
+    extra = ("guidance_embeds", "axes_dims_rope")
     return diffusers.FluxControlNetModel(
-        patch_size=config.patch_size,
-        in_channels=config.in_channels,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=config.attention_head_dim,
-        num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=config.joint_attention_dim,
-        pooled_projection_dim=config.pooled_projection_dim,
-        guidance_embeds=config.guidance_embeds,
-        axes_dims_rope=config.axes_dims_rope,
+        **same, **{key: config[key] for key in extra}, num_layers=1, num_single_layers=1
     ).eval()
 
 
