@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     train = commands.add_parser(
         "train",
-        help="train the embedded demo models (python -m apps.demo.train) or, with 'protector', an amortized "
-        "protector (python -m protect.train; accelerate launch -m protect.train for several GPUs)",
+        help="train the embedded demo models (python -m apps.demo.train), with 'photo' the photo demo models "
+        "(python -m apps.demo.train_photo), or with 'protector' an amortized protector (python -m protect.train; "
+        "accelerate launch -m protect.train for several GPUs)",
     )
     train.add_argument("args", nargs=argparse.REMAINDER, help="arguments for apps.demo.train or protect.train")
 
@@ -113,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
                 from protect.train import main as train_protector
 
                 return train_protector(args.args[1:])
+            if args.args[:1] == ["photo"]:
+                from .demo.train_photo import main as train_photo
+
+                train_photo(args.args[1:])
+                return 0
             from .demo.train import main as train_main
 
             train_main(args.args)

@@ -142,3 +142,11 @@ def test_reconstruct_at_native_resolution_and_in_tiles():
     assert train_photo.psnr(image, image) == pytest.approx(10 * np.log10(4 / 1e-12))
     baseline = train_photo.bicubic_baseline(image, 8)
     assert baseline.shape == image.shape and train_photo.psnr(baseline, image) < 30
+
+
+def test_the_cli_runs_the_photo_trainer(tmp_path: Path):
+    from apps.cli import main as cli_main
+
+    argv = ["train", "photo", "vae_b", "--out", str(tmp_path), *TINY, "--crop", "16"]
+    assert cli_main(argv) == 0
+    assert (tmp_path / "photo_vae_b" / "config.json").is_file()
