@@ -3,9 +3,11 @@
 ``pgd`` MINIMISES a per-image loss with signed gradient steps from a random start inside the eps-ball, and
 projects onto the ball intersected with [0, 1] after every step. The arithmetic runs in float32 (or float64);
 the result is returned in the input dtype and rounded so that it still lies inside the ball and [0, 1] when
-compared in float32. ``robust`` adds expectation over transformations (Athalye et al. 2018) with kornia's
-differentiable ops: the perturbation must survive JPEG, resizing, blur and noise, the purifications that
-Hönig et al. (2024, "Adversarial Perturbations Cannot Reliably Protect Artists From Generative AI") use.
+compared in float32. A ``callback`` sees every step and may stop the attack there (return ``False`` or raise
+:class:`Cancelled`): the way an application reports progress and honours a cancellation or a time limit.
+``robust`` adds expectation over transformations (Athalye et al. 2018) with kornia's differentiable ops: the
+perturbation must survive JPEG, resizing, blur and noise, the purifications that Hönig et al. (2024,
+"Adversarial Perturbations Cannot Reliably Protect Artists From Generative AI") use.
 """
 
 from __future__ import annotations
@@ -20,7 +22,21 @@ Tensor = torch.Tensor
 Transform = Callable[[Tensor, torch.Generator | None], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
-__all__ = ["TRANSFORMS", "Generators", "draw", "exact_dtype", "fit_to_ball", "pgd", "random_transform"]
+__all__ = [
+    "TRANSFORMS",
+    "Cancelled",
+    "Generators",
+    "check_generators",
+    "draw",
+    "exact_dtype",
+    "fit_to_ball",
+    "pgd",
+    "random_transform",
+]
+
+
+class Cancelled(RuntimeError):
+    """A long computation was stopped between two steps (by its caller's callback: a cancellation, a time limit)."""
 
 
 def _rng_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
@@ -28,7 +44,8 @@ def _rng_device(generator: torch.Generator | None, like: Tensor) -> torch.device
     return generator.device if generator is not None else like.device
 
 
-def _check_generators(generator: Generators, n: int) -> None:
+def check_generators(generator: Generators, n: int) -> None:
+    """Raises when a list of generators does not hold one per image of a batch of ``n``."""
     if isinstance(generator, list | tuple) and len(generator) != n:
         raise ValueError(f"got {len(generator)} generators for a batch of {n} images; pass one per image")
 
@@ -40,7 +57,7 @@ def draw(kind: str | int, shape: Sequence[int], generator: Generators, like: Ten
     from ``generator[i]`` alone, so its numbers do not depend on the batch it is in (diffusers' convention).
     """
     if isinstance(generator, list | tuple):
-        _check_generators(generator, shape[0])
+        check_generators(generator, shape[0])
         return torch.cat([draw(kind, (1, *shape[1:]), g, like, dtype) for g in generator])
     device = _rng_device(generator, like)
     if isinstance(kind, int):
@@ -126,7 +143,7 @@ def pgd(
     random_start: bool = True,
     generator: Generators = None,
     robust: Sequence[str] | None = None,
-    callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    callback: Callable[[int, Tensor, Tensor], bool | None] | None = None,
 ) -> Tensor:
     """Minimise ``loss_fn`` (images in [0, 1] -> per-image losses (N,)) over ``|x - images|_inf <= eps``.
 
@@ -139,14 +156,15 @@ def pgd(
         generator: the only source of randomness (start, transformations, and whatever ``loss_fn`` closes over);
             a list of one generator per image makes each image's attack independent of the batch it is in.
         robust: names from :data:`TRANSFORMS`; each step applies one of them, drawn from ``generator``.
-        callback: ``callback(i, x, loss)`` after computing the loss of iterate ``i`` (x before its update).
+        callback: ``callback(i, x, loss)`` after computing the loss of iterate ``i`` (x before its update); it
+            stops the attack by returning ``False`` (:class:`Cancelled` is raised) or by raising an exception.
     """
     if eps < 0 or steps < 0:
         raise ValueError(f"eps and steps must be non-negative, got eps={eps}, steps={steps}")
     unknown = set(robust or ()) - set(TRANSFORMS)
     if unknown:
         raise ValueError(f"unknown robustness transforms {sorted(unknown)}; choose from {sorted(TRANSFORMS)}")
-    _check_generators(generator, images.shape[0])
+    check_generators(generator, images.shape[0])
     step = 2.5 * eps / max(steps, 1) if step is None else step
     work = torch.promote_types(images.dtype, torch.float32)
     x0 = images.detach().to(work)
@@ -162,7 +180,7 @@ def pgd(
         view = random_transform(transforms, x, generator) if transforms else x
         loss = loss_fn(view)
         (grad,) = torch.autograd.grad(loss.sum(), x)
-        if callback is not None:
-            callback(i, x.detach(), loss.detach())
+        if callback is not None and callback(i, x.detach(), loss.detach()) is False:
+            raise Cancelled(f"stopped after {i} of {steps} PGD steps")
         x = torch.maximum(torch.minimum(x.detach() - step * grad.sign(), upper), lower)
     return fit_to_ball(x.detach(), images.detach(), eps, images.dtype)

@@ -9,6 +9,11 @@ are composited on white; grayscale and 16-bit images become 8-bit RGB. These bas
 are what FastProtect (Ahn et al., CVPR 2025) amortises: ``method="amortized"`` runs a pre-trained
 :class:`protect.amortized.AmortizedProtector` instead (one forward pass, no PGD; pass ``protector=``).
 
+Cost: a PGD step runs the VAE encoder, whose mid-block self-attention grows with the square of the latent
+size. ``tile=T`` attacks the mean of the loss over T x T crops covering the image (the last row and column of
+crops overlap), so a step costs in proportion to the pixels; ``on_step`` reports each step (:class:`Step`) and may
+stop the attack there (return ``False`` or raise :class:`~protect.pgd.Cancelled`).
+
 Default target (PhotoGuard and Mist): :func:`default_target`, a deterministic high-frequency texture (a 4-pixel
 checkerboard crossed with diagonal colour stripes), in the spirit of Mist's repeated target pattern.
 """
@@ -16,6 +21,7 @@ checkerboard crossed with diagonal colour stripes), in the spirit of Mist's repe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,14 +35,53 @@ from PIL import Image, ImageOps
 
 from .amortized import AmortizedProtector
 from .losses import Denoiser, encoder_loss, latent, mist_loss, sds_loss
-from .pgd import TRANSFORMS, Generators, exact_dtype, pgd
+from .pgd import TRANSFORMS, Cancelled, Generators, check_generators, exact_dtype, pgd
 
 Tensor = torch.Tensor
 METHODS = ("photoguard", "mist", "sds", "amortized")
 MAX_PIXELS = 4096 * 4096
 MAX_EPS = 64 / 255  # the largest L-infinity budget accepted (the field evaluates 4-16/255)
 
-__all__ = ["MAX_EPS", "MAX_PIXELS", "METHODS", "ProtectionReport", "default_target", "protect"]
+__all__ = [
+    "MAX_EPS",
+    "MAX_PIXELS",
+    "METHODS",
+    "Cancelled",
+    "ProtectionReport",
+    "Step",
+    "default_target",
+    "protect",
+    "tiles",
+]
+
+
+@dataclass(frozen=True)
+class Step:
+    """Progress of one :func:`protect` call after a step: ``step`` of ``total`` done, the per-image ``loss`` of the
+    iterate just evaluated (None for the amortized protector), and the seconds since the call started."""
+
+    step: int
+    total: int
+    loss: Tensor | None
+    elapsed: float
+
+    @property
+    def eta(self) -> float:
+        """Seconds left at the pace so far."""
+        return self.elapsed / max(self.step, 1) * (self.total - self.step)
+
+
+def _origins(size: int, tile: int) -> list[int]:
+    return [0] if size <= tile else [*range(0, size - tile, tile), size - tile]
+
+
+def tiles(x: Tensor, tile: int) -> Tensor:
+    """``tile`` x ``tile`` crops covering the images ``x`` (N, C, H, W) (sides shorter than ``tile`` are kept whole;
+    the last row and column of crops overlap the previous ones), stacked tile-major: crop ``t`` of image ``i`` is
+    row ``t * N + i``."""
+    height, width = x.shape[-2:]
+    th, tw = min(tile, height), min(tile, width)
+    return torch.cat([x[..., y : y + th, z : z + tw] for y in _origins(height, tile) for z in _origins(width, tile)])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,8 +149,11 @@ def _validate(images: Tensor) -> None:
         raise ValueError(f"images must lie in [0, 1], got [{images.min().item():.3g}, {images.max().item():.3g}]")
 
 
-def _target_latent(vae: AutoencoderKL, target: Tensor | Image.Image | str | None, like: Tensor) -> Tensor | None:
-    """Latent of the target pattern resized to ``like``'s size; ``"zero"`` gives the zero latent (None)."""
+def _target_latent(
+    vae: AutoencoderKL, target: Tensor | Image.Image | str | None, like: Tensor, tile: int | None = None
+) -> Tensor | None:
+    """Latent of the target pattern resized to ``like``'s size (of its :func:`tiles` with ``tile``, rows matching
+    the tiles of ``like``); ``"zero"`` gives the zero latent (None)."""
     if isinstance(target, str):
         if target != "zero":
             raise ValueError(f"unknown target {target!r}; pass an image, 'zero' or None")
@@ -119,6 +167,9 @@ def _target_latent(vae: AutoencoderKL, target: Tensor | Image.Image | str | None
         _validate(pattern)
     pattern = pattern.reshape(-1, *pattern.shape[-3:]).to(like.device, torch.float32)
     pattern = F.interpolate(pattern, size=like.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+    if tile is not None:
+        crops = tiles(pattern, tile)
+        pattern = crops.repeat_interleave(like.shape[0], dim=0) if pattern.shape[0] == 1 else crops
     with torch.no_grad():
         return latent(vae, pattern.clamp(0, 1))
 
@@ -134,6 +185,11 @@ def _psnr_ssim(clean: Tensor, protected: Tensor) -> tuple[list[float], list[floa
     window = min(11, min(clean.shape[-2:]) - (1 - min(clean.shape[-2:]) % 2))
     ssim = kornia.metrics.ssim(clean, protected, window_size=window).flatten(1).mean(1)
     return psnr(clean, protected).tolist(), ssim.tolist()
+
+
+def _tiled_loss(loss_fn: Callable[[Tensor], Tensor], tile: int, count: int, x: Tensor) -> Tensor:
+    """The mean of ``loss_fn`` over the ``count`` :func:`tiles` of each image."""
+    return loss_fn(tiles(x, tile)).view(count, x.shape[0]).mean(0)
 
 
 def protect(
@@ -152,6 +208,8 @@ def protect(
     protector: AmortizedProtector | str | None = None,
     alphas_cumprod: Tensor | None = None,
     min_strength: float | None = None,
+    tile: int | None = None,
+    on_step: Callable[[Step], bool | None] | None = None,
 ) -> tuple[Tensor | list[Image.Image], ProtectionReport]:
     """Protect ``images`` against mimicry by an L-infinity PGD attack on ``vae`` (and ``denoiser``).
 
@@ -170,6 +228,10 @@ def protect(
             (``steps``, ``step``, ``target``, ``generator`` and ``robust`` do not apply: it was trained robust).
         min_strength: for "amortized": the budget share on flat regions (1 = full ``eps`` everywhere; default:
             the protector's trained value).
+        tile: for the PGD methods: attack ``tile`` x ``tile`` crops (:func:`tiles`; the loss is their mean per
+            image), so that a step costs in proportion to the pixels; None attacks the whole image at once.
+        on_step: ``on_step(Step)`` after every PGD step (once for "amortized"); returning ``False`` or raising
+            :class:`~protect.pgd.Cancelled` stops the call there (:class:`~protect.pgd.Cancelled` is raised).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -197,6 +259,8 @@ def protect(
         raise ValueError("method 'amortized' takes no denoiser, target or robust option (its training fixed them)")
     if min_strength is not None and method != "amortized":
         raise ValueError("min_strength applies to method 'amortized' only")
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8):
+        raise ValueError(f"tile must be an integer of at least 8 pixels or None, got {tile!r}")
     if isinstance(protector, str | Path):
         protector = AmortizedProtector.from_pretrained(str(protector))
     is_pil = isinstance(images, list | tuple)
@@ -215,13 +279,27 @@ def protect(
 
     start = time.perf_counter()
     trace: list[list[float]] = []
+    total = 1 if method == "amortized" else steps
+
+    def report_step(done: int, loss: Tensor | None) -> None:
+        if on_step is not None and on_step(Step(done, total, loss, time.perf_counter() - start)) is False:
+            raise Cancelled(f"stopped after {done} of {total} steps")
+
+    report_step(0, None)
+    count = 1
+    if method != "amortized" and tile is not None:
+        count = tiles(batch[:1], tile).shape[0]
+        if isinstance(generator, list | tuple):
+            check_generators(generator, batch.shape[0])
+            generator = list(generator) * count  # tile-major, as the crops: image i keeps drawing from its own
     if method == "amortized":
         protector = protector.to(batch.device)
         protected, _ = protector.protect(batch, vae, eps=eps, min_strength=min_strength)
+        report_step(1, None)
     elif method == "sds":
         loss_fn = partial(sds_loss, vae, denoiser, alphas_cumprod=alphas_cumprod, generator=generator)
     else:
-        target_latent = _target_latent(vae, target, batch)
+        target_latent = _target_latent(vae, target, batch, tile)
         if method == "photoguard":
             loss_fn = partial(encoder_loss, vae, target_latent=target_latent)
         else:
@@ -235,6 +313,13 @@ def protect(
                 generator=generator,
             )
     if method != "amortized":
+        if tile is not None:
+            loss_fn = partial(_tiled_loss, loss_fn, tile, count)
+
+        def callback(i: int, x: Tensor, loss: Tensor) -> None:
+            trace.append(loss.float().tolist())
+            report_step(i + 1, loss)
+
         transforms = tuple(TRANSFORMS) if robust is True else tuple(robust or ())
         protected = pgd(
             batch,
@@ -242,9 +327,9 @@ def protect(
             eps=eps,
             step=step,
             steps=steps,
-            generator=generator,
+            generator=generator[: batch.shape[0]] if isinstance(generator, list) else generator,
             robust=transforms,
-            callback=lambda i, x, loss: trace.append(loss.float().tolist()),
+            callback=callback,
         )
     seconds = time.perf_counter() - start
     if is_pil:  # the budget holds in 8-bit levels: |q - k| <= floor(255 eps)

@@ -197,3 +197,60 @@ def test_pgd_without_random_start_or_steps_is_identity(images):
     out = pgd(images, lambda x: x.flatten(1).sum(1), steps=0, random_start=False)
     assert torch.equal(out, images)
     assert default_target(32, 32).shape == (3, 32, 32)
+
+
+def test_tiles_cover_the_image_tile_major():
+    from protect.protect import tiles
+
+    x = torch.arange(2 * 10 * 7, dtype=torch.float32).view(2, 1, 10, 7)
+    crops = tiles(x, 4)  # rows at 0, 4, 6 (the last overlaps), columns at 0, 3
+    assert crops.shape == (6 * 2, 1, 4, 4)
+    assert torch.equal(crops[2 * 5 + 1], x[1, :, 6:10, 3:7]) and torch.equal(crops[2 * 2], x[0, :, 4:8, 0:4])
+    assert torch.equal(tiles(x, 16), x)  # larger than the image: the image itself
+
+
+def test_tiled_attack_never_encodes_more_than_a_tile(images, vae):
+    sizes = []
+    hook = vae.encoder.register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[-2:])))
+    try:
+        big = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")  # 2 x 64 x 64
+        out, report = protect(big, "photoguard", vae=vae, steps=6, generator=_gen(), tile=16)
+    finally:
+        hook.remove()
+    assert set(sizes) == {(16, 16)}  # the target's tiles and every PGD step: cost in proportion to the pixels
+    assert (out - big).abs().max() <= EPS and np.mean(report.losses[-1]) < np.mean(report.losses[0])
+    whole, _ = protect(images, "photoguard", vae=vae, steps=2, generator=_gen())
+    one_tile, _ = protect(images, "photoguard", vae=vae, steps=2, generator=_gen(), tile=64)
+    assert torch.equal(whole, one_tile)
+    with pytest.raises(ValueError, match="tile must be"):
+        protect(images, "photoguard", vae=vae, steps=1, tile=4)
+
+
+@pytest.mark.parametrize("method", ["mist", "sds"])
+def test_tiled_attacks_stay_batch_independent(images, vae, denoiser, method):
+    both, _ = _run(images, vae, denoiser, method, steps=2, generator=[_gen(3), _gen(4)], tile=16)
+    second, _ = _run(images[1:], vae, denoiser, method, steps=2, generator=[_gen(4)], tile=16)
+    assert torch.allclose(both[1:], second, atol=1e-6)
+
+
+def test_on_step_reports_progress_and_cancels(images, vae, protector):
+    from protect.protect import Cancelled, Step
+
+    seen: list[Step] = []
+    protect(images, "photoguard", vae=vae, steps=3, generator=_gen(), on_step=seen.append)
+    assert [(s.step, s.total) for s in seen] == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert seen[0].loss is None and seen[1].loss.shape == (2,) and seen[-1].eta == 0
+    assert [s.elapsed for s in seen] == sorted(s.elapsed for s in seen)
+    calls = []
+    with pytest.raises(Cancelled, match="after 2 of 50"):
+        protect(images, "mist", vae=vae, steps=50, on_step=lambda s: calls.append(s.step) or s.step < 2)
+    assert calls == [0, 1, 2]  # stopped at the step it was told, not at the end
+
+    def stop(step):
+        raise Cancelled("client gone")
+
+    with pytest.raises(Cancelled, match="client gone"):
+        protect(images, "photoguard", vae=vae, steps=5, on_step=stop)
+    seen.clear()
+    protect(images, "amortized", vae=vae, protector=protector, on_step=seen.append)
+    assert [(s.step, s.total) for s in seen] == [(0, 1), (1, 1)]
