@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from guidance import APG, CFG, PAG, TPG, LangevinCorrector, SoftPAG, guide
 from guidance.layers import default_layers, select, self_attention_layers
 from guidance.pipeline import family_of
 from guidance.prediction import is_flow_schedule
+from protect import Cancelled, Step
 
 METHODS = ("none", "cfg", "apg")  # CFG-type guidance the UI and the CLI offer
 # weak-model guidance, combinable with the above; SoftPAG acts on all heads of PAG's default layer at strength
@@ -38,7 +41,7 @@ class Request:
     method: str = "apg"
     scale: float = 4.0
     eta: float = 0.0
-    norm_threshold: float | None = None  # None: the family default ("auto")
+    norm_threshold: float | str | None = None  # None: the family default ("auto"); "off": no threshold; else r > 0
     momentum: float | None = None  # None: the paper's -0.5
     steps: int = 25
     seed: int = 0
@@ -63,6 +66,10 @@ class Request:
             raise ValueError(f"corrector_steps must be between 0 and 10, got {self.corrector_steps}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
+        if isinstance(self.norm_threshold, str) and self.norm_threshold != "off":
+            raise ValueError(
+                f"norm_threshold must be a number > 0, None (default) or 'off', got {self.norm_threshold!r}"
+            )
         self._methods(heads=((0, 0),))  # validates the methods' own arguments (heads depend on the model)
 
     def guidance(self, pipe: Any = None) -> tuple:
@@ -83,7 +90,7 @@ class Request:
                 APG(
                     self.scale,
                     eta=self.eta,
-                    norm_threshold="auto" if self.norm_threshold is None else self.norm_threshold,
+                    norm_threshold={None: "auto", "off": None}.get(self.norm_threshold, self.norm_threshold),
                     momentum="auto" if self.momentum is None else self.momentum,
                 )
             )
@@ -96,13 +103,38 @@ class Request:
         return tuple(methods)
 
     def describe(self) -> str:
+        """A label naming the method, its scale and every option that is not the default."""
         parts = [f"{self.method} {self.scale:g}" if self.method != "none" else "no CFG"]
+        if self.method == "apg":
+            options = [f"eta {self.eta:g}"] if self.eta else []
+            if self.norm_threshold == "off":
+                options.append("no threshold")
+            elif self.norm_threshold is not None:
+                options.append(f"r {self.norm_threshold:g}")
+            if self.momentum is not None and self.momentum != -0.5:
+                options.append(f"beta {self.momentum:g}")
+            parts[0] += f" ({', '.join(options)})" if options else ""
         if self.perturbation != "none":
             parts.append(f"{self.perturbation} {self.perturbation_scale:g}")
         if self.corrector_steps:
             parts.append(f"{self.corrector_steps} corrector step(s)")
         text = " + ".join(parts)
         return text if self.sampler == "default" else f"{text} ({self.sampler})"
+
+
+def showcase(request: Request) -> list[Request]:
+    """``request`` after the same request with no CFG, with CFG and with default APG: distinct rows (a method
+    already compared is not repeated), options that a method does not use reset to their defaults."""
+    rows: list[Request] = []
+    for method in (*METHODS, None):
+        row = request if method is None else dataclasses.replace(request, method=method)
+        if row.method != "apg" or method is not None:
+            row = dataclasses.replace(row, eta=0.0, norm_threshold=None, momentum=None)
+        elif row.momentum == -0.5:  # the default, spelled out
+            row = dataclasses.replace(row, momentum=None)
+        if row not in rows:
+            rows.append(row)
+    return rows
 
 
 def softpag_heads(pipe: Any) -> tuple[tuple[str, int], ...]:
@@ -164,11 +196,14 @@ def class_names(pipe: Any) -> list[str] | None:
     return sorted(labels, key=labels.get) if labels else None
 
 
-def generate(pipe: Any, request: Request) -> list[Image.Image]:
+def generate(pipe: Any, request: Request, on_step: Callable[[Step], bool | None] | None = None) -> list[Image.Image]:
     """Run ``pipe`` for ``request`` with per-image seeds (same seed, same image, whatever the batch).
 
-    It changes ``pipe`` for the call (scheduler, hooks): serve concurrent callers through
-    :func:`apps.services.generate_images`, which holds the device lock."""
+    ``on_step(Step)`` is called before every denoising step (one call of the pipeline's denoiser; the guidance
+    branches and corrector steps run inside it); returning ``False`` or raising :class:`~protect.pgd.Cancelled`
+    stops the generation there. It changes ``pipe`` for the call (scheduler, hooks): serve concurrent callers
+    through :func:`apps.services.generate_images`, which holds the device lock.
+    """
     device = pipe.device
     generators = [torch.Generator(device).manual_seed(request.seed + i) for i in range(request.num_images)]
     names = class_names(pipe)
@@ -183,19 +218,58 @@ def generate(pipe: Any, request: Request) -> list[Image.Image]:
         call["prompt"] = [request.subject] * request.num_images
     methods = request.guidance(pipe)
     call[family_of(pipe).scale_arg] = 1.0  # CFG only when a method asks for it
-    with using_sampler(pipe, request.sampler):
+    with using_sampler(pipe, request.sampler), _reporting(pipe, request, on_step):
         if not methods:
             return pipe(**call).images
         with guide(pipe, *methods):
             return pipe(**call).images
 
 
-def grid(images: list[Image.Image], columns: int | None = None, scale: int = 1) -> Image.Image:
-    """Tile images (all the same size) into one contact sheet, optionally enlarged by ``scale`` (nearest)."""
+@contextlib.contextmanager
+def _reporting(pipe: Any, request: Request, on_step: Callable[[Step], bool | None] | None) -> Iterator[None]:
+    """``on_step`` before every call of ``pipe``'s denoiser while the block runs."""
+    if on_step is None:
+        yield
+        return
+    total, done, start = request.steps, [0], time.perf_counter()
+
+    def before(module: torch.nn.Module, args: tuple) -> None:
+        step = Step(min(done[0], total), total, None, time.perf_counter() - start)
+        if on_step(step) is False:
+            raise Cancelled(f"stopped after {step.step} of {total} denoising steps")
+        done[0] += 1
+
+    handle = getattr(pipe, family_of(pipe).denoiser).register_forward_pre_hook(before)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+LABEL_HEIGHT = 18  # pixels of the band above each labelled row
+
+
+def grid(
+    images: list[Image.Image], columns: int | None = None, scale: int = 1, labels: list[str] | None = None
+) -> Image.Image:
+    """Tile images (all the same size) into one contact sheet, optionally enlarged by ``scale`` (nearest), with
+    ``labels[r]`` written in a band above row ``r``."""
     columns = columns or len(images)
     w, h = images[0].size
-    rows = -(-len(images) // columns)
+    rows = math.ceil(len(images) / columns)
+    if labels is not None and len(labels) != rows:
+        raise ValueError(f"got {len(labels)} labels for {rows} rows")
     sheet = Image.new("RGB", (columns * w, rows * h), "white")
     for i, image in enumerate(images):
         sheet.paste(image.convert("RGB"), ((i % columns) * w, (i // columns) * h))
-    return sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
+    sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.NEAREST) if scale > 1 else sheet
+    if labels is None:
+        return sheet
+    band, row_height = LABEL_HEIGHT, h * max(scale, 1)
+    labelled = Image.new("RGB", (sheet.width, sheet.height + rows * band), "white")
+    draw = ImageDraw.Draw(labelled)
+    for r, label in enumerate(labels):
+        top = r * (row_height + band)
+        draw.text((4, top + 3), f"{r + 1}: {label}", fill="black")
+        labelled.paste(sheet.crop((0, r * row_height, sheet.width, (r + 1) * row_height)), (0, top + band))
+    return labelled

@@ -14,13 +14,16 @@ from .amortized import AmortizedProtector
 from .detector import EPSDetector, EPSDetectorConfig
 from .eps import expected_perturbation_score
 from .evaluate import evaluate
-from .protect import ProtectionReport, protect
+from .pgd import Cancelled
+from .protect import ProtectionReport, Step, protect
 
 __all__ = [
     "AmortizedProtector",
+    "Cancelled",
     "EPSDetector",
     "EPSDetectorConfig",
     "ProtectionReport",
+    "Step",
     "evaluate",
     "expected_perturbation_score",
     "protect",

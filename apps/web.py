@@ -1,0 +1,98 @@
+"""HTTP-level guards for the app, as ASGI middleware on the FastAPI app that Gradio creates.
+
+* :class:`SecurityHeaders`: every answer says ``X-Frame-Options: SAMEORIGIN``, ``Content-Security-Policy:
+  frame-ancestors 'self'`` (no framing by other sites: clickjacking), ``X-Content-Type-Options: nosniff`` (a
+  browser never runs an upload served back as something else) and ``Referrer-Policy: same-origin``.
+* :class:`UploadLimit`: a ``POST .../upload`` carrying more than ``max_files`` files is refused with 413 while it
+  streams in (Gradio's own upload route accepts up to 1000 files per request, without a session).
+
+:func:`middleware` returns both for ``launch(app_kwargs={"middleware": ...})``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["SECURITY_HEADERS", "SecurityHeaders", "UploadLimit", "middleware"]
+
+SECURITY_HEADERS = {
+    b"x-frame-options": b"SAMEORIGIN",
+    b"content-security-policy": b"frame-ancestors 'self'",
+    b"x-content-type-options": b"nosniff",
+    b"referrer-policy": b"same-origin",
+}
+FILE_PART = b'filename="'  # one per file part of a multipart body
+
+
+class SecurityHeaders:
+    """Adds :data:`SECURITY_HEADERS` to every HTTP answer that does not set them itself."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in SECURITY_HEADERS.items() if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class UploadLimit:
+    """Refuses (413) an upload request with more than ``max_files`` file parts, counted as the body streams in."""
+
+    def __init__(self, app: Any, max_files: int = 8) -> None:
+        self.app, self.max_files = app, max_files
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].rstrip("/").endswith("/upload"):
+            await self.app(scope, receive, send)
+            return
+        count, tail, refused, answered = 0, b"", False, False
+
+        async def counting_receive() -> dict:
+            nonlocal count, tail, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                data = tail + message.get("body", b"")
+                count += data.count(FILE_PART)  # the tail is too short to hold a whole marker: none counted twice
+                tail = data[-(len(FILE_PART) - 1) :]
+                if count > self.max_files:
+                    refused = True
+                    return {"type": "http.disconnect"}  # the upload handler stops reading and stores nothing
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal answered
+            if not refused:
+                answered = True
+                await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+        if refused and not answered:
+            body = json.dumps({"error": f"at most {self.max_files} files per upload request"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 413, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+
+def middleware(max_files: int) -> list:
+    """Starlette ``Middleware`` entries for FastAPI's ``middleware=`` argument."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(SecurityHeaders), Middleware(UploadLimit, max_files=max_files)]
