@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,39 @@ __all__ = [
     "PROTECT_METHODS",
     "default_detector_dir",
     "detect_images",
+    "cached_pipelines",
     "generate_images",
     "load_detector",
     "load_pipeline",
     "mimicry_preview",
     "protect_image",
+    "set_max_pipelines",
 ]
 
 _lock = threading.RLock()  # one job on the device at a time: loading, generating, scoring
 
 
-@functools.lru_cache(maxsize=4)
+_pipelines: OrderedDict[tuple, Any] = OrderedDict()  # (name, device, dtype) -> pipeline, least recently used first
+_max_pipelines = 4
+
+
+def set_max_pipelines(count: int) -> None:
+    """Keep at most ``count`` pipelines loaded (``steerguard app --max-pipelines``); the least recently used go."""
+    global _max_pipelines
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"the number of cached pipelines must be a positive integer, got {count!r}")
+    with _lock:
+        _max_pipelines = count
+        while len(_pipelines) > _max_pipelines:
+            _pipelines.popitem(last=False)
+
+
+def cached_pipelines() -> list[tuple]:
+    """The ``(name, device, dtype)`` of the pipelines loaded now, least recently used first."""
+    with _lock:
+        return list(_pipelines)
+
+
 def _pipeline(name: str, device: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
@@ -62,8 +85,14 @@ def load_pipeline(
     device = torch.device(device) if device is not None else best_dev
     if dtype is None:
         dtype = best_dtype if device.type == "cuda" else torch.float32
+    key = (name, str(device), dtype)
     with _lock:
-        return _pipeline(name, str(device), dtype)
+        if key not in _pipelines:
+            _pipelines[key] = _pipeline(*key)
+            while len(_pipelines) > _max_pipelines:
+                _pipelines.popitem(last=False)
+        _pipelines.move_to_end(key)
+        return _pipelines[key]
 
 
 def generate_images(pipe: Any, request: Request) -> list[Image.Image]:
