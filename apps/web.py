@@ -7,14 +7,19 @@
   streams in (Gradio's own upload route accepts up to 1000 files per request, without a session).
 
 :func:`middleware` returns both for ``launch(app_kwargs={"middleware": ...})``.
+
+:func:`checked_blocks` is ``gr.Blocks`` whose inputs are checked before Gradio's own preprocessing, so that a
+number that is not one (``eps="abc"``, ``seed=NaN``) or a server path sent in place of an upload answers with
+a clear message instead of Gradio's ``{"error": null}``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
-__all__ = ["SECURITY_HEADERS", "SecurityHeaders", "UploadLimit", "middleware"]
+__all__ = ["SECURITY_HEADERS", "SecurityHeaders", "UploadLimit", "check_input", "checked_blocks", "middleware"]
 
 SECURITY_HEADERS = {
     b"x-frame-options": b"SAMEORIGIN",
@@ -96,3 +101,45 @@ def middleware(max_files: int) -> list:
     from starlette.middleware import Middleware
 
     return [Middleware(SecurityHeaders), Middleware(UploadLimit, max_files=max_files)]
+
+
+def check_input(block: Any, value: Any) -> None:
+    """Raise ``gr.Error`` naming ``block``'s label when ``value`` cannot be its input (numbers: finite)."""
+    import gradio as gr
+
+    if isinstance(block, gr.Number | gr.Slider) and value is not None:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            label = block.label or type(block).__name__
+            raise gr.Error(f"{label}: expected a finite number, got {str(value)[:40]!r}")
+
+
+def checked_blocks(**kwargs: Any) -> Any:
+    """A ``gr.Blocks(**kwargs)`` that checks every event's inputs (:func:`check_input`) and turns the errors of
+    Gradio's own preprocessing into clear ``gr.Error`` messages."""
+    import gradio as gr
+    from gradio.exceptions import InvalidPathError
+
+    class CheckedBlocks(gr.Blocks):
+        async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+            for block, value in zip(block_fn.inputs, inputs):
+                check_input(block, value)
+            try:
+                return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+            except InvalidPathError:
+                raise gr.Error(
+                    "files must be uploaded to this server first (POST /gradio_api/upload, or gradio_client's "
+                    "handle_file); paths on the server are not accepted"
+                ) from None
+            except gr.Error:
+                raise
+            except (ValueError, TypeError) as error:  # pydantic's ValidationError is a ValueError
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                raise gr.Error(f"invalid input: {first[:200]}") from None
+
+    return CheckedBlocks(**kwargs)

@@ -1,13 +1,18 @@
-"""A bounded local load test of the app's ``/detect`` endpoint: N calls from C concurrent clients, none lost.
+"""A bounded local load test of the app's ``/detect`` endpoint: N calls from C concurrent clients, none lost,
+while long protections run.
 
 Starts the app (``steerguard app``: demo DiT, demo EPS detector, CPU) on a free port of 127.0.0.1 in a
-subprocess, waits until it answers, then C threads, each with its own ``gradio_client.Client``, share
-``--calls`` ``/detect`` calls on the example images of ``apps/examples/`` (one image per call). Every
-answer must be JSON with ``score``, ``threshold`` and ``verdict`` for the file sent, and the same score as
-that file's first answer (the EPS noise is seeded, so a mixed-up answer would show). Prints latency
-percentiles (per call, client side), throughput and the machine; exit code 1 if any call was lost.
+subprocess, waits until it answers, submits ``--protections`` long ``/protect`` jobs (PhotoGuard,
+``--protect-steps`` PGD steps on the 128 px example; they queue in the app's slow lane), then C threads, each
+with its own ``gradio_client.Client``, share ``--calls`` ``/detect`` calls on the example images of
+``apps/examples/`` (one image per call). Every answer must be JSON with ``score``, ``threshold`` and ``verdict``
+for the file sent, and the same score as that file's first answer (the EPS noise is seeded, so a mixed-up
+answer would show). Prints latency percentiles (per call, client side; p95 is the figure the app is held to),
+throughput, whether the protections were still running when the last ``/detect`` answered (then they are
+cancelled) and the machine; exit code 1 if any call was lost.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bench_load [--calls 200 --clients 8] [--url http://127.0.0.1:7860/]
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_load [--calls 200 --clients 8 --protections 2]
+        [--url http://127.0.0.1:7860/]
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(port: int, log: Path) -> subprocess.Popen:
-    """``steerguard app`` on 127.0.0.1:``port`` (CPU, one torch thread), output to ``log``."""
+def start_app(port: int, log: Path, extra: list[str] = ()) -> subprocess.Popen:
+    """``steerguard app`` on 127.0.0.1:``port`` (CPU, one torch thread, ``extra`` arguments), output to ``log``."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, "-m", "apps.cli", "app", "--port", str(port), "--device", "cpu"]
+    command = [sys.executable, "-m", "apps.cli", "app", "--port", str(port), "--device", "cpu", *extra]
     with open(log, "wb") as out:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -143,21 +148,33 @@ def run_load(url: str, calls: int = 200, clients: int = 8, files: list[Path] | N
         "throughput_per_s": answered / wall if wall else 0.0,
     }
     if latencies:
-        result.update({f"p{q}_s": percentile(latencies, q) for q in (50, 90, 99)})
+        result.update({f"p{q}_s": percentile(latencies, q) for q in (50, 90, 95, 99)})
         result["max_s"] = max(latencies)
         result["mean_s"] = sum(latencies) / answered
     return result
+
+
+def start_protections(url: str, count: int, steps: int) -> list:
+    """``count`` long ``/protect`` jobs (PhotoGuard, ``steps`` PGD steps, the 128 px example, no preview), submitted
+    from one client; returns the gradio_client jobs."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    image = handle_file(str(EXAMPLES / "checker-128.png"))
+    return [client.submit([image], "photoguard", 8, steps, k, False, api_name="/protect") for k in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--protections", type=int, default=2, help="long /protect jobs running during the load")
+    parser.add_argument("--protect-steps", type=int, default=500, help="PGD steps of each of those jobs")
     parser.add_argument("--url", default=None, help="load an app already running here instead of starting one")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.calls < 1 or args.clients < 1:
-        parser.error("--calls and --clients must be positive")
+    if args.calls < 1 or args.clients < 1 or args.protections < 0 or not 1 <= args.protect_steps <= 500:
+        parser.error("--calls and --clients must be positive, --protections >= 0, 1 <= --protect-steps <= 500")
 
     process = None
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"steerguard-bench-load-{os.getpid()}.log"
@@ -165,12 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}/"
-        process = start_app(port, log)
+        process = start_app(port, log, ["--max-seconds", "3600", "--time-limit", "3600"])
+    protections = []
     try:
         startup = wait_until_up(url, process)
+        protections = start_protections(url, args.protections, args.protect_steps)
+        time.sleep(5.0 if protections else 0.0)  # the first protection is running before the load starts
         load_before = os.getloadavg()[0]
         result = run_load(url, args.calls, args.clients)
+        states = [job.status().code.name for job in protections]
+        result["protections"] = {"count": len(protections), "steps": args.protect_steps, "states_at_end": states}
     finally:
+        for job in protections:
+            job.cancel()
         if process is not None:
             process.terminate()
             try:
@@ -193,10 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         f"app answered after {startup:.1f} s; {args.calls} calls from {args.clients} concurrent clients "
         f"(1-min load average {load_before:.2f} before, {result['load_average_1min'][1]:.2f} after)"
     )
+    if protections:
+        print(
+            f"{len(protections)} /protect jobs of {args.protect_steps} PGD steps submitted before the load; "
+            f"their states when the last /detect answered: {', '.join(result['protections']['states_at_end'])}"
+        )
     print(f"answered {result['answered']}/{args.calls}, lost {result['lost']}")
     if result["answered"]:
         print(
-            "latency p50 {p50_s:.3f} s, p90 {p90_s:.3f} s, p99 {p99_s:.3f} s, max {max_s:.3f} s; "
+            "latency p50 {p50_s:.3f} s, p90 {p90_s:.3f} s, p95 {p95_s:.3f} s, p99 {p99_s:.3f} s, max {max_s:.3f} s; "
             "throughput {throughput_per_s:.2f} calls/s over {wall_s:.1f} s".format(**result)
         )
     for error in result["errors"]:
