@@ -29,9 +29,9 @@ DETECTOR_NAME = "eps_detector"
 
 __all__ = [
     "PROTECT_METHODS",
+    "cached_pipelines",
     "default_detector_dir",
     "detect_images",
-    "cached_pipelines",
     "generate_images",
     "load_detector",
     "load_pipeline",
