@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .generate import METHODS, PERTURBATIONS, SAMPLERS, Request
+from .jobs import Limits
 from .services import PROTECT_METHODS
 
 
@@ -21,6 +22,46 @@ def main(argv: list[str] | None = None) -> int:
     app.add_argument("--port", type=int, default=7860)
     app.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
     app.add_argument("--detector", type=Path, default=None, help="saved EPS-AD detector (default: the demo one)")
+    limits = Limits()
+    app.add_argument(
+        "--max-seconds",
+        type=float,
+        default=limits.max_seconds,
+        help="refuse a request whose estimated time (measured unit costs x pixels x steps) exceeds this "
+        f"(default {limits.max_seconds:g}; 0: no budget)",
+    )
+    app.add_argument(
+        "--time-limit",
+        type=float,
+        default=limits.time_limit,
+        help=f"stop a running request at its next step after this many seconds (default {limits.time_limit:g}; "
+        "0: no limit)",
+    )
+    app.add_argument(
+        "--max-pixels",
+        type=int,
+        default=limits.max_pixels,
+        help=f"decoded pixels per request, all images together (default {limits.max_pixels}, 2048x2048)",
+    )
+    app.add_argument("--max-files", type=int, default=limits.max_files, help="images per request and per upload")
+    app.add_argument(
+        "--output-age",
+        type=float,
+        default=limits.output_age,
+        help=f"delete outputs and cached uploads after this many seconds (default {limits.output_age:g})",
+    )
+    app.add_argument(
+        "--max-pipelines", type=int, default=limits.max_pipelines, help="generation pipelines kept loaded at once"
+    )
+    app.add_argument(
+        "--allow-hub",
+        action="store_true",
+        help="offer the hub models of models.txt in the model picker (downloaded on first use); by default only "
+        "the demo models and --model are offered",
+    )
+    app.add_argument(
+        "--mcp", action="store_true", help="also serve the API as an MCP server at /gradio_api/mcp/ (gradio[mcp])"
+    )
 
     gen = commands.add_parser("generate", help="generate images to PNG files")
     gen.add_argument("subject", help="a class name (class-conditional models) or a prompt")
@@ -101,8 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "app":
             from .app import build_app, launch_options
 
-            app = build_app(args.model, args.device, detector=args.detector)
-            app.launch(server_name=args.host, server_port=args.port, **launch_options())
+            limits = Limits(
+                max_seconds=args.max_seconds or None,
+                time_limit=args.time_limit or None,
+                max_pixels=args.max_pixels,
+                max_files=args.max_files,
+                output_age=args.output_age,
+                max_pipelines=args.max_pipelines,
+                allow_hub=args.allow_hub,
+            )
+            app = build_app(args.model, args.device, detector=args.detector, limits=limits)
+            app.launch(server_name=args.host, server_port=args.port, **launch_options(limits, mcp=args.mcp))
         elif args.command == "generate":
             return _generate(args)
         elif args.command == "protect":

@@ -32,6 +32,7 @@ __all__ = [
     "Upload",
     "composite_rgb",
     "open_upload",
+    "peek",
     "perturbation_image",
     "restore_mode",
     "safe_stem",
@@ -74,23 +75,15 @@ def _header(path: Path, label: str, max_pixels: int) -> tuple[str, str, tuple[in
         raise ValueError(f"{label}: unreadable image header ({error})") from None
 
 
-def open_upload(
-    path: str | Path,
-    *,
-    name: str | None = None,
-    purpose: str = "protect",
-    max_bytes: int = MAX_BYTES,
-    max_pixels: int = MAX_PIXELS,
-) -> Upload:
-    """Safely decode the image file at ``path`` (a temp file from the upload handler, or a CLI argument).
+def peek(
+    path: str | Path, *, name: str | None = None, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS
+) -> tuple[str, str, tuple[int, int]]:
+    """Format, mode and (width, height) of the image file at ``path`` from its size and header alone: no pixel
+    is decoded, so a request's pixels can be counted (and refused) before any decoding.
 
-    Args:
-        name: the name to report and to derive output names from (default: the file's name).
-        purpose: "protect" (RGB, or RGBA when the image has transparency) or "detect" (RGB).
-        max_bytes, max_pixels: caps on the file size and on width x height, both checked before decoding.
+    Raises ``ValueError`` (naming ``name``, default the file's name) for a missing, empty or too large file, a
+    file that is no supported image, or a header claiming more than ``max_pixels``.
     """
-    if purpose not in ("protect", "detect"):
-        raise ValueError(f"purpose must be 'protect' or 'detect', got {purpose!r}")
     path = Path(path)
     label = Path(name).name if name else path.name
     if path.is_dir():
@@ -106,6 +99,30 @@ def open_upload(
     if width < 1 or height < 1 or width * height > max_pixels:
         side = int(max_pixels**0.5)
         raise ValueError(f"{label}: the image header claims {width}x{height} pixels, more than the {side}x{side} limit")
+    return fmt, mode, (width, height)
+
+
+def open_upload(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    purpose: str = "protect",
+    max_bytes: int = MAX_BYTES,
+    max_pixels: int = MAX_PIXELS,
+) -> Upload:
+    """Safely decode the image file at ``path`` (a temp file from the upload handler, or a CLI argument).
+
+    Args:
+        name: the name to report and to derive output names from (default: the file's name).
+        purpose: "protect" (RGB, or RGBA when the image has transparency) or "detect" (RGB).
+        max_bytes, max_pixels: caps on the file size and on width x height, both checked before decoding
+            (:func:`peek`).
+    """
+    if purpose not in ("protect", "detect"):
+        raise ValueError(f"purpose must be 'protect' or 'detect', got {purpose!r}")
+    path = Path(path)
+    label = Path(name).name if name else path.name
+    fmt, mode, (width, height) = peek(path, name=name, max_bytes=max_bytes, max_pixels=max_pixels)
     try:
         with Image.open(path, formats=FORMATS) as image:
             image.verify()  # chunk CRCs and structure (PNG); must be a fresh object afterwards

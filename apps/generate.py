@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from guidance import APG, CFG, PAG, TPG, LangevinCorrector, SoftPAG, guide
 from guidance.layers import default_layers, select, self_attention_layers
@@ -267,9 +267,9 @@ def grid(
         return sheet
     band, row_height = LABEL_HEIGHT, h * max(scale, 1)
     labelled = Image.new("RGB", (sheet.width, sheet.height + rows * band), "white")
-    draw = ImageDraw.Draw(labelled)
+    draw, font = ImageDraw.Draw(labelled), ImageFont.load_default(size=band - 4)
     for r, label in enumerate(labels):
         top = r * (row_height + band)
-        draw.text((4, top + 3), f"{r + 1}: {label}", fill="black")
+        draw.text((4, top + 1), f"row {r + 1}: {label}", fill="black", font=font)
         labelled.paste(sheet.crop((0, r * row_height, sheet.width, (r + 1) * row_height)), (0, top + band))
     return labelled

@@ -8,13 +8,52 @@ it reports the step and the time left to Gradio's progress bar.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
 
 from protect import Cancelled, Step
 
-__all__ = ["Job", "duration", "gradio_alive"]
+__all__ = ["Job", "Limits", "duration", "gradio_alive"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one request may cost the server (``steerguard app`` flags of the same names).
+
+    Args:
+        max_seconds: a request whose estimated time (:mod:`apps.cost`) exceeds this is refused before it starts
+            (None: no budget).
+        time_limit: a running request is stopped at its next step after this many seconds (None: no limit).
+        max_pixels: decoded pixels per request, all its images together, checked from the headers before any
+            decoding (the memory bound: a 4096x4096 zlib bomb of 49 KB is refused, not decoded).
+        max_files: images per request, and files per upload request.
+        output_age: seconds after which protected files and Gradio's cached copies are deleted.
+        max_pipelines: generation pipelines kept loaded at once.
+        allow_hub: offer every generation model of ``models.txt`` (hub downloads) in the model picker, not just
+            the demo models and the one the operator started the app with.
+    """
+
+    max_seconds: float | None = 120.0
+    time_limit: float | None = 600.0
+    max_pixels: int = 2048 * 2048
+    max_files: int = 8
+    output_age: float = 3600.0
+    max_pipelines: int = 2
+    allow_hub: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_seconds", "time_limit"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise ValueError(f"{name} must be positive seconds or None, got {value!r}")
+        for name in ("max_pixels", "max_files", "max_pipelines"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.output_age, int | float) and self.output_age > 0):
+            raise ValueError(f"output_age must be positive seconds, got {self.output_age!r}")
 
 
 def duration(seconds: float) -> str:

@@ -1,8 +1,10 @@
 """The services the app and the CLI run on the device: generate, protect, detect and the mimicry preview.
 
-Every model is loaded once per device and cached here; one lock serialises the loads, the generation calls
-(the scheduler swap and ``guide()`` change the pipeline) and the detector's scoring. The inputs are images
-already decoded by :mod:`apps.files`.
+Every model is loaded once per device and cached here (at most :func:`set_max_pipelines` generation pipelines);
+one lock serialises the loads and the generation calls (the scheduler swap and ``guide()`` change the
+pipeline); the detector's scoring has its own, so ``/detect`` answers while a generation runs. The inputs are
+images already decoded by :mod:`apps.files`. :func:`calibrate` measures what the work costs on this device
+(:mod:`apps.cost`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from protect import Step
+
+from .cost import Costs
 from .files import composite_rgb
-from .generate import Request, generate
+from .generate import Request, class_names, generate
 from .models import DEFAULT_MODEL, best_device, resolve
 
 PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
@@ -28,8 +34,11 @@ PROTECTOR_NAME = "protector"
 DETECTOR_NAME = "eps_detector"
 
 __all__ = [
+    "PGD_TILE",
     "PROTECT_METHODS",
     "cached_pipelines",
+    "calibrate",
+    "calibrate_generation",
     "default_detector_dir",
     "detect_images",
     "generate_images",
@@ -40,7 +49,9 @@ __all__ = [
     "set_max_pipelines",
 ]
 
-_lock = threading.RLock()  # one job on the device at a time: loading, generating, scoring
+_lock = threading.RLock()  # loading models and generating (a generation changes the pipeline): one at a time
+_detect_lock = threading.Lock()  # the detector's scoring, one batch at a time
+PGD_TILE = 128  # pixels a side of the crops PGD attacks (the demo VAE's self-attention is cheap up to here)
 
 
 _pipelines: OrderedDict[tuple, Any] = OrderedDict()  # (name, device, dtype) -> pipeline, least recently used first
@@ -95,10 +106,10 @@ def load_pipeline(
         return _pipelines[key]
 
 
-def generate_images(pipe: Any, request: Request) -> list[Image.Image]:
+def generate_images(pipe: Any, request: Request, on_step: Callable[[Step], Any] | None = None) -> list[Image.Image]:
     """:func:`apps.generate.generate` holding the device lock (one call at a time changes the pipeline)."""
     with _lock:
-        return generate(pipe, request)
+        return generate(pipe, request, on_step)
 
 
 @functools.lru_cache(maxsize=2)
@@ -125,13 +136,18 @@ def protect_image(
     steps: int = 50,
     seed: int = 0,
     device: str | None = None,
+    tile: int | None = PGD_TILE,
+    on_step: Callable[[Step], Any] | None = None,
 ) -> tuple[Image.Image, dict[str, float]]:
     """Protect one RGB/RGBA image against the demo VAE; returns the protected image and its metrics.
 
     "amortized" runs the demo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply);
-    "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``; "mist" uses the demo
-    DiT (null class) as its semantic part, the latent diffusion model on the demo VAE (images up to
-    ``MIST_MAX_SIDE`` px: the DiT attends over every latent token).
+    "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``, on ``tile`` x
+    ``tile`` crops (:func:`protect.protect`'s ``tile``: the cost grows in proportion to the pixels, where the
+    demo VAE's self-attention over the whole latent would grow with their square); "mist" uses the demo DiT
+    (null class) as its semantic part, the latent diffusion model on the demo VAE (images up to
+    ``MIST_MAX_SIDE`` px: the DiT attends over every latent token). ``on_step`` sees every step and may stop
+    the work (:class:`protect.Cancelled`).
     """
     from protect import protect
 
@@ -160,11 +176,19 @@ def protect_image(
             pipe, _ = _mimicry_models(device)
             extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": pipe.scheduler.alphas_cumprod}
     if model is not None:
-        (protected,), report = protect([image], method=method, vae=vae, eps=eps, protector=model)
+        (protected,), report = protect([image], method=method, vae=vae, eps=eps, protector=model, on_step=on_step)
     else:
         generator = torch.Generator(device).manual_seed(seed)
         (protected,), report = protect(
-            [image], method=method, vae=vae, eps=eps, steps=steps, generator=generator, **extra
+            [image],
+            method=method,
+            vae=vae,
+            eps=eps,
+            steps=steps,
+            generator=generator,
+            tile=tile,
+            on_step=on_step,
+            **extra,
         )
     metrics = {
         "psnr": report.psnr[0],
@@ -273,7 +297,7 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
         small = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
         batch.append(torch.from_numpy(np.asarray(small, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
     device = detector.reference.device if detector.reference is not None else "cpu"
-    with _lock:
+    with _detect_lock:  # not the device lock: /detect answers while a generation holds it
         scores = detector.score(torch.stack(batch).to(device)).double().cpu().tolist()
     threshold = float(detector.threshold)
     return [
@@ -285,3 +309,38 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
         }
         for s in scores
     ]
+
+
+def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, preview: bool = True) -> Costs:
+    """Measure the unit costs of :func:`protect_image` and :func:`mimicry_preview` on ``device`` into ``costs``:
+    one PGD step on one ``tile`` x ``tile`` crop (per pixel), the amortized protector on it (per pixel), and one
+    mimicry preview (a 64 px crop). About a second on a CPU; each is measured once per ``costs``."""
+    from protect.losses import encoder_loss
+
+    device = device or str(best_device()[0])
+    with _lock:
+        vae, protector = _vae(device), _protector(device)
+    x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def pgd_step() -> None:
+        view = x.clone().requires_grad_(True)
+        torch.autograd.grad(encoder_loss(vae, view).sum(), view)
+
+    def amortized() -> None:
+        with torch.no_grad():
+            protector.protect(x, vae, eps=8 / 255)
+
+    costs.measure("pgd_pixel_step", pgd_step, units=tile * tile)
+    costs.measure("amortized_pixel", amortized, units=tile * tile)
+    if preview:
+        image = Image.fromarray((x[0].permute(1, 2, 0).cpu().numpy()[:64, :64] * 255).astype(np.uint8))
+        costs.measure("preview", lambda: mimicry_preview(image, image, device=device), repeats=1)
+    return costs
+
+
+def calibrate_generation(costs: Costs, name: str, pipe: Any) -> float:
+    """Seconds per image, denoising step and guidance branch of ``pipe`` (``costs["generate:<name>"]``), measured
+    once with one image and two steps."""
+    names = class_names(pipe)
+    request = Request(names[0] if names else "a test", method="none", steps=2, num_images=1)
+    return costs.measure(f"generate:{name}", lambda: generate_images(pipe, request), units=2, repeats=1)

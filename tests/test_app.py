@@ -119,8 +119,8 @@ def client(server):
 def test_generate_endpoint_and_a_bad_request(client):
     image, caption = client.predict("star", "apg", 6, 0, None, -0.5, "pag", 2, 1, 4, 0, 2, True, api_name="/generate")
     grid = Image.open(image)
-    assert grid.size == (2 * 256, 4 * 256)  # 2 images x (none, cfg, apg, the chosen one), 32 px shown 8x
-    assert "row 4: apg 6 + pag 2 + 1 corrector step(s)" in caption
+    assert grid.size == (2 * 256, 3 * (256 + 18))  # 2 images x (none, cfg, apg = the chosen one), 32 px shown 8x
+    assert caption.endswith("row 3: apg 6 + pag 2 + 1 corrector step(s)")  # the chosen method is not repeated
     with pytest.raises(Exception, match=r"not in the list of choices|unknown class"):
         client.predict("unicorn", "apg", 6, 0, None, -0.5, "none", 2, 0, 4, 0, 2, False, api_name="/generate")
     with pytest.raises(Exception, match=r"less than minimum|steps must be between"):
@@ -140,7 +140,7 @@ def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
     originals = [_image((24, 20)), _image((18, 30), "RGBA", seed=1)]
     for path, image in zip(paths, originals):
         image.save(path)
-    gallery, table, files, summary = _protect(client, *paths, method="mist", eps=6)
+    gallery, table, files, summary, (before, after) = _protect(client, *paths, method="mist", eps=6)
     assert len(gallery) == 10 and "mist" in summary  # original, protected, perturbation, two SDEdit previews
     assert [row[0] for row in table["data"]] == ["photo", "logo"]
     assert all(20 < row[-1] < 80 for row in table["data"])  # the PSNR between the two edits
@@ -149,6 +149,8 @@ def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
         protected = Image.open(file)
         assert protected.format == "PNG" and protected.size == original.size and protected.mode == original.mode
         assert 0 < _linf(protected, original) <= 6
+    assert before.endswith(".png") and after.endswith(".png")  # the slider's pair, lossless
+    assert np.array_equal(np.asarray(Image.open(after)), np.asarray(Image.open(files[0])))
 
 
 def test_protect_endpoint_amortized_without_preview(client, tmp_path):
@@ -156,7 +158,7 @@ def test_protect_endpoint_amortized_without_preview(client, tmp_path):
 
     path = tmp_path / "art.png"
     _image((40, 36)).save(path)
-    gallery, table, files, summary = client.predict(
+    gallery, table, files, summary, _ = client.predict(
         [handle_file(str(path))], "amortized", 8, 1, 0, False, api_name="/protect"
     )
     assert len(gallery) == 3 and "one forward pass" in summary and table["data"][0][-1] is None
@@ -187,7 +189,7 @@ def test_bad_uploads_give_errors_and_the_server_keeps_answering(client, bad_file
         client.predict([handle_file(str(path))], api_name="/detect")
     good = tmp_path / "good.png"
     _image((8, 8)).save(good)
-    *_, files, _ = _protect(client, good, steps=1)
+    _, _, files, _, _ = _protect(client, good, steps=1)
     assert Image.open(files[0]).size == (8, 8)  # still answering
 
 

@@ -91,7 +91,7 @@ def test_one_example_per_tab_in_chromium(browser, server, shots):  # noqa: F811
 
     _run_example(page, "generate", "4 seeds", "#generate-compare input:checked")
     caption = page.locator("#generate-caption")
-    caption.get_by_text("row 4: apg 8 + softpag 2").wait_for(timeout=TIMEOUT_MS)
+    caption.get_by_text("row 4: apg 8 (no threshold)").wait_for(timeout=TIMEOUT_MS)
     image = page.locator("#generate-image img")
     image.wait_for(state="visible", timeout=TIMEOUT_MS)
     assert image.evaluate("img => img.complete && img.naturalWidth") == 4 * 256  # 4 seeds, 32 px shown 8x

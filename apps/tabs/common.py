@@ -1,17 +1,24 @@
-"""What the tabs share: the device slot, the upload picker's filter, the examples and reading uploads."""
+"""What the tabs share: the queue lanes, the upload picker's filter, the examples and reading uploads within a
+request's limits."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ..files import Upload, open_upload
+from ..files import Upload, open_upload, peek
+from ..jobs import Limits
 
-MAX_CONCURRENCY = 1  # one job at a time on the device: generate, protect and detect share one slot
-MAX_FILES = 8  # images per /protect or /detect request
+MAX_CONCURRENCY = 1  # the default of an event without a lane
+MAX_FILES = Limits().max_files  # images per /protect or /detect request (by default)
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"]  # the picker's filter; content decides
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # one-click example images (scripts/make_examples.py)
-DEVICE_SLOT = {"concurrency_limit": MAX_CONCURRENCY, "concurrency_id": "device"}  # every event's queue options
+# one queue lane per kind of work, so that a long protection or generation never delays /detect
+LANES = {
+    "generate": {"concurrency_id": "generate", "concurrency_limit": 1},
+    "protect": {"concurrency_id": "protect", "concurrency_limit": 1},
+    "detect": {"concurrency_id": "detect", "concurrency_limit": 2},
+}
 
 
 def examples_available() -> bool:
@@ -33,8 +40,9 @@ def upload_paths(files: Any) -> list[str]:
     return paths
 
 
-def read_uploads(files: Any, purpose: str) -> list[Upload]:
-    """The decoded uploads of a ``gr.File`` value (1 to :data:`MAX_FILES`); every failure is a ``gr.Error``."""
+def upload_sizes(files: Any, limits: Limits) -> list[tuple[str, tuple[int, int]]]:
+    """The paths and (width, height) of a ``gr.File`` value's images, from their headers alone (nothing decoded),
+    within ``limits`` (1 to ``max_files`` images, ``max_pixels`` in all); every failure is a ``gr.Error``."""
     import gradio as gr
 
     try:
@@ -43,10 +51,30 @@ def read_uploads(files: Any, purpose: str) -> list[Upload]:
         raise gr.Error(str(error)) from None
     if not paths:
         raise gr.Error("upload at least one image (PNG, JPEG, WebP, BMP or TIFF)")
-    if len(paths) > MAX_FILES:
-        raise gr.Error(f"at most {MAX_FILES} images per request, got {len(paths)}")
-    loaded = []
+    if len(paths) > limits.max_files:
+        raise gr.Error(f"at most {limits.max_files} images per request, got {len(paths)}")
+    sizes = []
     for path in paths:
+        try:
+            sizes.append((path, peek(path)[2]))
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+    total = sum(w * h for _, (w, h) in sizes)
+    if total > limits.max_pixels:
+        listed = ", ".join(f"{w}x{h}" for _, (w, h) in sizes)
+        raise gr.Error(
+            f"the images hold {total:,} pixels in all ({listed}, width x height), more than this server's limit of "
+            f"{limits.max_pixels:,} per request; send fewer or smaller images"
+        )
+    return sizes
+
+
+def read_uploads(files: Any, purpose: str, limits: Limits | None = None) -> list[Upload]:
+    """The decoded uploads of a ``gr.File`` value, checked by :func:`upload_sizes` before any decoding."""
+    import gradio as gr
+
+    loaded = []
+    for path, _ in upload_sizes(files, limits or Limits()):
         try:
             loaded.append(open_upload(path, purpose=purpose))
         except ValueError as error:

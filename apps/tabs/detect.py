@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..jobs import Limits
 from ..services import detect_images, load_detector
-from .common import DEVICE_SLOT, EXAMPLES, IMAGE_TYPES, examples_available, read_uploads
+from .common import EXAMPLES, IMAGE_TYPES, LANES, examples_available, read_uploads
 
 
-def detect_tab(device: str | None = None, detector: str | Path | None = None) -> None:
+def detect_tab(device: str | None = None, detector: str | Path | None = None, limits: Limits | None = None) -> None:
     """The Detect tab (``/detect``) of the open ``gr.Blocks``, scoring with the detector saved in ``detector``
-    (default ``demo_models/eps_detector``; without one, ``/detect`` answers "no detector available")."""
+    (default ``demo_models/eps_detector``; without one, ``/detect`` answers "no detector available"), in its own
+    queue lane (it answers while a protection or a generation runs)."""
     import gradio as gr
     import pandas as pd
 
+    limits = limits or Limits()
+
     def run_detect(files):
-        loaded = read_uploads(files, "detect")
+        """Flag adversarial (protected) images with the EPS-AD detector (Expected Perturbation Score and a
+        deep-kernel MMD); returns JSON verdicts (score, threshold, verdict per image), a score plot and a note.
+
+        Args:
+            files: image files (PNG, JPEG, WebP, BMP or TIFF); they are resized to the detector's resolution.
+        """
+        loaded = read_uploads(files, "detect", limits)
         try:
             model = load_detector(detector, device)
         except (FileNotFoundError, ValueError, OSError) as error:
@@ -83,5 +93,5 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None) ->
             [detect_files],
             [detect_json, detect_plot, detect_note],
             api_name="detect",
-            **DEVICE_SLOT,
+            **LANES["detect"],
         )

@@ -1,27 +1,43 @@
-"""The Generate tab: guided generation (class or prompt, guidance, sampler, model) -> image grid, caption."""
+"""The Generate tab: guided generation (class or prompt, guidance, sampler, model) -> labelled image grid,
+caption.
+
+With "compare", the rows are the request without CFG, with CFG, with default APG and the request itself, each
+once (:func:`apps.generate.showcase`) and labelled in the grid. A request's cost is estimated before it runs
+(refused above the server's budget); it shows every denoising step with the time left and stops at the next
+step when its client goes or presses Stop, or at the time limit.
+"""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any
 
+from protect import Cancelled
+
 from .. import services
-from ..generate import METHODS, PERTURBATIONS, SOFTPAG_STRENGTH, Request, class_names, grid, samplers_for
+from ..cost import Costs, check_budget, generate_seconds
+from ..generate import METHODS, PERTURBATIONS, SOFTPAG_STRENGTH, Request, class_names, grid, samplers_for, showcase
+from ..jobs import Job, Limits, gradio_alive
 from ..models import DEFAULT_MODEL, listed_models
-from .common import DEVICE_SLOT
-
-COMPARE = ("none", "cfg", "apg")
+from .common import LANES
 
 
-def generation_models(model: str = DEFAULT_MODEL) -> list[str]:
-    """``model`` first, then the other generation models of ``models.txt`` (text-to-image, class-conditional)."""
+def generation_models(model: str = DEFAULT_MODEL, allow_hub: bool = False) -> list[str]:
+    """``model`` first, then the other generation models of ``models.txt`` (text-to-image, class-conditional):
+    the embedded demo models only, unless ``allow_hub`` (hub models are downloaded on first use)."""
     listed = [name for name, role in listed_models() if "text-to-image" in role or "class-conditional" in role]
-    return [model, *(name for name in listed if name != model)]
+    return [model, *(name for name in listed if name != model and (allow_hub or name.startswith("demo/")))]
 
 
-def generate_tab(model: str = DEFAULT_MODEL, device: str | None = None) -> None:
-    """The Generate tab (``/generate``) of the open ``gr.Blocks``, generating with ``model`` by default."""
+def generate_tab(
+    model: str = DEFAULT_MODEL, device: str | None = None, limits: Limits | None = None, costs: Costs | None = None
+) -> None:
+    """The Generate tab (``/generate``) of the open ``gr.Blocks``, generating with ``model`` by default, within
+    ``limits`` (refused above ``limits.max_seconds`` by the unit costs measured in ``costs``)."""
     import gradio as gr
+
+    limits = limits or Limits()
+    offered = generation_models(model, limits.allow_hub)
 
     def run_generate(
         subject,
@@ -39,8 +55,36 @@ def generate_tab(model: str = DEFAULT_MODEL, device: str | None = None) -> None:
         compare,
         sampler="default",
         model_name=model,
+        no_threshold=False,
         progress=gr.Progress(),  # noqa: B008  (Gradio's idiom)
     ) -> tuple[Any, str]:
+        """Generate images with guidance (CFG or Adaptive Projected Guidance, optionally with PAG, SoftPAG or TPG
+        and a Langevin corrector); returns a labelled image grid and its caption.
+
+        Args:
+            subject: a class name (class-conditional models such as the demo DiT) or a prompt.
+            method: "none", "cfg" or "apg".
+            scale: guidance scale w, 1 to 20.
+            eta: APG's weight of the parallel component, 0 to 1.
+            threshold: APG's norm threshold r > 0; empty (None) for the model family's default.
+            momentum: APG's momentum beta, -0.9 to 0.9.
+            perturbation: weak-model guidance on top: "none", "pag", "softpag" or "tpg".
+            perturbation_scale: its scale s, 0 to 10.
+            corrector_steps: Langevin corrector steps per noise level, 0 to 5.
+            steps: denoising steps, 1 to 100.
+            seed: seed of the first image (image i uses seed + i).
+            num_images: images per row, 1 to 8.
+            compare: also generate without CFG, with CFG and with default APG, one labelled row each.
+            sampler: "default" or another scheduler the model allows (ddim, dpm++, unipc, euler).
+            model_name: one of the models this server offers.
+            no_threshold: APG without a norm threshold (overrides threshold).
+        """
+        if model_name and model_name not in offered:
+            raise gr.Error(f"model {model_name!r} is not offered by this server; choose one of {offered}")
+        if threshold is not None and not no_threshold and float(threshold) <= 0:
+            raise gr.Error(
+                "norm threshold r must be > 0; leave it empty for the family default, or tick 'no norm threshold'"
+            )
         try:
             base = dict(
                 subject=subject,
@@ -49,7 +93,7 @@ def generate_tab(model: str = DEFAULT_MODEL, device: str | None = None) -> None:
                 steps=int(steps),
                 seed=int(seed),
                 num_images=int(num_images),
-                norm_threshold=float(threshold) if threshold else None,
+                norm_threshold="off" if no_threshold else None if threshold is None else float(threshold),
                 momentum=None if momentum is None else float(momentum),
                 perturbation=perturbation,
                 perturbation_scale=float(perturbation_scale),
@@ -57,11 +101,12 @@ def generate_tab(model: str = DEFAULT_MODEL, device: str | None = None) -> None:
                 sampler=sampler or "default",
             )
             chosen = Request(method=method, **base)
-            requests = [Request(method=m, **base) for m in COMPARE] + [chosen] if compare else [chosen]
+            requests = showcase(chosen) if compare else [chosen]
         except (TypeError, ValueError) as error:
             raise gr.Error(str(error)) from None
         model_name = model_name or model
-        progress(0, desc=f"loading {model_name}")
+        job = Job("generate", time_limit=limits.time_limit, alive=gradio_alive(), progress=progress)
+        job.start(f"loading {model_name}")
         try:
             p = services.load_pipeline(model_name, device)
         except Exception as error:  # a hub model offline, missing weights, no disk space: say so, keep serving
@@ -70,16 +115,44 @@ def generate_tab(model: str = DEFAULT_MODEL, device: str | None = None) -> None:
                 f"could not load the model {model_name!r}: {reason}. Hub models are downloaded on first use and "
                 f"need network access; `{model}` is always available."
             ) from None
-        rows = []
-        for i, request in enumerate(requests):
-            progress(i / len(requests), desc=f"generating: {request.describe()}")
+        if costs is not None:
+            unit = services.calibrate_generation(costs, model_name, p)
+            seconds = sum(
+                generate_seconds(
+                    costs,
+                    model_name,
+                    rows=1,
+                    images=r.num_images,
+                    steps=r.steps * (1 + r.corrector_steps),
+                    branches=1 + (r.method != "none") + (r.perturbation != "none"),
+                )
+                for r in requests
+            )
             try:
-                rows.extend(services.generate_images(p, request))
+                check_budget(
+                    seconds,
+                    limits.max_seconds,
+                    f"generating {len(requests)} row(s) of {chosen.num_images} image(s), {chosen.steps} steps "
+                    f"({unit:.3g} s per image-step measured on this server)",
+                    "ask for fewer images, steps or rows",
+                )
             except ValueError as error:
                 raise gr.Error(str(error)) from None
+        rows = []
+        for i, request in enumerate(requests):
+            try:
+                job.start(f"generating row {i + 1}/{len(requests)}: {request.describe()}", i / len(requests))
+                rows.extend(services.generate_images(p, request, on_step=job))
+            except (ValueError, Cancelled) as error:
+                raise gr.Error(str(error)) from None
         scale_up = max(1, 256 // rows[0].width)
-        caption = " | ".join(f"row {i + 1}: {r.describe()}" for i, r in enumerate(requests))
-        return grid(rows, columns=len(rows) // len(requests), scale=scale_up), caption
+        labels = [r.describe() for r in requests]
+        caption = " | ".join(f"row {i + 1}: {label}" for i, label in enumerate(labels))
+        sheet = grid(rows, columns=len(rows) // len(requests), scale=scale_up, labels=labels if compare else None)
+        return sheet, caption
+
+    def clear():
+        return None, ""
 
     pipe = services.load_pipeline(model, device)
     names = class_names(pipe)
@@ -89,7 +162,9 @@ def generate_tab(model: str = DEFAULT_MODEL, device: str | None = None) -> None:
         with gr.Row():
             with gr.Column():
                 g["model_name"] = gr.Dropdown(
-                    generation_models(model), value=model, label="model (hub models need network access)"
+                    offered,
+                    value=model,
+                    label="model" + (" (hub models are downloaded on first use)" if limits.allow_hub else ""),
                 )
                 if names:
                     g["subject"] = gr.Dropdown(
@@ -101,7 +176,8 @@ def generate_tab(model: str = DEFAULT_MODEL, device: str | None = None) -> None:
                 g["scale"] = gr.Slider(1, 20, value=6, step=0.5, label="scale w")
                 with gr.Accordion("APG options", open=False):
                     g["eta"] = gr.Slider(0, 1, value=0, step=0.05, label="eta (parallel component)")
-                    g["threshold"] = gr.Number(None, label="norm threshold r (empty: family default)")
+                    g["threshold"] = gr.Number(None, label="norm threshold r > 0 (empty: the family default)")
+                    g["no_threshold"] = gr.Checkbox(False, label="no norm threshold", elem_id="generate-no-threshold")
                     g["momentum"] = gr.Slider(-0.9, 0.9, value=-0.5, step=0.05, label="momentum beta")
                 with gr.Row():
                     g["perturbation"] = gr.Radio(
@@ -120,28 +196,29 @@ def generate_tab(model: str = DEFAULT_MODEL, device: str | None = None) -> None:
                 g["compare"] = gr.Checkbox(
                     False, label="compare with none / CFG / APG on the same seeds", elem_id="generate-compare"
                 )
-                button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                with gr.Row():
+                    button = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                    stop = gr.Button("Stop", variant="stop", elem_id="generate-stop")
             with gr.Column():
                 image = gr.Image(label="images", type="pil", format="png", elem_id="generate-image")
                 caption = gr.Markdown(elem_id="generate-caption")
         parameters = [name for name in inspect.signature(run_generate).parameters if name != "progress"]
-        button.click(
-            run_generate,
-            [g[name] for name in parameters],
-            [image, caption],
-            api_name="generate",
-            **DEVICE_SLOT,
+        running = button.click(clear, None, [image, caption], queue=False, api_visibility="private").then(
+            run_generate, [g[name] for name in parameters], [image, caption], api_name="generate", **LANES["generate"]
         )
+        stop.click(None, None, None, cancels=[running], api_visibility="private")
         if names:
+            # CFG 8 clips and oversaturates the demo DiT; APG 8 without a threshold keeps the guidance without it,
+            # where the family default r caps the update near no guidance (benchmarks/RESULTS.md, DiT sweeps)
             example = dict(
                 subject=names[0], method="apg", scale=8, eta=0, threshold=None, momentum=-0.5,
-                perturbation="softpag", perturbation_scale=2, corrector_steps=0, sampler="default", steps=20,
-                seed=0, num_images=4, compare=True,
+                perturbation="none", perturbation_scale=2, corrector_steps=0, sampler="default", steps=20,
+                seed=0, num_images=4, compare=True, no_threshold=True,
             )  # fmt: skip
             gr.Examples(
                 [list(example.values())],
                 [g[name] for name in example],
-                example_labels=[f"{names[0]}, 4 seeds, SoftPAG 2 on: none / CFG 8 / APG 8"],
+                example_labels=[f"{names[0]}, 4 seeds: none / CFG 8 / APG 8 / APG 8 without a norm threshold"],
                 cache_examples=False,
                 elem_id="generate-examples",
             )

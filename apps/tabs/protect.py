@@ -1,22 +1,51 @@
 """The Protect tab: image files, method, eps (in 1/255), steps, seed -> comparison gallery, metrics table,
-protected PNG files, summary."""
+protected PNG files, summary, before/after slider.
+
+A request's cost is estimated from the images' headers before anything is decoded (:mod:`apps.cost`) and
+refused above the server's budget; a running request shows every PGD step with the time left, stops at the
+next step when its client goes or presses Stop, or at the time limit, and clears the previous results first.
+"""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+from protect import Cancelled
 
-from ..files import perturbation_image, restore_mode, save_new
-from ..services import PROTECT_METHODS, mimicry_preview, protect_image
-from .common import DEVICE_SLOT, EXAMPLES, IMAGE_TYPES, examples_available, read_uploads
+from ..cost import Costs, check_budget, protect_seconds
+from ..disk import OutputFolders
+from ..files import open_upload, perturbation_image, restore_mode, save_new
+from ..jobs import Job, Limits, duration, gradio_alive
+from ..services import PGD_TILE, PROTECT_METHODS, mimicry_preview, protect_image
+from .common import EXAMPLES, IMAGE_TYPES, LANES, examples_available, upload_sizes
 
 
-def protect_tab(device: str | None = None) -> None:
-    """The Protect tab (``/protect``) of the open ``gr.Blocks``."""
+def protect_tab(
+    device: str | None = None,
+    limits: Limits | None = None,
+    costs: Costs | None = None,
+    folders: OutputFolders | None = None,
+) -> None:
+    """The Protect tab (``/protect``) of the open ``gr.Blocks``, within ``limits`` (refused above
+    ``limits.max_seconds`` by the unit costs measured in ``costs``; without ``costs``, no estimate), writing into
+    ``folders``."""
     import gradio as gr
     import pandas as pd
 
+    limits = limits or Limits()
+    folders = folders or OutputFolders(limits.output_age)
+
     def run_protect(files, method, eps, steps, seed, preview=True, progress=gr.Progress()):  # noqa: B008
+        """Protect images against mimicry by diffusion models (an imperceptible L-infinity perturbation against
+        the demo VAE encoder); returns a comparison gallery, a metrics table, the protected PNG files, a summary
+        and a before/after pair.
+
+        Args:
+            files: image files (PNG, JPEG, WebP, BMP or TIFF), at most the server's file and pixel limits.
+            method: "amortized" (one forward pass of the demo protector), "photoguard" or "mist" (PGD).
+            eps: the L-infinity budget in 1/255 units, 1 to 32.
+            steps: PGD steps (photoguard, mist), 1 to 500.
+            seed: seed of the PGD start (image i uses seed + i).
+            preview: also edit the original and the protected image with the demo DiT (SDEdit) to compare.
+        """
         try:
             eps, steps, seed = float(eps), int(steps), int(seed)
         except (TypeError, ValueError):
@@ -29,17 +58,46 @@ def protect_tab(device: str | None = None) -> None:
             raise gr.Error(f"steps must be between 1 and 500, got {steps}")
         if not 0 <= seed < 2**63:
             raise gr.Error(f"seed must be a non-negative integer, got {seed}")
-        loaded = read_uploads(files, "protect")
-        out_dir = Path(tempfile.mkdtemp(prefix="steerguard-protect-"))
+        sizes = upload_sizes(files, limits)
+        if costs is not None:
+            estimate = protect_seconds(costs, [s for _, s in sizes], method, steps, PGD_TILE, bool(preview))
+            listed = ", ".join(f"{w}x{h}" for _, (w, h) in sizes)
+            how = "one forward pass" if method == "amortized" else f"{steps} PGD steps"
+            try:
+                check_budget(
+                    estimate,
+                    limits.max_seconds,
+                    f"protecting {len(sizes)} image(s) of {listed} pixels (width x height) with {method}, {how}",
+                    "send fewer or smaller images, fewer steps, or the amortized method",
+                )
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+        job = Job("protect", time_limit=limits.time_limit, alive=gradio_alive(), progress=progress)
+        loaded = []
+        for path, _ in sizes:
+            try:
+                loaded.append(open_upload(path, purpose="protect"))
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+        out_dir = folders.new()
         gallery, rows, outputs = [], [], []
         for i, upload in enumerate(loaded):
-            progress(i / len(loaded), desc=f"protecting {upload.name} ({i + 1}/{len(loaded)})")
             try:
+                job.start(f"protecting {upload.name} ({i + 1}/{len(loaded)})", i / len(loaded))
                 protected, metrics = protect_image(
-                    upload.image, method=method, eps=eps / 255, steps=steps, seed=seed + i, device=device
+                    upload.image,
+                    method=method,
+                    eps=eps / 255,
+                    steps=steps,
+                    seed=seed + i,
+                    device=device,
+                    tile=PGD_TILE,
+                    on_step=job,
                 )
             except ValueError as error:
                 raise gr.Error(f"{upload.name}: {error}") from None
+            except Cancelled as error:
+                raise gr.Error(str(error)) from None
             protected = restore_mode(protected, upload.mode)
             outputs.append(str(save_new(protected, out_dir, f"{upload.name}-protected")))
             gallery += [
@@ -49,7 +107,10 @@ def protect_tab(device: str | None = None) -> None:
             ]
             edit_psnr = None
             if preview:
-                progress((i + 0.5) / len(loaded), desc=f"mimicry preview of {upload.name}")
+                try:
+                    job.start(f"mimicry preview of {upload.name}", (i + 0.5) / len(loaded))
+                except Cancelled as error:
+                    raise gr.Error(str(error)) from None
                 mimicry = mimicry_preview(upload.image, protected, seed=seed + i, device=device)
                 if mimicry is not None:
                     before, after, info = mimicry
@@ -68,7 +129,8 @@ def protect_tab(device: str | None = None) -> None:
         how = "one forward pass of the demo amortized protector" if method == "amortized" else f"{steps} PGD steps"
         summary = (
             f"Protected {len(loaded)} image(s) with **{method}** (eps {eps:g}/255, {how}, seed {seed}) "
-            "against the demo VAE. Download the PNG files: re-encoding them (JPEG, resizing) weakens the protection."
+            f"against the demo VAE in {duration(job.elapsed)}. Download the PNG files (deleted from this server after "
+            f"{duration(limits.output_age)}): re-encoding them (JPEG, resizing) weakens the protection."
             + (
                 " The mimicry preview edits the same centre crop of the original and of the protected image with "
                 "the demo DiT (SDEdit, strength 0.3, same noise); a lower 'edits PSNR' means the protection "
@@ -77,7 +139,11 @@ def protect_tab(device: str | None = None) -> None:
                 else ""
             )
         )
-        return gallery, table, outputs, summary
+        first = loaded[0]
+        return gallery, table, outputs, summary, (first.image, gallery[1][0])
+
+    def clear():
+        return None, None, None, "", None
 
     with gr.Tab("Protect"):
         gr.Markdown(
@@ -85,7 +151,10 @@ def protect_tab(device: str | None = None) -> None:
             "diffusion-based editing or mimicry of the image fails: **amortized** (a pre-trained protector, "
             "one forward pass, FastProtect-style), **photoguard** (PGD encoder attack) or **mist** (Mist's "
             "textural loss plus its semantic loss through the demo DiT; images up to 256 px). Measured effects "
-            "on the demo models are modest: see benchmarks/RESULTS.md."
+            "on the demo models are modest: see benchmarks/RESULTS.md. "
+            f"Each request may use up to {limits.max_files} images and {limits.max_pixels:,} pixels in all"
+            + (f", and about {duration(limits.max_seconds)} of estimated work" if limits.max_seconds else "")
+            + "; Stop ends a running request at its next step."
         )
         with gr.Row():
             with gr.Column():
@@ -101,13 +170,22 @@ def protect_tab(device: str | None = None) -> None:
                 protect_steps = gr.Slider(1, 500, value=50, step=1, label="PGD steps (photoguard, mist)")
                 protect_seed = gr.Number(0, precision=0, label="seed")
                 protect_preview = gr.Checkbox(True, label="mimicry preview (SDEdit by the demo DiT, before/after)")
-                protect_button = gr.Button("Protect", variant="primary", elem_id="protect-button")
+                with gr.Row():
+                    protect_button = gr.Button("Protect", variant="primary", elem_id="protect-button")
+                    protect_stop = gr.Button("Stop", variant="stop", elem_id="protect-stop")
             with gr.Column():
                 protect_gallery = gr.Gallery(
                     label="original | protected | perturbation (amplified) | edit of the original | edit of the "
                     "protected image",
                     columns=5,
+                    format="png",
                     elem_id="protect-gallery",
+                )
+                protect_slider = gr.ImageSlider(
+                    label="before / after (first image, lossless PNG)",
+                    type="pil",
+                    format="png",
+                    elem_id="protect-slider",
                 )
                 protect_table = gr.Dataframe(label="metrics", interactive=False)
                 protect_out = gr.File(label="protected PNG files", file_count="multiple")
@@ -136,10 +214,8 @@ def protect_tab(device: str | None = None) -> None:
                 cache_examples=False,
                 elem_id="protect-examples",
             )
-        protect_button.click(
-            run_protect,
-            protect_inputs,
-            [protect_gallery, protect_table, protect_out, protect_summary],
-            api_name="protect",
-            **DEVICE_SLOT,
+        outputs = [protect_gallery, protect_table, protect_out, protect_summary, protect_slider]
+        running = protect_button.click(clear, None, outputs, queue=False, api_visibility="private").then(
+            run_protect, protect_inputs, outputs, api_name="protect", **LANES["protect"]
         )
+        protect_stop.click(None, None, None, cancels=[running], api_visibility="private")
