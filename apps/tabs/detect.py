@@ -18,7 +18,7 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None, li
 
     limits = limits or Limits()
 
-    def run_detect(files):
+    def detect(files):
         """Flag adversarial (protected) images with the EPS-AD detector (Expected Perturbation Score and a
         deep-kernel MMD); returns JSON verdicts (score, threshold, verdict per image), a score plot and a note.
 
@@ -89,7 +89,7 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None, li
                 elem_id="detect-examples",
             )
         detect_button.click(
-            run_detect,
+            detect,
             [detect_files],
             [detect_json, detect_plot, detect_note],
             api_name="detect",

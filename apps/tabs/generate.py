@@ -39,7 +39,7 @@ def generate_tab(
     limits = limits or Limits()
     offered = generation_models(model, limits.allow_hub)
 
-    def run_generate(
+    def generate(
         subject,
         method,
         scale,
@@ -158,7 +158,7 @@ def generate_tab(
     names = class_names(pipe)
     samplers = samplers_for(pipe)
     with gr.Tab("Generate"):
-        g: dict[str, Any] = {}  # the controls, by run_generate's parameter names
+        g: dict[str, Any] = {}  # the controls, by generate's parameter names
         with gr.Row():
             with gr.Column():
                 g["model_name"] = gr.Dropdown(
@@ -202,9 +202,9 @@ def generate_tab(
             with gr.Column():
                 image = gr.Image(label="images", type="pil", format="png", elem_id="generate-image")
                 caption = gr.Markdown(elem_id="generate-caption")
-        parameters = [name for name in inspect.signature(run_generate).parameters if name != "progress"]
+        parameters = [name for name in inspect.signature(generate).parameters if name != "progress"]
         running = button.click(clear, None, [image, caption], queue=False, api_visibility="private").then(
-            run_generate, [g[name] for name in parameters], [image, caption], api_name="generate", **LANES["generate"]
+            generate, [g[name] for name in parameters], [image, caption], api_name="generate", **LANES["generate"]
         )
         stop.click(None, None, None, cancels=[running], api_visibility="private")
         if names:

@@ -33,7 +33,7 @@ def protect_tab(
     limits = limits or Limits()
     folders = folders or OutputFolders(limits.output_age)
 
-    def run_protect(files, method, eps, steps, seed, preview=True, progress=gr.Progress()):  # noqa: B008
+    def protect(files, method, eps, steps, seed, preview=True, progress=gr.Progress()):  # noqa: B008
         """Protect images against mimicry by diffusion models (an imperceptible L-infinity perturbation against
         the demo VAE encoder); returns a comparison gallery, a metrics table, the protected PNG files, a summary
         and a before/after pair.
@@ -216,6 +216,6 @@ def protect_tab(
             )
         outputs = [protect_gallery, protect_table, protect_out, protect_summary, protect_slider]
         running = protect_button.click(clear, None, outputs, queue=False, api_visibility="private").then(
-            run_protect, protect_inputs, outputs, api_name="protect", **LANES["protect"]
+            protect, protect_inputs, outputs, api_name="protect", **LANES["protect"]
         )
         protect_stop.click(None, None, None, cancels=[running], api_visibility="private")
