@@ -140,9 +140,9 @@ def _validate(images: Tensor) -> None:
         raise ValueError("expected at least one image")
     height, width = images.shape[-2:]
     if min(height, width) < 2:
-        raise ValueError(f"images must be at least 2x2 pixels, got {height}x{width}")
+        raise ValueError(f"images must be at least 2x2 pixels, got {width}x{height} (width x height)")
     if height * width > MAX_PIXELS:
-        raise ValueError(f"images of {height}x{width} exceed the {MAX_PIXELS}-pixel cap (4096x4096)")
+        raise ValueError(f"images of {width}x{height} (width x height) exceed the {MAX_PIXELS}-pixel cap (4096x4096)")
     if torch.isnan(images).any():
         raise ValueError("images contain NaN")
     if images.min() < 0 or images.max() > 1:

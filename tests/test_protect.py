@@ -254,3 +254,8 @@ def test_on_step_reports_progress_and_cancels(images, vae, protector):
     seen.clear()
     protect(images, "amortized", vae=vae, protector=protector, on_step=seen.append)
     assert [(s.step, s.total) for s in seen] == [(0, 1), (1, 1)]
+
+
+def test_sizes_are_reported_width_by_height(vae):
+    with pytest.raises(ValueError, match=r"got 3x1 \(width x height\)"):
+        protect(torch.rand(1, 3, 1, 3), "photoguard", vae=vae, steps=1)
