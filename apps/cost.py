@@ -2,7 +2,8 @@
 
 At start-up the app times a few tiny operations once (:meth:`Costs.measure`: one tiled PGD step of the demo VAE
 on one tile, the amortized protector on one tile, a mimicry preview, one denoising step of the generation
-model) and keeps the seconds per unit (per pixel and step, per pixel, per preview, per image and step).
+model) and keeps the seconds per unit (per pixel and PGD step of each method, per pixel, per preview, per image
+and step).
 :func:`protect_seconds` and :func:`generate_seconds` multiply them by a request's pixels, steps and images (PGD
 runs on tiles, so its cost grows in proportion to the pixels), and :func:`check_budget` refuses a request whose
 estimate exceeds ``steerguard app --max-seconds`` before any work starts, with a message that says what to change.
@@ -70,7 +71,7 @@ def protect_seconds(
         if method == "amortized":
             total += width * height * costs["amortized_pixel"]
         else:
-            total += tiled_pixels(width, height, tile) * steps * costs["pgd_pixel_step"]
+            total += tiled_pixels(width, height, tile) * steps * costs[f"pgd_pixel_step:{method}"]
         if preview and min(width, height) >= 8:
             total += costs["preview"]
     return total

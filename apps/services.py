@@ -14,6 +14,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -313,24 +314,40 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
 
 def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, preview: bool = True) -> Costs:
     """Measure the unit costs of :func:`protect_image` and :func:`mimicry_preview` on ``device`` into ``costs``:
-    one PGD step on one ``tile`` x ``tile`` crop (per pixel), the amortized protector on it (per pixel), and one
-    mimicry preview (a 64 px crop). About a second on a CPU; each is measured once per ``costs``."""
-    from protect.losses import encoder_loss
+    one PGD step of PhotoGuard and of Mist on one ``tile`` x ``tile`` crop (per pixel,
+    ``pgd_pixel_step:<method>``), the amortized protector on it (per pixel), and one mimicry preview (a 64 px
+    crop). A few seconds on a CPU; each is measured once per ``costs``."""
+    from protect.losses import encoder_loss, mist_loss
+
+    from .evaluation import dit_denoiser
 
     device = device or str(best_device()[0])
     with _lock:
         vae, protector = _vae(device), _protector(device)
+        pipe, _ = _mimicry_models(device)
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0)).to(device)
+    losses = {
+        "photoguard": partial(encoder_loss, vae),
+        "mist": partial(
+            mist_loss,
+            vae,
+            dit_denoiser(pipe),
+            target_latent=None,
+            alphas_cumprod=pipe.scheduler.alphas_cumprod,
+            generator=torch.Generator(device).manual_seed(0),
+        ),
+    }
 
-    def pgd_step() -> None:
+    def pgd_step(method: str) -> None:
         view = x.clone().requires_grad_(True)
-        torch.autograd.grad(encoder_loss(vae, view).sum(), view)
+        torch.autograd.grad(losses[method](view).sum(), view)
 
     def amortized() -> None:
         with torch.no_grad():
             protector.protect(x, vae, eps=8 / 255)
 
-    costs.measure("pgd_pixel_step", pgd_step, units=tile * tile)
+    for method in losses:
+        costs.measure(f"pgd_pixel_step:{method}", partial(pgd_step, method), units=tile * tile)
     costs.measure("amortized_pixel", amortized, units=tile * tile)
     if preview:
         image = Image.fromarray((x[0].permute(1, 2, 0).cpu().numpy()[:64, :64] * 255).astype(np.uint8))

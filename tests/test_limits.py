@@ -17,8 +17,8 @@ from protect import Cancelled, Step
 
 def test_estimates_grow_in_proportion_to_pixels_and_steps():
     costs = Costs("cpu")
-    assert costs.measure("pgd_pixel_step", lambda: None, units=128 * 128) >= 0
-    costs.unit.update({"pgd_pixel_step": 1e-5, "amortized_pixel": 1e-7, "preview": 2.0, "generate:m": 0.01})
+    assert costs.measure("pgd_pixel_step:photoguard", lambda: None, units=128 * 128) >= 0
+    costs.unit.update({"pgd_pixel_step:photoguard": 1e-5, "amortized_pixel": 1e-7, "preview": 2.0, "generate:m": 0.01})
     assert tiled_pixels(256, 256, 128) == 256 * 256 and tiled_pixels(130, 20, 128) == 256 * 20
     small = protect_seconds(costs, [(128, 128)], "photoguard", 10, 128, preview=False)
     big = protect_seconds(costs, [(1024, 1024)], "photoguard", 10, 128, preview=False)

@@ -243,7 +243,7 @@ def test_on_step_reports_progress_and_cancels(images, vae, protector):
     assert [s.elapsed for s in seen] == sorted(s.elapsed for s in seen)
     calls = []
     with pytest.raises(Cancelled, match="after 2 of 50"):
-        protect(images, "mist", vae=vae, steps=50, on_step=lambda s: calls.append(s.step) or s.step < 2)
+        protect(images, "photoguard", vae=vae, steps=50, on_step=lambda s: calls.append(s.step) or s.step < 2)
     assert calls == [0, 1, 2]  # stopped at the step it was told, not at the end
 
     def stop(step):
