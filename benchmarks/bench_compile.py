@@ -13,7 +13,7 @@ The run also reports how many graphs dynamo compiled and how many times it recom
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 
@@ -22,18 +22,14 @@ from guidance import APG, CFG
 
 
 def main() -> None:
-    extra = [a for a in sys.argv[1:] if a.startswith(("--backend", "--compile"))]
-    backend = next((a.split("=", 1)[1] for a in extra if a.startswith("--backend=")), "inductor")
-    how = next((a.split("=", 1)[1] for a in extra if a.startswith("--compile=")), "wrap")
-    sys.argv = [a for a in sys.argv if a not in extra]
-    args, pipe, embeds, size = setup(__doc__, steps=6, repeats=7)
+    args, pipe, embeds, size = setup(__doc__, steps=6, repeats=7, options=compile_options)
     from torch._dynamo.utils import counters
 
     torch.compiler.reset()
-    if how == "wrap":
-        pipe.unet = torch.compile(pipe.unet, backend=backend)
+    if args.compile == "wrap":
+        pipe.unet = torch.compile(pipe.unet, backend=args.backend)
     else:
-        pipe.unet.compile(backend=backend)
+        pipe.unet.compile(backend=args.backend)
     call = dict(embeds, height=size, width=size, num_inference_steps=args.steps, output_type="latent")
     timed = timer(args, pipe, call)
     settings = {
@@ -46,10 +42,17 @@ def main() -> None:
     graphs = counters["stats"]["unique_graphs"]
     results = side_by_side(settings, args.repeats, args.device)
     recompiled = counters["stats"]["unique_graphs"] - graphs
-    title = f"compiled guided step vs compiled pipeline CFG (torch.compile {how}, backend {backend})"
+    title = f"compiled guided step vs compiled pipeline CFG (torch.compile {args.compile}, backend {args.backend})"
     print(header(title, args, pipe, size))
     print_table(results, "compiled pipeline CFG (peer)")
     print(f"\ngraphs compiled in the warm-up: {graphs}; new graphs during the timed runs: {recompiled}")
+
+
+def compile_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile", choices=["wrap", "module"], default="wrap", help="torch.compile(unet) or unet.compile()"
+    )
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
 
 
 if __name__ == "__main__":

@@ -89,9 +89,14 @@ def build(arch: str, device: str, dtype: torch.dtype):
     return pipe, {k: v.to(device, dtype) for k, v in embeds.items()}
 
 
-def setup(doc: str, steps: int, repeats: int) -> tuple[argparse.Namespace, object, dict, int]:
-    """Parse the shared options and build the pipeline: ``(args, pipe, embeddings, image size)``."""
+def setup(
+    doc: str, steps: int, repeats: int, options: Callable[[argparse.ArgumentParser], None] | None = None
+) -> tuple[argparse.Namespace, object, dict, int]:
+    """Parse the shared options (and a benchmark's own, added by ``options``) and build the pipeline:
+    ``(args, pipe, embeddings, image size)``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if options is not None:
+        options(parser)
     parser.add_argument("--arch", choices=["small", "sdxl"], default="small")
     parser.add_argument("--size", type=int, default=None, help="image size in pixels (latents are size/8)")
     parser.add_argument("--steps", type=int, default=steps)
