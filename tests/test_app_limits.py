@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -203,7 +204,12 @@ def test_stop_cancels_the_job_and_the_queue_status_counts_what_waits(limited, cl
     path = _file(tmp_path)
     first, second = _long_protection(client, path), _long_protection(client, path)
     _wait_running(recorded)
-    time.sleep(0.5)
+    shown, start = [], time.monotonic()
+    while not any("left" in text for text in shown) and time.monotonic() - start < TIME_LIMIT / 2:
+        for job in (first, second):  # Gradio's progress messages, as the page shows them
+            shown += [unit.desc or "" for unit in job.status().progress_data or []]
+        time.sleep(0.1)
+    assert any(re.search(r"protecting art \(1/1\): step \d+/400, about .* left", text) for text in shown), shown
     status = json.loads(urllib.request.urlopen(url + "gradio_api/queue/status").read())
     assert status["queue_size"] >= 1  # the second protection waits in the Protect lane
     stopped = time.monotonic()
@@ -298,3 +304,18 @@ def test_the_default_app_serves_no_mcp_tools():
     from apps.app import launch_options
 
     assert launch_options()["mcp_server"] is False and launch_options(mcp=True)["mcp_server"] is True
+
+
+def test_a_new_run_clears_the_previous_results_first(limited):
+    """Protect and Generate run an unqueued clearing event before the work: a failed run shows no stale result."""
+    app, _ = limited
+    functions = list(app.fns.values())
+    for name in ("protect", "generate"):
+        (work,) = [fn for fn in functions if fn.api_name == name]
+        before = functions[work.trigger_after]
+        assert before.name == "clear" and before.queue is False and before.api_visibility == "private"
+        assert [b._id for b in before.outputs] == [b._id for b in work.outputs]
+        assert not work.trigger_only_on_success  # the run follows the clearing whatever happens
+        assert all(value in (None, "") for value in before.fn())
+        (stop,) = [fn for fn in functions if fn.cancels and work._id in fn.cancels]  # the Stop button
+        assert stop.api_visibility == "private"
