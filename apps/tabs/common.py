@@ -10,7 +10,6 @@ from ..files import Upload, open_upload, peek
 from ..jobs import Limits
 
 MAX_CONCURRENCY = 1  # the default of an event without a lane
-MAX_FILES = Limits().max_files  # images per /protect or /detect request (by default)
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"]  # the picker's filter; content decides
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # one-click example images (scripts/make_examples.py)
 # one queue lane per kind of work, so that a long protection or generation never delays /detect
@@ -69,14 +68,19 @@ def upload_sizes(files: Any, limits: Limits) -> list[tuple[str, tuple[int, int]]
     return sizes
 
 
-def read_uploads(files: Any, purpose: str, limits: Limits | None = None) -> list[Upload]:
-    """The decoded uploads of a ``gr.File`` value, checked by :func:`upload_sizes` before any decoding."""
+def decode_uploads(sizes: list[tuple[str, tuple[int, int]]], purpose: str) -> list[Upload]:
+    """The uploads that :func:`upload_sizes` checked, decoded for ``purpose``; every failure is a ``gr.Error``."""
     import gradio as gr
 
     loaded = []
-    for path, _ in upload_sizes(files, limits or Limits()):
+    for path, _ in sizes:
         try:
             loaded.append(open_upload(path, purpose=purpose))
         except ValueError as error:
             raise gr.Error(str(error)) from None
     return loaded
+
+
+def read_uploads(files: Any, purpose: str, limits: Limits | None = None) -> list[Upload]:
+    """The decoded uploads of a ``gr.File`` value, checked by :func:`upload_sizes` before any decoding."""
+    return decode_uploads(upload_sizes(files, limits or Limits()), purpose)

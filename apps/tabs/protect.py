@@ -12,10 +12,10 @@ from protect import Cancelled
 
 from ..cost import Costs, check_budget, protect_seconds
 from ..disk import OutputFolders
-from ..files import open_upload, perturbation_image, restore_mode, save_new
+from ..files import perturbation_image, restore_mode, save_new
 from ..jobs import Job, Limits, duration, gradio_alive
 from ..services import PGD_TILE, PROTECT_METHODS, mimicry_preview, protect_image
-from .common import EXAMPLES, IMAGE_TYPES, LANES, examples_available, upload_sizes
+from .common import EXAMPLES, IMAGE_TYPES, LANES, decode_uploads, examples_available, upload_sizes
 
 
 def protect_tab(
@@ -73,12 +73,7 @@ def protect_tab(
             except ValueError as error:
                 raise gr.Error(str(error)) from None
         job = Job("protect", time_limit=limits.time_limit, alive=gradio_alive(), progress=progress)
-        loaded = []
-        for path, _ in sizes:
-            try:
-                loaded.append(open_upload(path, purpose="protect"))
-            except ValueError as error:
-                raise gr.Error(str(error)) from None
+        loaded = decode_uploads(sizes, "protect")
         out_dir = folders.new()
         gallery, rows, outputs = [], [], []
         for i, upload in enumerate(loaded):
