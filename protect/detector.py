@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .eps import as_denoiser, check_images, expected_perturbation_score
+from .eps import ValueRange, as_denoiser, expected_perturbation_score, signed_images
 from .mmd import DeepKernel, conv_featurizer, mmd2_per_sample, train_kernel
 
 CONFIG_NAME, WEIGHTS_NAME, FORMAT = "config.json", "detector.safetensors", "steerguard.eps_detector/1"
@@ -86,8 +86,10 @@ class EPSDetector:
         scheduler: the model's scheduler (or its config) when ``model`` is not a denoiser.
         config: an :class:`EPSDetectorConfig`; keyword ``overrides`` replace its fields.
 
-    Image ``i`` of every call draws its EPS noise from ``config.seed + i``, so a score does not depend on
-    the batch size or on the other images.
+    Every image draws the same EPS noise (from ``config.seed``), so a score depends on the image alone: not on
+    its position in the batch, the batch size or the other images. Images are ``[-1, 1]`` unless a method is
+    given ``value_range=(0, 1)``; a batch without negative values is refused as ambiguous (see
+    :func:`~protect.eps.signed_images`). The kernel stays in float32 whatever the input's dtype.
     """
 
     def __init__(self, model: Any, scheduler: Any = None, config: EPSDetectorConfig | None = None, **overrides: Any):
@@ -113,15 +115,22 @@ class EPSDetector:
             antithetic=c.antithetic,
         )
 
-    def fit(self, clean: Tensor, adversarial: Tensor, *, generator: torch.Generator | None = None) -> EPSDetector:
+    def fit(
+        self,
+        clean: Tensor,
+        adversarial: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        value_range: ValueRange = None,
+    ) -> EPSDetector:
         """Train the kernel on clean vs adversarial EPS, keep the reference set, calibrate the threshold.
 
         ``generator`` (seed 0 if none) splits the clean images into training and calibration parts and
         initialises and trains the kernel.
         """
         c = self.config
-        check_images(clean, "clean images")
-        check_images(adversarial, "adversarial images")
+        clean = signed_images(clean, value_range, "clean images")
+        adversarial = signed_images(adversarial, value_range, "adversarial images")
         if clean.shape[1:] != adversarial.shape[1:]:
             raise ValueError(f"clean {tuple(clean.shape[1:])} and adversarial {tuple(adversarial.shape[1:])} differ")
         n_cal = max(2, round(c.calibration_fraction * len(clean)))
@@ -154,23 +163,29 @@ class EPSDetector:
         return self
 
     @torch.no_grad()
-    def score(self, images: Tensor) -> Tensor:
+    def score(self, images: Tensor, *, value_range: ValueRange = None) -> Tensor:
         """Each image's ``MMD^2`` between its EPS and the clean reference EPS, ``(N,)``; higher = more adversarial."""
         if self.kernel is None or self.reference is None:
             raise RuntimeError("the detector is not fitted: call fit() or from_pretrained() first")
-        check_images(images)
+        images = signed_images(images, value_range)
         if images.shape[1:] != self.reference.shape[1:]:
             raise ValueError(
                 f"images of shape {tuple(images.shape[1:])}, the detector was fitted on "
                 f"{tuple(self.reference.shape[1:])}"
             )
-        eps = self.eps(images)
-        self.kernel.to(device=eps.device, dtype=eps.dtype)
-        return mmd2_per_sample(self.reference.to(eps), eps, self.kernel)
+        kernel, eps = self.kernel_and(self.eps(images))
+        return mmd2_per_sample(self.reference.to(eps), eps, kernel)
 
-    def predict(self, images: Tensor) -> Tensor:
+    def kernel_and(self, eps: Tensor) -> tuple[DeepKernel, Tensor]:
+        """The kernel on ``eps``'s device (its dtype unchanged, float32) and ``eps`` in the kernel's dtype."""
+        if self.kernel is None:
+            raise RuntimeError("the detector is not fitted: call fit() or from_pretrained() first")
+        self.kernel.to(device=eps.device)
+        return self.kernel, eps.to(self.kernel.scale.dtype)
+
+    def predict(self, images: Tensor, *, value_range: ValueRange = None) -> Tensor:
         """``True`` where an image is flagged adversarial (score above the calibrated threshold)."""
-        scores = self.score(images)
+        scores = self.score(images, value_range=value_range)
         return scores > self.threshold
 
     def save_pretrained(self, directory: str | Path, *, diffusion_model: str | None = None) -> None:

@@ -65,6 +65,30 @@ def check_images(images: Tensor, name: str = "images", channels: int | None = No
         raise ValueError(f"{name} must be scaled to [-1, 1], got values in [{low:.3g}, {high:.3g}]")
 
 
+ValueRange = tuple[float, float] | None
+
+
+def signed_images(images: Tensor, value_range: ValueRange = None, name: str = "images") -> Tensor:
+    """``images`` checked and mapped to the score model's ``[-1, 1]``.
+
+    ``value_range`` is ``(-1, 1)`` or ``(0, 1)``, the convention the images are in. ``None`` (the default) means
+    ``[-1, 1]`` but refuses a batch that looks like ``[0, 1]`` data (no negative value at all, nothing above 1):
+    scored as ``[-1, 1]`` such images would all be flagged, so the caller must say which convention they use.
+    """
+    if value_range is not None and tuple(value_range) not in ((-1, 1), (0, 1)):
+        raise ValueError(f"value_range must be (-1, 1) or (0, 1), got {value_range!r}")
+    if value_range is not None and tuple(value_range) == (0, 1):
+        check_images(images * 2 - 1 if isinstance(images, Tensor) and images.is_floating_point() else images, name)
+        return images * 2 - 1
+    check_images(images, name)
+    if value_range is None and images.min().item() >= 0:
+        raise ValueError(
+            f"{name} have no negative values: they look like [0, 1] data, and the score model expects [-1, 1]; "
+            "pass value_range=(0, 1) to convert them, or value_range=(-1, 1) if they are [-1, 1] images"
+        )
+    return images
+
+
 @torch.no_grad()
 def expected_perturbation_score(
     denoiser: DiffusersDenoiser,
@@ -80,11 +104,14 @@ def expected_perturbation_score(
 
     Args:
         denoiser: a VP :class:`DiffusersDenoiser` (see :func:`as_denoiser`).
-        images: ``(N, C, H, W)`` in ``[-1, 1]``; device and dtype of the result follow them.
+        images: ``(N, C, H, W)`` in ``[-1, 1]``; the device of the result follows them, and so does the dtype
+            for float32 and float64. float16 and bfloat16 inputs are computed in, and returned as, float32 (at
+            half precision ``1 / sigma`` of the smallest levels and the averaged scores overflow).
         timesteps: ``T``, the number of perturbation levels, one noise draw each.
         t_max: the largest level in diffusion time, ``T / 1000`` by default (the official levels).
-        generator: an int seed (image ``i`` draws its ``(T, C, H, W)`` noise from a generator seeded with
-            ``seed + i``), one generator per image, or one generator that draws image by image in order. Either
+        generator: an int seed (every image draws the *same* ``(T, C, H, W)`` noise, from a generator seeded
+            with it, so an image's EPS depends on its pixels only, never on its position in the batch or on the
+            other images), one generator per image, or one generator that draws image by image in order. Either
             way the result does not depend on ``batch_size``.
         batch_size: model evaluations per forward pass (the ``N T`` perturbed copies are stacked and chunked).
         antithetic: pair the noise draws of neighbouring levels, ``z`` at level ``2j - 1`` and ``-z`` at level
@@ -97,6 +124,8 @@ def expected_perturbation_score(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if antithetic and timesteps % 2:
         raise ValueError(f"antithetic noise pairs the levels: timesteps must be even, got {timesteps}")
+    if images.dtype in (torch.float16, torch.bfloat16):
+        images = images.float()  # the model may still run in half precision; the averaging does not
     sigma = denoiser.t_to_sigma(perturbation_timesteps(denoiser, timesteps, t_max)).to(images)  # VE levels (T,)
     alpha, _ = P.ve_to_vp(sigma)  # sqrt(abar_t)
     generators = _generators(generator, images.shape[0])
@@ -123,7 +152,7 @@ def _generators(generator: Generators, n: int) -> list[torch.Generator]:
     if isinstance(generator, torch.Generator):
         return [generator] * n
     if isinstance(generator, int) and not isinstance(generator, bool):
-        return [torch.Generator().manual_seed(generator + i) for i in range(n)]
+        return [torch.Generator().manual_seed(generator) for _ in range(n)]  # the same noise for every image
     if isinstance(generator, Sequence) and all(isinstance(g, torch.Generator) for g in generator):
         if len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} images")

@@ -51,9 +51,14 @@ def test_eps_is_seeded_and_batch_size_independent(denoiser):
     for batch_size in (1, 3, 7):
         small = expected_perturbation_score(denoiser, x, timesteps=T, generator=3, batch_size=batch_size)
         torch.testing.assert_close(small, eps, rtol=1e-4, atol=1e-3)  # |eps| ~ 10: float32 summation order
-    # image i draws from seed + i: a prefix of the batch gets the same EPS, another seed another one
+    # every image draws the same noise: an image alone gets the EPS it gets anywhere in a batch
     prefix = expected_perturbation_score(denoiser, x[:2], timesteps=T, generator=3)
     torch.testing.assert_close(prefix, eps[:2], rtol=1e-4, atol=1e-3)
+    for i in range(len(x)):
+        alone = expected_perturbation_score(denoiser, x[i : i + 1], timesteps=T, generator=3)
+        torch.testing.assert_close(alone, eps[i : i + 1], rtol=1e-4, atol=1e-3)
+    shuffled = expected_perturbation_score(denoiser, x.flip(0), timesteps=T, generator=3)
+    torch.testing.assert_close(shuffled.flip(0), eps, rtol=1e-4, atol=1e-3)
     assert not torch.allclose(expected_perturbation_score(denoiser, x, timesteps=T, generator=4), eps)
 
 
@@ -62,7 +67,7 @@ def test_one_level_is_minus_eps_over_sqrt_one_minus_abar(unet, denoiser):
     x, k = _images(3), 7
     t = perturbation_timesteps(denoiser, timesteps=1, t_max=k / 1000)
     assert t.tolist() == [k]
-    z = torch.stack([torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(10 + i))[0] for i in range(3)])
+    z = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(10)).expand(3, -1, -1, -1)  # the same noise
     abar = scheduler.alphas_cumprod[k]
     x_t = abar.sqrt() * x + (1 - abar).sqrt() * z
     with torch.no_grad():
@@ -74,7 +79,7 @@ def test_one_level_is_minus_eps_over_sqrt_one_minus_abar(unet, denoiser):
 def test_antithetic_pairs_neighbouring_levels_with_opposite_noise(unet, denoiser):
     model, scheduler = unet
     x = _images(2)
-    z = torch.stack([torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(10 + i))[0] for i in range(2)])
+    z = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(10)).expand(2, -1, -1, -1)  # the same noise
     expected = 0
     for k, noise in ((1, z), (2, -z)):
         abar = scheduler.alphas_cumprod[k]
@@ -168,8 +173,37 @@ def test_detector_separates_an_easy_shift(fitted):
     noisy = _sign_noise(clean, 4)
     assert _auroc(fitted.score(clean), fitted.score(noisy)) > 0.9
     assert fitted.predict(noisy).float().mean() > 0.5 > fitted.predict(clean).float().mean()
-    # each image's score depends on the image and its index only
-    torch.testing.assert_close(fitted.score(noisy[:3]), fitted.score(noisy)[:3], rtol=1e-4, atol=1e-5)
+    # each image's score depends on the image only: alone (the CLI) or anywhere in a batch (the app)
+    scores = fitted.score(noisy)
+    for i in (0, 5, 15):
+        torch.testing.assert_close(fitted.score(noisy[i : i + 1]), scores[i : i + 1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fitted.score(noisy.flip(0)).flip(0), scores, rtol=1e-4, atol=1e-5)
+
+
+def test_detector_refuses_unit_range_images_unless_told(fitted):
+    clean = _images(6, seed=3, amplitude=0.3)
+    unit = (clean + 1) / 2  # the same images in [0, 1]
+    with pytest.raises(ValueError, match=r"look like \[0, 1\] data.*value_range=\(0, 1\)"):
+        fitted.score(unit)
+    with pytest.raises(ValueError, match="look like"):
+        fitted.predict(unit)
+    torch.testing.assert_close(fitted.score(unit, value_range=(0, 1)), fitted.score(clean), rtol=1e-4, atol=1e-5)
+    bright = clean.abs()  # [-1, 1] images that happen to have no negative pixel: accepted when said so
+    assert fitted.score(bright, value_range=(-1, 1)).isfinite().all()
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        fitted.score(unit * 2, value_range=(0, 1))
+    with pytest.raises(ValueError, match="value_range must be"):
+        fitted.score(clean, value_range=(0, 255))
+
+
+def test_half_precision_gives_the_float32_scores_and_leaves_the_kernel_in_float32(fitted):
+    x = _sign_noise(_images(4, seed=7, amplitude=0.3), 8).half()
+    reference = fitted.score(x.float())
+    half = fitted.score(x)
+    assert half.isfinite().all() and half.dtype == torch.float32
+    torch.testing.assert_close(half, reference, rtol=1e-3, atol=1e-4)
+    assert all(p.dtype == torch.float32 for p in fitted.kernel.parameters())
+    torch.testing.assert_close(fitted.score(x.float()), reference, rtol=0, atol=0)  # later float32 calls unchanged
 
 
 def test_fit_leaves_the_global_rng_alone(unet):
