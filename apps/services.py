@@ -32,7 +32,8 @@ from .models import DEFAULT_MODEL, best_device, resolve
 PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
 MIST_MAX_SIDE = 256  # Mist's semantic part, the demo DiT, attends over all latent tokens: memory ~ pixels^2
 PROTECTOR_NAME = "protector"
-DETECTOR_NAME = "eps_detector"
+DETECTOR_NAME = "eps_detector"  # the 16 px testbed detector (bench_detection)
+PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on photos
 
 __all__ = [
     "PGD_TILE",
@@ -43,6 +44,7 @@ __all__ = [
     "default_detector_dir",
     "detect_images",
     "generate_images",
+    "heatmap_image",
     "load_detector",
     "load_pipeline",
     "mimicry_preview",
@@ -256,34 +258,45 @@ def mimicry_preview(
 
 
 def default_detector_dir() -> Path:
+    """``demo_models/photo_detector`` (native-resolution patches) if there, else ``demo_models/eps_detector``."""
     from .demo import DEMO_DIR
 
-    return DEMO_DIR / DETECTOR_NAME
+    photo = DEMO_DIR / PHOTO_DETECTOR_NAME
+    return photo if (photo / "config.json").is_file() else DEMO_DIR / DETECTOR_NAME
 
 
 @functools.lru_cache(maxsize=2)
 def _detector(directory: str, device: str):
-    from protect import EPSDetector
+    from protect import PatchEPSDetector
+    from protect.patches import PATCH_FORMAT
     from protect.testbed import load_score_model
 
     meta = json.loads((Path(directory) / "config.json").read_text())
-    pipe = load_score_model(meta.get("diffusion_model", "demo/unet"), device)  # the model it was fitted on
-    detector = EPSDetector.from_pretrained(directory, pipe.unet, pipe.scheduler)
-    clean = meta.get("calibration_scores") or meta.get("clean_scores")
+    if not isinstance(meta, dict) or meta.get("format") != PATCH_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(
+            f"{directory} holds a {found or 'non-detector'} config, not a native-resolution detector "
+            f"({PATCH_FORMAT}): uploads are scored on their own pixels, never resized; fit one with "
+            "'steerguard train detector'"
+        )
+    pipe = load_score_model(meta.get("diffusion_model", "demo/unet_eps"), device)  # the model it was fitted on
+    detector = PatchEPSDetector.from_pretrained(directory, pipe.unet, pipe.scheduler)
+    clean = meta.get("calibration_scores")
     detector.clean_scores = [float(s) for s in clean] if isinstance(clean, list) else None
     return detector
 
 
 def load_detector(directory: str | Path | None = None, device: str | None = None):
-    """The EPS-AD detector saved in ``directory`` (default ``demo_models/eps_detector``), around the score model
-    its ``config.json`` names (``diffusion_model``; the demo detector runs on ``demo/unet_eps``).
+    """The native-resolution EPS-AD detector (:class:`protect.PatchEPSDetector`) saved in ``directory`` (default
+    :func:`default_detector_dir`), around the score model its ``config.json`` names (``diffusion_model``).
 
-    Raises ``FileNotFoundError`` ("no detector available ...") when there is none.
+    Raises ``FileNotFoundError`` ("no detector available ...") when there is none, ``ValueError`` for a
+    fixed-resolution detector.
     """
     directory = Path(directory) if directory is not None else default_detector_dir()
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(
-            f"no detector available: {directory} holds no saved EPSDetector (fit one and save_pretrained it there)"
+            f"no detector available: {directory} holds no saved detector (fit one with 'steerguard train detector')"
         )
     device = device or str(best_device()[0])
     with _lock:
@@ -291,24 +304,35 @@ def load_detector(directory: str | Path | None = None, device: str | None = None
 
 
 def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, Any]]:
-    """Score RGB ``images`` resized to the detector's resolution: ``score``, ``threshold``, ``verdict`` each."""
-    height, width = detector.reference.shape[-2:]
-    batch = []
-    for image in images:
-        small = image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC, reducing_gap=None)
-        batch.append(torch.from_numpy(np.asarray(small, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1)
+    """Score RGB ``images`` at their native resolution (patches of the score model's size, never resized).
+
+    Each result: ``score``, ``threshold``, ``verdict``, what was scored (``resolution`` [width, height],
+    ``patch_size``, ``patches`` scored of ``tiles`` in the grid, ``score_model``, ``calibrated_fpr``) and
+    ``patch_scores`` / ``patch_positions`` ([top, left]) for a heat map.
+    """
     device = detector.reference.device if detector.reference is not None else "cpu"
+    batch = [
+        torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1).to(device) / 255
+        for image in images
+    ]
     with _detect_lock:  # not the device lock: /detect answers while a generation holds it
-        scores = detector.score(torch.stack(batch).to(device)).double().cpu().tolist()
+        results = detector.analyse(batch, value_range=(0, 1))
     threshold = float(detector.threshold)
     return [
         {
-            "score": float(s),
+            "score": r.score,
             "threshold": threshold,
-            "verdict": "adversarial" if s > threshold else "clean",
-            "resized_to": [width, height],
+            "verdict": "adversarial" if r.score > threshold else "clean",
+            "resolution": [r.width, r.height],
+            "patch_size": r.patch_size,
+            "patches": r.patches,
+            "tiles": r.tiles,
+            "score_model": detector.diffusion_model,
+            "calibrated_fpr": detector.config.fpr,
+            "patch_positions": r.positions.tolist(),
+            "patch_scores": [float(s) for s in r.patch_scores.double().tolist()],
         }
-        for s in scores
+        for r in results
     ]
 
 
@@ -361,3 +385,20 @@ def calibrate_generation(costs: Costs, name: str, pipe: Any) -> float:
     names = class_names(pipe)
     request = Request(names[0] if names else "a test", method="none", steps=2, num_images=1)
     return costs.measure(f"generate:{name}", lambda: generate_images(pipe, request), units=2, repeats=1)
+
+
+def heatmap_image(image: Image.Image, result: dict[str, Any], threshold: float) -> Image.Image:
+    """``image`` (RGB) with each scored patch tinted red in proportion to its score (none at 0, the most at twice
+    the image threshold; overlapping patches: the larger score); pixels of no scored patch are greyed."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    heat = np.full(rgb.shape[:2], np.nan, dtype=np.float64)
+    p = int(result["patch_size"])
+    for (top, left), s in zip(result["patch_positions"], result["patch_scores"]):
+        cell = heat[top : top + p, left : left + p]
+        heat[top : top + p, left : left + p] = np.where(np.isnan(cell), s, np.maximum(cell, s))
+    scale = max(abs(threshold), 1e-12) * 2
+    level = np.nan_to_num(heat / scale, nan=0.0).clip(0, 1)[..., None]
+    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
+    out = rgb * (1 - 0.7 * level) + red * 0.7 * level
+    out = np.where(np.isnan(heat)[..., None], rgb * 0.5 + 64, out)
+    return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), "RGB")

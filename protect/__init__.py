@@ -5,7 +5,8 @@
   and ``method="amortized"``: a pre-trained :class:`AmortizedProtector` (FastProtect-style, one forward pass);
 * :func:`evaluate` — mimic clean and protected images (SDEdit, LoRA fine-tune) before and after purification
   (JPEG, resize, noise, blur) and measure the damage against the invisibility (``protect.evaluate``);
-* :class:`EPSDetector` — EPS-AD (Expected Perturbation Score + deep-kernel MMD) detection.
+* :class:`EPSDetector` — EPS-AD (Expected Perturbation Score + deep-kernel MMD) detection, and
+  :class:`PatchEPSDetector` — the same on native-resolution patches of images of any size (``protect.patches``).
 
 Training an amortized protector: ``python -m protect.train`` (``accelerate launch`` for several GPUs).
 """
@@ -14,6 +15,7 @@ from .amortized import AmortizedProtector
 from .detector import EPSDetector, EPSDetectorConfig
 from .eps import expected_perturbation_score
 from .evaluate import evaluate
+from .patches import ImageScore, PatchEPSDetector
 from .pgd import Cancelled
 from .protect import ProtectionReport, Step, protect
 
@@ -22,6 +24,8 @@ __all__ = [
     "Cancelled",
     "EPSDetector",
     "EPSDetectorConfig",
+    "ImageScore",
+    "PatchEPSDetector",
     "ProtectionReport",
     "Step",
     "evaluate",

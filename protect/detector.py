@@ -47,6 +47,9 @@ class EPSDetectorConfig:
     kernel_batch_size: int = 100
     channels: tuple[int, ...] = (16, 32)
     feature_dim: int = 300
+    patch_size: int | None = None  # PatchEPSDetector: the patch side (default: the score model's sample_size)
+    max_patches: int = 256  # PatchEPSDetector: patches scored per image at most (a seeded sample past it)
+    fit_patches: int = 32  # PatchEPSDetector: patches per training image for the kernel and the reference set
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(self.channels))
@@ -64,6 +67,14 @@ class EPSDetectorConfig:
             raise ValueError(f"antithetic must be a bool, and needs an even number of timesteps ({self.timesteps})")
         if self.t_max is not None and not 0 < self.t_max <= 1:
             raise ValueError(f"t_max must lie in (0, 1], got {self.t_max}")
+        for name in ("max_patches", "fit_patches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.patch_size is not None and (
+            isinstance(self.patch_size, bool) or not isinstance(self.patch_size, int) or self.patch_size < 2
+        ):
+            raise ValueError(f"patch_size must be an int >= 2 or None, got {self.patch_size!r}")
         if not self.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.channels):
             raise ValueError(f"channels must be positive ints, got {self.channels!r}")
 
@@ -91,6 +102,8 @@ class EPSDetector:
     given ``value_range=(0, 1)``; a batch without negative values is refused as ambiguous (see
     :func:`~protect.eps.signed_images`). The kernel stays in float32 whatever the input's dtype.
     """
+
+    format = FORMAT  # the "format" of the saved config.json
 
     def __init__(self, model: Any, scheduler: Any = None, config: EPSDetectorConfig | None = None, **overrides: Any):
         self.denoiser = as_denoiser(model, scheduler)
@@ -201,7 +214,7 @@ class EPSDetector:
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"kernel.{k}": v.detach().cpu().contiguous() for k, v in self.kernel.state_dict().items()}
         save_file({**tensors, "reference": self.reference.detach().cpu().contiguous()}, directory / WEIGHTS_NAME)
-        meta: dict[str, Any] = {"format": FORMAT, "config": self.config.to_dict(), "threshold": self.threshold}
+        meta: dict[str, Any] = {"format": self.format, "config": self.config.to_dict(), "threshold": self.threshold}
         diffusion_model = diffusion_model if diffusion_model is not None else self.diffusion_model
         if diffusion_model is not None:
             meta["diffusion_model"] = str(diffusion_model)
@@ -222,8 +235,9 @@ class EPSDetector:
             tensors = load_file(directory / WEIGHTS_NAME)
         except (json.JSONDecodeError, SafetensorError, OSError) as error:
             raise ValueError(f"corrupt EPSDetector files in {directory}: {error}") from error
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{directory / CONFIG_NAME} is not an EPSDetector config ({FORMAT})")
+        if not isinstance(meta, dict) or meta.get("format") != cls.format:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"{directory / CONFIG_NAME} is not a {cls.__name__} config ({cls.format}), got {found!r}")
         detector = cls(model, scheduler, EPSDetectorConfig.from_dict(meta.get("config", {})))
         expected_model, fingerprint = meta.get("diffusion_model"), meta.get("model_fingerprint")
         detector.diffusion_model = str(expected_model) if expected_model is not None else None

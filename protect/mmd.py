@@ -117,6 +117,20 @@ def mmd2_per_sample(reference: Tensor, samples: Tensor, kernel: nn.Module) -> Te
     return _within(kernel(reference, reference)) - 2 * kernel(reference, samples).mean(0) + 1
 
 
+def mmd2_to_reference(reference: Tensor, samples: Tensor, kernel: nn.Module) -> tuple[Tensor, Tensor]:
+    """The set statistic and the per-sample ones of ``samples`` (m, ...) against ``reference`` (n, ...).
+
+    Returns the unbiased ``MMD^2_u`` between the two sets (:func:`mmd2`; for ``m = 1`` the per-sample value,
+    ``k(y, y) = 1``) and :func:`mmd2_per_sample`, ``(m,)``, from one pass over the kernel.
+    """
+    _check_two(reference, reference)
+    k_rr, k_ry = _within(kernel(reference, reference)), kernel(reference, samples)
+    per_sample = k_rr - 2 * k_ry.mean(0) + 1
+    if len(samples) < 2:
+        return per_sample[0], per_sample
+    return k_rr + _within(kernel(samples, samples)) - 2 * k_ry.mean(), per_sample
+
+
 def power_criterion(x: Tensor, y: Tensor, kernel: nn.Module, reg: float = 1e-8) -> Tensor:
     """Liu et al.'s criterion ``MMD^2_u / sqrt(var_H1 + reg)`` on paired samples (``len(x) == len(y)``)."""
     _check_two(x, y)

@@ -1,0 +1,153 @@
+"""Native-resolution EPS-AD (protect.patches) on a tiny random UNet (8x8 patches): the patch grid, the
+per-image statistic, calibration, persistence, bad inputs, and the service's output for a 1024 px upload."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from protect.mmd import DeepKernel, conv_featurizer, mmd2, mmd2_per_sample, mmd2_to_reference
+from protect.patches import PatchEPSDetector, extract_patches, patch_positions
+from tests.factories import tiny_pixel_unet
+
+T = 4
+
+
+@pytest.fixture(scope="module")
+def unet():
+    model = tiny_pixel_unet()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval(), DDPMScheduler(num_train_timesteps=1000)
+
+
+def _image(height, width, seed, amplitude=0.3):
+    """A smooth ``(3, H, W)`` image in [-amplitude, amplitude]: upsampled 3x3 noise."""
+    low = (torch.rand(1, 3, 3, 3, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * amplitude
+    return torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def _noisy(image, seed):
+    noise = torch.sign(torch.randn(image.shape, generator=torch.Generator().manual_seed(seed)))
+    return (image + 0.5 * noise).clamp(-1, 1)
+
+
+SIZES = [(16, 16), (24, 40), (32, 24), (40, 40), (16, 32)]
+
+
+def _detector(unet, **overrides):
+    options = dict(timesteps=T, kernel_batch_size=16, channels=(4,), feature_dim=16, max_patches=16, fit_patches=6)
+    return PatchEPSDetector(*unet, **{**options, **overrides})
+
+
+@pytest.fixture(scope="module")
+def fitted(unet):
+    clean = [_image(*SIZES[i % 5], seed=i) for i in range(16)]
+    noisy = [_noisy(_image(*SIZES[i % 5], seed=100 + i), i) for i in range(8)]
+    return _detector(unet, epochs=8).fit(clean, noisy)
+
+
+def test_patch_grid_covers_the_image_and_samples_past_the_cap():
+    positions, tiles = patch_positions(40, 24, 16)
+    assert tiles == 6 and positions.tolist() == [[0, 0], [0, 8], [16, 0], [16, 8], [24, 0], [24, 8]]
+    covered = torch.zeros(40, 24, dtype=torch.bool)
+    for r, c in positions.tolist():
+        covered[r : r + 16, c : c + 16] = True
+    assert covered.all()
+    positions, tiles = patch_positions(1024, 1024, 16, max_patches=256, seed=3)
+    assert tiles == 4096 and len(positions) == 256 and len({tuple(p) for p in positions.tolist()}) == 256
+    assert torch.equal(positions, patch_positions(1024, 1024, 16, max_patches=256, seed=3)[0])  # seeded
+    assert not torch.equal(positions, patch_positions(1024, 1024, 16, max_patches=256, seed=4)[0])
+    image = torch.arange(2 * 20 * 20, dtype=torch.float32).reshape(2, 20, 20)
+    patches = extract_patches(image, torch.tensor([[4, 3]]), 16)
+    assert torch.equal(patches[0], image[:, 4:20, 3:19])
+    with pytest.raises(ValueError, match="1x1 pixels, smaller than the detector's 16x16 patches"):
+        patch_positions(1, 1, 16)
+
+
+def test_set_statistic_is_the_unbiased_mmd_and_per_patch_the_official_one():
+    kernel = DeepKernel(conv_featurizer(3, channels=(4,), feature_dim=8))
+    gen = torch.Generator().manual_seed(0)
+    ref, y = torch.randn(10, 3, 8, 8, generator=gen), torch.randn(5, 3, 8, 8, generator=gen) + 0.3
+    with torch.no_grad():
+        stat, per = mmd2_to_reference(ref, y, kernel)
+        torch.testing.assert_close(stat, mmd2(ref, y, kernel))
+        torch.testing.assert_close(per, mmd2_per_sample(ref, y, kernel))
+        one, per_one = mmd2_to_reference(ref, y[:1], kernel)
+        torch.testing.assert_close(one, per_one[0])
+
+
+def test_detector_separates_an_easy_shift_at_any_size_and_calibrates_per_image(fitted):
+    assert fitted.patch_size == 8 and fitted.threshold is not None
+    assert len(fitted.calibration_scores) == 4  # a quarter of 16 clean images, scored as whole images
+    clean = [_image(*SIZES[i % 5], seed=200 + i) for i in range(10)]
+    noisy = [_noisy(x, 300 + i) for i, x in enumerate(clean)]
+    clean_scores, noisy_scores = fitted.score(clean), fitted.score(noisy)
+    assert noisy_scores.min() > clean_scores.max()
+    assert (noisy_scores > fitted.threshold).all()
+    results = fitted.analyse(clean[:2])
+    assert (results[1].height, results[1].width, results[1].tiles) == (24, 40, 15)
+    assert results[1].patches == 15 and results[1].patch_scores.shape == (15,)
+    heat = results[1].heatmap()
+    assert heat.shape == (24, 40) and not heat.isnan().any()
+
+
+def test_an_image_scores_the_same_alone_and_anywhere_in_a_batch(fitted):
+    images = [_noisy(_image(24, 24, seed=400 + i), i) for i in range(4)]
+    together = fitted.score(images)
+    for i, image in enumerate(images):
+        torch.testing.assert_close(fitted.score([image]), together[i : i + 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fitted.score(images[::-1]).flip(0), together, rtol=1e-5, atol=1e-6)
+    batch = torch.stack(images)  # an (N, C, H, W) batch is a list of images too
+    torch.testing.assert_close(fitted.score(batch), together, rtol=1e-5, atol=1e-6)
+    half = fitted.score([x.half() for x in images])
+    torch.testing.assert_close(half, together, rtol=2e-2, atol=2e-3)  # half-precision pixels, float32 EPS
+
+
+def test_save_and_load_round_trip(fitted, unet, tmp_path):
+    fitted.save_pretrained(tmp_path, diffusion_model="tiny")
+    loaded = PatchEPSDetector.from_pretrained(tmp_path, *unet)
+    assert loaded.config == fitted.config and loaded.threshold == fitted.threshold
+    assert loaded.diffusion_model == "tiny" and loaded.describe()["patch_size"] == 8
+    images = [_image(20, 30, seed=9)]
+    torch.testing.assert_close(loaded.score(images), fitted.score(images), rtol=0, atol=0)
+    from protect import EPSDetector
+
+    with pytest.raises(ValueError, match="not a EPSDetector config"):
+        EPSDetector.from_pretrained(tmp_path, *unet)
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (torch.full((3, 1, 1), -0.5), "1x1 pixels, smaller than"),
+        (torch.full((3, 16, 16), float("nan")), "NaN"),
+        (torch.rand(3, 16, 16), r"look like \[0, 1\] data"),
+        (torch.rand(3, 16, 16) * 4 - 2, r"\[-1, 1\]"),
+        (torch.full((1, 16, 16), -0.5), "1 channels, the detector was fitted on 3"),
+        (torch.zeros(16, 16), r"\(C, H, W\) tensor"),
+        (torch.zeros(3, 16, 16, dtype=torch.uint8), "float tensor"),
+    ],
+)
+def test_bad_images_are_refused_with_a_clear_error(fitted, image, match):
+    with pytest.raises(ValueError, match=match):
+        fitted.score([image])
+
+
+def test_service_scores_a_1024_upload_at_native_resolution(fitted, tmp_path):
+    from apps.services import detect_images, heatmap_image
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(60, 200, size=(8, 8, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((1024, 1024), Image.Resampling.BICUBIC)
+    (result,) = detect_images(fitted, [photo])
+    assert result["resolution"] == [1024, 1024]  # never downscaled
+    assert result["patch_size"] == 8 and result["tiles"] == 128 * 128  # the grid of 8 px tiles over 1024 px
+    assert result["patches"] == 16 == len(result["patch_scores"])  # max_patches, a seeded sample
+    assert result["calibrated_fpr"] == 0.05 and result["verdict"] in ("clean", "adversarial")
+    assert all(0 <= r <= 1016 and 0 <= c <= 1016 for r, c in result["patch_positions"])
+    heat = heatmap_image(photo, result, result["threshold"])
+    assert heat.size == (1024, 1024)
