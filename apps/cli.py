@@ -101,19 +101,29 @@ def main(argv: list[str] | None = None) -> int:
     det = commands.add_parser(
         "detect",
         help="flag adversarial (protected) images with the EPS-AD detector",
-        description="Score images with a saved EPS-AD detector (resized to its resolution, 16x16 for the demo) "
-        "and print one verdict per file. Exit code 2 if any input failed or no detector is available.",
+        description="Score images with a saved native-resolution EPS-AD detector: each image on its own pixels, "
+        "as patches of the score model's size (all tiles, or a seeded sample past the detector's cap; never "
+        "resized), and print one verdict per file with what was scored. Exit code 2 if any input failed or no "
+        "detector is available.",
     )
     det.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG, WebP, BMP, TIFF)")
-    det.add_argument("--json", action="store_true", help="one JSON object per line: file, score, threshold, verdict")
+    det.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line: file, score, threshold, verdict, resolution, patch_size, patches, tiles, "
+        "score_model, calibrated_fpr (--patches adds the per-patch scores and positions)",
+    )
+    det.add_argument("--patches", action="store_true", help="with --json: include the per-patch scores")
     det.add_argument("--detector", type=Path, default=None, help="saved detector folder (default: the demo one)")
     det.add_argument("--device", default=None)
 
     train = commands.add_parser(
         "train",
         help="train the embedded demo models (python -m apps.demo.train), with 'photo' the photo demo models "
-        "(python -m apps.demo.train_photo), or with 'protector' an amortized protector (python -m protect.train; "
-        "accelerate launch -m protect.train for several GPUs)",
+        "(python -m apps.demo.train_photo), with 'protector' an amortized protector (python -m protect.train; "
+        "accelerate launch -m protect.train for several GPUs), or with 'detector' a native-resolution EPS-AD "
+        "detector for any unconditional diffusers pixel model "
+        "(steerguard train detector --score-model ID --clean DIR [--attacked DIR] --out DIR)",
     )
     train.add_argument("args", nargs=argparse.REMAINDER, help="arguments for apps.demo.train or protect.train")
 
@@ -169,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 train_photo(args.args[1:])
                 return 0
+            if args.args[:1] == ["detector"]:
+                from .train_detector import main as train_detector
+
+                return train_detector(args.args[1:])
             from .demo.train import main as train_main
 
             train_main(args.args)
@@ -348,7 +362,7 @@ def _protect_one(args: argparse.Namespace, i: int, path: str, device: str, done:
 
 def _detect(args: argparse.Namespace) -> int:
     from .files import open_upload
-    from .services import detect_images, load_detector
+    from .services import describe_result, detect_images, load_detector
 
     state, device = _distributed(args.device)
     detector = load_detector(args.detector, device)
@@ -364,10 +378,11 @@ def _detect(args: argparse.Namespace) -> int:
                 print(f"steerguard detect: error: {error}", file=sys.stderr)
                 continue
             if args.json:
+                if not args.patches:
+                    result = {k: v for k, v in result.items() if k not in ("patch_scores", "patch_positions")}
                 print(json.dumps({"file": str(path), **result}))
             else:
-                verdict, score, threshold = result["verdict"], result["score"], result["threshold"]
-                print(f"{path}: {verdict} (score {score:.4g}, threshold {threshold:.4g})")
+                print(f"{path}: {describe_result(result)}")
     if failed:
         print(f"steerguard detect: {failed} of {len(args.inputs)} input(s) failed", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ __all__ = [
     "calibrate",
     "calibrate_generation",
     "default_detector_dir",
+    "describe_result",
     "detect_images",
     "generate_images",
     "heatmap_image",
@@ -269,7 +270,8 @@ def default_detector_dir() -> Path:
 def _detector(directory: str, device: str):
     from protect import PatchEPSDetector
     from protect.patches import PATCH_FORMAT
-    from protect.testbed import load_score_model
+
+    from .train_detector import load_score_model
 
     meta = json.loads((Path(directory) / "config.json").read_text())
     if not isinstance(meta, dict) or meta.get("format") != PATCH_FORMAT:
@@ -279,8 +281,8 @@ def _detector(directory: str, device: str):
             f"({PATCH_FORMAT}): uploads are scored on their own pixels, never resized; fit one with "
             "'steerguard train detector'"
         )
-    pipe = load_score_model(meta.get("diffusion_model", "demo/unet_eps"), device)  # the model it was fitted on
-    detector = PatchEPSDetector.from_pretrained(directory, pipe.unet, pipe.scheduler)
+    unet, scheduler = load_score_model(meta.get("diffusion_model", "demo/unet_eps"), device)  # the one it was fit on
+    detector = PatchEPSDetector.from_pretrained(directory, unet, scheduler)
     clean = meta.get("calibration_scores")
     detector.clean_scores = [float(s) for s in clean] if isinstance(clean, list) else None
     return detector
@@ -402,3 +404,15 @@ def heatmap_image(image: Image.Image, result: dict[str, Any], threshold: float) 
     out = rgb * (1 - 0.7 * level) + red * 0.7 * level
     out = np.where(np.isnan(heat)[..., None], rgb * 0.5 + 64, out)
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), "RGB")
+
+
+def describe_result(result: dict[str, Any]) -> str:
+    """One line for a person: the verdict, the score against the threshold and what was scored."""
+    width, height = result["resolution"]
+    p = result["patch_size"]
+    sampled = "all" if result["patches"] == result["tiles"] else f"a seeded sample of {result['patches']} of"
+    return (
+        f"{result['verdict']} (score {result['score']:.4g}, threshold {result['threshold']:.4g} at "
+        f"{result['calibrated_fpr']:.0%} false positives on clean images); scored at the native {width}x{height}: "
+        f"{sampled} {result['tiles']} {p}x{p} patches, score model {result['score_model']}"
+    )

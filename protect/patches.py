@@ -245,3 +245,41 @@ class PatchEPSDetector(EPSDetector):
             "calibrated_fpr": self.config.fpr,
             "calibration_images": n,
         }
+
+
+def score_fgsm(
+    denoiser: Any,
+    image: Tensor,
+    eps: float = 8 / 255,
+    *,
+    patch_size: int,
+    timestep: int = 20,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> Tensor:
+    """A generic attack for fitting a detector when no attacked images are given: one FGSM step of L-inf size
+    ``eps`` (in ``[0, 1]`` units, so ``2 eps`` on ``[-1, 1]``) up the score model's denoising loss
+    ``|x0_hat(x_t) - x|^2`` at ``timestep``, computed tile by tile (the grid of :func:`patch_positions`) on the
+    ``(C, H, W)`` image in ``[-1, 1]``; the result is clamped to ``[-1, 1]``. Any pixel diffusion model, any size.
+    """
+    from guidance import prediction as P
+
+    from .eps import check_images
+
+    check_images(image[None], "image")
+    if not 0 < eps <= 64 / 255:
+        raise ValueError(f"eps must lie in (0, 64/255], got {eps}")
+    positions, _ = patch_positions(image.shape[-2], image.shape[-1], patch_size)
+    sigma = denoiser.t_to_sigma(torch.tensor([float(timestep)], dtype=torch.float64)).to(image)
+    generator = torch.Generator().manual_seed(seed)
+    sign = torch.zeros_like(image)
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start : start + batch_size]
+        x = extract_patches(image.detach(), chunk, patch_size).float().requires_grad_(True)
+        noise = torch.randn(x.shape, generator=generator).to(x)
+        x_ve = x + P.broadcast(sigma.float(), x) * noise
+        loss = (denoiser(x_ve, sigma.float().expand(len(x))) - x).pow(2).sum()
+        (grad,) = torch.autograd.grad(loss, x)
+        for (r, c), g in zip(chunk.tolist(), grad.sign()):
+            sign[:, r : r + patch_size, c : c + patch_size] = g.to(sign)
+    return (image + 2 * eps * sign).clamp(-1, 1).detach()

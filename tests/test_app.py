@@ -75,26 +75,27 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def detector_dir(tmp_path_factory) -> Path:
-    """The demo detector when it is trained, else a tiny one fitted here on the demo UNet (seconds)."""
-    if (DEMO_DIR / "eps_detector" / "config.json").is_file():
-        return DEMO_DIR / "eps_detector"
-    if not (DEMO_DIR / "unet").is_dir():
-        pytest.skip("no detector in demo_models/ and no demo UNet to fit one")
+    """The demo photo detector (native-resolution patches) when it is trained, else a tiny one fitted here on the
+    demo EPS UNet (seconds)."""
+    if (DEMO_DIR / "photo_detector" / "config.json").is_file():
+        return DEMO_DIR / "photo_detector"
+    if not (DEMO_DIR / "unet_eps").is_dir():
+        pytest.skip("no detector in demo_models/ and no demo score model to fit one")
     import torch
     import torch.nn.functional as F
 
-    from apps.demo import load_ddpm_pipeline
-    from protect import EPSDetector
+    from apps.train_detector import load_score_model
+    from protect import PatchEPSDetector
 
-    pipe = load_ddpm_pipeline("cpu")
+    unet, scheduler = load_score_model("demo/unet_eps")
     g = torch.Generator().manual_seed(0)
-    clean = F.interpolate(torch.rand(12, 3, 4, 4, generator=g) * 1.2 - 0.6, size=16, mode="bilinear")
-    adversarial = (clean[:6] + 0.1 * torch.randn(6, 3, 16, 16, generator=g).sign()).clamp(-1, 1)
-    detector = EPSDetector(
-        pipe.unet, pipe.scheduler, timesteps=2, epochs=3, kernel_batch_size=4, channels=(4,), feature_dim=8
+    clean = F.interpolate(torch.rand(8, 3, 4, 4, generator=g) * 1.2 - 0.6, size=32, mode="bilinear")
+    adversarial = (clean[:4] + 0.1 * torch.randn(4, 3, 32, 32, generator=g).sign()).clamp(-1, 1)
+    detector = PatchEPSDetector(
+        unet, scheduler, timesteps=2, epochs=3, kernel_batch_size=4, channels=(4,), feature_dim=8, max_patches=8
     )
     folder = tmp_path_factory.mktemp("detector")
-    detector.fit(clean, adversarial).save_pretrained(folder)
+    detector.fit(clean, adversarial, value_range=(-1, 1)).save_pretrained(folder, diffusion_model="demo/unet_eps")
     return folder
 
 
@@ -170,12 +171,15 @@ def test_detect_endpoint_returns_verdicts(client, tmp_path):
 
     path = tmp_path / "photo.png"
     _image((40, 40)).save(path)
-    verdicts, _plot, note = client.predict([handle_file(str(path))], api_name="/detect")
+    verdicts, _plot, note, heat = client.predict([handle_file(str(path))], api_name="/detect")
     (entry,) = verdicts["images"]
     assert set(entry) >= {"score", "threshold", "verdict"} and entry["verdict"] in ("clean", "adversarial")
     assert entry["file"] == "photo" and entry["original_size"] == [40, 40]
     assert isinstance(entry["score"], float) and entry["threshold"] == verdicts["threshold"]
-    assert "resized" in note and verdicts["resolution"] == [16, 16]
+    assert entry["resolution"] == [40, 40] and entry["patch_size"] == 16  # native: 3x3 tiles of 16 px
+    assert entry["tiles"] == 9 and entry["patches"] == min(9, entry["patches"]) and verdicts["score_model"]
+    assert "native resolution, never resized" in note and verdicts["calibrated_fpr"] == 0.05
+    assert len(heat) == (entry["verdict"] == "adversarial")  # a heat map for each flagged image
 
 
 @pytest.mark.parametrize("kind", ["text", "truncated", "bomb", "empty"])
@@ -240,6 +244,11 @@ def test_cli_detect_json(tmp_path, detector_dir, bad_files, capsys):
     assert len(lines) == 2 and lines[0] == lines[1]
     assert lines[0]["file"] == str(path) and lines[0]["verdict"] in ("clean", "adversarial")
     assert isinstance(lines[0]["score"], float) and isinstance(lines[0]["threshold"], float)
+    assert lines[0]["resolution"] == [16, 16] and lines[0]["patches"] == lines[0]["tiles"] == 1
+    assert "patch_scores" not in lines[0]
+    assert cli_main(["detect", str(path), "--detector", str(detector_dir), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "scored at the native 16x16: all 1 16x16 patches, score model demo/unet_eps" in text
     bad, _ = bad_files["bomb"]
     assert cli_main(["detect", str(bad), "--json", "--detector", str(detector_dir)]) == 2
     assert cli_main(["detect", str(path), "--detector", str(tmp_path / "none")]) == 2

@@ -109,7 +109,7 @@ def test_one_example_per_tab_in_chromium(browser, server, shots):  # noqa: F811
     verdicts.get_by_text("pgd8-16").first.wait_for(timeout=TIMEOUT_MS)
     text = verdicts.inner_text()
     assert "clean-16" in text and "verdict" in text and "threshold" in text
-    assert page.locator("#detect-note").get_by_text("resized").count() == 1
+    assert page.locator("#detect-note").get_by_text("never resized").count() == 1
     page.locator("#detect-plot .vega-embed svg").first.wait_for(state="visible", timeout=TIMEOUT_MS)  # the plot drew
     shots(page, "3-detect")
 

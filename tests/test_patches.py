@@ -151,3 +151,54 @@ def test_service_scores_a_1024_upload_at_native_resolution(fitted, tmp_path):
     assert all(0 <= r <= 1016 and 0 <= c <= 1016 for r, c in result["patch_positions"])
     heat = heatmap_image(photo, result, result["threshold"])
     assert heat.size == (1024, 1024)
+
+
+def test_train_detector_round_trip_with_a_tiny_model(unet, tmp_path, capsys):
+    """`steerguard train detector`: a tiny diffusers pipeline folder, clean PNGs of several sizes, the default
+    FGSM attack; the saved detector loads in the app's service and scores at native resolution."""
+    import json
+
+    from diffusers import DDPMPipeline
+
+    from apps.cli import main as cli_main
+    from apps.services import detect_images, load_detector
+
+    model_dir = tmp_path / "tiny-ddpm"
+    DDPMPipeline(unet=unet[0], scheduler=unet[1]).save_pretrained(model_dir)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(16, 16), (24, 16), (20, 28), (16, 32), (24, 24), (32, 16)]):
+        small = rng.integers(40, 220, size=(3, 3, 3), dtype=np.uint8)
+        Image.fromarray(small).resize(size, Image.Resampling.BILINEAR).save(clean / f"c{i}.png")
+    out = tmp_path / "detector"
+    args = ["train", "detector", "--score-model", str(model_dir), "--clean", str(clean), "--out", str(out)]
+    tiny = ["--timesteps", "2", "--epochs", "2", "--max-patches", "4", "--fit-patches", "3", "--reference-size", "6"]
+    assert cli_main([*args, *tiny, "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["patch_size"] == 8 and summary["clean_images"] == 6 and "FGSM" in summary["attacked"]
+    assert summary["calibration_images"] == 2 and summary["calibrated_fpr"] == 0.05
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "steerguard.patch_eps_detector/1" and config["diffusion_model"] == str(model_dir)
+    detector = load_detector(out, "cpu")
+    (result,) = detect_images(detector, [Image.open(clean / "c2.png")])
+    assert result["resolution"] == [20, 28] and result["tiles"] == 12 and result["patches"] == 4
+    assert result["score_model"] == str(model_dir)
+    assert cli_main([*args, *tiny]) == 2  # the output folder is not empty: never overwritten
+    assert "not empty" in capsys.readouterr().err
+    attacked = tmp_path / "attacked"
+    attacked.mkdir()
+    for path in sorted(clean.iterdir())[:3]:
+        Image.open(path).rotate(180).save(attacked / path.name)
+    assert cli_main([*args[:-1], str(tmp_path / "d2"), *tiny, "--attacked", str(attacked)]) == 0
+    assert "given" in json.loads(capsys.readouterr().out)["attacked"]
+
+
+def test_score_fgsm_keeps_the_budget_and_any_size(unet):
+    from guidance.denoisers import DiffusersDenoiser
+    from protect.patches import score_fgsm
+
+    image = _image(20, 28, seed=5)
+    attacked = score_fgsm(DiffusersDenoiser(*unet), image, 8 / 255, patch_size=8)
+    delta = (attacked - image).abs()
+    assert attacked.shape == image.shape and delta.max() <= 16 / 255 + 1e-6 and delta.mean() > 15 / 255

@@ -1,18 +1,22 @@
-"""The Detect tab: image files -> JSON verdicts (score, threshold, verdict per image), score plot, note."""
+"""The Detect tab: image files -> JSON verdicts (score, threshold, verdict and what was scored, per image), the
+scores against the threshold, a note, and a heat map of patch scores over each flagged image."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..jobs import Limits
-from ..services import detect_images, load_detector
+from ..services import describe_result, detect_images, heatmap_image, load_detector
 from .common import EXAMPLES, IMAGE_TYPES, LANES, examples_available, read_uploads
+
+SHOWN = ("score", "threshold", "verdict", "resolution", "patch_size", "patches", "tiles")
 
 
 def detect_tab(device: str | None = None, detector: str | Path | None = None, limits: Limits | None = None) -> None:
     """The Detect tab (``/detect``) of the open ``gr.Blocks``, scoring with the detector saved in ``detector``
-    (default ``demo_models/eps_detector``; without one, ``/detect`` answers "no detector available"), in its own
-    queue lane (it answers while a protection or a generation runs)."""
+    (default: :func:`apps.services.default_detector_dir`; without one, ``/detect`` answers "no detector
+    available"), in its own queue lane (it answers while a protection or a generation runs). Images are scored
+    at their native resolution, on patches of the score model's size."""
     import gradio as gr
     import pandas as pd
 
@@ -20,10 +24,11 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None, li
 
     def detect(files):
         """Flag adversarial (protected) images with the EPS-AD detector (Expected Perturbation Score and a
-        deep-kernel MMD); returns JSON verdicts (score, threshold, verdict per image), a score plot and a note.
+        deep-kernel MMD) at their native resolution; returns JSON verdicts (score, threshold, verdict and what was
+        scored per image), a score plot, a note and a heat map of patch scores for each flagged image.
 
         Args:
-            files: image files (PNG, JPEG, WebP, BMP or TIFF); they are resized to the detector's resolution.
+            files: image files (PNG, JPEG, WebP, BMP or TIFF); scored on their own pixels, never resized.
         """
         loaded = read_uploads(files, "detect", limits)
         try:
@@ -34,16 +39,26 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None, li
             results = detect_images(model, [u.image for u in loaded])
         except ValueError as error:
             raise gr.Error(str(error)) from None
-        width, height = results[0]["resized_to"]
+        info = model.describe()
         note = (
-            f"Images are resized to the detector's resolution ({width}x{height}) before scoring; "
-            "a perturbation made at another size does not survive resizing intact."
+            f"Each image is scored at its native resolution, never resized: the EPS of its "
+            f"{info['patch_size']}x{info['patch_size']} patches (all of them, or a seeded sample of "
+            f"{info['max_patches']} for large images) against clean reference patches, with score model "
+            f"{info['score_model']}. The threshold flags {info['calibrated_fpr']:.0%} of held-out clean images "
+            f"({info['calibration_images']} calibration images).\n\n"
+            + "\n".join(f"- {u.name}: {describe_result(r)}" for u, r in zip(loaded, results))
         )
         images = [
-            {"file": u.name, "original_size": list(u.size), **{k: r[k] for k in ("score", "threshold", "verdict")}}
-            for u, r in zip(loaded, results)
+            {"file": u.name, "original_size": list(u.size), **{k: r[k] for k in SHOWN}} for u, r in zip(loaded, results)
         ]
-        verdicts = {"threshold": model.threshold, "resolution": [width, height], "note": note, "images": images}
+        verdicts = {
+            "threshold": model.threshold,
+            "calibrated_fpr": info["calibrated_fpr"],
+            "score_model": info["score_model"],
+            "patch_size": info["patch_size"],
+            "note": note,
+            "images": images,
+        }
         bars = [{"name": r["file"], "score": r["score"], "kind": f"upload: {r['verdict']}"} for r in images]
         bars.append({"name": "threshold", "score": model.threshold, "kind": "threshold"})
         clean = getattr(model, "clean_scores", None)
@@ -51,15 +66,20 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None, li
             s = sorted(clean)
             for label, q in (("clean median", 0.5), ("clean 95%", 0.95), ("clean max", 1.0)):
                 bars.append({"name": label, "score": s[min(len(s) - 1, int(q * (len(s) - 1)))], "kind": "clean"})
-        return verdicts, pd.DataFrame(bars), note
+        heat = [
+            (heatmap_image(u.image, r, model.threshold), f"{u.name}: patch scores (red: high)")
+            for u, r in zip(loaded, results)
+            if r["verdict"] == "adversarial"
+        ]
+        return verdicts, pd.DataFrame(bars), note, heat
 
     with gr.Tab("Detect"):
         gr.Markdown(
-            "Score images with the EPS-AD detector (Expected Perturbation Score + deep-kernel MMD): "
-            "a score above the calibrated threshold flags an adversarial (protected) image. The first example "
-            "is a clean shape and its PGD 8/255 version at the detector's own 16 px resolution. The demo "
-            "detector's measured rates, false positives on benign changes (JPEG, resizing) included, are in "
-            "its model card (demo_models/eps_detector)."
+            "Score images with the EPS-AD detector (Expected Perturbation Score + deep-kernel MMD) at their "
+            "native resolution, on patches of the score model's size: a score above the calibrated threshold "
+            "flags an adversarial (protected) image, and a heat map shows where its patches score high. The "
+            "measured rates, false positives on benign changes (JPEG, resizing) included, are in "
+            "benchmarks/RESULTS.md."
         )
         with gr.Row():
             with gr.Column():
@@ -77,6 +97,7 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None, li
                     x="name", y="score", color="kind", label="score vs threshold", elem_id="detect-plot"
                 )
                 detect_note = gr.Markdown(elem_id="detect-note")
+                detect_heat = gr.Gallery(label="flagged images: patch scores", elem_id="detect-heatmap", columns=2)
         if examples_available():
             gr.Examples(
                 [
@@ -91,7 +112,7 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None, li
         detect_button.click(
             detect,
             [detect_files],
-            [detect_json, detect_plot, detect_note],
+            [detect_json, detect_plot, detect_note, detect_heat],
             api_name="detect",
             **LANES["detect"],
         )
