@@ -22,12 +22,23 @@ def test_example_images_are_small_rgb_squares():
 
 @pytest.mark.skipif(not (DEMO_DIR / "eps_detector" / "config.json").is_file(), reason="no demo detector")
 def test_the_demo_detector_gets_the_example_pair_right():
-    from apps.services import detect_images, load_detector
+    """The 16 px testbed detector (demo_models/eps_detector, fixed resolution; the app's native-resolution
+    detector is another one) on the pair, each image alone as the CLI scored it."""
+    import torch
+
+    from protect import EPSDetector
+    from protect.testbed import load_score_model
 
     clean, adversarial = (Image.open(EXAMPLES / name) for name in ("clean-16.png", "pgd8-16.png"))
     difference = np.abs(np.asarray(clean, np.int16) - np.asarray(adversarial, np.int16))
     assert 0 < difference.max() <= 8  # PGD within 8/255
-    verdicts = [r["verdict"] for r in detect_images(load_detector(device="cpu"), [clean, adversarial])]
+    pipe = load_score_model("demo/unet_eps", "cpu")
+    detector = EPSDetector.from_pretrained(DEMO_DIR / "eps_detector", pipe.unet, pipe.scheduler)
+    batch = torch.stack(
+        [torch.from_numpy(np.asarray(im, np.float32).copy()).permute(2, 0, 1) for im in (clean, adversarial)]
+    )
+    flags = detector.predict(batch / 255, value_range=(0, 1)).tolist()
+    verdicts = ["adversarial" if f else "clean" for f in flags]
     assert verdicts == ["clean", "adversarial"], (
         "the Detect tab calls this a pair the demo detector gets right: rerun scripts/make_examples.py"
     )
