@@ -136,8 +136,9 @@ class PatchEPSDetector(EPSDetector):
             out.append(signed_images(image[None], value_range, f"{name}[{i}]")[0])
         return out
 
-    def _patch_eps(self, images: list[Tensor], counts: list[int | None], seeds: list[int]) -> list[tuple]:
-        """Per image: its patch EPS ``(m, C, p, p)``, the positions and the tile count; one stacked EPS call."""
+    def patch_eps(self, images: list[Tensor], counts: list[int | None], seeds: list[int]) -> list[tuple]:
+        """Per image (``[-1, 1]``): its patch EPS ``(m, C, p, p)``, the positions and the tile count (``counts``: the
+        patch cap per image, ``seeds``: the sample's seed per image); one stacked EPS call."""
         p = self.patch_size
         layout = [patch_positions(x.shape[-2], x.shape[-1], p, n, s) for x, n, s in zip(images, counts, seeds)]
         patches = torch.cat([extract_patches(x, pos, p) for x, (pos, _) in zip(images, layout)])
@@ -155,7 +156,7 @@ class PatchEPSDetector(EPSDetector):
         for i, x in enumerate(images):
             if x.shape[0] != channels:
                 raise ValueError(f"images[{i}] has {x.shape[0]} channels, the detector was fitted on {channels}")
-        parts = self._patch_eps(images, [c.max_patches] * len(images), [c.seed] * len(images))
+        parts = self.patch_eps(images, [c.max_patches] * len(images), [c.seed] * len(images))
         results = []
         for x, (eps, positions, tiles) in zip(images, parts):
             kernel, eps = self.kernel_and(eps)
@@ -208,7 +209,7 @@ class PatchEPSDetector(EPSDetector):
 
         def sampled_eps(images: list[Tensor]) -> Tensor:  # fit_patches seeded patches per image
             seeds = torch.randint(0, 2**31, (len(images),), generator=generator).tolist()
-            return torch.cat([e for e, _, _ in self._patch_eps(images, [c.fit_patches] * len(images), seeds)])
+            return torch.cat([e for e, _, _ in self.patch_eps(images, [c.fit_patches] * len(images), seeds)])
 
         train_eps, adversarial_eps = sampled_eps(train), sampled_eps(adversarial)
         if len(train_eps) < 2 or len(adversarial_eps) < 2:
