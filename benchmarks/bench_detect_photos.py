@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = signed(crops(held, args.n_cal, args.size, args.seed + 100))
     cal = scores(detector, calibration)
     thresholds = {k: threshold_at_fpr(v, args.fpr) for k, v in cal.items()}
-    detector.threshold, detector.calibration_scores = thresholds["eps_ad"], cal["eps_ad"]
+    detector.set_threshold(cal["eps_ad"])
     test_arrays = crops(held, max(args.n_test, args.n_benign), args.size, args.seed + 200)
     clean = scores(detector, signed(test_arrays[: args.n_benign]))
     print(f"calibrated on {args.n_cal} held-out crops ({time.perf_counter() - start:.0f} s)", flush=True)

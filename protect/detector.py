@@ -156,11 +156,20 @@ class EPSDetector:
         order = torch.randperm(len(clean), generator=generator).to(clean.device)
         clean_eps, adversarial_eps = self.eps(clean)[order], self.eps(adversarial)
         calibration, train = clean_eps[:n_cal], clean_eps[n_cal:]
+        self.fit_kernel(train, adversarial_eps, generator)
+        self.reference = train[: c.reference_size].detach()
+        with torch.no_grad():
+            self.set_threshold(mmd2_per_sample(self.reference, calibration, self.kernel))
+        return self
+
+    def fit_kernel(self, clean_eps: Tensor, adversarial_eps: Tensor, generator: torch.Generator) -> DeepKernel:
+        """Train a new deep kernel (the config's architecture and schedule) on clean vs adversarial EPS."""
+        c = self.config
         featurizer = conv_featurizer(
-            clean.shape[1], channels=c.channels, feature_dim=c.feature_dim, generator=generator
+            clean_eps.shape[1], channels=c.channels, feature_dim=c.feature_dim, generator=generator
         )
         self.kernel = train_kernel(
-            train,
+            clean_eps,
             adversarial_eps,
             kernel=DeepKernel(featurizer),
             epochs=c.epochs,
@@ -168,12 +177,17 @@ class EPSDetector:
             batch_size=c.kernel_batch_size,
             generator=generator,
         )
-        self.reference = train[: c.reference_size].detach()
-        with torch.no_grad():
-            calibration_scores = mmd2_per_sample(self.reference, calibration, self.kernel)
-        self.calibration_scores = calibration_scores.detach().cpu()
-        self.threshold = float(torch.quantile(calibration_scores.double(), 1 - c.fpr, interpolation="higher"))
-        return self
+        return self.kernel
+
+    def set_threshold(self, clean_scores: Tensor) -> float:
+        """Calibrate: the threshold becomes the ``1 - fpr`` quantile of held-out clean ``clean_scores``
+        (kept as ``calibration_scores``)."""
+        clean_scores = torch.as_tensor(clean_scores).detach().double().cpu().flatten()
+        if len(clean_scores) == 0 or not clean_scores.isfinite().all():
+            raise ValueError("calibration needs at least one finite clean score")
+        self.calibration_scores = clean_scores
+        self.threshold = float(torch.quantile(clean_scores, 1 - self.config.fpr, interpolation="higher"))
+        return self.threshold
 
     @torch.no_grad()
     def score(self, images: Tensor, *, value_range: ValueRange = None) -> Tensor:

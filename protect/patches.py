@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .detector import EPSDetector
 from .eps import ValueRange, signed_images
-from .mmd import DeepKernel, conv_featurizer, mmd2_to_reference, train_kernel
+from .mmd import mmd2_to_reference
 
 PATCH_FORMAT = "steerguard.patch_eps_detector/1"
 
@@ -214,23 +214,10 @@ class PatchEPSDetector(EPSDetector):
         train_eps, adversarial_eps = sampled_eps(train), sampled_eps(adversarial)
         if len(train_eps) < 2 or len(adversarial_eps) < 2:
             raise ValueError("too few patches to fit: need >= 2 clean and >= 2 adversarial training patches")
-        featurizer = conv_featurizer(
-            channels.pop(), channels=c.channels, feature_dim=c.feature_dim, generator=generator
-        )
-        self.kernel = train_kernel(
-            train_eps,
-            adversarial_eps,
-            kernel=DeepKernel(featurizer),
-            epochs=c.epochs,
-            lr=c.lr,
-            batch_size=c.kernel_batch_size,
-            generator=generator,
-        )
+        self.fit_kernel(train_eps, adversarial_eps, generator)
         pick = torch.randperm(len(train_eps), generator=generator)[: c.reference_size].sort().values
         self.reference = train_eps[pick.to(train_eps.device)].detach()
-        scores = self.score(calibration)
-        self.calibration_scores = scores.detach().cpu()
-        self.threshold = float(torch.quantile(scores.double(), 1 - c.fpr, interpolation="higher"))
+        self.set_threshold(self.score(calibration))
         return self
 
     def describe(self) -> dict[str, Any]:

@@ -485,6 +485,19 @@ def tiny_pixel_unet(sample_size: int = 8) -> UNet2DModel:
     ).eval()
 
 
+def random_pixel_unet(sample_size: int = 8, scale: float = 0.1):
+    """``(tiny_pixel_unet, DDPMScheduler)`` with every weight redrawn N(0, scale^2) from seed 0: a random score
+    model whose output depends on its input (the EPS and detector tests)."""
+    from diffusers import DDPMScheduler
+
+    model = tiny_pixel_unet(sample_size)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model.eval(), DDPMScheduler(num_train_timesteps=1000)
+
+
 BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "sd": tiny_sd,
     "sd_v": lambda: tiny_sd(prediction_type="v_prediction"),

@@ -2,25 +2,19 @@
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
 from guidance.denoisers import DiffusersDenoiser
 from protect.detector import WEIGHTS_NAME, EPSDetector
 from protect.eps import expected_perturbation_score, perturbation_timesteps
 from protect.mmd import DeepKernel, conv_featurizer, mmd2, mmd2_per_sample, power_criterion, train_kernel
-from tests.factories import tiny_pixel_unet
+from tests.factories import random_pixel_unet, tiny_pixel_unet
 
 T = 4  # perturbation levels: enough to exercise the batching, cheap on shared cores
 
 
 @pytest.fixture(scope="module")
 def unet():
-    model = tiny_pixel_unet()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval(), DDPMScheduler(num_train_timesteps=1000)
+    return random_pixel_unet()
 
 
 @pytest.fixture(scope="module")

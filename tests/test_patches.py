@@ -4,24 +4,18 @@ per-image statistic, calibration, persistence, bad inputs, and the service's out
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
 from PIL import Image
 
 from protect.mmd import DeepKernel, conv_featurizer, mmd2, mmd2_per_sample, mmd2_to_reference
 from protect.patches import PatchEPSDetector, extract_patches, patch_positions
-from tests.factories import tiny_pixel_unet
+from tests.factories import random_pixel_unet
 
 T = 4
 
 
 @pytest.fixture(scope="module")
 def unet():
-    model = tiny_pixel_unet()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval(), DDPMScheduler(num_train_timesteps=1000)
+    return random_pixel_unet()
 
 
 def _image(height, width, seed, amplitude=0.3):
