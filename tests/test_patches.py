@@ -1,6 +1,8 @@
 """Native-resolution EPS-AD (protect.patches) on a tiny random UNet (8x8 patches): the patch grid, the
 per-image statistic, calibration, persistence, bad inputs, and the service's output for a 1024 px upload."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,25 @@ def test_score_fgsm_keeps_the_budget_and_any_size(unet):
     attacked = score_fgsm(DiffusersDenoiser(*unet), image, 8 / 255, patch_size=8)
     delta = (attacked - image).abs()
     assert attacked.shape == image.shape and delta.max() <= 16 / 255 + 1e-6 and delta.mean() > 15 / 255
+
+
+PHOTO_DETECTOR = Path(__file__).resolve().parents[1] / "demo_models" / "photo_detector"
+BENIGN_FLAG_RATE = 0.2  # at most 1 of the 5 changes (the 5 % calibrated rate, rounded up on a set of 5)
+
+
+@pytest.mark.skipif(not (PHOTO_DETECTOR / "config.json").is_file(), reason="no demo photo detector")
+def test_benign_changes_of_a_held_out_photo_stay_under_the_threshold(tmp_path):
+    """The committed photo detector on one held-out 256 px crop after benign changes, decoded as uploads: at most
+    BENIGN_FLAG_RATE of them flagged (the measured per-change rates are in benchmarks/RESULTS.md). Gaussian noise
+    of 2/255 is left out: with the shapes score model it IS flagged (4 of 4 crops), as RESULTS.md says."""
+    from apps.services import detect_images, load_detector
+    from benchmarks.bench_detect_photos import benign, crops
+
+    detector = load_detector(PHOTO_DETECTOR, "cpu")
+    (array,) = crops(["astronaut"], 1, 256, seed=200)
+    changes = ("jpeg75", "resize0.5", "cmyk", "exif", "16bit")
+    images = [Image.fromarray(benign(array, change, tmp_path)) for change in changes]
+    results = detect_images(detector, images)
+    assert all(r["resolution"] == [256, 256] and r["tiles"] == 256 for r in results)
+    flagged = [c for c, r in zip(changes, results) if r["verdict"] == "adversarial"]
+    assert len(flagged) <= BENIGN_FLAG_RATE * len(changes), flagged
