@@ -43,8 +43,8 @@ def eps_per_level_loop(detector: EPSDetector, images: torch.Tensor) -> torch.Ten
     alpha, _ = P.ve_to_vp(sigma)
     noise = torch.stack(
         [
-            _noise(c.timesteps, images, torch.Generator().manual_seed(c.seed + i), c.antithetic)
-            for i in range(len(images))
+            _noise(c.timesteps, images, torch.Generator().manual_seed(c.seed), c.antithetic)  # the same for all
+            for _ in range(len(images))
         ]
     )
     total = torch.zeros_like(images)
