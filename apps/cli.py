@@ -120,12 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser(
         "train",
         help="train the embedded demo models (python -m apps.demo.train), with 'photo' the photo demo models "
-        "(python -m apps.demo.train_photo), with 'protector' an amortized protector (python -m protect.train; "
-        "accelerate launch -m protect.train for several GPUs), or with 'detector' a native-resolution EPS-AD "
-        "detector for any unconditional diffusers pixel model "
+        "(python -m apps.demo.train_photo), with 'protector' an amortized protector (python -m "
+        "apps.train_protector; accelerate launch -m apps.train_protector for several GPUs), or with 'detector' a "
+        "native-resolution EPS-AD detector for any unconditional diffusers pixel model "
         "(steerguard train detector --score-model ID --clean DIR [--attacked DIR] --out DIR)",
     )
-    train.add_argument("args", nargs=argparse.REMAINDER, help="arguments for apps.demo.train or protect.train")
+    train.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="arguments for apps.demo.train, apps.demo.train_photo or apps.train_protector",
+    )
 
     ev = commands.add_parser(
         "evaluate",
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return _detect(args)
         elif args.command == "train":
             if args.args[:1] == ["protector"]:
-                from protect.train import main as train_protector
+                from .train_protector import main as train_protector
 
                 return train_protector(args.args[1:])
             if args.args[:1] == ["photo"]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .models import best_device
+
 PROTECTIONS = ("photoguard", "mist", "sds", "amortized", "amortized-full", "noise")
 EVAL_SEED = 3_000_017  # held-out images: a stream neither the demo models nor the protector trained on
 
@@ -25,15 +27,17 @@ def dit_denoiser(pipe):
     The DiT works on square latents whose side is a multiple of its patch: other latents are replicate-padded to
     that square and the prediction is cropped back.
     """
+    from protect.evaluate import null_class
+
     transformer = pipe.transformer
-    patch = transformer.config.patch_size
+    patch, label = transformer.config.patch_size, null_class(transformer)
 
     def eps(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         height, width = z_t.shape[-2:]
         side = max(height, width)
         side += -side % patch
         z = torch.nn.functional.pad(z_t, (0, side - width, 0, side - height), mode="replicate")
-        null = torch.full((len(z_t),), 1000, device=z_t.device, dtype=torch.long)
+        null = torch.full((len(z_t),), label, device=z_t.device, dtype=torch.long)
         out = transformer(z, timestep=t, class_labels=null).sample
         return out[:, : z_t.shape[1], :height, :width]
 
@@ -96,7 +100,7 @@ def run(
 
     from .demo import DEMO_DIR, generate, load_classifier, load_dit_pipeline
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or str(best_device()[0])
     pipe = load_dit_pipeline(device)
     classifier = load_classifier(device)
     vaes = {"A": pipe.vae}

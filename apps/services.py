@@ -227,7 +227,7 @@ def mimicry_preview(
     the original. Returns both edits (enlarged ``scale`` times), and the class and the PSNR between the edits;
     ``None`` for images under 8 pixels a side."""
     from protect.evaluate import sdedit
-    from protect.protect import psnr
+    from protect.metrics import psnr
 
     width, height = original.size
     side = min(PREVIEW_CROP, width, height) // 4 * 4

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 
+from apps import demo
 from apps.demo import generate
 from benchmarks.common import machine
 from guidance import prediction as P
 from guidance.denoisers import score_from_denoised
+from protect import metrics
 from protect import testbed as tb
 from protect.detector import EPSDetector
-from protect.eps import _noise, perturbation_timesteps
+from protect.eps import perturbation_noise, perturbation_timesteps
 from protect.mmd import mmd2_per_sample
 
 ATTACKS = ("fgsm", "pgd", "pgd_l2", "bim", "mim", "cw")
@@ -43,7 +45,7 @@ def eps_per_level_loop(detector: EPSDetector, images: torch.Tensor) -> torch.Ten
     alpha, _ = P.ve_to_vp(sigma)
     noise = torch.stack(
         [
-            _noise(c.timesteps, images, torch.Generator().manual_seed(c.seed), c.antithetic)  # the same for all
+            perturbation_noise(c.timesteps, images, torch.Generator().manual_seed(c.seed), c.antithetic)  # the same
             for _ in range(len(images))
         ]
     )
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--fit-budgets", type=str, default="4", help="comma-separated FGSM L-inf budgets (/255) to fit on"
     )
     parser.add_argument(
-        "--unet", default=tb.SCORE_MODEL, help="score model: demo/<folder> (demo/unet_eps, demo/unet) or a path"
+        "--unet", default=demo.SCORE_MODEL, help="score model: demo/<folder> (demo/unet_eps, demo/unet) or a path"
     )
     parser.add_argument("--autoattack", type=int, default=50, help="images for AutoAttack (0: skip it)")
     parser.add_argument("--autoattack-budgets", type=str, default="4,8")
@@ -89,10 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    pipe = tb.load_score_model(args.unet)
+    pipe = demo.load_score_model(args.unet)
     unet, scheduler = pipe.unet.eval(), pipe.scheduler
     fit_budgets = [float(b) for b in args.fit_budgets.split(",")]
-    victim = tb.load_victim()
+    victim = demo.load_victim()
     size = unet.config.sample_size
 
     # data: seeds disjoint from the demo models' training streams (seed 0)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     # baselines: orient on the training data (higher = adversarial), threshold at the clean 95 % quantile
     fit_clean, fit_attacked = scores(fit01), scores(fit_adv)
     sign = {k: 1.0 if fit_attacked[k].mean() >= fit_clean[k].mean() else -1.0 for k in fit_clean}
-    thresholds = {k: tb.threshold_at_fpr(sign[k] * fit_clean[k], detector.config.fpr) for k in fit_clean}
+    thresholds = {k: metrics.threshold_at_fpr(sign[k] * fit_clean[k], detector.config.fpr) for k in fit_clean}
     thresholds["EPS-AD"] = detector.threshold  # calibrated by fit() on held-out clean images
     methods = list(fit_clean)
 
@@ -166,12 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for k in methods:
             entry[k] = {
-                "auroc": tb.auroc(clean[k], s[k]),
-                "tpr@5": tb.tpr_at_fpr(clean[k], s[k]),
-                "tpr@thr": tb.flag_rate(s[k], thresholds[k]),
+                "auroc": metrics.auroc(clean[k], s[k]),
+                "tpr@5": metrics.tpr_at_fpr(clean[k], s[k]),
+                "tpr@thr": metrics.flag_rate(s[k], thresholds[k]),
             }
             row += [entry[k]["auroc"], entry[k]["tpr@5"]]
-        entry["EPS-AD"]["auroc_fooled"] = tb.auroc(clean["EPS-AD"], s["EPS-AD"][fooled]) if fooled.any() else None
+        entry["EPS-AD"]["auroc_fooled"] = metrics.auroc(clean["EPS-AD"], s["EPS-AD"][fooled]) if fooled.any() else None
         row += ["-" if not fooled.any() else f"{entry['EPS-AD']['auroc_fooled']:.3f} (n={int(fooled.sum())})"]
         row += [entry["EPS-AD"]["tpr@thr"]]
         results["attacks"][f"{name}@{budget}" + ("" if len(adv) == len(test01) else f"[:{len(adv)}]")] = entry
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         for budget in (int(b) for b in args.autoattack_budgets.split(",")):
             evaluate_attack("autoattack", budget, test01[:n], test_y[:n], "autoattack (standard)")
 
-    benign_rows = [["clean (held out)", clean_acc] + [tb.flag_rate(clean[k], thresholds[k]) for k in methods]]
+    benign_rows = [["clean (held out)", clean_acc] + [metrics.flag_rate(clean[k], thresholds[k]) for k in methods]]
     benign_rows[0] += [0.5] * len(methods)
     results["benign"]["clean"] = {k: benign_rows[0][2 + i] for i, k in enumerate(methods)}
     for name, transform in tb.BENIGN.items():
@@ -193,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             acc = (victim(changed).argmax(1) == test_y).double().mean().item()
         s = {k: sign[k] * v for k, v in scores(changed).items()}
-        fprs = [tb.flag_rate(s[k], thresholds[k]) for k in methods]
-        aurocs = [tb.auroc(clean[k], s[k]) for k in methods]
+        fprs = [metrics.flag_rate(s[k], thresholds[k]) for k in methods]
+        aurocs = [metrics.auroc(clean[k], s[k]) for k in methods]
         results["benign"][name] = dict(zip(methods, fprs))
         benign_rows.append([name, acc, *fprs, *aurocs])
 
@@ -284,9 +286,9 @@ the kernel weights, a reference set of {len(detector.reference)} clean EPS (3x16
 calibration scores. The UNet is not stored here; load with
 
 ```python
-from protect import testbed as tb
+from apps.demo import load_score_model
 from protect.detector import EPSDetector
-pipe = tb.load_score_model("{results["score_model"]}")
+pipe = load_score_model("{results["score_model"]}")
 detector = EPSDetector.from_pretrained("demo_models/eps_detector", pipe.unet, pipe.scheduler)
 flags = detector.predict(images)  # (N, 3, 16, 16) in [-1, 1]
 ```
@@ -294,7 +296,7 @@ flags = detector.predict(images)  # (N, 3, 16, 16) in [-1, 1]
 ## Data and training
 - Images: procedural demo shapes (`apps/demo/data.py`) at 16x16, {results["fit"]} clean images (seed {FIT_SEED},
   disjoint from the seed-0 training streams of the demo models) and their FGSM versions ({budgets}) against the
-  victim (demo classifier on bilinear 16->32 upsampling, `protect.testbed.load_victim`). Trained on FGSM ONLY.
+  victim (demo classifier on bilinear 16->32 upsampling, `apps.demo.load_victim`). Trained on FGSM ONLY.
 - EPS: T = {c.timesteps} levels t_k = k t_max / T with t_max = {t_max}, {noise_text}, noise seed {c.seed};
   deep kernel {list(c.channels)} -> {c.feature_dim}-d, {c.epochs} epochs, lr {c.lr}.
 - Threshold {detector.threshold:.6g}: the {1 - c.fpr:.0%} quantile of the scores of

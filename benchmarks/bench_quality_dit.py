@@ -26,8 +26,7 @@ from apps.services import load_pipeline
 from benchmarks.quality import contact_sheet, measure, table
 from guidance import APG, CFG, PAG, TPG, SoftPAG, guide
 from guidance.search import headhunter, save_heads
-
-NULL_LABEL = 1000  # DiTPipeline's unconditional label
+from protect.evaluate import null_class
 
 
 def main() -> None:
@@ -56,7 +55,7 @@ def main() -> None:
         ]
     else:
         heads = search_heads(pipe, classifier, args)
-        null = torch.full_like(labels, NULL_LABEL)
+        null = torch.full_like(labels, null_class(pipe.transformer))
         weak = [
             ("PAG 2", PAG(2.0)),
             (f"SoftPAG 2 ({len(heads)} searched heads, u 0.5)", SoftPAG(2.0, heads=heads, strength=0.5)),
@@ -72,7 +71,9 @@ def main() -> None:
     for name, methods, requested in settings:
         start = time.perf_counter()
         images = sample(pipe, requested, methods, args.steps)
-        metrics = measure(images, requested if requested[0] != NULL_LABEL else None, real_features, classifier)
+        metrics = measure(
+            images, requested if requested[0] != null_class(pipe.transformer) else None, real_features, classifier
+        )
         metrics["seconds"] = time.perf_counter() - start
         rows.append((name, metrics))
         slug = name.replace(" (x0, eta 0, ", "_").replace(", beta -0.5)", "").replace(",", "").replace("(", "")
@@ -106,7 +107,7 @@ def search_heads(pipe, classifier, args) -> list[tuple[str, int]]:
         num_inference_steps=10,
         batch_size=16,
         progress=False,
-        call_kwargs=lambda pipe, prompts: {"class_labels": [NULL_LABEL] * len(prompts)},
+        call_kwargs=lambda pipe, prompts: {"class_labels": [null_class(pipe.transformer)] * len(prompts)},
     )
     save_heads(args.figures / "dit_headhunter.json", ranked)
     print("HeadHunter:", ", ".join(f"{h.layer}#{h.head} ({h.score:.3f})" for h in ranked))

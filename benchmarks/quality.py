@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from apps.demo.classifier import batched, frechet_distance
+from apps.demo.classifier import batched
+from protect.metrics import frechet_distance
 
 
 def saturation(images: Tensor) -> float:

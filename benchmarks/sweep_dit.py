@@ -44,6 +44,7 @@ from benchmarks.quality import contact_sheet, measure
 from guidance import APG, CFG, PAG, TPG, SoftPAG
 from guidance.layers import self_attention_layers, transformer_blocks
 from guidance.search import headhunter, save_heads
+from protect.evaluate import null_class
 
 SCALES_W = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 SCALES_S = (0.5, 1.0, 2.0, 3.0, 5.0)
@@ -62,11 +63,6 @@ class Setting:
     steps_factor: float = 1.0
     nfe_per_step: int = 1
     options: dict[str, Any] = field(default_factory=dict)
-
-
-def null_label(pipe) -> int:
-    """The DiT's unconditional class id: the last row of its label embedding table (DiTPipeline uses 1000)."""
-    return pipe.transformer.config.num_embeds_ada_norm
 
 
 def cfg_apg(args) -> list[Setting]:
@@ -151,7 +147,7 @@ def margin_objective(classifier):
 
 def hunted(pipe, classifier, args) -> list[Setting]:
     """HeadHunter (seeds 0-15, disjoint from the sweep's) and the held-out check against random heads."""
-    null = null_label(pipe)
+    null = null_class(pipe.transformer)
     ranked = headhunter(
         pipe,
         [str(i) for i in range(args.hunt_samples)],
@@ -184,7 +180,7 @@ def hunted(pipe, classifier, args) -> list[Setting]:
 
 def run_setting(pipe, setting: Setting, args, labels, real_features, classifier) -> dict[str, Any]:
     """The setting on every seed: per-seed metrics, their mean and standard deviation, a contact sheet."""
-    requested = labels if setting.conditional else torch.full_like(labels, null_label(pipe))
+    requested = labels if setting.conditional else torch.full_like(labels, null_class(pipe.transformer))
     steps = round(args.steps * setting.steps_factor)
     per_seed = []
     start = time.perf_counter()

@@ -8,7 +8,8 @@
 * :class:`EPSDetector` — EPS-AD (Expected Perturbation Score + deep-kernel MMD) detection, and
   :class:`PatchEPSDetector` — the same on native-resolution patches of images of any size (``protect.patches``).
 
-Training an amortized protector: ``python -m protect.train`` (``accelerate launch`` for several GPUs).
+Training an amortized protector: ``python -m protect.train --images DIR`` (``accelerate launch`` for several GPUs;
+``python -m apps.train_protector`` on the demo shapes).
 """
 
 from .amortized import AmortizedProtector

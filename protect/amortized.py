@@ -36,7 +36,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .losses import latent, vae_stride
+from .losses import default_target, latent, vae_stride
 from .pgd import fit_to_ball
 
 Tensor = torch.Tensor
@@ -61,11 +61,9 @@ def vae_signature(vae: AutoencoderKL) -> tuple[float, ...]:
 def target_bank(count: int, size: int) -> Tensor:
     """``count`` deterministic high-contrast target patterns (count, 3, size, size) in [0, 1].
 
-    Pattern 0 is :func:`protect.protect.default_target` (checker x colour stripes); the others are checkerboards
+    Pattern 0 is :func:`protect.losses.default_target` (checker x colour stripes); the others are checkerboards
     and stripes at several periods, angles and colourings: targets whose latents are far from natural images'.
     """
-    from .protect import default_target
-
     yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
     patterns = [default_target(size, size)]
     for k in range(1, count):

@@ -133,7 +133,9 @@ def expected_perturbation_score(
     chunks = []
     for start in range(0, images.shape[0], per_chunk):
         x = images[start : start + per_chunk]
-        noise = torch.stack([_noise(timesteps, x, g, antithetic) for g in generators[start : start + len(x)]])
+        noise = torch.stack(
+            [perturbation_noise(timesteps, x, g, antithetic) for g in generators[start : start + len(x)]]
+        )
         # x_t / sqrt(abar_t) = x + sigma_ve z: the same perturbation on the denoiser's VE scale
         x_ve = (x[:, None] + P.broadcast(sigma, noise[0])[None] * noise).flatten(0, 1)
         score = _score(denoiser, x_ve, sigma.repeat(len(x)), batch_size)
@@ -160,7 +162,7 @@ def _generators(generator: Generators, n: int) -> list[torch.Generator]:
     raise ValueError(f"generator must be an int seed, a torch.Generator or one per image, got {generator!r}")
 
 
-def _noise(timesteps: int, x: Tensor, generator: torch.Generator, antithetic: bool) -> Tensor:
+def perturbation_noise(timesteps: int, x: Tensor, generator: torch.Generator, antithetic: bool) -> Tensor:
     """One image's ``(T, C, H, W)`` noise: ``T`` draws, or ``T / 2`` draws interleaved with their negatives."""
     if not antithetic:
         return _randn((timesteps, *x.shape[1:]), generator, x)

@@ -33,8 +33,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from .losses import latent
+from .metrics import frechet_distance, psnr, psnr_ssim
 from .pgd import Generators, draw
-from .protect import _psnr_ssim, psnr
 
 Tensor = torch.Tensor
 Mimic = Callable[[Tensor], Tensor]
@@ -43,6 +43,15 @@ __all__ = ["PURIFICATIONS", "evaluate", "lora_mimic", "purify", "sample", "sdedi
 
 
 # ----------------------------------------------------------------------------- purifications
+
+
+def null_class(transformer: torch.nn.Module) -> int:
+    """The unconditional class label of a DiT transformer: the extra label embedding after its
+    ``num_embeds_ada_norm`` classes (1000 for ImageNet DiT, the label ``DiTPipeline`` uses for CFG)."""
+    classes = getattr(transformer.config, "num_embeds_ada_norm", None)
+    if not isinstance(classes, int):
+        raise ValueError("the transformer's config has no num_embeds_ada_norm: not a class-conditional DiT")
+    return classes
 
 
 def _jpeg(images: Tensor, quality: int = 75) -> Tensor:
@@ -105,9 +114,9 @@ def _denoise(
     scheduler: Any,
     guidance_scale: float,
 ) -> Tensor:
-    """Run ``scheduler`` over ``timesteps`` from ``z`` with class-conditional CFG (null class 1000, as DiT)."""
+    """Run ``scheduler`` over ``timesteps`` from ``z`` with class-conditional CFG (DiT's null class)."""
     channels = z.shape[1]
-    null = torch.full_like(labels, 1000)
+    null = torch.full_like(labels, null_class(transformer))
     param = next(transformer.parameters())
     for t in timesteps:
         both = guidance_scale != 1
@@ -254,8 +263,6 @@ def evaluate(
 
     ``classifier`` takes images in [-1, 1] and has ``features(x)`` (the demo classifier's interface).
     """
-    from apps.demo.classifier import frechet_distance  # the project's torch Fréchet distance
-
     device = next(classifier.parameters()).device
     rows = []
     entries = {"clean": clean, **protected}
@@ -269,7 +276,7 @@ def evaluate(
                 )
             shown = purify(images, purification)
             row: dict[str, Any] = {"protection": name, "purification": purification}
-            psnr_values, ssim_values = _psnr_ssim(clean, images)
+            psnr_values, ssim_values = psnr_ssim(clean, images)
             row["psnr"], row["ssim"] = float(np.mean(psnr_values)), float(np.mean(ssim_values))
             row["linf_255"] = (images.float() - clean.float()).abs().amax().item() * 255
             for vae_name, vae in (vaes or {}).items():

@@ -31,11 +31,12 @@ from diffusers import AutoencoderKL
 from .pgd import Generators, draw
 
 Tensor = torch.Tensor
-Denoiser = Callable[[Tensor, Tensor], object]
+NoisePredictor = Callable[[Tensor, Tensor], object]  # eps(z_t, t); guidance.denoisers.Denoiser is D(x, sigma) -> x0
 
 __all__ = [
-    "Denoiser",
+    "NoisePredictor",
     "default_alphas_cumprod",
+    "default_target",
     "encoder_loss",
     "latent",
     "mist_loss",
@@ -43,6 +44,14 @@ __all__ = [
     "sds_loss",
     "vae_stride",
 ]
+
+
+def default_target(height: int, width: int) -> Tensor:
+    """Deterministic high-frequency target pattern (3, H, W) in [0, 1]: 4-px checker x diagonal colour stripes."""
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    checker = ((yy // 4 + xx // 4) % 2).float()
+    stripes = torch.stack([((xx + yy + 3 * c) // 3 % 3 == 0).float() for c in range(3)])
+    return (0.6 * checker + 0.4 * stripes).clamp(0, 1)
 
 
 def default_alphas_cumprod(num_train_timesteps: int = 1000) -> Tensor:
@@ -88,14 +97,14 @@ def _noised(z: Tensor, alphas_cumprod: Tensor | None, generator: Generators) -> 
     return a.sqrt() * z + (1 - a).sqrt() * eps, t, eps
 
 
-def _predict(denoiser: Denoiser, z_t: Tensor, t: Tensor) -> Tensor:
+def _predict(denoiser: NoisePredictor, z_t: Tensor, t: Tensor) -> Tensor:
     out = denoiser(z_t, t)
     return getattr(out, "sample", out).float()
 
 
 def mist_loss(
     vae: AutoencoderKL,
-    denoiser: Denoiser | None,
+    denoiser: NoisePredictor | None,
     x: Tensor,
     target_latent: Tensor | None,
     weight: float = 1.0,
@@ -116,7 +125,7 @@ def mist_loss(
 
 def sds_loss(
     vae: AutoencoderKL,
-    denoiser: Denoiser,
+    denoiser: NoisePredictor,
     x: Tensor,
     *,
     ascent: bool = True,

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,8 @@ from diffusers import AutoencoderKL
 from PIL import Image, ImageOps
 
 from .amortized import AmortizedProtector
-from .losses import Denoiser, encoder_loss, latent, mist_loss, sds_loss
+from .losses import NoisePredictor, default_target, encoder_loss, latent, mist_loss, sds_loss
+from .metrics import psnr_ssim
 from .pgd import TRANSFORMS, Cancelled, Generators, check_generators, exact_dtype, pgd
 
 Tensor = torch.Tensor
@@ -94,14 +94,6 @@ class ProtectionReport:
     linf: list[float]
     losses: list[list[float]]  # [step][image], the loss of each PGD iterate
     seconds: float
-
-
-def default_target(height: int, width: int) -> Tensor:
-    """Deterministic high-frequency target pattern (3, H, W) in [0, 1]: 4-px checker x diagonal colour stripes."""
-    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    checker = ((yy // 4 + xx // 4) % 2).float()
-    stripes = torch.stack([((xx + yy + 3 * c) // 3 % 3 == 0).float() for c in range(3)])
-    return (0.6 * checker + 0.4 * stripes).clamp(0, 1)
 
 
 def _from_pil(image: Image.Image) -> Tensor:
@@ -174,19 +166,6 @@ def _target_latent(
         return latent(vae, pattern.clamp(0, 1))
 
 
-def psnr(a: Tensor, b: Tensor) -> Tensor:
-    """Per-image PSNR (N,) in dB of images in [0, 1] (capped at 120 dB for identical images)."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
-
-
-def _psnr_ssim(clean: Tensor, protected: Tensor) -> tuple[list[float], list[float]]:
-    clean, protected = clean.float(), protected.float()
-    window = min(11, min(clean.shape[-2:]) - (1 - min(clean.shape[-2:]) % 2))
-    ssim = kornia.metrics.ssim(clean, protected, window_size=window).flatten(1).mean(1)
-    return psnr(clean, protected).tolist(), ssim.tolist()
-
-
 def _tiled_loss(loss_fn: Callable[[Tensor], Tensor], tile: int, count: int, x: Tensor) -> Tensor:
     """The mean of ``loss_fn`` over the ``count`` :func:`tiles` of each image."""
     return loss_fn(tiles(x, tile)).view(count, x.shape[0]).mean(0)
@@ -197,7 +176,7 @@ def protect(
     method: str = "photoguard",
     *,
     vae: AutoencoderKL,
-    denoiser: Denoiser | None = None,
+    denoiser: NoisePredictor | None = None,
     eps: float = 8 / 255,
     steps: int = 100,
     step: float | None = None,
@@ -340,7 +319,7 @@ def protect(
         outputs = final = protected
         exact = exact_dtype(batch.device)
         linf = (final.to(exact) - batch.to(exact)).abs().flatten(1).amax(1)
-    psnr_values, ssim_values = _psnr_ssim(batch, final)
+    psnr_values, ssim_values = psnr_ssim(batch, final)
     report = ProtectionReport(
         method=method, psnr=psnr_values, ssim=ssim_values, linf=linf.tolist(), losses=trace, seconds=seconds
     )

@@ -5,7 +5,7 @@ upsampled to 32x32 (bilinear, differentiable), wrapped as a module that takes im
 (torchattacks' convention), so attacks and the EPS both live at 16x16. Besides the attacks
 (:func:`attack`, through torchattacks) it has the benign changes a real service sees, for measuring false
 positives (:data:`BENIGN`), two naive detection baselines (:func:`eps_norm`, :func:`high_frequency_energy`)
-and the metrics (:func:`auroc`, :func:`tpr_at_fpr`).
+and the metrics (:mod:`protect.metrics`: :func:`~protect.metrics.auroc`, :func:`~protect.metrics.tpr_at_fpr`).
 
 Conventions: every function here takes and returns images in ``[0, 1]`` (use :func:`to_unit` /
 :func:`to_signed` to convert from / to the ``[-1, 1]`` of the diffusion model and the EPS detector).
@@ -48,28 +48,21 @@ class Victim(nn.Module):
         return self.classifier(x)
 
 
-def load_victim(device: torch.device | str | None = None) -> Victim:
-    """The demo classifier as a 16x16 [0, 1] victim (eval mode, parameters frozen)."""
-    from apps.demo import load_classifier
-
-    victim = Victim(load_classifier(device=device)).eval()
+def frozen_victim(classifier: nn.Module) -> Victim:
+    """``classifier`` (32x32 inputs in [-1, 1]) as a 16x16 [0, 1] victim (eval mode, parameters frozen)."""
+    victim = Victim(classifier).eval()
     victim.requires_grad_(False)
     return victim
 
 
-SCORE_MODEL = "demo/unet_eps"
-
-
-def load_score_model(name: str = SCORE_MODEL, device: torch.device | str | None = None):
-    """The unconditional ``DDPMPipeline`` that an EPS detector runs on: ``"demo/<folder>"`` for a demo model
-    (``demo/unet_eps``, the EPS score model; ``demo/unet``, the original demo UNet) or a local folder path."""
+def load_score_model(path: str | Path, device: torch.device | str | None = None):
+    """The unconditional ``DDPMPipeline`` saved in the folder ``path`` that an EPS detector runs on (the demo
+    ones by name: :func:`apps.demo.load_score_model`)."""
     from diffusers import DDPMPipeline
 
-    from apps.demo import DEMO_DIR
-
-    path = DEMO_DIR / name.removeprefix("demo/") if name.startswith("demo/") else Path(name)
+    path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"score model {name!r} not found at {path}")
+        raise FileNotFoundError(f"score model not found at {path}")
     pipe = DDPMPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
     pipe.unet.eval()
     return pipe.to(device) if device is not None else pipe
@@ -235,34 +228,6 @@ def high_frequency_energy(images: Tensor) -> Tensor:
     kernel = _LAPLACIAN.to(images).expand(c, 1, 3, 3)
     response = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="reflect"), kernel, groups=c)
     return response.pow(2).flatten(1).mean(1)
-
-
-def auroc(negative: Tensor, positive: Tensor) -> float:
-    """Area under the ROC curve: P(positive score > negative score), ties counting 1/2."""
-    negative, positive = negative.detach().double().flatten().cpu(), positive.detach().double().flatten().cpu()
-    if len(negative) == 0 or len(positive) == 0:
-        raise ValueError("auroc needs at least one negative and one positive score")
-    total = 0.0
-    for chunk in positive.split(1024):
-        diff = chunk[:, None] - negative[None]
-        total += ((diff > 0).double() + 0.5 * (diff == 0).double()).sum().item()
-    return total / (len(negative) * len(positive))
-
-
-def threshold_at_fpr(negative: Tensor, fpr: float = 0.05) -> float:
-    """The ``1 - fpr`` quantile of the negative scores ("higher" interpolation): flag scores above it."""
-    return float(torch.quantile(negative.detach().double().flatten().cpu(), 1 - fpr, interpolation="higher"))
-
-
-def tpr_at_fpr(negative: Tensor, positive: Tensor, fpr: float = 0.05) -> float:
-    """True positive rate at the threshold that flags at most ``fpr`` of the ``negative`` scores."""
-    threshold = threshold_at_fpr(negative, fpr)
-    return (positive.detach().double().cpu() > threshold).double().mean().item()
-
-
-def flag_rate(scores: Tensor, threshold: float) -> float:
-    """Fraction of ``scores`` above ``threshold`` (the FPR on benign inputs, the TPR on adversarial ones)."""
-    return (scores.detach().double().cpu() > threshold).double().mean().item()
 
 
 @torch.no_grad()

@@ -3,13 +3,14 @@
 The same command runs on one CPU, one GPU or several GPUs (each process draws its own images; gradients are
 averaged by ``accelerate``)::
 
-    python -m protect.train --vae demo_models/vae --vae demo_models/vae_b --out demo_models/protector
+    python -m apps.train_protector --vae demo/vae --vae demo/vae_b --out demo_models/protector  # demo shapes
     accelerate launch -m protect.train --vae stabilityai/sd-vae-ft-mse --images art/ --size 256 --out protector/
 
 VAEs are given as local diffusers folders or hub ids (``from_pretrained``, safetensors only; a folder holding a
 ``vae/`` subfolder, like a pipeline, works too). The first VAE feeds the gate. Training images come from
 ``--images DIR`` (random crops of every image in it, decoded with the app's safe loader rules: PNG/JPEG/WebP/BMP/
-TIFF, 50 MB and 40 M pixels at most) or, by default, the procedural demo shapes (``apps.demo.data``).
+TIFF, 50 MB and 40 M pixels at most) or from the ``shapes`` callable given to :func:`main` (the procedural demo
+shapes and the ``demo/<name>`` VAE aliases: ``python -m apps.train_protector``, which calls :func:`main`).
 The loss is :func:`~protect.amortized.multi_vae_target_loss` of the protected images after a random
 purification (JPEG, resize, blur or noise, drawn per step with probability ``--robust-prob``).
 """
@@ -21,7 +22,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,11 @@ MAX_FILE_BYTES = 50 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000
 
 
+Shapes = Callable[[int, torch.Generator, int], torch.Tensor]  # (batch size, generator, size) -> images in [0, 1]
+
+
 def load_vae(name: str, device: torch.device | str = "cpu") -> AutoencoderKL:
     """A frozen ``AutoencoderKL`` in eval mode from a folder or hub id (``vae/`` subfolder if there is one)."""
-    if not Path(name).exists():
-        from apps.models import resolve  # demo/<name> aliases, as everywhere else
-
-        name = resolve(name)
     kwargs = {"use_safetensors": True}
     if (Path(name) / "vae" / "config.json").is_file():
         kwargs["subfolder"] = "vae"
@@ -76,23 +76,26 @@ def folder_images(folder: Path, size: int, generator: random.Random) -> Iterator
         yield picture[:, top : top + size, left : left + size].float() / 255
 
 
-def batches(args: argparse.Namespace, process: int) -> Iterator[torch.Tensor]:
-    """Training batches (B, 3, S, S) in [0, 1], an independent stream per process."""
+def batches(args: argparse.Namespace, process: int, shapes: Shapes | None = None) -> Iterator[torch.Tensor]:
+    """Training batches (B, 3, S, S) in [0, 1], an independent stream per process: crops of ``--images``, else
+    drawn from ``shapes``."""
     seed = args.seed + 1000 * process
     if args.images is not None:
         crops = folder_images(args.images, args.size, random.Random(seed))
         while True:
             yield torch.stack([next(crops) for _ in range(args.batch_size)])
-    from apps.demo.data import generate
-
+    if shapes is None:
+        raise ValueError("no training images: pass --images DIR (python -m apps.train_protector: the demo shapes)")
     generator = torch.Generator().manual_seed(seed)
     while True:
-        images, _ = generate(args.batch_size, generator, size=args.size)
-        yield (images + 1) / 2
+        yield shapes(args.batch_size, generator, args.size)
 
 
-def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m protect.train", description=__doc__.split("\n\n")[0])
+def parse_args(
+    argv: Iterable[str] | None = None, *, prog: str = "python -m protect.train", default_data: bool = False
+) -> argparse.Namespace:
+    """The command's arguments; ``default_data``: training images may come from elsewhere than ``--images``."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--vae", action="append", required=True, help="VAE folder or id (repeat for multi-VAE)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the trained protector")
     parser.add_argument("--images", type=Path, help="folder of training images (default: demo shapes)")
@@ -120,13 +123,24 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         parser.error("--steps and --batch-size must be >= 1 and --size >= 8")
     if not 0 < args.eps <= 64:
         parser.error("--eps must be in (0, 64] (1/255 units)")
+    if args.images is None and not default_data:
+        parser.error("--images is required (python -m apps.train_protector trains on the demo shapes)")
     if (args.out / "config.json").exists() and not args.overwrite:
         parser.error(f"{args.out} already holds a protector; pass --overwrite to replace it")
     return args
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Train and save a protector; returns the training record (also written to ``OUT/training.json``)."""
+def train(
+    args: argparse.Namespace,
+    *,
+    shapes: Shapes | None = None,
+    resolve: Callable[[str], str] = str,
+    prog: str = "python -m protect.train",
+) -> dict:
+    """Train and save a protector; returns the training record (also written to ``OUT/training.json``).
+
+    ``shapes`` draws the training images when there is no ``--images``; ``resolve`` maps a ``--vae`` name to a
+    folder or hub id (aliases)."""
     from accelerate import Accelerator
 
     if args.threads:
@@ -134,7 +148,7 @@ def train(args: argparse.Namespace) -> dict:
     # cpu=True without a GPU: under torchrun / accelerate launch the CPU processes then join one gloo group
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    vaes = [load_vae(name, device) for name in args.vae]
+    vaes = [load_vae(resolve(name), device) for name in args.vae]
     torch.manual_seed(args.seed)
     protector = AmortizedProtector(
         num_experts=args.experts,
@@ -155,7 +169,7 @@ def train(args: argparse.Namespace) -> dict:
     model = accelerator.unwrap_model(protector)
     with torch.no_grad():
         target_latents = [model.target_latents(vae, args.size, args.size) for vae in vaes]
-    data = batches(args, accelerator.process_index)
+    data = batches(args, accelerator.process_index, shapes)
     rng = torch.Generator().manual_seed(args.seed + 7 + accelerator.process_index)
     transforms = list(TRANSFORMS.values())
     losses, usage, start = [], torch.zeros(args.experts), time.perf_counter()
@@ -178,9 +192,9 @@ def train(args: argparse.Namespace) -> dict:
         if accelerator.is_main_process and (step % 100 == 0 or step == args.steps - 1):
             print(f"step {step}: loss {losses[-1]:.4f}", flush=True)
     record = {
-        "command": "python -m protect.train " + " ".join(sys.argv[1:]),
+        "command": f"{prog} " + " ".join(sys.argv[1:]),
         "vaes": list(args.vae),
-        "data": str(args.images) if args.images else "demo shapes (apps.demo.data)",
+        "data": str(args.images) if args.images else f"{shapes.__module__}.{shapes.__qualname__}",
         "steps": args.steps,
         "batch_size": args.batch_size,
         "processes": accelerator.num_processes,
@@ -205,8 +219,16 @@ def train(args: argparse.Namespace) -> dict:
     return record
 
 
-def main(argv: Iterable[str] | None = None) -> int:
-    record = train(parse_args(argv))
+def main(
+    argv: Iterable[str] | None = None,
+    *,
+    shapes: Shapes | None = None,
+    resolve: Callable[[str], str] = str,
+    prog: str = "python -m protect.train",
+) -> int:
+    """The training command; ``shapes`` and ``resolve`` as in :func:`train`."""
+    args = parse_args(argv, prog=prog, default_data=shapes is not None)
+    record = train(args, shapes=shapes, resolve=resolve, prog=prog)
     print(f"final loss {record['final_loss']:.4f} in {record['seconds']:.0f} s", flush=True)
     return 0
 

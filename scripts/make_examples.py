@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from apps.demo import CLASS_NAMES
+from apps.demo import CLASS_NAMES, load_victim
 from apps.demo.data import generate, generate_uint8, to_uint8
 from apps.services import detect_images, load_detector
 from protect import testbed as tb
@@ -38,7 +38,7 @@ def adversarial_pair(n: int = 64) -> None:
     size = detector.reference.shape[-1]
     images, labels = generate(n, torch.Generator().manual_seed(SEED), size=size)
     clean01 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 255  # as stored in a PNG
-    victim = tb.load_victim()
+    victim = load_victim()
     adversarial01 = tb.attack("pgd", victim, clean01, labels, 8 / 255, steps=10, seed=0)
     adversarial01 = (adversarial01 * 255).round() / 255  # PNG quantisation, still within the budget
     with torch.no_grad():

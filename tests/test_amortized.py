@@ -107,7 +107,7 @@ def test_multi_vae_loss_is_one_without_perturbation(vae):
 
 
 def test_training_command_lowers_the_loss_and_saves(tmp_path):
-    from protect import train
+    from apps import train_protector as train
 
     vae_dir = tmp_path / "vae"
     _tiny_vae().save_pretrained(vae_dir)
@@ -126,6 +126,14 @@ def test_training_command_lowers_the_loss_and_saves(tmp_path):
         train.main([*argv, "--overwrite", "--eps", "0"])
 
 
+def test_library_training_command_needs_images(capsys):
+    from protect import train
+
+    with pytest.raises(SystemExit):  # protect/ knows no demo data: the images come from --images or the caller
+        train.main(["--vae", "some/vae", "--out", "nowhere"])
+    assert "--images is required" in capsys.readouterr().err
+
+
 def test_training_command_runs_data_parallel(tmp_path):
     """What `accelerate launch` does on several GPUs, here with two CPU processes under torchrun (gloo)."""
     import os
@@ -135,7 +143,7 @@ def test_training_command_runs_data_parallel(tmp_path):
     vae_dir = tmp_path / "vae"
     _tiny_vae().save_pretrained(vae_dir)
     out = tmp_path / "protector"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "protect.train"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "apps.train_protector"]
     command += ["--vae", str(vae_dir), "--out", str(out), "--steps", "3", "--batch-size", "4", "--size", "16"]
     command += ["--patch-size", "8", "--experts", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DiTPipeline
 
-from .classifier import ShapeClassifier, frechet_distance
+from .classifier import ShapeClassifier
 from .classifier import load_classifier as _load_classifier
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, generate
 
@@ -29,12 +29,13 @@ __all__ = [
     "IMAGE_SIZE",
     "NUM_CLASSES",
     "ShapeClassifier",
-    "frechet_distance",
     "generate",
     "load_classifier",
     "load_ddpm_pipeline",
     "load_dit_pipeline",
+    "load_score_model",
     "load_vae",
+    "load_victim",
     "model_path",
 ]
 
@@ -79,3 +80,24 @@ def load_vae(device: Device = None, dtype: torch.dtype | None = None) -> Autoenc
 def load_classifier(device: Device = None, dtype: torch.dtype | None = None) -> ShapeClassifier:
     """The demo classifier / feature extractor (``features(x)`` for Fréchet distances) in eval mode."""
     return _load_classifier(model_path("classifier"), device=device, dtype=dtype)
+
+
+SCORE_MODEL = "demo/unet_eps"
+
+
+def load_score_model(name: str = SCORE_MODEL, device: Device = None) -> DDPMPipeline:
+    """The unconditional ``DDPMPipeline`` an EPS detector runs on: ``"demo/<folder>"`` for a demo model
+    (``demo/unet_eps``, the EPS score model; ``demo/unet``, the original demo UNet) or a local folder path."""
+    from protect.testbed import load_score_model as load_folder
+
+    path = DEMO_DIR / name.removeprefix("demo/") if name.startswith("demo/") else Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"score model {name!r} not found at {path}")
+    return load_folder(path, device)
+
+
+def load_victim(device: Device = None):
+    """The demo classifier as the testbed's 16x16 [0, 1] victim (eval mode, parameters frozen)."""
+    from protect.testbed import frozen_victim
+
+    return frozen_victim(load_classifier(device=device))

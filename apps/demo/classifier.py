@@ -74,19 +74,3 @@ def accuracy(model: ShapeClassifier, images: torch.Tensor, labels: torch.Tensor)
     """Top-1 accuracy of ``model`` on images in [-1, 1] (moved to the model's device)."""
     logits = batched(lambda x: model(x.to(model.device)), images)
     return (logits.argmax(1) == labels.cpu()).float().mean().item()
-
-
-def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance (float64) of features (N, D)."""
-    features = features.double()
-    return features.mean(0), torch.cov(features.T)
-
-
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, D), via a symmetric eigen-decomposition."""
-    mu_a, cov_a = feature_statistics(features_a)
-    mu_b, cov_b = feature_statistics(features_b)
-    eigvals, eigvecs = torch.linalg.eigh(cov_a)
-    sqrt_a = eigvecs @ torch.diag(eigvals.clamp(min=0).sqrt()) @ eigvecs.T
-    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
-    return ((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()

@@ -7,8 +7,8 @@ with a ``README.md`` model card: data, settings, final losses, metrics, wall tim
 ``dit`` needs a trained VAE (``DIR/vae`` or ``--vae``); the metrics of ``vae``,
 ``dit`` and ``unet`` use the classifier in ``DIR/classifier`` when it exists.
 ``all`` trains classifier, vae, dit, unet, vae_b in that order (``vae_b``: a second autoencoder for the
-multi-VAE protection loss; the amortized protector is trained by ``python -m protect.train``). Training uses float32,
-AdamW with linear warm-up and cosine decay, and an EMA of the diffusion models.
+multi-VAE protection loss; the amortized protector is trained by ``python -m apps.train_protector``). Training
+uses float32, AdamW with linear warm-up and cosine decay, and an EMA of the diffusion models.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .classifier import ShapeClassifier, accuracy, batched, frechet_distance, load_classifier
+from protect.metrics import frechet_distance
+
+from .classifier import ShapeClassifier, accuracy, batched, load_classifier
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, contact_sheet, generate
 
 MODELS = ("classifier", "vae", "dit", "unet", "vae_b")
@@ -360,7 +362,7 @@ def make_dit(sample_size: int, channels: int) -> DiTTransformer2DModel:
         num_layers=4,
         sample_size=sample_size,
         patch_size=2,
-        num_embeds_ada_norm=1000,
+        num_embeds_ada_norm=NULL_LABEL,  # ids 0-999 and the null label
     )
 
 
