@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .generate import METHODS, PERTURBATIONS, SAMPLERS, Request
+from . import generate as generation
 from .jobs import Limits
 from .services import PROTECT_METHODS
 
@@ -63,19 +63,30 @@ def main(argv: list[str] | None = None) -> int:
         "--mcp", action="store_true", help="also serve the API as an MCP server at /gradio_api/mcp/ (gradio[mcp])"
     )
 
-    gen = commands.add_parser("generate", help="generate images to PNG files")
-    gen.add_argument("subject", help="a class name (class-conditional models) or a prompt")
+    gen = commands.add_parser(
+        "generate",
+        help="generate images to PNG files",
+        description="Generate with a guidance method, weak-model guidance and a sampler chosen from the registry "
+        "(guidance.registry); each option below says which entries take it. Unconditional UNets (demo/unet) "
+        "take --method none and, besides their scheduler, the score samplers (langevin, pc).",
+    )
+    gen.add_argument("subject", help="a class name (class-conditional models) or a prompt (ignored: unconditional)")
     gen.add_argument("--model", default="demo/dit")
-    gen.add_argument("--method", choices=METHODS, default="apg")
-    gen.add_argument("--scale", type=float, default=4.0)
-    gen.add_argument("--eta", type=float, default=0.0)
-    gen.add_argument("--norm-threshold", type=float, default=None)
-    gen.add_argument("--momentum", type=float, default=None)
-    gen.add_argument("--perturbation", choices=tuple(PERTURBATIONS), default="none", help="PAG, SoftPAG or TPG on top")
-    gen.add_argument("--perturbation-scale", type=float, default=2.0)
+    gen.add_argument("--method", choices=generation.methods(), default="apg", help="CFG-type guidance")
+    gen.add_argument("--perturbation", choices=generation.perturbations(), default="none", help="weak-model guidance")
+    gen.add_argument("--sampler", choices=generation.samplers(), default="default", help="scheduler or score sampler")
+    for name, (spec, users, _) in generation.options().items():
+        low, high = ("" if v is None else f"{v:g}" for v in (spec.low, spec.high))
+        bounds = f" in [{low or '-inf'}, {high or 'inf'}]" if low or high else ""
+        gen.add_argument(
+            "--" + name.replace("_", "-"),
+            **_argument_type(spec),
+            choices=spec.choices,
+            default=None,
+            help=f"{spec.help or name}{bounds} (default {spec.default}; for {', '.join(users)})",
+        )
     gen.add_argument("--corrector-steps", type=int, default=0, help="Langevin corrector steps per noise level")
-    gen.add_argument("--steps", type=int, default=25)
-    gen.add_argument("--sampler", choices=tuple(SAMPLERS), default="default", help="scheduler swapped in for the call")
+    gen.add_argument("--steps", type=int, default=25, help="denoising steps (score samplers: noise levels)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-images", type=int, default=4)
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (files are never overwritten)")
@@ -209,29 +220,42 @@ def _check_out(folder: Path) -> None:
             break
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from .files import save_new
+def _argument_type(spec) -> dict:
+    """argparse options for a registry input: its type (a number input also takes its keywords, e.g. "off")."""
+    if spec.type is bool:
+        return {"action": argparse.BooleanOptionalAction}
 
-    _check_out(args.out)
+    def convert(text: str):
+        return text if text in spec.keywords else spec.type(text)
+
+    convert.__name__ = spec.type.__name__  # argparse names the type in its error messages
+    return {"type": convert}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .files import save_new
+    from .generate import Request
     from .services import generate_images, load_pipeline
 
+    _check_out(args.out)
+    fields = {f.name for f in dataclasses.fields(Request)}
+    values = {name: getattr(args, name) for name in generation.options() if getattr(args, name) is not None}
     request = Request(
         args.subject,
         method=args.method,
-        scale=args.scale,
-        eta=args.eta,
-        norm_threshold=args.norm_threshold,
-        momentum=args.momentum,
+        perturbation=args.perturbation,
+        sampler=args.sampler,
         steps=args.steps,
         seed=args.seed,
         num_images=args.num_images,
-        perturbation=args.perturbation,
-        perturbation_scale=args.perturbation_scale,
         corrector_steps=args.corrector_steps,
-        sampler=args.sampler,
+        **{k: v for k, v in values.items() if k in fields},
+        extra=tuple((k, v) for k, v in values.items() if k not in fields),
     )
     images = generate_images(load_pipeline(args.model, args.device), request)
-    stem = f"{args.subject[:40].replace(' ', '_').replace('/', '_')}-{args.method}-s{args.scale:g}-seed{args.seed}"
+    stem = f"{args.subject[:40].replace(' ', '_').replace('/', '_')}-{args.method}-s{request.scale:g}-seed{args.seed}"
     for i, image in enumerate(images):
         print(save_new(image, args.out, f"{stem}-{i}"))
     return 0

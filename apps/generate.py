@@ -1,4 +1,9 @@
-"""One generation request, shared by the app, its API and the CLI."""
+"""One generation request, shared by the app, its API and the CLI; its choices come from :mod:`guidance.registry`.
+
+The options of a request are the inputs of the registry's entries, named by kind: a guidance method's inputs
+as they are (``scale``, ``eta``...), a perturbation's with ``perturbation_`` in front (``perturbation_scale``), a
+sampler's with ``sampler_`` (``sampler_snr``). The CLI and the app build their controls from :func:`options`.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +12,80 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from guidance import APG, CFG, PAG, TPG, LangevinCorrector, SoftPAG, guide
-from guidance.layers import default_layers, select, self_attention_layers
+from guidance import LangevinCorrector, guide, registry
 from guidance.pipeline import family_of
-from guidance.prediction import is_flow_schedule
+from guidance.registry import SOFTPAG_STRENGTH, Entry, Input
 from protect import Cancelled, Step
 
-METHODS = ("none", "cfg", "apg")  # CFG-type guidance the UI and the CLI offer
-# weak-model guidance, combinable with the above; SoftPAG acts on all heads of PAG's default layer at strength
-# SOFTPAG_STRENGTH (a half-strength PAG; HeadHunter-searched heads did not help the demo DiT, see RESULTS.md)
-PERTURBATIONS = {"none": None, "pag": PAG, "softpag": SoftPAG, "tpg": TPG}
-SOFTPAG_STRENGTH = 0.5
-# sampler name -> diffusers scheduler class swapped in for the call ("default": the pipeline's own scheduler)
-SAMPLERS = {
-    "default": None,
-    "ddim": "DDIMScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
+PREFIX = {"guidance": "", "perturbation": "perturbation_", "scheduler": "sampler_", "score_sampler": "sampler_"}
+SAMPLER_KINDS = ("scheduler", "score_sampler")
+
+__all__ = [
+    "SOFTPAG_STRENGTH",
+    "Option",
+    "Request",
+    "class_names",
+    "generate",
+    "grid",
+    "methods",
+    "options",
+    "perturbations",
+    "samplers",
+    "samplers_for",
+    "scheduler_for",
+    "showcase",
+    "softpag_heads",
+    "using_sampler",
+]
+
+
+def methods() -> tuple[str, ...]:
+    """CFG-type guidance the UI and the CLI offer: "none" and the registry's guidance entries."""
+    return ("none", *registry.names("guidance"))
+
+
+def perturbations() -> tuple[str, ...]:
+    """Weak-model guidance, combinable with the above: "none" and the registry's perturbation entries."""
+    return ("none", *registry.names("perturbation"))
+
+
+def samplers() -> tuple[str, ...]:
+    """ "default" (the pipeline's own scheduler), the registry's schedulers, then its score samplers."""
+    return ("default", *(name for kind in SAMPLER_KINDS for name in registry.names(kind)))
+
+
+def sampler_entry(name: str) -> Entry | None:
+    """The registry entry of sampler ``name`` (``None`` for "default")."""
+    if name == "default":
+        return None
+    for kind in SAMPLER_KINDS:
+        if name in registry.names(kind):
+            return registry.get(kind, name)
+    raise ValueError(f"sampler must be one of {samplers()}, got {name!r}")
+
+
+class Option(NamedTuple):
+    """A registry input as a request option: its description, the entries that take it, its kind's prefix."""
+
+    spec: Input
+    users: tuple[str, ...]
+    prefix: str
+
+
+def options() -> dict[str, Option]:
+    """Every registry input by its option name (``perturbation_scale``...): the CLI's flags, the app's controls."""
+    out: dict[str, Option] = {}
+    for kind, prefix in PREFIX.items():
+        for entry in registry.entries(kind):
+            for spec in entry.inputs:
+                known = out.get(prefix + spec.name, Option(spec, (), prefix))
+                out[prefix + spec.name] = known._replace(users=(*known.users, entry.name))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,27 +105,42 @@ class Request:
     perturbation_scale: float = 2.0
     corrector_steps: int = 0
     sampler: str = "default"
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in methods():
+            raise ValueError(f"method must be one of {methods()}, got {self.method!r}")
         if not 1 <= self.steps <= 200:
             raise ValueError(f"steps must be between 1 and 200, got {self.steps}")
         if not 1 <= self.num_images <= 16:
             raise ValueError(f"num_images must be between 1 and 16, got {self.num_images}")
         if not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
-        if self.perturbation not in PERTURBATIONS:
-            raise ValueError(f"perturbation must be one of {tuple(PERTURBATIONS)}, got {self.perturbation!r}")
+        if self.perturbation not in perturbations():
+            raise ValueError(f"perturbation must be one of {perturbations()}, got {self.perturbation!r}")
         if not 0 <= self.corrector_steps <= 10:
             raise ValueError(f"corrector_steps must be between 0 and 10, got {self.corrector_steps}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
         if isinstance(self.norm_threshold, str) and self.norm_threshold != "off":
             raise ValueError(
                 f"norm_threshold must be a number > 0, None (default) or 'off', got {self.norm_threshold!r}"
             )
-        self._methods(heads=((0, 0),))  # validates the methods' own arguments (heads depend on the model)
+        known = options()
+        for name, _ in self.extra:
+            if name not in known or name in {f.name for f in dataclasses.fields(self)}:
+                raise ValueError(f"unknown option {name!r}; the registry's options: {', '.join(known)}")
+        sampler = sampler_entry(self.sampler)
+        if sampler is not None:
+            sampler.values(self._given(sampler))  # the sampler's own inputs
+        self._methods(None)  # validates the methods' own arguments (SoftPAG's heads depend on the model)
+
+    def option(self, name: str) -> Any:
+        """The value of option ``name``: the field of that name, else the ``extra`` value (``None``: default)."""
+        if name in {f.name for f in dataclasses.fields(self)}:
+            return getattr(self, name)
+        return dict(self.extra).get(name)
+
+    def _given(self, entry: Entry) -> dict[str, Any]:
+        return {spec.name: self.option(PREFIX[entry.kind] + spec.name) for spec in entry.inputs}
 
     def guidance(self, pipe: Any = None) -> tuple:
         """The guidance methods (and corrector) of this request, for ``guide()``.
@@ -79,28 +149,17 @@ class Request:
         """
         if self.perturbation == "softpag" and pipe is None:
             raise ValueError("SoftPAG needs the pipeline to choose its heads: call guidance(pipe)")
-        return self._methods(softpag_heads(pipe) if self.perturbation == "softpag" else ())
+        return self._methods(pipe)
 
-    def _methods(self, heads: tuple) -> tuple:
-        methods: list = []
-        if self.method == "cfg":
-            methods.append(CFG(self.scale))
-        elif self.method == "apg":
-            methods.append(
-                APG(
-                    self.scale,
-                    eta=self.eta,
-                    norm_threshold={None: "auto", "off": None}.get(self.norm_threshold, self.norm_threshold),
-                    momentum="auto" if self.momentum is None else self.momentum,
-                )
-            )
-        if self.perturbation == "softpag":
-            methods.append(SoftPAG(self.perturbation_scale, heads=heads, strength=SOFTPAG_STRENGTH))
-        elif PERTURBATIONS[self.perturbation] is not None:
-            methods.append(PERTURBATIONS[self.perturbation](self.perturbation_scale))
+    def _methods(self, pipe: Any) -> tuple:
+        chosen: list = []
+        for kind, name in (("guidance", self.method), ("perturbation", self.perturbation)):
+            if name != "none":
+                entry = registry.get(kind, name)
+                chosen.append(entry(self._given(entry), pipe))
         if self.corrector_steps:
-            methods.append(LangevinCorrector(steps=self.corrector_steps, seed=self.seed))
-        return tuple(methods)
+            chosen.append(LangevinCorrector(steps=self.corrector_steps, seed=self.seed))
+        return tuple(chosen)
 
     def describe(self) -> str:
         """A label naming the method, its scale and every option that is not the default."""
@@ -126,7 +185,7 @@ def showcase(request: Request) -> list[Request]:
     """``request`` after the same request with no CFG, with CFG and with default APG: distinct rows (a method
     already compared is not repeated), options that a method does not use reset to their defaults."""
     rows: list[Request] = []
-    for method in (*METHODS, None):
+    for method in (*methods(), None):
         row = request if method is None else dataclasses.replace(request, method=method)
         if row.method != "apg" or method is not None:
             row = dataclasses.replace(row, eta=0.0, norm_threshold=None, momentum=None)
@@ -139,34 +198,35 @@ def showcase(request: Request) -> list[Request]:
 
 def softpag_heads(pipe: Any) -> tuple[tuple[str, int], ...]:
     """All heads of the denoiser's default self-attention layer(s), the layers PAG perturbs by default."""
-    denoiser = getattr(pipe, family_of(pipe).denoiser)
-    attention = self_attention_layers(denoiser)
-    chosen = select(attention, default_layers(attention), "self-attention layer")
-    return tuple((name, head) for name, module in chosen.items() for head in range(module.heads))
+    return registry.softpag_heads(pipe)
+
+
+def is_unconditional(pipe: Any) -> bool:
+    """Whether ``pipe`` is an unconditional UNet pipeline (``DDPMPipeline``-like: a UNet, no prompt, no classes)."""
+    try:
+        family_of(pipe)
+    except TypeError:
+        return getattr(pipe, "unet", None) is not None and class_names(pipe) is None
+    return False
 
 
 def scheduler_for(pipe: Any, sampler: str) -> Any:
-    """A new scheduler of ``sampler`` from ``pipe``'s scheduler config (``None`` for "default"); ``ValueError`` when
-    the sampler cannot serve this pipeline."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
-    if SAMPLERS[sampler] is None:
+    """A new scheduler of ``sampler`` from ``pipe``'s scheduler config (``None`` for "default" and the score
+    samplers); ``ValueError`` when the sampler cannot serve this pipeline."""
+    entry = sampler_entry(sampler)
+    if entry is None:
         return None
-    import diffusers
-
-    config = pipe.scheduler.config
-    if is_flow_schedule(type(pipe.scheduler).__name__, config):
-        raise ValueError(f"{sampler}: this model samples with flow matching; only the default sampler serves it")
-    scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(config)
-    if family_of(pipe).name == "dit" and float(scheduler.init_noise_sigma) != 1.0:
-        raise ValueError(f"{sampler}: DiTPipeline does not scale its noise for sigma-parameterised samplers")
-    return scheduler
+    try:
+        built = entry({}, pipe)
+    except ValueError as error:
+        raise ValueError(f"{sampler}: {error}") from None
+    return None if entry.kind == "score_sampler" else built
 
 
 def samplers_for(pipe: Any) -> list[str]:
-    """The names in :data:`SAMPLERS` that can serve ``pipe``."""
+    """The names of :func:`samplers` that can serve ``pipe``."""
     usable = []
-    for name in SAMPLERS:
+    for name in samplers():
         try:
             scheduler_for(pipe, name)
         except ValueError:
@@ -206,6 +266,10 @@ def generate(pipe: Any, request: Request, on_step: Callable[[Step], bool | None]
     """
     device = pipe.device
     generators = [torch.Generator(device).manual_seed(request.seed + i) for i in range(request.num_images)]
+    entry = sampler_entry(request.sampler)
+    if (entry is not None and entry.kind == "score_sampler") or is_unconditional(pipe):
+        with _reporting(pipe, request, on_step):
+            return _unconditional(pipe, request, entry, generators)
     names = class_names(pipe)
     call: dict[str, Any] = {"num_inference_steps": request.steps, "generator": generators}
     if names is not None:
@@ -225,6 +289,28 @@ def generate(pipe: Any, request: Request, on_step: Callable[[Step], bool | None]
             return pipe(**call).images
 
 
+def _unconditional(pipe: Any, request: Request, entry: Entry | None, generators: list) -> list[Image.Image]:
+    """An unconditional UNet pipeline, by its scheduler (``steps`` steps) or a score sampler (``steps`` levels)."""
+    from guidance.score_pipeline import ScoreSamplingPipeline
+
+    if not is_unconditional(pipe):
+        raise ValueError(f"{request.sampler}: score samplers serve unconditional UNet pipelines (e.g. demo/unet) only")
+    if request.method != "none" or request.perturbation != "none" or request.corrector_steps:
+        raise ValueError(
+            "this model is unconditional: no guidance applies; use method 'none', no perturbation, no corrector"
+        )
+    if entry is None or entry.kind == "scheduler":
+        with using_sampler(pipe, request.sampler):
+            call = {"batch_size": request.num_images, "num_inference_steps": request.steps, "generator": generators}
+            return pipe(**call).images
+    score = ScoreSamplingPipeline(pipe.unet, pipe.scheduler)
+    sampler = entry(request._given(entry), pipe)
+    if sampler["sampler"] == "annealed_langevin" and "epsilon" not in sampler:
+        # a step that lets the chain mix at the last level, alpha_L = eps = sigma_L^2 (benchmarks/RESULTS.md)
+        sampler["epsilon"] = float(score.sigmas(request.steps)[-1] ** 2)
+    return score(request.num_images, num_levels=request.steps, generator=generators, **sampler)
+
+
 @contextlib.contextmanager
 def _reporting(pipe: Any, request: Request, on_step: Callable[[Step], bool | None] | None) -> Iterator[None]:
     """``on_step`` before every call of ``pipe``'s denoiser while the block runs."""
@@ -239,7 +325,8 @@ def _reporting(pipe: Any, request: Request, on_step: Callable[[Step], bool | Non
             raise Cancelled(f"stopped after {step.step} of {total} denoising steps")
         done[0] += 1
 
-    handle = getattr(pipe, family_of(pipe).denoiser).register_forward_pre_hook(before)
+    denoiser = pipe.unet if is_unconditional(pipe) else getattr(pipe, family_of(pipe).denoiser)
+    handle = denoiser.register_forward_pre_hook(before)
     try:
         yield
     finally:

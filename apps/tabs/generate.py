@@ -9,17 +9,43 @@ step when its client goes or presses Stop, or at the time limit.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
+from guidance import registry
+from guidance.registry import Input
 from protect import Cancelled
 
 from .. import services
 from ..cost import Costs, check_budget, generate_seconds
-from ..generate import METHODS, PERTURBATIONS, SOFTPAG_STRENGTH, Request, class_names, grid, samplers_for, showcase
+from ..generate import Request, class_names, grid, methods, options, perturbations, samplers_for, showcase
 from ..jobs import Job, Limits, gradio_alive
 from ..models import DEFAULT_MODEL, listed_models
 from .common import LANES
+
+# the /generate API's first parameters, in the order programs send them; every other registry option follows
+API_HEAD = (
+    "subject", "method", "scale", "eta", "threshold", "momentum", "perturbation", "perturbation_scale",
+    "corrector_steps", "steps", "seed", "num_images", "compare", "sampler", "model_name", "no_threshold",
+)  # fmt: skip
+API_NAMES = {"norm_threshold": "threshold"}  # option -> API parameter, as programs written before the registry send it
+REQUIRED = 13  # API_HEAD[:13] are required; the rest have defaults
+
+
+def control(gr: Any, name: str, spec: Input, users: tuple[str, ...], *_: Any) -> Any:
+    """The Gradio control of a registry input: a slider when it is bounded, else a number, checkbox, radio or box."""
+    label = f"{spec.help or name} ({', '.join(users)})"
+    if spec.choices is not None:
+        return gr.Radio(list(spec.choices), value=spec.default, label=label)
+    if spec.type is bool:
+        return gr.Checkbox(spec.default, label=label)
+    if spec.type is str:
+        return gr.Textbox(spec.default, label=label)
+    if spec.low is not None and spec.high is not None and spec.default is not None:
+        step = spec.step or (1 if spec.type is int else (spec.high - spec.low) / 100)
+        return gr.Slider(spec.low, spec.high, value=spec.default, step=step, label=label)
+    return gr.Number(spec.default, precision=0 if spec.type is int else None, label=label)
 
 
 def generation_models(model: str = DEFAULT_MODEL, allow_hub: bool = False) -> list[str]:
@@ -39,25 +65,12 @@ def generate_tab(
     limits = limits or Limits()
     offered = generation_models(model, limits.allow_hub)
 
-    def generate(
-        subject,
-        method,
-        scale,
-        eta,
-        threshold,
-        momentum,
-        perturbation,
-        perturbation_scale,
-        corrector_steps,
-        steps,
-        seed,
-        num_images,
-        compare,
-        sampler="default",
-        model_name=model,
-        no_threshold=False,
-        progress=gr.Progress(),  # noqa: B008  (Gradio's idiom)
-    ) -> tuple[Any, str]:
+    specs = options()
+    api = {API_NAMES.get(name, name): name for name in specs}  # API parameter -> option
+    parameters = [*API_HEAD, *(name for name in api if name not in API_HEAD)]
+    fields = {f.name for f in dataclasses.fields(Request)}
+
+    def generate(*values: Any) -> tuple[Any, str]:
         """Generate images with guidance (CFG or Adaptive Projected Guidance, optionally with PAG, SoftPAG or TPG
         and a Langevin corrector); returns a labelled image grid and its caption.
 
@@ -79,6 +92,9 @@ def generate_tab(
             model_name: one of the models this server offers.
             no_threshold: APG without a norm threshold (overrides threshold).
         """
+        *values, progress = values  # Gradio passes the gr.Progress of the signature below last
+        given = dict(zip(parameters, values))
+        model_name, threshold, no_threshold = given["model_name"], given["threshold"], given["no_threshold"]
         if model_name and model_name not in offered:
             raise gr.Error(f"model {model_name!r} is not offered by this server; choose one of {offered}")
         if threshold is not None and not no_threshold and float(threshold) <= 0:
@@ -86,22 +102,31 @@ def generate_tab(
                 "norm threshold r must be > 0; leave it empty for the family default, or tick 'no norm threshold'"
             )
         try:
+            named, extra = {}, []
+            for parameter, value in given.items():
+                option = api.get(parameter)
+                if option is None:
+                    continue
+                if option == "norm_threshold" and no_threshold:
+                    value = "off"
+                value = None if value is None or value == "" else specs[option].spec.check(value)
+                if option in fields:
+                    named[option] = value
+                elif value is not None:
+                    extra.append((option, value))
             base = dict(
-                subject=subject,
-                scale=float(scale),
-                eta=float(eta),
-                steps=int(steps),
-                seed=int(seed),
-                num_images=int(num_images),
-                norm_threshold="off" if no_threshold else None if threshold is None else float(threshold),
-                momentum=None if momentum is None else float(momentum),
-                perturbation=perturbation,
-                perturbation_scale=float(perturbation_scale),
-                corrector_steps=int(corrector_steps),
-                sampler=sampler or "default",
+                subject=given["subject"],
+                steps=int(given["steps"]),
+                seed=int(given["seed"]),
+                num_images=int(given["num_images"]),
+                perturbation=given["perturbation"],
+                corrector_steps=int(given["corrector_steps"]),
+                sampler=given["sampler"] or "default",
+                extra=tuple(extra),
+                **{k: v for k, v in named.items() if v is not None},
             )
-            chosen = Request(method=method, **base)
-            requests = showcase(chosen) if compare else [chosen]
+            chosen = Request(method=given["method"], **base)
+            requests = showcase(chosen) if given["compare"] else [chosen]
         except (TypeError, ValueError) as error:
             raise gr.Error(str(error)) from None
         model_name = model_name or model
@@ -148,8 +173,30 @@ def generate_tab(
         scale_up = max(1, 256 // rows[0].width)
         labels = [r.describe() for r in requests]
         caption = " | ".join(f"row {i + 1}: {label}" for i, label in enumerate(labels))
-        sheet = grid(rows, columns=len(rows) // len(requests), scale=scale_up, labels=labels if compare else None)
+        sheet = grid(
+            rows, columns=len(rows) // len(requests), scale=scale_up, labels=labels if given["compare"] else None
+        )
         return sheet, caption
+
+    defaults = {"sampler": "default", "model_name": model, "no_threshold": False}
+    defaults |= {p: specs[o].spec.default for p, o in api.items()}
+    positional, empty = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.empty
+    generate.__signature__ = inspect.Signature(  # what Gradio reads: the API's parameters, then the progress
+        [
+            inspect.Parameter(n, positional, default=defaults[n] if i >= REQUIRED else empty)
+            for i, n in enumerate(parameters)
+        ]
+        + [inspect.Parameter("progress", positional, default=gr.Progress())]
+    )
+    generate.__doc__ += "".join(  # the registry's other options, for the API page and MCP clients
+        f"            {p}: {specs[o].spec.help or o} (for {', '.join(specs[o].users)}).\n"
+        for p, o in api.items()
+        if p not in API_HEAD
+    )
+
+    def group(prefix: str) -> list[str]:
+        """The option names of one kind ("": guidance, "perturbation_", "sampler_"), in registry order."""
+        return [name for name, option in specs.items() if option.prefix == prefix]
 
     def clear():
         return None, ""
@@ -172,25 +219,34 @@ def generate_tab(
                     )
                 else:
                     g["subject"] = gr.Textbox("a lighthouse at dusk", label="prompt")
-                g["method"] = gr.Radio(list(METHODS), value="apg", label="guidance")
-                g["scale"] = gr.Slider(1, 20, value=6, step=0.5, label="scale w")
-                with gr.Accordion("APG options", open=False):
-                    g["eta"] = gr.Slider(0, 1, value=0, step=0.05, label="eta (parallel component)")
-                    g["threshold"] = gr.Number(None, label="norm threshold r > 0 (empty: the family default)")
-                    g["no_threshold"] = gr.Checkbox(False, label="no norm threshold", elem_id="generate-no-threshold")
-                    g["momentum"] = gr.Slider(-0.9, 0.9, value=-0.5, step=0.05, label="momentum beta")
-                with gr.Row():
-                    g["perturbation"] = gr.Radio(
-                        list(PERTURBATIONS),
-                        value="none",
-                        label="weak-model guidance",
-                        info=f"softpag: every head of PAG's layer at strength {SOFTPAG_STRENGTH:g}",
-                    )
-                    g["perturbation_scale"] = gr.Slider(0, 10, value=2, step=0.5, label="its scale s")
+                g["method"] = gr.Radio(list(methods()), value="apg", label="guidance", elem_id="generate-method")
+                every = set(registry.names("guidance"))
+                for name in group(""):  # the inputs every method takes (the scale) in view, the others folded
+                    if set(specs[name].users) == every:
+                        g[API_NAMES.get(name, name)] = control(gr, name, *specs[name])
+                with gr.Accordion("guidance options", open=False):
+                    for name in group(""):
+                        if API_NAMES.get(name, name) not in g:
+                            g[API_NAMES.get(name, name)] = control(gr, name, *specs[name])
+                        if name == "norm_threshold":  # its "off" keyword
+                            g["no_threshold"] = gr.Checkbox(
+                                False, label="no norm threshold", elem_id="generate-no-threshold"
+                            )
+                g["perturbation"] = gr.Radio(
+                    list(perturbations()),
+                    value="none",
+                    label="weak-model guidance",
+                    info="; ".join(f"{e.name}: {e.help}" for e in registry.entries("perturbation")),
+                )
+                for name in group("perturbation_"):
+                    g[API_NAMES.get(name, name)] = control(gr, name, *specs[name])
                 g["corrector_steps"] = gr.Slider(0, 5, value=0, step=1, label="Langevin corrector steps per level")
                 with gr.Row():
-                    g["sampler"] = gr.Radio(samplers, value="default", label="sampler")
-                    g["steps"] = gr.Slider(1, 100, value=25, step=1, label="steps")
+                    g["sampler"] = gr.Radio(samplers, value="default", label="sampler", elem_id="generate-sampler")
+                    g["steps"] = gr.Slider(1, 100, value=25, step=1, label="steps (score samplers: noise levels)")
+                with gr.Accordion("sampler options", open=False):
+                    for name in group("sampler_"):
+                        g[API_NAMES.get(name, name)] = control(gr, name, *specs[name])
                 g["seed"] = gr.Number(0, precision=0, label="seed")
                 g["num_images"] = gr.Slider(1, 8, value=4, step=1, label="images")
                 g["compare"] = gr.Checkbox(
@@ -202,7 +258,6 @@ def generate_tab(
             with gr.Column():
                 image = gr.Image(label="images", type="pil", format="png", elem_id="generate-image")
                 caption = gr.Markdown(elem_id="generate-caption")
-        parameters = [name for name in inspect.signature(generate).parameters if name != "progress"]
         running = button.click(clear, None, [image, caption], queue=False, api_visibility="private").then(
             generate, [g[name] for name in parameters], [image, caption], api_name="generate", **LANES["generate"]
         )
