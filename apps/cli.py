@@ -315,14 +315,10 @@ def _protect(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .files import write_new
+    from .services import check_protect_options
 
     _check_out(args.out)
-    if not 1 <= args.eps <= 32:
-        raise ValueError(f"--eps must be between 1 and 32 (in 1/255 units), got {args.eps:g}")
-    if not 1 <= args.steps <= 500:
-        raise ValueError(f"--steps must be between 1 and 500, got {args.steps}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    check_protect_options(args.method, args.eps, args.steps, args.seed)
     state, device = _distributed(args.device)
     done, failed = [], []
     with state.split_between_processes(list(enumerate(args.inputs))) as mine:

@@ -4,8 +4,9 @@
 by extension), rejects a header claiming too many pixels *before* anything is decoded, verifies and fully
 decodes the data (truncated files fail), applies the EXIF orientation and converts the mode (RGB or RGBA to
 protect, RGB to detect). Every failure is a ``ValueError`` with a message fit to show to the person who uploaded
-the file. :func:`restore_mode`, :func:`composite_rgb` and :func:`perturbation_image` handle the modes and the
-8-bit budget of a protected file; :func:`write_new` (and :func:`save_new` for images) never replaces a file.
+the file. :func:`restore_mode` and :func:`perturbation_image` handle the modes and the 8-bit budget of a
+protected file with :mod:`protect.images` (the conversions ``protect()`` itself uses); :func:`write_new` (and
+:func:`save_new` for images) never replaces a file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from protect.images import budget_levels, composite_rgb, has_alpha, to_8bit
 
 MAX_BYTES = 20 * 1024 * 1024  # 20 MB per file
 MAX_PIXELS = 4096 * 4096  # the cap of protect.protect
@@ -30,7 +33,6 @@ __all__ = [
     "MAX_BYTES",
     "MAX_PIXELS",
     "Upload",
-    "composite_rgb",
     "open_upload",
     "peek",
     "perturbation_image",
@@ -140,14 +142,10 @@ def open_upload(
 
 
 def _convert(image: Image.Image, purpose: str) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float grayscale to 8 bits, not clipped
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = pixels / 65535.0 if image.mode != "F" else pixels / max(1.0, float(np.nanmax(pixels)))
-        image = Image.fromarray(np.round(np.nan_to_num(pixels).clip(0, 1) * 255).astype(np.uint8), "L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
+    image = to_8bit(image)
     if purpose == "detect":
         return composite_rgb(image)
-    return image.convert("RGBA" if has_alpha else "RGB")
+    return image.convert("RGBA" if has_alpha(image) else "RGB")
 
 
 def restore_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -160,18 +158,10 @@ def restore_mode(image: Image.Image, mode: str) -> Image.Image:
     return image
 
 
-def composite_rgb(image: Image.Image) -> Image.Image:
-    """``image`` as RGB, transparency composited on white (what :func:`protect.protect` attacks)."""
-    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-
-
 def perturbation_image(original: Image.Image, protected: Image.Image, eps: float) -> Image.Image:
     """The perturbation (``protected``'s colour channels minus ``original`` composited on white, as
     :func:`protect.protect` perturbs it), scaled so that ``+-eps`` spans 0..255 around mid-grey."""
-    budget = max(1.0, np.floor(eps * 255 + 1e-4))
+    budget = max(1.0, budget_levels(eps))
     delta = np.asarray(protected.convert("RGB"), dtype=np.float64) - np.asarray(composite_rgb(original), np.float64)
     return Image.fromarray(np.round(127.5 + delta * (127.5 / budget)).clip(0, 255).astype(np.uint8), "RGB")
 

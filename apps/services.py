@@ -23,24 +23,29 @@ import torch
 from PIL import Image
 
 from protect import Step
+from protect.images import composite_rgb
 
 from .cost import Costs
-from .files import composite_rgb
 from .generate import Request, class_names, generate
 from .models import DEFAULT_MODEL, best_device, resolve
 
 PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
 MIST_MAX_SIDE = 256  # Mist's semantic part, the demo DiT, attends over all latent tokens: memory ~ pixels^2
+EPS_255 = (1, 32)  # the protection budget in 1/255 units, the app's and the CLI's bounds
+PGD_STEPS = (1, 500)
 PROTECTOR_NAME = "protector"
 DETECTOR_NAME = "eps_detector"  # the 16 px testbed detector (bench_detection)
 PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on photos
 
 __all__ = [
+    "EPS_255",
+    "PGD_STEPS",
     "PGD_TILE",
     "PROTECT_METHODS",
     "cached_pipelines",
     "calibrate",
     "calibrate_generation",
+    "check_protect_options",
     "default_detector_dir",
     "describe_result",
     "detect_images",
@@ -132,6 +137,18 @@ def _protector(device: str):
     return AmortizedProtector.from_pretrained(str(model_path(PROTECTOR_NAME))).to(device).eval()
 
 
+def check_protect_options(method: str, eps_255: float, steps: int, seed: int) -> None:
+    """``ValueError`` unless the method is known and eps (in 1/255), steps and seed lie within the bounds."""
+    if method not in PROTECT_METHODS:
+        raise ValueError(f"method must be one of {PROTECT_METHODS}, got {method!r}")
+    if not EPS_255[0] <= eps_255 <= EPS_255[1]:
+        raise ValueError(f"eps must be between {EPS_255[0]} and {EPS_255[1]} (in 1/255 units), got {eps_255:g}")
+    if not PGD_STEPS[0] <= steps <= PGD_STEPS[1]:
+        raise ValueError(f"steps must be between {PGD_STEPS[0]} and {PGD_STEPS[1]}, got {steps}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+
+
 def protect_image(
     image: Image.Image,
     *,
@@ -155,14 +172,7 @@ def protect_image(
     """
     from protect import protect
 
-    if method not in PROTECT_METHODS:
-        raise ValueError(f"method must be one of {PROTECT_METHODS}, got {method!r}")
-    if not 0 < eps <= 32 / 255:
-        raise ValueError(f"eps must lie in (0, 32/255], got {eps * 255:g}/255")
-    if not 1 <= steps <= 500:
-        raise ValueError(f"steps must be between 1 and 500, got {steps}")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    check_protect_options(method, eps * 255, steps, seed)
     if method == "mist" and max(image.size) > MIST_MAX_SIDE:
         raise ValueError(
             f"mist needs a latent diffusion model for its semantic part; the demo one (the DiT) works up to "

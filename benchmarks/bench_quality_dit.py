@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from apps.demo import CLASS_NAMES, generate, load_classifier
+from apps.models import best_device
 from apps.services import load_pipeline
 from benchmarks.quality import contact_sheet, measure, table
 from guidance import APG, CFG, PAG, TPG, SoftPAG, guide
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     parser.add_argument("--suite", choices=["apg", "perturbation"], default="apg")
     parser.add_argument("--figures", type=Path, default=Path(__file__).resolve().parent / "figures")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(best_device()[0]))
     args = parser.parse_args()
     pipe = load_pipeline("demo/dit", args.device, torch.float32)
     classifier = load_classifier(args.device)

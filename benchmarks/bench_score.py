@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline
 
 from apps.demo import generate, load_classifier, model_path
+from apps.models import best_device
 from common import device_name
 from guidance.score_pipeline import ScoreSamplingPipeline
 from quality import measure, table
@@ -30,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--nfe", type=int, nargs="+", default=[50, 100])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(best_device()[0]))
     args = parser.parse_args()
     ddpm = DDPMPipeline.from_pretrained(str(model_path("unet")), use_safetensors=True).to(args.device)
     ddpm.set_progress_bar_config(disable=True)

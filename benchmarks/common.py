@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from apps.models import best_device
 from guidance import guide
 
 SDXL_UNET = dict(
@@ -101,7 +102,7 @@ def setup(
     parser.add_argument("--size", type=int, default=None, help="image size in pixels (latents are size/8)")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--repeats", type=int, default=repeats)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(best_device()[0]))
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
     pipe, embeds = build(args.arch, args.device, getattr(torch, args.dtype))

@@ -549,8 +549,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from apps.models import best_device
+
     args = parse_args(argv)
-    device = args.device or ("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    device = args.device or ("cpu" if args.dry_run else str(best_device()[0]))
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = Context(
         device=device,

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from apps.demo import CLASS_NAMES, generate, load_classifier
+from apps.models import best_device
 from apps.services import load_pipeline
 from benchmarks.bench_quality_dit import sample
 from benchmarks.quality import contact_sheet, measure
@@ -281,7 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--real", type=int, default=4000, help="real images for the reference features")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/sweep_dit.json"))
     parser.add_argument("--figures", type=Path, default=Path("benchmarks/figures/sweep"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=str(best_device()[0]))
     return parser.parse_args(argv)
 
 

@@ -21,20 +21,19 @@ LPIPS / DISTS need downloaded weights and are not computed.
 from __future__ import annotations
 
 import copy
-import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from PIL import Image
 
 from .losses import latent
 from .metrics import frechet_distance, psnr, psnr_ssim
 from .pgd import Generators, draw
+from .purify import EVALUATION
+from .purify import PURIFICATIONS as TABLE
 
 Tensor = torch.Tensor
 Mimic = Callable[[Tensor], Tensor]
@@ -54,39 +53,7 @@ def null_class(transformer: torch.nn.Module) -> int:
     return classes
 
 
-def _jpeg(images: Tensor, quality: int = 75) -> Tensor:
-    out = []
-    for image in images:
-        pixels = (image.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")).copy()
-        out.append(torch.from_numpy(decoded).permute(2, 0, 1).float() / 255)
-    return torch.stack(out).to(images)
-
-
-def _resize(images: Tensor, factor: float = 0.5) -> Tensor:
-    size = images.shape[-2:]
-    small = F.interpolate(images.float(), scale_factor=factor, mode="bicubic", align_corners=False, antialias=True)
-    return F.interpolate(small, size=size, mode="bicubic", align_corners=False).clamp(0, 1).to(images)
-
-
-def _noise(images: Tensor, std: float = 4 / 255, seed: int = 0) -> Tensor:
-    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(images))]
-    return (images + std * draw("randn", images.shape, gens, images)).clamp(0, 1)
-
-
-def _blur(images: Tensor, sigma: float = 1.0) -> Tensor:
-    return kornia.filters.gaussian_blur2d(images.float(), (5, 5), (sigma, sigma)).clamp(0, 1).to(images)
-
-
-PURIFICATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "none": lambda x: x,
-    "jpeg75": _jpeg,
-    "resize0.5": _resize,
-    "noise4": _noise,
-    "blur1": _blur,
-}
+PURIFICATIONS: dict[str, Callable[[Tensor], Tensor]] = {name: TABLE[name] for name in EVALUATION}
 
 
 def purify(images: Tensor, name: str) -> Tensor:

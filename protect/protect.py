@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .amortized import AmortizedProtector
+from .images import protected_image, to_tensor
 from .losses import NoisePredictor, default_target, encoder_loss, latent, mist_loss, sds_loss
 from .metrics import psnr_ssim
 from .pgd import TRANSFORMS, Cancelled, Generators, check_generators, exact_dtype, pgd
@@ -96,33 +96,6 @@ class ProtectionReport:
     seconds: float
 
 
-def _from_pil(image: Image.Image) -> Tensor:
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        gray = np.asarray(image, dtype=np.float64) / 65535.0
-        image = Image.fromarray(np.round(gray.clip(0, 1) * 255).astype(np.uint8)).convert("RGB")
-    elif image.mode == "RGBA":  # perturb the stored colours; the alpha is put back unchanged by _to_pil
-        image = image.convert("RGB")
-    elif image.mode in ("LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    else:
-        image = image.convert("RGB")
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
-
-
-def _to_pil(x: Tensor, clean: Tensor, eps: float, original: Image.Image) -> Image.Image:
-    """8-bit image of ``x``, rounded within the budget around the 8-bit ``clean`` image."""
-    levels, budget = (clean.float() * 255).round(), np.floor(eps * 255 + 1e-4)
-    pixels = (x.float() * 255).round().clamp(0, 255)
-    pixels = torch.minimum(torch.maximum(pixels, levels - budget), levels + budget)
-    pixels = pixels.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    out = Image.fromarray(pixels, "RGB")
-    if original.mode == "RGBA":
-        out.putalpha(ImageOps.exif_transpose(original).getchannel("A"))
-    return out
-
-
 def _validate(images: Tensor) -> None:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
@@ -153,7 +126,7 @@ def _target_latent(
     if target is None:
         pattern = default_target(*like.shape[-2:])
     elif isinstance(target, Image.Image):
-        pattern = _from_pil(target)
+        pattern = to_tensor(target)
     else:
         pattern = target if target.dim() == 4 else target.unsqueeze(0)
         _validate(pattern)
@@ -246,7 +219,7 @@ def protect(
     if is_pil:
         if not images or not all(isinstance(im, Image.Image) for im in images):
             raise ValueError("expected a non-empty list of PIL images or a tensor")
-        tensors = [_from_pil(im) for im in images]
+        tensors = [to_tensor(im) for im in images]
         if len({t.shape for t in tensors}) != 1:
             raise ValueError("PIL images must share one size to be protected as a batch; call protect per size")
         batch = torch.stack(tensors).to(next(vae.parameters()).device)
@@ -312,8 +285,8 @@ def protect(
         )
     seconds = time.perf_counter() - start
     if is_pil:  # the budget holds in 8-bit levels: |q - k| <= floor(255 eps)
-        outputs = [_to_pil(x, c, eps, im) for x, c, im in zip(protected, batch, images)]
-        final = torch.stack([_from_pil(im.convert("RGB")) for im in outputs]).to(batch.device)
+        outputs = [protected_image(x, c, eps, im) for x, c, im in zip(protected, batch, images)]
+        final = torch.stack([to_tensor(im.convert("RGB")) for im in outputs]).to(batch.device)
         linf = ((final * 255).round() - (batch * 255).round()).abs().flatten(1).amax(1).double() / 255
     else:
         outputs = final = protected

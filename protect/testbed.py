@@ -15,16 +15,16 @@ Detection scores are oriented "higher = more adversarial".
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
+
+from .purify import BENIGN as BENIGN_NAMES
+from .purify import PURIFICATIONS
 
 ATTACKS: tuple[str, ...] = ("fgsm", "pgd", "pgd_l2", "bim", "mim", "cw", "autoattack")
 L2_ATTACKS = frozenset({"pgd_l2", "cw"})
@@ -170,45 +170,7 @@ def _num_classes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- benign changes
 
 
-def jpeg(images01: Tensor, quality: int = 75) -> Tensor:
-    """JPEG re-compression: a PIL round trip through uint8 at ``quality``."""
-    out = []
-    for image in images01:
-        pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-        out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1))
-    return (torch.stack(out).to(images01) / 255).clamp(0, 1)
-
-
-def resize_roundtrip(images01: Tensor, scale: float = 0.5) -> Tensor:
-    """Downscale by ``scale`` (bilinear, antialiased) and back up to the original size (bilinear)."""
-    size = images01.shape[-2:]
-    small = F.interpolate(images01, scale_factor=scale, mode="bilinear", antialias=True, align_corners=False)
-    return F.interpolate(small, size=size, mode="bilinear", align_corners=False).clamp(0, 1)
-
-
-def gaussian_noise(images01: Tensor, std: float = 2 / 255, seed: int = 0) -> Tensor:
-    """Additive Gaussian noise of standard deviation ``std``, clipped to ``[0, 1]``."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(images01.shape, generator=g).to(images01)
-    return (images01 + std * noise).clamp(0, 1)
-
-
-def sign_noise(images01: Tensor, eps: float = 4 / 255, seed: int = 0) -> Tensor:
-    """Random ``+-eps`` per pixel (the L-inf budget of an attack, but no gradient), clipped to ``[0, 1]``."""
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, images01.shape, generator=g).to(images01) * 2 - 1
-    return (images01 + eps * signs).clamp(0, 1)
-
-
-BENIGN: dict[str, Callable[[Tensor], Tensor]] = {
-    "jpeg75": jpeg,
-    "resize_x0.5": resize_roundtrip,
-    "gauss_2/255": gaussian_noise,
-    "sign_4/255": sign_noise,
-}
+BENIGN: dict[str, Callable[[Tensor], Tensor]] = {name: PURIFICATIONS[name] for name in BENIGN_NAMES}
 
 
 # ----------------------------------------------------------------------------- baselines and metrics

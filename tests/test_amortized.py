@@ -55,8 +55,13 @@ def test_target_latents_are_periodic_and_cached(protector, vae):
     a = protector.target_latents(vae, 40, 24)  # stride 2, period 8 px = 4 latents
     assert a.shape == (3, 4, 20, 12)
     assert torch.equal(a[..., :4, :4], a[..., 4:8, 8:12])
-    assert protector.target_latents(vae, 18, 64).shape == (3, 4, 9, 32)
-    assert len(protector.__dict__["_target_cache"]) == 1  # one encoded period serves every size
+    calls = []
+    handle = vae.encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        assert protector.target_latents(vae, 18, 64).shape == (3, 4, 9, 32)
+    finally:
+        handle.remove()
+    assert calls == []  # one encoded period serves every size: nothing is encoded again
 
 
 def test_strength_map_spends_more_on_texture():

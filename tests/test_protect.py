@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -170,22 +168,7 @@ def test_pil_round_trip_keeps_size_mode_and_budget(images, vae):
     assert max(report.linf) <= EPS
 
 
-def test_pil_inputs_are_converted(vae):
-    from protect.protect import _from_pil
-
-    rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
-    assert torch.equal(_from_pil(rgba), torch.zeros(3, 32, 32))  # RGBA: the stored colours, alpha kept aside
-    la = Image.new("LA", (32, 32), (0, 0))
-    assert torch.equal(_from_pil(la), torch.ones(3, 32, 32))  # other transparent modes: composited on white
-    gray16 = Image.fromarray(np.full((32, 32), 65535 // 2, dtype=np.uint16))
-    assert gray16.mode.startswith("I") and torch.allclose(_from_pil(gray16), torch.full((3, 32, 32), 0.5), atol=1 / 255)
-    gray = _from_pil(Image.new("L", (32, 32), 51))
-    assert torch.allclose(gray, torch.full((3, 32, 32), 0.2))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees on display
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 16)).save(buffer, "JPEG", exif=exif.tobytes())
-    assert _from_pil(Image.open(buffer)).shape == (3, 32, 16)
+def test_rgba_inputs_keep_their_alpha(vae):
     source = Image.new("RGBA", (32, 32), (200, 10, 10, 128))
     out, _ = protect([source], vae=vae, steps=1, generator=_gen())
     assert out[0].mode == "RGBA" and out[0].getchannel("A").getextrema() == (128, 128)

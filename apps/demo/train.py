@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from protect.metrics import frechet_distance
 
+from ..models import best_device
 from .classifier import ShapeClassifier, accuracy, batched, load_classifier
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, contact_sheet, generate
 
@@ -759,7 +760,7 @@ def main(argv: Iterable[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else best_device()[0]
     command = "python -m apps.demo.train " + " ".join(sys.argv[1:] if argv is None else list(argv))
     run = Run(
         args.out,

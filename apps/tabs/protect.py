@@ -14,7 +14,15 @@ from ..cost import Costs, check_budget, protect_seconds
 from ..disk import OutputFolders
 from ..files import perturbation_image, restore_mode, save_new
 from ..jobs import Job, Limits, duration, gradio_alive
-from ..services import PGD_TILE, PROTECT_METHODS, mimicry_preview, protect_image
+from ..services import (
+    EPS_255,
+    PGD_STEPS,
+    PGD_TILE,
+    PROTECT_METHODS,
+    check_protect_options,
+    mimicry_preview,
+    protect_image,
+)
 from .common import EXAMPLES, IMAGE_TYPES, LANES, decode_uploads, examples_available, upload_sizes
 
 
@@ -50,14 +58,10 @@ def protect_tab(
             eps, steps, seed = float(eps), int(steps), int(seed)
         except (TypeError, ValueError):
             raise gr.Error("eps, steps and seed must be numbers") from None
-        if method not in PROTECT_METHODS:
-            raise gr.Error(f"method must be one of {PROTECT_METHODS}, got {method!r}")
-        if not 1 <= eps <= 32:
-            raise gr.Error(f"eps must be between 1 and 32 (in 1/255 units), got {eps:g}")
-        if not 1 <= steps <= 500:
-            raise gr.Error(f"steps must be between 1 and 500, got {steps}")
-        if not 0 <= seed < 2**63:
-            raise gr.Error(f"seed must be a non-negative integer, got {seed}")
+        try:
+            check_protect_options(method, eps, steps, seed)
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
         sizes = upload_sizes(files, limits)
         if costs is not None:
             estimate = protect_seconds(costs, [s for _, s in sizes], method, steps, PGD_TILE, bool(preview))
@@ -161,8 +165,8 @@ def protect_tab(
                     elem_id="protect-files",
                 )
                 protect_method = gr.Radio(list(PROTECT_METHODS), value="amortized", label="method")
-                protect_eps = gr.Slider(1, 32, value=8, step=1, label="budget eps (in 1/255)")
-                protect_steps = gr.Slider(1, 500, value=50, step=1, label="PGD steps (photoguard, mist)")
+                protect_eps = gr.Slider(*EPS_255, value=8, step=1, label="budget eps (in 1/255)")
+                protect_steps = gr.Slider(*PGD_STEPS, value=50, step=1, label="PGD steps (photoguard, mist)")
                 protect_seed = gr.Number(0, precision=0, label="seed")
                 protect_preview = gr.Checkbox(True, label="mimicry preview (SDEdit by the demo DiT, before/after)")
                 with gr.Row():
