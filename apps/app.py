@@ -27,10 +27,11 @@ from typing import Any
 
 from . import services
 from .cost import Costs
+from .device import best_device
 from .disk import OutputFolders
 from .files import MAX_BYTES
 from .jobs import Limits
-from .models import DEFAULT_MODEL, best_device, listed_models
+from .models import DEFAULT_MODEL, listed_models
 from .tabs import detect_tab, generate_tab, protect_tab
 from .tabs.common import MAX_CONCURRENCY
 from .tabs.generate import generation_models

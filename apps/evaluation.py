@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .models import best_device
+from .device import best_device
 
 PROTECTIONS = ("photoguard", "mist", "sds", "amortized", "amortized-full", "noise")
 EVAL_SEED = 3_000_017  # held-out images: a stream neither the demo models nor the protector trained on

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 MODELS_TXT = Path(__file__).resolve().parents[1] / "models.txt"
 DEFAULT_MODEL = "demo/dit"
 
@@ -34,10 +32,3 @@ def resolve(name: str) -> str:
 
         return str(model_path(name.removeprefix("demo/")))
     return name
-
-
-def best_device() -> tuple[torch.device, torch.dtype]:
-    """The GPU in half precision when there is one (bf16 where supported), else the CPU in float32."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.device("cpu"), torch.float32

@@ -26,8 +26,9 @@ from protect import Step
 from protect.images import composite_rgb
 
 from .cost import Costs
+from .device import best_device
 from .generate import Request, class_names, generate
-from .models import DEFAULT_MODEL, best_device, resolve
+from .models import DEFAULT_MODEL, resolve
 
 PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
 MIST_MAX_SIDE = 256  # Mist's semantic part, the demo DiT, attends over all latent tokens: memory ~ pixels^2

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from apps.demo import CLASS_NAMES, generate, load_classifier
-from apps.models import best_device
+from apps.device import best_device
 from apps.services import load_pipeline
 from benchmarks.quality import contact_sheet, measure, table
 from guidance import APG, CFG, PAG, TPG, SoftPAG, guide

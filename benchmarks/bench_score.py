@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMPipeline
 
 from apps.demo import generate, load_classifier, model_path
-from apps.models import best_device
+from apps.device import best_device
 from common import device_name
 from guidance.score_pipeline import ScoreSamplingPipeline
 from quality import measure, table

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from apps.models import best_device
+from apps.device import best_device
 from guidance import guide
 
 SDXL_UNET = dict(

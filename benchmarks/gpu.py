@@ -549,7 +549,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from apps.models import best_device
+    from apps.device import best_device
 
     args = parse_args(argv)
     device = args.device or ("cpu" if args.dry_run else str(best_device()[0]))

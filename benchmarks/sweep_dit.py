@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from apps.demo import CLASS_NAMES, generate, load_classifier
-from apps.models import best_device
+from apps.device import best_device
 from apps.services import load_pipeline
 from benchmarks.bench_quality_dit import sample
 from benchmarks.quality import contact_sheet, measure

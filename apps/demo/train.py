@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from protect.metrics import frechet_distance
 
-from ..models import best_device
+from ..device import best_device
 from .classifier import ShapeClassifier, accuracy, batched, load_classifier
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, contact_sheet, generate
 
