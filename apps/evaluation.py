@@ -15,9 +15,12 @@ from typing import Any
 
 import torch
 
+from protect.protect import METHODS
+
 from .device import best_device
 
-PROTECTIONS = ("photoguard", "mist", "sds", "amortized", "amortized-full", "noise")
+# protect()'s methods, the amortized protector with the full budget on flat regions, and the naive baseline
+PROTECTIONS = (*METHODS, "amortized-full", "noise")
 EVAL_SEED = 3_000_017  # held-out images: a stream neither the demo models nor the protector trained on
 
 

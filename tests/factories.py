@@ -94,7 +94,7 @@ def t5_tokenizer() -> T5TokenizerFast:
 # --------------------------------------------------------------------------- components
 
 
-def _clip_config() -> CLIPTextConfig:
+def clip_config() -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=CLIP_HIDDEN,
@@ -113,12 +113,12 @@ def _clip_config() -> CLIPTextConfig:
 
 def _clip_text_model(seed: int = SEED) -> CLIPTextModel:
     torch.manual_seed(seed)
-    return CLIPTextModel(_clip_config()).eval()
+    return CLIPTextModel(clip_config()).eval()
 
 
 def _clip_text_model_with_projection(seed: int = SEED) -> CLIPTextModelWithProjection:
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(_clip_config()).eval()
+    return CLIPTextModelWithProjection(clip_config()).eval()
 
 
 def _t5_encoder(d_model: int = 32, seed: int = SEED) -> T5EncoderModel:

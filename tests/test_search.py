@@ -21,7 +21,7 @@ from guidance.search import (
     prompt_kwargs,
     save_heads,
 )
-from tests.factories import _clip_config, clip_tokenizer
+from tests.factories import clip_config, clip_tokenizer
 from tests.test_pipeline import gen, get_pipe
 
 STEPS = 2
@@ -197,7 +197,7 @@ def test_clip_score_loads_by_path_and_is_the_scaled_cosine(tmp_path):
 
     vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
     config = CLIPConfig(
-        text_config=_clip_config().to_dict(),
+        text_config=clip_config().to_dict(),
         vision_config={**vision, "image_size": 32, "patch_size": 8},
         projection_dim=32,
     )
