@@ -41,6 +41,7 @@ from torch import nn
 
 from protect.losses import vae_stride
 
+from ..device import best_device
 from .photos import HELD_OUT, TRAIN, PhotoStream, benign_processing, held_out_photos
 from .train import (
     EMA,
@@ -579,7 +580,7 @@ def main(argv: Iterable[str] | None = None) -> Path:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else best_device()[0]
     command = "python -m apps.demo.train_photo " + " ".join(sys.argv[1:] if argv is None else list(argv))
     run = PhotoRun(
         name=args.model,
