@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from protect.testbed import auroc, flag_rate, high_frequency_energy, threshold_at_fpr, tpr_at_fpr
+from protect.metrics import auroc, flag_rate, threshold_at_fpr, tpr_at_fpr
+from protect.testbed import high_frequency_energy
 
 BENIGN = ("jpeg90", "jpeg75", "jpeg50", "resize0.5", "noise2", "blur1", "png", "webp", "16bit", "cmyk", "exif")
 PROTECTIONS = ("photoguard", "mist", "sds", "amortized")
