@@ -26,8 +26,8 @@ def test_the_demo_detector_gets_the_example_pair_right():
     detector is another one) on the pair, each image alone as the CLI scored it."""
     import torch
 
+    from apps.demo import load_score_model
     from protect import EPSDetector
-    from protect.testbed import load_score_model
 
     clean, adversarial = (Image.open(EXAMPLES / name) for name in ("clean-16.png", "pgd8-16.png"))
     difference = np.abs(np.asarray(clean, np.int16) - np.asarray(adversarial, np.int16))
