@@ -27,19 +27,36 @@ OUTPUT_AGE = 5.0
 
 
 @pytest.fixture(scope="module")
-def limited(detector_dir):  # noqa: F811
-    """The app with a 600 s budget, an 8 s time limit, outputs kept 5 s, hub models allowed, MCP on."""
+def limited(detector_dir, tmp_path_factory):  # noqa: F811
+    """The app with a 600 s budget, an 8 s time limit, outputs kept 5 s, hub models allowed, MCP on.
+
+    Its Gradio cache is a folder of its own: deleting files after 5 s (and all of them at shutdown) must not
+    touch the example files that the other test modules' apps cache under the same content-hashed names."""
+    import os
+
     from apps.app import build_app, launch_options
     from apps.jobs import Limits
 
+    saved = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-cache"))
     limits = Limits(max_seconds=600, time_limit=TIME_LIMIT, output_age=OUTPUT_AGE, allow_hub=True)
-    app = build_app("demo/dit", device="cpu", detector=detector_dir, limits=limits)
-    port = _free_port()
-    app.launch(
-        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(limits, True)
-    )
-    yield app, f"http://127.0.0.1:{port}/"
-    app.close()
+    try:
+        app = build_app("demo/dit", device="cpu", detector=detector_dir, limits=limits)
+        port = _free_port()
+        app.launch(
+            server_name="127.0.0.1",
+            server_port=port,
+            prevent_thread_lock=True,
+            quiet=True,
+            **launch_options(limits, True),
+        )
+        yield app, f"http://127.0.0.1:{port}/"
+        app.close()
+    finally:
+        if saved is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved
 
 
 @pytest.fixture(scope="module")
