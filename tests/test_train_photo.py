@@ -114,7 +114,16 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch
     exported = state(tmp_path / "exported" / "photo_vae")
     for key in straight:
         torch.testing.assert_close(exported[key], straight[key], rtol=0, atol=1e-6)
-    assert "exported from a checkpoint" in (tmp_path / "exported" / "photo_vae" / "README.md").read_text()
+    assert (
+        "EMA weights of a checkpoint of an unfinished run"
+        in (tmp_path / "exported" / "photo_vae" / "README.md").read_text()
+    )
+    run("vae", tmp_path / "raw", *flags, "--checkpoints", str(tmp_path / "ck"), "--export", "--export-weights", "raw")
+    saved_model = torch.load(tmp_path / "ck" / "photo_vae.pt", weights_only=True)["model"]
+    raw = state(tmp_path / "raw" / "photo_vae")
+    for key in raw:
+        torch.testing.assert_close(raw[key], saved_model[key], rtol=0, atol=0)
+    assert any(not torch.equal(raw[key], straight[key]) for key in raw)
 
 
 def test_export_without_a_checkpoint_is_refused(tmp_path: Path):

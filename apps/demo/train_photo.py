@@ -100,6 +100,7 @@ class PhotoRun:
     checkpoints: Path | None = None
     checkpoint_every: int = 100
     export: bool = False
+    export_weights: str = "ema"
     command: str = ""
 
     @property
@@ -284,7 +285,8 @@ def train_model(
         if not checkpoint.path.is_file():
             raise FileNotFoundError(f"no checkpoint to export at {checkpoint.path}")
         done = checkpoint.restore(model, optimiser, schedule, ema, losses)
-        ema.copy_to(model)
+        if run.export_weights == "ema":
+            ema.copy_to(model)
         model.eval()
         return losses, float("nan"), done
     losses, per_step = optimise(model, loss_fn, run.total_steps, run.peak_lr, f"photo_{run.name}", ema, checkpoint)
@@ -495,7 +497,8 @@ def write_card(run: PhotoRun, report: Report) -> Path:
     metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in report.metrics.items())
     pictures = "\n".join(f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png")))
     done = (
-        f"{report.steps} of {run.total_steps} planned (exported from a checkpoint of an unfinished run)"
+        f"{report.steps} of {run.total_steps} planned (the {run.export_weights.upper()} weights of a checkpoint of "
+        "an unfinished run)"
         if run.export
         else str(report.steps)
     )
@@ -517,7 +520,7 @@ below use them, at native resolution for the VAEs). Seeded square crops of {run.
 | batch size | {report.batch_size} |
 | crop | {run.crop_size} px |
 | optimiser | AdamW (weight decay 0.01), lr {report.lr:g}, warm-up, cosine decay over {run.total_steps} steps, clip 1 |
-| EMA | {EMA_DECAY} (with (1+t)/(10+t) warm-up); these are the EMA weights |
+| EMA | {EMA_DECAY} (with (1+t)/(10+t) warm-up); these are the {run.export_weights.upper()} weights |
 | device | {run.device.type} ({platform.machine()}, {torch.get_num_threads()} CPU thread(s)), float32 |
 | first loss | {_fmt(report.losses[0] if report.losses else float("nan"))} |
 | final loss (mean of last 10 % of steps) | {_fmt(final_loss(report.losses))} |
@@ -567,6 +570,13 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--export", action="store_true", help="no training: save the EMA weights of the checkpoint in --checkpoints"
     )
+    parser.add_argument(
+        "--export-weights",
+        choices=("ema", "raw"),
+        default="ema",
+        help="with --export: the EMA (default) or the raw weights of the checkpoint (early in a run, the EMA still "
+        "averages in the first steps)",
+    )
     args = parser.parse_args(None if argv is None else list(argv))
     for flag in ("steps", "batch_size", "crop", "checkpoint_every"):
         value = getattr(args, flag)
@@ -595,6 +605,7 @@ def main(argv: Iterable[str] | None = None) -> Path:
         checkpoints=args.checkpoints,
         checkpoint_every=args.checkpoint_every,
         export=args.export,
+        export_weights=args.export_weights,
         command=command,
     )
     start = time.perf_counter()
