@@ -15,11 +15,12 @@ start of every run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 SPACES = ("x0", "model")
 REGISTRY: dict[str, type[Guidance]] = {}
@@ -84,6 +85,14 @@ class Guidance:
     def update(self, pred_cond: Tensor, pred_other: Tensor, state: Any = None) -> Tensor:
         raise NotImplementedError
 
+    def save_state(self, state: Any) -> Any:
+        """A snapshot of the per-run state, taken before evaluations that must not count (the corrector's)."""
+        return copy.deepcopy(state)
+
+    def restore_state(self, state: Any, saved: Any) -> Any:
+        """The state to go on with after those evaluations: by default the snapshot (they left no trace)."""
+        return saved
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}
 
@@ -94,3 +103,45 @@ class Guidance:
         if name not in REGISTRY:
             raise ValueError(f"unknown guidance method {name!r}; known: {sorted(REGISTRY)}")
         return REGISTRY[name](**data)
+
+
+def perturbation_update(pred_cond: Tensor, pred_perturbed: Tensor, scale: float) -> Tensor:
+    """``s (eps_c - eps_ptb)``: the update of every weak-model guidance."""
+    return scale * (pred_cond - pred_perturbed)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionEdit:
+    """On an attention layer: ``(1 - u) SDPA(q, k, v) + u v`` on ``heads`` (all if ``None``); ``image_only``:
+    on joint attention, image tokens attend only to themselves among image tokens (and to all text tokens)."""
+
+    heads: tuple[int, ...] | None = None
+    strength: float = 1.0
+    image_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenShuffle:
+    """At a block's input: the tokens of the hidden states in a random order, drawn from the method's generator
+    (its per-run state)."""
+
+
+LayerEdit = AttentionEdit | TokenShuffle
+
+
+class Perturbation(Guidance):
+    """Base class of weak-model guidance (PAG, SoftPAG, TPG): ``D = D_c + s (D_c - D_weak)``.
+
+    The weak model is the denoiser with some layers edited; :meth:`edits` names them and says how
+    (:class:`AttentionEdit`, :class:`TokenShuffle`). ``guide()`` installs the edits as hooks that act only
+    on the batch rows of this method's branch, so every branch runs in one denoiser call.
+    """
+
+    branch: ClassVar[str] = "perturbed"
+
+    def update(self, pred_cond: Tensor, pred_other: Tensor, state: Any = None) -> Tensor:
+        return perturbation_update(pred_cond, pred_other, self.scale)
+
+    def edits(self, denoiser: nn.Module) -> dict[str, LayerEdit]:
+        """The layers of ``denoiser`` (by module name) that the weak model changes, and how."""
+        raise NotImplementedError

@@ -20,15 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from .layers import Selector
-from .method import Guidance, check_real, register
+from .layers import Selector, default_layers, select, self_attention_layers
+from .method import AttentionEdit, Perturbation, check_real, perturbation_update, register
 
-
-def perturbation_update(pred_cond: Tensor, pred_perturbed: Tensor, scale: float) -> Tensor:
-    """``s (eps_c - eps_ptb)``: the update of every weak-model guidance."""
-    return scale * (pred_cond - pred_perturbed)
+__all__ = ["PAG", "SoftPAG", "heads_by_layer", "layer_selection", "perturbation_update", "soft_identity"]
 
 
 def soft_identity(out: Tensor, value: Tensor, strength: float, heads: Sequence[int] | None = None) -> Tensor:
@@ -55,18 +52,9 @@ def layer_selection(layers: Any) -> tuple[Selector, ...] | Literal["auto"]:
     return tuple(layers)
 
 
-class _Perturbation(Guidance):
-    """Guidance away from a weak (perturbed) model: ``s (eps_c - eps_ptb)``."""
-
-    branch = "perturbed"
-
-    def update(self, pred_cond: Tensor, pred_other: Tensor, state: Any = None) -> Tensor:
-        return perturbation_update(pred_cond, pred_other, self.scale)
-
-
 @register("pag")
 @dataclasses.dataclass(frozen=True)
-class PAG(_Perturbation):
+class PAG(Perturbation):
     """Perturbed-Attention Guidance: identity self-attention in ``layers`` (see :mod:`guidance.layers`).
 
     ``layers="auto"``: the UNet's middle block, or the middle transformer block.
@@ -84,10 +72,16 @@ class PAG(_Perturbation):
         if self.joint not in ("full", "image"):
             raise ValueError(f"joint must be 'full' or 'image', got {self.joint!r}")
 
+    def edits(self, denoiser: nn.Module) -> dict[str, AttentionEdit]:
+        attention = self_attention_layers(denoiser)
+        layers = default_layers(attention) if self.layers == "auto" else self.layers
+        edit = AttentionEdit(image_only=self.joint == "image")
+        return dict.fromkeys(select(attention, layers, "self-attention layer"), edit)
+
 
 @register("softpag")
 @dataclasses.dataclass(frozen=True)
-class SoftPAG(_Perturbation):
+class SoftPAG(Perturbation):
     """Head-level soft PAG: ``(1 - u) attention + u value`` on each ``(layer, head)`` of ``heads``."""
 
     _: dataclasses.KW_ONLY
@@ -105,6 +99,10 @@ class SoftPAG(_Perturbation):
                 raise ValueError(f"each head must be a (layer, head index >= 0) pair, got {pair!r}")
         check_real("strength", self.strength, low=0.0, high=1.0)
 
+    def edits(self, denoiser: nn.Module) -> dict[str, AttentionEdit]:
+        chosen = heads_by_layer(self_attention_layers(denoiser), self.heads)
+        return {name: AttentionEdit(tuple(heads), self.strength) for name, heads in chosen.items()}
+
     @classmethod
     def from_json(cls, path: str | Path, scale: float, *, top: int | None = None, **kwargs: Any) -> SoftPAG:
         """Load heads ranked by :func:`guidance.search.headhunter` (a JSON list of ``{"layer", "head"}``)."""
@@ -112,3 +110,15 @@ class SoftPAG(_Perturbation):
         ranked = data["heads"] if isinstance(data, dict) else data
         heads = tuple((item["layer"], int(item["head"])) for item in ranked[:top])
         return cls(scale, heads=heads, **kwargs)
+
+
+def heads_by_layer(attention: dict[str, nn.Module], pairs: tuple) -> dict[str, list[int]]:
+    """``(layer selector, head)`` pairs grouped by the attention layers they select; head indices checked."""
+    chosen: dict[str, set[int]] = {}
+    for layer, head in pairs:
+        for name, module in select(attention, [layer], "self-attention layer").items():
+            count = getattr(module, "heads", None)
+            if count is not None and head >= count:
+                raise ValueError(f"head {head} is out of range for {name}, which has {count} heads")
+            chosen.setdefault(name, set()).add(head)
+    return {name: sorted(heads) for name, heads in chosen.items()}

@@ -25,9 +25,11 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from .hooks import ACTIVE_RUN, attach
-from .layers import default_layers, select, self_attention_layers, transformer_blocks
-from .pag import PAG, SoftPAG, soft_identity
-from .tpg import TPG, shuffle_tokens
+from .method import AttentionEdit, Perturbation, TokenShuffle
+from .pag import heads_by_layer, soft_identity
+from .tpg import shuffle_tokens
+
+__all__ = ["active_run", "check_sdpa_processor", "heads_by_layer", "install"]
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -133,25 +135,27 @@ class _ShuffleHook(ModelHook):
 
 
 def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
-    """Hook every perturbation method of ``controller`` into ``denoiser``; returns the remover."""
-    attention = self_attention_layers(denoiser)
-    blocks = transformer_blocks(denoiser)
+    """Hook the edits of every perturbation method of ``controller`` into ``denoiser``; returns the remover.
+
+    Edits are validated (layer selectors, attention processors) before any hook is attached; the hooks of one
+    ``guide()`` are named after it, so pipelines sharing the denoiser can each have theirs.
+    """
     attention_rules: dict[str, list[tuple[int, list[int] | None, float, bool]]] = {}
     shuffles: dict[str, list[int]] = {}
     for i, method in enumerate(controller.methods):
-        if isinstance(method, PAG):
-            layers = default_layers(attention) if method.layers == "auto" else method.layers
-            for name in select(attention, layers, "self-attention layer"):
-                attention_rules.setdefault(name, []).append((i, None, 1.0, method.joint == "image"))
-        elif isinstance(method, SoftPAG):
-            for name, heads in heads_by_layer(attention, method.heads).items():
-                attention_rules.setdefault(name, []).append((i, heads, method.strength, False))
-        elif isinstance(method, TPG):
-            layers = default_layers(blocks) if method.layers == "auto" else method.layers
-            for name in select(blocks, layers, "transformer block"):
+        if not isinstance(method, Perturbation):
+            continue
+        for name, edit in method.edits(denoiser).items():
+            if isinstance(edit, AttentionEdit):
+                heads = list(edit.heads) if edit.heads is not None else None
+                attention_rules.setdefault(name, []).append((i, heads, edit.strength, edit.image_only))
+            elif isinstance(edit, TokenShuffle):
                 shuffles.setdefault(name, []).append(i)
+            else:
+                raise TypeError(f"{type(method).__name__}.edits() returned an unknown edit {edit!r}")
+    modules = dict(denoiser.named_modules())
     for name in attention_rules:
-        check_sdpa_processor(name, attention[name])
+        check_sdpa_processor(name, modules[name])
     hook_name = f"steerguard.perturb.{id(controller):x}"  # one per guide(): pipelines may share the denoiser
     detachers: list[Callable[[], None]] = []
 
@@ -161,9 +165,9 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
 
     try:
         for name, rules in attention_rules.items():
-            detachers.append(attach(attention[name], _AttentionHook(controller, name, rules), hook_name))
+            detachers.append(attach(modules[name], _AttentionHook(controller, name, rules), hook_name))
         for name, idx in shuffles.items():
-            detachers.append(attach(blocks[name], _ShuffleHook(controller, idx), hook_name))
+            detachers.append(attach(modules[name], _ShuffleHook(controller, idx), hook_name))
     except BaseException:
         remove()
         raise
@@ -192,14 +196,3 @@ def check_sdpa_processor(name: str, module: nn.Module) -> None:
             f"processor is {what} (enable_attention_slicing and xformers set such processors); use an SDPA "
             "processor: pipe.disable_attention_slicing(), or set_attn_processor(AttnProcessor2_0()) on the denoiser"
         )
-
-
-def heads_by_layer(attention: dict[str, nn.Module], pairs: tuple) -> dict[str, list[int]]:
-    chosen: dict[str, set[int]] = {}
-    for layer, head in pairs:
-        for name, module in select(attention, [layer], "self-attention layer").items():
-            count = getattr(module, "heads", None)
-            if count is not None and head >= count:
-                raise ValueError(f"head {head} is out of range for {name}, which has {count} heads")
-            chosen.setdefault(name, set()).add(head)
-    return {name: sorted(heads) for name, heads in chosen.items()}

@@ -18,11 +18,11 @@ import dataclasses
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .layers import Selector
-from .method import register
-from .pag import _Perturbation, layer_selection
+from .layers import Selector, default_layers, select, transformer_blocks
+from .method import Perturbation, TokenShuffle, register
+from .pag import layer_selection
 
 
 def shuffle_tokens(hidden: Tensor, generator: torch.Generator) -> Tensor:
@@ -33,7 +33,7 @@ def shuffle_tokens(hidden: Tensor, generator: torch.Generator) -> Tensor:
 
 @register("tpg")
 @dataclasses.dataclass(frozen=True)
-class TPG(_Perturbation):
+class TPG(Perturbation):
     """Token Perturbation Guidance: token shuffle at the input of the blocks chosen by ``layers``."""
 
     _: dataclasses.KW_ONLY
@@ -46,5 +46,17 @@ class TPG(_Perturbation):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
 
+    def edits(self, denoiser: nn.Module) -> dict[str, TokenShuffle]:
+        blocks = transformer_blocks(denoiser)
+        layers = default_layers(blocks) if self.layers == "auto" else self.layers
+        return dict.fromkeys(select(blocks, layers, "transformer block"), TokenShuffle())
+
     def new_state(self, family: str | None = None) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
+
+    def save_state(self, state: torch.Generator) -> None:
+        return None
+
+    def restore_state(self, state: torch.Generator, saved: None) -> torch.Generator:
+        """The generator goes on: the corrector's evaluations draw their own permutations."""
+        return state

@@ -304,3 +304,29 @@ def test_sd3_joint_modes_against_the_diffusers_sd3_pag_pipeline(qk_norm):
         assert image > 1e-2  # measured 0.054: diffusers drops the QK-norm, we keep it
     else:
         assert image < 1e-4
+
+
+def test_a_new_perturbation_is_a_perturbation_subclass_with_its_edits():
+    import dataclasses
+
+    from guidance.method import AttentionEdit, Perturbation
+
+    @dataclasses.dataclass(frozen=True)
+    class MidIdentity(Perturbation):  # PAG on the middle block, written against the public base class
+        def edits(self, denoiser):
+            return dict.fromkeys(select(self_attention_layers(denoiser), ["mid"], "layer"), AttentionEdit())
+
+    @dataclasses.dataclass(frozen=True)
+    class Unknown(Perturbation):
+        def edits(self, denoiser):
+            return {"mid_block.attentions.0.transformer_blocks.0.attn1": "shuffle"}
+
+    pipe = get_pipe("sd")
+    with guide(pipe, CFG(3.0), PAG(2.0, layers="mid")):
+        expected = run(pipe)
+    with guide(pipe, CFG(3.0), MidIdentity(2.0)):
+        assert_images_close(run(pipe), expected, atol=0)
+    snapshot = _snapshot(pipe)
+    with pytest.raises(TypeError, match="unknown edit"), guide(pipe, CFG(3.0), PAG(2.0), Unknown(1.0)):
+        pass
+    assert _snapshot(pipe) == snapshot

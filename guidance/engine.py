@@ -1,0 +1,285 @@
+"""The per-call branch engine of ``guide()``: one denoiser call of a pipeline step becomes every branch's prediction,
+combined by the methods into what the pipeline expects.
+
+A :class:`Run` lives for one pipeline call: the methods' per-run states, the batch rows of the perturbed branches
+(read by the perturbation hooks), the corrector's state. Each denoiser evaluation is described by a :class:`Step`
+record (its input, timesteps, the rows of the conditional branch, where in the run it is, and whether this step
+runs the unconditional branch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import prediction as P
+from .cfg import CFG
+from .families import schedule_of, steps_of_the_call
+from .samplers import langevin_correct
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One denoiser evaluation of a pipeline step."""
+
+    #: the denoiser's input (all rows of the call) and timesteps
+    x: Tensor
+    t: Tensor
+    #: the rows of the conditional branch in ``x``
+    cond_rows: slice
+    #: ``i / n`` for the i-th of the ``n`` steps of the call
+    fraction: float
+    #: whether this step runs the pipeline's unconditional branch
+    has_uncond: bool
+
+    @property
+    def rows(self) -> int:
+        """How many samples the call makes (the conditional rows)."""
+        return self.cond_rows.stop - self.cond_rows.start
+
+
+def _map_batched(value: Any, fn: Callable[[Tensor], Tensor], n: int) -> Any:
+    """Apply ``fn`` to every tensor in ``value`` (nested in dicts, lists, tuples) whose batch size is ``n``."""
+    if isinstance(value, Tensor):
+        return fn(value) if value.ndim >= 1 and value.shape[0] == n else value
+    if isinstance(value, dict):
+        return {key: _map_batched(item, fn, n) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_map_batched(item, fn, n) for item in value)
+    return value
+
+
+def _prediction(output: Any) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _with_prediction(output: Any, pred: Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (pred, *output[1:])
+    output.sample = pred
+    return output
+
+
+class Run:
+    """Per-call state: method states, batch rows of the perturbed branches, the pending conditional output.
+
+    ``controller`` is the ``guide()`` controller of the pipeline (its family, methods, corrector, pipeline,
+    denoiser parameter names and ``sequential`` choice).
+    """
+
+    def __init__(self, controller: Any, pipeline_scale: float, has_uncond: bool) -> None:
+        self.controller = controller
+        self.family = controller.family
+        self.pipeline_scale = pipeline_scale
+        #: whether the call runs an unconditional branch (a step may not: see :meth:`step_of`)
+        self.has_uncond = has_uncond
+        methods = controller.methods
+        if has_uncond and not any(m.branch == "uncond" for m in methods):
+            methods = (*methods, CFG(pipeline_scale))  # the pipeline's own CFG, composed with perturbations
+        self.methods = methods
+        self.states = [m.new_state(self.family.name) for m in methods]
+        self.perturbations = [i for i, m in enumerate(methods) if m.branch == "perturbed"]
+        #: batch rows each perturbation acts on during the current denoiser call (read by the hooks)
+        self.rows: dict[int, slice | None] = dict.fromkeys(self.perturbations)
+        self.pending: tuple[Step, Tensor, dict[int, Tensor]] | None = None
+        self.schedule = schedule_of(controller.pipe.scheduler)
+        self.evaluations = 0
+        self.total: int | None = None
+        self.correction: tuple[Tensor, Tensor] | None = None  # (model input before, after) the last correction
+        corrector = controller.corrector
+        self.corrector_generator = torch.Generator().manual_seed(corrector.seed) if corrector is not None else None
+
+    # -- one denoiser call ------------------------------------------------------------------------------------
+    def forward(self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor) -> Any:
+        has_uncond = self.has_uncond and self._pipeline_cfg_on()
+        if self.family.layout == "sequential" and has_uncond and self.pending is not None:
+            output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
+            return _with_prediction(output, self._finish_sequential(x, t, _prediction(output)))
+        step = self.step_of(x, t, has_uncond)
+        if self.controller.corrector is not None:
+            step, inputs = self._correct(call, inputs, step)
+        output, pred, perturbed = self._branches(call, inputs, step)
+        return _with_prediction(output, self._combine(step, pred, perturbed))
+
+    def step_of(self, x: Tensor, t: Tensor, has_uncond: bool) -> Step:
+        """The record of the denoiser evaluation of one step (the branch layout is read anew at every step: a
+        step-end callback such as diffusers' SDCFGCutoffCallback may switch the pipeline's CFG off)."""
+        n = x.shape[0]
+        if has_uncond and self.family.layout != "sequential":
+            if n % 2:
+                raise RuntimeError(f"{self.family.name}: expected a CFG batch of even size, got {n}")
+            cond_rows = slice(n // 2, n) if self.family.layout == "uncond_cond" else slice(0, n // 2)
+        else:
+            cond_rows = slice(0, n)
+        return Step(x, t, cond_rows, self._fraction(), has_uncond)
+
+    def _branches(self, call, inputs, step: Step) -> tuple[Any, Tensor, dict[int, Tensor]]:
+        """Evaluate the denoiser on the call's rows and on every active perturbation's copy of the cond rows."""
+        cond_rows = step.cond_rows
+        n, b = step.x.shape[0], step.rows
+        active = [i for i in self.perturbations if self.methods[i].active(step.fraction)]
+        if not active:
+            output = call(*inputs[0], **inputs[1])
+            return output, _prediction(output), {}
+        if self.controller.sequential:
+            output = call(*inputs[0], **inputs[1])
+            cond_only = self._rebind(inputs, lambda v: v[cond_rows], n)
+            perturbed = {i: self._perturbed_call(call, cond_only, {i: slice(None)})[i] for i in active}
+            return output, _prediction(output), perturbed
+        expanded = self._rebind(inputs, lambda v: torch.cat([v, *[v[cond_rows]] * len(active)]), n)
+        rows = {i: slice(n + j * b, n + (j + 1) * b) for j, i in enumerate(active)}
+        output, everything = self._perturbed_call(call, expanded, rows, keep_output=True)
+        return output, everything[:n], {i: everything[r] for i, r in rows.items()}
+
+    def _correct(self, call, inputs, step: Step) -> tuple[Step, tuple[tuple, dict]]:
+        """Langevin corrector steps on the noisy sample at this level, with the guided score (Song et al. 2021)."""
+        corrector = self.controller.corrector
+        x, t, cond_rows = step.x, step.t, step.cond_rows
+        n, b = x.shape[0], step.rows
+        t_cond = t[cond_rows] if t.numel() > 1 else t.expand(b)
+        alpha, sigma = self.schedule.alpha_sigma(t_cond)
+        if alpha.min() < 1e-4:  # pure noise (flow matching at sigma = 1): nothing to correct, and no VE scale
+            return step, inputs
+        a = P.broadcast(alpha, x[cond_rows])
+        coef_a, coef_b = (P.broadcast(c, x[cond_rows]) for c in self.schedule.coefficients(alpha, sigma))
+        # the corrector's evaluations must not advance the methods' per-run state (APG's momentum)
+        saved = [m.save_state(st) for m, st in zip(self.methods, self.states)]
+
+        def denoise(x_ve: Tensor, _sigma: Tensor) -> Tensor:  # guided x0 on the VE scale x0 + (sigma / alpha) eps
+            x_in = (x_ve * a).to(x.dtype)
+            at = dataclasses.replace(step, x=x_in.repeat(n // b, *[1] * (x.ndim - 1)))
+            _, pred, perturbed = self._branches(call, self._with_sample(inputs, at.x), at)
+            g = self._guided_rows(at, pred, perturbed)
+            return coef_a * x_in.float() + coef_b * g.float()
+
+        x_cond = x[cond_rows]
+        x_ve, _ = langevin_correct(
+            denoise,
+            x_cond.float() / a,
+            sigma / alpha,
+            steps=corrector.steps,
+            snr=corrector.snr,
+            generator=self.corrector_generator,
+        )
+        self.states = [m.restore_state(st, old) for m, st, old in zip(self.methods, self.states, saved)]
+        corrected = (x_ve * a).to(x.dtype)
+        self.correction = (x_cond, corrected)
+        x_all = corrected.repeat(n // b, *[1] * (x.ndim - 1))
+        return dataclasses.replace(step, x=x_all), self._with_sample(inputs, x_all)
+
+    def _pipeline_cfg_on(self) -> bool:
+        """Whether the pipeline still runs its CFG batch this step (its ``do_classifier_free_guidance``, if any)."""
+        if self.family.layout == "sequential":
+            return True
+        return bool(getattr(self.controller.pipe, "do_classifier_free_guidance", True))
+
+    def _with_sample(self, inputs: tuple[tuple, dict], x: Tensor) -> tuple[tuple, dict]:
+        args, kwargs = inputs
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, self.controller.parameter_names[0]: x}
+
+    def apply_correction(self, sample: Tensor) -> Tensor:
+        """The scheduler's ``sample`` moved by the last correction (model inputs are ``c * sample``)."""
+        if self.correction is None:
+            return sample
+        before, after = self.correction
+        self.correction = None
+        rows = sample[: before.shape[0]].float()
+        scale = (before.float() * rows).sum() / rows.square().sum()  # x_in = c * latents
+        delta = ((after.float() - before.float()) / scale).to(sample.dtype)
+        return sample + delta.repeat(sample.shape[0] // delta.shape[0], *[1] * (sample.ndim - 1))
+
+    def _perturbed_call(self, call, inputs, rows, keep_output=False):
+        self.rows.update(rows)
+        try:
+            output = call(*inputs[0], **inputs[1])
+        finally:
+            self.rows.update(dict.fromkeys(rows))
+        pred = _prediction(output)
+        return (output, pred) if keep_output else {i: pred for i in rows}
+
+    def _rebind(self, inputs: tuple[tuple, dict], fn: Callable[[Tensor], Tensor], n: int) -> tuple[tuple, dict]:
+        """The call's arguments with ``fn`` applied along the batch (names in ``family.unbatched`` untouched)."""
+        args, kwargs = inputs
+        names = self.controller.parameter_names
+        skip = self.family.unbatched
+        return (
+            tuple(v if names[i] in skip else _map_batched(v, fn, n) for i, v in enumerate(args)),
+            {k: v if k in skip else _map_batched(v, fn, n) for k, v in kwargs.items()},
+        )
+
+    def _fraction(self) -> float:
+        """``i / n`` for the i-th of the ``n`` denoising steps this call runs (read at its first evaluation)."""
+        if self.total is None:
+            self.total = steps_of_the_call(self.controller.pipe)
+        fraction = min(self.evaluations / self.total, 1 - 1e-9)
+        self.evaluations += 1
+        return fraction
+
+    # -- combining the branches ------------------------------------------------------------------------------
+    def _combine(self, step: Step, pred: Tensor, perturbed: dict[int, Tensor]) -> Tensor:
+        """The output the pipeline expects: its own CFG combination of it is the guided prediction."""
+        x = step.x
+        channels = x.shape[1]
+        learned_sigma = x.ndim == 4 and pred.shape[1] == 2 * channels
+        rest = pred[:, channels:] if learned_sigma else None
+        if step.has_uncond and self.family.layout == "sequential":  # FLUX's conditional call: wait for the other
+            perturbed = {i: p[:, :channels] if learned_sigma else p for i, p in perturbed.items()}
+            self.pending = (step, pred[step.cond_rows], perturbed)
+            eps = pred
+        else:
+            g = self._guided_rows(step, pred, perturbed)
+            eps = g.repeat(x.shape[0] // g.shape[0], *[1] * (g.ndim - 1))
+        return eps if rest is None else torch.cat([eps, rest], dim=1)
+
+    def _guided_rows(self, step: Step, pred: Tensor, perturbed: dict[int, Tensor]) -> Tensor:
+        """The guided prediction for the cond rows of a batched call (learned-sigma channels dropped)."""
+        x, t, cond_rows = step.x, step.t, step.cond_rows
+        channels = x.shape[1]
+        if x.ndim == 4 and pred.shape[1] == 2 * channels:
+            pred = pred[:, :channels]
+            perturbed = {i: p[:, :channels] for i, p in perturbed.items()}
+        cond = pred[cond_rows]
+        if not step.has_uncond:
+            return self.guided(x, t, cond, None, perturbed, step.fraction)
+        uncond_rows = slice(0, cond.shape[0]) if cond_rows.start else slice(cond.shape[0], None)
+        x_half, t_half = x[cond_rows], (t[cond_rows] if t.numel() > 1 else t)
+        return self.guided(x_half, t_half, cond, pred[uncond_rows], perturbed, step.fraction)
+
+    def _finish_sequential(self, x: Tensor, t: Tensor, uncond: Tensor) -> Tensor:
+        step, cond, perturbed = self.pending
+        self.pending = None
+        if step.x.data_ptr() != x.data_ptr() or step.x.shape != x.shape:
+            raise RuntimeError("the unconditional call did not follow the conditional one on the same latents")
+        g = self.guided(x, t, cond, uncond, perturbed, step.fraction).float()
+        s = self.pipeline_scale  # the pipeline then computes u + s (c - u); solve it for u
+        return ((g - s * cond.float()) / (1 - s)).to(uncond.dtype)
+
+    def guided(self, x, t, cond, uncond, perturbed, fraction) -> Tensor:
+        """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype."""
+        if x.ndim == cond.ndim and x.shape[1] > cond.shape[1]:  # SD inpainting: mask and image channels follow
+            x = x[:, : cond.shape[1]]
+        x32, cond32 = x.float(), cond.float()
+        total = cond32.clone()
+        coefs = None
+        for i, (method, state) in enumerate(zip(self.methods, self.states)):
+            if not method.active(fraction):
+                continue
+            other = uncond if method.branch == "uncond" else perturbed.get(i)
+            if other is None:
+                continue
+            other32 = other.float()
+            if method.space == "x0":
+                if coefs is None:
+                    a, b = self.schedule.coefficients(*self.schedule.alpha_sigma(t.expand(x.shape[0])))
+                    coefs = P.broadcast(a, x32), P.broadcast(b, x32)
+                a, b = coefs
+                total += method.update(a * x32 + b * cond32, a * x32 + b * other32, state) / b
+            else:
+                total += method.update(cond32, other32, state)
+        return total.to(cond.dtype)

@@ -1,0 +1,169 @@
+"""Which diffusers pipelines ``guide()`` serves, how each lays out its guidance branches, and their noise schedules.
+
+A :class:`Family` names the pipeline classes it serves, the denoiser attribute, the branch layout of one step,
+the argument that switches the unconditional branch on and the call arguments refused inside ``guide()``.
+:func:`schedule_of` reads a scheduler's noise schedule and prediction type (duck-typed);
+:func:`steps_of_the_call` how many denoising steps the running call makes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import prediction as P
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How a family of pipelines lays out its guidance branches."""
+
+    name: str
+    classes: tuple[str, ...]
+    denoiser: str
+    #: "uncond_cond" / "cond_uncond": one batched call, halves in this order;
+    #: "sequential": a conditional call, then an unconditional one (FLUX true CFG)
+    layout: str
+    #: the ``__call__`` argument whose value > 1 switches the unconditional branch on
+    scale_arg: str
+    #: the denoiser sees ``timestep / timestep_divisor`` (FLUX: 1000)
+    timestep_divisor: float = 1.0
+    #: call arguments that would bypass or double the guidance, with the reason
+    refused: tuple[tuple[str, str], ...] = ()
+    #: denoiser arguments without a batch dimension
+    unbatched: tuple[str, ...] = ()
+    #: joint attention puts the text tokens before the image tokens (FLUX) rather than after (SD3)
+    text_first: bool = False
+
+
+_RESCALE = ("guidance_rescale", "CFG rescaling inside the pipeline would act on the already guided prediction")
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "sd",
+        (
+            "StableDiffusionPipeline",
+            "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionInpaintPipeline",
+            "StableDiffusionControlNetPipeline",
+            "StableDiffusionControlNetImg2ImgPipeline",
+            "StableDiffusionControlNetInpaintPipeline",
+        ),
+        "unet",
+        "uncond_cond",
+        "guidance_scale",
+        refused=(_RESCALE,),
+    ),
+    Family(
+        "sdxl",
+        (
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "StableDiffusionXLInpaintPipeline",
+            "StableDiffusionXLControlNetPipeline",
+            "StableDiffusionXLControlNetImg2ImgPipeline",
+            "StableDiffusionXLControlNetInpaintPipeline",
+        ),
+        "unet",
+        "uncond_cond",
+        "guidance_scale",
+        refused=(_RESCALE,),
+    ),
+    Family(
+        "sd3",
+        (
+            "StableDiffusion3Pipeline",
+            "StableDiffusion3Img2ImgPipeline",
+            "StableDiffusion3InpaintPipeline",
+            "StableDiffusion3ControlNetPipeline",
+        ),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        refused=(("skip_guidance_layers", "skip-layer guidance calls the denoiser outside the CFG batch"),),
+    ),
+    Family(
+        "flux",
+        ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"),
+        "transformer",
+        "sequential",
+        "true_cfg_scale",
+        timestep_divisor=1000.0,
+        unbatched=("img_ids", "txt_ids"),
+        text_first=True,
+    ),
+    Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
+    Family("pixart", ("PixArtSigmaPipeline", "PixArtAlphaPipeline"), "transformer", "uncond_cond", "guidance_scale"),
+)
+
+
+def family_of(pipe: Any) -> Family:
+    """The :class:`Family` serving ``pipe`` (matched on its class and base classes)."""
+    names = [cls.__name__ for cls in type(pipe).__mro__]
+    for name in names:
+        for family in FAMILIES:
+            if name in family.classes:
+                return family
+    supported = ", ".join(c for f in FAMILIES for c in f.classes)
+    raise TypeError(
+        f"guide() cannot serve {type(pipe).__name__}: it is none of the supported pipelines ({supported}) "
+        "nor a subclass of one"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Maps a denoiser's timestep to ``(alpha, sigma)`` and its output to x0 (see :mod:`.prediction`)."""
+
+    alpha_sigma: Callable[[Tensor], tuple[Tensor, Tensor]]
+    coefficients: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def schedule_of(scheduler: Any) -> Schedule:
+    """Read the noise schedule and prediction type from a diffusers scheduler (duck-typed)."""
+    config = scheduler.config
+    name = type(scheduler).__name__
+    kind = config.get("prediction_type", "epsilon")
+    n_train = config.get("num_train_timesteps", 1000)
+    if P.is_flow_schedule(name, config):
+        return Schedule(
+            lambda t: P.flow(t.float() / n_train),
+            lambda a, s: P.x0_coefficients(a, s, "flow"),
+        )
+    if name.startswith("EDM"):
+        sigma_data = config["sigma_data"]
+        sign = -1.0 if kind == "v_prediction" else 1.0
+        return Schedule(
+            lambda t: P.edm(torch.exp(4 * t.float()), sigma_data),
+            lambda a, s: P.edm_x0_coefficients(a, s, sigma_data, sign),
+        )
+    if getattr(scheduler, "alphas_cumprod", None) is not None and kind in P.PREDICTION_TYPES:
+        if config.get("timestep_type", "discrete") == "continuous":
+            alpha_sigma = lambda t: P.ve_to_vp(torch.exp(4 * t.float()))
+        else:
+            cumprod = scheduler.alphas_cumprod
+            alpha_sigma = lambda t: P.vp_discrete(cumprod, t)
+        return Schedule(alpha_sigma, lambda a, s: P.x0_coefficients(a, s, kind))
+    raise TypeError(
+        f"guide() cannot read the noise schedule of {name}: it needs a flow-matching scheduler, an EDM scheduler "
+        f"or one with `alphas_cumprod` and prediction_type in {P.PREDICTION_TYPES} (got {kind!r})"
+    )
+
+
+def steps_of_the_call(pipe: Any) -> int:
+    """How many denoiser evaluations (one per step of a first-order scheduler) the running call makes.
+
+    Pipelines set ``_num_timesteps`` to the length of the timesteps their loop runs over, after cutting them
+    for ``strength``, ``denoising_start`` and ``denoising_end`` (``guide()`` clears it before each call). Otherwise
+    the scheduler's timesteps from its ``begin_index`` on.
+    """
+    count = vars(pipe).get("_num_timesteps")
+    if isinstance(count, int) and count > 0:
+        return count
+    scheduler = pipe.scheduler
+    timesteps = getattr(scheduler, "timesteps", None)
+    steps = (len(timesteps) if timesteps is not None else 0) - (getattr(scheduler, "begin_index", None) or 0)
+    return max(steps, 1)
