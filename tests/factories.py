@@ -147,8 +147,9 @@ def _vae(
     norm_num_groups: int = 32,
     flow: bool = False,
     seed: int = SEED,
+    latent_channels: int = 4,
 ) -> AutoencoderKL:
-    """KL autoencoder with ``latent_channels=4``; scale factor ``2 ** (len(block_out_channels) - 1)``.
+    """KL autoencoder (4 latent channels unless told); scale factor ``2 ** (len(block_out_channels) - 1)``.
 
     ``flow=True`` mirrors the SD3 / Flux VAE config (no quant convs, a shift factor).
     """
@@ -166,7 +167,7 @@ def _vae(
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=block_out_channels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=norm_num_groups,
         sample_size=IMAGE_SIZE,
         force_upcast=False,  # everything is float32; avoids SDXL img2img re-casting the VAE on every call
@@ -280,15 +281,17 @@ def tiny_sdxl(img2img: bool = False) -> DiffusionPipeline:
     return _finish(pipe)
 
 
-def tiny_sd3(img2img: bool = False) -> DiffusionPipeline:
-    """SD3-style MMDiT (1 layer, 4 heads of 8) with two projected CLIP encoders, a T5, and flow matching."""
+def tiny_sd3(img2img: bool = False, latent_channels: int = 4) -> DiffusionPipeline:
+    """SD3-style MMDiT (1 layer, 4 heads of 8) with two projected CLIP encoders, a T5, and flow matching.
+
+    ``latent_channels=16`` (SD3's own) is what diffusers' SD3 inpainting pipeline requires."""
     t5_dim = 2 * CLIP_HIDDEN  # CLIP hidden states are concatenated, then zero-padded to the T5 width
     torch.manual_seed(SEED)
     transformer = SD3Transformer2DModel(
         sample_size=16,
         patch_size=1,
-        in_channels=4,
-        out_channels=4,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         num_layers=1,
         attention_head_dim=8,
         num_attention_heads=4,
@@ -301,7 +304,7 @@ def tiny_sd3(img2img: bool = False) -> DiffusionPipeline:
     pipe = cls(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(flow=True),
+        vae=_vae(flow=True, latent_channels=latent_channels),
         text_encoder=_clip_text_model_with_projection(seed=SEED),
         tokenizer=clip_tokenizer(),
         text_encoder_2=_clip_text_model_with_projection(seed=SEED + 1),
@@ -546,7 +549,10 @@ def variant(family: str, kind: str) -> DiffusionPipeline:
     controlnet_img2img, controlnet_inpaint."""
     import diffusers
 
-    base = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[family]()
+    if (family, kind) == ("sd3", "inpaint"):
+        base = tiny_sd3(latent_channels=16)  # diffusers' SD3 inpainting wants SD3's 16 latent channels
+    else:
+        base = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[family]()
     components = dict(base.components)
     prefix = {"sd": "StableDiffusion", "sdxl": "StableDiffusionXL", "sd3": "StableDiffusion3", "flux": "Flux"}[family]
     if kind == "inpaint9":

@@ -22,6 +22,7 @@ CASES = [
     ("sdxl", "controlnet"),
     ("sdxl", "controlnet_img2img"),
     ("sdxl", "controlnet_inpaint"),
+    ("sd3", "inpaint"),
     ("sd3", "controlnet"),
     ("flux", "inpaint"),
     ("flux", "controlnet"),
