@@ -100,14 +100,26 @@ def detector_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(detector_dir):
+def server(detector_dir, tmp_path_factory):
+    """The app on a free port, with a Gradio cache of its own: an app's shutdown deletes its cached files, which
+    the next module's app (same process, same content-hashed names) may be receiving at that moment."""
+    import os
+
     from apps.app import build_app, launch_options
 
-    app = build_app("demo/dit", device="cpu", detector=detector_dir)
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
+    saved = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-cache"))
+    try:
+        app = build_app("demo/dit", device="cpu", detector=detector_dir)
+        port = _free_port()
+        app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
+        yield f"http://127.0.0.1:{port}/"
+        app.close()
+    finally:
+        if saved is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved
 
 
 @pytest.fixture(scope="module")
