@@ -680,7 +680,7 @@ def write_card(run: Run, report: Report) -> Path:
     d = DEFAULTS[report.name]
     record = {**asdict(report), "losses": [float(f"{x:.5g}") for x in report.losses], "command": run.command}
     (folder / "training.json").write_text(json.dumps(record) + "\n")
-    metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in report.metrics.items())
+    metrics = "\n".join(f"| {k} | {fmt_value(v)} |" for k, v in report.metrics.items())
     pictures = "\n".join(f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png")))
     text = f"""# steerguard demo model: {report.name}
 
@@ -701,8 +701,8 @@ metrics use a held-out stream of the same generator.
 | optimiser | AdamW (weight decay 0.01), lr {report.lr:g}, linear warm-up then cosine decay, grad clip 1.0 |
 | EMA | {"0.999 (with (1+t)/(10+t) warm-up)" if report.name in ("dit", "unet") else "none"} |
 | device | {run.device.type} ({platform.machine()}, {torch.get_num_threads()} CPU thread(s)), float32 |
-| first loss | {_fmt(report.losses[0] if report.losses else float("nan"))} |
-| final loss (mean of last 10 % of steps) | {_fmt(final_loss(report.losses))} |
+| first loss | {fmt_value(report.losses[0] if report.losses else float("nan"))} |
+| final loss (mean of last 10 % of steps) | {fmt_value(final_loss(report.losses))} |
 | time per step | {report.step_seconds:.3f} s |
 | wall time (training + evaluation + saving) | {report.seconds:.0f} s |
 | weights on disk (this folder) | {folder_size(folder) / 1e6:.2f} MB |
@@ -725,8 +725,28 @@ These weights come from a short CPU budget. For better samples, on a GPU:
     return card
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
+    """A metric as a model card shows it: floats to 4 significant digits."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, checkpoint_every: int) -> None:
+    """The options every demo training command shares: budget, seed, device, threads and checkpoints."""
+    parser.add_argument("--steps", type=int, help="training steps (default: per model, see DEFAULTS)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default: per model)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: per model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--checkpoints", type=Path, help="save a resumable checkpoint per model here (and resume from it if present)"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=checkpoint_every,
+        help=f"steps between checkpoints (default {checkpoint_every})",
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -737,21 +757,12 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m apps.demo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", choices=(*MODELS, "all"))
     parser.add_argument("--out", type=Path, required=True, help="output folder; each model goes to OUT/<name>/")
-    parser.add_argument("--steps", type=int, help="training steps (default: per model, see DEFAULTS)")
-    parser.add_argument("--batch-size", type=int, help="batch size (default: per model)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: per model)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    add_training_arguments(parser, checkpoint_every=250)
     parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="unet resolution (default 32)")
     parser.add_argument(
         "--eval-samples", type=int, help="images per evaluation (default: 200-2000; 10 when --steps < 100)"
     )
     parser.add_argument("--vae", type=Path, help="trained VAE folder for dit (default: OUT/vae)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--checkpoints", type=Path, help="save a resumable checkpoint per model here (and resume from it if present)"
-    )
-    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints (default 250)")
     return parser.parse_args(None if argv is None else list(argv))
 
 

@@ -47,8 +47,10 @@ from .train import (
     EMA,
     Checkpoint,
     Report,
+    add_training_arguments,
     diffusion_loss,
     final_loss,
+    fmt_value,
     folder_size,
     optimise,
     sampling_scheduler,
@@ -494,7 +496,7 @@ def write_card(run: PhotoRun, report: Report) -> Path:
     record = {**asdict(report), "losses": [float(f"{x:.5g}") for x in report.losses], "command": run.command}
     record["planned_steps"] = run.total_steps
     (folder / "training.json").write_text(json.dumps(record) + "\n")
-    metrics = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in report.metrics.items())
+    metrics = "\n".join(f"| {k} | {fmt_value(v)} |" for k, v in report.metrics.items())
     pictures = "\n".join(f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png")))
     done = (
         f"{report.steps} of {run.total_steps} planned (the {run.export_weights.upper()} weights of a checkpoint of "
@@ -522,8 +524,8 @@ below use them, at native resolution for the VAEs). Seeded square crops of {run.
 | optimiser | AdamW (weight decay 0.01), lr {report.lr:g}, warm-up, cosine decay over {run.total_steps} steps, clip 1 |
 | EMA | {EMA_DECAY} (with (1+t)/(10+t) warm-up); these are the {run.export_weights.upper()} weights |
 | device | {run.device.type} ({platform.machine()}, {torch.get_num_threads()} CPU thread(s)), float32 |
-| first loss | {_fmt(report.losses[0] if report.losses else float("nan"))} |
-| final loss (mean of last 10 % of steps) | {_fmt(final_loss(report.losses))} |
+| first loss | {fmt_value(report.losses[0] if report.losses else float("nan"))} |
+| final loss (mean of last 10 % of steps) | {fmt_value(final_loss(report.losses))} |
 | time per step | {report.step_seconds:.3f} s |
 | wall time (training + evaluation + saving) | {report.seconds:.0f} s |
 | weights on disk (this folder) | {folder_size(folder) / 1e6:.2f} MB |
@@ -545,10 +547,6 @@ These weights come from a short CPU budget. On a GPU:
     return card
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -557,16 +555,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m apps.demo.train_photo", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", choices=MODELS)
     parser.add_argument("--out", type=Path, required=True, help="output folder; the model goes to OUT/photo_<name>/")
-    parser.add_argument("--steps", type=int, help="training steps (default: per model, see DEFAULTS)")
-    parser.add_argument("--batch-size", type=int, help="batch size (default: per model)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: per model)")
+    add_training_arguments(parser, checkpoint_every=100)
     parser.add_argument("--crop", type=int, help="training crop size in pixels (default: per model)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--vae", type=Path, help="photo VAE folder for ldm (default: OUT/photo_vae)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--checkpoints", type=Path, help="save a resumable checkpoint here (resume from it if present)")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     parser.add_argument(
         "--export", action="store_true", help="no training: save the EMA weights of the checkpoint in --checkpoints"
     )
