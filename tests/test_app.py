@@ -103,23 +103,15 @@ def detector_dir(tmp_path_factory) -> Path:
 def server(detector_dir, tmp_path_factory):
     """The app on a free port, with a Gradio cache of its own: an app's shutdown deletes its cached files, which
     the next module's app (same process, same content-hashed names) may be receiving at that moment."""
-    import os
-
     from apps.app import build_app, launch_options
 
-    saved = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-cache"))
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-cache")))
         app = build_app("demo/dit", device="cpu", detector=detector_dir)
         port = _free_port()
         app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
         yield f"http://127.0.0.1:{port}/"
         app.close()
-    finally:
-        if saved is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = saved
 
 
 @pytest.fixture(scope="module")

@@ -32,15 +32,12 @@ def limited(detector_dir, tmp_path_factory):  # noqa: F811
 
     Its Gradio cache is a folder of its own: deleting files after 5 s (and all of them at shutdown) must not
     touch the example files that the other test modules' apps cache under the same content-hashed names."""
-    import os
-
     from apps.app import build_app, launch_options
     from apps.jobs import Limits
 
-    saved = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio-cache"))
     limits = Limits(max_seconds=600, time_limit=TIME_LIMIT, output_age=OUTPUT_AGE, allow_hub=True)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-cache")))
         app = build_app("demo/dit", device="cpu", detector=detector_dir, limits=limits)
         port = _free_port()
         app.launch(
@@ -52,11 +49,6 @@ def limited(detector_dir, tmp_path_factory):  # noqa: F811
         )
         yield app, f"http://127.0.0.1:{port}/"
         app.close()
-    finally:
-        if saved is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = saved
 
 
 @pytest.fixture(scope="module")
