@@ -599,3 +599,32 @@ def variant_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
         )
         kwargs[key] = control
     return kwargs
+
+
+def pipeline_snapshot(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """What ``guide()`` must leave as it found it: classes, attributes, hooks, processors, modules, weights."""
+    from guidance.pipeline import family_of
+
+    denoiser = getattr(pipe, family_of(pipe).denoiser)
+    return {
+        "class": type(pipe),
+        "denoiser_class": type(denoiser),
+        "denoiser_attrs": sorted(vars(denoiser)),
+        "module_state": {
+            name: (type(m), sorted(vars(m)), len(m._forward_hooks), len(m._forward_pre_hooks))
+            for name, m in denoiser.named_modules()
+        },
+        "forward": getattr(denoiser.forward, "__func__", None),
+        "processors": {k: id(v) for k, v in getattr(denoiser, "attn_processors", {}).items()},
+        "modules": {name: id(m) for name, m in pipe.components.items()},
+        "scheduler": dict(pipe.scheduler.config),
+        "weights": sum(p.double().sum().item() for p in denoiser.parameters()),
+    }
+
+
+def noise_image(size: tuple[int, int] = (24, 20), mode: str = "RGB", seed: int = SEED) -> Image.Image:
+    """A PIL image (``size`` is width x height) of seeded uniform noise in 40..214, in ``mode`` (RGB, RGBA, L, LA)."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
+    pixels = rng.integers(40, 215, (size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -18,14 +17,10 @@ from PIL import Image
 
 from apps.cli import main as cli_main
 from apps.demo import DEMO_DIR
+from benchmarks.bench_load import free_port
+from tests.factories import noise_image
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "dit").is_dir(), reason="the demo DiT is not in demo_models/")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -37,13 +32,6 @@ def _bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\0" * 1024)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def _image(size=(24, 20), mode="RGB", seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
-    pixels = rng.integers(40, 215, (size[1], size[0], channels), dtype=np.uint8)
-    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
 
 
 def _linf(protected: Image.Image, original: Image.Image) -> int:
@@ -59,7 +47,7 @@ def _linf(protected: Image.Image, original: Image.Image) -> int:
 def bad_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("bad")
     good = folder / "good.png"
-    _image().save(good)
+    noise_image().save(good)
     files = {
         "text": (b"just some text, not an image\n", r"not a supported image"),
         "truncated": (good.read_bytes()[:200], r"truncated|corrupt"),
@@ -108,7 +96,7 @@ def server(detector_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-cache")))
         app = build_app("demo/dit", device="cpu", detector=detector_dir)
-        port = _free_port()
+        port = free_port()
         app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
         yield f"http://127.0.0.1:{port}/"
         app.close()
@@ -142,7 +130,7 @@ def _protect(client, *paths, method="photoguard", eps=8, steps=3):
 
 def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
     paths = [tmp_path / "photo.png", tmp_path / "logo.png"]
-    originals = [_image((24, 20)), _image((18, 30), "RGBA", seed=1)]
+    originals = [noise_image((24, 20)), noise_image((18, 30), "RGBA", seed=1)]
     for path, image in zip(paths, originals):
         image.save(path)
     gallery, table, files, summary, (before, after) = _protect(client, *paths, method="mist", eps=6)
@@ -162,7 +150,7 @@ def test_protect_endpoint_amortized_without_preview(client, tmp_path):
     from gradio_client import handle_file
 
     path = tmp_path / "art.png"
-    _image((40, 36)).save(path)
+    noise_image((40, 36)).save(path)
     gallery, table, files, summary, _ = client.predict(
         [handle_file(str(path))], "amortized", 8, 1, 0, False, api_name="/protect"
     )
@@ -174,7 +162,7 @@ def test_detect_endpoint_returns_verdicts(client, tmp_path):
     from gradio_client import handle_file
 
     path = tmp_path / "photo.png"
-    _image((40, 40)).save(path)
+    noise_image((40, 40)).save(path)
     verdicts, _plot, note, heat = client.predict([handle_file(str(path))], api_name="/detect")
     (entry,) = verdicts["images"]
     assert set(entry) >= {"score", "threshold", "verdict"} and entry["verdict"] in ("clean", "adversarial")
@@ -196,7 +184,7 @@ def test_bad_uploads_give_errors_and_the_server_keeps_answering(client, bad_file
     with pytest.raises(Exception, match=message):
         client.predict([handle_file(str(path))], api_name="/detect")
     good = tmp_path / "good.png"
-    _image((8, 8)).save(good)
+    noise_image((8, 8)).save(good)
     _, _, files, _, _ = _protect(client, good, steps=1)
     assert Image.open(files[0]).size == (8, 8)  # still answering
 
@@ -215,8 +203,8 @@ def test_cli_protect_keeps_size_and_mode_and_never_overwrites(tmp_path, bad_file
     inputs = []
     for name, mode, size in [("a", "RGB", (20, 16)), ("b", "RGBA", (12, 18)), ("c", "L", (16, 16))]:
         inputs.append(tmp_path / f"{name}.png")
-        _image(size, mode).save(inputs[-1])
-    _image((20, 20)).save(tmp_path / "d.jpg", quality=95)
+        noise_image(size, mode).save(inputs[-1])
+    noise_image((20, 20)).save(tmp_path / "d.jpg", quality=95)
     inputs.append(tmp_path / "d.jpg")
     before = {p: p.read_bytes() for p in inputs}
     out = tmp_path  # the inputs' own folder: outputs must not replace them
@@ -241,7 +229,7 @@ def test_cli_protect_keeps_size_and_mode_and_never_overwrites(tmp_path, bad_file
 
 def test_cli_detect_json(tmp_path, detector_dir, bad_files, capsys):
     path = tmp_path / "x.png"
-    _image((16, 16)).save(path)
+    noise_image((16, 16)).save(path)
     capsys.readouterr()
     assert cli_main(["detect", str(path), str(path), "--json", "--detector", str(detector_dir), "--device", "cpu"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

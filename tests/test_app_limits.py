@@ -18,7 +18,9 @@ import pytest
 from PIL import Image
 
 from apps.demo import DEMO_DIR
-from tests.test_app import _free_port, _image, detector_dir  # noqa: F401  (the detector fixture)
+from benchmarks.bench_load import free_port
+from tests.factories import noise_image
+from tests.test_app import detector_dir  # noqa: F401  (the detector fixture)
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "dit").is_dir(), reason="the demo DiT is not in demo_models/")
 
@@ -39,7 +41,7 @@ def limited(detector_dir, tmp_path_factory):  # noqa: F811
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-cache")))
         app = build_app("demo/dit", device="cpu", detector=detector_dir, limits=limits)
-        port = _free_port()
+        port = free_port()
         app.launch(
             server_name="127.0.0.1",
             server_port=port,
@@ -83,7 +85,7 @@ def recorded(monkeypatch):
 
 def _file(tmp_path: Path, size=(64, 64), name="art.png") -> str:
     path = tmp_path / name
-    _image(size).save(path)
+    noise_image(size).save(path)
     return str(path)
 
 

@@ -13,8 +13,8 @@ from diffusers.configuration_utils import register_to_config
 
 from guidance import APG, CFG, PAG, LangevinCorrector, guide
 from guidance.denoisers import GaussianDenoiser, GaussianMixtureDenoiser
-from tests.factories import BUILDERS
-from tests.test_pipeline import _snapshot, recording, run
+from tests.factories import BUILDERS, pipeline_snapshot
+from tests.test_pipeline import recording, run
 
 
 def _pipe(name):
@@ -30,7 +30,7 @@ def test_corrector_is_seeded_and_vanishes_with_the_snr(name):
     methods = (PAG(2.0),) if name == "flux" else (APG(3.0),)  # FLUX: no true CFG with the corrector
     with guide(pipe, *methods):
         guided = run(pipe)
-    snapshot = _snapshot(pipe)
+    snapshot = pipeline_snapshot(pipe)
     with guide(pipe, *methods, LangevinCorrector(snr=1e-7)):
         vanishing = run(pipe)
     with guide(pipe, *methods, LangevinCorrector(steps=2, snr=0.16)):
@@ -41,7 +41,7 @@ def test_corrector_is_seeded_and_vanishes_with_the_snr(name):
     np.testing.assert_allclose(vanishing, guided, atol=1e-5)
     np.testing.assert_array_equal(first, second)
     assert np.abs(first - guided).max() > 1e-3 and np.abs(first - other).max() > 1e-4
-    assert _snapshot(pipe) == snapshot and "step" not in vars(pipe.scheduler)
+    assert pipeline_snapshot(pipe) == snapshot and "step" not in vars(pipe.scheduler)
 
 
 def test_scheduler_steps_from_the_sample_the_model_last_saw():

@@ -17,8 +17,8 @@ from diffusers.models.attention_processor import AttnProcessor
 from guidance import APG, CFG, PAG, TPG, LangevinCorrector, guide
 from guidance.hooks import intercepted
 from guidance.pipeline import family_of
-from tests.factories import BUILDERS
-from tests.test_pipeline import _snapshot, recording, run
+from tests.factories import BUILDERS, pipeline_snapshot
+from tests.test_pipeline import recording, run
 
 
 def fresh(name):
@@ -172,7 +172,7 @@ def test_pipelines_sharing_the_denoiser_are_guided_independently():
         np.testing.assert_array_equal(run(i2i), plain_i2i)  # a call of the other pipeline is untouched
     with guide(i2i, PAG(2.0)):
         expected_i2i = run(i2i)
-    before = _snapshot(t2i), _snapshot(i2i)
+    before = pipeline_snapshot(t2i), pipeline_snapshot(i2i)
     # nested on both, left in the non-nested order
     outer, inner = guide(t2i, CFG(7.0)), guide(i2i, PAG(2.0))
     outer.__enter__()
@@ -183,7 +183,7 @@ def test_pipelines_sharing_the_denoiser_are_guided_independently():
     np.testing.assert_array_equal(run(i2i), expected_i2i)
     np.testing.assert_array_equal(run(t2i, scale=7.5), run(fresh("sd"), scale=7.5))
     inner.__exit__(None, None, None)
-    assert (_snapshot(t2i), _snapshot(i2i)) == before
+    assert (pipeline_snapshot(t2i), pipeline_snapshot(i2i)) == before
     with guide(t2i, PAG(2.0)):  # nothing left behind that would refuse the next guide()
         run(t2i)
 

@@ -12,8 +12,8 @@ from guidance.layers import select, self_attention_layers
 from guidance.pag import soft_identity
 from guidance.pipeline import family_of
 from guidance.tpg import shuffle_tokens
-from tests.factories import BUILDERS, default_call_kwargs
-from tests.test_pipeline import _snapshot, assert_images_close, gen, get_pipe, run
+from tests.factories import BUILDERS, default_call_kwargs, pipeline_snapshot
+from tests.test_pipeline import assert_images_close, gen, get_pipe, run
 
 FAMILIES = ["sd", "sd_img2img", "sdxl", "sd3", "flux", "flux_img2img", "dit", "pixart_sigma"]
 
@@ -110,7 +110,7 @@ def test_token_shuffle_keeps_tokens_and_norms_and_follows_the_generator():
 def test_every_method_runs_on_every_family_batched_and_sequentially(name):
     pipe = get_pipe(name)
     plain = run(pipe, scale=3.0)
-    snapshot = _snapshot(pipe)  # after a first call: FLUX's own cache_context adds a hook registry
+    snapshot = pipeline_snapshot(pipe)  # after a first call: FLUX's own cache_context adds a hook registry
     methods = [PAG(2.0), TPG(2.0, seed=1), SoftPAG(2.0, heads=[(0, 0), (0, 1)], strength=0.5)]
     results = {}
     for method in methods:
@@ -125,7 +125,7 @@ def test_every_method_runs_on_every_family_batched_and_sequentially(name):
     with guide(pipe, CFG(3.0), *methods):  # all three together: one denoiser call of five branches
         together = run(pipe)
     assert np.isfinite(together).all()
-    assert _snapshot(pipe) == snapshot
+    assert pipeline_snapshot(pipe) == snapshot
     np.testing.assert_array_equal(run(pipe, scale=3.0), plain)
 
 
@@ -234,11 +234,11 @@ def test_attention_outside_sdpa_is_refused_at_entry(how):
         pipe.enable_attention_slicing()  # SlicedAttnProcessor: explicit softmax, no SDPA
     else:
         pipe.unet.set_attn_processor(AttnProcessor())
-    snapshot = _snapshot(pipe)
+    snapshot = pipeline_snapshot(pipe)
     with pytest.raises(ValueError, match=r"mid_block.*Attn.*Processor.*disable_attention_slicing"):
         with guide(pipe, PAG(2.0)):
             pass
-    assert _snapshot(pipe) == snapshot and type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipeline_snapshot(pipe) == snapshot and type(pipe).__name__ == "StableDiffusionPipeline"
     assert not any(hasattr(m, "_diffusers_hook") for m in pipe.unet.modules())
     with guide(pipe, CFG(3.0)):  # no attention perturbation: any processor is fine
         run(pipe)
@@ -326,7 +326,7 @@ def test_a_new_perturbation_is_a_perturbation_subclass_with_its_edits():
         expected = run(pipe)
     with guide(pipe, CFG(3.0), MidIdentity(2.0)):
         assert_images_close(run(pipe), expected, atol=0)
-    snapshot = _snapshot(pipe)
+    snapshot = pipeline_snapshot(pipe)
     with pytest.raises(TypeError, match="unknown edit"), guide(pipe, CFG(3.0), PAG(2.0), Unknown(1.0)):
         pass
-    assert _snapshot(pipe) == snapshot
+    assert pipeline_snapshot(pipe) == snapshot

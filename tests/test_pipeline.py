@@ -14,7 +14,7 @@ import torch
 from guidance import APG, CFG, guide
 from guidance.hooks import intercepted
 from guidance.pipeline import family_of
-from tests.factories import BUILDERS, default_call_kwargs
+from tests.factories import BUILDERS, default_call_kwargs, pipeline_snapshot
 
 NAMES = sorted(BUILDERS)
 _CACHE: dict[str, object] = {}
@@ -222,34 +222,16 @@ def test_model_space_apg_matches_diffusers(name):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def _snapshot(pipe):
-    denoiser = getattr(pipe, family_of(pipe).denoiser)
-    return {
-        "class": type(pipe),
-        "denoiser_class": type(denoiser),
-        "denoiser_attrs": sorted(vars(denoiser)),
-        "module_state": {
-            name: (type(m), sorted(vars(m)), len(m._forward_hooks), len(m._forward_pre_hooks))
-            for name, m in denoiser.named_modules()
-        },
-        "forward": getattr(denoiser.forward, "__func__", None),
-        "processors": {k: id(v) for k, v in getattr(denoiser, "attn_processors", {}).items()},
-        "modules": {name: id(m) for name, m in pipe.components.items()},
-        "scheduler": dict(pipe.scheduler.config),
-        "weights": sum(p.double().sum().item() for p in denoiser.parameters()),
-    }
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_pipeline_is_unchanged_after_the_context_and_seeds_reproduce(name):
     pipe = get_pipe(name)
-    before, snapshot = run(pipe), _snapshot(pipe)
+    before, snapshot = run(pipe), pipeline_snapshot(pipe)
     with guide(pipe, APG(6.0)) as guided_pipe:
         assert guided_pipe is pipe and isinstance(pipe, snapshot["class"])
         first, second = run(pipe), run(pipe)  # momentum restarts with every call
         other_seed = run(pipe, seed=1)
         assert intercepted(pipe_denoiser(pipe))
-    assert _snapshot(pipe) == snapshot
+    assert pipeline_snapshot(pipe) == snapshot
     assert type(pipe).__name__ == snapshot["class"].__name__
     np.testing.assert_array_equal(first, second)
     assert np.abs(first - other_seed).max() > 1e-3
@@ -263,10 +245,10 @@ def pipe_denoiser(pipe):
 
 def test_pipeline_is_restored_when_the_call_raises():
     pipe = get_pipe("sd")
-    snapshot = _snapshot(pipe)
+    snapshot = pipeline_snapshot(pipe)
     with pytest.raises(ValueError), guide(pipe, CFG(3.0)):
         pipe(prompt="x", height=33, width=32)  # not a multiple of 8
-    assert _snapshot(pipe) == snapshot
+    assert pipeline_snapshot(pipe) == snapshot
 
 
 def test_flux_distilled_guidance_is_kept_beside_true_cfg():
