@@ -178,7 +178,9 @@ def test_time_limit_stops_the_job_and_frees_the_slot(client, tmp_path, recorded)
     with pytest.raises(Exception, match=r"stopped at the server's time limit of 8 s per request"):
         job.result(timeout=120)
     (call,) = recorded
-    assert TIME_LIMIT <= call["end"] - call["start"] < TIME_LIMIT + 5
+    # the limit counts from the request's Job, created before protect_image (upload decoding, checks): measured
+    # from protect_image's own start the run is the limit less that set-up (8.0 s less 2 ms in one run)
+    assert TIME_LIMIT - 1 <= call["end"] - call["start"] < TIME_LIMIT + 5
     assert _detect_seconds(client, path) < 10
     _, _, files, _, _ = client.predict([handle_file(path)], "amortized", 8, 1, 0, False, api_name="/protect")
     assert len(files) == 1  # the Protect lane is free again
