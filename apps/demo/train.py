@@ -680,7 +680,6 @@ def write_card(run: Run, report: Report) -> Path:
     d = DEFAULTS[report.name]
     record = {**asdict(report), "losses": [float(f"{x:.5g}") for x in report.losses], "command": run.command}
     (folder / "training.json").write_text(json.dumps(record) + "\n")
-    metrics = "\n".join(f"| {k} | {fmt_value(v)} |" for k, v in report.metrics.items())
     pictures = "\n".join(f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png")))
     text = f"""# steerguard demo model: {report.name}
 
@@ -700,17 +699,7 @@ metrics use a held-out stream of the same generator.
 | batch size | {report.batch_size} |
 | optimiser | AdamW (weight decay 0.01), lr {report.lr:g}, linear warm-up then cosine decay, grad clip 1.0 |
 | EMA | {"0.999 (with (1+t)/(10+t) warm-up)" if report.name in ("dit", "unet") else "none"} |
-| device | {run.device.type} ({platform.machine()}, {torch.get_num_threads()} CPU thread(s)), float32 |
-| first loss | {fmt_value(report.losses[0] if report.losses else float("nan"))} |
-| final loss (mean of last 10 % of steps) | {fmt_value(final_loss(report.losses))} |
-| time per step | {report.step_seconds:.3f} s |
-| wall time (training + evaluation + saving) | {report.seconds:.0f} s |
-| weights on disk (this folder) | {folder_size(folder) / 1e6:.2f} MB |
-
-## Metrics
-| metric | value |
-|---|---|
-{metrics}
+{run_rows(report, run.device, folder)}
 
 {pictures}
 
@@ -723,6 +712,22 @@ These weights come from a short CPU budget. For better samples, on a GPU:
     card = folder / "README.md"
     card.write_text(text)
     return card
+
+
+def run_rows(report: Report, device: torch.device, folder: Path) -> str:
+    """The model card's rows shared by every demo model: device, losses, times and size, then the metrics table."""
+    metrics = "\n".join(f"| {k} | {fmt_value(v)} |" for k, v in report.metrics.items())
+    return f"""| device | {device.type} ({platform.machine()}, {torch.get_num_threads()} CPU thread(s)), float32 |
+| first loss | {fmt_value(report.losses[0] if report.losses else float("nan"))} |
+| final loss (mean of last 10 % of steps) | {fmt_value(final_loss(report.losses))} |
+| time per step | {report.step_seconds:.3f} s |
+| wall time (training + evaluation + saving) | {report.seconds:.0f} s |
+| weights on disk (this folder) | {folder_size(folder) / 1e6:.2f} MB |
+
+## Metrics
+| metric | value |
+|---|---|
+{metrics}"""
 
 
 def fmt_value(value: Any) -> str:

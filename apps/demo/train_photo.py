@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -50,9 +49,9 @@ from .train import (
     add_training_arguments,
     diffusion_loss,
     final_loss,
-    fmt_value,
     folder_size,
     optimise,
+    run_rows,
     sampling_scheduler,
     save_sheet,
     seeded,
@@ -496,7 +495,6 @@ def write_card(run: PhotoRun, report: Report) -> Path:
     record = {**asdict(report), "losses": [float(f"{x:.5g}") for x in report.losses], "command": run.command}
     record["planned_steps"] = run.total_steps
     (folder / "training.json").write_text(json.dumps(record) + "\n")
-    metrics = "\n".join(f"| {k} | {fmt_value(v)} |" for k, v in report.metrics.items())
     pictures = "\n".join(f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png")))
     done = (
         f"{report.steps} of {run.total_steps} planned (the {run.export_weights.upper()} weights of a checkpoint of "
@@ -523,17 +521,7 @@ below use them, at native resolution for the VAEs). Seeded square crops of {run.
 | crop | {run.crop_size} px |
 | optimiser | AdamW (weight decay 0.01), lr {report.lr:g}, warm-up, cosine decay over {run.total_steps} steps, clip 1 |
 | EMA | {EMA_DECAY} (with (1+t)/(10+t) warm-up); these are the {run.export_weights.upper()} weights |
-| device | {run.device.type} ({platform.machine()}, {torch.get_num_threads()} CPU thread(s)), float32 |
-| first loss | {fmt_value(report.losses[0] if report.losses else float("nan"))} |
-| final loss (mean of last 10 % of steps) | {fmt_value(final_loss(report.losses))} |
-| time per step | {report.step_seconds:.3f} s |
-| wall time (training + evaluation + saving) | {report.seconds:.0f} s |
-| weights on disk (this folder) | {folder_size(folder) / 1e6:.2f} MB |
-
-## Metrics
-| metric | value |
-|---|---|
-{metrics}
+{run_rows(report, run.device, folder)}
 
 {pictures}
 
