@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 MODELS_TXT = Path(__file__).resolve().parents[1] / "models.txt"
 DEFAULT_MODEL = "demo/dit"
 
@@ -32,3 +34,35 @@ def resolve(name: str) -> str:
 
         return str(model_path(name.removeprefix("demo/")))
     return name
+
+
+def load_score_model(name: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    """``(unet, scheduler)`` of an unconditional diffusers pixel model (safetensors weights), the score model an
+    EPS-AD detector runs on: ``demo/<name>`` (``demo/unet_eps``, the demo detectors' score model), a hub id, or a
+    folder of a pipeline (``unet/`` and ``scheduler/`` subfolders, as ``DDPMPipeline.save_pretrained`` writes) or of
+    a bare ``UNet2DModel`` with its scheduler config beside it (``config.json``, ``scheduler_config.json``).
+
+    The UNet comes back in eval mode, in ``dtype`` (``torch_dtype`` of ``from_pretrained``), on ``device`` (left
+    where ``from_pretrained`` puts it when ``None``).
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    path = resolve(name)
+    local = Path(path)
+    options = {"local_files_only": True} if local.exists() else {}
+    if local.exists() and not ((local / "unet").is_dir() or (local / "config.json").is_file()):
+        raise ValueError(f"{name}: expected a diffusers pipeline folder (unet/, scheduler/) or a UNet2DModel folder")
+    subfolder = "unet" if not local.exists() or (local / "unet").is_dir() else None
+    weights = {**options, "use_safetensors": True, "torch_dtype": dtype}
+    try:
+        unet = UNet2DModel.from_pretrained(path, subfolder=subfolder, **weights)
+        scheduler = DDPMScheduler.from_pretrained(path, subfolder=subfolder and "scheduler", **options)
+    except OSError:
+        if local.exists() or subfolder is None:
+            raise
+        unet = UNet2DModel.from_pretrained(path, **weights)  # a hub repo without unet/
+        scheduler = DDPMScheduler.from_pretrained(path, **options)
+    if unet.config.in_channels != unet.config.out_channels:
+        raise ValueError(f"{name}: not an unconditional pixel model (in {unet.config.in_channels} channels)")
+    unet.eval()
+    return unet.to(device) if device is not None else unet, scheduler

@@ -28,7 +28,7 @@ from protect.images import composite_rgb
 from .cost import Costs
 from .device import best_device
 from .generate import Request, class_names, generate
-from .models import DEFAULT_MODEL, resolve
+from .models import DEFAULT_MODEL, load_score_model, resolve
 
 PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
 MIST_MAX_SIDE = 256  # Mist's semantic part, the demo DiT, attends over all latent tokens: memory ~ pixels^2
@@ -281,8 +281,6 @@ def default_detector_dir() -> Path:
 def _detector(directory: str, device: str):
     from protect import PatchEPSDetector
     from protect.patches import PATCH_FORMAT
-
-    from .train_detector import load_score_model
 
     meta = json.loads((Path(directory) / "config.json").read_text())
     if not isinstance(meta, dict) or meta.get("format") != PATCH_FORMAT:

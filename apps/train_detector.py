@@ -21,36 +21,9 @@ import numpy as np
 import torch
 
 from .files import FORMATS, open_upload
+from .models import load_score_model
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def load_score_model(name: str, device: str | torch.device = "cpu"):
-    """``(unet, scheduler)`` of an unconditional diffusers pixel model (safetensors weights): a hub id or folder
-    of a pipeline (``unet/`` and ``scheduler/`` subfolders, as ``DDPMPipeline.save_pretrained`` writes), or of a
-    bare ``UNet2DModel`` with its scheduler config beside it (``config.json``, ``scheduler_config.json``), or
-    ``demo/<name>``."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    from .models import resolve
-
-    path = resolve(name)
-    local = Path(path)
-    options = {"local_files_only": True} if local.exists() else {}
-    if local.exists() and not ((local / "unet").is_dir() or (local / "config.json").is_file()):
-        raise ValueError(f"{name}: expected a diffusers pipeline folder (unet/, scheduler/) or a UNet2DModel folder")
-    subfolder = "unet" if not local.exists() or (local / "unet").is_dir() else None
-    try:
-        unet = UNet2DModel.from_pretrained(path, subfolder=subfolder, use_safetensors=True, **options)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder=subfolder and "scheduler", **options)
-    except OSError:
-        if local.exists() or subfolder is None:
-            raise
-        unet = UNet2DModel.from_pretrained(path, use_safetensors=True, **options)  # a hub repo without unet/
-        scheduler = DDPMScheduler.from_pretrained(path, **options)
-    if unet.config.in_channels != unet.config.out_channels:
-        raise ValueError(f"{name}: not an unconditional pixel model (in {unet.config.in_channels} channels)")
-    return unet.eval().to(device), scheduler
 
 
 def read_folder(folder: Path, channels: int = 3) -> list[torch.Tensor]:

@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     from apps.demo.photos import HELD_OUT, TRAIN
-    from apps.train_detector import load_score_model
+    from apps.models import load_score_model
     from protect import PatchEPSDetector
     from protect.patches import score_fgsm
 

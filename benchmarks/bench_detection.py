@@ -23,6 +23,7 @@ import torch
 
 from apps import demo
 from apps.demo import generate
+from apps.models import load_score_model
 from benchmarks.common import machine
 from guidance import prediction as P
 from guidance.denoisers import score_from_denoised
@@ -91,8 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    pipe = demo.load_score_model(args.unet)
-    unet, scheduler = pipe.unet.eval(), pipe.scheduler
+    unet, scheduler = load_score_model(args.unet)
     fit_budgets = [float(b) for b in args.fit_budgets.split(",")]
     victim = demo.load_victim()
     size = unet.config.sample_size
@@ -286,10 +286,10 @@ the kernel weights, a reference set of {len(detector.reference)} clean EPS (3x16
 calibration scores. The UNet is not stored here; load with
 
 ```python
-from apps.demo import load_score_model
+from apps.models import load_score_model
 from protect.detector import EPSDetector
-pipe = load_score_model("{results["score_model"]}")
-detector = EPSDetector.from_pretrained("demo_models/eps_detector", pipe.unet, pipe.scheduler)
+unet, scheduler = load_score_model("{results["score_model"]}")
+detector = EPSDetector.from_pretrained("demo_models/eps_detector", unet, scheduler)
 flags = detector.predict(images)  # (N, 3, 16, 16) in [-1, 1]
 ```
 

@@ -392,13 +392,12 @@ def protect_rows(ctx: Context, vae, protector, images: torch.Tensor) -> list[dic
 
 
 def section_eps(ctx: Context) -> list[dict[str, Any]]:
+    from apps.models import load_score_model
     from benchmarks.bench_detection import eps_per_level_loop
     from protect import EPSDetector
-    from protect.testbed import load_score_model
 
-    score = load_score_model(str(ROOT / "demo_models" / "unet_eps"))
-    unet = score.unet.to(ctx.device)
-    detector = EPSDetector.from_pretrained(ROOT / "demo_models" / "eps_detector", unet, score.scheduler)
+    unet, scheduler = load_score_model(str(ROOT / "demo_models" / "unet_eps"), ctx.device)
+    detector = EPSDetector.from_pretrained(ROOT / "demo_models" / "eps_detector", unet, scheduler)
     size = unet.config.sample_size
     n = 8 if ctx.dry_run else 512
     images = photos(4, size, ctx.device).repeat((n + 3) // 4, 1, 1, 1)[:n] * 2 - 1

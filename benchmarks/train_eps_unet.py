@@ -166,7 +166,7 @@ def write_card(out: Path) -> None:
     (out / "training.json").write_text(json.dumps(record) + "\n")
     text = f"""# steerguard demo model: unet_eps
 
-The score model of the demo EPS-AD detector (`demo_models/eps_detector`, `apps.demo.load_score_model()`):
+The score model of the demo EPS-AD detector (`demo_models/eps_detector`, `apps.models.load_score_model`):
 an unconditional pixel-space `DDPMPipeline` at 16x16, the demo UNet (`demo_models/unet`: `UNet2DModel`, channels
 (32, 64, 64), one layer per block, attention at the middle level, linear betas over 1000 steps, 1000 CPU steps)
 trained for {record["steps"]} more steps with the small timesteps over-sampled, because EPS only queries the score

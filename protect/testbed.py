@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,19 +52,6 @@ def frozen_victim(classifier: nn.Module) -> Victim:
     victim = Victim(classifier).eval()
     victim.requires_grad_(False)
     return victim
-
-
-def load_score_model(path: str | Path, device: torch.device | str | None = None):
-    """The unconditional ``DDPMPipeline`` saved in the folder ``path`` that an EPS detector runs on (the demo
-    ones by name: :func:`apps.demo.load_score_model`)."""
-    from diffusers import DDPMPipeline
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"score model not found at {path}")
-    pipe = DDPMPipeline.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
-    pipe.unet.eval()
-    return pipe.to(device) if device is not None else pipe
 
 
 def to_unit(images: Tensor) -> Tensor:

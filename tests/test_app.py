@@ -72,7 +72,7 @@ def detector_dir(tmp_path_factory) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from apps.train_detector import load_score_model
+    from apps.models import load_score_model
     from protect import PatchEPSDetector
 
     unet, scheduler = load_score_model("demo/unet_eps")

@@ -26,14 +26,14 @@ def test_the_demo_detector_gets_the_example_pair_right():
     detector is another one) on the pair, each image alone as the CLI scored it."""
     import torch
 
-    from apps.demo import load_score_model
+    from apps.models import load_score_model
     from protect import EPSDetector
 
     clean, adversarial = (Image.open(EXAMPLES / name) for name in ("clean-16.png", "pgd8-16.png"))
     difference = np.abs(np.asarray(clean, np.int16) - np.asarray(adversarial, np.int16))
     assert 0 < difference.max() <= 8  # PGD within 8/255
-    pipe = load_score_model("demo/unet_eps", "cpu")
-    detector = EPSDetector.from_pretrained(DEMO_DIR / "eps_detector", pipe.unet, pipe.scheduler)
+    unet, scheduler = load_score_model("demo/unet_eps", "cpu")
+    detector = EPSDetector.from_pretrained(DEMO_DIR / "eps_detector", unet, scheduler)
     batch = torch.stack(
         [torch.from_numpy(np.asarray(im, np.float32).copy()).permute(2, 0, 1) for im in (clean, adversarial)]
     )

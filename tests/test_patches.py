@@ -190,17 +190,6 @@ def test_train_detector_round_trip_with_a_tiny_model(unet, tmp_path, capsys):
     assert "given" in json.loads(capsys.readouterr().out)["attacked"]
 
 
-def test_score_model_loads_from_a_bare_unet_folder(unet, tmp_path):
-    from apps.train_detector import load_score_model
-
-    unet[0].save_pretrained(tmp_path / "bare")
-    unet[1].save_pretrained(tmp_path / "bare")  # scheduler_config.json beside config.json
-    model, scheduler = load_score_model(str(tmp_path / "bare"))
-    assert model.config.sample_size == 8 and scheduler.config.num_train_timesteps == 1000
-    with pytest.raises(ValueError, match="expected a diffusers pipeline folder"):
-        load_score_model(str(tmp_path))
-
-
 def test_score_fgsm_keeps_the_budget_and_any_size(unet):
     from guidance.denoisers import DiffusersDenoiser
     from protect.patches import score_fgsm

@@ -97,11 +97,12 @@ def test_baselines():
 def test_demo_detector_separates_pgd_from_clean(victim):
     import json
 
+    from apps.models import load_score_model
     from protect.detector import EPSDetector
 
     name = json.loads((DETECTOR_DIR / "config.json").read_text()).get("diffusion_model", "demo/unet")
-    pipe = demo.load_score_model(name)
-    detector = EPSDetector.from_pretrained(DETECTOR_DIR, pipe.unet, pipe.scheduler)
+    unet, scheduler = load_score_model(name)
+    detector = EPSDetector.from_pretrained(DETECTOR_DIR, unet, scheduler)
     images, labels = generate(32, torch.Generator().manual_seed(5_000_003), size=16)
     clean, attacked = tb.to_unit(images[:16]), tb.attack("pgd", victim, tb.to_unit(images[16:]), labels[16:], 8 / 255)
     clean_scores = detector.score(tb.to_signed(clean))

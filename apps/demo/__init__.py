@@ -33,7 +33,6 @@ __all__ = [
     "load_classifier",
     "load_ddpm_pipeline",
     "load_dit_pipeline",
-    "load_score_model",
     "load_vae",
     "load_victim",
     "model_path",
@@ -82,18 +81,7 @@ def load_classifier(device: Device = None, dtype: torch.dtype | None = None) -> 
     return _load_classifier(model_path("classifier"), device=device, dtype=dtype)
 
 
-SCORE_MODEL = "demo/unet_eps"
-
-
-def load_score_model(name: str = SCORE_MODEL, device: Device = None) -> DDPMPipeline:
-    """The unconditional ``DDPMPipeline`` an EPS detector runs on: ``"demo/<folder>"`` for a demo model
-    (``demo/unet_eps``, the EPS score model; ``demo/unet``, the original demo UNet) or a local folder path."""
-    from protect.testbed import load_score_model as load_folder
-
-    path = DEMO_DIR / name.removeprefix("demo/") if name.startswith("demo/") else Path(name)
-    if not path.is_dir():
-        raise FileNotFoundError(f"score model {name!r} not found at {path}")
-    return load_folder(path, device)
+SCORE_MODEL = "demo/unet_eps"  # the score model the demo detectors were fitted on (apps.models.load_score_model)
 
 
 def load_victim(device: Device = None):
