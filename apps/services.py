@@ -333,7 +333,7 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
         {
             "score": r.score,
             "threshold": threshold,
-            "verdict": "adversarial" if r.score > threshold else "clean",
+            "verdict": detector.verdict(r.score),
             "resolution": [r.width, r.height],
             "patch_size": r.patch_size,
             "patches": r.patches,

@@ -210,10 +210,20 @@ class EPSDetector:
         self.kernel.to(device=eps.device)
         return self.kernel, eps.to(self.kernel.scale.dtype)
 
+    def is_adversarial(self, scores: Tensor | float) -> Tensor | bool:
+        """The detector's decision on scores of :meth:`score`: ``True`` above the calibrated threshold (a bool
+        tensor for a tensor of scores, a ``bool`` for one score)."""
+        if self.threshold is None:
+            raise RuntimeError("the detector is not calibrated: call fit() or from_pretrained() first")
+        return scores > self.threshold
+
+    def verdict(self, score: float) -> str:
+        """``"adversarial"`` or ``"clean"``: :meth:`is_adversarial` in words, for one score."""
+        return "adversarial" if self.is_adversarial(float(score)) else "clean"
+
     def predict(self, images: Tensor, *, value_range: ValueRange = None) -> Tensor:
         """``True`` where an image is flagged adversarial (score above the calibrated threshold)."""
-        scores = self.score(images, value_range=value_range)
-        return scores > self.threshold
+        return self.is_adversarial(self.score(images, value_range=value_range))
 
     def save_pretrained(self, directory: str | Path, *, diffusion_model: str | None = None) -> None:
         """Write ``config.json`` and ``detector.safetensors`` (kernel weights and reference EPS) to ``directory``.

@@ -1,5 +1,7 @@
 """EPS-AD on a tiny random UNet: the EPS, the deep-kernel MMD and the detector's plumbing."""
 
+import math
+
 import pytest
 import torch
 
@@ -172,6 +174,18 @@ def test_detector_separates_an_easy_shift(fitted):
     for i in (0, 5, 15):
         torch.testing.assert_close(fitted.score(noisy[i : i + 1]), scores[i : i + 1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fitted.score(noisy.flip(0)).flip(0), scores, rtol=1e-4, atol=1e-5)
+
+
+def test_one_verdict_for_predict_and_the_app(fitted, unet):
+    images = torch.cat([_images(4, seed=3, amplitude=0.3), _sign_noise(_images(4, seed=3, amplitude=0.3), 4)])
+    scores, flags = fitted.score(images), fitted.predict(images)
+    assert torch.equal(fitted.is_adversarial(scores), flags)
+    assert [fitted.verdict(s) for s in scores] == ["adversarial" if f else "clean" for f in flags.tolist()]
+    threshold = fitted.threshold  # a score at the threshold is clean, just above it adversarial
+    assert fitted.verdict(threshold) == "clean" and fitted.verdict(math.nextafter(threshold, math.inf)) == "adversarial"
+    assert fitted.is_adversarial(threshold) is False
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        _detector(unet).is_adversarial(torch.zeros(2))
 
 
 def test_detector_refuses_unit_range_images_unless_told(fitted):

@@ -83,7 +83,7 @@ def test_detector_separates_an_easy_shift_at_any_size_and_calibrates_per_image(f
     noisy = [_noisy(x, 300 + i) for i, x in enumerate(clean)]
     clean_scores, noisy_scores = fitted.score(clean), fitted.score(noisy)
     assert noisy_scores.min() > clean_scores.max()
-    assert (noisy_scores > fitted.threshold).all()
+    assert fitted.is_adversarial(noisy_scores).all()
     results = fitted.analyse(clean[:2])
     assert (results[1].height, results[1].width, results[1].tiles) == (24, 40, 15)
     assert results[1].patches == 15 and results[1].patch_scores.shape == (15,)
