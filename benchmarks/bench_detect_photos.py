@@ -11,9 +11,10 @@
    mean ``||EPS||`` of the same patches and the image's high-frequency (Laplacian) energy;
 3. other held-out crops (``--size`` px, native resolution, never resized): clean, protected (PhotoGuard, Mist, SDS
    with ``--steps`` PGD steps against the demo VAE / DiT, and the amortized protector, at ``--budgets``), and
-   after benign changes (JPEG q90/75/50, resize x0.5 and back, Gaussian noise 2/255, blur, PNG and WebP
-   re-encoding, a 16-bit grey PNG source, a CMYK JPEG source, an EXIF-rotated JPEG), each decoded the way the
-   app decodes uploads (``apps.files.open_upload``);
+   after benign changes (the pixel changes JPEG q90/75/50, resize x0.5 and back, Gaussian noise 2/255 and blur
+   from the one table of purifications, :data:`protect.purify.PURIFICATIONS`; the file re-encodings PNG, WebP,
+   a 16-bit grey PNG source, a CMYK JPEG source and an EXIF-rotated JPEG), each decoded the way the app decodes
+   uploads (``apps.files.open_upload``);
 4. AUROC, TPR at 5 % FPR and FPR at 95 % TPR against the clean test crops, and the flag rate at the calibrated
    threshold, for EPS-AD and both baselines; seconds per 512x512 and 1024x1024 image with the patch count.
 
@@ -31,12 +32,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from protect.metrics import auroc, flag_rate, threshold_at_fpr, tpr_at_fpr
+from protect.purify import PURIFICATIONS
 from protect.testbed import high_frequency_energy
 
-BENIGN = ("jpeg90", "jpeg75", "jpeg50", "resize0.5", "noise2", "blur1", "png", "webp", "16bit", "cmyk", "exif")
+PIXEL_CHANGES = ("jpeg90", "jpeg75", "jpeg50", "resize0.5_pil", "noise2_8bit", "blur1_pil")  # PURIFICATIONS names
+REENCODINGS = ("png", "webp", "16bit", "cmyk", "exif")  # the same pixels in another file format or layout
+BENIGN = PIXEL_CHANGES + REENCODINGS
 PROTECTIONS = ("photoguard", "mist", "sds", "amortized")
 
 
@@ -61,24 +65,26 @@ def crops(names: list[str], n: int, size: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def benign(array: np.ndarray, change: str, folder: Path, seed: int = 0) -> np.ndarray:
-    """``array`` (uint8 RGB) after a benign change, decoded as the app decodes an upload."""
+def benign(arrays: list[np.ndarray], change: str, folder: Path) -> list[np.ndarray]:
+    """``arrays`` (uint8 RGB, of one size) after a benign change, each decoded as the app decodes an upload: a
+    pixel change of :data:`PIXEL_CHANGES` (on the batch: image ``i`` is seeded ``i``) saved as PNG, or a file
+    re-encoding of :data:`REENCODINGS`."""
     from apps.files import open_upload
 
-    image = Image.fromarray(array)
-    path = folder / f"{change}.bin"
-    if change.startswith("jpeg"):
-        image.save(path, format="JPEG", quality=int(change[4:]))
-    elif change == "resize0.5":
-        w, h = image.size
-        small = image.resize((w // 2, h // 2), Image.Resampling.BICUBIC, reducing_gap=None)
-        small.resize((w, h), Image.Resampling.BICUBIC).save(path, format="PNG")
-    elif change == "noise2":
-        noise = np.random.default_rng(seed).normal(0, 2, array.shape)
-        Image.fromarray((array + noise).round().clip(0, 255).astype(np.uint8)).save(path, format="PNG")
-    elif change == "blur1":
-        image.filter(ImageFilter.GaussianBlur(1)).save(path, format="PNG")
-    elif change == "png":
+    if change in PIXEL_CHANGES:
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+        arrays = [(x * 255).round().byte().permute(1, 2, 0).numpy() for x in PURIFICATIONS[change](batch)]
+    out = []
+    for i, array in enumerate(arrays):
+        path = folder / f"{change}-{i}.bin"
+        reencode(Image.fromarray(array), "png" if change in PIXEL_CHANGES else change, path)
+        out.append(np.asarray(open_upload(path, purpose="detect").image))
+    return out
+
+
+def reencode(image: Image.Image, change: str, path: Path) -> None:
+    """Save ``image`` to ``path`` with the file-level change ``change`` of :data:`REENCODINGS`."""
+    if change == "png":
         image.save(path, format="PNG", optimize=True)
     elif change == "webp":
         image.save(path, format="WEBP", quality=90)
@@ -93,7 +99,6 @@ def benign(array: np.ndarray, change: str, folder: Path, seed: int = 0) -> np.nd
         image.transpose(Image.Transpose.ROTATE_90).save(path, format="JPEG", quality=95, exif=exif)
     else:
         raise ValueError(f"unknown benign change {change!r}")
-    return np.asarray(open_upload(path, purpose="detect").image)
 
 
 def signed(arrays: list[np.ndarray]) -> list[torch.Tensor]:
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     row("clean", "clean (held-out test crops)", "-", clean)
     with tempfile.TemporaryDirectory() as tmp:
         for change in BENIGN:
-            changed = [benign(a, change, Path(tmp), seed=i) for i, a in enumerate(test_arrays[: args.n_benign])]
+            changed = benign(test_arrays[: args.n_benign], change, Path(tmp))
             row("benign", change, "-", scores(detector, signed(changed)))
 
     protection_seconds = {}

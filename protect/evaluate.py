@@ -31,9 +31,9 @@ from diffusers import AutoencoderKL
 
 from .losses import latent
 from .metrics import frechet_distance, psnr, psnr_ssim
-from .pgd import Generators, draw
 from .purify import EVALUATION
 from .purify import PURIFICATIONS as TABLE
+from .rng import Generators, draw
 
 Tensor = torch.Tensor
 Mimic = Callable[[Tensor], Tensor]

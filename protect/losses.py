@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from .pgd import Generators, draw
+from .rng import Generators, draw
 
 Tensor = torch.Tensor
 NoisePredictor = Callable[[Tensor, Tensor], object]  # eps(z_t, t); guidance.denoisers.Denoiser is D(x, sigma) -> x0

@@ -5,29 +5,25 @@ projects onto the ball intersected with [0, 1] after every step. The arithmetic 
 the result is returned in the input dtype and rounded so that it still lies inside the ball and [0, 1] when
 compared in float32. A ``callback`` sees every step and may stop the attack there (return ``False`` or raise
 :class:`Cancelled`): the way an application reports progress and honours a cancellation or a time limit.
-``robust`` adds expectation over transformations (Athalye et al. 2018) with kornia's differentiable ops: the
-perturbation must survive JPEG, resizing, blur and noise, the purifications that Hönig et al. (2024,
-"Adversarial Perturbations Cannot Reliably Protect Artists From Generative AI") use.
+``robust`` adds expectation over transformations (Athalye et al. 2018): each step sees the iterate through one
+random, differentiable purification of :data:`protect.purify.PURIFICATIONS` (the :data:`protect.purify.EOT`
+names: JPEG, resizing, blur and noise, the purifications that Hönig et al. (2024, "Adversarial Perturbations
+Cannot Reliably Protect Artists From Generative AI") use).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import kornia
 import torch
-import torch.nn.functional as F
+
+from .purify import EOT, PURIFICATIONS, Transform
+from .rng import Generators, check_generators, draw
 
 Tensor = torch.Tensor
-Transform = Callable[[Tensor, torch.Generator | None], Tensor]
-Generators = torch.Generator | Sequence[torch.Generator] | None
 
 __all__ = [
-    "TRANSFORMS",
     "Cancelled",
-    "Generators",
-    "check_generators",
-    "draw",
     "exact_dtype",
     "fit_to_ball",
     "pgd",
@@ -37,67 +33,6 @@ __all__ = [
 
 class Cancelled(RuntimeError):
     """A long computation was stopped between two steps (by its caller's callback: a cancellation, a time limit)."""
-
-
-def _rng_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
-    """Draw on the generator's device (then move to ``like``'s), so a CPU generator drives a GPU attack."""
-    return generator.device if generator is not None else like.device
-
-
-def check_generators(generator: Generators, n: int) -> None:
-    """Raises when a list of generators does not hold one per image of a batch of ``n``."""
-    if isinstance(generator, list | tuple) and len(generator) != n:
-        raise ValueError(f"got {len(generator)} generators for a batch of {n} images; pass one per image")
-
-
-def draw(kind: str | int, shape: Sequence[int], generator: Generators, like: Tensor, dtype: torch.dtype | None = None):
-    """``torch.rand`` / ``randn`` / ``randint(high)`` of ``shape`` (batch first) on ``like``'s device.
-
-    ``kind`` is "rand", "randn" or an int ``high`` for ``randint``. With a list of generators, image ``i`` draws
-    from ``generator[i]`` alone, so its numbers do not depend on the batch it is in (diffusers' convention).
-    """
-    if isinstance(generator, list | tuple):
-        check_generators(generator, shape[0])
-        return torch.cat([draw(kind, (1, *shape[1:]), g, like, dtype) for g in generator])
-    device = _rng_device(generator, like)
-    if isinstance(kind, int):
-        out = torch.randint(kind, tuple(shape), generator=generator, device=device)
-    else:
-        fn = torch.rand if kind == "rand" else torch.randn
-        out = fn(tuple(shape), generator=generator, device=device, dtype=dtype or like.dtype)
-    return out.to(like.device)
-
-
-def _uniform(low: float, high: float, n: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
-    return low + (high - low) * draw("rand", (n,), generator, like, torch.float32)
-
-
-def _jpeg(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    quality = _uniform(50.0, 95.0, x.shape[0], generator, x)
-    return kornia.enhance.jpeg_codec_differentiable(x, quality)
-
-
-def _resize(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    scale = _uniform(0.5, 0.9, 1, generator, x).item()
-    size = x.shape[-2:]
-    small = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
-    return F.interpolate(small, size=size, mode="bilinear", align_corners=False)
-
-
-def _blur(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    sigma = _uniform(0.5, 1.5, x.shape[0], generator, x)
-    return kornia.filters.gaussian_blur2d(x, (5, 5), torch.stack([sigma, sigma], dim=1))
-
-
-def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    std = _uniform(0.0, 0.05, x.shape[0], generator, x).view(-1, 1, 1, 1)
-    noise = draw("randn", x.shape, generator, x)
-    return (x + std * noise).clamp(0, 1)
-
-
-TRANSFORMS: dict[str, Transform] = {"jpeg": _jpeg, "resize": _resize, "blur": _blur, "noise": _noise}
-if not hasattr(kornia.enhance, "jpeg_codec_differentiable"):  # older kornia
-    del TRANSFORMS["jpeg"]
 
 
 def random_transform(transforms: Sequence[Transform], x: Tensor, generator: Generators) -> Tensor:
@@ -155,15 +90,15 @@ def pgd(
         random_start: start from a uniform draw inside the ball (drawn from ``generator``).
         generator: the only source of randomness (start, transformations, and whatever ``loss_fn`` closes over);
             a list of one generator per image makes each image's attack independent of the batch it is in.
-        robust: names from :data:`TRANSFORMS`; each step applies one of them, drawn from ``generator``.
+        robust: names from :data:`protect.purify.EOT`; each step applies one of them, drawn from ``generator``.
         callback: ``callback(i, x, loss)`` after computing the loss of iterate ``i`` (x before its update); it
             stops the attack by returning ``False`` (:class:`Cancelled` is raised) or by raising an exception.
     """
     if eps < 0 or steps < 0:
         raise ValueError(f"eps and steps must be non-negative, got eps={eps}, steps={steps}")
-    unknown = set(robust or ()) - set(TRANSFORMS)
+    unknown = set(robust or ()) - set(EOT)
     if unknown:
-        raise ValueError(f"unknown robustness transforms {sorted(unknown)}; choose from {sorted(TRANSFORMS)}")
+        raise ValueError(f"unknown robustness transforms {sorted(unknown)}; choose from {sorted(EOT)}")
     check_generators(generator, images.shape[0])
     step = 2.5 * eps / max(steps, 1) if step is None else step
     work = torch.promote_types(images.dtype, torch.float32)
@@ -174,7 +109,7 @@ def pgd(
         start = draw("rand", x0.shape, generator, x0, work)
         x = x0 + eps * (2 * start - 1)
         x = torch.maximum(torch.minimum(x, upper), lower)
-    transforms = [TRANSFORMS[name] for name in robust or ()]
+    transforms = [PURIFICATIONS[name] for name in robust or ()]
     for i in range(steps):
         x.requires_grad_(True)
         view = random_transform(transforms, x, generator) if transforms else x

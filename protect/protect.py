@@ -35,7 +35,9 @@ from .amortized import AmortizedProtector
 from .images import protected_image, to_tensor
 from .losses import NoisePredictor, default_target, encoder_loss, latent, mist_loss, sds_loss
 from .metrics import psnr_ssim
-from .pgd import TRANSFORMS, Cancelled, Generators, check_generators, exact_dtype, pgd
+from .pgd import Cancelled, exact_dtype, pgd
+from .purify import EOT
+from .rng import Generators, check_generators
 
 Tensor = torch.Tensor
 METHODS = ("photoguard", "mist", "sds", "amortized")
@@ -174,7 +176,7 @@ def protect(
             latent, or None for :func:`default_target`.
         generator: the only randomness (PGD start, timesteps, noise, robustness transforms); a list of one
             generator per image makes each result independent of the batch (same seed, same protection).
-        robust: True for every transform in :data:`protect.pgd.TRANSFORMS`, or a tuple of their names.
+        robust: True for every EOT transformation (:data:`protect.purify.EOT`), or a tuple of their names.
         alphas_cumprod: the denoiser's noise schedule for "mist" and "sds" (default: Stable Diffusion's).
         protector: for "amortized": a trained :class:`~protect.amortized.AmortizedProtector` or its folder
             (``steps``, ``step``, ``target``, ``generator`` and ``robust`` do not apply: it was trained robust).
@@ -272,7 +274,7 @@ def protect(
             trace.append(loss.float().tolist())
             report_step(i + 1, loss)
 
-        transforms = tuple(TRANSFORMS) if robust is True else tuple(robust or ())
+        transforms = EOT if robust is True else tuple(robust or ())
         protected = pgd(
             batch,
             loss_fn,

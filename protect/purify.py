@@ -1,48 +1,69 @@
 """Purifications: the benign or deliberate changes a protected image meets on its way (JPEG, resizing, noise,
-blur), in one table for the mimicry evaluation (:mod:`protect.evaluate`, :data:`EVALUATION`) and the detector
-testbed (:mod:`protect.testbed`, :data:`BENIGN`). The random, differentiable versions that PGD averages over
-(expectation over transformations) are :data:`protect.pgd.TRANSFORMS`.
+blur), in one table, :data:`PURIFICATIONS`, for
 
-Every function takes and returns images ``(N, 3, H, W)`` in [0, 1], in the input's dtype and device.
+* the mimicry evaluation (:mod:`protect.evaluate`, the names in :data:`EVALUATION`),
+* the detector testbed (:mod:`protect.testbed`, :data:`BENIGN`) and the photo detection benchmark's pixel changes
+  (8-bit, PIL: ``jpeg90``, ``resize0.5_pil``, ``noise2_8bit``, ``blur1_pil``...),
+* expectation over transformations in PGD (:func:`protect.pgd.pgd`'s ``robust``, the names in :data:`EOT`): the
+  random, differentiable entries, whose parameters are drawn from the caller's generator at every step.
+
+Every entry takes and returns images ``(N, 3, H, W)`` in [0, 1], in the input's dtype and device.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch import Tensor
 
-from .pgd import draw
+from .rng import draw
+
+Transform = Callable[[Tensor, torch.Generator | None], Tensor]  # a random purification: (images, generator) -> images
 
 __all__ = [
     "BENIGN",
+    "EOT",
     "EVALUATION",
     "PURIFICATIONS",
+    "Purification",
+    "Transform",
     "blur",
+    "blur_pil",
     "gaussian_noise",
+    "gaussian_noise_8bit",
     "jpeg",
     "purify",
+    "resize_pil",
     "resize_roundtrip",
     "sign_noise",
 ]
+
+
+def _to_pil(image: Tensor) -> Image.Image:
+    """One ``(3, H, W)`` image in [0, 1] as an 8-bit RGB PIL image (rounded)."""
+    return Image.fromarray((image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def _from_pil(image: Image.Image) -> Tensor:
+    """An RGB PIL image as a float32 ``(3, H, W)`` tensor in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
 
 
 def jpeg(images: Tensor, quality: int = 75) -> Tensor:
     """JPEG re-compression: a PIL round trip through 8 bits at ``quality``."""
     out = []
     for image in images:
-        pixels = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
         buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")).copy()
-        out.append(torch.from_numpy(decoded).permute(2, 0, 1).float() / 255)
+        _to_pil(image).save(buffer, format="JPEG", quality=quality)
+        out.append(_from_pil(Image.open(io.BytesIO(buffer.getvalue()))))
     return torch.stack(out).to(images)
 
 
@@ -76,22 +97,127 @@ def blur(images: Tensor, sigma: float = 1.0) -> Tensor:
     return kornia.filters.gaussian_blur2d(images.float(), (5, 5), (sigma, sigma)).clamp(0, 1).to(images)
 
 
-PURIFICATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "none": lambda x: x,
-    "jpeg75": partial(jpeg, quality=75),
-    "resize0.5": partial(resize_roundtrip, factor=0.5, mode="bicubic"),
-    "noise4": partial(gaussian_noise, std=4 / 255, per_image=True),
-    "blur1": partial(blur, sigma=1.0),
-    "resize_x0.5": partial(resize_roundtrip, factor=0.5, mode="bilinear"),
-    "gauss_2/255": partial(gaussian_noise, std=2 / 255),
-    "sign_4/255": partial(sign_noise, eps=4 / 255),
+def resize_pil(images: Tensor, factor: float = 0.5) -> Tensor:
+    """8-bit resize with PIL: bicubic down by ``factor`` (no reducing gap) and bicubic back up to the size."""
+    out = []
+    for image in images:
+        pil = _to_pil(image)
+        w, h = pil.size
+        small = pil.resize((int(w * factor), int(h * factor)), Image.Resampling.BICUBIC, reducing_gap=None)
+        out.append(_from_pil(small.resize((w, h), Image.Resampling.BICUBIC)))
+    return torch.stack(out).to(images)
+
+
+def gaussian_noise_8bit(images: Tensor, std: float = 2 / 255, seed: int = 0) -> Tensor:
+    """8-bit Gaussian noise: N(0, (255 std)^2) levels added to the 8-bit image, rounded and clipped; image ``i``
+    draws from ``numpy.random.default_rng(seed + i)`` (independent of the batch)."""
+    out = []
+    for i, image in enumerate(images):
+        array = np.asarray(_to_pil(image))
+        noise = np.random.default_rng(seed + i).normal(0, std * 255, array.shape)
+        out.append(_from_pil(Image.fromarray((array + noise).round().clip(0, 255).astype(np.uint8))))
+    return torch.stack(out).to(images)
+
+
+def blur_pil(images: Tensor, radius: float = 1.0) -> Tensor:
+    """8-bit Gaussian blur with PIL (``ImageFilter.GaussianBlur(radius)``)."""
+    return torch.stack([_from_pil(_to_pil(image).filter(ImageFilter.GaussianBlur(radius))) for image in images]).to(
+        images
+    )
+
+
+def _uniform(low: float, high: float, n: int, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    return low + (high - low) * draw("rand", (n,), generator, like, torch.float32)
+
+
+def random_jpeg(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Differentiable JPEG (kornia) at a quality drawn per image from U(50, 95)."""
+    quality = _uniform(50.0, 95.0, x.shape[0], generator, x)
+    return kornia.enhance.jpeg_codec_differentiable(x, quality)
+
+
+def random_resize(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Bilinear resize (antialiased) by one factor drawn from U(0.5, 0.9) and back up to the size."""
+    scale = _uniform(0.5, 0.9, 1, generator, x).item()
+    size = x.shape[-2:]
+    small = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(small, size=size, mode="bilinear", align_corners=False)
+
+
+def random_blur(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Gaussian blur (5x5, kornia) with a standard deviation drawn per image from U(0.5, 1.5)."""
+    sigma = _uniform(0.5, 1.5, x.shape[0], generator, x)
+    return kornia.filters.gaussian_blur2d(x, (5, 5), torch.stack([sigma, sigma], dim=1))
+
+
+def random_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Additive Gaussian noise with a standard deviation drawn per image from U(0, 0.05), clipped to [0, 1]."""
+    std = _uniform(0.0, 0.05, x.shape[0], generator, x).view(-1, 1, 1, 1)
+    noise = draw("randn", x.shape, generator, x)
+    return (x + std * noise).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class Purification:
+    """One entry of :data:`PURIFICATIONS`, called as ``entry(images)`` (or ``entry(images, generator)``).
+
+    ``fn`` maps images ``(N, 3, H, W)`` in [0, 1] to images; a ``random`` one also takes the generator its
+    parameters are drawn from (a fixed one holds its parameters and seeds and takes none). ``differentiable``:
+    gradients flow through ``fn``; the random differentiable entries are the EOT transformations (:data:`EOT`).
+    """
+
+    fn: Callable[..., Tensor]
+    description: str
+    differentiable: bool = False
+    random: bool = False
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.random:
+            return self.fn(images, generator)
+        if generator is not None:
+            raise ValueError(f"{self.description}: a fixed purification draws nothing; it takes no generator")
+        return self.fn(images)
+
+
+PURIFICATIONS: dict[str, Purification] = {
+    "none": Purification(lambda x: x, "unchanged", differentiable=True),
+    "jpeg75": Purification(partial(jpeg, quality=75), "JPEG q75 (PIL, 8 bits)"),
+    "jpeg90": Purification(partial(jpeg, quality=90), "JPEG q90 (PIL, 8 bits)"),
+    "jpeg50": Purification(partial(jpeg, quality=50), "JPEG q50 (PIL, 8 bits)"),
+    "resize0.5": Purification(
+        partial(resize_roundtrip, factor=0.5, mode="bicubic"), "resize x0.5 and back (bicubic)", differentiable=True
+    ),
+    "noise4": Purification(
+        partial(gaussian_noise, std=4 / 255, per_image=True), "Gaussian noise 4/255 (seeded per image)", True
+    ),
+    "blur1": Purification(partial(blur, sigma=1.0), "Gaussian blur 5x5, sigma 1", differentiable=True),
+    "resize_x0.5": Purification(
+        partial(resize_roundtrip, factor=0.5, mode="bilinear"), "resize x0.5 and back (bilinear)", True
+    ),
+    "gauss_2/255": Purification(
+        partial(gaussian_noise, std=2 / 255), "Gaussian noise 2/255 (seed 0)", differentiable=True
+    ),
+    "sign_4/255": Purification(
+        partial(sign_noise, eps=4 / 255), "random +-4/255 per pixel (seed 0)", differentiable=True
+    ),
+    "resize0.5_pil": Purification(partial(resize_pil, factor=0.5), "resize x0.5 and back (PIL bicubic, 8 bits)"),
+    "noise2_8bit": Purification(partial(gaussian_noise_8bit, std=2 / 255), "Gaussian noise 2/255 on 8 bits"),
+    "blur1_pil": Purification(partial(blur_pil, radius=1.0), "Gaussian blur radius 1 (PIL, 8 bits)"),
+    # random and differentiable: the expectation over transformations of PGD (pgd(robust=...))
+    "jpeg": Purification(random_jpeg, "JPEG, quality U(50, 95) (differentiable)", differentiable=True, random=True),
+    "resize": Purification(random_resize, "resize x U(0.5, 0.9) and back (bilinear)", differentiable=True, random=True),
+    "blur": Purification(random_blur, "Gaussian blur 5x5, sigma U(0.5, 1.5)", differentiable=True, random=True),
+    "noise": Purification(random_noise, "Gaussian noise, std U(0, 0.05)", differentiable=True, random=True),
 }
+if not hasattr(kornia.enhance, "jpeg_codec_differentiable"):  # older kornia: no differentiable JPEG
+    del PURIFICATIONS["jpeg"]
 EVALUATION = ("none", "jpeg75", "resize0.5", "noise4", "blur1")  # what the mimicry evaluation reports
 BENIGN = ("jpeg75", "resize_x0.5", "gauss_2/255", "sign_4/255")  # the detector's false-positive checks
+EOT = tuple(name for name, entry in PURIFICATIONS.items() if entry.random and entry.differentiable)
 
 
-def purify(images: Tensor, name: str) -> Tensor:
-    """Apply purification ``name`` of :data:`PURIFICATIONS` to images in [0, 1]."""
+def purify(images: Tensor, name: str, generator: torch.Generator | None = None) -> Tensor:
+    """Apply purification ``name`` of :data:`PURIFICATIONS` to images in [0, 1] (``generator``: for a random one)."""
     if name not in PURIFICATIONS:
         raise ValueError(f"unknown purification {name!r}; choose from {sorted(PURIFICATIONS)}")
-    return PURIFICATIONS[name](images)
+    return PURIFICATIONS[name](images, generator)

@@ -32,7 +32,8 @@ from PIL import Image
 
 from .amortized import AmortizedProtector, multi_vae_target_loss, vae_signature
 from .losses import latent, vae_stride
-from .pgd import TRANSFORMS, random_transform
+from .pgd import random_transform
+from .purify import EOT, PURIFICATIONS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MAX_FILE_BYTES = 50 * 1024 * 1024
@@ -171,7 +172,7 @@ def train(
         target_latents = [model.target_latents(vae, args.size, args.size) for vae in vaes]
     data = batches(args, accelerator.process_index, shapes)
     rng = torch.Generator().manual_seed(args.seed + 7 + accelerator.process_index)
-    transforms = list(TRANSFORMS.values())
+    transforms = [PURIFICATIONS[name] for name in EOT]
     losses, usage, start = [], torch.zeros(args.experts), time.perf_counter()
     for step in range(args.steps):
         images = next(data).to(device)

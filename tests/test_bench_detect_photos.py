@@ -20,7 +20,7 @@ def test_benign_changes_keep_the_size_and_stay_close(change, tmp_path):
     from PIL import Image
 
     array = np.asarray(Image.fromarray(small).resize((40, 48), Image.Resampling.BICUBIC))
-    out = benign(array, change, tmp_path)
+    (out,) = benign([array], change, tmp_path)
     assert out.shape == array.shape and out.dtype == np.uint8
     grey = np.asarray(Image.fromarray(array).convert("L"), np.float64)[..., None]
     target = grey if change == "16bit" else array.astype(np.float64)

@@ -214,8 +214,8 @@ def test_benign_changes_of_a_held_out_photo_stay_under_the_threshold(tmp_path):
 
     detector = load_detector(PHOTO_DETECTOR, "cpu")
     (array,) = crops(["astronaut"], 1, 256, seed=200)
-    changes = ("jpeg75", "resize0.5", "cmyk", "exif", "16bit")
-    images = [Image.fromarray(benign(array, change, tmp_path)) for change in changes]
+    changes = ("jpeg75", "resize0.5_pil", "cmyk", "exif", "16bit")
+    images = [Image.fromarray(benign([array], change, tmp_path)[0]) for change in changes]
     results = detect_images(detector, images)
     assert all(r["resolution"] == [256, 256] and r["tiles"] == 256 for r in results)
     flagged = [c for c, r in zip(changes, results) if r["verdict"] == "adversarial"]

@@ -1,5 +1,6 @@
-"""protect.purify: one table of purifications for the evaluation and the detector testbed."""
+"""protect.purify: one table of purifications for the evaluation, the detector testbed, EOT and the photo benchmark."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,3 +24,46 @@ def test_per_image_noise_does_not_depend_on_the_batch():
     noisy = purify.gaussian_noise(x, std=0.1, per_image=True)
     assert torch.equal(purify.gaussian_noise(x[:1], std=0.1, per_image=True), noisy[:1])
     assert (purify.sign_noise(x, eps=4 / 255) - x).abs().max() <= 4 / 255 + 1e-6
+
+
+def test_one_table_serves_eot_and_the_photo_benchmark():
+    from benchmarks import bench_detect_photos
+    from protect.pgd import pgd
+
+    assert purify.EOT == ("jpeg", "resize", "blur", "noise")  # the names protect(robust=...) takes
+    assert all(purify.PURIFICATIONS[name].random and purify.PURIFICATIONS[name].differentiable for name in purify.EOT)
+    assert set(bench_detect_photos.PIXEL_CHANGES) <= set(purify.PURIFICATIONS)
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"unknown robustness transforms \['jpeg75'\]; choose from"):
+        pgd(x, lambda v: v.sum((1, 2, 3)), steps=1, robust=("jpeg75",))  # fixed, not differentiable: not for EOT
+
+
+@pytest.mark.parametrize("name", list(purify.PURIFICATIONS))
+def test_entries_keep_shape_range_dtype_and_their_flags(name):
+    entry = purify.PURIFICATIONS[name]
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    generator = (lambda seed: torch.Generator().manual_seed(seed)) if entry.random else (lambda seed: None)
+    y = entry(x, generator(1))
+    assert y.shape == x.shape and y.dtype == x.dtype and 0 <= y.min() and y.max() <= 1
+    assert torch.equal(entry(x, generator(1)), y)  # seeded: by its generator, or by its own fixed seeds
+    if entry.random:
+        assert not torch.equal(entry(x, generator(2)), y)
+    else:
+        with pytest.raises(ValueError, match="takes no generator"):
+            entry(x, torch.Generator())
+    if entry.differentiable:
+        leaf = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(entry(leaf, generator(1)).sum(), leaf)
+        assert grad.isfinite().all() and grad.abs().sum() > 0
+
+
+def test_eight_bit_changes_match_pil_on_one_image():
+    from PIL import Image, ImageFilter
+
+    x = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(0))
+    pixels = (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    blurred = np.asarray(Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(1)))
+    assert torch.equal(purify.purify(x, "blur1_pil")[0], torch.from_numpy(blurred.copy()).permute(2, 0, 1) / 255)
+    noisy = purify.purify(torch.cat([x, x]), "noise2_8bit")
+    assert torch.equal(purify.purify(x, "noise2_8bit"), noisy[:1]) and not torch.equal(noisy[0], noisy[1])
+    assert ((noisy * 255 - (noisy * 255).round()).abs() < 1e-4).all()  # 8-bit levels
