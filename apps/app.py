@@ -55,12 +55,14 @@ def build_app(
     device: str | None = None,
     detector: str | Path | None = None,
     limits: Limits | None = None,
+    detect_dtype: str = "auto",
 ):
     """A ``gr.Blocks`` app generating with ``model`` (the embedded demo DiT by default), serving requests within
     ``limits`` (default :class:`apps.jobs.Limits`).
 
     ``detector`` is the folder of a saved EPS-AD detector for the Detect tab (default
-    ``demo_models/eps_detector``; without one, ``/detect`` answers "no detector available"). Building measures
+    ``demo_models/eps_detector``; without one, ``/detect`` answers "no detector available"), its score model in
+    ``detect_dtype`` (:func:`apps.device.score_dtype`). Building measures
     the unit costs of the work on ``device`` (about a second).
     """
     import gradio as gr
@@ -76,7 +78,7 @@ def build_app(
         gr.Markdown(f"# steerguard\nGuidance for diffusers pipelines. Model: `{model}`.")
         generate_tab(model, device, limits, costs)
         protect_tab(device, limits, costs, folders)
-        detect_tab(device, detector, limits)
+        detect_tab(device, detector, limits, detect_dtype)
         gr.Markdown("Models listed in `models.txt`: " + ", ".join(f"`{n}`" for n, _ in listed_models()))
     app.queue(default_concurrency_limit=MAX_CONCURRENCY, max_size=64)
     app.output_folders = folders

@@ -8,8 +8,16 @@ import sys
 from pathlib import Path
 
 from . import generate as generation
+from .device import SCORE_DTYPES
 from .jobs import Limits
 from .services import PROTECT_METHODS
+
+DTYPE_OPTION = {
+    "choices": ["auto", *SCORE_DTYPES],
+    "default": "auto",
+    "help": "precision of the detector's score model (default auto: bfloat16 on GPUs and on CPUs with bfloat16 "
+    "matrix units, ~1.8x faster there, scores within 1%% of float32's; float32 elsewhere)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     app.add_argument("--port", type=int, default=7860)
     app.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the GPU when there is one)")
     app.add_argument("--detector", type=Path, default=None, help="saved EPS-AD detector (default: the demo one)")
+    app.add_argument("--detect-dtype", **DTYPE_OPTION)
     limits = Limits()
     app.add_argument(
         "--max-seconds",
@@ -122,11 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         "--json",
         action="store_true",
         help="one JSON object per line: file, score, threshold, verdict, resolution, patch_size, patches, tiles, "
-        "score_model, calibrated_fpr (--patches adds the per-patch scores and positions)",
+        "score_model, score_dtype, calibrated_fpr (--patches adds the per-patch scores and positions)",
     )
     det.add_argument("--patches", action="store_true", help="with --json: include the per-patch scores")
     det.add_argument("--detector", type=Path, default=None, help="saved detector folder (default: the demo one)")
     det.add_argument("--device", default=None)
+    det.add_argument("--dtype", **DTYPE_OPTION)
 
     train = commands.add_parser(
         "train",
@@ -176,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 max_pipelines=args.max_pipelines,
                 allow_hub=args.allow_hub,
             )
-            app = build_app(args.model, args.device, detector=args.detector, limits=limits)
+            app = build_app(
+                args.model, args.device, detector=args.detector, limits=limits, detect_dtype=args.detect_dtype
+            )
             app.launch(server_name=args.host, server_port=args.port, **launch_options(limits, mcp=args.mcp))
         elif args.command == "generate":
             return _generate(args)
@@ -389,7 +401,7 @@ def _detect(args: argparse.Namespace) -> int:
     from .services import describe_result, detect_images, load_detector
 
     state, device = _distributed(args.device)
-    detector = load_detector(args.detector, device)
+    detector = load_detector(args.detector, device, args.dtype)
     failed = 0
     with state.split_between_processes(list(args.inputs)) as mine:
         for path in mine:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from protect import Step
 from protect.images import composite_rgb
 
 from .cost import Costs
-from .device import best_device
+from .device import best_device, score_dtype
 from .generate import Request, class_names, generate
 from .models import DEFAULT_MODEL, load_score_model, resolve
 
@@ -278,7 +279,7 @@ def default_detector_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def _detector(directory: str, device: str):
+def _detector(directory: str, device: str, dtype: torch.dtype):
     from protect import PatchEPSDetector
     from protect.patches import PATCH_FORMAT
 
@@ -290,16 +291,26 @@ def _detector(directory: str, device: str):
             f"({PATCH_FORMAT}): uploads are scored on their own pixels, never resized; fit one with "
             "'steerguard train detector'"
         )
-    unet, scheduler = load_score_model(meta.get("diffusion_model", "demo/unet_eps"), device)  # the one it was fit on
-    detector = PatchEPSDetector.from_pretrained(directory, unet, scheduler)
+    name = meta.get("diffusion_model", "demo/unet_eps")  # the one it was fit on
+    unet, scheduler = load_score_model(name, device)
+    detector = PatchEPSDetector.from_pretrained(directory, unet, scheduler)  # checks the float32 weights' fingerprint
+    if dtype != torch.float32:
+        quiet = logging.getLogger("diffusers.models.modeling_utils")
+        level, quiet.level = quiet.level, logging.ERROR  # its "keep in float32" note; UNet2DModel keeps none
+        try:
+            unet.to(dtype)
+        finally:
+            quiet.level = level
     clean = meta.get("calibration_scores")
     detector.clean_scores = [float(s) for s in clean] if isinstance(clean, list) else None
     return detector
 
 
-def load_detector(directory: str | Path | None = None, device: str | None = None):
+def load_detector(directory: str | Path | None = None, device: str | None = None, dtype: str = "auto"):
     """The native-resolution EPS-AD detector (:class:`protect.PatchEPSDetector`) saved in ``directory`` (default
-    :func:`default_detector_dir`), around the score model its ``config.json`` names (``diffusion_model``).
+    :func:`default_detector_dir`), around the score model its ``config.json`` names (``diffusion_model``), that
+    model in ``dtype`` (:func:`apps.device.score_dtype`: ``auto`` is bfloat16 on GPUs and on CPUs with bfloat16
+    matrix units, where it is ~1.8x faster and its scores stay within 1 % of float32's, float32 elsewhere).
 
     Raises ``FileNotFoundError`` ("no detector available ...") when there is none, ``ValueError`` for a
     fixed-resolution detector.
@@ -310,16 +321,17 @@ def load_detector(directory: str | Path | None = None, device: str | None = None
             f"no detector available: {directory} holds no saved detector (fit one with 'steerguard train detector')"
         )
     device = device or str(best_device()[0])
+    torch_dtype = score_dtype(device, dtype)
     with _lock:
-        return _detector(str(directory.resolve()), device)
+        return _detector(str(directory.resolve()), device, torch_dtype)
 
 
 def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, Any]]:
     """Score RGB ``images`` at their native resolution (patches of the score model's size, never resized).
 
     Each result: ``score``, ``threshold``, ``verdict``, what was scored (``resolution`` [width, height],
-    ``patch_size``, ``patches`` scored of ``tiles`` in the grid, ``score_model``, ``calibrated_fpr``) and
-    ``patch_scores`` / ``patch_positions`` ([top, left]) for a heat map.
+    ``patch_size``, ``patches`` scored of ``tiles`` in the grid, ``score_model``, ``score_dtype``,
+    ``calibrated_fpr``) and ``patch_scores`` / ``patch_positions`` ([top, left]) for a heat map.
     """
     device = detector.reference.device if detector.reference is not None else "cpu"
     batch = [
@@ -339,6 +351,7 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
             "patches": r.patches,
             "tiles": r.tiles,
             "score_model": detector.diffusion_model,
+            "score_dtype": str(detector.denoiser.model.dtype).removeprefix("torch."),
             "calibrated_fpr": detector.config.fpr,
             "patch_positions": r.positions.tolist(),
             "patch_scores": [float(s) for s in r.patch_scores.double().tolist()],
@@ -423,5 +436,6 @@ def describe_result(result: dict[str, Any]) -> str:
     return (
         f"{result['verdict']} (score {result['score']:.4g}, threshold {result['threshold']:.4g} at "
         f"{result['calibrated_fpr']:.0%} false positives on clean images); scored at the native {width}x{height}: "
-        f"{sampled} {result['tiles']} {p}x{p} patches, score model {result['score_model']}"
+        f"{sampled} {result['tiles']} {p}x{p} patches, score model {result['score_model']} "
+        f"({result['score_dtype']})"
     )

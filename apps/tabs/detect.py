@@ -12,11 +12,14 @@ from .common import EXAMPLES, IMAGE_TYPES, LANES, examples_available, read_uploa
 SHOWN = ("score", "threshold", "verdict", "resolution", "patch_size", "patches", "tiles")
 
 
-def detect_tab(device: str | None = None, detector: str | Path | None = None, limits: Limits | None = None) -> None:
+def detect_tab(
+    device: str | None = None, detector: str | Path | None = None, limits: Limits | None = None, dtype: str = "auto"
+) -> None:
     """The Detect tab (``/detect``) of the open ``gr.Blocks``, scoring with the detector saved in ``detector``
     (default: :func:`apps.services.default_detector_dir`; without one, ``/detect`` answers "no detector
     available"), in its own queue lane (it answers while a protection or a generation runs). Images are scored
-    at their native resolution, on patches of the score model's size."""
+    at their native resolution, on patches of the score model's size, the score model in ``dtype``
+    (:func:`apps.device.score_dtype`)."""
     import gradio as gr
     import pandas as pd
 
@@ -32,7 +35,7 @@ def detect_tab(device: str | None = None, detector: str | Path | None = None, li
         """
         loaded = read_uploads(files, "detect", limits)
         try:
-            model = load_detector(detector, device)
+            model = load_detector(detector, device, dtype)
         except (FileNotFoundError, ValueError, OSError) as error:
             raise gr.Error(str(error)) from None
         try:
