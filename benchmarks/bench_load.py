@@ -72,8 +72,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def check_answer(answer, name: str) -> float:
-    """The score of a valid ``/detect`` answer for the one file ``name``; raises ``ValueError`` otherwise."""
+def check_answer(answer, name: str) -> dict:
+    """The entry of a valid ``/detect`` answer for the one file ``name``; raises ``ValueError`` otherwise."""
     verdicts = answer[0] if isinstance(answer, tuple | list) else answer
     json.dumps(verdicts)  # must be plain JSON
     (entry,) = verdicts["images"]
@@ -83,7 +83,7 @@ def check_answer(answer, name: str) -> float:
         raise ValueError(f"score and threshold must be numbers: {entry}")
     if entry["verdict"] not in ("clean", "adversarial"):
         raise ValueError(f"bad verdict {entry['verdict']!r}")
-    return entry["score"]
+    return entry
 
 
 def run_load(url: str, calls: int = 200, clients: int = 8, files: list[Path] | None = None) -> dict:
@@ -100,6 +100,7 @@ def run_load(url: str, calls: int = 200, clients: int = 8, files: list[Path] | N
     latencies: list[float] = []
     errors: list[str] = []
     scores: dict[str, float] = {}
+    dtypes: set[str] = set()
 
     def worker() -> None:
         try:
@@ -117,13 +118,15 @@ def run_load(url: str, calls: int = 200, clients: int = 8, files: list[Path] | N
             t0 = time.perf_counter()
             try:
                 answer = client.predict([handle_file(str(path))], api_name="/detect")
-                score = check_answer(answer, path.stem)
+                entry = check_answer(answer, path.stem)
+                score = entry["score"]
             except Exception as error:
                 with lock:
                     errors.append(f"call {i}: {type(error).__name__}: {error}")
                 continue
             elapsed = time.perf_counter() - t0
             with lock:
+                dtypes.add(str(entry.get("score_dtype")))
                 first = scores.setdefault(path.stem, score)
                 if abs(first - score) > 1e-6 * max(1.0, abs(first)):
                     errors.append(f"call {i}: score {score} for {path.stem}, first answer {first}")
@@ -146,6 +149,7 @@ def run_load(url: str, calls: int = 200, clients: int = 8, files: list[Path] | N
         "errors": errors[:20],
         "wall_s": wall,
         "throughput_per_s": answered / wall if wall else 0.0,
+        "score_dtypes": sorted(dtypes),
     }
     if latencies:
         result.update({f"p{q}_s": percentile(latencies, q) for q in (50, 90, 95, 99)})
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protect-steps", type=int, default=500, help="PGD steps of each of those jobs")
     parser.add_argument("--url", default=None, help="load an app already running here instead of starting one")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--detect-dtype", default="auto", help="the started app's --detect-dtype (auto, float32, bfloat16, float16)"
+    )
     args = parser.parse_args(argv)
     if args.calls < 1 or args.clients < 1 or args.protections < 0 or not 1 <= args.protect_steps <= 500:
         parser.error("--calls and --clients must be positive, --protections >= 0, 1 <= --protect-steps <= 500")
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}/"
-        process = start_app(port, log, ["--max-seconds", "3600", "--time-limit", "3600"])
+        options = ["--max-seconds", "3600", "--time-limit", "3600", "--detect-dtype", args.detect_dtype]
+        process = start_app(port, log, options)
     protections = []
     try:
         startup = wait_until_up(url, process)
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(protections)} /protect jobs of {args.protect_steps} PGD steps submitted before the load; "
             f"their states when the last /detect answered: {', '.join(result['protections']['states_at_end'])}"
         )
-    print(f"answered {result['answered']}/{args.calls}, lost {result['lost']}")
+    print(f"answered {result['answered']}/{args.calls}, lost {result['lost']}; score model in {result['score_dtypes']}")
     if result["answered"]:
         print(
             "latency p50 {p50_s:.3f} s, p90 {p90_s:.3f} s, p95 {p95_s:.3f} s, p99 {p99_s:.3f} s, max {max_s:.3f} s; "

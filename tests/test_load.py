@@ -16,3 +16,4 @@ def test_concurrent_detect_calls_are_all_answered(server):  # noqa: F811
     result = run_load(server, calls=16, clients=4)
     assert result["lost"] == 0 and result["answered"] == 16, result["errors"]
     assert 0 < result["p50_s"] <= result["p90_s"] <= result["p99_s"] <= result["max_s"]
+    assert len(result["score_dtypes"]) == 1 and result["score_dtypes"][0] in ("float32", "bfloat16", "float16")
