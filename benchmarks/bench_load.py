@@ -73,7 +73,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def check_answer(answer, name: str) -> dict:
-    """The entry of a valid ``/detect`` answer for the one file ``name``; raises ``ValueError`` otherwise."""
+    """The entry of a valid ``/detect`` answer for the one file ``name``, with the answer's ``score_dtype``; raises
+    ``ValueError`` otherwise."""
     verdicts = answer[0] if isinstance(answer, tuple | list) else answer
     json.dumps(verdicts)  # must be plain JSON
     (entry,) = verdicts["images"]
@@ -83,7 +84,7 @@ def check_answer(answer, name: str) -> dict:
         raise ValueError(f"score and threshold must be numbers: {entry}")
     if entry["verdict"] not in ("clean", "adversarial"):
         raise ValueError(f"bad verdict {entry['verdict']!r}")
-    return entry
+    return {**entry, "score_dtype": verdicts.get("score_dtype")}
 
 
 def run_load(url: str, calls: int = 200, clients: int = 8, files: list[Path] | None = None) -> dict:

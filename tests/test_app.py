@@ -170,6 +170,7 @@ def test_detect_endpoint_returns_verdicts(client, tmp_path):
     assert isinstance(entry["score"], float) and entry["threshold"] == verdicts["threshold"]
     assert entry["resolution"] == [40, 40] and entry["patch_size"] == 16  # native: 3x3 tiles of 16 px
     assert entry["tiles"] == 9 and entry["patches"] == min(9, entry["patches"]) and verdicts["score_model"]
+    assert verdicts["score_dtype"] in ("float32", "bfloat16", "float16")
     assert "native resolution, never resized" in note and verdicts["calibrated_fpr"] == 0.05
     assert len(heat) == (entry["verdict"] == "adversarial")  # a heat map for each flagged image
 

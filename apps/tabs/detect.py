@@ -47,7 +47,7 @@ def detect_tab(
             f"Each image is scored at its native resolution, never resized: the EPS of its "
             f"{info['patch_size']}x{info['patch_size']} patches (all of them, or a seeded sample of "
             f"{info['max_patches']} for large images) against clean reference patches, with score model "
-            f"{info['score_model']}. The threshold flags {info['calibrated_fpr']:.0%} of held-out clean images "
+            f"{info['score_model']} ({results[0]['score_dtype']}). The threshold flags {info['calibrated_fpr']:.0%} of held-out clean images "
             f"({info['calibration_images']} calibration images).\n\n"
             + "\n".join(f"- {u.name}: {describe_result(r)}" for u, r in zip(loaded, results))
         )
@@ -58,6 +58,7 @@ def detect_tab(
             "threshold": model.threshold,
             "calibrated_fpr": info["calibrated_fpr"],
             "score_model": info["score_model"],
+            "score_dtype": results[0]["score_dtype"],
             "patch_size": info["patch_size"],
             "note": note,
             "images": images,
