@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     fast = load_detector(args.detector, args.device, args.dtype)
     arrays = crops(list(HELD_OUT), args.n, args.size, seed=300)
     with tempfile.TemporaryDirectory() as folder:
-        jpeg = [benign(a, "jpeg75", Path(folder)) for a in arrays]
+        jpeg = benign(arrays, "jpeg75", Path(folder))
     clean = [Image.fromarray(a) for a in arrays]
     kinds = {"clean": clean, "jpeg75": [Image.fromarray(a) for a in jpeg]}
     for budget in (4, 8):

@@ -47,9 +47,9 @@ def detect_tab(
             f"Each image is scored at its native resolution, never resized: the EPS of its "
             f"{info['patch_size']}x{info['patch_size']} patches (all of them, or a seeded sample of "
             f"{info['max_patches']} for large images) against clean reference patches, with score model "
-            f"{info['score_model']} ({results[0]['score_dtype']}). The threshold flags {info['calibrated_fpr']:.0%} of held-out clean images "
-            f"({info['calibration_images']} calibration images).\n\n"
-            + "\n".join(f"- {u.name}: {describe_result(r)}" for u, r in zip(loaded, results))
+            f"{info['score_model']} ({results[0]['score_dtype']}). The threshold flags "
+            f"{info['calibrated_fpr']:.0%} of held-out clean images ({info['calibration_images']} calibration "
+            "images).\n\n" + "\n".join(f"- {u.name}: {describe_result(r)}" for u, r in zip(loaded, results))
         )
         images = [
             {"file": u.name, "original_size": list(u.size), **{k: r[k] for k in SHOWN}} for u, r in zip(loaded, results)
