@@ -1,4 +1,4 @@
-"""CLI output and input checks: an ``--out`` that names a file is refused before any work, and a folder given as
+"""apps/cli.py, the `steerguard` command: its subcommands, and output and input checks: an ``--out`` that names a file is refused before any work, and a folder given as
 an input is reported as a folder (not as a missing file)."""
 
 from __future__ import annotations
