@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import generate as generation
@@ -21,9 +22,25 @@ DTYPE_OPTION = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return RUNNERS[args.command](args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"steerguard {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``steerguard`` parser: one subcommand per entry of :data:`RUNNERS`, each added by its own function."""
     parser = argparse.ArgumentParser(prog="steerguard", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_app, _add_generate, _add_protect, _add_detect, _add_train, _add_evaluate):
+        add(commands)
+    return parser
 
+
+def _add_app(commands: argparse._SubParsersAction) -> None:
+    """``steerguard app``: the Gradio app and its limits."""
     app = commands.add_parser("app", help="start the Gradio app (default: the embedded demo models)")
     app.add_argument("--model", default="demo/dit", help="hub id, local folder or demo/<name> (see models.txt)")
     app.add_argument("--host", default="127.0.0.1")
@@ -72,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         "--mcp", action="store_true", help="also serve the API as an MCP server at /gradio_api/mcp/ (gradio[mcp])"
     )
 
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    """``steerguard generate``: one option per registry input (guidance.registry)."""
     gen = commands.add_parser(
         "generate",
         help="generate images to PNG files",
@@ -101,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--out", type=Path, default=Path("out"), help="output folder (files are never overwritten)")
     gen.add_argument("--device", default=None)
 
+
+def _add_protect(commands: argparse._SubParsersAction) -> None:
+    """``steerguard protect``: image files -> protected PNG files and a JSON report."""
     prot = commands.add_parser(
         "protect",
         help="protect image files against mimicry (PNG outputs next to a JSON report)",
@@ -118,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     prot.add_argument("--seed", type=int, default=0, help="seed of the PGD start (image i uses seed + i)")
     prot.add_argument("--device", default=None)
 
+
+def _add_detect(commands: argparse._SubParsersAction) -> None:
+    """``steerguard detect``: image files -> one verdict per file."""
     det = commands.add_parser(
         "detect",
         help="flag adversarial (protected) images with the EPS-AD detector",
@@ -138,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     det.add_argument("--device", default=None)
     det.add_argument("--dtype", **DTYPE_OPTION)
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    """``steerguard train [photo | protector | detector] ...``: the training commands."""
     train = commands.add_parser(
         "train",
         help="train the embedded demo models (python -m apps.demo.train), with 'photo' the photo demo models "
@@ -152,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         help="arguments for apps.demo.train, apps.demo.train_photo or apps.train_protector",
     )
 
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    """``steerguard evaluate``: protections against mimicry on the demo models."""
     ev = commands.add_parser(
         "evaluate",
         help="evaluate protections against mimicry on the demo models (SDEdit, LoRA; JPEG, resize, noise, blur)",
@@ -172,52 +204,41 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default=None)
 
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "app":
-            from .app import build_app, launch_options
 
-            limits = Limits(
-                max_seconds=args.max_seconds or None,
-                time_limit=args.time_limit or None,
-                max_pixels=args.max_pixels,
-                max_files=args.max_files,
-                output_age=args.output_age,
-                max_pipelines=args.max_pipelines,
-                allow_hub=args.allow_hub,
-            )
-            app = build_app(
-                args.model, args.device, detector=args.detector, limits=limits, detect_dtype=args.detect_dtype
-            )
-            app.launch(server_name=args.host, server_port=args.port, **launch_options(limits, mcp=args.mcp))
-        elif args.command == "generate":
-            return _generate(args)
-        elif args.command == "protect":
-            return _protect(args)
-        elif args.command == "detect":
-            return _detect(args)
-        elif args.command == "train":
-            if args.args[:1] == ["protector"]:
-                from .train_protector import main as train_protector
+def _app(args: argparse.Namespace) -> int:
+    from .app import build_app, launch_options
 
-                return train_protector(args.args[1:])
-            if args.args[:1] == ["photo"]:
-                from .demo.train_photo import main as train_photo
+    limits = Limits(
+        max_seconds=args.max_seconds or None,
+        time_limit=args.time_limit or None,
+        max_pixels=args.max_pixels,
+        max_files=args.max_files,
+        output_age=args.output_age,
+        max_pipelines=args.max_pipelines,
+        allow_hub=args.allow_hub,
+    )
+    app = build_app(args.model, args.device, detector=args.detector, limits=limits, detect_dtype=args.detect_dtype)
+    app.launch(server_name=args.host, server_port=args.port, **launch_options(limits, mcp=args.mcp))
+    return 0
 
-                train_photo(args.args[1:])
-                return 0
-            if args.args[:1] == ["detector"]:
-                from .train_detector import main as train_detector
 
-                return train_detector(args.args[1:])
-            from .demo.train import main as train_main
+def _train(args: argparse.Namespace) -> int:
+    if args.args[:1] == ["protector"]:
+        from .train_protector import main as train_protector
 
-            train_main(args.args)
-        elif args.command == "evaluate":
-            return _evaluate(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"steerguard {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return train_protector(args.args[1:])
+    if args.args[:1] == ["photo"]:
+        from .demo.train_photo import main as train_photo
+
+        train_photo(args.args[1:])
+        return 0
+    if args.args[:1] == ["detector"]:
+        from .train_detector import main as train_detector
+
+        return train_detector(args.args[1:])
+    from .demo.train import main as train_main
+
+    train_main(args.args)
     return 0
 
 
@@ -423,6 +444,16 @@ def _detect(args: argparse.Namespace) -> int:
         print(f"steerguard detect: {failed} of {len(args.inputs)} input(s) failed", file=sys.stderr)
         return 2
     return 0
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "app": _app,
+    "generate": _generate,
+    "protect": _protect,
+    "detect": _detect,
+    "train": _train,
+    "evaluate": _evaluate,
+}
 
 
 if __name__ == "__main__":

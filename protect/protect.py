@@ -187,6 +187,49 @@ def protect(
         on_step: ``on_step(Step)`` after every PGD step (once for "amortized"); returning ``False`` or raising
             :class:`~protect.pgd.Cancelled` stops the call there (:class:`~protect.pgd.Cancelled` is raised).
     """
+    _check_options(method, denoiser, eps, target, weight, protector, robust, min_strength, tile)
+    if isinstance(protector, str | Path):
+        protector = AmortizedProtector.from_pretrained(str(protector))
+    batch = _batch(images, vae)
+    progress = _Progress(on_step, total=1 if method == "amortized" else steps)
+    progress(0)
+    if method == "amortized":
+        protector = protector.to(batch.device)
+        protected, _ = protector.protect(batch, vae, eps=eps, min_strength=min_strength)
+        progress(1)
+    else:
+        loss_fn = _pgd_loss(method, vae, denoiser, batch, target, weight, alphas_cumprod, generator, tile)
+        protected = pgd(
+            batch,
+            loss_fn,
+            eps=eps,
+            step=step,
+            steps=steps,
+            generator=generator[: batch.shape[0]] if isinstance(generator, list) else generator,
+            robust=EOT if robust is True else tuple(robust or ()),
+            callback=progress.after_pgd_step,
+        )
+    seconds = time.perf_counter() - progress.start
+    outputs, final, linf = _outputs(images, batch, protected, eps)
+    psnr_values, ssim_values = psnr_ssim(batch, final)
+    report = ProtectionReport(
+        method=method, psnr=psnr_values, ssim=ssim_values, linf=linf.tolist(), losses=progress.trace, seconds=seconds
+    )
+    return outputs, report
+
+
+def _check_options(
+    method: str,
+    denoiser: NoisePredictor | None,
+    eps: float,
+    target: Tensor | Image.Image | str | None,
+    weight: float,
+    protector: AmortizedProtector | str | None,
+    robust: bool | tuple[str, ...],
+    min_strength: float | None,
+    tile: int | None,
+) -> None:
+    """Raise a ``ValueError`` for a combination of :func:`protect`'s options that does not apply."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if not (isinstance(eps, int | float) and 0 < eps <= MAX_EPS):
@@ -215,10 +258,11 @@ def protect(
         raise ValueError("min_strength applies to method 'amortized' only")
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 8):
         raise ValueError(f"tile must be an integer of at least 8 pixels or None, got {tile!r}")
-    if isinstance(protector, str | Path):
-        protector = AmortizedProtector.from_pretrained(str(protector))
-    is_pil = isinstance(images, list | tuple)
-    if is_pil:
+
+
+def _batch(images: Tensor | list[Image.Image], vae: AutoencoderKL) -> Tensor:
+    """``images`` as one checked ``(N, 3, H, W)`` batch in [0, 1] (PIL images on the VAE's device)."""
+    if isinstance(images, list | tuple):
         if not images or not all(isinstance(im, Image.Image) for im in images):
             raise ValueError("expected a non-empty list of PIL images or a tensor")
         tensors = [to_tensor(im) for im in images]
@@ -230,27 +274,47 @@ def protect(
     else:
         raise ValueError(f"expected a tensor or a list of PIL images, got {type(images).__name__}")
     _validate(batch)
+    return batch
 
-    start = time.perf_counter()
-    trace: list[list[float]] = []
-    total = 1 if method == "amortized" else steps
 
-    def report_step(done: int, loss: Tensor | None) -> None:
-        if on_step is not None and on_step(Step(done, total, loss, time.perf_counter() - start)) is False:
-            raise Cancelled(f"stopped after {done} of {total} steps")
+class _Progress:
+    """The steps of one :func:`protect` call: the loss trace, and ``on_step`` (which may stop the call)."""
 
-    report_step(0, None)
+    def __init__(self, on_step: Callable[[Step], bool | None] | None, total: int):
+        self.on_step, self.total = on_step, total
+        self.start = time.perf_counter()
+        self.trace: list[list[float]] = []
+
+    def __call__(self, done: int, loss: Tensor | None = None) -> None:
+        step = Step(done, self.total, loss, time.perf_counter() - self.start)
+        if self.on_step is not None and self.on_step(step) is False:
+            raise Cancelled(f"stopped after {done} of {self.total} steps")
+
+    def after_pgd_step(self, i: int, x: Tensor, loss: Tensor) -> None:
+        self.trace.append(loss.float().tolist())
+        self(i + 1, loss)
+
+
+def _pgd_loss(
+    method: str,
+    vae: AutoencoderKL,
+    denoiser: NoisePredictor | None,
+    batch: Tensor,
+    target: Tensor | Image.Image | str | None,
+    weight: float,
+    alphas_cumprod: Tensor | None,
+    generator: Generators,
+    tile: int | None,
+) -> Callable[[Tensor], Tensor]:
+    """The per-image loss that PGD minimises for ``method`` (with ``tile``: its mean over the crops of each image,
+    a list of generators repeated tile-major as the crops are, so that image ``i`` keeps drawing from its own)."""
     count = 1
-    if method != "amortized" and tile is not None:
+    if tile is not None:
         count = tiles(batch[:1], tile).shape[0]
         if isinstance(generator, list | tuple):
             check_generators(generator, batch.shape[0])
-            generator = list(generator) * count  # tile-major, as the crops: image i keeps drawing from its own
-    if method == "amortized":
-        protector = protector.to(batch.device)
-        protected, _ = protector.protect(batch, vae, eps=eps, min_strength=min_strength)
-        report_step(1, None)
-    elif method == "sds":
+            generator = list(generator) * count
+    if method == "sds":
         loss_fn = partial(sds_loss, vae, denoiser, alphas_cumprod=alphas_cumprod, generator=generator)
     else:
         target_latent = _target_latent(vae, target, batch, tile)
@@ -266,36 +330,18 @@ def protect(
                 alphas_cumprod=alphas_cumprod,
                 generator=generator,
             )
-    if method != "amortized":
-        if tile is not None:
-            loss_fn = partial(_tiled_loss, loss_fn, tile, count)
+    return partial(_tiled_loss, loss_fn, tile, count) if tile is not None else loss_fn
 
-        def callback(i: int, x: Tensor, loss: Tensor) -> None:
-            trace.append(loss.float().tolist())
-            report_step(i + 1, loss)
 
-        transforms = EOT if robust is True else tuple(robust or ())
-        protected = pgd(
-            batch,
-            loss_fn,
-            eps=eps,
-            step=step,
-            steps=steps,
-            generator=generator[: batch.shape[0]] if isinstance(generator, list) else generator,
-            robust=transforms,
-            callback=callback,
-        )
-    seconds = time.perf_counter() - start
-    if is_pil:  # the budget holds in 8-bit levels: |q - k| <= floor(255 eps)
+def _outputs(
+    images: Tensor | list[Image.Image], batch: Tensor, protected: Tensor, eps: float
+) -> tuple[Tensor | list[Image.Image], Tensor, Tensor]:
+    """The outputs in the input's kind, the final images as a tensor, and each image's L-infinity change.
+
+    PIL outputs are 8-bit, where the budget holds in levels: ``|q - k| <= floor(255 eps)``."""
+    if isinstance(images, list | tuple):
         outputs = [protected_image(x, c, eps, im) for x, c, im in zip(protected, batch, images)]
         final = torch.stack([to_tensor(im.convert("RGB")) for im in outputs]).to(batch.device)
-        linf = ((final * 255).round() - (batch * 255).round()).abs().flatten(1).amax(1).double() / 255
-    else:
-        outputs = final = protected
-        exact = exact_dtype(batch.device)
-        linf = (final.to(exact) - batch.to(exact)).abs().flatten(1).amax(1)
-    psnr_values, ssim_values = psnr_ssim(batch, final)
-    report = ProtectionReport(
-        method=method, psnr=psnr_values, ssim=ssim_values, linf=linf.tolist(), losses=trace, seconds=seconds
-    )
-    return outputs, report
+        return outputs, final, ((final * 255).round() - (batch * 255).round()).abs().flatten(1).amax(1).double() / 255
+    exact = exact_dtype(batch.device)
+    return protected, protected, (protected.to(exact) - batch.to(exact)).abs().flatten(1).amax(1)

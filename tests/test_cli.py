@@ -1,5 +1,6 @@
-"""apps/cli.py, the `steerguard` command: its subcommands, and output and input checks: an ``--out`` that names a file is refused before any work, and a folder given as
-an input is reported as a folder (not as a missing file)."""
+"""apps/cli.py, the ``steerguard`` command: one runner per subcommand, and its output and input checks (an
+``--out`` that names a file is refused before any work, and a folder given as an input is reported as a folder,
+not as a missing file)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 
 from apps import files, services
+from apps.cli import RUNNERS, build_parser
 from apps.cli import main as cli_main
 
 
@@ -69,3 +71,8 @@ def test_mist_uses_a_latent_diffusion_model_or_refuses(tmp_path, capsys):
     mist, _ = services.protect_image(image, method="mist", **kwargs)
     photoguard, _ = services.protect_image(image, method="photoguard", **kwargs)
     assert not np.array_equal(np.asarray(mist), np.asarray(photoguard))
+
+
+def test_every_subcommand_has_its_runner_in_order():
+    assert list(RUNNERS) == ["app", "generate", "protect", "detect", "train", "evaluate"]
+    assert "{" + ",".join(RUNNERS) + "}" in build_parser().format_usage()
