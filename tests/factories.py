@@ -501,6 +501,12 @@ def random_pixel_unet(sample_size: int = 8, scale: float = 0.1):
     return model.eval(), DDPMScheduler(num_train_timesteps=1000)
 
 
+def smooth_images(n: int, seed: int = 0, size: int = 8, amplitude: float = 0.8) -> torch.Tensor:
+    """``n`` smooth RGB images in [-amplitude, amplitude] (upsampled 2x2 noise, seeded): the EPS and detector tests."""
+    low = (torch.rand(n, 3, 2, 2, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * amplitude
+    return torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
+
+
 BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "sd": tiny_sd,
     "sd_v": lambda: tiny_sd(prediction_type="v_prediction"),
