@@ -1,0 +1,38 @@
+"""apps/cost.py: the app's cost estimates (measured unit costs x pixels x steps) and the budget that refuses a
+request before it starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from apps.cost import Costs, check_budget, generate_seconds, measure, protect_seconds, tiled_pixels
+from apps.jobs import duration
+
+
+def test_estimates_grow_in_proportion_to_pixels_and_steps():
+    costs = Costs("cpu")
+    assert costs.measure("pgd_pixel_step:photoguard", lambda: None, units=128 * 128) >= 0
+    costs.unit.update({"pgd_pixel_step:photoguard": 1e-5, "amortized_pixel": 1e-7, "preview": 2.0, "generate:m": 0.01})
+    assert tiled_pixels(256, 256, 128) == 256 * 256 and tiled_pixels(130, 20, 128) == 256 * 20
+    small = protect_seconds(costs, [(128, 128)], "photoguard", 10, 128, preview=False)
+    big = protect_seconds(costs, [(1024, 1024)], "photoguard", 10, 128, preview=False)
+    assert small == pytest.approx(128 * 128 * 10 * 1e-5) and big == pytest.approx(64 * small)
+    assert protect_seconds(costs, [(64, 64)] * 2, "amortized", 50, 128, preview=True) == pytest.approx(
+        2 * (64 * 64 * 1e-7 + 2.0)
+    )
+    assert generate_seconds(costs, "m", rows=4, images=2, steps=10, branches=3) == pytest.approx(2.4)
+    with pytest.raises(KeyError, match="not been measured"):
+        costs["generate:other"]
+
+
+def test_the_budget_refuses_with_a_clear_message_in_no_time():
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"about 16 min 40 s .* limit of 1 min 00 s .*--max-seconds.*fewer steps"):
+        check_budget(1000.0, 60.0, "protecting 1 image", "use fewer steps")
+    assert time.perf_counter() - start < 0.1
+    check_budget(1000.0, None, "x", "y")  # no limit
+    check_budget(59.0, 60.0, "x", "y")
+    assert duration(3.4) == "3 s" and duration(3725) == "1 h 02 min"
+    assert measure(lambda: time.sleep(0.01), repeats=1) >= 0.01
