@@ -507,6 +507,12 @@ def smooth_images(n: int, seed: int = 0, size: int = 8, amplitude: float = 0.8) 
     return torch.nn.functional.interpolate(low, size=size, mode="bilinear", align_corners=False)
 
 
+def guidance_pair(seed: int, shape: tuple[int, ...] = (3, 4, 6, 6), dtype: torch.dtype = torch.float32):
+    """Two seeded standard-normal tensors ``(cond, uncond)``: the predictions the guidance math tests combine."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+
+
 BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "sd": tiny_sd,
     "sd_v": lambda: tiny_sd(prediction_type="v_prediction"),
