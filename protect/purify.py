@@ -7,6 +7,9 @@ blur), in one table, :data:`PURIFICATIONS`, for
 * expectation over transformations in PGD (:func:`protect.pgd.pgd`'s ``robust``, the names in :data:`EOT`): the
   random, differentiable entries, whose parameters are drawn from the caller's generator at every step.
 
+``noisy_upscale`` here is its bicubic form; :mod:`protect.purifiers` builds the model-based purifications
+(noisy upscaling with a learned upscaler, DiffPure, IMPRESS) from the caller's models.
+
 Every entry takes and returns images ``(N, 3, H, W)`` in [0, 1], in the input's dtype and device.
 """
 
@@ -26,6 +29,8 @@ from torch import Tensor
 
 from .rng import draw
 
+MAX_PIXELS = 4096 * 4096  # as protect.protect: the model purifications (protect.purifiers) refuse larger images
+NOISY_UPSCALE_STD = 0.05
 Transform = Callable[[Tensor, torch.Generator | None], Tensor]  # a random purification: (images, generator) -> images
 
 __all__ = [
@@ -37,9 +42,11 @@ __all__ = [
     "Transform",
     "blur",
     "blur_pil",
+    "check_images",
     "gaussian_noise",
     "gaussian_noise_8bit",
     "jpeg",
+    "noisy_upscale",
     "purify",
     "resize_pil",
     "resize_roundtrip",
@@ -90,6 +97,47 @@ def sign_noise(images: Tensor, eps: float = 4 / 255, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, images.shape, generator=g).to(images) * 2 - 1
     return (images + eps * signs).clamp(0, 1)
+
+
+def check_images(images: Tensor, what: str) -> None:
+    """``ValueError`` unless ``images`` is a non-empty float batch ``(N, 3, H, W)`` in [0, 1] within the pixel cap."""
+    if not isinstance(images, Tensor):
+        raise ValueError(f"{what}: expected a tensor of images, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise ValueError(f"{what}: expected images of shape (N, 3, H, W) with N >= 1, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{what}: expected a float tensor in [0, 1], got dtype {images.dtype}")
+    height, width = images.shape[-2:]
+    if height * width > MAX_PIXELS:
+        raise ValueError(f"{what}: {width}x{height} (width x height) exceeds the {MAX_PIXELS}-pixel cap (4096x4096)")
+    if torch.isnan(images).any() or images.min() < 0 or images.max() > 1:
+        raise ValueError(f"{what}: images must lie in [0, 1] (no NaN)")
+
+
+def noisy_upscale(
+    images: Tensor, *, std: float = NOISY_UPSCALE_STD, seed: int = 0, upscaler: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """Noisy upscaling (Hönig et al. 2024): Gaussian noise of ``std`` (image ``i`` seeded ``seed + i``, clipped to
+    [0, 1]), then a 2x upscale by ``upscaler`` (images -> images of twice the height and width) or, without one,
+    bicubic; then back to the native size (bicubic, antialiased), clipped to [0, 1].
+
+    Default ``std`` 0.05 (small noise that a learned upscaler removes). Without a learned upscaler the result is
+    the noise, slightly low-passed by the bicubic round trip: on a flat image the change has a standard deviation
+    between 0.5 and 1 times ``std``.
+    """
+    check_images(images, "noisy_upscale")
+    if not 0 <= std <= 0.5:
+        raise ValueError(f"noisy_upscale: std must lie in [0, 0.5], got {std}")
+    height, width = images.shape[-2:]
+    noisy = gaussian_noise(images, std=std, seed=seed, per_image=True)
+    if upscaler is None:
+        up = F.interpolate(noisy.float(), scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
+    else:
+        up = upscaler(noisy)
+        if tuple(up.shape) != (*images.shape[:2], 2 * height, 2 * width):
+            raise ValueError(f"noisy_upscale: the upscaler returned {tuple(up.shape)}, not twice {tuple(images.shape)}")
+    down = F.interpolate(up.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    return down.clamp(0, 1).to(images)
 
 
 def blur(images: Tensor, sigma: float = 1.0) -> Tensor:
@@ -203,6 +251,9 @@ PURIFICATIONS: dict[str, Purification] = {
     "resize0.5_pil": Purification(partial(resize_pil, factor=0.5), "resize x0.5 and back (PIL bicubic, 8 bits)"),
     "noise2_8bit": Purification(partial(gaussian_noise_8bit, std=2 / 255), "Gaussian noise 2/255 on 8 bits"),
     "blur1_pil": Purification(partial(blur_pil, radius=1.0), "Gaussian blur radius 1 (PIL, 8 bits)"),
+    "noisy_upscale": Purification(
+        partial(noisy_upscale, std=NOISY_UPSCALE_STD), "noisy upscaling: Gaussian noise 0.05, 2x bicubic and back"
+    ),
     # random and differentiable: the expectation over transformations of PGD (pgd(robust=...))
     "jpeg": Purification(random_jpeg, "JPEG, quality U(50, 95) (differentiable)", differentiable=True, random=True),
     "resize": Purification(random_resize, "resize x U(0.5, 0.9) and back (bilinear)", differentiable=True, random=True),
@@ -211,7 +262,8 @@ PURIFICATIONS: dict[str, Purification] = {
 }
 if not hasattr(kornia.enhance, "jpeg_codec_differentiable"):  # older kornia: no differentiable JPEG
     del PURIFICATIONS["jpeg"]
-EVALUATION = ("none", "jpeg75", "resize0.5", "noise4", "blur1")  # what the mimicry evaluation reports
+# what the mimicry evaluation reports (with protect.purifiers.model_purifications: DiffPure, IMPRESS)
+EVALUATION = ("none", "jpeg90", "jpeg75", "jpeg50", "resize0.5", "noise4", "blur1", "noisy_upscale")
 BENIGN = ("jpeg75", "resize_x0.5", "gauss_2/255", "sign_4/255")  # the detector's false-positive checks
 EOT = tuple(name for name, entry in PURIFICATIONS.items() if entry.random and entry.differentiable)
 
