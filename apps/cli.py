@@ -347,6 +347,8 @@ def _gathered(state, items: list) -> list:
 def _protect(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from protect.survival import MARGIN
+
     from .files import write_new
     from .services import check_protect_options
 
@@ -375,6 +377,9 @@ def _protect(args: argparse.Namespace) -> int:
         "model": "demo VAE (demo_models/vae)"
         + (", amortized protector (demo_models/protector)" if args.method == "amortized" else ""),
         "processes": state.num_processes,
+        "survival_rule": "per file, 'survival': the latent distortion in the demo VAE after JPEG q75 and noisy "
+        "upscaling (bicubic), against same-budget random noise after the same purification; 'survives' when it is "
+        f">= {MARGIN:g}x the noise's (protect.survival)",
         "files": done,
         "failed": failed,
     }
@@ -415,6 +420,10 @@ def _protect_one(args: argparse.Namespace, i: int, path: str, device: str, done:
         }
     )
     print(output)
+    if "survival" in metrics:
+        from protect.survival import describe
+
+        print(f"  survival: {describe(metrics['survival'])}")
 
 
 def _detect(args: argparse.Namespace) -> int:

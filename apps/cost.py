@@ -74,6 +74,8 @@ def protect_seconds(
             total += tiled_pixels(width, height, tile) * steps * costs[f"pgd_pixel_step:{method}"]
         if preview and min(width, height) >= 8:
             total += costs["preview"]
+        if "survival_pixel" in costs.unit:  # the survival report (JPEG q75, noisy upscaling), where measured
+            total += tiled_pixels(width, height, tile) * costs["survival_pixel"]
     return total
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "mimicry_preview",
     "protect_image",
     "set_max_pipelines",
+    "survival_report",
 ]
 
 _lock = threading.RLock()  # loading models and generating (a generation changes the pipeline): one at a time
@@ -161,7 +162,8 @@ def protect_image(
     device: str | None = None,
     tile: int | None = PGD_TILE,
     on_step: Callable[[Step], Any] | None = None,
-) -> tuple[Image.Image, dict[str, float]]:
+    survival: bool = True,
+) -> tuple[Image.Image, dict[str, Any]]:
     """Protect one RGB/RGBA image against the demo VAE; returns the protected image and its metrics.
 
     "amortized" runs the demo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply);
@@ -170,7 +172,8 @@ def protect_image(
     demo VAE's self-attention over the whole latent would grow with their square); "mist" uses the demo DiT
     (null class) as its semantic part, the latent diffusion model on the demo VAE (images up to
     ``MIST_MAX_SIDE`` px: the DiT attends over every latent token). ``on_step`` sees every step and may stop
-    the work (:class:`protect.Cancelled`).
+    the work (:class:`protect.Cancelled`). With ``survival``, ``metrics["survival"]`` says whether the protection
+    survives JPEG q75 and noisy upscaling (:func:`survival_report`, on ``tile`` crops).
     """
     from protect import protect
 
@@ -212,7 +215,21 @@ def protect_image(
         "linf_255": round(report.linf[0] * 255, 4),
         "seconds": report.seconds,
     }
+    if survival:
+        metrics["survival"] = survival_report(vae, image, protected, seed=seed, tile=tile)
     return protected, metrics
+
+
+def survival_report(vae: Any, original: Image.Image, protected: Image.Image, seed: int = 0, tile: int | None = None):
+    """:func:`protect.survival.report` for one original and its protected image (their stored RGB colours) against
+    ``vae``, on ``tile`` x ``tile`` crops: does the protection survive JPEG q75 and noisy upscaling?"""
+    from protect.images import to_tensor
+    from protect.survival import report
+
+    device = next(vae.parameters()).device
+    clean, shielded = (to_tensor(im)[None].to(device) for im in (original, protected))
+    (entry,) = report(vae, clean, shielded, seed=seed, tile=tile)
+    return entry
 
 
 @functools.lru_cache(maxsize=2)
@@ -363,7 +380,8 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
 def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, preview: bool = True) -> Costs:
     """Measure the unit costs of :func:`protect_image` and :func:`mimicry_preview` on ``device`` into ``costs``:
     one PGD step of PhotoGuard and of Mist on one ``tile`` x ``tile`` crop (per pixel,
-    ``pgd_pixel_step:<method>``), the amortized protector on it (per pixel), and one mimicry preview (a 64 px
+    ``pgd_pixel_step:<method>``), the amortized protector and the survival report on it (per pixel,
+    ``amortized_pixel``, ``survival_pixel``), and one mimicry preview (a 64 px
     crop). A few seconds on a CPU; each is measured once per ``costs``."""
     from protect.losses import encoder_loss, mist_loss
 
@@ -397,9 +415,11 @@ def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, pre
     for method in losses:
         costs.measure(f"pgd_pixel_step:{method}", partial(pgd_step, method), units=tile * tile)
     costs.measure("amortized_pixel", amortized, units=tile * tile)
+    image = Image.fromarray((x[0].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
+    costs.measure("survival_pixel", lambda: survival_report(vae, image, image, tile=tile), units=tile * tile)
     if preview:
-        image = Image.fromarray((x[0].permute(1, 2, 0).cpu().numpy()[:64, :64] * 255).astype(np.uint8))
-        costs.measure("preview", lambda: mimicry_preview(image, image, device=device), repeats=1)
+        crop = image.crop((0, 0, 64, 64))
+        costs.measure("preview", lambda: mimicry_preview(crop, crop, device=device), repeats=1)
     return costs
 
 

@@ -136,7 +136,13 @@ def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
     gallery, table, files, summary, (before, after) = _protect(client, *paths, method="mist", eps=6)
     assert len(gallery) == 10 and "mist" in summary  # original, protected, perturbation, two SDEdit previews
     assert [row[0] for row in table["data"]] == ["photo", "logo"]
-    assert all(20 < row[-1] < 80 for row in table["data"])  # the PSNR between the two edits
+    edits, jpeg, upscaled = (
+        table["headers"].index(c) for c in ("edits PSNR (dB)", "after JPEG q75", "after noisy upscaling")
+    )
+    assert all(20 < row[edits] < 80 for row in table["data"])  # the PSNR between the two edits
+    for row in table["data"]:  # the survival report: a verdict and the comparison to random noise
+        assert all(row[c].startswith(("survives (", "does not survive (")) for c in (jpeg, upscaled)), row
+    assert "survive** JPEG q75 and noisy upscaling" in summary
     assert len(files) == 2
     for original, file in zip(originals, files):
         protected = Image.open(file)
@@ -154,7 +160,8 @@ def test_protect_endpoint_amortized_without_preview(client, tmp_path):
     gallery, table, files, summary, _ = client.predict(
         [handle_file(str(path))], "amortized", 8, 1, 0, False, api_name="/protect"
     )
-    assert len(gallery) == 3 and "one forward pass" in summary and table["data"][0][-1] is None
+    edits = table["headers"].index("edits PSNR (dB)")
+    assert len(gallery) == 3 and "one forward pass" in summary and table["data"][0][edits] is None
     assert 0 < _linf(Image.open(files[0]), Image.open(path)) <= 8
 
 
@@ -220,7 +227,11 @@ def test_cli_protect_keeps_size_and_mode_and_never_overwrites(tmp_path, bad_file
         original, protected = Image.open(entry["input"]), Image.open(entry["output"])
         assert protected.size == original.size and protected.mode == original.mode
         assert _linf(protected, original) <= 4
-    capsys.readouterr()
+        survival = entry["survival"]  # protect.survival.report on the saved colours: JPEG q75, noisy upscaling
+        assert set(survival["purifications"]) == {"jpeg75", "noisy_upscale"} and survival["eps_255"] <= 4 + 1e-4
+        assert survival["verdict"] in ("survives", "does not survive")
+    assert "2x" in report["survival_rule"]
+    assert capsys.readouterr().out.count("  survival: ") == 8  # printed per file
     bad, _ = bad_files["text"]
     assert cli_main(["protect", str(bad), str(inputs[0]), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
     assert "text.png" in capsys.readouterr().err

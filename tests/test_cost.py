@@ -22,6 +22,10 @@ def test_estimates_grow_in_proportion_to_pixels_and_steps():
     assert protect_seconds(costs, [(64, 64)] * 2, "amortized", 50, 128, preview=True) == pytest.approx(
         2 * (64 * 64 * 1e-7 + 2.0)
     )
+    costs.unit["survival_pixel"] = 1e-6  # the survival report, per pixel of its crops
+    assert protect_seconds(costs, [(1024, 1024)], "photoguard", 10, 128, preview=False) == pytest.approx(
+        big + 1024 * 1024 * 1e-6
+    )
     assert generate_seconds(costs, "m", rows=4, images=2, steps=10, branches=3) == pytest.approx(2.4)
     with pytest.raises(KeyError, match="not been measured"):
         costs["generate:other"]

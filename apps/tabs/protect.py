@@ -9,6 +9,7 @@ next step when its client goes or presses Stop, or at the time limit, and clears
 from __future__ import annotations
 
 from protect import Cancelled
+from protect.survival import MARGIN
 
 from ..cost import Costs, check_budget, protect_seconds
 from ..disk import OutputFolders
@@ -80,6 +81,7 @@ def protect_tab(
         loaded = decode_uploads(sizes, "protect")
         out_dir = folders.new()
         gallery, rows, outputs = [], [], []
+        survivors = 0
         for i, upload in enumerate(loaded):
             try:
                 job.start(f"protecting {upload.name} ({i + 1}/{len(loaded)})", i / len(loaded))
@@ -121,15 +123,24 @@ def protect_tab(
                     edit_psnr = round(info["psnr_between_edits"], 2)
             w, h = upload.size
             values = [round(float(metrics[k]), 4) for k in ("psnr", "ssim", "linf_255", "seconds")]
-            rows.append([upload.name, f"{w}x{h}", protected.mode, *values, edit_psnr])
+            survival = metrics["survival"]
+            kept = [
+                f"{p['verdict']} ({p['vs_noise']:.2g}x noise)" for p in survival["purifications"].values()
+            ]  # jpeg75, noisy_upscale
+            survivors += survival["verdict"] == "survives"
+            rows.append([upload.name, f"{w}x{h}", protected.mode, *values, edit_psnr, *kept])
         progress(1, desc="done")
         columns = ["file", "size", "mode", "PSNR (dB)", "SSIM", "Linf (/255)", "seconds", "edits PSNR (dB)"]
+        columns += ["after JPEG q75", "after noisy upscaling"]
         table = pd.DataFrame(rows, columns=columns)
         how = "one forward pass of the demo amortized protector" if method == "amortized" else f"{steps} PGD steps"
         summary = (
             f"Protected {len(loaded)} image(s) with **{method}** (eps {eps:g}/255, {how}, seed {seed}) "
             f"against the demo VAE in {duration(job.elapsed)}. Download the PNG files (deleted from this server after "
-            f"{duration(limits.output_age)}): re-encoding them (JPEG, resizing) weakens the protection."
+            f"{duration(limits.output_age)}): re-encoding them (JPEG, resizing) weakens the protection. "
+            f"**{survivors} of {len(loaded)} survive** JPEG q75 and noisy upscaling (the last two columns: the shift "
+            f"of the demo VAE's latent after the purification, against same-budget random noise after it; survives "
+            f"at >= {MARGIN:g}x the noise's)."
             + (
                 " The mimicry preview edits the same centre crop of the original and of the protected image with "
                 "the demo DiT (SDEdit, strength 0.3, same noise); a lower 'edits PSNR' means the protection "
