@@ -186,12 +186,14 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     """``steerguard evaluate``: protections against mimicry on the demo models."""
     ev = commands.add_parser(
         "evaluate",
-        help="evaluate protections against mimicry on the demo models (SDEdit, LoRA; JPEG, resize, noise, blur)",
+        help="evaluate protections against mimicry on the demo models (SDEdit, LoRA; JPEG, resize, noise, blur, "
+        "noisy upscaling, DiffPure, IMPRESS; the worst case per method)",
         description="Protect held-out demo images with each method, purify them, mimic them with SDEdit and a "
         "LoRA fine-tune of the demo DiT, and report invisibility against the damage to the mimicry. Methods: "
         "photoguard, mist, sds, amortized, amortized-full (full budget on flat regions too), noise (random "
         "signs, the naive baseline); 'photoguard@10' sets the "
-        "PGD steps. Writes a JSON report (never overwriting a file) and prints a Markdown table.",
+        "PGD steps. Random noise of the same budget is always a row (random_noise). Writes a JSON report (never "
+        "overwriting a file) and prints a Markdown table and the worst case over purifications per method.",
     )
     ev.add_argument("--methods", nargs="+", default=["photoguard", "amortized", "noise"])
     ev.add_argument("-n", "--num-images", type=int, default=64)
@@ -200,6 +202,18 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4], help="SDEdit strengths")
     ev.add_argument("--lora-steps", type=int, default=100, help="LoRA fine-tuning steps (0: no LoRA attack)")
     ev.add_argument("--protector", type=Path, default=None, help="amortized protector folder (default: demo)")
+    ev.add_argument(
+        "--purifications",
+        nargs="+",
+        default=None,
+        help="purifications applied before mimicry (default: none jpeg90 jpeg75 jpeg50 resize0.5 noise4 blur1 "
+        "noisy_upscale diffpure impress; diffpure uses --pixel-model, impress the demo VAE)",
+    )
+    ev.add_argument(
+        "--pixel-model",
+        default="demo/unet",
+        help="unconditional pixel diffusion model of the diffpure purification (demo/<name>, folder or hub id)",
+    )
     ev.add_argument("--json", type=Path, default=None, help="write the full report here")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default=None)
@@ -317,8 +331,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         protector=args.protector,
         device=args.device,
         seed=args.seed,
+        pixel_model=args.pixel_model,
+        **({"purifications": args.purifications} if args.purifications else {}),
     )
     print(evaluation.markdown(result))
+    print("\nworst case over purifications (the purification that leaves the mimicry least damaged):")
+    print(evaluation.markdown_worst_case(result))
     print("seconds per image: " + ", ".join(f"{k} {v:.4f}" for k, v in result["seconds_per_image"].items()))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

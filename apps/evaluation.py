@@ -1,8 +1,11 @@
 """The protection evaluation on the embedded demo models, shared by ``steerguard evaluate`` and the benchmark.
 
 Held-out demo images are protected by each method (PGD against the demo VAE, or the committed amortized
-protector), purified (JPEG q75, resize x0.5, noise, blur), then mimicked by SDEdit with the demo DiT at several
-strengths and by a LoRA fine-tune of the demo DiT (peft); :func:`protect.evaluate.evaluate` measures the damage.
+protector), purified (JPEG q90/q75/q50, resize x0.5, noise, blur, noisy upscaling, DiffPure with a pixel
+diffusion model, IMPRESS with the demo VAE), then mimicked by SDEdit with the demo DiT at several strengths and by
+a LoRA fine-tune of the demo DiT (peft); :func:`protect.evaluate.evaluate` measures the damage and
+:func:`protect.evaluate.worst_case` the worst case over purifications per protection, random noise of the same
+budget always a row.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from typing import Any
 
 import torch
 
+from protect.evaluate import worst_case
 from protect.protect import METHODS
+from protect.purify import EVALUATION
 
 from .device import best_device
 
 # protect()'s methods, the amortized protector with the full budget on flat regions, and the naive baseline
 PROTECTIONS = (*METHODS, "amortized-full", "noise")
+PURIFICATIONS = (*EVALUATION, "diffpure", "impress")  # the field's: fixed, then DiffPure and IMPRESS (models)
 EVAL_SEED = 3_000_017  # held-out images: a stream neither the demo models nor the protector trained on
 
 
@@ -90,13 +96,16 @@ def run(
     steps: int = 100,
     strengths: Sequence[float] = (0.2, 0.4),
     lora_steps: int = 100,
-    purifications: Sequence[str] = ("none", "jpeg75", "resize0.5", "noise4", "blur1"),
+    purifications: Sequence[str] = PURIFICATIONS,
     lora_purifications: Sequence[str] = ("none", "jpeg75"),
     protector: str | Path | None = None,
+    pixel_model: str = "demo/unet",
     device: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Protect ``n`` held-out demo images with ``methods`` and evaluate them; returns rows + timing + settings."""
+    """Protect ``n`` held-out demo images with ``methods`` and evaluate them after each purification (DiffPure with
+    ``pixel_model``, IMPRESS with the demo VAE); returns rows, the worst case over purifications per protection
+    and metric (:func:`protect.evaluate.worst_case`), timing and settings."""
     from protect import AmortizedProtector
     from protect.evaluate import evaluate, lora_mimic, sdedit
     from protect.train import load_vae
@@ -105,6 +114,7 @@ def run(
 
     device = device or str(best_device()[0])
     pipe = load_dit_pipeline(device)
+    table = purification_table(purifications, vae=pipe.vae, pixel_model=pixel_model, device=device, seed=seed)
     classifier = load_classifier(device)
     vaes = {"A": pipe.vae}
     if (DEMO_DIR / "vae_b").is_dir():
@@ -123,14 +133,12 @@ def run(
         f"sdedit{s:g}": (lambda x, s=s: sdedit(pipe, x, labels, strength=s, steps=20, generator=gens(len(x))))
         for s in strengths
     }
-    rows = evaluate(
-        images, protected, labels, mimics=mimics, classifier=classifier, vaes=vaes, purifications=purifications
-    )
-    if lora_steps:
+    common = {"classifier": classifier, "noise_eps": eps, "seed": seed}
+    rows = evaluate(images, protected, labels, mimics=mimics, vaes=vaes, purifications=table, **common)
+    lora_table = {name: table[name] for name in lora_purifications if name in table}
+    if lora_steps and lora_table:
         lora = {"lora": partial(lora_mimic, pipe, labels=labels, steps=lora_steps, seed=seed)}
-        lora_rows = evaluate(
-            images, protected, labels, mimics=lora, classifier=classifier, purifications=lora_purifications
-        )
+        lora_rows = evaluate(images, protected, labels, mimics=lora, purifications=lora_table, **common)
         keyed = {(r["protection"], r["purification"]): r for r in lora_rows}
         for row in rows:
             extra = keyed.get((row["protection"], row["purification"]), {})
@@ -141,8 +149,56 @@ def run(
         "pgd_steps": steps,
         "strengths": list(strengths),
         "lora_steps": lora_steps,
+        "purifications": {name: getattr(entry, "description", name) for name, entry in table.items()},
+        "pixel_model": pixel_model if "diffpure" in table else None,
     }
-    return {"settings": settings, "seconds_per_image": seconds, "rows": rows, "device": device}
+    worst = {metric: worst_case(rows, metric) for metric in rows[0] if _is_damage(metric)}
+    return {"settings": settings, "seconds_per_image": seconds, "rows": rows, "worst_case": worst, "device": device}
+
+
+def _is_damage(metric: str) -> bool:
+    return metric.startswith("latent_distortion") or metric.endswith(("_accuracy", "_fd", "_psnr_to_clean"))
+
+
+def purification_table(
+    names: Sequence[str], *, vae, pixel_model: str | None = "demo/unet", device: str | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """The purifications ``names``: fixed entries of :data:`protect.purify.PURIFICATIONS` and the model-based ones
+    of :func:`protect.purifiers.model_purifications` ("diffpure" with the unconditional pixel model
+    ``pixel_model``, loaded by :func:`apps.models.load_score_model`; "impress" with ``vae``)."""
+    from protect.purifiers import model_purifications
+    from protect.purify import PURIFICATIONS as FIXED
+
+    pixel = None
+    if "diffpure" in names:
+        from .models import load_score_model
+
+        if pixel_model is None:
+            raise ValueError("the diffpure purification needs a pixel diffusion model (--pixel-model)")
+        pixel = load_score_model(pixel_model, device)
+    models = model_purifications(vae=vae, pixel_model=pixel, seed=seed)
+    unknown = [name for name in names if name not in models and (name not in FIXED or FIXED[name].random)]
+    if unknown:
+        choices = sorted({*models, "diffpure", *(name for name, entry in FIXED.items() if not entry.random)})
+        raise ValueError(f"unknown purifications {unknown}; choose from {choices}")
+    return {name: models.get(name) or FIXED[name] for name in names}
+
+
+def markdown_worst_case(result: dict[str, Any]) -> str:
+    """The worst case over purifications of :func:`run` as a Markdown table: per protection (rows) and metric
+    (columns), the value under the purification that leaves the mimicry least damaged, and that purification."""
+    worst = result["worst_case"]
+    metrics = list(worst)
+    protections = list(dict.fromkeys(e["protection"] for entries in worst.values() for e in entries))
+    cells = {(e["protection"], metric): e for metric, entries in worst.items() for e in entries}
+    lines = ["| protection | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for protection in protections:
+        values = []
+        for metric in metrics:
+            e = cells.get((protection, metric))
+            values.append(f"{e['value']:.3g} ({e['purification']})" if e else "")
+        lines.append(f"| {protection} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
 
 
 def markdown(result: dict[str, Any], columns: Sequence[str] | None = None) -> str:

@@ -8,14 +8,19 @@ Mimicry attacks (each a callable ``images (N, 3, H, W) in [0, 1] -> images``):
 * :func:`lora_mimic`: personalisation by a LoRA fine-tune (peft, through diffusers' ``add_adapter``) of the
   pipeline's transformer on the images, then sampling the same classes from the fine-tuned model.
 
-Purifications applied to the protected files before mimicry (:data:`PURIFICATIONS`): real 8-bit JPEG q75 (PIL),
-resize x0.5 and back (bicubic), Gaussian noise (std 4/255) and Gaussian blur (sigma 1), as in Hönig et al. 2024.
+Purifications applied to the protected files before mimicry (:data:`PURIFICATIONS`): real 8-bit JPEG q90/q75/q50
+(PIL), resize x0.5 and back (bicubic), Gaussian noise (std 4/255), Gaussian blur (sigma 1) and noisy upscaling
+(bicubic), as in Hönig et al. 2024; pass ``purifications=`` a mapping to add the model-based ones of
+:func:`protect.purifiers.model_purifications` (DiffPure, IMPRESS, a learned upscaler).
 
 :func:`evaluate` reports per protection and purification: invisibility (PSNR, SSIM against the clean images),
 latent distortion in each VAE's space (``||E(x') - E(x)|| / ||E(x)||``), and per mimicry the classifier's
 accuracy on the mimicked images, the Fréchet distance of their classifier features to the clean images', and
 the PSNR between the mimicry of the protected and of the clean image (same noise: lower = more disruption).
-LPIPS / DISTS need downloaded weights and are not computed.
+A ``random_noise`` row (random signs at the protections' budget) is always there, the baseline every protection
+must beat. :func:`worst_case` reports per protection the purification under which it does the least damage
+(the worst case over purifications, as Hönig et al. report). LPIPS / DISTS need downloaded weights and are not
+computed.
 """
 
 from __future__ import annotations
@@ -31,14 +36,25 @@ from diffusers import AutoencoderKL
 
 from .losses import latent
 from .metrics import frechet_distance, psnr, psnr_ssim
-from .purify import EVALUATION
+from .purify import EVALUATION, sign_noise
 from .purify import PURIFICATIONS as TABLE
 from .rng import Generators, draw
 
 Tensor = torch.Tensor
 Mimic = Callable[[Tensor], Tensor]
 
-__all__ = ["PURIFICATIONS", "evaluate", "lora_mimic", "purify", "sample", "sdedit"]
+__all__ = [
+    "DAMAGE",
+    "PURIFICATIONS",
+    "RANDOM_NOISE",
+    "evaluate",
+    "lora_mimic",
+    "purify",
+    "sample",
+    "sdedit",
+    "worst_case",
+]
+RANDOM_NOISE = "random_noise"  # the row evaluate always adds: random signs at the protections' L-inf budget
 
 
 # ----------------------------------------------------------------------------- purifications
@@ -212,6 +228,22 @@ def _latent_distortion(vae: AutoencoderKL, clean: Tensor, protected: Tensor) -> 
     return ((zp - zc).flatten(1).norm(dim=1) / zc.flatten(1).norm(dim=1).clamp_min(1e-8)).mean().item()
 
 
+def _purifications(purifications: Sequence[str] | Mapping[str, Callable[[Tensor], Tensor]]):
+    """Names of :data:`protect.purify.PURIFICATIONS` (fixed entries), or a mapping of names to purifications."""
+    if isinstance(purifications, Mapping):
+        return dict(purifications)
+    unknown = [name for name in purifications if name not in TABLE or TABLE[name].random]
+    if unknown:
+        fixed = sorted(name for name, entry in TABLE.items() if not entry.random)
+        raise ValueError(f"unknown purifications {unknown}; choose from {fixed} or pass a mapping of purifications")
+    return {name: TABLE[name] for name in purifications}
+
+
+def _random_noise(clean: Tensor, eps: float, seed: int) -> Tensor:
+    """``clean + eps * random signs`` (image ``i`` seeded ``seed + i``), clipped to [0, 1]."""
+    return torch.cat([sign_noise(image[None], eps, seed + i) for i, image in enumerate(clean)])
+
+
 @torch.no_grad()
 def evaluate(
     clean: Tensor,
@@ -221,33 +253,45 @@ def evaluate(
     mimics: Mapping[str, Mimic],
     classifier: torch.nn.Module,
     vaes: Mapping[str, AutoencoderKL] | None = None,
-    purifications: Sequence[str] = tuple(PURIFICATIONS),
+    purifications: Sequence[str] | Mapping[str, Callable[[Tensor], Tensor]] = tuple(PURIFICATIONS),
+    noise_eps: float | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One row per (protection, purification): invisibility, latent distortion per VAE, and per mimic the
     classifier accuracy, the Fréchet distance of classifier features to the clean images and the PSNR to the
     mimicry of the clean images (after the same purification). ``protected`` maps names to image tensors
-    aligned with ``clean``; a "clean" row (no protection) is added as the reference.
+    aligned with ``clean``; a "clean" row (no protection) is added as the reference, and a ``random_noise`` row:
+    random signs of ``noise_eps`` (default: the largest L-infinity distance of the protections to ``clean``)
+    seeded ``seed + i`` per image.
 
+    ``purifications``: names of fixed entries of :data:`protect.purify.PURIFICATIONS`, or a mapping of names to
+    callables ``images -> images`` (e.g. with :func:`protect.purifiers.model_purifications`: DiffPure, IMPRESS).
     ``classifier`` takes images in [-1, 1] and has ``features(x)`` (the demo classifier's interface).
     """
+    table = _purifications(purifications)
     device = next(classifier.parameters()).device
     rows = []
-    entries = {"clean": clean, **protected}
+    for name, images in protected.items():
+        if images.shape != clean.shape:
+            raise ValueError(f"protected images {name!r} have shape {tuple(images.shape)}, clean {tuple(clean.shape)}")
+    if RANDOM_NOISE in protected or "clean" in protected:
+        raise ValueError(f"'clean' and {RANDOM_NOISE!r} are the rows evaluate adds; name the protections otherwise")
+    if noise_eps is None:
+        linf = [(images.float() - clean.float()).abs().amax().item() for images in protected.values()]
+        noise_eps = max(linf, default=8 / 255)
+    entries = {"clean": clean, **protected, RANDOM_NOISE: _random_noise(clean, noise_eps, seed)}
     real_features = classifier.features(clean.to(device) * 2 - 1).float()
     reference: dict[tuple[str, str], Tensor] = {}
-    for purification in purifications:
+    for purification, apply in table.items():
+        purified_clean = apply(clean)
         for name, images in entries.items():
-            if images.shape != clean.shape:
-                raise ValueError(
-                    f"protected images {name!r} have shape {tuple(images.shape)}, clean {tuple(clean.shape)}"
-                )
-            shown = purify(images, purification)
+            shown = apply(images)
             row: dict[str, Any] = {"protection": name, "purification": purification}
             psnr_values, ssim_values = psnr_ssim(clean, images)
             row["psnr"], row["ssim"] = float(np.mean(psnr_values)), float(np.mean(ssim_values))
             row["linf_255"] = (images.float() - clean.float()).abs().amax().item() * 255
             for vae_name, vae in (vaes or {}).items():
-                row[f"latent_distortion_{vae_name}"] = _latent_distortion(vae, purify(clean, purification), shown)
+                row[f"latent_distortion_{vae_name}"] = _latent_distortion(vae, purified_clean, shown)
             for mimic_name, mimic in mimics.items():
                 out = mimic(shown).float()
                 if name == "clean":
@@ -259,3 +303,53 @@ def evaluate(
                 row[f"{mimic_name}_psnr_to_clean"] = psnr(out, reference[(purification, mimic_name)]).mean().item()
             rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- worst case
+
+# which way a metric of evaluate's rows goes when the protection does more damage to the mimicry
+DAMAGE = {"latent_distortion": "higher", "_fd": "higher", "_accuracy": "lower", "_psnr_to_clean": "lower"}
+
+
+def _direction(metric: str) -> str:
+    for key, direction in DAMAGE.items():
+        if metric.startswith(key) or metric.endswith(key):
+            return direction
+    raise ValueError(f"no damage direction known for {metric!r}; pass damage='higher' or 'lower'")
+
+
+def worst_case(rows: Sequence[Mapping[str, Any]], metric: str, damage: str | None = None) -> list[dict[str, Any]]:
+    """Per protection (every row but "clean", the ``random_noise`` baseline included), the worst case over
+    purifications of ``metric``: the purification under which the protection does the least damage (the lowest
+    latent distortion or Fréchet distance, the highest accuracy or PSNR to the clean mimicry; ``damage`` says
+    which way more damage goes when the name does not: "higher" or "lower").
+
+    Each entry: ``protection``, ``metric``, ``purification`` (the worst), ``value`` (there), ``unpurified`` (the
+    value without purification, if there is a "none" row), and ``random_noise`` (the baseline's value under the
+    same purification), in the order of the rows.
+    """
+    damage = damage or _direction(metric)
+    if damage not in ("higher", "lower"):
+        raise ValueError(f"damage must be 'higher' or 'lower', got {damage!r}")
+    table: dict[str, dict[str, float]] = {}
+    for row in rows:  # rows without the metric (e.g. a mimic run under some purifications only) do not count
+        if row["protection"] != "clean" and row.get(metric) is not None:
+            table.setdefault(row["protection"], {})[row["purification"]] = row[metric]
+    if not table:
+        raise ValueError(f"no row has {metric!r}")
+    pick = min if damage == "higher" else max  # the least damage
+    noise = table.get(RANDOM_NOISE, {})
+    out = []
+    for protection, values in table.items():
+        worst = pick(values, key=values.get)
+        out.append(
+            {
+                "protection": protection,
+                "metric": metric,
+                "purification": worst,
+                "value": values[worst],
+                "unpurified": values.get("none"),
+                "random_noise": noise.get(worst),
+            }
+        )
+    return out

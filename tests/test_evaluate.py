@@ -10,7 +10,7 @@ import torch
 
 from apps.demo import DEMO_DIR
 from protect import AmortizedProtector, protect
-from protect.evaluate import PURIFICATIONS, evaluate, lora_mimic, purify, sdedit
+from protect.evaluate import PURIFICATIONS, evaluate, lora_mimic, purify, sdedit, worst_case
 
 EPS = 8 / 255
 HAS_DEMO = all((DEMO_DIR / name).is_dir() for name in ("vae", "dit", "classifier"))
@@ -87,13 +87,96 @@ def test_evaluate_command_writes_a_new_report(tmp_path, capsys):
     report = tmp_path / "eval.json"
     argv = ["evaluate", "--methods", "photoguard@1", "noise", "-n", "4", "--strengths", "0.3"]
     argv += ["--lora-steps", "2", "--json", str(report), "--device", "cpu"]
+    argv += ["--purifications", "none", "jpeg75", "diffpure", "impress"]
     assert cli_main(argv) == 0
     assert cli_main(argv) == 0  # a second run never overwrites the first report
     first, second = json.loads(report.read_text()), json.loads((tmp_path / "eval-1.json").read_text())
     assert first["rows"] == second["rows"]  # seeded end to end
     rows = {(r["protection"], r["purification"]): r for r in first["rows"]}
-    assert len(rows) == 3 * 5 and "lora_fd" in rows[("noise", "jpeg75")] and "lora_fd" not in rows[("noise", "blur1")]
+    protections = ("clean", "photoguard@1", "noise", "random_noise")  # random noise of the budget: always a row
+    assert set(rows) == {(p, q) for p in protections for q in ("none", "jpeg75", "diffpure", "impress")}
+    assert "lora_fd" in rows[("noise", "jpeg75")] and "lora_fd" not in rows[("noise", "diffpure")]
     assert rows[("photoguard@1", "none")]["linf_255"] <= 8 + 1e-3
-    assert "| photoguard@1 | none |" in capsys.readouterr().out
+    assert rows[("random_noise", "none")]["linf_255"] == pytest.approx(8, abs=1e-3)
+    assert (
+        first["settings"]["pixel_model"] == "demo/unet" and "DiffPure" in first["settings"]["purifications"]["diffpure"]
+    )
+    worst = {e["protection"]: e for e in first["worst_case"]["latent_distortion_A"]}
+    assert set(worst) == set(protections[1:])
+    for name, entry in worst.items():  # the least latent distortion over the purifications
+        assert entry["value"] == min(
+            rows[(name, q)]["latent_distortion_A"] for q in ("none", "jpeg75", "diffpure", "impress")
+        )
+    out = capsys.readouterr().out
+    assert "| photoguard@1 | none |" in out and "worst case over purifications" in out
+    assert f"| photoguard@1 | {worst['photoguard@1']['value']:.3g} ({worst['photoguard@1']['purification']})" in out
     assert cli_main(["evaluate", "--methods", "glaze"]) == 2
     assert cli_main(["evaluate", "--strengths", "1.5"]) == 2
+    assert cli_main(["evaluate", "--purifications", "jpeg", "-n", "2"]) == 2  # random EOT entries: not evaluated
+    assert "unknown purifications ['jpeg']" in capsys.readouterr().err
+
+
+def test_worst_case_is_the_purification_with_the_least_damage():
+    def row(protection, purification, distortion, psnr):
+        return {
+            "protection": protection,
+            "purification": purification,
+            "latent_distortion_A": distortion,
+            "sdedit_psnr_to_clean": psnr,
+        }
+
+    rows = [row("clean", "none", 0.0, 120.0), row("clean", "jpeg75", 0.0, 120.0)]
+    rows += [row("pgd", "none", 0.6, 20.0), row("pgd", "jpeg75", 0.2, 30.0), row("pgd", "diffpure", 0.3, 35.0)]
+    rows += [row("random_noise", "none", 0.2, 40.0), row("random_noise", "jpeg75", 0.1, 41.0)]
+    rows += [row("random_noise", "diffpure", 0.15, 42.0)]
+    (pgd, noise) = worst_case(rows, "latent_distortion_A")  # higher distortion = more damage: the minimum
+    assert pgd == {
+        "protection": "pgd",
+        "metric": "latent_distortion_A",
+        "purification": "jpeg75",
+        "value": 0.2,
+        "unpurified": 0.6,
+        "random_noise": 0.1,
+    }
+    assert noise["purification"] == "jpeg75" and noise["value"] == 0.1
+    pgd, _ = worst_case(rows, "sdedit_psnr_to_clean")  # a higher PSNR to the clean mimicry = less damage
+    assert pgd["purification"] == "diffpure" and pgd["value"] == 35.0 and pgd["random_noise"] == 42.0
+    assert worst_case(rows, "sdedit_psnr_to_clean", damage="higher")[0]["purification"] == "none"
+    with pytest.raises(ValueError, match="no damage direction"):
+        worst_case(rows, "psnr")
+    with pytest.raises(ValueError, match="no row has"):
+        worst_case(rows, "lora_fd")
+
+
+@demo_only
+def test_evaluate_takes_model_purifications_and_adds_random_noise(demo):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from protect.purifiers import model_purifications
+
+    pipe, classifier, images, labels = demo
+    unet = UNet2DModel.from_pretrained(DEMO_DIR / "unet", subfolder="unet")
+    scheduler = DDPMScheduler.from_pretrained(DEMO_DIR / "unet", subfolder="scheduler")
+    table = model_purifications(vae=pipe.vae, pixel_model=(unet, scheduler), diffpure_steps=3, impress_steps=3)
+    shifted = (images[:4] + 2 / 255).clamp(0, 1)
+    rows = evaluate(
+        images[:4],
+        {"shift": shifted},
+        labels[:4],
+        mimics={"same": lambda x: x},
+        classifier=classifier,
+        vaes={"A": pipe.vae},
+        purifications={"none": PURIFICATIONS["none"], **table},
+        seed=1,
+    )
+    by = {(r["protection"], r["purification"]): r for r in rows}
+    assert set(by) == {(p, q) for p in ("clean", "shift", "random_noise") for q in ("none", *table)}
+    assert by[("random_noise", "none")]["linf_255"] == pytest.approx(2, abs=1e-3)  # the protections' budget
+    purified = table["diffpure"](images[:4])
+    assert by[("clean", "diffpure")]["same_psnr_to_clean"] > 100  # the purified clean mimicry is the reference
+    assert by[("clean", "diffpure")]["latent_distortion_A"] == 0
+    assert not torch.equal(purified, images[:4])
+    with pytest.raises(ValueError, match="unknown purifications"):
+        evaluate(images[:4], {}, labels[:4], mimics={}, classifier=classifier, purifications=("diffpure",))
+    with pytest.raises(ValueError, match="rows evaluate adds"):
+        evaluate(images[:4], {"random_noise": shifted}, labels[:4], mimics={}, classifier=classifier)
