@@ -59,10 +59,17 @@ def _latents(vae: AutoencoderKL, x: Tensor, tile: int | None, batch_size: int = 
     return z.reshape(count, len(x), -1).transpose(0, 1).reshape(len(x), -1)
 
 
+def _distortions(vae: AutoencoderKL, reference: Tensor, *images: Tensor, tile: int | None = None) -> list[Tensor]:
+    """``||E(x) - E(reference)|| / ||E(reference)||`` per image (N,), float64, for each ``x`` of ``images``, over
+    the :func:`_crops` (the reference encoded once)."""
+    zr = _latents(vae, reference, tile).double()
+    norm = zr.norm(dim=1).clamp_min(1e-12)
+    return [(_latents(vae, x, tile).double() - zr).norm(dim=1) / norm for x in images]
+
+
 def latent_distortion(vae: AutoencoderKL, reference: Tensor, images: Tensor, tile: int | None = None) -> Tensor:
     """``||E(images) - E(reference)|| / ||E(reference)||`` per image (N,), float64, over the :func:`_crops`."""
-    zr, zx = _latents(vae, reference, tile).double(), _latents(vae, images, tile).double()
-    return (zx - zr).norm(dim=1) / zr.norm(dim=1).clamp_min(1e-12)
+    return _distortions(vae, reference, images, tile=tile)[0]
 
 
 def report(
@@ -94,15 +101,11 @@ def report(
         purifications = {name: PURIFICATIONS[name] for name in SURVIVAL_PURIFICATIONS}
     eps = (protected.double() - clean.double()).abs().flatten(1).amax(1)
     noise = torch.cat([sign_noise(c[None], float(e), seed + i) for i, (c, e) in enumerate(zip(clean, eps))])
-    d0 = latent_distortion(vae, clean, protected, tile)
-    n0 = latent_distortion(vae, clean, noise, tile)
-    measured = {}
-    for name, purify in purifications.items():
-        reference = purify(clean)
-        measured[name] = (
-            latent_distortion(vae, reference, purify(protected), tile),
-            latent_distortion(vae, reference, purify(noise), tile),
-        )
+    d0, n0 = _distortions(vae, clean, protected, noise, tile=tile)
+    measured = {
+        name: _distortions(vae, purify(clean), purify(protected), purify(noise), tile=tile)
+        for name, purify in purifications.items()
+    }
     rule = f"survives a purification when its latent distortion after it is >= {margin:g}x same-budget random noise's"
     entries = []
     for i in range(len(clean)):
