@@ -241,7 +241,7 @@ def impress(
     steps: int = 50,
     lr: float = 0.005,
     weight: float = 1.0,
-    tile: int | None = 256,
+    tile: int | None = 128,
     distance: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """IMPRESS (Cao et al. 2023, "IMPRESS: Evaluating the Resilience of Imperceptible Perturbations Against
