@@ -130,8 +130,9 @@ def _add_protect(commands: argparse._SubParsersAction) -> None:
         description="Protect images against the demo VAE: 'amortized' runs the demo amortized protector (one "
         "forward pass per image), 'photoguard' and 'mist' an L-infinity PGD attack. Outputs are PNG "
         "files of the same size and mode (RGB, RGBA, L, LA; other modes become RGB/RGBA) in --out, with a JSON "
-        "report; no existing file is ever overwritten (a numbered suffix is added). Exit code 2 if any input "
-        "failed (the others are still protected).",
+        "report; no existing file is ever overwritten (a numbered suffix is added). The report and the output "
+        "say per file whether the protection survives JPEG q75 and noisy upscaling (protect.survival). Exit "
+        "code 2 if any input failed (the others are still protected).",
     )
     prot.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG, WebP, BMP, TIFF)")
     prot.add_argument("--out", type=Path, required=True, help="output folder")

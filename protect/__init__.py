@@ -4,7 +4,10 @@
   against any diffusers ``AutoencoderKL``, with budget and range invariants and an invisibility report,
   and ``method="amortized"``: a pre-trained :class:`AmortizedProtector` (FastProtect-style, one forward pass);
 * :func:`evaluate` — mimic clean and protected images (SDEdit, LoRA fine-tune) before and after purification
-  (JPEG, resize, noise, blur) and measure the damage against the invisibility (``protect.evaluate``);
+  (JPEG, resize, noise, blur, noisy upscaling; DiffPure and IMPRESS from :mod:`protect.purifiers`) and measure
+  the damage against the invisibility and same-budget random noise, worst case over purifications
+  (``protect.evaluate``); :func:`protect.survival.report` — does a protection survive JPEG q75 and noisy
+  upscaling, per image;
 * :class:`EPSDetector` — EPS-AD (Expected Perturbation Score + deep-kernel MMD) detection, and
   :class:`PatchEPSDetector` — the same on native-resolution patches of images of any size (``protect.patches``).
 

@@ -110,6 +110,19 @@ def test_diffpure_with_a_zero_noise_predictor_matches_the_closed_form():
     assert rms(out, x) == pytest.approx(math.sqrt((1 - a) / a) / 2, rel=0.1)  # the known amount (few clipped)
 
 
+def test_diffpure_reads_the_prediction_type():
+    unet, x = tiny_unet(attention=False, zero=True), photo(1, 16)
+    sample = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")  # predicts x0 = 0: mid-grey
+    assert torch.allclose(diffpure(x, unet, sample, steps=3), torch.full_like(x, 0.5), atol=1e-6)
+    v = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")  # v = 0: x0 = sqrt(a) x_t
+    a = v.alphas_cumprod[99].double().item()
+    noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = ((math.sqrt(a) * (math.sqrt(a) * (2 * x - 1) + math.sqrt(1 - a) * noise)).clamp(-1, 1) + 1) / 2
+    assert torch.allclose(diffpure(x, unet, v, steps=1), expected, atol=1e-5)  # one step: the first estimate
+    with pytest.raises(ValueError, match="prediction type"):
+        diffpure(x, unet, DDPMScheduler(prediction_type="flow"))
+
+
 def test_diffpure_with_the_demo_unet_changes_an_image_by_a_bounded_amount(demo_unet):
     unet, scheduler = demo_unet
     x = photo(2, 32)

@@ -161,7 +161,8 @@ def protect_tab(
             "diffusion-based editing or mimicry of the image fails: **amortized** (a pre-trained protector, "
             "one forward pass, FastProtect-style), **photoguard** (PGD encoder attack) or **mist** (Mist's "
             "textural loss plus its semantic loss through the demo DiT; images up to 256 px). Measured effects "
-            "on the demo models are modest: see benchmarks/RESULTS.md. "
+            "on the demo models are modest: see benchmarks/RESULTS.md. The metrics say per image whether the "
+            "protection survives JPEG q75 and noisy upscaling (the latent shift left, against random noise). "
             f"Each request may use up to {limits.max_files} images and {limits.max_pixels:,} pixels in all"
             + (f", and about {duration(limits.max_seconds)} of estimated work" if limits.max_seconds else "")
             + "; Stop ends a running request at its next step."
