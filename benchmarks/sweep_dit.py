@@ -147,7 +147,9 @@ def margin_objective(classifier):
 
 
 def hunted(pipe, classifier, args) -> list[Setting]:
-    """HeadHunter (seeds 0-15, disjoint from the sweep's) and the held-out check against random heads."""
+    """HeadHunter (seeds 0-15, disjoint from the sweep's) and the held-out check against random heads; when no
+    head raises the objective above unguided sampling, HeadHunter picks none (``sweep_headhunter.json`` is
+    empty) and only SoftPAG on every head is run."""
     null = null_class(pipe.transformer)
     ranked = headhunter(
         pipe,
@@ -169,8 +171,10 @@ def hunted(pipe, classifier, args) -> list[Setting]:
     rng = random.Random(0)
     shuffled = rng.sample([h for h in every if h not in heads], k=min(len(heads), len(every) - len(heads)))
     rows = []
+    # no head that beats unguided sampling on the objective: HeadHunter returns none, and only "all" is run
+    groups = (("HeadHunter", heads), ("random", shuffled), ("all", every)) if heads else (("all", every),)
     for s in (1.0, args.layer_scale):
-        for label, chosen in (("HeadHunter", heads), ("random", shuffled), ("all", every)):
+        for label, chosen in groups:
             method = SoftPAG(s, heads=chosen, strength=0.5)
             rows.append(
                 Setting(f"uncond SoftPAG {s:g} on {len(chosen)} {label} heads", (method,), False,

@@ -20,8 +20,11 @@ def test_sweep_runs_every_suite_with_seed_spread_and_resumes(tmp_path):
     names = [row["name"] for row in rows]
     assert len(names) == len(set(names))
     families = {row["family"] for row in rows}
-    for family in ("none-2x", "cfg", "apg", "uncond-pag", "cfg-softpag", "uncond-tpg", "uncond-softpag-headhunter"):
+    for family in ("none-2x", "cfg", "apg", "uncond-pag", "cfg-softpag", "uncond-tpg", "uncond-softpag-all"):
         assert family in families
+    picked = json.loads((tmp_path / "figures" / "sweep_headhunter.json").read_text())["heads"]
+    hunted = {"uncond-softpag-headhunter", "uncond-softpag-random"} & families
+    assert hunted == ({"uncond-softpag-headhunter", "uncond-softpag-random"} if picked else set())
     for row in rows:
         assert len(row["per_seed"]) == 2 and row["fd_sd"] >= 0 and row["nfe"] > 0
     cfg = next(row for row in rows if row["name"] == "CFG 4")
