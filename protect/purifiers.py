@@ -42,6 +42,7 @@ __all__ = [
     "diffpure_evaluations",
     "diffpure_tile",
     "impress",
+    "impress_round_trips",
     "model_purifications",
     "noisy_upscale",
     "tile_origins",
@@ -234,6 +235,14 @@ def _windows(x: Tensor, tile: int | None) -> list[tuple[int, int, int, int]]:
     return [(y, z, th, tw) for y in tile_origins(height, tile, tile) for z in tile_origins(width, tile, tile)]
 
 
+def impress_round_trips(height: int, width: int, *, steps: int, tile: int | None = 128) -> int:
+    """VAE round trips (encode and decode, each with its backward pass) of :func:`impress` per image: ``steps`` x
+    the crops, at most ``steps x ceil(H / tile) x ceil(W / tile)`` (linear in the pixels)."""
+    if tile is None:
+        return steps
+    return steps * len(tile_origins(height, tile, tile)) * len(tile_origins(width, tile, tile))
+
+
 def impress(
     images: Tensor,
     vae,
@@ -258,6 +267,7 @@ def impress(
     ``tile``: the consistency term is the mean over ``tile`` x ``tile`` crops (the last row and column overlap),
     each round-tripped on its own and back-propagated one at a time, so the cost is linear in the pixels and the
     memory is that of one crop; an image no larger than ``tile`` is one crop (None: always the whole image).
+    Cost: :func:`impress_round_trips` round trips of one crop per image.
     """
     check_images(images, "impress")
     _check_steps("impress", steps)

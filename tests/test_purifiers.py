@@ -14,6 +14,7 @@ from protect.purifiers import (
     diffpure_evaluations,
     diffpure_tile,
     impress,
+    impress_round_trips,
     model_purifications,
     noisy_upscale,
     vae_roundtrip,
@@ -216,6 +217,8 @@ def test_impress_tiles_round_trip_one_crop_at_a_time(demo_vae):
     finally:
         hook.remove()
     assert sizes == [(1, 3, 16, 16)] * (3 * 3 * 2)  # 3 x 3 crops (the last ones overlap), per step
+    assert impress_round_trips(40, 40, steps=2, tile=16) == 3 * 3 * 2 and impress_round_trips(8, 8, steps=2) == 2
+    assert impress_round_trips(1024, 1024, steps=50) == 50 * 8 * 8  # linear in the pixels
     assert out.shape == (1, 3, 40, 40)
     weight_only = impress(photo(1, 16), demo_vae, steps=3, weight=1e6, lr=0.01)
     assert (weight_only - photo(1, 16)).abs().max() < 0.02  # a huge proximity weight keeps x' near x
