@@ -45,6 +45,7 @@ from benchmarks.quality import contact_sheet, measure
 from guidance import APG, CFG, PAG, TPG, SoftPAG
 from guidance.layers import self_attention_layers, transformer_blocks
 from guidance.search import headhunter, save_heads
+from protect.detector import model_fingerprint
 from protect.evaluate import null_class
 
 SCALES_W = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
@@ -240,6 +241,16 @@ def best_by_family(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return best
 
 
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume ``path`` with other settings: its rows would be mixed with rows measured differently.
+    The model is compared by the fingerprint of its transformer's weights (by name for files without one)."""
+    keys = ["per_class", "steps", "seeds"] + (["fingerprint"] if "fingerprint" in saved else ["model"])
+    differ = [f"{k} {saved.get(k)!r} there, {current[k]!r} now" for k in keys if saved.get(k) != current[k]]
+    if differ:
+        raise SystemExit(f"sweep_dit: {path} was measured with other settings ({'; '.join(differ)}): "
+                         "pass another --json, or the same settings to resume it")  # fmt: skip
+
+
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Each method's best setting (lowest mean FD) against its baseline's best at equal NFE."""
     best = best_by_family(rows)
@@ -295,13 +306,22 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     suites = SUITES if "all" in args.suite else tuple(args.suite)
     pipe = load_pipeline(args.model, args.device, torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    meta = {
+        "model": args.model,
+        "fingerprint": model_fingerprint(pipe.transformer),
+        "per_class": args.per_class,
+        "steps": args.steps,
+        "seeds": args.seeds,
+    }
+    saved = json.loads(args.json.read_text()) if args.json.is_file() else {"settings": meta, "rows": []}
+    check_resumable(saved["settings"], meta, args.json)
+    done: list[dict[str, Any]] = saved["rows"]
     classifier = load_classifier(args.device)
     labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(args.per_class)
     real, _ = generate(args.real, torch.Generator().manual_seed(12345))
     real_features = torch.cat([classifier.features(x.to(args.device)).cpu() for x in real.split(500)])
     args.figures.mkdir(parents=True, exist_ok=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    done: list[dict[str, Any]] = json.loads(args.json.read_text())["rows"] if args.json.is_file() else []
     finished = {row["name"] for row in done}
     settings: list[Setting] = []
     builders = {
@@ -320,7 +340,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         done.append(run_setting(pipe, setting, args, labels, real_features, classifier))
         row = done[-1]
         print(f"{setting.name}: FD {row['fd']:.2f} ± {row['fd_sd']:.2f} ({row['seconds']:.0f} s)", flush=True)
-        meta = {"model": args.model, "per_class": args.per_class, "steps": args.steps, "seeds": args.seeds}
         args.json.write_text(json.dumps({"settings": meta, "rows": done}, indent=1))
     print(rows_table(done))
     print()

@@ -33,6 +33,8 @@ def test_sweep_runs_every_suite_with_seed_spread_and_resumes(tmp_path):
     assert "accuracy" not in uncond  # unconditional samples have no requested class
     assert json.loads((tmp_path / "sweep.json").read_text())["rows"] == json.loads(json.dumps(rows))
     assert sweep_dit.main(argv) == rows  # a rerun resumes: nothing left to run
+    with pytest.raises(SystemExit, match=r"measured with other settings .*seeds 2 there, 3 now"):
+        sweep_dit.main([*argv[:5], "3", *argv[6:]])  # other seeds: never mixed into the same file
     table = sweep_dit.summary_table(rows)
     assert "| APG 4" in table and "baseline at equal NFE" in table
     assert (tmp_path / "figures" / "sweep_cfg_4.png").is_file()
