@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import time
@@ -43,6 +44,7 @@ from apps.services import load_pipeline
 from benchmarks.bench_quality_dit import sample
 from benchmarks.quality import contact_sheet, measure
 from guidance import APG, CFG, PAG, TPG, SoftPAG
+from guidance.apg import NORM_THRESHOLD_RMS
 from guidance.layers import self_attention_layers, transformer_blocks
 from guidance.search import headhunter, save_heads
 from protect.detector import model_fingerprint
@@ -67,21 +69,29 @@ class Setting:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def cfg_apg(args) -> list[Setting]:
+def cfg_apg(pipe, args) -> list[Setting]:
     rows = [Setting(f"CFG {w:g}", (CFG(w),), family="cfg", nfe_per_step=2, options={"w": w}) for w in args.w]
     for w in args.w:
         rows.append(Setting(f"APG {w:g} auto r", (APG(w),), family="apg", nfe_per_step=2, options={"w": w}))
         rows.append(
             Setting(f"APG {w:g} no r", (APG(w, norm_threshold=None),), family="apg", nfe_per_step=2, options={"w": w})
         )
+    auto = auto_threshold(pipe)
     for w in [w for w in args.w if w in (4.0, 8.0)]:  # the threshold revisited at a moderate and a high scale
         for factor in (4, 16):
-            apg = APG(w, norm_threshold=AUTO_DIT_R * factor)
-            rows.append(Setting(f"APG {w:g} r x{factor}", (apg,), family="apg", nfe_per_step=2, options={"w": w}))
+            apg = APG(w, norm_threshold=auto * factor)
+            rows.append(
+                Setting(f"APG {w:g} auto r x{factor}", (apg,), family="apg", nfe_per_step=2,
+                        options={"w": w, "norm_threshold": auto * factor})
+            )  # fmt: skip
     return rows
 
 
-AUTO_DIT_R = 2.5 / 128  # the "auto" per-element threshold for DiT (guidance/apg.py): EDM2's r = 2.5 at 512^2
+def auto_threshold(pipe) -> float:
+    """The norm threshold ``r`` APG's "auto" uses on this DiT: the per-element DiT default of
+    :data:`guidance.apg.NORM_THRESHOLD_RMS` times the square root of one latent's size (an absolute L2 norm)."""
+    config = pipe.transformer.config
+    return NORM_THRESHOLD_RMS["dit"] * math.sqrt(config.in_channels * config.sample_size**2)
 
 
 def weak_methods(pipe, s: float, layers: tuple | str = "auto") -> dict[str, Any]:
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     settings: list[Setting] = []
     builders = {
         "baselines": lambda: baselines(args),
-        "cfg-apg": lambda: cfg_apg(args),
+        "cfg-apg": lambda: cfg_apg(pipe, args),
         "perturbation": lambda: perturbation(pipe, args),
         "headhunter": lambda: hunted(pipe, classifier, args),
     }

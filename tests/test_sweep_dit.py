@@ -38,3 +38,28 @@ def test_sweep_runs_every_suite_with_seed_spread_and_resumes(tmp_path):
     table = sweep_dit.summary_table(rows)
     assert "| APG 4" in table and "baseline at equal NFE" in table
     assert (tmp_path / "figures" / "sweep_cfg_4.png").is_file()
+
+
+def test_the_revisited_apg_thresholds_are_multiples_of_what_auto_uses():
+    """APG with ``norm_threshold=auto_threshold(pipe)`` samples exactly what APG's "auto" samples on the demo DiT,
+    so the sweep's "auto r x4" / "x16" rows really are 4 and 16 times the default (an absolute per-element
+    threshold there once made them 1/4 of it and the rows looked like no guidance)."""
+    import torch
+
+    from apps.services import load_pipeline
+    from benchmarks.bench_quality_dit import sample
+    from guidance import APG
+
+    pipe = load_pipeline("demo/dit", "cpu", torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.arange(4)
+    r = sweep_dit.auto_threshold(pipe)
+    auto = sample(pipe, labels, (APG(8.0),), steps=3)
+    explicit = sample(pipe, labels, (APG(8.0, norm_threshold=r),), steps=3)
+    looser = sample(pipe, labels, (APG(8.0, norm_threshold=4 * r),), steps=3)
+    assert torch.equal(auto, explicit)
+    assert (looser - auto).abs().max() > 1e-3  # the threshold binds at w = 8: a looser one changes the samples
+    args = sweep_dit.parse_args(["--w", "4", "8"])
+    rows = {s.name: s for s in sweep_dit.cfg_apg(pipe, args)}
+    assert rows["APG 8 auto r x4"].options["norm_threshold"] == pytest.approx(4 * r)
+    assert rows["APG 4 auto r x16"].options["norm_threshold"] == pytest.approx(16 * r)
