@@ -196,10 +196,26 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         "PGD steps. Random noise of the same budget is always a row (random_noise). Writes a JSON report (never "
         "overwriting a file) and prints a Markdown table and the worst case over purifications per method.",
     )
-    ev.add_argument("--methods", nargs="+", default=["photoguard", "amortized", "noise"])
-    ev.add_argument("-n", "--num-images", type=int, default=64)
+    ev.add_argument("--methods", nargs="+", default=None, help="default: photoguard amortized noise (photos: no noise)")
+    ev.add_argument("-n", "--num-images", type=int, default=None, help="images (default 64; --photos: 4 crops)")
     ev.add_argument("--eps", type=float, default=8.0, help="L-infinity budget in 1/255 (default 8)")
-    ev.add_argument("--steps", type=int, default=100, help="PGD steps (default 100)")
+    ev.add_argument("--steps", type=int, default=None, help="PGD steps (default 100; --photos: 20)")
+    ev.add_argument(
+        "--photos",
+        action="store_true",
+        help="evaluate on native-resolution crops of the held-out photos (apps.demo.photos.HELD_OUT) against each "
+        "--vae: PSNR/SSIM and latent distortion per VAE after each purification, no mimicry (no photo latent model "
+        "yet); methods photoguard (PGD on the first --vae), amortized, amortized-full",
+    )
+    ev.add_argument(
+        "--vae",
+        action="append",
+        default=None,
+        help="with --photos, repeatable: demo/<name>, a local AutoencoderKL folder or a hub id such as "
+        "stabilityai/sd-vae-ft-mse (safetensors only; default demo/vae)",
+    )
+    ev.add_argument("--size", type=int, default=256, help="with --photos: crop side in pixels (default 256, max 400)")
+    ev.add_argument("--tile", type=int, default=128, help="with --photos: PGD tile side (default 128; 0: whole crop)")
     ev.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4], help="SDEdit strengths")
     ev.add_argument("--lora-steps", type=int, default=100, help="LoRA fine-tuning steps (0: no LoRA attack)")
     ev.add_argument("--protector", type=Path, default=None, help="amortized protector folder (default: demo)")
@@ -310,11 +326,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import json
 
     from . import evaluation
-    from .files import write_new
 
+    if args.photos:
+        return _evaluate_photos(args)
+    if args.vae:
+        raise ValueError("--vae applies to --photos (the shapes evaluation uses the demo VAEs)")
+    args.methods = args.methods or ["photoguard", "amortized", "noise"]
+    args.num_images = 64 if args.num_images is None else args.num_images
+    args.steps = 100 if args.steps is None else args.steps
     unknown = [m for m in args.methods if m.partition("@")[0] not in evaluation.PROTECTIONS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {evaluation.PROTECTIONS}")
@@ -335,15 +356,51 @@ def _evaluate(args: argparse.Namespace) -> int:
         pixel_model=args.pixel_model,
         **({"purifications": args.purifications} if args.purifications else {}),
     )
+    _report(args, result)
+    return 0
+
+
+def _evaluate_photos(args: argparse.Namespace) -> int:
+    from protect.purify import EVALUATION
+
+    from . import evaluation
+
+    n = 4 if args.num_images is None else args.num_images
+    steps = 20 if args.steps is None else args.steps
+    if not 1 <= n <= 256 or not 0 < args.eps <= 64 or not 1 <= steps <= 1000 or args.tile < 0:
+        raise ValueError("need 1 <= -n <= 256, 0 < --eps <= 64, 1 <= --steps <= 1000 and --tile >= 0")
+    result = evaluation.run_photos(
+        args.methods or ["photoguard", "amortized"],
+        vaes=args.vae or ["demo/vae"],
+        n=n,
+        size=args.size,
+        eps=args.eps / 255,
+        steps=steps,
+        tile=args.tile or None,
+        purifications=args.purifications or EVALUATION,
+        protector=args.protector,
+        pixel_model=args.pixel_model,
+        device=args.device,
+        seed=args.seed,
+    )
+    print(evaluation.PHOTO_NOTE + "\n")
+    _report(args, result)
+    return 0
+
+
+def _report(args: argparse.Namespace, result: dict) -> None:
+    """Print an evaluation's rows and worst case as Markdown; write the JSON report to a new file (``--json``)."""
+    from . import evaluation
+    from .files import write_new
+
     print(evaluation.markdown(result))
-    print("\nworst case over purifications (the purification that leaves the mimicry least damaged):")
+    print("\nworst case over purifications (the purification under which the protection does the least damage):")
     print(evaluation.markdown_worst_case(result))
     print("seconds per image: " + ", ".join(f"{k} {v:.4f}" for k, v in result["seconds_per_image"].items()))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         path = write_new(json.dumps(result, indent=1), args.json.parent, args.json.stem, args.json.suffix or ".json")
         print(f"report: {path}")
-    return 0
 
 
 def _distributed(device: str | None):

@@ -210,3 +210,132 @@ def markdown(result: dict[str, Any], columns: Sequence[str] | None = None) -> st
         cells = [f"{row[k]:.3g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
         lines.append(f"| {row['protection']} | {row['purification']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- held-out photos
+
+# photo evaluation: PGD on the first --vae and the amortized protector; no Mist/SDS (no photo latent model yet)
+PHOTO_PROTECTIONS = ("photoguard", "amortized", "amortized-full")
+PHOTO_MAX_SIZE = 400  # the shortest side of the held-out photos (coffee: 400 x 600)
+PHOTO_MAX_WORK = 2e4  # megapixel-VAE-passes a photo evaluation may cost (about an hour of the demo VAE on 2 CPUs)
+PHOTO_NOTE = (
+    "Damage is the latent distortion in each VAE (relative L2 of the latent change, against the clean image after "
+    "the same purification); no SDEdit/LoRA mimicry (the photo latent diffusion model is not trained yet). PGD "
+    "attacks the first VAE; the others measure transfer. Random noise of the same budget is the random_noise row."
+)
+
+
+def photo_crops(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """``n`` seeded ``size`` x ``size`` native-resolution crops (N, 3, size, size) in [0, 1] of the held-out photos
+    (:data:`apps.demo.photos.HELD_OUT`, never trained on), cycling through them, and where each came from."""
+    from .demo.photos import HELD_OUT, photo
+
+    if not 8 <= size <= PHOTO_MAX_SIZE:
+        raise ValueError(f"--size must lie in [8, {PHOTO_MAX_SIZE}] (the held-out photos' shortest side)")
+    generator = torch.Generator().manual_seed(EVAL_SEED + seed)
+    crops, boxes = [], []
+    for i in range(n):
+        name = HELD_OUT[i % len(HELD_OUT)]
+        image = photo(name)
+        top = int(torch.randint(0, image.shape[1] - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, image.shape[2] - size + 1, (1,), generator=generator))
+        crops.append((image[:, top : top + size, left : left + size] + 1) / 2)
+        boxes.append({"photo": name, "top": top, "left": left, "size": size})
+    return torch.stack(crops), boxes
+
+
+def photo_work(methods: Sequence[str], *, n: int, size: int, steps: int, vaes: int, purifications: int) -> float:
+    """The cost of :func:`run_photos` in megapixel VAE-encoder passes: PGD (forward and backward, ~3 passes a
+    step) on the first VAE, then the latents of every row (clean, noise, each method) under every purification."""
+    pgd_steps = sum(int(m.partition("@")[2] or steps) for m in methods if not m.startswith("amortized"))
+    megapixels = n * size * size / 1e6
+    return megapixels * (3 * pgd_steps + 2 * vaes * purifications * (len(methods) + 2))
+
+
+def run_photos(
+    methods: Sequence[str] = ("photoguard", "amortized"),
+    *,
+    vaes: Sequence[str] = ("demo/vae",),
+    n: int = 4,
+    size: int = 256,
+    eps: float = 8 / 255,
+    steps: int = 20,
+    tile: int | None = 128,
+    purifications: Sequence[str] = EVALUATION,
+    protector: str | Path | None = None,
+    pixel_model: str | None = "demo/unet",
+    device: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Protect ``n`` native-resolution crops of the held-out photos (:func:`photo_crops`) with ``methods`` and
+    measure invisibility (PSNR/SSIM) and the latent distortion in each of ``vaes`` (names as
+    :func:`apps.models.load_vae` takes them) after each purification, with the worst case over purifications per
+    protection (:func:`protect.evaluate.worst_case`) and the same-budget random-noise row.
+
+    PGD methods attack the first VAE (``tile`` x ``tile`` crops, :func:`protect.protect`); IMPRESS purifies with it
+    too. No mimicry is run (see :data:`PHOTO_NOTE`).
+    """
+    from protect import AmortizedProtector, protect
+    from protect.evaluate import evaluate
+
+    from .demo import DEMO_DIR
+    from .models import load_vae
+
+    unknown = [m for m in methods if m.partition("@")[0] not in PHOTO_PROTECTIONS]
+    if unknown:
+        raise ValueError(
+            f"unknown photo methods {unknown}; choose from {PHOTO_PROTECTIONS} (mist and sds need a latent "
+            "diffusion model of the photo VAE, not trained yet; random noise is always a row)"
+        )
+    if not vaes or len(set(vaes)) != len(vaes):
+        raise ValueError("name at least one VAE (--vae), each once")
+    work = photo_work(methods, n=n, size=size, steps=steps, vaes=len(vaes), purifications=len(purifications))
+    if work > PHOTO_MAX_WORK:
+        raise ValueError(
+            f"this evaluation would cost about {work:.3g} megapixel VAE passes (limit {PHOTO_MAX_WORK:.3g}); "
+            "use fewer or smaller crops (-n, --size), fewer PGD steps or fewer purifications"
+        )
+    images, boxes = photo_crops(n, size, seed)
+    device = device or str(best_device()[0])
+    models = {name: load_vae(name, device) for name in vaes}
+    target = models[vaes[0]]
+    table = purification_table(purifications, vae=target, pixel_model=pixel_model, device=device, seed=seed)
+    images = images.to(device)
+    protected, seconds = {}, {}
+    amortized = None
+    for method in methods:
+        name, _, count = method.partition("@")
+        start = time.perf_counter()
+        if name.startswith("amortized"):
+            if amortized is None:
+                amortized = AmortizedProtector.from_pretrained(str(protector or DEMO_DIR / "protector")).to(device)
+            floor = 1.0 if name == "amortized-full" else None
+            protected[method], _ = protect(
+                images, "amortized", vae=target, protector=amortized, eps=eps, min_strength=floor
+            )
+        else:
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+            n_steps = int(count) if count else steps
+            tiled = tile if tile is not None and tile < size else None
+            protected[method], _ = protect(images, name, vae=target, eps=eps, steps=n_steps, generator=gens, tile=tiled)
+        seconds[method] = (time.perf_counter() - start) / n
+    rows = evaluate(images, protected, vaes=models, purifications=table, noise_eps=eps, seed=seed)
+    metrics = [f"latent_distortion_{name}" for name in vaes]
+    settings = {
+        "data": "photos",
+        "n": n,
+        "size": size,
+        "crops": boxes,
+        "eps_255": eps * 255,
+        "pgd_steps": steps,
+        "tile": tile,
+        "vaes": list(vaes),
+        "attacked_vae": vaes[0],
+        "purifications": {name: getattr(entry, "description", name) for name, entry in table.items()},
+        "pixel_model": pixel_model if "diffpure" in table else None,
+        "protector": str(protector or "demo/protector") if amortized is not None else None,
+        "work_megapixel_vae_passes": work,
+        "note": PHOTO_NOTE,
+    }
+    worst = {metric: worst_case(rows, metric) for metric in metrics}
+    return {"settings": settings, "seconds_per_image": seconds, "rows": rows, "worst_case": worst, "device": device}

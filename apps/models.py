@@ -66,3 +66,53 @@ def load_score_model(name: str, device: torch.device | str | None = None, dtype:
         raise ValueError(f"{name}: not an unconditional pixel model (in {unet.config.in_channels} channels)")
     unet.eval()
     return unet.to(device) if device is not None else unet, scheduler
+
+
+def _offline() -> bool:
+    """Whether the hub must not be asked (``HF_HUB_OFFLINE`` set, read at call time)."""
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def load_vae(name: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    """A frozen ``AutoencoderKL`` (eval mode, safetensors weights only) named as the rest of the suite names models:
+    ``demo/<name>``, a local folder (an ``AutoencoderKL`` folder with ``config.json``, or a pipeline folder with
+    ``vae/``), or a hub id (e.g. ``stabilityai/sd-vae-ft-mse``; a pipeline repo's ``vae/`` subfolder is tried when
+    the repo has no VAE at its root). A hub id is read from the local cache first and downloaded only when
+    ``HF_HUB_OFFLINE`` is not set; a name that resolves to nothing raises a ``ValueError`` saying so.
+    """
+    from diffusers import AutoencoderKL
+
+    path = resolve(name)
+    local = Path(path)
+    weights = {"use_safetensors": True, "torch_dtype": dtype}
+    if local.exists():
+        if (local / "vae" / "config.json").is_file():
+            subfolders = ["vae"]
+        elif (local / "config.json").is_file():
+            subfolders = [None]
+        else:
+            raise ValueError(f"{name}: expected a diffusers AutoencoderKL folder (config.json) or a pipeline with vae/")
+        attempts = [{"local_files_only": True}]
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ValueError(f"{name}: no such folder, and not a hub id (owner/name)")
+    else:
+        subfolders = [None, "vae"]
+        attempts = [{"local_files_only": True}] + ([] if _offline() else [{}])
+    errors = []
+    for options in attempts:
+        for subfolder in subfolders:
+            try:
+                vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, **weights, **options)
+            except (OSError, ValueError) as error:
+                errors.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+                continue
+            vae.eval().requires_grad_(False)
+            return vae.to(device) if device is not None else vae
+    where = (
+        "the local folder"
+        if local.exists()
+        else "the local hub cache" + (" (HF_HUB_OFFLINE is set)" if _offline() else " or the hub")
+    )
+    raise ValueError(f"{name}: no AutoencoderKL with safetensors weights could be loaded from {where}: {errors[-1]}")

@@ -248,10 +248,10 @@ def _random_noise(clean: Tensor, eps: float, seed: int) -> Tensor:
 def evaluate(
     clean: Tensor,
     protected: Mapping[str, Tensor],
-    labels: Tensor,
+    labels: Tensor | None = None,
     *,
-    mimics: Mapping[str, Mimic],
-    classifier: torch.nn.Module,
+    mimics: Mapping[str, Mimic] | None = None,
+    classifier: torch.nn.Module | None = None,
     vaes: Mapping[str, AutoencoderKL] | None = None,
     purifications: Sequence[str] | Mapping[str, Callable[[Tensor], Tensor]] = tuple(PURIFICATIONS),
     noise_eps: float | None = None,
@@ -266,10 +266,13 @@ def evaluate(
 
     ``purifications``: names of fixed entries of :data:`protect.purify.PURIFICATIONS`, or a mapping of names to
     callables ``images -> images`` (e.g. with :func:`protect.purifiers.model_purifications`: DiffPure, IMPRESS).
-    ``classifier`` takes images in [-1, 1] and has ``features(x)`` (the demo classifier's interface).
+    ``classifier`` takes images in [-1, 1] and has ``features(x)`` (the demo classifier's interface); it and
+    ``labels`` are needed only with ``mimics`` (without mimics the rows hold invisibility and latent distortion).
     """
     table = _purifications(purifications)
-    device = next(classifier.parameters()).device
+    mimics = dict(mimics or {})
+    if mimics and (classifier is None or labels is None):
+        raise ValueError("mimics are scored by a classifier: pass classifier= and labels")
     rows = []
     for name, images in protected.items():
         if images.shape != clean.shape:
@@ -280,7 +283,9 @@ def evaluate(
         linf = [(images.float() - clean.float()).abs().amax().item() for images in protected.values()]
         noise_eps = max(linf, default=8 / 255)
     entries = {"clean": clean, **protected, RANDOM_NOISE: _random_noise(clean, noise_eps, seed)}
-    real_features = classifier.features(clean.to(device) * 2 - 1).float()
+    if mimics:
+        device = next(classifier.parameters()).device
+        real_features = classifier.features(clean.to(device) * 2 - 1).float()
     reference: dict[tuple[str, str], Tensor] = {}
     for purification, apply in table.items():
         purified_clean = apply(clean)
