@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from apps.demo import DEMO_DIR
+from benchmarks.bench_load import free_port
 from protect import AmortizedProtector, protect
 from protect.amortized import multi_vae_target_loss, strength_map, target_bank, vae_signature
 from protect.losses import latent
@@ -148,11 +149,13 @@ def test_training_command_runs_data_parallel(tmp_path):
     vae_dir = tmp_path / "vae"
     _tiny_vae().save_pretrained(vae_dir)
     out = tmp_path / "protector"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "apps.train_protector"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(free_port()), "-m", "apps.train_protector"]  # not the default 29500 (TIME_WAIT)
     command += ["--vae", str(vae_dir), "--out", str(out), "--steps", "3", "--batch-size", "4", "--size", "16"]
     command += ["--patch-size", "8", "--experts", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run(command, check=True, capture_output=True, timeout=300, env=env)
+    done = subprocess.run(command, capture_output=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]  # the workers' traceback, if any
     record = json.loads((out / "training.json").read_text())
     assert record["processes"] == 2 and record["steps"] == 3
     AmortizedProtector.from_pretrained(str(out))

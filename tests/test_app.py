@@ -274,6 +274,8 @@ def test_cli_protect_splits_files_across_processes(tmp_path):
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
+        "--master_port",  # a free one: the default 29500 may still be held by the previous torchrun (TIME_WAIT)
+        str(free_port()),
         "-m",
         "apps.cli",
         "protect",
@@ -285,7 +287,8 @@ def test_cli_protect_splits_files_across_processes(tmp_path):
         "--device",
         "cpu",
     ]
-    subprocess.run(command, check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]  # the workers' traceback, if any
     report = json.loads((out / "report.json").read_text())
     assert report["processes"] == 2
     assert sorted(f["input"] for f in report["files"]) == inputs
