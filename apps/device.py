@@ -11,8 +11,13 @@ SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 def best_device() -> tuple[torch.device, torch.dtype]:
     """The GPU in half precision when there is one (bf16 where supported), else the CPU in float32."""
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.device("cuda"), gpu_half()
     return torch.device("cpu"), torch.float32
+
+
+def gpu_half() -> torch.dtype:
+    """The GPU's half precision: bfloat16 where supported, else float16."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def cpu_has_bf16_matrix_units() -> bool:
@@ -38,7 +43,7 @@ def score_dtype(device: str | torch.device, choice: str = "auto") -> torch.dtype
         return SCORE_DTYPES[choice]
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return gpu_half()
     if device.type == "cpu" and cpu_has_bf16_matrix_units():
         return torch.bfloat16
     return torch.float32
