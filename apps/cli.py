@@ -214,10 +214,14 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         help="with --photos, repeatable: demo/<name>, a local AutoencoderKL folder or a hub id such as "
         "stabilityai/sd-vae-ft-mse (safetensors only; default demo/vae)",
     )
-    ev.add_argument("--size", type=int, default=256, help="with --photos: crop side in pixels (default 256, max 400)")
-    ev.add_argument("--tile", type=int, default=128, help="with --photos: PGD tile side (default 128; 0: whole crop)")
-    ev.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4], help="SDEdit strengths")
-    ev.add_argument("--lora-steps", type=int, default=100, help="LoRA fine-tuning steps (0: no LoRA attack)")
+    ev.add_argument("--size", type=int, default=None, help="with --photos: crop side in pixels (default 256, max 400)")
+    ev.add_argument("--tile", type=int, default=None, help="with --photos: PGD tile side (default 128; 0: whole crop)")
+    ev.add_argument(
+        "--strengths", type=float, nargs="+", default=None, help="SDEdit strengths (default 0.2 0.4; not --photos)"
+    )
+    ev.add_argument(
+        "--lora-steps", type=int, default=None, help="LoRA fine-tuning steps (default 100, 0: no LoRA; not --photos)"
+    )
     ev.add_argument("--protector", type=Path, default=None, help="amortized protector folder (default: demo)")
     ev.add_argument(
         "--purifications",
@@ -331,8 +335,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.photos:
         return _evaluate_photos(args)
-    if args.vae:
-        raise ValueError("--vae applies to --photos (the shapes evaluation uses the demo VAEs)")
+    photo_only = [
+        flag for flag, value in (("--vae", args.vae), ("--size", args.size), ("--tile", args.tile)) if value is not None
+    ]
+    if photo_only:
+        raise ValueError(f"{', '.join(photo_only)} apply to --photos only (the shapes evaluation uses the demo VAEs)")
+    args.strengths = [0.2, 0.4] if args.strengths is None else args.strengths
+    args.lora_steps = 100 if args.lora_steps is None else args.lora_steps
     args.methods = args.methods or ["photoguard", "amortized", "noise"]
     args.num_images = 64 if args.num_images is None else args.num_images
     args.steps = 100 if args.steps is None else args.steps
@@ -365,18 +374,30 @@ def _evaluate_photos(args: argparse.Namespace) -> int:
 
     from . import evaluation
 
+    ignored = [
+        flag
+        for flag, value in (("--strengths", args.strengths), ("--lora-steps", args.lora_steps))
+        if value is not None
+    ]
+    if ignored:
+        raise ValueError(
+            f"{', '.join(ignored)} do not apply to --photos: the photo evaluation has no mimicry attack yet "
+            "(no photo latent diffusion model); drop them or evaluate without --photos"
+        )
     n = 4 if args.num_images is None else args.num_images
     steps = 20 if args.steps is None else args.steps
-    if not 1 <= n <= 256 or not 0 < args.eps <= 64 or not 1 <= steps <= 1000 or args.tile < 0:
+    size = 256 if args.size is None else args.size
+    tile = 128 if args.tile is None else args.tile
+    if not 1 <= n <= 256 or not 0 < args.eps <= 64 or not 1 <= steps <= 1000 or tile < 0:
         raise ValueError("need 1 <= -n <= 256, 0 < --eps <= 64, 1 <= --steps <= 1000 and --tile >= 0")
     result = evaluation.run_photos(
         args.methods or ["photoguard", "amortized"],
         vaes=args.vae or ["demo/vae"],
         n=n,
-        size=args.size,
+        size=size,
         eps=args.eps / 255,
         steps=steps,
-        tile=args.tile or None,
+        tile=tile or None,
         purifications=args.purifications or EVALUATION,
         protector=args.protector,
         pixel_model=args.pixel_model,

@@ -106,6 +106,8 @@ def test_a_hub_id_not_available_offline_is_a_clear_error(vae_folders, monkeypatc
         (("-n", "256", "--size", "400", "--steps", "1000"), "megapixel VAE passes"),
         (("--size", "500"), "--size"),
         (("--vae", "demo/vae", "--vae", "demo/vae"), "each once"),
+        (("--strengths", "0.3"), "--strengths do not apply to --photos"),
+        (("--lora-steps", "0"), "--lora-steps do not apply to --photos"),
     ],
 )
 def test_photo_evaluation_refuses_bad_requests_before_work(extra, message, capsys):
@@ -113,9 +115,10 @@ def test_photo_evaluation_refuses_bad_requests_before_work(extra, message, capsy
     assert message in capsys.readouterr().err
 
 
-def test_vae_option_is_for_photos_only(capsys):
-    assert cli_main(["evaluate", "--vae", "demo/vae", "-n", "2"]) == 2
-    assert "--photos" in capsys.readouterr().err
+@pytest.mark.parametrize("extra", [("--vae", "demo/vae"), ("--size", "128"), ("--tile", "0")])
+def test_photo_options_are_for_photos_only(extra, capsys):
+    assert cli_main(["evaluate", *extra, "-n", "2"]) == 2
+    assert f"{extra[0]} apply to --photos only" in capsys.readouterr().err
 
 
 def test_evaluate_without_mimics_needs_no_classifier_and_mimics_need_one():
