@@ -126,6 +126,32 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch
     assert any(not torch.equal(raw[key], straight[key]) for key in raw)
 
 
+@pytest.mark.parametrize("model", ["vae", "unet"])
+def test_warm_start_continues_an_exported_run(tmp_path: Path, model: str):
+    """An exported 2-step run carries on to 4 steps (a committed demo model can be trained further next session)."""
+    run(model, tmp_path / "first")
+    exported = tmp_path / "first" / f"photo_{model}"
+    first = json.loads((exported / "training.json").read_text())
+    train_photo.main([model, "--out", str(tmp_path / "more"), *TINY, "--crop", CROPS[model], "--steps", "4",
+                      "--warm-start", str(exported)])  # fmt: skip
+    more = tmp_path / "more" / f"photo_{model}"
+    record = json.loads((more / "training.json").read_text())
+    assert record["steps"] == 4 and len(record["losses"]) == 4
+    assert record["losses"][:2] == first["losses"] and record["warm_start"] == str(exported)
+    assert "continued from the exported" in (more / "README.md").read_text()
+    sub = train_photo.WEIGHTS_FILE[model]
+    before, after = state(exported / sub), state(more / sub)
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+    with pytest.raises(ValueError, match="already ran 2 steps"):
+        run(model, tmp_path / "again", "--warm-start", str(exported))
+    other = "vae_b" if model == "vae" else "vae"
+    with pytest.raises(ValueError, match=f"not photo_{other}"):
+        run(other, tmp_path / "other", "--steps", "4", "--warm-start", str(exported))
+    with pytest.raises(FileNotFoundError, match="not an exported"):
+        run(model, tmp_path / "none", "--steps", "4", "--warm-start", str(tmp_path))
+
+
 def test_export_without_a_checkpoint_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="--export needs --checkpoints"):
         run("vae", tmp_path, "--export")

@@ -256,17 +256,28 @@ def optimise(
     desc: str,
     ema: EMA | None = None,
     checkpoint: Checkpoint | None = None,
+    warm: WarmStart | None = None,
 ) -> tuple[list[float], float]:
     """Run ``steps`` AdamW steps on ``loss_fn(step)`` with a progress bar; return the losses and seconds per step.
 
     With a ``checkpoint``, the run resumes from its file when one exists and saves to it every ``every`` steps
-    (model, EMA, optimiser, schedule, losses and the states of the generators it was given).
+    (model, EMA, optimiser, schedule, losses and the states of the generators it was given). With ``warm`` (and no
+    checkpoint file yet), it continues an exported run: the model already holds its weights, the step count and
+    losses carry on, the schedule resumes at that step, and the fresh optimiser's learning rate is re-warmed.
     """
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, warmup_cosine(max(1, min(100, steps // 10)), steps))
+    base = warmup_cosine(max(1, min(100, steps // 10)), steps)
+    offset, rewarm = (warm.step, warm.rewarm) if warm is not None else (0, 0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: base(s + offset) * min(1.0, (s + 1) / rewarm) if rewarm else base(s)
+    )
     model.train()
-    losses: list[float] = []
-    first = checkpoint.restore(model, optimiser, schedule, ema, losses) if checkpoint is not None else 0
+    losses: list[float] = list(warm.losses) if warm is not None else []
+    first = offset
+    if ema is not None and warm is not None:
+        ema.updates = warm.step  # the exported weights are already an average: keep the full decay
+    if checkpoint is not None and checkpoint.path.is_file():
+        first = checkpoint.restore(model, optimiser, schedule, ema, losses)
     start = time.perf_counter()
     with tqdm(range(first, steps), desc=desc, dynamic_ncols=True, file=sys.stderr, initial=first, total=steps) as bar:
         for step in bar:
@@ -286,6 +297,16 @@ def optimise(
         ema.copy_to(model)
     model.eval()
     return losses, (time.perf_counter() - start) / max(1, steps - first)
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """Where an exported, unfinished run stopped: its step count and losses, and how long to re-warm the LR."""
+
+    step: int
+    losses: tuple[float, ...]
+    rewarm: int = 50
+    source: str = ""
 
 
 def final_loss(losses: list[float]) -> float:

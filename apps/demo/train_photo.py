@@ -1,7 +1,7 @@
 """Train the photo demo models on the photo corpus (``apps.demo.photos``; held-out photos never seen).
 
     python -m apps.demo.train_photo {vae,vae_b,unet,ldm} --out DIR [--steps N] [--batch-size B] [--crop PX]
-        [--seed S] [--threads T] [--checkpoints CKDIR --checkpoint-every N] [--export]
+        [--seed S] [--threads T] [--checkpoints CKDIR --checkpoint-every N] [--export] [--warm-start DIR]
 
 Each model lands in ``DIR/photo_<name>/`` (diffusers ``save_pretrained``, safetensors) with a ``README.md`` model
 card (data, held-out split, settings, losses, metrics, wall time) and ``training.json`` (the loss curve):
@@ -17,7 +17,9 @@ card (data, held-out split, settings, losses, metrics, wall time) and ``training
 
 Optimisation (AdamW, warm-up + cosine, EMA, resumable ``Checkpoint``) is ``apps.demo.train``'s. ``--export`` skips
 training: it loads the checkpoint of an unfinished run, takes its EMA weights, evaluates and saves them (the card
-says how many of the planned steps were done).
+says how many of the planned steps were done). ``--warm-start DIR`` continues such an exported run (e.g. the committed
+``demo_models/photo_<name>``, when the checkpoint file did not survive) up to ``--steps``: weights, step count, losses
+and the schedule carry on; AdamW starts afresh with a 50-step LR re-warm-up; the card says so.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
 from torch import nn
 
 from protect.losses import vae_stride
@@ -46,6 +49,7 @@ from .train import (
     EMA,
     Checkpoint,
     Report,
+    WarmStart,
     add_training_arguments,
     diffusion_loss,
     final_loss,
@@ -102,6 +106,7 @@ class PhotoRun:
     checkpoint_every: int = 100
     export: bool = False
     export_weights: str = "ema"
+    warm_start: Path | None = None
     command: str = ""
 
     @property
@@ -290,8 +295,46 @@ def train_model(
             ema.copy_to(model)
         model.eval()
         return losses, float("nan"), done
-    losses, per_step = optimise(model, loss_fn, run.total_steps, run.peak_lr, f"photo_{run.name}", ema, checkpoint)
+    warm = load_warm_start(run, model) if run.warm_start is not None else None
+    if warm is not None:
+        for generator in generators:  # new crops and noise, not a replay of the first steps
+            generator.manual_seed(generator.initial_seed() + warm.step)
+    losses, per_step = optimise(
+        model, loss_fn, run.total_steps, run.peak_lr, f"photo_{run.name}", ema, checkpoint, warm
+    )
     return losses, per_step, run.total_steps
+
+
+WEIGHTS_FILE = {"vae": ".", "vae_b": ".", "unet": "unet", "ldm": "unet"}  # where each model's weights sit
+
+
+def load_warm_start(run: PhotoRun, model: nn.Module) -> WarmStart:
+    """Load the weights of an exported run of the same model into ``model``; return where that run stopped.
+
+    The folder must be one this script wrote (``training.json`` beside the weights, same model and design) and the
+    run must be unfinished: its steps fewer than ``--steps``.
+    """
+    assert run.warm_start is not None
+    folder = run.warm_start
+    record_path = folder / "training.json"
+    weights = folder / WEIGHTS_FILE[run.name] / "diffusion_pytorch_model.safetensors"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"--warm-start {folder}: not an exported photo_{run.name} (no training.json)")
+    record = json.loads(record_path.read_text())
+    if record.get("name") != f"photo_{run.name}":
+        raise ValueError(f"--warm-start {folder} holds {record.get('name')!r}, not photo_{run.name}")
+    if not weights.is_file():
+        raise FileNotFoundError(f"--warm-start {folder}: not an exported photo_{run.name} (no {weights.name})")
+    done = int(record["steps"])
+    if done >= run.total_steps:
+        raise ValueError(f"--warm-start {folder} already ran {done} steps; ask for more with --steps (> {done})")
+    state = load_file(str(weights), device=str(run.device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"--warm-start {folder}: its weights do not fit this photo_{run.name} design") from error
+    print(f"warm start from {folder} at step {done}", file=sys.stderr, flush=True)
+    return WarmStart(step=done, losses=tuple(record.get("losses", [])), source=str(folder))
 
 
 def train_vae(run: PhotoRun) -> Report:
@@ -494,6 +537,7 @@ def write_card(run: PhotoRun, report: Report) -> Path:
     d = run.defaults
     record = {**asdict(report), "losses": [float(f"{x:.5g}") for x in report.losses], "command": run.command}
     record["planned_steps"] = run.total_steps
+    record["warm_start"] = str(run.warm_start) if run.warm_start is not None else None
     (folder / "training.json").write_text(json.dumps(record) + "\n")
     pictures = "\n".join(f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png")))
     done = (
@@ -502,6 +546,8 @@ def write_card(run: PhotoRun, report: Report) -> Path:
         if run.export
         else str(report.steps)
     )
+    if run.warm_start is not None:
+        done += f" (continued from the exported `{run.warm_start}`: fresh AdamW state, LR re-warmed over 50 steps)"
     text = f"""# steerguard photo demo model: photo_{run.name}
 
 {DESCRIPTIONS[run.name]}
@@ -547,6 +593,12 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop", type=int, help="training crop size in pixels (default: per model)")
     parser.add_argument("--vae", type=Path, help="photo VAE folder for ldm (default: OUT/photo_vae)")
     parser.add_argument(
+        "--warm-start",
+        type=Path,
+        help="continue an exported, unfinished run (a folder this script wrote, e.g. demo_models/photo_vae) up to "
+        "--steps: its weights, step count and losses carry on; the optimiser state starts afresh",
+    )
+    parser.add_argument(
         "--export", action="store_true", help="no training: save the EMA weights of the checkpoint in --checkpoints"
     )
     parser.add_argument(
@@ -585,6 +637,7 @@ def main(argv: Iterable[str] | None = None) -> Path:
         checkpoint_every=args.checkpoint_every,
         export=args.export,
         export_weights=args.export_weights,
+        warm_start=args.warm_start,
         command=command,
     )
     start = time.perf_counter()
