@@ -15,8 +15,12 @@
    from the one table of purifications, :data:`protect.purify.PURIFICATIONS`; the file re-encodings PNG, WebP,
    a 16-bit grey PNG source, a CMYK JPEG source and an EXIF-rotated JPEG), each decoded the way the app decodes
    uploads (``apps.files.open_upload``);
+   and classifier attacks on the demo victim (``--attacks``, :func:`protect.testbed.attack`, 10 steps, untargeted
+   away from the victim's own answer) at native resolution;
 4. AUROC, TPR at 5 % FPR and FPR at 95 % TPR against the clean test crops, and the flag rate at the calibrated
-   threshold, for EPS-AD and both baselines; seconds per 512x512 and 1024x1024 image with the patch count.
+   threshold, for EPS-AD and both baselines; the operating points (:func:`operating_points`: worst benign flag
+   rate against detection at 8/255 as the threshold moves); seconds per 512x512 and 1024x1024 image with the
+   patch count. The score model is fitted in float32 and scores in ``--dtype`` (default ``auto``, as the app).
 
 Writes a JSON report (``--json``), prints Markdown tables, and with ``--save DIR`` saves the calibrated detector.
 """
@@ -42,6 +46,7 @@ PIXEL_CHANGES = ("jpeg90", "jpeg75", "jpeg50", "resize0.5_pil", "noise2_8bit", "
 REENCODINGS = ("png", "webp", "16bit", "cmyk", "exif")  # the same pixels in another file format or layout
 BENIGN = PIXEL_CHANGES + REENCODINGS
 PROTECTIONS = ("photoguard", "mist", "sds", "amortized")
+CLASSIFIER_ATTACKS = ("fgsm", "pgd")  # on the demo victim (the shapes classifier: convolutional, any input size)
 
 
 def fpr_at_tpr(negative: torch.Tensor, positive: torch.Tensor, tpr: float = 0.95) -> float:
@@ -132,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="crop side (native resolution)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--protections", nargs="+", default=list(PROTECTIONS))
+    parser.add_argument(
+        "--attacks",
+        nargs="+",
+        default=list(CLASSIFIER_ATTACKS),
+        help="attacks on the demo victim classifier at native resolution (protect.testbed.attack names), at --budgets",
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="score model precision when scoring (as the app: auto, float32, bfloat16, ...)"
+    )
     parser.add_argument("--steps", type=int, default=1, help="PGD steps of PhotoGuard / Mist / SDS")
     parser.add_argument("--mist-sds-budgets", type=int, nargs="+", default=[8], help="Mist/SDS budgets (cost)")
     parser.add_argument("--max-patches", type=int, default=64)
@@ -145,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     from apps.demo.photos import HELD_OUT, TRAIN
+    from apps.device import score_dtype
     from apps.models import load_score_model
     from protect import PatchEPSDetector
     from protect.patches import score_fgsm
@@ -179,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         detector.fit(clean_fit, attacked, value_range=(-1, 1))
         fit = f"{len(clean_fit)} training-photo crops (96-192 px) vs FGSM on the score model 4/8/16 /255"
     detector.config = detector.config.from_dict({**detector.config.to_dict(), "max_patches": args.max_patches})
+    dtype = score_dtype("cpu", args.dtype)
+    unet.to(dtype)  # fitted in float32 (as `train detector`); scored in the app's precision
     fit_seconds = time.perf_counter() - start
     print(f"detector: {fit} ({fit_seconds:.0f} s)", flush=True)
 
@@ -195,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def row(kind: str, name: str, budget: str, found: dict[str, torch.Tensor]) -> None:
         entry = {"kind": kind, "name": name, "budget": budget, "n": len(found["eps_ad"])}
+        entry["scores"] = {key: values.tolist() for key, values in found.items()}
         for key, values in found.items():
             reference = clean[key][: args.n_test] if kind == "attack" else clean[key]
             entry[key] = {
@@ -230,6 +248,22 @@ def main(argv: list[str] | None = None) -> int:
                 arrays = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in out[name]]
                 row("attack", name, f"{budget}/255", scores(detector, signed(arrays)))
 
+    if args.attacks:
+        from apps.demo import load_classifier
+        from protect.testbed import attack, frozen_victim
+
+        victim = frozen_victim(load_classifier("cpu"))
+        images01 = torch.stack(signed(test_arrays[: args.n_test])).add(1).div(2)
+        with torch.no_grad():
+            labels = victim(images01).argmax(1)  # untargeted: away from the victim's own answer
+        for name in args.attacks:
+            for budget in args.budgets:
+                t0 = time.perf_counter()
+                adversarial = attack(name, victim, images01, labels, budget / 255, steps=10, seed=args.seed)
+                protection_seconds[f"classifier {name} {budget}/255"] = (time.perf_counter() - t0) / len(images01)
+                arrays = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in adversarial]
+                row("attack", f"classifier {name}", f"{budget}/255", scores(detector, signed(arrays)))
+
     timing = []
     from apps.demo.photos import photo_uint8
 
@@ -250,12 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s)",
         "score_model": args.score_model,
+        "score_dtype": str(dtype).removeprefix("torch."),
         "patch_size": detector.patch_size,
         "fit": fit,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "thresholds": thresholds,
         "calibration": {k: v.tolist() for k, v in cal.items()},
         "rows": rows,
+        "operating_points": operating_points(rows, thresholds["eps_ad"], "8/255"),
         "protection_seconds_per_image": protection_seconds,
         "timing": timing,
         "seconds": time.perf_counter() - start,
@@ -267,6 +303,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.save is not None:
         detector.save_pretrained(args.save, diffusion_model=args.score_model)
     return 0
+
+
+def operating_points(rows: list[dict], calibrated: float, budget: str, key: str = "eps_ad") -> list[dict]:
+    """The trade-off between false alarms on benign changes and detection at ``budget``, over thresholds.
+
+    Candidate thresholds: the calibrated one, and for each benign or clean row the smallest threshold that flags
+    at most 5 % of it (so the largest candidate keeps every benign change at <= 5 %). For each: the clean and the
+    worst benign flag rate (and which change), and the detection rate of every attack row at ``budget``."""
+    negatives = [r for r in rows if r["kind"] in ("clean", "benign")]
+    positives = [r for r in rows if r["kind"] == "attack" and r["budget"] == budget]
+    candidates = {("calibrated on clean held-out crops", calibrated)}
+    for r in negatives:
+        values = torch.tensor(r["scores"][key], dtype=torch.float64)
+        candidates.add((f"<= 5 % on {r['name']}", threshold_at_fpr(values, 0.05)))
+    points = []
+    for label, threshold in sorted(candidates, key=lambda c: c[1]):
+        flags = {
+            r["name"]: flag_rate(torch.tensor(r["scores"][key], dtype=torch.float64), threshold) for r in negatives
+        }
+        worst = max((n for n in flags if n != "clean (held-out test crops)"), key=flags.get, default=None)
+        points.append({
+            "label": label,
+            "threshold": threshold,
+            "clean": flags.get("clean (held-out test crops)", float("nan")),
+            "worst_benign": flags[worst] if worst else float("nan"),
+            "worst_benign_change": worst,
+            "detected": {r["name"]: flag_rate(torch.tensor(r["scores"][key], dtype=torch.float64), threshold) for r in positives},
+        })  # fmt: skip
+    return points
 
 
 def markdown(report: dict) -> str:
@@ -288,6 +353,17 @@ def markdown(report: dict) -> str:
                 f"{m['flag_rate']:.3f}",
             ]
         lines.append(f"| {r['kind']} | {r['name']} | {r['budget']} | {r['n']} | " + " | ".join(cells) + " |")
+    points = report.get("operating_points") or []
+    if points:
+        names = list(points[0]["detected"])
+        lines += ["", "| threshold | from | clean flagged | worst benign flagged (change) | " + " | ".join(
+            f"{n} detected" for n in names) + " |", "|---|---|---|---|" + "---|" * len(names)]  # fmt: skip
+        for p in points:
+            cells = " | ".join(f"{p['detected'][n]:.3f}" for n in names)
+            lines.append(
+                f"| {p['threshold']:.4g} | {p['label']} | {p['clean']:.3f} | {p['worst_benign']:.3f} "
+                f"({p['worst_benign_change'] if p['worst_benign'] > 0 else '-'}) | {cells} |"
+            )
     lines.append("")
     lines.append("| image | patches scored / tiles | seconds |")
     lines.append("|---|---|---|")

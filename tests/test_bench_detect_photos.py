@@ -27,3 +27,27 @@ def test_benign_changes_keep_the_size_and_stay_close(change, tmp_path):
     assert np.abs(out.astype(np.float64) - target).mean() < 12, change  # a benign change, not another image
     if change == "png":
         assert np.array_equal(out, array)
+
+
+def test_operating_points_trade_benign_false_alarms_against_detection():
+    from benchmarks.bench_detect_photos import operating_points
+
+    def row(kind, name, scores, budget="-"):
+        return {"kind": kind, "name": name, "budget": budget, "scores": {"eps_ad": scores}}
+
+    rows = [
+        row("clean", "clean (held-out test crops)", [0.0, 0.1, 0.2, 0.3]),
+        row("benign", "noise2_8bit", [0.5, 0.6, 0.7, 0.8]),  # a benign change that scores like an attack
+        row("benign", "jpeg75", [0.0, 0.0, 0.1, 0.1]),
+        row("attack", "photoguard@1", [0.6, 0.9, 1.0, 1.2], "8/255"),
+        row("attack", "photoguard@1", [9.0, 9.0, 9.0, 9.0], "16/255"),  # another budget: not counted
+    ]
+    points = operating_points(rows, calibrated=0.3, budget="8/255")
+    assert [p["threshold"] for p in points] == sorted(p["threshold"] for p in points)
+    at_calibrated = next(p for p in points if p["label"].startswith("calibrated"))
+    assert at_calibrated["clean"] == 0.0 and at_calibrated["worst_benign"] == 1.0
+    assert at_calibrated["worst_benign_change"] == "noise2_8bit"
+    assert at_calibrated["detected"] == {"photoguard@1": 1.0}
+    strictest = points[-1]  # no benign change above 5 %: noise's maximum is the threshold
+    assert strictest["threshold"] == 0.8 and strictest["worst_benign"] == 0.0
+    assert strictest["detected"] == {"photoguard@1": 0.75}
