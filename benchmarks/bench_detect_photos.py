@@ -317,11 +317,13 @@ def operating_points(rows: list[dict], calibrated: float, budget: str, key: str 
     for r in negatives:
         values = torch.tensor(r["scores"][key], dtype=torch.float64)
         candidates.add((f"<= 5 % on {r['name']}", threshold_at_fpr(values, 0.05)))
+
+    def rate(r: dict, threshold: float) -> float:
+        return flag_rate(torch.tensor(r["scores"][key], dtype=torch.float64), threshold)
+
     points = []
     for label, threshold in sorted(candidates, key=lambda c: c[1]):
-        flags = {
-            r["name"]: flag_rate(torch.tensor(r["scores"][key], dtype=torch.float64), threshold) for r in negatives
-        }
+        flags = {r["name"]: rate(r, threshold) for r in negatives}
         worst = max((n for n in flags if n != "clean (held-out test crops)"), key=flags.get, default=None)
         points.append({
             "label": label,
@@ -329,7 +331,7 @@ def operating_points(rows: list[dict], calibrated: float, budget: str, key: str 
             "clean": flags.get("clean (held-out test crops)", float("nan")),
             "worst_benign": flags[worst] if worst else float("nan"),
             "worst_benign_change": worst,
-            "detected": {r["name"]: flag_rate(torch.tensor(r["scores"][key], dtype=torch.float64), threshold) for r in positives},
+            "detected": {r["name"]: rate(r, threshold) for r in positives},
         })  # fmt: skip
     return points
 
