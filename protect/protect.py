@@ -11,7 +11,8 @@ are what FastProtect (Ahn et al., CVPR 2025) amortises: ``method="amortized"`` r
 
 Cost: a PGD step runs the VAE encoder, whose mid-block self-attention grows with the square of the latent
 size. ``tile=T`` attacks the mean of the loss over T x T crops covering the image (the last row and column of
-crops overlap), so a step costs in proportion to the pixels; ``on_step`` reports each step (:class:`Step`) and may
+crops overlap), so a step costs in proportion to the pixels, :data:`TILE_BATCH` tiles per image at a time (its
+memory is bounded by those tiles, whatever the image size); ``on_step`` reports each step (:class:`Step`) and may
 stop the attack there (return ``False`` or raise :class:`~protect.pgd.Cancelled`).
 
 Default target (PhotoGuard and Mist): :func:`default_target`, a deterministic high-frequency texture (a 4-pixel
@@ -43,6 +44,7 @@ Tensor = torch.Tensor
 METHODS = ("photoguard", "mist", "sds", "amortized")
 MAX_PIXELS = 4096 * 4096
 MAX_EPS = 64 / 255  # the largest L-infinity budget accepted (the field evaluates 4-16/255)
+TILE_BATCH = 4  # with ``tile``: tiles of each image per forward pass (activation memory: 4 tiles per image)
 
 __all__ = [
     "MAX_EPS",
@@ -138,12 +140,41 @@ def _target_latent(
         crops = tiles(pattern, tile)
         pattern = crops.repeat_interleave(like.shape[0], dim=0) if pattern.shape[0] == 1 else crops
     with torch.no_grad():
-        return latent(vae, pattern.clamp(0, 1))
+        if tile is None:
+            return latent(vae, pattern.clamp(0, 1))
+        return torch.cat([latent(vae, part.clamp(0, 1)) for part in pattern.split(TILE_BATCH)])
 
 
-def _tiled_loss(loss_fn: Callable[[Tensor], Tensor], tile: int, count: int, x: Tensor) -> Tensor:
-    """The mean of ``loss_fn`` over the ``count`` :func:`tiles` of each image."""
-    return loss_fn(tiles(x, tile)).view(count, x.shape[0]).mean(0)
+class _ChunkedRowLoss(torch.autograd.Function):
+    """Per-row losses of ``rows`` computed ``chunk`` rows at a time, each chunk's gradient taken in the forward pass
+    and its graph freed there: the activation memory is that of one chunk, whatever the number of rows (the tiles
+    of a large image). Exact because each row's loss depends on that row only (per-image losses)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, loss_of: Callable[[slice], Callable[[Tensor], Tensor]], chunk: int) -> Tensor:
+        losses, grads = [], []
+        for start in range(0, rows.shape[0], chunk):
+            part = slice(start, start + chunk)
+            with torch.enable_grad():
+                x = rows[part].detach().requires_grad_(True)
+                loss = loss_of(part)(x)
+                (grad,) = torch.autograd.grad(loss.sum(), x)
+            losses.append(loss.detach())
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads))
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.view(-1, *([1] * (grad.ndim - 1))).to(grad.dtype), None, None
+
+
+def _tiled_loss(loss_of: Callable[[slice], Callable[[Tensor], Tensor]], tile: int, count: int, x: Tensor) -> Tensor:
+    """The mean over the ``count`` :func:`tiles` of each image of the loss, :data:`TILE_BATCH` tiles of every image
+    at a time (whole tile-major groups, so each image's generator draws in the same order whatever the batch)."""
+    n = x.shape[0]
+    return _ChunkedRowLoss.apply(tiles(x, tile), loss_of, TILE_BATCH * n).view(count, n).mean(0)
 
 
 def protect(
@@ -314,23 +345,26 @@ def _pgd_loss(
         if isinstance(generator, list | tuple):
             check_generators(generator, batch.shape[0])
             generator = list(generator) * count
-    if method == "sds":
-        loss_fn = partial(sds_loss, vae, denoiser, alphas_cumprod=alphas_cumprod, generator=generator)
-    else:
-        target_latent = _target_latent(vae, target, batch, tile)
+    target_latent = None if method == "sds" else _target_latent(vae, target, batch, tile)
+
+    def loss_of(rows: slice = slice(None)) -> Callable[[Tensor], Tensor]:  # the loss of those rows (tiles)
+        draws = generator[rows] if isinstance(generator, list) else generator
+        if method == "sds":
+            return partial(sds_loss, vae, denoiser, alphas_cumprod=alphas_cumprod, generator=draws)
+        goal = None if target_latent is None else target_latent[rows]
         if method == "photoguard":
-            loss_fn = partial(encoder_loss, vae, target_latent=target_latent)
-        else:
-            loss_fn = partial(
-                mist_loss,
-                vae,
-                denoiser,
-                target_latent=target_latent,
-                weight=weight,
-                alphas_cumprod=alphas_cumprod,
-                generator=generator,
-            )
-    return partial(_tiled_loss, loss_fn, tile, count) if tile is not None else loss_fn
+            return partial(encoder_loss, vae, target_latent=goal)
+        return partial(
+            mist_loss,
+            vae,
+            denoiser,
+            target_latent=goal,
+            weight=weight,
+            alphas_cumprod=alphas_cumprod,
+            generator=draws,
+        )
+
+    return partial(_tiled_loss, loss_of, tile, count) if tile is not None else loss_of()
 
 
 def _outputs(

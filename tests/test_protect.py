@@ -233,3 +233,46 @@ def test_on_step_reports_progress_and_cancels(images, vae, protector):
 def test_sizes_are_reported_width_by_height(vae):
     with pytest.raises(ValueError, match=r"got 3x1 \(width x height\)"):
         protect(torch.rand(1, 3, 1, 3), "photoguard", vae=vae, steps=1)
+
+
+def test_a_2048_photo_is_protected_within_the_budget_in_bounded_memory(protector):
+    """PhotoGuard on a 2048x2048 photo (1 step) encodes at most TILE_BATCH tiles at a time, so its activation
+    memory is that of 4 tiles whatever the image size, keeps the L-inf budget exactly, and the process's peak memory
+    grows by less than 2 GB (~1.1 GB here: image-sized buffers; all 64 tiles in one pass took ~3.4 GB more); the
+    amortized protector runs on it in one pass within the budget."""
+    import threading
+
+    import psutil
+
+    from apps.demo.photos import photo
+    from apps.demo.train_photo import make_photo_vae, seeded
+    from protect.protect import TILE_BATCH
+
+    vae = seeded(0, make_photo_vae).eval()  # the photo demo VAE's design (stride 8, attention-free), random weights
+    image = torch.nn.functional.interpolate((photo("astronaut")[None] + 1) / 2, size=(2048, 2048), mode="bilinear")
+    image = image.clamp(0, 1)
+    shapes = []
+    hook = vae.encoder.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(0.005)
+
+    base = process.memory_info().rss
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, report = protect(image, "photoguard", vae=vae, steps=1, generator=_gen(), tile=256)
+    finally:
+        done.set()
+        watcher.join()
+        hook.remove()
+    assert {s[1:] for s in shapes} == {(3, 256, 256)} and max(s[0] for s in shapes) == TILE_BATCH
+    assert sum(s[0] for s in shapes) == 2 * 64  # the target's 64 tiles, then one step over the 64 tiles
+    assert out.shape == image.shape and (out - image).abs().max() <= EPS + 1e-7 and report.linf[0] <= EPS + 1e-7
+    assert (out - image).abs().max() > EPS / 2  # it did spend the budget
+    assert peak[0] - base < 2e9, f"peak memory grew by {(peak[0] - base) / 1e6:.0f} MB"
+    amortized, report = protect(image, "amortized", vae=vae, protector=protector)
+    assert amortized.shape == image.shape and (amortized - image).abs().max() <= EPS + 1e-7
