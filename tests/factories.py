@@ -12,8 +12,10 @@ variant::
 
 from __future__ import annotations
 
+import contextlib
 import string
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -640,3 +642,28 @@ def noise_image(size: tuple[int, int] = (24, 20), mode: str = "RGB", seed: int =
     channels = {"RGB": 3, "RGBA": 4, "L": 1, "LA": 2}[mode]
     pixels = rng.integers(40, 215, (size[1], size[0], channels), dtype=np.uint8)
     return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+
+
+@contextlib.contextmanager
+def peak_rss_growth() -> Iterator[list[int]]:
+    """Measure the process's peak resident memory over the block, sampled every 5 ms: the yielded list holds, after
+    the block, the peak growth in bytes over the memory at its start."""
+    import psutil
+
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(0.005)
+
+    before = process.memory_info().rss
+    growth = [0]
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield growth
+    finally:
+        done.set()
+        watcher.join()
+        growth[0] = max(peak[0], process.memory_info().rss) - before

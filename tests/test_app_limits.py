@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ from PIL import Image
 
 from apps.demo import DEMO_DIR
 from benchmarks.bench_load import free_port
-from tests.factories import noise_image
+from tests.factories import noise_image, peak_rss_growth
 from tests.test_app import detector_dir  # noqa: F401  (the detector fixture)
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "dit").is_dir(), reason="the demo DiT is not in demo_models/")
@@ -145,29 +144,15 @@ def test_over_budget_is_refused_in_well_under_a_second(client, tmp_path):
 
 def test_a_decompression_bomb_is_refused_from_its_header(client, tmp_path):
     """A 4096 x 4096 PNG of zeros compresses to ~49 KB: it must be refused before decoding, RSS flat."""
-    import psutil
     from gradio_client import handle_file
 
     bomb = tmp_path / "bomb.png"
     Image.new("RGB", (4096, 4096)).save(bomb, optimize=True)
     assert bomb.stat().st_size < 100_000
-    process, peak, done = psutil.Process(), [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.005)
-
-    before = process.memory_info().rss
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with peak_rss_growth() as growth:
         with pytest.raises(Exception, match=r"16,777,216 pixels in all \(4096x4096, width x height\).*limit"):
             client.predict([handle_file(str(bomb))], "amortized", 8, 1, 0, False, api_name="/protect")
-    finally:
-        done.set()
-        watcher.join()
-    assert peak[0] - before < 150e6, f"RSS grew by {(peak[0] - before) / 1e6:.0f} MB"
+    assert growth[0] < 150e6, f"RSS grew by {growth[0] / 1e6:.0f} MB"
 
 
 def test_time_limit_stops_the_job_and_frees_the_slot(client, tmp_path, recorded):

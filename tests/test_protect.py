@@ -13,7 +13,7 @@ from protect.amortized import AmortizedProtector
 from protect.losses import encoder_loss, latent, multi_vae_loss, sds_loss
 from protect.pgd import pgd
 from protect.protect import METHODS, ProtectionReport, default_target, protect
-from tests.factories import tiny_vae
+from tests.factories import peak_rss_growth, tiny_vae
 
 EPS = 8 / 255
 
@@ -240,10 +240,6 @@ def test_a_2048_photo_is_protected_within_the_budget_in_bounded_memory(protector
     memory is that of 4 tiles whatever the image size, keeps the L-inf budget exactly, and the process's peak memory
     grows by less than 2 GB (~1.1 GB here: image-sized buffers; all 64 tiles in one pass took ~3.4 GB more); the
     amortized protector runs on it in one pass within the budget."""
-    import threading
-
-    import psutil
-
     from apps.demo.photos import photo
     from apps.demo.train_photo import make_photo_vae, seeded
     from protect.protect import TILE_BATCH
@@ -253,26 +249,15 @@ def test_a_2048_photo_is_protected_within_the_budget_in_bounded_memory(protector
     image = image.clamp(0, 1)
     shapes = []
     hook = vae.encoder.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
-    process, peak, done = psutil.Process(), [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            done.wait(0.005)
-
-    base = process.memory_info().rss
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     try:
-        out, report = protect(image, "photoguard", vae=vae, steps=1, generator=_gen(), tile=256)
+        with peak_rss_growth() as growth:
+            out, report = protect(image, "photoguard", vae=vae, steps=1, generator=_gen(), tile=256)
     finally:
-        done.set()
-        watcher.join()
         hook.remove()
     assert {s[1:] for s in shapes} == {(3, 256, 256)} and max(s[0] for s in shapes) == TILE_BATCH
     assert sum(s[0] for s in shapes) == 2 * 64  # the target's 64 tiles, then one step over the 64 tiles
     assert out.shape == image.shape and (out - image).abs().max() <= EPS + 1e-7 and report.linf[0] <= EPS + 1e-7
     assert (out - image).abs().max() > EPS / 2  # it did spend the budget
-    assert peak[0] - base < 2e9, f"peak memory grew by {(peak[0] - base) / 1e6:.0f} MB"
+    assert growth[0] < 2e9, f"peak memory grew by {growth[0] / 1e6:.0f} MB"
     amortized, report = protect(image, "amortized", vae=vae, protector=protector)
     assert amortized.shape == image.shape and (amortized - image).abs().max() <= EPS + 1e-7
