@@ -204,9 +204,7 @@ def run_setting(pipe, setting: Setting, args, labels, real_features, classifier)
         images = sample(pipe, requested, setting.methods, steps, seed=seed)
         per_seed.append(measure(images, requested if setting.conditional else None, real_features, classifier))
         if seed == 1:
-            columns = min(8, args.per_class)
-            grid = images.view(len(CLASS_NAMES), args.per_class, *images.shape[1:])[:, :columns].flatten(0, 1)
-            contact_sheet(grid, columns).save(args.figures / f"sweep_{slug(setting.name)}.png")
+            save_sheet(images, setting, args)
     summary = {}
     for key in METRICS:
         values = [m[key] for m in per_seed if key in m]
@@ -223,6 +221,28 @@ def run_setting(pipe, setting: Setting, args, labels, real_features, classifier)
         "per_seed": per_seed,
         **summary,
     }
+
+
+def save_sheet(images: torch.Tensor, setting: Setting, args) -> Path:
+    """The contact sheet of a setting's seed-1 samples: one row per class, its first 8 samples."""
+    columns = min(8, args.per_class)
+    grid = images.view(len(CLASS_NAMES), args.per_class, *images.shape[1:])[:, :columns].flatten(0, 1)
+    path = args.figures / f"sweep_{slug(setting.name)}.png"
+    contact_sheet(grid, columns).save(path)
+    return path
+
+
+def sheets_only(pipe, args, labels) -> None:
+    """``--sheets``: redraw the contact sheets of named settings (seed 1, the same samples the sweep measured)."""
+    settings = {s.name: s for s in [*baselines(args), *cfg_apg(pipe, args), *perturbation(pipe, args)]}
+    unknown = [name for name in args.sheets if name not in settings]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown} (HeadHunter rows are not redrawn); known: {sorted(settings)}")
+    for name in args.sheets:
+        setting = settings[name]
+        requested = labels if setting.conditional else torch.full_like(labels, null_class(pipe.transformer))
+        images = sample(pipe, requested, setting.methods, round(args.steps * setting.steps_factor), seed=1)
+        print(save_sheet(images, setting, args), flush=True)
 
 
 def slug(name: str) -> str:
@@ -308,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/sweep_dit.json"))
     parser.add_argument("--figures", type=Path, default=Path("benchmarks/figures/sweep"))
     parser.add_argument("--device", default=str(best_device()[0]))
+    parser.add_argument(
+        "--sheets", nargs="+", default=None, help="only redraw the contact sheets of these settings (by name)"
+    )
     return parser.parse_args(argv)
 
 
@@ -323,11 +346,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "steps": args.steps,
         "seeds": args.seeds,
     }
+    labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(args.per_class)
+    if args.sheets:
+        args.figures.mkdir(parents=True, exist_ok=True)
+        sheets_only(pipe, args, labels)
+        return []
     saved = json.loads(args.json.read_text()) if args.json.is_file() else {"settings": meta, "rows": []}
     check_resumable(saved["settings"], meta, args.json)
     done: list[dict[str, Any]] = saved["rows"]
     classifier = load_classifier(args.device)
-    labels = torch.arange(len(CLASS_NAMES)).repeat_interleave(args.per_class)
     real, _ = generate(args.real, torch.Generator().manual_seed(12345))
     real_features = torch.cat([classifier.features(x.to(args.device)).cpu() for x in real.split(500)])
     args.figures.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,13 @@ def test_sweep_runs_every_suite_with_seed_spread_and_resumes(tmp_path):
         sweep_dit.main([*argv[:5], "3", *argv[6:]])  # other seeds: never mixed into the same file
     table = sweep_dit.summary_table(rows)
     assert "| APG 4" in table and "baseline at equal NFE" in table
-    assert (tmp_path / "figures" / "sweep_cfg_4.png").is_file()
+    sheet = tmp_path / "figures" / "sweep_cfg_4.png"
+    measured = sheet.read_bytes()
+    sheet.unlink()
+    assert sweep_dit.main([*argv, "--sheets", "CFG 4"]) == []  # redrawn: the very samples the sweep measured
+    assert sheet.read_bytes() == measured
+    with pytest.raises(SystemExit, match="unknown settings"):
+        sweep_dit.main([*argv, "--sheets", "CFG 99"])
 
 
 def test_the_revisited_apg_thresholds_are_multiples_of_what_auto_uses():
