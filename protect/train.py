@@ -77,6 +77,11 @@ def folder_images(folder: Path, size: int, generator: random.Random) -> Iterator
         yield picture[:, top : top + size, left : left + size].float() / 255
 
 
+def data_source(shapes: Shapes | None) -> str:
+    """How the training record names a ``shapes`` callable: its ``description``, else its qualified name."""
+    return getattr(shapes, "description", None) or f"{shapes.__module__}.{shapes.__qualname__}"
+
+
 def batches(args: argparse.Namespace, process: int, shapes: Shapes | None = None) -> Iterator[torch.Tensor]:
     """Training batches (B, 3, S, S) in [0, 1], an independent stream per process: crops of ``--images``, else
     drawn from ``shapes``."""
@@ -195,7 +200,7 @@ def train(
     record = {
         "command": f"{prog} " + " ".join(sys.argv[1:]),
         "vaes": list(args.vae),
-        "data": str(args.images) if args.images else f"{shapes.__module__}.{shapes.__qualname__}",
+        "data": str(args.images) if args.images else data_source(shapes),
         "steps": args.steps,
         "batch_size": args.batch_size,
         "processes": accelerator.num_processes,

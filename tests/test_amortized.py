@@ -132,6 +132,26 @@ def test_training_command_lowers_the_loss_and_saves(tmp_path):
         train.main([*argv, "--overwrite", "--eps", "0"])
 
 
+def test_training_on_the_training_photos(tmp_path):
+    """``--data photos`` trains on crops of the photo corpus's training photos, and the record says so."""
+    from apps import train_protector as train
+    from apps.demo.photos import HELD_OUT
+
+    pytest.importorskip("skimage")
+    vae_dir = tmp_path / "vae"
+    _tiny_vae().save_pretrained(vae_dir)
+    out = tmp_path / "protector"
+    argv = ["--data", "photos", "--vae", str(vae_dir), "--out", str(out), "--steps", "2", "--batch-size", "2"]
+    assert train.main([*argv, "--size", "16", "--patch-size", "8", "--experts", "2"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["data"].startswith("apps.demo.photos.PhotoStream")
+    crops = train.PhotoCrops()
+    batch = crops(3, torch.Generator().manual_seed(0), 24)
+    assert batch.shape == (3, 3, 24, 24) and 0 <= batch.min() and batch.max() <= 1
+    (stream,) = crops.streams.values()
+    assert not {c.source for c in stream.last_crops} & set(HELD_OUT)
+
+
 def test_library_training_command_needs_images(capsys):
     from protect import train
 
