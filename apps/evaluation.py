@@ -62,8 +62,10 @@ def protect_all(
     eps: float = 8 / 255,
     steps: int = 100,
     seed: int = 0,
+    tile: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Protect ``images`` with each method; returns the protected images and the seconds per image."""
+    """Protect ``images`` with each method; returns the protected images and the seconds per image. ``tile``: the
+    PGD methods attack crops of that side (as the app does, ``apps.services.PGD_TILE``), None the whole image."""
     from protect import protect
 
     out, seconds = {}, {}
@@ -83,7 +85,9 @@ def protect_all(
             )
         else:
             extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": alphas} if name in ("mist", "sds") else {}
-            out[method], _ = protect(images, name, vae=pipe.vae, eps=eps, steps=n_steps, generator=gens(), **extra)
+            out[method], _ = protect(
+                images, name, vae=pipe.vae, eps=eps, steps=n_steps, generator=gens(), tile=tile, **extra
+            )
         seconds[method] = (time.perf_counter() - start) / len(images)
     return out, seconds
 

@@ -10,7 +10,8 @@
    (``apps.demo.photos.HELD_OUT``: astronaut, coffee, china, camera), the same for the two naive baselines: the
    mean ``||EPS||`` of the same patches and the image's high-frequency (Laplacian) energy;
 3. other held-out crops (``--size`` px, native resolution, never resized): clean, protected (PhotoGuard, Mist, SDS
-   with ``--steps`` PGD steps against the demo VAE / DiT, and the amortized protector, at ``--budgets``), and
+   with ``--steps`` PGD steps against the demo VAE / DiT on 128 px tiles as the app runs them, and the amortized
+   protector, at ``--budgets``), and
    after benign changes (the pixel changes JPEG q90/75/50, resize x0.5 and back, Gaussian noise 2/255 and blur
    from the one table of purifications, :data:`protect.purify.PURIFICATIONS`; the file re-encodings PNG, WebP,
    a 16-bit grey PNG source, a CMYK JPEG source and an EXIF-rotated JPEG), each decoded the way the app decodes
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.protections:
         from apps.demo import DEMO_DIR, load_dit_pipeline
         from apps.evaluation import protect_all
+        from apps.services import PGD_TILE
         from protect import AmortizedProtector
 
         pipe = load_dit_pipeline("cpu")
@@ -243,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             budgets = args.mist_sds_budgets if method in ("mist", "sds") else args.budgets
             name = method if method == "amortized" else f"{method}@{args.steps}"
             for budget in budgets:
-                out, seconds = protect_all(images01, [name], pipe=pipe, protector=protector, eps=budget / 255)
+                out, seconds = protect_all(
+                    images01, [name], pipe=pipe, protector=protector, eps=budget / 255, tile=PGD_TILE
+                )
                 protection_seconds[f"{name} {budget}/255"] = seconds[name]
                 arrays = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in out[name]]
                 row("attack", name, f"{budget}/255", scores(detector, signed(arrays)))
