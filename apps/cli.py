@@ -232,8 +232,9 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     )
     ev.add_argument(
         "--pixel-model",
-        default="demo/unet",
-        help="unconditional pixel diffusion model of the diffpure purification (demo/<name>, folder or hub id)",
+        default=None,
+        help="unconditional pixel diffusion model of the diffpure purification (demo/<name>, folder or hub id; "
+        "default demo/unet, with --photos demo/photo_unet, trained on photos)",
     )
     ev.add_argument("--json", type=Path, default=None, help="write the full report here")
     ev.add_argument("--seed", type=int, default=0)
@@ -362,7 +363,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         protector=args.protector,
         device=args.device,
         seed=args.seed,
-        pixel_model=args.pixel_model,
+        pixel_model=args.pixel_model or "demo/unet",
         **({"purifications": args.purifications} if args.purifications else {}),
     )
     _report(args, result)
@@ -400,7 +401,7 @@ def _evaluate_photos(args: argparse.Namespace) -> int:
         tile=tile or None,
         purifications=args.purifications or EVALUATION,
         protector=args.protector,
-        pixel_model=args.pixel_model,
+        pixel_model=args.pixel_model or "demo/photo_unet",
         device=args.device,
         seed=args.seed,
     )
