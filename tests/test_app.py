@@ -175,8 +175,10 @@ def test_detect_endpoint_returns_verdicts(client, tmp_path):
     assert set(entry) >= {"score", "threshold", "verdict"} and entry["verdict"] in ("clean", "adversarial")
     assert entry["file"] == "photo" and entry["original_size"] == [40, 40]
     assert isinstance(entry["score"], float) and entry["threshold"] == verdicts["threshold"]
-    assert entry["resolution"] == [40, 40] and entry["patch_size"] == 16  # native: 3x3 tiles of 16 px
-    assert entry["tiles"] == 9 and entry["patches"] == min(9, entry["patches"]) and verdicts["score_model"]
+    p = entry["patch_size"]
+    assert entry["resolution"] == [40, 40] and p in (16, 32)  # native: a grid of the score model's patches
+    grid = (40 + p - 1) // p  # the last row and column overlap the previous ones (3x3 of 16 px, 2x2 of 32 px)
+    assert entry["tiles"] == grid**2 and entry["patches"] <= grid**2 and verdicts["score_model"]
     assert verdicts["score_dtype"] in ("float32", "bfloat16", "float16")
     assert "native resolution, never resized" in note and verdicts["calibrated_fpr"] == 0.05
     assert len(heat) == (entry["verdict"] == "adversarial")  # a heat map for each flagged image

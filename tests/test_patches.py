@@ -217,6 +217,7 @@ def test_benign_changes_of_a_held_out_photo_stay_under_the_threshold(tmp_path):
     changes = ("jpeg75", "resize0.5_pil", "cmyk", "exif", "16bit")
     images = [Image.fromarray(benign([array], change, tmp_path)[0]) for change in changes]
     results = detect_images(detector, images)
-    assert all(r["resolution"] == [256, 256] and r["tiles"] == 256 for r in results)
+    tiles = (256 // detector.patch_size) ** 2  # native resolution: the grid of the score model's patches
+    assert all(r["resolution"] == [256, 256] and r["tiles"] == tiles for r in results)
     flagged = [c for c, r in zip(changes, results) if r["verdict"] == "adversarial"]
     assert len(flagged) <= BENIGN_FLAG_RATE * len(changes), flagged
