@@ -363,7 +363,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         protector=args.protector,
         device=args.device,
         seed=args.seed,
-        pixel_model=args.pixel_model or "demo/unet",
+        **({"pixel_model": args.pixel_model} if args.pixel_model else {}),
         **({"purifications": args.purifications} if args.purifications else {}),
     )
     _report(args, result)
@@ -401,7 +401,7 @@ def _evaluate_photos(args: argparse.Namespace) -> int:
         tile=tile or None,
         purifications=args.purifications or EVALUATION,
         protector=args.protector,
-        pixel_model=args.pixel_model or "demo/photo_unet",
+        **({"pixel_model": args.pixel_model} if args.pixel_model else {}),
         device=args.device,
         seed=args.seed,
     )

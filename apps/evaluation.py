@@ -267,7 +267,7 @@ def run_photos(
     tile: int | None = 128,
     purifications: Sequence[str] = EVALUATION,
     protector: str | Path | None = None,
-    pixel_model: str | None = "demo/unet",
+    pixel_model: str | None = "demo/photo_unet",
     device: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:

@@ -140,9 +140,7 @@ def _target_latent(
         crops = tiles(pattern, tile)
         pattern = crops.repeat_interleave(like.shape[0], dim=0) if pattern.shape[0] == 1 else crops
     with torch.no_grad():
-        if tile is None:
-            return latent(vae, pattern.clamp(0, 1))
-        return torch.cat([latent(vae, part.clamp(0, 1)) for part in pattern.split(TILE_BATCH)])
+        return torch.cat([latent(vae, part) for part in pattern.clamp(0, 1).split(TILE_BATCH)])
 
 
 class _ChunkedRowLoss(torch.autograd.Function):

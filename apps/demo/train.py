@@ -306,7 +306,6 @@ class WarmStart:
     step: int
     losses: tuple[float, ...]
     rewarm: int = 50
-    source: str = ""
 
 
 def final_loss(losses: list[float]) -> float:

@@ -334,7 +334,7 @@ def load_warm_start(run: PhotoRun, model: nn.Module) -> WarmStart:
     except RuntimeError as error:
         raise ValueError(f"--warm-start {folder}: its weights do not fit this photo_{run.name} design") from error
     print(f"warm start from {folder} at step {done}", file=sys.stderr, flush=True)
-    return WarmStart(step=done, losses=tuple(record.get("losses", [])), source=str(folder))
+    return WarmStart(step=done, losses=tuple(record.get("losses", [])))
 
 
 def train_vae(run: PhotoRun) -> Report:
