@@ -107,6 +107,22 @@ def reencode(image: Image.Image, change: str, path: Path) -> None:
         raise ValueError(f"unknown benign change {change!r}")
 
 
+def augment(images: list[torch.Tensor], change: str, seed: int) -> list[torch.Tensor]:
+    """Signed images after the benign pixel change ``change`` of :data:`PIXEL_CHANGES`, one at a time (their sizes
+    differ); noise is drawn from seeds ``10_000 + seed + i``, never the test crops' seeds ``0 .. n``."""
+    from protect.purify import gaussian_noise_8bit
+
+    out = []
+    for i, x in enumerate(images):
+        x01 = x[None].add(1).div(2)
+        if change == "noise2_8bit":
+            changed = gaussian_noise_8bit(x01, std=2 / 255, seed=10_000 + 100 * seed + i)
+        else:
+            changed = PURIFICATIONS[change](x01)
+        out.append(changed[0].mul(2).sub(1))
+    return out
+
+
 def signed(arrays: list[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1 for a in arrays]
 
@@ -132,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-model", default="demo/unet_eps")
     parser.add_argument("--detector", type=Path, default=None, help="a saved PatchEPSDetector (default: fit one)")
     parser.add_argument("--n-fit", type=int, default=34, help="training-photo crops to fit on (FGSM attacked)")
+    parser.add_argument(
+        "--clean-augment",
+        nargs="*",
+        default=[],
+        choices=PIXEL_CHANGES,
+        help="also fit on the training crops after these benign pixel changes, as clean (e.g. noise2_8bit)",
+    )
     parser.add_argument("--n-cal", type=int, default=8, help="held-out crops to calibrate the thresholds on")
     parser.add_argument("--n-test", type=int, default=4, help="held-out test crops, protected")
     parser.add_argument("--n-benign", type=int, default=8, help="held-out test crops, benign changes")
@@ -187,13 +210,17 @@ def main(argv: list[str] | None = None) -> int:
         fit_crops = [crops([name], 1, int(rng.integers(96, 193)), args.seed + 7 + i)[0] for i, name in
                      enumerate([TRAIN[i % len(TRAIN)] for i in range(args.n_fit)])]  # fmt: skip
         clean_fit = signed(fit_crops)
+        augmented = [augment(clean_fit[i::len(args.clean_augment)], change, seed=i)
+                     for i, change in enumerate(args.clean_augment)]  # fmt: skip
         budgets = [4 / 255, 8 / 255, 16 / 255]
         attacked = [
             score_fgsm(detector.denoiser, x, budgets[i % 3], patch_size=detector.patch_size, seed=i)
             for i, x in enumerate(clean_fit)
         ]
-        detector.fit(clean_fit, attacked, value_range=(-1, 1))
+        detector.fit(clean_fit + [x for part in augmented for x in part], attacked, value_range=(-1, 1))
         fit = f"{len(clean_fit)} training-photo crops (96-192 px) vs FGSM on the score model 4/8/16 /255"
+        if args.clean_augment:
+            fit += f"; clean also: a share of those crops after {', '.join(args.clean_augment)}"
     detector.config = detector.config.from_dict({**detector.config.to_dict(), "max_patches": args.max_patches})
     dtype = score_dtype("cpu", args.dtype)
     unet.to(dtype)  # fitted in float32 (as `train detector`); scored in the app's precision

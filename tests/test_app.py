@@ -61,6 +61,15 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     return {name: (paths[name], files[name][1]) for name in files}
 
 
+def detector_patch(directory: Path) -> int:
+    """The patch side of the saved detector in ``directory``: its ``patch_size``, else its score model's."""
+    meta = json.loads((Path(directory) / "config.json").read_text())
+    if meta["config"].get("patch_size"):
+        return int(meta["config"]["patch_size"])
+    name = meta.get("diffusion_model", "demo/unet_eps").removeprefix("demo/")
+    return int(json.loads((DEMO_DIR / name / "unet" / "config.json").read_text())["sample_size"])
+
+
 @pytest.fixture(scope="session")
 def detector_dir(tmp_path_factory) -> Path:
     """The demo photo detector (native-resolution patches) when it is trained, else a tiny one fitted here on the
@@ -243,18 +252,20 @@ def test_cli_protect_keeps_size_and_mode_and_never_overwrites(tmp_path, bad_file
 
 def test_cli_detect_json(tmp_path, detector_dir, bad_files, capsys):
     path = tmp_path / "x.png"
-    noise_image((16, 16)).save(path)
+    p = detector_patch(detector_dir)
+    noise_image((p, p)).save(path)
     capsys.readouterr()
     assert cli_main(["detect", str(path), str(path), "--json", "--detector", str(detector_dir), "--device", "cpu"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 2 and lines[0] == lines[1]
     assert lines[0]["file"] == str(path) and lines[0]["verdict"] in ("clean", "adversarial")
     assert isinstance(lines[0]["score"], float) and isinstance(lines[0]["threshold"], float)
-    assert lines[0]["resolution"] == [16, 16] and lines[0]["patches"] == lines[0]["tiles"] == 1
+    assert lines[0]["resolution"] == [p, p] and lines[0]["patches"] == lines[0]["tiles"] == 1
     assert "patch_scores" not in lines[0]
     assert cli_main(["detect", str(path), "--detector", str(detector_dir), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
-    assert "scored at the native 16x16: all 1 16x16 patches, score model demo/unet_eps" in text
+    model = json.loads((detector_dir / "config.json").read_text()).get("diffusion_model", "demo/unet_eps")
+    assert f"scored at the native {p}x{p}: all 1 {p}x{p} patches, score model {model}" in text
     bad, _ = bad_files["bomb"]
     assert cli_main(["detect", str(bad), "--json", "--detector", str(detector_dir)]) == 2
     assert cli_main(["detect", str(path), "--detector", str(tmp_path / "none")]) == 2

@@ -19,7 +19,7 @@ from PIL import Image
 from apps.demo import DEMO_DIR
 from benchmarks.bench_load import free_port
 from tests.factories import noise_image, peak_rss_growth
-from tests.test_app import detector_dir  # noqa: F401  (the detector fixture)
+from tests.test_app import detector_dir, detector_patch  # noqa: F401  (the detector fixture)
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "dit").is_dir(), reason="the demo DiT is not in demo_models/")
 
@@ -171,7 +171,13 @@ def test_time_limit_stops_the_job_and_frees_the_slot(client, tmp_path, recorded)
     assert len(files) == 1  # the Protect lane is free again
 
 
-def test_a_disconnected_client_stops_its_job_and_detect_stays_fast(limited, client, tmp_path, recorded):
+def test_a_disconnected_client_stops_its_job_and_detect_stays_fast(
+    limited,
+    client,
+    tmp_path,
+    recorded,
+    detector_dir,  # noqa: F811
+):
     """Raw HTTP, as a browser tab that is closed: the job stops at its next step; /detect answers meanwhile."""
     _, url = limited
     path = _file(tmp_path)
@@ -185,9 +191,10 @@ def test_a_disconnected_client_stops_its_job_and_detect_stays_fast(limited, clie
     stream.request("GET", f"/gradio_api/call/protect/{event}")
     response = stream.getresponse()
     _wait_running(recorded)
-    # while the protection runs; a 16 px file (one 16x16 patch): /detect's own cost grows with the patches it
-    # scores at native resolution, and what is measured here is that the protection does not block it
-    small = _file(tmp_path, size=(16, 16), name="small.png")
+    # while the protection runs; a file of one patch: /detect's own cost grows with the patches it scores at
+    # native resolution, and what is measured here is that the protection does not block it
+    p = detector_patch(detector_dir)
+    small = _file(tmp_path, size=(p, p), name="small.png")
     latencies = [_detect_seconds(client, small) for _ in range(3)]
     assert recorded[0]["end"] is None, "the protection ended before /detect was measured"
     assert max(latencies) < 3.0, latencies

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench_detect_photos import BENIGN, benign, fpr_at_tpr
+from benchmarks.bench_detect_photos import BENIGN, augment, benign, fpr_at_tpr
 
 
 def test_fpr_at_tpr():
@@ -51,3 +51,22 @@ def test_operating_points_trade_benign_false_alarms_against_detection():
     strictest = points[-1]  # no benign change above 5 %: noise's maximum is the threshold
     assert strictest["threshold"] == 0.8 and strictest["worst_benign"] == 0.0
     assert strictest["detected"] == {"photoguard@1": 0.75}
+
+
+def test_clean_augmentation_is_the_benign_change_with_other_noise(tmp_path):
+    """Fit-time augmentation: the same change as the benign test row (same size, bounded change) but never the
+    test crops' noise draws."""
+    from protect.purify import PURIFICATIONS
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, 40, generator=g) * 1.6 - 0.8 for h in (40, 56)]  # sizes differ
+    noisy = augment(images, "noise2_8bit", seed=0)
+    assert [x.shape for x in noisy] == [x.shape for x in images]
+    for x, y in zip(images, noisy):
+        step = (y - x).abs().max().item()
+        assert 0 < step <= 2 * (8 / 255 + 1 / 255)  # 8-bit rounding plus ~4 sigma of 2/255, on the signed scale
+    test_row = PURIFICATIONS["noise2_8bit"](images[0][None].add(1).div(2))[0].mul(2).sub(1)
+    assert not torch.allclose(noisy[0], test_row)  # other seeds than the test crops' 0..n
+    blurred = augment(images[:1], "blur1_pil", seed=1)[0]
+    expected = PURIFICATIONS["blur1_pil"](images[0][None].add(1).div(2))[0].mul(2).sub(1)
+    torch.testing.assert_close(blurred, expected)
