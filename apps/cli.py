@@ -204,20 +204,31 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         "--photos",
         action="store_true",
         help="evaluate on native-resolution crops of the held-out photos (apps.demo.photos.HELD_OUT) against each "
-        "--vae: PSNR/SSIM and latent distortion per VAE after each purification, no mimicry (no photo latent model "
-        "yet); methods photoguard (PGD on the first --vae), amortized, amortized-full",
+        "--vae: PSNR/SSIM, latent distortion per VAE and SDEdit mimicry through --ldm after each purification; "
+        "methods photoguard, mist, sds (PGD on the first --vae; mist and sds need --ldm), amortized, amortized-full",
     )
     ev.add_argument(
         "--vae",
         action="append",
         default=None,
         help="with --photos, repeatable: demo/<name>, a local AutoencoderKL folder or a hub id such as "
-        "stabilityai/sd-vae-ft-mse (safetensors only; default demo/vae)",
+        "stabilityai/sd-vae-ft-mse (safetensors only; default the photo VAEs demo/photo_vae demo/photo_vae_b)",
+    )
+    ev.add_argument(
+        "--ldm",
+        default=None,
+        help="with --photos: unconditional latent diffusion model of the first --vae (demo/<name>, a folder with "
+        "unet/ scheduler/ latent_vae.json, or a hub id): Mist/SDS's semantic part and the SDEdit mimicry "
+        "(default demo/photo_ldm when committed and the first --vae is demo/photo_vae; 'none': no mimicry)",
     )
     ev.add_argument("--size", type=int, default=None, help="with --photos: crop side in pixels (default 256, max 400)")
     ev.add_argument("--tile", type=int, default=None, help="with --photos: PGD tile side (default 128; 0: whole crop)")
     ev.add_argument(
-        "--strengths", type=float, nargs="+", default=None, help="SDEdit strengths (default 0.2 0.4; not --photos)"
+        "--strengths",
+        type=float,
+        nargs="+",
+        default=None,
+        help="SDEdit strengths (default 0.2 0.4; --photos: one strength, default 0.3)",
     )
     ev.add_argument(
         "--lora-steps", type=int, default=None, help="LoRA fine-tuning steps (default 100, 0: no LoRA; not --photos)"
@@ -337,7 +348,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.photos:
         return _evaluate_photos(args)
     photo_only = [
-        flag for flag, value in (("--vae", args.vae), ("--size", args.size), ("--tile", args.tile)) if value is not None
+        flag
+        for flag, value in (("--vae", args.vae), ("--size", args.size), ("--tile", args.tile), ("--ldm", args.ldm))
+        if value is not None
     ]
     if photo_only:
         raise ValueError(f"{', '.join(photo_only)} apply to --photos only (the shapes evaluation uses the demo VAEs)")
@@ -375,16 +388,16 @@ def _evaluate_photos(args: argparse.Namespace) -> int:
 
     from . import evaluation
 
-    ignored = [
-        flag
-        for flag, value in (("--strengths", args.strengths), ("--lora-steps", args.lora_steps))
-        if value is not None
-    ]
-    if ignored:
-        raise ValueError(
-            f"{', '.join(ignored)} do not apply to --photos: the photo evaluation has no mimicry attack yet "
-            "(no photo latent diffusion model); drop them or evaluate without --photos"
-        )
+    if args.lora_steps is not None:
+        raise ValueError("--lora-steps does not apply to --photos (its mimicry is SDEdit through --ldm)")
+    vaes = args.vae or evaluation.default_photo_vaes()
+    if args.ldm is None:  # the photo latent model when the attacked VAE is the one it was trained on
+        ldm = evaluation.default_photo_ldm() if vaes[0] == "demo/photo_vae" else None
+    else:
+        ldm = None if args.ldm == "none" else args.ldm
+    if args.strengths is not None and (ldm is None or len(args.strengths) != 1):
+        raise ValueError("with --photos, --strengths takes one SDEdit strength and needs a latent model (--ldm)")
+    strength = 0.3 if args.strengths is None else args.strengths[0]
     n = 4 if args.num_images is None else args.num_images
     steps = 20 if args.steps is None else args.steps
     size = 256 if args.size is None else args.size
@@ -393,7 +406,7 @@ def _evaluate_photos(args: argparse.Namespace) -> int:
         raise ValueError("need 1 <= -n <= 256, 0 < --eps <= 64, 1 <= --steps <= 1000 and --tile >= 0")
     result = evaluation.run_photos(
         args.methods or ["photoguard", "amortized"],
-        vaes=args.vae or ["demo/vae"],
+        vaes=vaes,
         n=n,
         size=size,
         eps=args.eps / 255,
@@ -402,6 +415,8 @@ def _evaluate_photos(args: argparse.Namespace) -> int:
         purifications=args.purifications or EVALUATION,
         protector=args.protector,
         **({"pixel_model": args.pixel_model} if args.pixel_model else {}),
+        ldm=ldm,
+        sdedit_strength=strength,
         device=args.device,
         seed=args.seed,
     )

@@ -218,15 +218,33 @@ def markdown(result: dict[str, Any], columns: Sequence[str] | None = None) -> st
 
 # ----------------------------------------------------------------------------- held-out photos
 
-# photo evaluation: PGD on the first --vae and the amortized protector; no Mist/SDS (no photo latent model yet)
-PHOTO_PROTECTIONS = ("photoguard", "amortized", "amortized-full")
+# photo evaluation: PGD (PhotoGuard; Mist and SDS with a latent model) on the first --vae, the amortized protector
+PHOTO_PROTECTIONS = ("photoguard", "mist", "sds", "amortized", "amortized-full")
+PHOTO_LATENT_METHODS = ("mist", "sds")  # need the latent diffusion model (--ldm) as their semantic part
 PHOTO_MAX_SIZE = 400  # the shortest side of the held-out photos (coffee: 400 x 600)
 PHOTO_MAX_WORK = 2e4  # megapixel-VAE-passes a photo evaluation may cost (about an hour of the demo VAE on 2 CPUs)
+PHOTO_LDM = "demo/photo_ldm"  # the photo latent model (on demo/photo_vae), when trained
 PHOTO_NOTE = (
     "Damage is the latent distortion in each VAE (relative L2 of the latent change, against the clean image after "
-    "the same purification); no SDEdit/LoRA mimicry (the photo latent diffusion model is not trained yet). PGD "
-    "attacks the first VAE; the others measure transfer. Random noise of the same budget is the random_noise row."
+    "the same purification) and, with a latent diffusion model (--ldm), SDEdit mimicry through it: PSNR/SSIM of the "
+    "edit of the protected image to the edit of the clean image after the same purification (lower: more damage). "
+    "PGD attacks the first VAE; the others measure transfer. Random noise of the same budget is the random_noise row."
 )
+
+
+def default_photo_vaes() -> list[str]:
+    """The photo VAEs that are committed (``demo/photo_vae``, ``demo/photo_vae_b``), else the shapes ``demo/vae``."""
+    from .demo import DEMO_DIR
+
+    found = [f"demo/{name}" for name in ("photo_vae", "photo_vae_b") if (DEMO_DIR / name / "config.json").is_file()]
+    return found or ["demo/vae"]
+
+
+def default_photo_ldm() -> str | None:
+    """``demo/photo_ldm`` when it is committed, else None (no Mist/SDS, no mimicry)."""
+    from .demo import DEMO_DIR
+
+    return PHOTO_LDM if (DEMO_DIR / PHOTO_LDM.removeprefix("demo/") / "unet").is_dir() else None
 
 
 def photo_crops(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[dict[str, Any]]]:
@@ -248,12 +266,16 @@ def photo_crops(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[di
     return torch.stack(crops), boxes
 
 
-def photo_work(methods: Sequence[str], *, n: int, size: int, steps: int, vaes: int, purifications: int) -> float:
+def photo_work(
+    methods: Sequence[str], *, n: int, size: int, steps: int, vaes: int, purifications: int, mimic: bool = False
+) -> float:
     """The cost of :func:`run_photos` in megapixel VAE-encoder passes: PGD (forward and backward, ~3 passes a
-    step) on the first VAE, then the latents of every row (clean, noise, each method) under every purification."""
+    step) on the first VAE, then the latents of every row (clean, noise, each method) under every purification,
+    and with ``mimic`` an SDEdit of each (encode, decode: ~3 passes; the latent UNet is small beside them)."""
     pgd_steps = sum(int(m.partition("@")[2] or steps) for m in methods if not m.startswith("amortized"))
     megapixels = n * size * size / 1e6
-    return megapixels * (3 * pgd_steps + 2 * vaes * purifications * (len(methods) + 2))
+    rows = purifications * (len(methods) + 2)
+    return megapixels * (3 * pgd_steps + 2 * vaes * rows + (3 * rows if mimic else 0))
 
 
 def run_photos(
@@ -268,6 +290,9 @@ def run_photos(
     purifications: Sequence[str] = EVALUATION,
     protector: str | Path | None = None,
     pixel_model: str | None = "demo/photo_unet",
+    ldm: str | None = None,
+    sdedit_strength: float = 0.3,
+    sdedit_steps: int = 20,
     device: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -277,23 +302,35 @@ def run_photos(
     protection (:func:`protect.evaluate.worst_case`) and the same-budget random-noise row.
 
     PGD methods attack the first VAE (``tile`` x ``tile`` crops, :func:`protect.protect`); IMPRESS purifies with it
-    too. No mimicry is run (see :data:`PHOTO_NOTE`).
+    too. ``ldm`` (an unconditional latent diffusion model of the first VAE, :func:`apps.models.load_latent_model`,
+    e.g. ``demo/photo_ldm``) is Mist's and SDS's semantic part and the mimicry attack: SDEdit at
+    ``sdedit_strength`` (``sdedit_steps`` DDIM steps, seeded per image) of every purified image, scored against
+    the SDEdit of the clean image (see :data:`PHOTO_NOTE`). Without it there is no mimicry and no Mist/SDS.
     """
     from protect import AmortizedProtector, protect
-    from protect.evaluate import evaluate
+    from protect.evaluate import evaluate, sdedit_unconditional, unet_denoiser
 
     from .demo import DEMO_DIR
-    from .models import load_vae
+    from .models import check_latent_pair, load_latent_model, load_vae, resolve
 
     unknown = [m for m in methods if m.partition("@")[0] not in PHOTO_PROTECTIONS]
     if unknown:
         raise ValueError(
-            f"unknown photo methods {unknown}; choose from {PHOTO_PROTECTIONS} (mist and sds need a latent "
-            "diffusion model of the photo VAE, not trained yet; random noise is always a row)"
+            f"unknown photo methods {unknown}; choose from {PHOTO_PROTECTIONS} (random noise is always a row)"
         )
     if not vaes or len(set(vaes)) != len(vaes):
         raise ValueError("name at least one VAE (--vae), each once")
-    work = photo_work(methods, n=n, size=size, steps=steps, vaes=len(vaes), purifications=len(purifications))
+    latent_methods = [m for m in methods if m.partition("@")[0] in PHOTO_LATENT_METHODS]
+    if latent_methods and ldm is None:
+        raise ValueError(
+            f"{', '.join(latent_methods)} need a latent diffusion model of the first VAE as their semantic part "
+            "(--ldm, e.g. demo/photo_ldm): without one Mist would be PhotoGuard under another name"
+        )
+    if ldm is not None and not 0 < sdedit_strength <= 1:
+        raise ValueError(f"the SDEdit strength must lie in (0, 1], got {sdedit_strength}")
+    work = photo_work(
+        methods, n=n, size=size, steps=steps, vaes=len(vaes), purifications=len(purifications), mimic=ldm is not None
+    )
     if work > PHOTO_MAX_WORK:
         raise ValueError(
             f"this evaluation would cost about {work:.3g} megapixel VAE passes (limit {PHOTO_MAX_WORK:.3g}); "
@@ -303,6 +340,16 @@ def run_photos(
     device = device or str(best_device()[0])
     models = {name: load_vae(name, device) for name in vaes}
     target = models[vaes[0]]
+    latent_model = None
+    if ldm is not None:
+        unet, scheduler, ldm_vae = load_latent_model(ldm, device=device)
+        if resolve(ldm_vae) != resolve(vaes[0]):
+            raise ValueError(
+                f"{ldm} was trained on the latents of {ldm_vae}, but the first --vae (the one attacked and "
+                f"mimicked through) is {vaes[0]}: put {ldm_vae} first"
+            )
+        check_latent_pair(unet, target, (ldm, vaes[0]))
+        latent_model = unet, scheduler
     table = purification_table(purifications, vae=target, pixel_model=pixel_model, device=device, seed=seed)
     images = images.to(device)
     protected, seconds = {}, {}
@@ -321,10 +368,29 @@ def run_photos(
             gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
             n_steps = int(count) if count else steps
             tiled = tile if tile is not None and tile < size else None
-            protected[method], _ = protect(images, name, vae=target, eps=eps, steps=n_steps, generator=gens, tile=tiled)
+            extra = {}
+            if name in PHOTO_LATENT_METHODS:
+                unet, scheduler = latent_model
+                extra = {"denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod.to(device)}
+            protected[method], _ = protect(
+                images, name, vae=target, eps=eps, steps=n_steps, generator=gens, tile=tiled, **extra
+            )
         seconds[method] = (time.perf_counter() - start) / n
-    rows = evaluate(images, protected, vaes=models, purifications=table, noise_eps=eps, seed=seed)
-    metrics = [f"latent_distortion_{name}" for name in vaes]
+    mimics = {}
+    if latent_model is not None:
+        unet, scheduler = latent_model
+
+        def mimic(x: torch.Tensor) -> torch.Tensor:  # the same noise for every row: seeded per image
+            generators = [torch.Generator(device).manual_seed(seed + 1000 + i) for i in range(len(x))]
+            return sdedit_unconditional(
+                target, unet, scheduler, x, strength=sdedit_strength, steps=sdedit_steps, generator=generators
+            )
+
+        mimics["sdedit"] = mimic
+    rows = evaluate(images, protected, vaes=models, mimics=mimics, purifications=table, noise_eps=eps, seed=seed)
+    metrics = [f"latent_distortion_{name}" for name in vaes] + (
+        ["sdedit_psnr_to_clean", "sdedit_ssim_to_clean"] if mimics else []
+    )
     settings = {
         "data": "photos",
         "n": n,
@@ -338,6 +404,8 @@ def run_photos(
         "purifications": {name: getattr(entry, "description", name) for name, entry in table.items()},
         "pixel_model": pixel_model if "diffpure" in table else None,
         "protector": str(protector or "demo/protector") if amortized is not None else None,
+        "ldm": ldm,
+        "sdedit": {"strength": sdedit_strength, "steps": sdedit_steps} if latent_model is not None else None,
         "work_megapixel_vae_passes": work,
         "note": PHOTO_NOTE,
     }

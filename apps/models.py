@@ -116,3 +116,34 @@ def load_vae(name: str, device: torch.device | str | None = None, dtype: torch.d
         else "the local hub cache" + (" (HF_HUB_OFFLINE is set)" if _offline() else " or the hub")
     )
     raise ValueError(f"{name}: no AutoencoderKL with safetensors weights could be loaded from {where}: {errors[-1]}")
+
+
+def load_latent_model(name: str, vae: str | None = None, device: torch.device | str | None = None):
+    """``(unet, scheduler, vae_name)`` of an unconditional latent diffusion model: a diffusers ``UNet2DModel`` on the
+    scaled latents of an ``AutoencoderKL`` (e.g. ``demo/photo_ldm`` on ``demo/photo_vae``), loaded as
+    :func:`load_score_model` loads a pixel model. ``vae`` names its autoencoder; by default the one its
+    ``latent_vae.json`` names (``apps.demo.train_photo`` writes it). A UNet whose channels differ from the VAE's
+    latent channels is refused when the VAE is loaded (:func:`check_latent_pair`).
+    """
+    import json
+
+    unet, scheduler = load_score_model(name, device)
+    if vae is None:
+        record = Path(resolve(name)) / "latent_vae.json"
+        if not record.is_file():
+            raise ValueError(f"{name}: no latent_vae.json names its autoencoder; pass the VAE it was trained on")
+        info = json.loads(record.read_text())
+        vae = info.get("vae") if isinstance(info, dict) else None
+        if not isinstance(vae, str):
+            raise ValueError(f"{record}: expected {{'vae': '<name>'}}")
+    unet.requires_grad_(False)
+    return unet, scheduler, vae
+
+
+def check_latent_pair(unet, vae, names: tuple[str, str]) -> None:
+    """Refuse a latent UNet and an ``AutoencoderKL`` that do not fit (latent channels)."""
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ValueError(
+            f"{names[0]} works on {unet.config.in_channels}-channel latents, {names[1]} has "
+            f"{vae.config.latent_channels}: pass the VAE the latent model was trained on"
+        )

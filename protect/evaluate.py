@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDIMScheduler
 
 from .losses import latent
 from .metrics import frechet_distance, psnr, psnr_ssim
@@ -52,6 +52,8 @@ __all__ = [
     "purify",
     "sample",
     "sdedit",
+    "sdedit_unconditional",
+    "unet_denoiser",
     "worst_case",
 ]
 RANDOM_NOISE = "random_noise"  # the row evaluate always adds: random signs at the protections' L-inf budget
@@ -143,6 +145,56 @@ def sdedit(
     if strength == 1:
         z = z * getattr(scheduler, "init_noise_sigma", 1.0)
     return _decode(pipe.vae, _denoise(pipe, transformer, z, labels, timesteps, scheduler, guidance_scale))
+
+
+def unet_denoiser(unet: torch.nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+    """An unconditional ``UNet2DModel`` as a latent denoiser ``eps(z_t, t)`` of any latent size (Mist / SDS, SDEdit):
+    latents whose sides are not a multiple of the UNet's downsampling are replicate-padded and the prediction
+    cropped back; runs in the UNet's dtype, returns float32."""
+    multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+    param = next(unet.parameters())
+
+    def eps(z_t: Tensor, t: Tensor) -> Tensor:
+        height, width = z_t.shape[-2:]
+        z = F.pad(z_t, (0, -width % multiple, 0, -height % multiple), mode="replicate")
+        t = t.expand(len(z_t)) if t.dim() == 0 else t
+        out = unet(z.to(param.dtype), t.to(param.device)).sample.float()
+        return out[..., :height, :width]
+
+    return eps
+
+
+@torch.no_grad()
+def sdedit_unconditional(
+    vae: AutoencoderKL,
+    unet: torch.nn.Module,
+    scheduler: Any,
+    images: Tensor,
+    *,
+    strength: float = 0.3,
+    steps: int = 20,
+    generator: Generators = None,
+) -> Tensor:
+    """SDEdit (img2img) of ``images`` in [0, 1] with an unconditional latent eps model ``unet`` (a diffusers
+    ``UNet2DModel`` on the scaled latents of ``vae``, e.g. the photo latent model ``demo/photo_ldm``): encode, noise
+    to ``strength`` of the schedule of ``scheduler`` (its config; deterministic DDIM steps, eta 0, no clipping, so
+    the only randomness is the seeded starting noise), denoise, decode. Any size
+    (latents are padded for the UNet, :func:`unet_denoiser`; images for the VAE, :func:`latent`); returns images in
+    [0, 1] of the input size."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    start = max(1, round(steps * strength))
+    timesteps = scheduler.timesteps[steps - start :]
+    z0 = latent(vae, images)
+    noise = draw("randn", z0.shape, generator, z0)
+    z = scheduler.add_noise(z0, noise, timesteps[:1].repeat(len(z0)))
+    eps = unet_denoiser(unet)
+    for t in timesteps:
+        z = scheduler.step(eps(z, t), t, z).prev_sample
+    height, width = images.shape[-2:]
+    return _decode(vae, z)[..., :height, :width]
 
 
 def sample(pipe: Any, labels: Tensor, size: int, *, transformer=None, generator: Generators = None, **kwargs) -> Tensor:
@@ -266,13 +318,14 @@ def evaluate(
 
     ``purifications``: names of fixed entries of :data:`protect.purify.PURIFICATIONS`, or a mapping of names to
     callables ``images -> images`` (e.g. with :func:`protect.purifiers.model_purifications`: DiffPure, IMPRESS).
-    ``classifier`` takes images in [-1, 1] and has ``features(x)`` (the demo classifier's interface); it and
-    ``labels`` are needed only with ``mimics`` (without mimics the rows hold invisibility and latent distortion).
+    ``classifier`` takes images in [-1, 1] and has ``features(x)`` (the demo classifier's interface); with it and
+    ``labels`` each mimic also gets accuracy and Fréchet distance; without them (photos: no classes) only the
+    PSNR and SSIM of each mimicry to the clean image's mimicry under the same purification.
     """
     table = _purifications(purifications)
     mimics = dict(mimics or {})
-    if mimics and (classifier is None or labels is None):
-        raise ValueError("mimics are scored by a classifier: pass classifier= and labels")
+    if mimics and (classifier is None) != (labels is None):
+        raise ValueError("a classifier scores mimics against labels: pass both classifier= and labels, or neither")
     rows = []
     for name, images in protected.items():
         if images.shape != clean.shape:
@@ -283,7 +336,7 @@ def evaluate(
         linf = [(images.float() - clean.float()).abs().amax().item() for images in protected.values()]
         noise_eps = max(linf, default=8 / 255)
     entries = {"clean": clean, **protected, RANDOM_NOISE: _random_noise(clean, noise_eps, seed)}
-    if mimics:
+    if mimics and classifier is not None:
         device = next(classifier.parameters()).device
         real_features = classifier.features(clean.to(device) * 2 - 1).float()
     reference: dict[tuple[str, str], Tensor] = {}
@@ -301,11 +354,16 @@ def evaluate(
                 out = mimic(shown).float()
                 if name == "clean":
                     reference[(purification, mimic_name)] = out
-                x = out.to(device) * 2 - 1
-                logits = classifier(x)
-                row[f"{mimic_name}_accuracy"] = (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
-                row[f"{mimic_name}_fd"] = frechet_distance(real_features, classifier.features(x).float())
-                row[f"{mimic_name}_psnr_to_clean"] = psnr(out, reference[(purification, mimic_name)]).mean().item()
+                if classifier is not None:
+                    x = out.to(device) * 2 - 1
+                    logits = classifier(x)
+                    row[f"{mimic_name}_accuracy"] = (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
+                    row[f"{mimic_name}_fd"] = frechet_distance(real_features, classifier.features(x).float())
+                    row[f"{mimic_name}_psnr_to_clean"] = psnr(out, reference[(purification, mimic_name)]).mean().item()
+                else:
+                    edit_psnr, edit_ssim = psnr_ssim(reference[(purification, mimic_name)], out)
+                    row[f"{mimic_name}_psnr_to_clean"] = float(np.mean(edit_psnr))
+                    row[f"{mimic_name}_ssim_to_clean"] = float(np.mean(edit_ssim))
             rows.append(row)
     return rows
 
@@ -313,7 +371,13 @@ def evaluate(
 # ----------------------------------------------------------------------------- worst case
 
 # which way a metric of evaluate's rows goes when the protection does more damage to the mimicry
-DAMAGE = {"latent_distortion": "higher", "_fd": "higher", "_accuracy": "lower", "_psnr_to_clean": "lower"}
+DAMAGE = {
+    "latent_distortion": "higher",
+    "_fd": "higher",
+    "_accuracy": "lower",
+    "_psnr_to_clean": "lower",
+    "_ssim_to_clean": "lower",
+}
 
 
 def _direction(metric: str) -> str:

@@ -490,6 +490,28 @@ def tiny_pixel_unet(sample_size: int = 8) -> UNet2DModel:
     ).eval()
 
 
+def tiny_latent_unet(channels: int = 4, scale: float | None = None) -> UNet2DModel:
+    """A tiny unconditional latent ``UNet2DModel`` (``channels`` in and out, downsampling 2), seeded; with ``scale``
+    every weight is redrawn N(0, scale^2) (0: the zero predictor)."""
+    torch.manual_seed(SEED)
+    model = UNet2DModel(
+        sample_size=8,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    if scale is not None:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model.eval()
+
+
 def random_pixel_unet(sample_size: int = 8, scale: float = 0.1):
     """``(tiny_pixel_unet, DDPMScheduler)`` with every weight redrawn N(0, scale^2) from seed 0: a random score
     model whose output depends on its input (the EPS and detector tests)."""

@@ -73,7 +73,8 @@ def test_photo_evaluation_reports_rows_noise_and_worst_case_per_vae(vae_folders,
         assert worst["photoguard"]["value"] == min(rows[("photoguard", q)][metric] for q in ("none", "jpeg75"))
     settings = first["settings"]
     assert settings["data"] == "photos" and settings["attacked_vae"] == vae_folders[0] and settings["size"] == 24
-    assert "not trained yet" in settings["note"]
+    assert "SDEdit mimicry" in settings["note"] and settings["ldm"] is None and settings["sdedit"] is None
+    assert not any(key.startswith("sdedit") for key in rows[("photoguard", "none")])  # no latent model: no mimicry
     out = capsys.readouterr().out
     assert "| photoguard | none |" in out and "| random_noise | jpeg75 |" in out and "worst case" in out
 
@@ -102,12 +103,13 @@ def test_a_hub_id_not_available_offline_is_a_clear_error(vae_folders, monkeypatc
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (("--methods", "mist"), "mist and sds need"),
+        (("--methods", "mist"), "mist need a latent diffusion model"),
+        (("--methods", "photoguard", "sds"), "sds need a latent diffusion model"),
         (("-n", "256", "--size", "400", "--steps", "1000"), "megapixel VAE passes"),
         (("--size", "500"), "--size"),
         (("--vae", "demo/vae", "--vae", "demo/vae"), "each once"),
-        (("--strengths", "0.3"), "--strengths do not apply to --photos"),
-        (("--lora-steps", "0"), "--lora-steps do not apply to --photos"),
+        (("--strengths", "0.3"), "one SDEdit strength and needs a latent model"),
+        (("--lora-steps", "0"), "--lora-steps does not apply to --photos"),
     ],
 )
 def test_photo_evaluation_refuses_bad_requests_before_work(extra, message, capsys):
@@ -115,13 +117,13 @@ def test_photo_evaluation_refuses_bad_requests_before_work(extra, message, capsy
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra", [("--vae", "demo/vae"), ("--size", "128"), ("--tile", "0")])
+@pytest.mark.parametrize("extra", [("--vae", "demo/vae"), ("--size", "128"), ("--tile", "0"), ("--ldm", "none")])
 def test_photo_options_are_for_photos_only(extra, capsys):
     assert cli_main(["evaluate", *extra, "-n", "2"]) == 2
     assert f"{extra[0]} apply to --photos only" in capsys.readouterr().err
 
 
-def test_evaluate_without_mimics_needs_no_classifier_and_mimics_need_one():
+def test_evaluate_without_mimics_needs_no_classifier_and_labels_need_a_classifier():
     from protect.evaluate import evaluate
 
     clean = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -131,4 +133,41 @@ def test_evaluate_without_mimics_needs_no_classifier_and_mimics_need_one():
     assert [r["protection"] for r in rows] == ["clean", "p", "random_noise"]
     assert rows[1]["latent_distortion_A"] > 0 and not any(k.endswith("_accuracy") for k in rows[1])
     with pytest.raises(ValueError, match="classifier"):
-        evaluate(clean, protected, mimics={"m": lambda x: x}, purifications=("none",))
+        evaluate(clean, protected, torch.zeros(2), mimics={"m": lambda x: x}, purifications=("none",))
+
+
+@pytest.fixture(scope="module")
+def ldm_folder(vae_folders, tmp_path_factory):
+    """A tiny random latent UNet on the first tiny VAE's latents, saved as apps.demo.train_photo saves photo_ldm."""
+    from diffusers import DDPMScheduler
+
+    from tests.factories import tiny_latent_unet
+
+    folder = tmp_path_factory.mktemp("ldm")
+    tiny_latent_unet(scale=0.05).save_pretrained(folder / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    (folder / "latent_vae.json").write_text(json.dumps({"vae": vae_folders[0], "scaling_factor": 0.18215}))
+    return str(folder)
+
+
+def test_photo_evaluation_with_a_latent_model_runs_mist_sds_and_sdedit_mimicry(vae_folders, ldm_folder, tmp_path):
+    report = tmp_path / "m.json"
+    methods = ("--methods", "photoguard@2", "mist@2", "sds@2")
+    assert cli_main(_argv(*methods, "--vae", vae_folders[0], "--ldm", ldm_folder, "--json", str(report))) == 0
+    result = json.loads(report.read_text())
+    rows = {(r["protection"], r["purification"]): r for r in result["rows"]}
+    assert rows[("clean", "none")]["sdedit_ssim_to_clean"] == pytest.approx(1.0)
+    assert rows[("clean", "jpeg75")]["sdedit_psnr_to_clean"] > 100  # each purification's own clean edit
+    for method in ("photoguard@2", "mist@2", "sds@2", "random_noise"):
+        assert 0 < rows[(method, "none")]["sdedit_ssim_to_clean"] < 1
+        assert rows[(method, "none")]["linf_255"] <= 8 + 1e-3
+    # the latent model is Mist's semantic part: Mist is not PhotoGuard under another name
+    assert rows[("mist@2", "none")]["psnr"] != rows[("photoguard@2", "none")]["psnr"]
+    assert {"sdedit_psnr_to_clean", "sdedit_ssim_to_clean"} <= set(result["worst_case"])
+    assert result["settings"]["ldm"] == ldm_folder and result["settings"]["sdedit"]["strength"] == 0.3
+
+
+def test_a_latent_model_of_another_vae_is_refused(vae_folders, ldm_folder, capsys):
+    assert cli_main(_argv("--vae", vae_folders[1], "--ldm", ldm_folder)) == 2
+    err = capsys.readouterr().err
+    assert "trained on the latents of" in err and "Traceback" not in err
