@@ -82,10 +82,12 @@ def data_source(shapes: Shapes | None) -> str:
     return getattr(shapes, "description", None) or f"{shapes.__module__}.{shapes.__qualname__}"
 
 
-def batches(args: argparse.Namespace, process: int, shapes: Shapes | None = None) -> Iterator[torch.Tensor]:
-    """Training batches (B, 3, S, S) in [0, 1], an independent stream per process: crops of ``--images``, else
-    drawn from ``shapes``."""
-    seed = args.seed + 1000 * process
+def batches(
+    args: argparse.Namespace, process: int, shapes: Shapes | None = None, resumed_at: int = 0
+) -> Iterator[torch.Tensor]:
+    """Training batches (B, 3, S, S) in [0, 1], an independent stream per process (and per resumption step, so a
+    resumed run does not replay the batches it has seen): crops of ``--images``, else drawn from ``shapes``."""
+    seed = args.seed + 1000 * process + 1_000_003 * resumed_at
     if args.images is not None:
         crops = folder_images(args.images, args.size, random.Random(seed))
         while True:
@@ -95,6 +97,36 @@ def batches(args: argparse.Namespace, process: int, shapes: Shapes | None = None
     generator = torch.Generator().manual_seed(seed)
     while True:
         yield shapes(args.batch_size, generator, args.size)
+
+
+RUN_KEYS = ("vae", "size", "steps", "batch_size", "lr", "gate_lr", "experts", "patch_size", "eps", "min_strength")
+
+
+def run_identity(args: argparse.Namespace) -> str:
+    """The settings a checkpoint must share with the command that resumes it (JSON)."""
+    return json.dumps({key: getattr(args, key) for key in RUN_KEYS}, sort_keys=True)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) atomically: a crash keeps the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_name(path.name + ".partial")
+    torch.save(state, partial_path)
+    partial_path.replace(path)
+
+
+def load_checkpoint(path: Path, args: argparse.Namespace) -> dict | None:
+    """The state saved at ``path`` (``torch.load(weights_only=True)``: never unpickles code), ``None`` when there is
+    none; ``ValueError`` when it was written by a run with other settings (:data:`RUN_KEYS`)."""
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    if state.get("run") != run_identity(args):
+        raise ValueError(
+            f"{path} is the checkpoint of a run with other settings ({state.get('run')}); pass another "
+            "--checkpoint or the same settings"
+        )
+    return state
 
 
 def parse_args(
@@ -124,9 +156,15 @@ def parse_args(
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing protector in --out")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="resumable state file: written every --checkpoint-every steps, resumed from when it exists",
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     args = parser.parse_args(None if argv is None else list(argv))
-    if args.steps < 1 or args.batch_size < 1 or args.size < 8:
-        parser.error("--steps and --batch-size must be >= 1 and --size >= 8")
+    if args.steps < 1 or args.batch_size < 1 or args.size < 8 or args.checkpoint_every < 1:
+        parser.error("--steps, --batch-size and --checkpoint-every must be >= 1 and --size >= 8")
     if not 0 < args.eps <= 64:
         parser.error("--eps must be in (0, 64] (1/255 units)")
     if args.images is None and not default_data:
@@ -175,11 +213,22 @@ def train(
     model = accelerator.unwrap_model(protector)
     with torch.no_grad():
         target_latents = [model.target_latents(vae, args.size, args.size) for vae in vaes]
-    data = batches(args, accelerator.process_index, shapes)
     rng = torch.Generator().manual_seed(args.seed + 7 + accelerator.process_index)
     transforms = [PURIFICATIONS[name] for name in EOT]
-    losses, usage, start = [], torch.zeros(args.experts), time.perf_counter()
-    for step in range(args.steps):
+    losses, usage, start, first = [], torch.zeros(args.experts), time.perf_counter(), 0
+    state = load_checkpoint(args.checkpoint, args) if args.checkpoint is not None else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["schedule"])
+        losses, usage, first = state["losses"].tolist(), state["usage"], int(state["step"])
+        rng.set_state(state["rng"][accelerator.process_index])
+        start -= float(state["seconds"])
+        if accelerator.is_main_process:
+            print(f"resuming from {args.checkpoint} at step {first}", file=sys.stderr, flush=True)
+    # a resumed run draws fresh batches: its data stream is seeded past the steps already done
+    data = batches(args, accelerator.process_index, shapes, first)
+    for step in range(first, args.steps):
         images = next(data).to(device)
         with torch.no_grad():
             clean = [latent(vae, images) for vae in vaes]
@@ -197,6 +246,23 @@ def train(
         usage += weights.detach().float().mean((0, 2, 3)).cpu()
         if accelerator.is_main_process and (step % 100 == 0 or step == args.steps - 1):
             print(f"step {step}: loss {losses[-1]:.4f}", flush=True)
+        if args.checkpoint is not None and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            states = accelerator.gather(rng.get_state()[None].to(device)).cpu()  # one generator state per process
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    args.checkpoint,
+                    {
+                        "run": run_identity(args),
+                        "step": step + 1,
+                        "model": model.state_dict(),
+                        "optimiser": optimizer.state_dict(),
+                        "schedule": scheduler.state_dict(),
+                        "losses": torch.tensor(losses, dtype=torch.float64),
+                        "usage": usage.clone(),
+                        "rng": states,
+                        "seconds": time.perf_counter() - start,
+                    },
+                )
     record = {
         "command": f"{prog} " + " ".join(sys.argv[1:]),
         "vaes": list(args.vae),
@@ -214,6 +280,7 @@ def train(
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
         "losses": [float(f"{x:.5g}") for x in losses[:: max(1, len(losses) // 200)]],
         "expert_usage": (usage / args.steps).tolist(),
+        "resumed_at": first or None,
         "seconds": time.perf_counter() - start,
         "device": str(device),
     }

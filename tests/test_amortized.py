@@ -132,6 +132,42 @@ def test_training_command_lowers_the_loss_and_saves(tmp_path):
         train.main([*argv, "--overwrite", "--eps", "0"])
 
 
+def test_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run killed after its checkpoint resumes there (weights, optimiser, schedule, losses carry on) and refuses a
+    checkpoint of other settings."""
+    from apps import train_protector as train
+    from protect import train as trainer
+
+    vae_dir = tmp_path / "vae"
+    _tiny_vae().save_pretrained(vae_dir)
+    checkpoint = tmp_path / "run.pt"
+    argv = ["--vae", str(vae_dir), "--steps", "12", "--batch-size", "4", "--size", "16", "--patch-size", "8"]
+    argv += ["--experts", "2", "--robust-prob", "0", "--checkpoint", str(checkpoint), "--checkpoint-every", "5"]
+    saved = []
+    real_save = trainer.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        saved.append(state["step"])
+        if state["step"] == 10:
+            raise KeyboardInterrupt  # the machine goes away after the second checkpoint
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*argv, "--out", str(tmp_path / "a")])
+    assert saved == [5, 10] and not (tmp_path / "a" / "config.json").exists()
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] == 10 and len(state["losses"]) == 10
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    assert train.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert record["resumed_at"] == 10 and len(record["losses"]) == 12
+    assert record["losses"][:10] == pytest.approx(state["losses"].tolist(), rel=1e-4)
+    assert AmortizedProtector.from_pretrained(str(tmp_path / "a")).trained_for(_tiny_vae())
+    with pytest.raises(ValueError, match="other settings"):
+        train.main([*argv, "--size", "24", "--out", str(tmp_path / "b")])
+
+
 def test_training_on_the_training_photos(tmp_path):
     """``--data photos`` trains on crops of the photo corpus's training photos, and the record says so."""
     from apps import train_protector as train
