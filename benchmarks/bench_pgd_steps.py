@@ -2,9 +2,11 @@
 in one run, on native-resolution crops of the **training** photos (the default is chosen here, never on the
 held-out photos the evaluation reports).
 
-For each step count: seconds per image, the latent distortion ``d_0`` in the VAE, and what survives JPEG q75 and
-noisy upscaling (``protect.survival.report``: the latent distortion after the purification, against same-budget
-random noise after it). The recommended default is the fewest steps whose worst case over the two purifications
+For each step count: seconds per image, the latent distortion ``d_0`` in the VAE, with ``--ldm`` the damage to an
+SDEdit mimicry through that latent model (PSNR of the protected image's edit to the clean image's edit, the same
+noise; random noise of the budget beside it), and what survives JPEG q75 and noisy upscaling
+(``protect.survival.report``: the latent distortion after the purification, against same-budget random noise
+after it). The recommended default is the fewest steps whose worst case over the two purifications
 reaches ``--share`` (default 90 %) of the most steps' worst case; the ratio printed is its speed-up over the most
 steps.
 
@@ -25,7 +27,9 @@ import torch
 from apps.models import load_latent_model, load_vae
 from benchmarks.common import machine
 from protect import protect
-from protect.evaluate import unet_denoiser
+from protect.evaluate import sdedit_unconditional, unet_denoiser
+from protect.metrics import psnr
+from protect.purify import sign_noise
 from protect.survival import report
 
 
@@ -36,8 +40,27 @@ def training_crops(n: int, size: int, seed: int) -> torch.Tensor:
     return (PhotoStream(size, seed=seed, max_scale=1, augment=False, split="train").sample(n) + 1) / 2
 
 
-def measure(method: str, images: torch.Tensor, steps: int, eps: float, tile: int, **extra) -> dict:
-    """Protect ``images`` with ``steps`` PGD steps (one generator per image) and measure survival."""
+class Mimic:
+    """SDEdit (strength 0.3, 20 DDIM steps, seeded per image) through a latent model; the clean edits once."""
+
+    def __init__(self, vae, unet, scheduler, clean: torch.Tensor):
+        self.vae, self.unet, self.scheduler = vae, unet, scheduler
+        self.clean_edits = self(clean)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(1000 + i) for i in range(len(x))]
+        return sdedit_unconditional(self.vae, self.unet, self.scheduler, x, strength=0.3, generator=generators)
+
+    def psnr_to_clean(self, x: torch.Tensor) -> float:
+        """Mean PSNR (dB) of the edits of ``x`` to the clean images' edits: lower, more damage."""
+        return psnr(self(x), self.clean_edits).mean().item()
+
+
+def measure(
+    method: str, images: torch.Tensor, steps: int, eps: float, tile: int, mimic: Mimic | None = None, **extra
+) -> dict:
+    """Protect ``images`` with ``steps`` PGD steps (one generator per image) and measure survival (and, with
+    ``mimic``, the damage to its SDEdit)."""
     generators = [torch.Generator().manual_seed(i) for i in range(len(images))]
     start = time.perf_counter()
     protected, _ = protect(images, method, eps=eps, steps=steps, generator=generators, tile=tile, **extra)
@@ -47,7 +70,9 @@ def measure(method: str, images: torch.Tensor, steps: int, eps: float, tile: int
     worst = [min(p["latent_distortion"] for p in e["purifications"].values()) for e in entries]
     vs_noise = [min(p["vs_noise"] for p in e["purifications"].values()) for e in entries]
     survives = sum(e["verdict"] == "survives" for e in entries)
+    damage = {"sdedit_psnr_to_clean": mimic.psnr_to_clean(protected)} if mimic is not None else {}
     return {
+        **damage,
         "method": method,
         "steps": steps,
         "seconds_per_image": seconds,
@@ -64,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", default="demo/photo_vae")
     parser.add_argument("--ldm", default=None, help="latent model for Mist (e.g. demo/photo_ldm); none: no Mist")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100])
+    parser.add_argument("--methods", nargs="+", choices=("photoguard", "mist"), default=["photoguard", "mist"])
     parser.add_argument("-n", "--num-images", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--eps", type=float, default=8.0, help="budget in 1/255")
@@ -75,13 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     vae = load_vae(args.vae, "cpu")
     images = training_crops(args.num_images, args.size, args.seed)
     methods = {"photoguard": {"vae": vae}}
+    mimic, baseline = None, {}
     if args.ldm:
         unet, scheduler, _ = load_latent_model(args.ldm, args.vae, "cpu")
-        methods["mist"] = {"vae": vae, "denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod}
+        if "mist" in args.methods:
+            methods["mist"] = {"vae": vae, "denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod}
+        mimic = Mimic(vae, unet, scheduler, images)
+        noise = torch.cat([sign_noise(x[None], args.eps / 255, i) for i, x in enumerate(images)])
+        baseline = {"random_noise_sdedit_psnr_to_clean": mimic.psnr_to_clean(noise)}
+        print(json.dumps(baseline), flush=True)
+    methods = {name: extra for name, extra in methods.items() if name in args.methods}
     rows, best = [], {}
     for method, extra in methods.items():
         for steps in sorted(args.steps):
-            row = measure(method, images, steps, args.eps / 255, args.tile, **extra)
+            row = measure(method, images, steps, args.eps / 255, args.tile, mimic, **extra)
             rows.append(row)
             print(json.dumps(row), flush=True)
         mine = [r for r in rows if r["method"] == method]
@@ -105,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "data": f"{args.num_images} native {args.size} px crops of the training photos (apps.demo.photos.TRAIN)",
             "rows": rows,
+            **baseline,
             "recommended": best,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -42,4 +42,6 @@ def test_step_sweep_writes_rows_and_a_recommendation(tmp_path, capsys):
     ]
     for method, best in record["recommended"].items():
         assert best["steps"] in (1, 2) and best["share_of_most_steps"] >= 0.9, method
+    assert all(0 < r["sdedit_psnr_to_clean"] < 100 for r in record["rows"])  # the mimicry through the latent model
+    assert 0 < record["random_noise_sdedit_psnr_to_clean"] < 100
     assert "training photos" in record["data"] and "x its speed" in capsys.readouterr().out
