@@ -11,7 +11,7 @@ from pathlib import Path
 from . import generate as generation
 from .device import SCORE_DTYPES
 from .jobs import Limits
-from .services import PROTECT_METHODS
+from .services import DEFAULT_PGD_STEPS, PROTECT_LDM, PROTECT_METHODS, PROTECT_VAE, PROTECTOR_NAME
 
 DTYPE_OPTION = {
     "choices": ["auto", *SCORE_DTYPES],
@@ -127,18 +127,24 @@ def _add_protect(commands: argparse._SubParsersAction) -> None:
     prot = commands.add_parser(
         "protect",
         help="protect image files against mimicry (PNG outputs next to a JSON report)",
-        description="Protect images against the demo VAE: 'amortized' runs the demo amortized protector (one "
-        "forward pass per image), 'photoguard' and 'mist' an L-infinity PGD attack. Outputs are PNG "
-        "files of the same size and mode (RGB, RGBA, L, LA; other modes become RGB/RGBA) in --out, with a JSON "
-        "report; no existing file is ever overwritten (a numbered suffix is added). The report and the output "
-        "say per file whether the protection survives JPEG q75 and noisy upscaling (protect.survival). Exit "
-        "code 2 if any input failed (the others are still protected).",
+        description="Protect images at their native resolution against the photo demo VAE (demo/photo_vae): "
+        "'amortized' (the default) runs the photo amortized protector (one forward pass per image), 'photoguard' "
+        "and 'mist' an L-infinity PGD attack (Mist's semantic part: the photo latent model demo/photo_ldm)."
+        " Outputs are PNG files of the same size and mode (RGB, RGBA, L, LA; other modes become RGB/RGBA) in "
+        "--out, with a JSON report; no existing file is ever overwritten (a numbered suffix is added). The "
+        "report and the output say per file whether the protection survives JPEG q75 and noisy upscaling "
+        "(protect.survival). Exit code 2 if any input failed (the others are still protected).",
     )
     prot.add_argument("inputs", nargs="+", type=Path, help="image files (PNG, JPEG, WebP, BMP, TIFF)")
     prot.add_argument("--out", type=Path, required=True, help="output folder")
-    prot.add_argument("--method", choices=PROTECT_METHODS, default="photoguard")
+    prot.add_argument("--method", choices=PROTECT_METHODS, default="amortized")
     prot.add_argument("--eps", type=float, default=8.0, help="L-infinity budget in 1/255 units (default 8)")
-    prot.add_argument("--steps", type=int, default=50, help="PGD steps (default 50)")
+    prot.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_PGD_STEPS,
+        help=f"PGD steps of photoguard and mist (default {DEFAULT_PGD_STEPS}: see benchmarks/RESULTS.md)",
+    )
     prot.add_argument("--seed", type=int, default=0, help="seed of the PGD start (image i uses seed + i)")
     prot.add_argument("--device", default=None)
 
@@ -487,10 +493,12 @@ def _protect(args: argparse.Namespace) -> int:
         "eps_255": args.eps,
         "steps": None if args.method == "amortized" else args.steps,  # the amortized protector: one pass
         "seed": None if args.method == "amortized" else args.seed,
-        "model": "demo VAE (demo_models/vae)"
-        + (", amortized protector (demo_models/protector)" if args.method == "amortized" else ""),
+        "model": PROTECT_VAE
+        + {"amortized": f", amortized protector demo/{PROTECTOR_NAME}", "mist": f", latent model {PROTECT_LDM}"}.get(
+            args.method, ""
+        ),
         "processes": state.num_processes,
-        "survival_rule": "per file, 'survival': the latent distortion in the demo VAE after JPEG q75 and noisy "
+        "survival_rule": "per file, 'survival': the latent distortion in the photo VAE after JPEG q75 and noisy "
         "upscaling (bicubic), against same-budget random noise after the same purification; 'survives' when it is "
         f">= {MARGIN:g}x the noise's (protect.survival)",
         "files": done,

@@ -247,6 +247,14 @@ def default_photo_ldm() -> str | None:
     return PHOTO_LDM if (DEMO_DIR / PHOTO_LDM.removeprefix("demo/") / "unet").is_dir() else None
 
 
+def default_photo_protector() -> str:
+    """``demo/photo_protector`` (trained against the photo VAEs) when it is committed, else the shapes
+    ``demo/protector``."""
+    from .demo import DEMO_DIR
+
+    return "demo/photo_protector" if (DEMO_DIR / "photo_protector" / "config.json").is_file() else "demo/protector"
+
+
 def photo_crops(n: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """``n`` seeded ``size`` x ``size`` native-resolution crops (N, 3, size, size) in [0, 1] of the held-out photos
     (:data:`apps.demo.photos.HELD_OUT`, never trained on), cycling through them, and where each came from."""
@@ -310,7 +318,6 @@ def run_photos(
     from protect import AmortizedProtector, protect
     from protect.evaluate import evaluate, sdedit_unconditional, unet_denoiser
 
-    from .demo import DEMO_DIR
     from .models import check_latent_pair, load_latent_model, load_vae, resolve
 
     unknown = [m for m in methods if m.partition("@")[0] not in PHOTO_PROTECTIONS]
@@ -359,7 +366,8 @@ def run_photos(
         start = time.perf_counter()
         if name.startswith("amortized"):
             if amortized is None:
-                amortized = AmortizedProtector.from_pretrained(str(protector or DEMO_DIR / "protector")).to(device)
+                chosen = resolve(str(protector)) if protector else resolve(default_photo_protector())
+                amortized = AmortizedProtector.from_pretrained(chosen).to(device)
             floor = 1.0 if name == "amortized-full" else None
             protected[method], _ = protect(
                 images, "amortized", vae=target, protector=amortized, eps=eps, min_strength=floor
@@ -403,7 +411,7 @@ def run_photos(
         "attacked_vae": vaes[0],
         "purifications": {name: getattr(entry, "description", name) for name, entry in table.items()},
         "pixel_model": pixel_model if "diffpure" in table else None,
-        "protector": str(protector or "demo/protector") if amortized is not None else None,
+        "protector": str(protector or default_photo_protector()) if amortized is not None else None,
         "ldm": ldm,
         "sdedit": {"strength": sdedit_strength, "steps": sdedit_steps} if latent_model is not None else None,
         "work_megapixel_vae_passes": work,

@@ -31,19 +31,28 @@ from .device import best_device, score_dtype
 from .generate import Request, class_names, generate
 from .models import DEFAULT_MODEL, load_score_model, resolve
 
-PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the demo protector, one forward pass
-MIST_MAX_SIDE = 256  # Mist's semantic part, the demo DiT, attends over all latent tokens: memory ~ pixels^2
+PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the photo protector, one forward pass
 EPS_255 = (1, 32)  # the protection budget in 1/255 units, the app's and the CLI's bounds
 PGD_STEPS = (1, 500)
-PROTECTOR_NAME = "protector"
+# the CLI's and the app's PGD steps, from measured benefit (benchmarks/bench_pgd_steps.py on training-photo crops,
+# benchmarks/RESULTS.md): on the photo VAE one step from a random start moves the latent furthest and survives
+# JPEG q75 and noisy upscaling best; 100 steps change an SDEdit mimicry 0.4 dB more at 58x the cost
+DEFAULT_PGD_STEPS = 1
+PROTECT_VAE = "demo/photo_vae"  # what the app and the CLI protect against (and measure survival in)
+PROTECT_LDM = "demo/photo_ldm"  # Mist's semantic part and the mimicry preview's SDEdit: a latent model on it
+PROTECTOR_NAME = "photo_protector"  # the amortized protector, trained against the photo VAEs
 DETECTOR_NAME = "eps_detector"  # the 16 px testbed detector (bench_detection)
 PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on photos
 
 __all__ = [
+    "DEFAULT_PGD_STEPS",
     "EPS_255",
     "PGD_STEPS",
     "PGD_TILE",
+    "PROTECTOR_NAME",
+    "PROTECT_LDM",
     "PROTECT_METHODS",
+    "PROTECT_VAE",
     "cached_pipelines",
     "calibrate",
     "calibrate_generation",
@@ -126,9 +135,9 @@ def generate_images(pipe: Any, request: Request, on_step: Callable[[Step], Any] 
 
 @functools.lru_cache(maxsize=2)
 def _vae(device: str):
-    from .demo import load_vae
+    from .models import load_vae
 
-    return load_vae(device)
+    return load_vae(PROTECT_VAE, device)
 
 
 @functools.lru_cache(maxsize=2)
@@ -138,6 +147,23 @@ def _protector(device: str):
     from .demo import model_path
 
     return AmortizedProtector.from_pretrained(str(model_path(PROTECTOR_NAME))).to(device).eval()
+
+
+@functools.lru_cache(maxsize=2)
+def _latent_model(device: str, name: str):
+    """``(unet, scheduler)`` of the latent model ``name`` (:data:`PROTECT_LDM`), checked against
+    :data:`PROTECT_VAE`."""
+    from .models import check_latent_pair, load_latent_model
+
+    try:
+        unet, scheduler, vae_name = load_latent_model(name, PROTECT_VAE, device)
+    except OSError as error:  # not there (a checkout without it): say what needs it
+        raise ValueError(
+            f"mist and the mimicry preview need the latent diffusion model {name}, which could not be "
+            f"loaded ({error}); use amortized or photoguard, or train it (python -m apps.demo.train_photo ldm)"
+        ) from None
+    check_latent_pair(unet, _vae(device), (name, vae_name))
+    return unet, scheduler
 
 
 def check_protect_options(method: str, eps_255: float, steps: int, seed: int) -> None:
@@ -155,45 +181,38 @@ def check_protect_options(method: str, eps_255: float, steps: int, seed: int) ->
 def protect_image(
     image: Image.Image,
     *,
-    method: str = "photoguard",
+    method: str = "amortized",
     eps: float = 8 / 255,
-    steps: int = 50,
+    steps: int = DEFAULT_PGD_STEPS,
     seed: int = 0,
     device: str | None = None,
     tile: int | None = PGD_TILE,
     on_step: Callable[[Step], Any] | None = None,
     survival: bool = True,
 ) -> tuple[Image.Image, dict[str, Any]]:
-    """Protect one RGB/RGBA image against the demo VAE; returns the protected image and its metrics.
+    """Protect one RGB/RGBA image against the photo VAE (:data:`PROTECT_VAE`); returns the protected image and its
+    metrics.
 
-    "amortized" runs the demo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply);
+    "amortized" runs the photo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply);
     "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``, on ``tile`` x
-    ``tile`` crops (:func:`protect.protect`'s ``tile``: the cost grows in proportion to the pixels, where the
-    demo VAE's self-attention over the whole latent would grow with their square); "mist" uses the demo DiT
-    (null class) as its semantic part, the latent diffusion model on the demo VAE (images up to
-    ``MIST_MAX_SIDE`` px: the DiT attends over every latent token). ``on_step`` sees every step and may stop
-    the work (:class:`protect.Cancelled`). With ``survival``, ``metrics["survival"]`` says whether the protection
-    survives JPEG q75 and noisy upscaling (:func:`survival_report`, on ``tile`` crops).
+    ``tile`` crops (:func:`protect.protect`'s ``tile``: the cost and the memory grow in proportion to the pixels);
+    "mist" uses the photo latent diffusion model (:data:`PROTECT_LDM`, unconditional) as its semantic part.
+    ``on_step`` sees every step and may stop the work (:class:`protect.Cancelled`). With ``survival``,
+    ``metrics["survival"]`` says whether the protection survives JPEG q75 and noisy upscaling
+    (:func:`survival_report`, on ``tile`` crops).
     """
     from protect import protect
+    from protect.evaluate import unet_denoiser
 
     check_protect_options(method, eps * 255, steps, seed)
-    if method == "mist" and max(image.size) > MIST_MAX_SIDE:
-        raise ValueError(
-            f"mist needs a latent diffusion model for its semantic part; the demo one (the DiT) works up to "
-            f"{MIST_MAX_SIDE} px and this image is {image.size[0]}x{image.size[1]}: use amortized or photoguard "
-            "(without a diffusion model Mist is PhotoGuard's encoder attack)"
-        )
     device = device or str(best_device()[0])
     extra: dict[str, Any] = {}
     with _lock:
         vae = _vae(device)
         model = _protector(device) if method == "amortized" else None
         if method == "mist":
-            from .evaluation import dit_denoiser
-
-            pipe, _ = _mimicry_models(device)
-            extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": pipe.scheduler.alphas_cumprod}
+            unet, scheduler = _latent_model(device, PROTECT_LDM)
+            extra = {"denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod}
     if model is not None:
         (protected,), report = protect([image], method=method, vae=vae, eps=eps, protector=model, on_step=on_step)
     else:
@@ -232,35 +251,30 @@ def survival_report(vae: Any, original: Image.Image, protected: Image.Image, see
     return entry
 
 
-@functools.lru_cache(maxsize=2)
-def _mimicry_models(device: str):
-    from .demo import load_classifier, load_dit_pipeline
-
-    return load_dit_pipeline(device), load_classifier(device)
-
-
-PREVIEW_CROP = 64  # the mimicry preview edits a native-resolution centre crop (resizing would blur the protection)
+PREVIEW_CROP = 128  # the mimicry preview edits a native-resolution centre crop (resizing would blur the protection)
+PREVIEW_STRENGTH = 0.3
 
 
 def mimicry_preview(
     original: Image.Image,
     protected: Image.Image,
     *,
-    strength: float = 0.3,
+    strength: float = PREVIEW_STRENGTH,
     seed: int = 0,
     device: str | None = None,
-    scale: int = 4,
+    scale: int = 2,
 ) -> tuple[Image.Image, Image.Image, dict[str, Any]] | None:
-    """SDEdit (img2img) of the original and of the protected image with the demo DiT, on the same centre crop
-    (at most 64x64, native resolution) and with the same noise; the class is the demo classifier's guess for
-    the original. Returns both edits (enlarged ``scale`` times), and the class and the PSNR between the edits;
-    ``None`` for images under 8 pixels a side."""
-    from protect.evaluate import sdedit
+    """SDEdit (img2img) of the original and of the protected image with the photo latent model
+    (:data:`PROTECT_LDM` on :data:`PROTECT_VAE`, :func:`protect.evaluate.sdedit_unconditional`), on the same centre
+    crop (at most 128x128, native resolution) and with the same noise. Returns both edits (enlarged ``scale``
+    times) and the PSNR between them (``psnr_between_edits``; lower: the protection changed the edit more) and the
+    crop side; ``None`` for images under 16 pixels a side."""
+    from protect.evaluate import sdedit_unconditional
     from protect.metrics import psnr
 
     width, height = original.size
-    side = min(PREVIEW_CROP, width, height) // 4 * 4
-    if side < 8:
+    side = min(PREVIEW_CROP, width, height) // 8 * 8
+    if side < 16:
         return None
     device = device or str(best_device()[0])
     left, top = (width - side) // 2, (height - side) // 2
@@ -270,20 +284,17 @@ def mimicry_preview(
     ]
     x = (torch.stack(crops).permute(0, 3, 1, 2) / 255).to(device)
     with _lock:
-        pipe, classifier = _mimicry_models(device)
-    with torch.no_grad():
-        small = torch.nn.functional.interpolate(x[:1] * 2 - 1, size=(32, 32), mode="bilinear", antialias=True)
-        label = classifier(small).argmax(1)
-        generators = [torch.Generator().manual_seed(seed) for _ in range(2)]  # the same noise for both
-        edits = sdedit(pipe, x, label.repeat(2), strength=strength, steps=20, generator=generators)
+        vae = _vae(device)
+        unet, scheduler = _latent_model(device, PROTECT_LDM)
+    generators = [torch.Generator().manual_seed(seed) for _ in range(2)]  # the same noise for both, on any device
+    edits = sdedit_unconditional(vae, unet, scheduler, x, strength=strength, steps=20, generator=generators)
     pictures = [
         Image.fromarray((e.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).resize(
             (side * scale, side * scale), Image.NEAREST
         )
         for e in edits
     ]
-    names = sorted(pipe.labels, key=pipe.labels.get)
-    info = {"class": names[int(label)], "psnr_between_edits": psnr(edits[:1], edits[1:]).item(), "crop": side}
+    info = {"psnr_between_edits": psnr(edits[:1], edits[1:]).item(), "crop": side, "strength": strength}
     return pictures[0], pictures[1], info
 
 
@@ -381,25 +392,24 @@ def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, pre
     """Measure the unit costs of :func:`protect_image` and :func:`mimicry_preview` on ``device`` into ``costs``:
     one PGD step of PhotoGuard and of Mist on one ``tile`` x ``tile`` crop (per pixel,
     ``pgd_pixel_step:<method>``), the amortized protector and the survival report on it (per pixel,
-    ``amortized_pixel``, ``survival_pixel``), and one mimicry preview (a 64 px
-    crop). A few seconds on a CPU; each is measured once per ``costs``."""
+    ``amortized_pixel``, ``survival_pixel``), and one mimicry preview (a 128 px crop). A few seconds on a CPU;
+    each is measured once per ``costs``."""
+    from protect.evaluate import unet_denoiser
     from protect.losses import encoder_loss, mist_loss
-
-    from .evaluation import dit_denoiser
 
     device = device or str(best_device()[0])
     with _lock:
         vae, protector = _vae(device), _protector(device)
-        pipe, _ = _mimicry_models(device)
+        unet, scheduler = _latent_model(device, PROTECT_LDM)
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0)).to(device)
     losses = {
         "photoguard": partial(encoder_loss, vae),
         "mist": partial(
             mist_loss,
             vae,
-            dit_denoiser(pipe),
+            unet_denoiser(unet),
             target_latent=None,
-            alphas_cumprod=pipe.scheduler.alphas_cumprod,
+            alphas_cumprod=scheduler.alphas_cumprod,
             generator=torch.Generator(device).manual_seed(0),
         ),
     }
@@ -418,7 +428,7 @@ def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, pre
     image = Image.fromarray((x[0].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
     costs.measure("survival_pixel", lambda: survival_report(vae, image, image, tile=tile), units=tile * tile)
     if preview:
-        crop = image.crop((0, 0, 64, 64))
+        crop = image.crop((0, 0, min(tile, PREVIEW_CROP), min(tile, PREVIEW_CROP)))
         costs.measure("preview", lambda: mimicry_preview(crop, crop, device=device), repeats=1)
     return costs
 

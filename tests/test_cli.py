@@ -49,28 +49,30 @@ def test_a_folder_as_input_is_reported_as_a_folder(tmp_path, capsys):
     assert "is a folder" in err and "no such file" not in err
 
 
-def test_mist_uses_a_latent_diffusion_model_or_refuses(tmp_path, capsys):
-    """Mist without a denoiser was byte-identical to PhotoGuard: the app and CLI now pass the demo DiT (the latent
-    diffusion model on the demo VAE) and refuse images too large for it."""
+def test_mist_uses_the_photo_latent_model_or_refuses(tmp_path, capsys, monkeypatch):
+    """Mist without a denoiser was byte-identical to PhotoGuard: the app and the CLI pass the photo latent model
+    (the latent diffusion model on the photo VAE) as its semantic part, at any size (tiled), and refuse with a
+    clear message when it is missing."""
     import numpy as np
 
     from apps.demo import DEMO_DIR
 
-    big = Image.new("RGB", (300, 200))
-    with pytest.raises(ValueError, match="mist needs a latent diffusion model"):
-        services.protect_image(big, method="mist", eps=8 / 255, steps=1, device="cpu")
-    path = tmp_path / "big.png"
-    big.save(path)
-    assert cli_main(["protect", str(path), "--method", "mist", "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
-    assert "mist needs a latent diffusion model" in capsys.readouterr().err
-    if not all((DEMO_DIR / name).is_dir() for name in ("vae", "dit")):
-        pytest.skip("the demo VAE and DiT are not in demo_models/")
+    if not all((DEMO_DIR / name).is_dir() for name in ("photo_vae", "photo_ldm")):
+        pytest.skip("the photo VAE and latent model are not in demo_models/")
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    kwargs = {"eps": 8 / 255, "steps": 3, "seed": 0, "device": "cpu"}
+    image = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    kwargs = {"eps": 8 / 255, "steps": 2, "seed": 0, "device": "cpu", "survival": False}
     mist, _ = services.protect_image(image, method="mist", **kwargs)
     photoguard, _ = services.protect_image(image, method="photoguard", **kwargs)
     assert not np.array_equal(np.asarray(mist), np.asarray(photoguard))
+    monkeypatch.setattr(services, "PROTECT_LDM", "demo/no_such_model")
+    with pytest.raises(ValueError, match="mist and the mimicry preview need the latent diffusion model"):
+        services.protect_image(image, method="mist", **kwargs)
+    path = tmp_path / "art.png"
+    image.save(path)
+    argv = ["protect", str(path), "--method", "mist", "--out", str(tmp_path / "o"), "--steps", "1"]
+    assert cli_main([*argv, "--device", "cpu"]) == 2
+    assert "need the latent diffusion model demo/no_such_model" in capsys.readouterr().err
 
 
 def test_every_subcommand_has_its_runner_in_order():

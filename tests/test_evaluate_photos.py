@@ -80,11 +80,20 @@ def test_photo_evaluation_reports_rows_noise_and_worst_case_per_vae(vae_folders,
 
 
 def test_photo_evaluation_runs_the_amortized_protector_against_a_demo_vae(tmp_path):
-    report = tmp_path / "r.json"
-    assert cli_main(_argv("--methods", "amortized", "--vae", "demo/vae", "--json", str(report))) == 0
-    rows = {(r["protection"], r["purification"]): r for r in json.loads(report.read_text())["rows"]}
-    assert rows[("amortized", "none")]["linf_255"] <= 8 + 1e-3
-    assert rows[("amortized", "none")]["latent_distortion_demo/vae"] > 0
+    """The default protector of a photo evaluation is the photo one; the shapes VAE takes the shapes protector."""
+    import warnings
+
+    for vae, protector in (("demo/photo_vae", "demo/photo_protector"), ("demo/vae", "demo_models/protector")):
+        report = tmp_path / f"{vae.replace('/', '_')}.json"
+        argv = _argv("--methods", "amortized", "--vae", vae, "--ldm", "none", "--json", str(report))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # trained against the VAE it protects for: no mismatch warning
+            assert cli_main([*argv, *(["--protector", protector] if vae == "demo/vae" else [])]) == 0
+        result = json.loads(report.read_text())
+        assert result["settings"]["protector"] == protector
+        rows = {(r["protection"], r["purification"]): r for r in result["rows"]}
+        assert rows[("amortized", "none")]["linf_255"] <= 8 + 1e-3
+        assert rows[("amortized", "none")][f"latent_distortion_{vae}"] > 0
 
 
 def test_a_hub_id_not_available_offline_is_a_clear_error(vae_folders, monkeypatch, tmp_path, capsys):
@@ -103,12 +112,13 @@ def test_a_hub_id_not_available_offline_is_a_clear_error(vae_folders, monkeypatc
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (("--methods", "mist"), "mist need a latent diffusion model"),
-        (("--methods", "photoguard", "sds"), "sds need a latent diffusion model"),
+        (("--methods", "mist", "--ldm", "none"), "mist need a latent diffusion model"),
+        (("--methods", "photoguard", "sds", "--ldm", "none"), "sds need a latent diffusion model"),
         (("-n", "256", "--size", "400", "--steps", "1000"), "megapixel VAE passes"),
         (("--size", "500"), "--size"),
         (("--vae", "demo/vae", "--vae", "demo/vae"), "each once"),
-        (("--strengths", "0.3"), "one SDEdit strength and needs a latent model"),
+        (("--strengths", "0.3", "--ldm", "none"), "one SDEdit strength and needs a latent model"),
+        (("--strengths", "0.3", "0.5"), "one SDEdit strength and needs a latent model"),
         (("--lora-steps", "0"), "--lora-steps does not apply to --photos"),
     ],
 )

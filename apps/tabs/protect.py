@@ -16,6 +16,7 @@ from ..disk import OutputFolders
 from ..files import perturbation_image, restore_mode, save_new
 from ..jobs import Job, Limits, duration, gradio_alive
 from ..services import (
+    DEFAULT_PGD_STEPS,
     EPS_255,
     PGD_STEPS,
     PGD_TILE,
@@ -44,16 +45,16 @@ def protect_tab(
 
     def protect(files, method, eps, steps, seed, preview=True, progress=gr.Progress()):  # noqa: B008
         """Protect images against mimicry by diffusion models (an imperceptible L-infinity perturbation against
-        the demo VAE encoder); returns a comparison gallery, a metrics table, the protected PNG files, a summary
+        the photo VAE encoder); returns a comparison gallery, a metrics table, the protected PNG files, a summary
         and a before/after pair.
 
         Args:
             files: image files (PNG, JPEG, WebP, BMP or TIFF), at most the server's file and pixel limits.
-            method: "amortized" (one forward pass of the demo protector), "photoguard" or "mist" (PGD).
+            method: "amortized" (one forward pass of the photo protector), "photoguard" or "mist" (PGD).
             eps: the L-infinity budget in 1/255 units, 1 to 32.
             steps: PGD steps (photoguard, mist), 1 to 500.
             seed: seed of the PGD start (image i uses seed + i).
-            preview: also edit the original and the protected image with the demo DiT (SDEdit) to compare.
+            preview: also edit the original and the protected image with the photo latent model (SDEdit).
         """
         try:
             eps, steps, seed = float(eps), int(steps), int(seed)
@@ -110,15 +111,15 @@ def protect_tab(
             if preview:
                 try:
                     job.start(f"mimicry preview of {upload.name}", (i + 0.5) / len(loaded))
-                except Cancelled as error:
+                    mimicry = mimicry_preview(upload.image, protected, seed=seed + i, device=device)
+                except (Cancelled, ValueError) as error:
                     raise gr.Error(str(error)) from None
-                mimicry = mimicry_preview(upload.image, protected, seed=seed + i, device=device)
                 if mimicry is not None:
                     before, after, info = mimicry
-                    crop = f"{info['crop']}px crop, class {info['class']}"
+                    crop = f"{info['crop']}px centre crop"
                     gallery += [
-                        (before, f"{upload.name}: SDEdit 0.3 of the original ({crop})"),
-                        (after, f"{upload.name}: SDEdit 0.3 of the protected image (same noise)"),
+                        (before, f"{upload.name}: SDEdit {info['strength']:g} of the original ({crop})"),
+                        (after, f"{upload.name}: SDEdit {info['strength']:g} of the protected image (same noise)"),
                     ]
                     edit_psnr = round(info["psnr_between_edits"], 2)
             w, h = upload.size
@@ -133,18 +134,19 @@ def protect_tab(
         columns = ["file", "size", "mode", "PSNR (dB)", "SSIM", "Linf (/255)", "seconds", "edits PSNR (dB)"]
         columns += ["after JPEG q75", "after noisy upscaling"]
         table = pd.DataFrame(rows, columns=columns)
-        how = "one forward pass of the demo amortized protector" if method == "amortized" else f"{steps} PGD steps"
+        how = "one forward pass of the amortized protector" if method == "amortized" else f"{steps} PGD steps"
         summary = (
             f"Protected {len(loaded)} image(s) with **{method}** (eps {eps:g}/255, {how}, seed {seed}) "
-            f"against the demo VAE in {duration(job.elapsed)}. Download the PNG files (deleted from this server after "
-            f"{duration(limits.output_age)}): re-encoding them (JPEG, resizing) weakens the protection. "
+            f"against the photo demo VAE in {duration(job.elapsed)}. Download the PNG files (deleted from this "
+            f"server after {duration(limits.output_age)}): re-encoding them (JPEG, resizing) weakens the protection. "
             f"**{survivors} of {len(loaded)} survive** JPEG q75 and noisy upscaling (the last two columns: the shift "
-            f"of the demo VAE's latent after the purification, against same-budget random noise after it; survives "
+            f"of the photo VAE's latent after the purification, against same-budget random noise after it; survives "
             f"at >= {MARGIN:g}x the noise's)."
             + (
                 " The mimicry preview edits the same centre crop of the original and of the protected image with "
-                "the demo DiT (SDEdit, strength 0.3, same noise); a lower 'edits PSNR' means the protection "
-                "changed the edit more (random noise of 8/255 gives about 44 dB on the demo images)."
+                "the photo latent diffusion model (SDEdit, strength 0.3, same noise); a lower 'edits PSNR' means "
+                "the protection changed the edit more (compare with random noise of the same budget in "
+                "benchmarks/RESULTS.md)."
                 if preview
                 else ""
             )
@@ -157,11 +159,12 @@ def protect_tab(
 
     with gr.Tab("Protect"):
         gr.Markdown(
-            "Add an imperceptible L-infinity perturbation that misleads the (demo) VAE encoder, so that "
-            "diffusion-based editing or mimicry of the image fails: **amortized** (a pre-trained protector, "
-            "one forward pass, FastProtect-style), **photoguard** (PGD encoder attack) or **mist** (Mist's "
-            "textural loss plus its semantic loss through the demo DiT; images up to 256 px). Measured effects "
-            "on the demo models are modest: see benchmarks/RESULTS.md. The metrics say per image whether the "
+            "Add an imperceptible L-infinity perturbation that misleads the VAE encoder (here the small photo "
+            "demo VAE, a stand-in for Stable Diffusion's), so that diffusion-based editing or mimicry of the "
+            "image fails: **amortized** (a pre-trained protector, one forward pass, FastProtect-style), "
+            "**photoguard** (PGD encoder attack) or **mist** (Mist's textural loss plus its semantic loss "
+            "through the photo latent diffusion model). Images are protected at their native resolution. "
+            "What survives purification is measured in benchmarks/RESULTS.md. The metrics say per image whether the "
             "protection survives JPEG q75 and noisy upscaling (the latent shift left, against random noise). "
             f"Each request may use up to {limits.max_files} images and {limits.max_pixels:,} pixels in all"
             + (f", and about {duration(limits.max_seconds)} of estimated work" if limits.max_seconds else "")
@@ -178,9 +181,11 @@ def protect_tab(
                 )
                 protect_method = gr.Radio(list(PROTECT_METHODS), value="amortized", label="method")
                 protect_eps = gr.Slider(*EPS_255, value=8, step=1, label="budget eps (in 1/255)")
-                protect_steps = gr.Slider(*PGD_STEPS, value=50, step=1, label="PGD steps (photoguard, mist)")
+                protect_steps = gr.Slider(
+                    *PGD_STEPS, value=DEFAULT_PGD_STEPS, step=1, label="PGD steps (photoguard, mist)"
+                )
                 protect_seed = gr.Number(0, precision=0, label="seed")
-                protect_preview = gr.Checkbox(True, label="mimicry preview (SDEdit by the demo DiT, before/after)")
+                protect_preview = gr.Checkbox(True, label="mimicry preview (SDEdit by the photo latent model)")
                 with gr.Row():
                     protect_button = gr.Button("Protect", variant="primary", elem_id="protect-button")
                     protect_stop = gr.Button("Stop", variant="stop", elem_id="protect-stop")
