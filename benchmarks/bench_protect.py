@@ -1,14 +1,15 @@
-"""Seconds per 512x512 image for each protection method, side by side in one run, and their ratio to the
-amortized protector.
+"""Seconds per image at 512x512 and 1024x1024 for each protection method, side by side in one run, and their
+ratio to the amortized protector.
 
-Two encoders: the demo VAE the protections are trained and evaluated against, and the full-size Stable
-Diffusion VAE architecture (random weights, built from its config: only speed is measured there). The images
-are scikit-image's astronaut and coffee photos resized to 512x512. A PGD step costs the same at every
-iteration, so PGD methods run ``--measured-steps`` steps (after one warm-up step) and the time is scaled to the
-``--steps`` the method would run (stated in the output; ``--measured-steps 100`` measures them all). Mist and
-SDS need a latent denoiser: the demo DiT on the demo VAE's latents.
+The encoder is the photo demo VAE the app and the CLI protect against (``--vae``, default ``demo/photo_vae``),
+with Mist and SDS through the photo latent model (``--ldm``, default ``demo/photo_ldm``) and the photo amortized
+protector (``--protector``); ``--sd-vae`` adds the full-size Stable Diffusion VAE architecture (random weights,
+built from its config: only speed is measured there). PGD runs on 128 px tiles, as the app runs it. The images
+are scikit-image's astronaut and coffee photos resized to each size. A PGD step costs the same at every
+iteration, so PGD methods run ``--measured-steps`` steps (after a warm-up) and the time is scaled to the
+``--steps`` the method would run (stated in the output; ``--measured-steps 100`` measures them all).
 
-    OMP_NUM_THREADS=2 python -m benchmarks.bench_protect [--steps 100 --measured-steps 2]
+    OMP_NUM_THREADS=2 python -m benchmarks.bench_protect [--sizes 512 1024 --steps 100 --measured-steps 2]
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ import datetime
 import json
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from apps.demo import DEMO_DIR, load_dit_pipeline
-from apps.evaluation import dit_denoiser
+from apps.demo import DEMO_DIR
+from apps.models import load_latent_model, load_vae
 from benchmarks.common import machine
 from protect import AmortizedProtector, protect
+from protect.evaluate import unet_denoiser
 
 
 def photos(size: int = 512) -> torch.Tensor:
@@ -61,44 +64,74 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--measured-steps", type=int, default=2, help="PGD steps actually timed")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--protector", default=str(DEMO_DIR / "protector"))
-    parser.add_argument("--skip-semantic", action="store_true", help="leave out Mist and SDS (DiT at 512^2)")
-    args = parser.parse_args()
-    images = photos(args.size)
-    n = len(images)
-    pipe = load_dit_pipeline()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--vae", default="demo/photo_vae")
+    parser.add_argument("--ldm", default="demo/photo_ldm", help="latent model for Mist and SDS ('none': skip them)")
+    parser.add_argument("--protector", default=str(DEMO_DIR / "photo_protector"))
+    parser.add_argument("--tile", type=int, default=128)
+    parser.add_argument("--sd-vae", action="store_true", help="also time PhotoGuard on the SD VAE architecture")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    vae = load_vae(args.vae, "cpu")
     protector = AmortizedProtector.from_pretrained(args.protector)
-    gen = lambda: [torch.Generator().manual_seed(i) for i in range(n)]
+    semantic = {}
+    if args.ldm != "none":
+        unet, scheduler, _ = load_latent_model(args.ldm, args.vae, "cpu")
+        semantic = {"denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod}
     rows = []
 
-    def run(encoder: str, vae, steps_run: int, steps_reported: int, methods) -> None:
-        protect(images[:1, :, :64, :64], "amortized", vae=vae, protector=protector)  # warm-up
-        protect(images[:1, :, :64, :64], "photoguard", vae=vae, steps=1)
-        amortized = timed(lambda: protect(images, "amortized", vae=vae, protector=protector)) / n
-        rows.append((encoder, "amortized (one pass)", amortized, 1.0, "measured"))
+    def run(encoder: str, model, images: torch.Tensor, methods) -> None:
+        n, size = len(images), images.shape[-1]
+        gen = lambda: [torch.Generator().manual_seed(i) for i in range(n)]
+        protect(images[:1, :, :64, :64], "amortized", vae=model, protector=protector)  # warm-up
+        protect(images[:1, :, :64, :64], "photoguard", vae=model, steps=1)
+        amortized = timed(lambda: protect(images, "amortized", vae=model, protector=protector)) / n
+        rows.append(
+            {
+                "encoder": encoder,
+                "size": size,
+                "method": "amortized (one pass)",
+                "seconds": amortized,
+                "ratio": 1.0,
+                "how": "measured",
+            }
+        )
+        print(rows[-1], flush=True)
         for method in methods:
-            extra = {}
-            if method in ("mist", "sds"):
-                extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": pipe.scheduler.alphas_cumprod}
-            seconds = timed(partial(protect, images, method, vae=vae, steps=steps_run, generator=gen(), **extra)) / n
-            seconds *= steps_reported / steps_run
-            how = "measured" if steps_run == steps_reported else f"{steps_run} steps measured, scaled"
-            rows.append((encoder, f"{method} ({steps_reported} PGD steps)", seconds, seconds / amortized, how))
+            extra = semantic if method in ("mist", "sds") else {}
+            run_steps = partial(protect, images, method, vae=model, generator=gen(), tile=args.tile, **extra)
+            seconds = timed(partial(run_steps, steps=args.measured_steps)) / n * args.steps / args.measured_steps
+            how = "measured" if args.measured_steps == args.steps else f"{args.measured_steps} steps measured, scaled"
+            rows.append(
+                {
+                    "encoder": encoder,
+                    "size": size,
+                    "method": f"{method} ({args.steps} PGD steps)",
+                    "seconds": seconds,
+                    "ratio": seconds / amortized,
+                    "how": how,
+                }
+            )
             print(rows[-1], flush=True)
 
-    semantic = () if args.skip_semantic else ("mist", "sds")
-    run("demo VAE", pipe.vae, args.measured_steps, args.steps, ("photoguard", *semantic))
-    run("SD VAE architecture", sd_vae(), args.measured_steps, args.steps, ("photoguard",))
-    print(f"\n{datetime.date.today()}, {machine()}, images {n} x {args.size}x{args.size}\n")
-    print("| encoder | method | seconds / image | x amortized | how |\n|---|---|---|---|---|")
-    for encoder, method, seconds, ratio, how in rows:
-        print(f"| {encoder} | {method} | {seconds:.3f} | {ratio:.0f}x | {how} |")
-    print(json.dumps([dict(zip(("encoder", "method", "seconds", "ratio", "how"), r)) for r in rows]))
+    for size in args.sizes:
+        images = photos(size)
+        run(args.vae, vae, images, ("photoguard", *(("mist", "sds") if semantic else ())))
+        if args.sd_vae:
+            run("SD VAE architecture", sd_vae(), images, ("photoguard",))
+    print(f"\n{datetime.date.today()}, {machine()}, 2 images per size, PGD on {args.tile} px tiles\n")
+    print("| encoder | size | method | seconds / image | x amortized | how |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['encoder']} | {r['size']} | {r['method']} | {r['seconds']:.3f} | {r['ratio']:.0f}x | {r['how']} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {"date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "rows": rows}
+        args.json.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return rows
 
 
 if __name__ == "__main__":
