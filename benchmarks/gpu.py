@@ -9,7 +9,7 @@ measurements one at a time):
 - ``sd3``, ``flux``: SD3-medium and FLUX.1-dev transformer architectures (random weights, bfloat16, 1024x1024):
   the pipeline's CFG / true CFG (peer) against ``guide`` CFG, APG and CFG + PAG (SD3: and diffusers' SD3 PAG
   pipeline);
-- ``protect``: the demo amortized protector and one PhotoGuard PGD step against the Stable Diffusion VAE
+- ``protect``: the photo amortized protector and one PhotoGuard PGD step against the Stable Diffusion VAE
   architecture, seconds per image at 512x512 and 1024x1024 in batches of 4, float32 and float16;
 - ``eps``: EPS-AD's expected perturbation score with the noise levels batched vs one level at a time (the demo
   detector and its score model), images per second;
@@ -361,7 +361,7 @@ def photos(n: int, size: int, device: str) -> torch.Tensor:
 def section_protect(ctx: Context) -> list[dict[str, Any]]:
     from protect import AmortizedProtector
 
-    protector = AmortizedProtector.from_pretrained(str(ROOT / "demo_models" / "protector")).to(ctx.device)
+    protector = AmortizedProtector.from_pretrained(str(ROOT / "demo_models" / "photo_protector")).to(ctx.device)
     batch = 2 if ctx.dry_run else 4
     rows = []
     for dtype in (torch.float32, torch.float16) if ctx.cuda else (torch.float32,):
