@@ -360,14 +360,13 @@ def run_photos(
     table = purification_table(purifications, vae=target, pixel_model=pixel_model, device=device, seed=seed)
     images = images.to(device)
     protected, seconds = {}, {}
-    amortized = None
+    amortized, protector_name = None, str(protector or default_photo_protector())
     for method in methods:
         name, _, count = method.partition("@")
         start = time.perf_counter()
         if name.startswith("amortized"):
             if amortized is None:
-                chosen = resolve(str(protector)) if protector else resolve(default_photo_protector())
-                amortized = AmortizedProtector.from_pretrained(chosen).to(device)
+                amortized = AmortizedProtector.from_pretrained(resolve(protector_name)).to(device)
             floor = 1.0 if name == "amortized-full" else None
             protected[method], _ = protect(
                 images, "amortized", vae=target, protector=amortized, eps=eps, min_strength=floor
@@ -411,7 +410,7 @@ def run_photos(
         "attacked_vae": vaes[0],
         "purifications": {name: getattr(entry, "description", name) for name, entry in table.items()},
         "pixel_model": pixel_model if "diffpure" in table else None,
-        "protector": str(protector or default_photo_protector()) if amortized is not None else None,
+        "protector": protector_name if amortized is not None else None,
         "ldm": ldm,
         "sdedit": {"strength": sdedit_strength, "steps": sdedit_steps} if latent_model is not None else None,
         "work_megapixel_vae_passes": work,

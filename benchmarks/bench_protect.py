@@ -84,39 +84,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         semantic = {"denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod}
     rows = []
 
+    def add(encoder: str, size: int, method: str, seconds: float, ratio: float, how: str) -> None:
+        rows.append(
+            {"encoder": encoder, "size": size, "method": method, "seconds": seconds, "ratio": ratio, "how": how}
+        )
+        print(rows[-1], flush=True)
+
     def run(encoder: str, model, images: torch.Tensor, methods) -> None:
         n, size = len(images), images.shape[-1]
         gen = lambda: [torch.Generator().manual_seed(i) for i in range(n)]
         protect(images[:1, :, :64, :64], "amortized", vae=model, protector=protector)  # warm-up
         protect(images[:1, :, :64, :64], "photoguard", vae=model, steps=1)
         amortized = timed(lambda: protect(images, "amortized", vae=model, protector=protector)) / n
-        rows.append(
-            {
-                "encoder": encoder,
-                "size": size,
-                "method": "amortized (one pass)",
-                "seconds": amortized,
-                "ratio": 1.0,
-                "how": "measured",
-            }
-        )
-        print(rows[-1], flush=True)
+        add(encoder, size, "amortized (one pass)", amortized, 1.0, "measured")
         for method in methods:
             extra = semantic if method in ("mist", "sds") else {}
             run_steps = partial(protect, images, method, vae=model, generator=gen(), tile=args.tile, **extra)
             seconds = timed(partial(run_steps, steps=args.measured_steps)) / n * args.steps / args.measured_steps
             how = "measured" if args.measured_steps == args.steps else f"{args.measured_steps} steps measured, scaled"
-            rows.append(
-                {
-                    "encoder": encoder,
-                    "size": size,
-                    "method": f"{method} ({args.steps} PGD steps)",
-                    "seconds": seconds,
-                    "ratio": seconds / amortized,
-                    "how": how,
-                }
-            )
-            print(rows[-1], flush=True)
+            add(encoder, size, f"{method} ({args.steps} PGD steps)", seconds, seconds / amortized, how)
 
     for size in args.sizes:
         images = photos(size)
