@@ -316,7 +316,7 @@ def run_photos(
     the SDEdit of the clean image (see :data:`PHOTO_NOTE`). Without it there is no mimicry and no Mist/SDS.
     """
     from protect import AmortizedProtector, protect
-    from protect.evaluate import evaluate, sdedit_unconditional, unet_denoiser
+    from protect.evaluate import evaluate, sdedit_unconditional, semantic_part
 
     from .models import check_latent_pair, load_latent_model, load_vae, resolve
 
@@ -378,7 +378,7 @@ def run_photos(
             extra = {}
             if name in PHOTO_LATENT_METHODS:
                 unet, scheduler = latent_model
-                extra = {"denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod.to(device)}
+                extra = semantic_part(unet, scheduler)
             protected[method], _ = protect(
                 images, name, vae=target, eps=eps, steps=n_steps, generator=gens, tile=tiled, **extra
             )

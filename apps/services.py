@@ -202,7 +202,7 @@ def protect_image(
     (:func:`survival_report`, on ``tile`` crops).
     """
     from protect import protect
-    from protect.evaluate import unet_denoiser
+    from protect.evaluate import semantic_part
 
     check_protect_options(method, eps * 255, steps, seed)
     device = device or str(best_device()[0])
@@ -212,7 +212,7 @@ def protect_image(
         model = _protector(device) if method == "amortized" else None
         if method == "mist":
             unet, scheduler = _latent_model(device, PROTECT_LDM)
-            extra = {"denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod}
+            extra = semantic_part(unet, scheduler)
     if model is not None:
         (protected,), report = protect([image], method=method, vae=vae, eps=eps, protector=model, on_step=on_step)
     else:

@@ -27,7 +27,7 @@ import torch
 from apps.models import load_latent_model, load_vae
 from benchmarks.common import machine
 from protect import protect
-from protect.evaluate import sdedit_unconditional, unet_denoiser
+from protect.evaluate import sdedit_unconditional, semantic_part
 from protect.metrics import psnr
 from protect.purify import sign_noise
 from protect.survival import report
@@ -89,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae", default="demo/photo_vae")
     parser.add_argument("--ldm", default=None, help="latent model for Mist (e.g. demo/photo_ldm); none: no Mist")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100])
-    parser.add_argument("--methods", nargs="+", choices=("photoguard", "mist"), default=["photoguard", "mist"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=("photoguard", "mist"),
+        default=None,
+        help="default: both with --ldm, else photoguard",
+    )
     parser.add_argument("-n", "--num-images", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--eps", type=float, default=8.0, help="budget in 1/255")
@@ -98,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = ["photoguard", "mist"] if args.ldm else ["photoguard"]
+    if "mist" in args.methods and not args.ldm:
+        parser.error("mist needs a latent diffusion model as its semantic part (--ldm, e.g. demo/photo_ldm)")
     vae = load_vae(args.vae, "cpu")
     images = training_crops(args.num_images, args.size, args.seed)
     methods = {"photoguard": {"vae": vae}}
@@ -105,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ldm:
         unet, scheduler, _ = load_latent_model(args.ldm, args.vae, "cpu")
         if "mist" in args.methods:
-            methods["mist"] = {"vae": vae, "denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod}
+            methods["mist"] = {"vae": vae, **semantic_part(unet, scheduler)}
         mimic = Mimic(vae, unet, scheduler, images)
         noise = torch.cat([sign_noise(x[None], args.eps / 255, i) for i, x in enumerate(images)])
         baseline = {"random_noise_sdedit_psnr_to_clean": mimic.psnr_to_clean(noise)}

@@ -30,7 +30,7 @@ from apps.demo import DEMO_DIR
 from apps.models import load_latent_model, load_vae
 from benchmarks.common import machine
 from protect import AmortizedProtector, protect
-from protect.evaluate import unet_denoiser
+from protect.evaluate import semantic_part
 
 
 def photos(size: int = 512) -> torch.Tensor:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     semantic = {}
     if args.ldm != "none":
         unet, scheduler, _ = load_latent_model(args.ldm, args.vae, "cpu")
-        semantic = {"denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod}
+        semantic = semantic_part(unet, scheduler)
     rows = []
 
     def add(encoder: str, size: int, method: str, seconds: float, ratio: float, how: str) -> None:

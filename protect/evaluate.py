@@ -53,6 +53,7 @@ __all__ = [
     "sample",
     "sdedit",
     "sdedit_unconditional",
+    "semantic_part",
     "unet_denoiser",
     "worst_case",
 ]
@@ -162,6 +163,13 @@ def unet_denoiser(unet: torch.nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
         return out[..., :height, :width]
 
     return eps
+
+
+def semantic_part(unet: torch.nn.Module, scheduler: Any) -> dict[str, Any]:
+    """Mist's and SDS's semantic part from an unconditional latent ``UNet2DModel`` and its scheduler: the keyword
+    arguments :func:`protect.protect` takes (``denoiser``, ``alphas_cumprod`` on the UNet's device)."""
+    device = next(unet.parameters()).device
+    return {"denoiser": unet_denoiser(unet), "alphas_cumprod": scheduler.alphas_cumprod.to(device)}
 
 
 @torch.no_grad()

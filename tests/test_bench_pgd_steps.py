@@ -45,3 +45,11 @@ def test_step_sweep_writes_rows_and_a_recommendation(tmp_path, capsys):
     assert all(0 < r["sdedit_psnr_to_clean"] < 100 for r in record["rows"])  # the mimicry through the latent model
     assert 0 < record["random_noise_sdedit_psnr_to_clean"] < 100
     assert "training photos" in record["data"] and "x its speed" in capsys.readouterr().out
+
+
+def test_mist_without_a_latent_model_is_refused_not_dropped(tmp_path, capsys):
+    vae_dir = tmp_path / "vae"
+    tiny_vae().save_pretrained(vae_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_pgd_steps.main(["--vae", str(vae_dir), "--methods", "photoguard", "mist", "--steps", "1"])
+    assert exit_info.value.code == 2 and "mist needs" in capsys.readouterr().err
