@@ -25,18 +25,20 @@ pytestmark = pytest.mark.skipif(not (DEMO_DIR / "dit").is_dir(), reason="the dem
 
 TIME_LIMIT = 8.0
 OUTPUT_AGE = 5.0
+STEP_DELAY = 0.05  # seconds added to each protection step of the recorded jobs
 
 
 @pytest.fixture(scope="module")
 def limited(detector_dir, tmp_path_factory):  # noqa: F811
-    """The app with a 600 s budget, an 8 s time limit, outputs kept 5 s, hub models allowed, MCP on.
+    """The app with a 60 s budget (the 1024 px, 500-step refusal below is ~10x over it on a 2-core CPU, the 64 px,
+    400-step long jobs ~20x under), an 8 s time limit, outputs kept 5 s, hub models allowed, MCP on.
 
     Its Gradio cache is a folder of its own: deleting files after 5 s (and all of them at shutdown) must not
     touch the example files that the other test modules' apps cache under the same content-hashed names."""
     from apps.app import build_app, launch_options
     from apps.jobs import Limits
 
-    limits = Limits(max_seconds=600, time_limit=TIME_LIMIT, output_age=OUTPUT_AGE, allow_hub=True)
+    limits = Limits(max_seconds=60, time_limit=TIME_LIMIT, output_age=OUTPUT_AGE, allow_hub=True)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio-cache")))
         app = build_app("demo/dit", device="cpu", detector=detector_dir, limits=limits)
@@ -61,7 +63,9 @@ def client(limited):
 
 @pytest.fixture
 def recorded(monkeypatch):
-    """Every protect_image call of the Protect tab: when it ended and how (its exception, if any)."""
+    """Every protect_image call of the Protect tab: when it ended and how (its exception, if any). Each step waits
+    :data:`STEP_DELAY` first, so that a 400-step job runs for 20 s or more on any machine (the time limit, Stop and
+    disconnection must meet it running), while its cost estimate stays that of the real work."""
     import apps.tabs.protect as tab
 
     calls: list[dict] = []
@@ -70,6 +74,14 @@ def recorded(monkeypatch):
     def wrapper(*args, **kwargs):
         call = {"start": time.monotonic(), "end": None, "error": None}
         calls.append(call)
+        if kwargs.get("on_step") is not None:
+            step = kwargs["on_step"]
+
+            def slow_step(info):
+                time.sleep(STEP_DELAY)
+                return step(info)
+
+            kwargs["on_step"] = slow_step
         try:
             return original(*args, **kwargs)
         except BaseException as error:
@@ -108,7 +120,8 @@ def _upload(url: str, path: str) -> str:
 
 
 def _long_protection(client, path: str, steps: int = 400):
-    """A PhotoGuard job that would run far past the time limit (estimated well under the budget)."""
+    """A PhotoGuard job that runs far past the time limit with the ``recorded`` fixture's step delay (estimated well
+    under the budget)."""
     from gradio_client import handle_file
 
     return client.submit([handle_file(path)], "photoguard", 8, steps, 0, False, api_name="/protect")
@@ -135,7 +148,7 @@ def test_over_budget_is_refused_in_well_under_a_second(client, tmp_path):
 
     path = handle_file(_file(tmp_path, (1024, 1024)))
     start = time.perf_counter()
-    with pytest.raises(Exception, match=r"would take about .* more than its limit of 10 min 00 s .*--max-seconds"):
+    with pytest.raises(Exception, match=r"would take about .* more than its limit of 1 min 00 s .*--max-seconds"):
         client.predict([path], "photoguard", 8, 500, 0, True, api_name="/protect")
     assert time.perf_counter() - start < 1.0
     with pytest.raises(Exception, match=r"at most 8 images per request"):
