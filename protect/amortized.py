@@ -41,7 +41,14 @@ from .pgd import fit_to_ball
 
 Tensor = torch.Tensor
 
-__all__ = ["AmortizedProtector", "multi_vae_target_loss", "strength_map", "target_bank", "vae_signature"]
+__all__ = [
+    "AmortizedProtector",
+    "mimicry_shift",
+    "multi_vae_target_loss",
+    "strength_map",
+    "target_bank",
+    "vae_signature",
+]
 
 SIGNATURE_VALUES = 16  # weights read from each of two encoder convolutions
 
@@ -126,6 +133,45 @@ def multi_vae_target_loss(
         moved = (z - clean).pow(2).mean(1).flatten(1).sum(1)
         total = total + (remaining - distortion_weight * moved) / initial.clamp_min(1e-8)
     return total / len(vaes)
+
+
+def mimicry_shift(
+    denoiser,
+    alphas_cumprod: Tensor,
+    protected_latents: Tensor,
+    clean_latents: Tensor,
+    generator: torch.Generator,
+    strengths: tuple[float, float] = (0.1, 0.5),
+) -> Tensor:
+    """A one-step SDEdit surrogate of the mimicry damage, per image (higher = stronger protection).
+
+    Both latents are noised to the same timestep ``t`` (drawn per image, uniform over ``strengths`` of the
+    schedule) with the same noise; the latent diffusion model's clean-latent estimate
+    ``x0(z) = (z_t - sqrt(1 - a_t) eps(z_t, t)) / sqrt(a_t)`` of the protected latent is compared with that of the
+    clean one: ``mean ||x0(z') - x0(z)||^2 / mean ||z||^2``. An SDEdit edit starts from that estimate, so a
+    perturbation that only the denoiser washes out scores nothing here. ``denoiser(z_t, t)`` predicts the noise
+    (e.g. :func:`protect.evaluate.unet_denoiser` of an unconditional latent ``UNet2DModel``); gradients flow
+    through it to ``protected_latents``. ``generator`` is a CPU generator (draws move to the latents' device).
+    """
+    z, clean = protected_latents, clean_latents.to(protected_latents)
+    alphas = alphas_cumprod.float().to(z.device)
+    steps = len(alphas)
+    low, high = strengths
+    fraction = torch.rand(len(z), generator=generator) * (high - low) + low
+    t = (fraction * (steps - 1)).round().long().to(z.device)
+    noise = torch.randn(z.shape, generator=generator).to(z)
+    a = alphas[t].to(z).view(-1, *([1] * (z.dim() - 1)))
+
+    def estimate(latents: Tensor) -> Tensor:
+        z_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+        out = denoiser(z_t, t)
+        eps = getattr(out, "sample", out).float()
+        return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+    with torch.no_grad():
+        reference = estimate(clean)
+    moved = (estimate(z) - reference).pow(2).flatten(1).mean(1)
+    return moved / clean.pow(2).flatten(1).mean(1).clamp_min(1e-8)
 
 
 class AmortizedProtector(ModelMixin, ConfigMixin):

@@ -12,7 +12,11 @@ VAEs are given as local diffusers folders or hub ids (``from_pretrained``, safet
 TIFF, 50 MB and 40 M pixels at most) or from the ``shapes`` callable given to :func:`main` (the procedural demo
 shapes and the ``demo/<name>`` VAE aliases: ``python -m apps.train_protector``, which calls :func:`main`).
 The loss is :func:`~protect.amortized.multi_vae_target_loss` of the protected images after a random
-purification (JPEG, resize, blur or noise, drawn per step with probability ``--robust-prob``).
+purification (JPEG, resize, blur or noise, drawn per step with probability ``--robust-prob``). With ``--ldm`` (an
+unconditional latent diffusion model of the first VAE: a folder or id with ``unet/`` and ``scheduler/``, e.g.
+``demo/photo_ldm``) it also pushes the mimicry damage up: ``--mimicry-weight`` times
+:func:`~protect.amortized.mimicry_shift`, a one-step SDEdit surrogate (how far the latent model's clean estimate
+of the protected image moves from the clean image's), on the same purified images.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from .amortized import AmortizedProtector, multi_vae_target_loss, vae_signature
+from .amortized import AmortizedProtector, mimicry_shift, multi_vae_target_loss, vae_signature
+from .evaluate import unet_denoiser
 from .losses import latent, vae_stride
 from .pgd import random_transform
 from .purify import EOT, PURIFICATIONS
@@ -51,6 +56,17 @@ def load_vae(name: str, device: torch.device | str = "cpu") -> AutoencoderKL:
     vae = AutoencoderKL.from_pretrained(name, **kwargs).to(device).eval()
     vae.requires_grad_(False)
     return vae
+
+
+def load_latent_model(name: str, device: torch.device | str = "cpu"):
+    """``(unet, scheduler)`` of an unconditional latent diffusion model, frozen, from a folder or hub id holding
+    ``unet/`` (a ``UNet2DModel``, safetensors) and ``scheduler/`` (``DDPMScheduler`` config)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    options = {"local_files_only": True} if Path(name).exists() else {}
+    unet = UNet2DModel.from_pretrained(name, subfolder="unet", use_safetensors=True, **options).to(device).eval()
+    unet.requires_grad_(False)
+    return unet, DDPMScheduler.from_pretrained(name, subfolder="scheduler", **options)
 
 
 def folder_images(folder: Path, size: int, generator: random.Random) -> Iterator[torch.Tensor]:
@@ -99,7 +115,20 @@ def batches(
         yield shapes(args.batch_size, generator, args.size)
 
 
-RUN_KEYS = ("vae", "size", "steps", "batch_size", "lr", "gate_lr", "experts", "patch_size", "eps", "min_strength")
+RUN_KEYS = (
+    "vae",
+    "size",
+    "steps",
+    "batch_size",
+    "lr",
+    "gate_lr",
+    "experts",
+    "patch_size",
+    "eps",
+    "min_strength",
+    "ldm",
+    "mimicry_weight",
+)
 
 
 def run_identity(args: argparse.Namespace) -> str:
@@ -153,6 +182,14 @@ def parse_args(
     parser.add_argument(
         "--balance", type=float, default=0.0, help="load-balancing weight: K * sum_k usage_k^2 (1 when uniform)"
     )
+    parser.add_argument(
+        "--ldm",
+        help="unconditional latent diffusion model of the first VAE (folder or id with unet/ and scheduler/): adds "
+        "the mimicry term",
+    )
+    parser.add_argument(
+        "--mimicry-weight", type=float, default=1.0, help="weight of the mimicry term (with --ldm; default 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing protector in --out")
@@ -165,6 +202,8 @@ def parse_args(
     args = parser.parse_args(None if argv is None else list(argv))
     if args.steps < 1 or args.batch_size < 1 or args.size < 8 or args.checkpoint_every < 1:
         parser.error("--steps, --batch-size and --checkpoint-every must be >= 1 and --size >= 8")
+    if args.mimicry_weight < 0:
+        parser.error("--mimicry-weight must be >= 0")
     if not 0 < args.eps <= 64:
         parser.error("--eps must be in (0, 64] (1/255 units)")
     if args.images is None and not default_data:
@@ -193,6 +232,15 @@ def train(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     vaes = [load_vae(resolve(name), device) for name in args.vae]
+    mimicry = None
+    if args.ldm is not None:
+        unet, ldm_scheduler = load_latent_model(resolve(args.ldm), device)
+        if unet.config.in_channels != vaes[0].config.latent_channels:
+            raise ValueError(
+                f"--ldm {args.ldm} works on {unet.config.in_channels}-channel latents, the first --vae "
+                f"{args.vae[0]} has {vaes[0].config.latent_channels}: pass the VAE it was trained on first"
+            )
+        mimicry = unet_denoiser(unet), ldm_scheduler.alphas_cumprod
     torch.manual_seed(args.seed)
     protector = AmortizedProtector(
         num_experts=args.experts,
@@ -236,6 +284,10 @@ def train(
         if torch.rand((), generator=rng).item() < args.robust_prob:
             protected = random_transform(transforms, protected, rng)
         loss = multi_vae_target_loss(vaes, protected, clean, target_latents, weights, args.distortion_weight).mean()
+        if mimicry is not None and args.mimicry_weight:
+            denoiser, alphas = mimicry
+            shift = mimicry_shift(denoiser, alphas, latent(vaes[0], protected), clean[0], rng)
+            loss = loss - args.mimicry_weight * shift.mean()
         if args.balance:  # Switch-Transformer-style: keep every expert in use across the batch
             loss = loss + args.balance * args.experts * weights.float().mean((0, 2, 3)).pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -275,6 +327,8 @@ def train(
         "size": args.size,
         "robust_prob": args.robust_prob,
         "distortion_weight": args.distortion_weight,
+        "ldm": args.ldm,
+        "mimicry_weight": args.mimicry_weight if args.ldm else None,
         "balance": args.balance,
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),

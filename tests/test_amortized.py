@@ -315,3 +315,50 @@ def test_photo_protector_is_trained_for_the_photo_vae_and_beats_noise_on_a_held_
         noisy = (latent(photo_vae, noise) - clean).norm()
     assert moved > 2.5 * noisy, (moved, noisy)
     assert (protected - x).abs().max() <= EPS + 1e-6 and report.psnr[0] > 30
+
+
+def test_mimicry_shift_is_the_one_step_sdedit_formula():
+    """With a linear noise predictor eps(z_t) = c z_t the clean estimates differ by (1 - c sqrt(1 - a)) / sqrt(a)
+    times sqrt(a) (z' - z): the shift is (1 - c sqrt(1 - a))^2 mean (z' - z)^2 / mean z^2; 0 without a change;
+    gradients reach the protected latents."""
+    from protect.amortized import mimicry_shift
+    from protect.losses import default_alphas_cumprod
+
+    alphas = default_alphas_cumprod()
+    clean = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(0))
+    protected = (clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    c = 0.5
+    shift = mimicry_shift(
+        lambda z_t, t: c * z_t, alphas, protected, clean, torch.Generator().manual_seed(2), (0.3, 0.3)
+    )
+    a = alphas[round(0.3 * (len(alphas) - 1))]
+    expected = (1 - c * (1 - a).sqrt()) ** 2 * (protected - clean).pow(2).flatten(1).mean(1)
+    expected = expected / clean.pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(shift, expected.detach(), rtol=1e-4, atol=1e-7)
+    shift.sum().backward()
+    assert protected.grad.abs().sum() > 0
+    unchanged = mimicry_shift(lambda z_t, t: c * z_t, alphas, clean, clean, torch.Generator().manual_seed(2))
+    assert torch.allclose(unchanged, torch.zeros(3), atol=1e-10)
+
+
+def test_training_with_a_latent_model_adds_the_mimicry_term(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from apps import train_protector as train
+    from tests.factories import tiny_latent_unet
+
+    vae_dir, ldm_dir, wrong_dir = tmp_path / "vae", tmp_path / "ldm", tmp_path / "wrong"
+    _tiny_vae().save_pretrained(vae_dir)
+    for folder, channels in ((ldm_dir, _tiny_vae().config.latent_channels), (wrong_dir, 3)):
+        tiny_latent_unet(channels).save_pretrained(folder / "unet")
+        DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
+    out = tmp_path / "protector"
+    argv = ["--vae", str(vae_dir), "--out", str(out), "--steps", "3", "--batch-size", "2", "--size", "16"]
+    argv += ["--patch-size", "8", "--experts", "2", "--robust-prob", "0"]
+    assert train.main([*argv, "--ldm", str(ldm_dir), "--mimicry-weight", "2"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["ldm"] == str(ldm_dir) and record["mimicry_weight"] == 2.0
+    with pytest.raises(ValueError, match="3-channel latents"):
+        train.main([*argv, "--overwrite", "--ldm", str(wrong_dir)])
+    with pytest.raises(SystemExit):
+        train.main([*argv, "--overwrite", "--ldm", str(ldm_dir), "--mimicry-weight", "-1"])
