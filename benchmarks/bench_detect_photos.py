@@ -10,8 +10,9 @@
    (``apps.demo.photos.HELD_OUT``: astronaut, coffee, china, camera), the same for the two naive baselines: the
    mean ``||EPS||`` of the same patches and the image's high-frequency (Laplacian) energy;
 3. other held-out crops (``--size`` px, native resolution, never resized): clean, protected (PhotoGuard, Mist, SDS
-   with ``--steps`` PGD steps against the demo VAE / DiT on 128 px tiles as the app runs them, and the amortized
-   protector, at ``--budgets``), and
+   with ``--steps`` PGD steps against the app's photo VAE, ``demo/photo_vae``, with the photo latent model
+   ``demo/photo_ldm`` as the semantic part of Mist and SDS, on 128 px tiles as the app runs them, and the photo
+   amortized protector, at ``--budgets``), and
    after benign changes (the pixel changes JPEG q90/75/50, resize x0.5 and back, Gaussian noise 2/255 and blur
    from the one table of purifications, :data:`protect.purify.PURIFICATIONS`; the file re-encodings PNG, WebP,
    a 16-bit grey PNG source, a CMYK JPEG source and an EXIF-rotated JPEG), each decoded the way the app decodes
@@ -260,23 +261,32 @@ def main(argv: list[str] | None = None) -> int:
 
     protection_seconds = {}
     if args.protections:
-        from apps.demo import DEMO_DIR, load_dit_pipeline
-        from apps.evaluation import protect_all
-        from apps.services import PGD_TILE
-        from protect import AmortizedProtector
+        from apps.evaluation import default_photo_protector
+        from apps.models import load_latent_model, load_vae, resolve
+        from apps.services import PGD_TILE, PROTECT_LDM, PROTECT_VAE
+        from protect import AmortizedProtector, protect
+        from protect.evaluate import semantic_part
 
-        pipe = load_dit_pipeline("cpu")
-        protector = AmortizedProtector.from_pretrained(str(DEMO_DIR / "protector"))
+        vae = load_vae(PROTECT_VAE, "cpu")  # the app's protection targets: the photo VAE and latent model
+        unet_ldm, scheduler_ldm, _ = load_latent_model(PROTECT_LDM, PROTECT_VAE, "cpu")
+        protector = AmortizedProtector.from_pretrained(resolve(default_photo_protector()))
         images01 = torch.stack(signed(test_arrays[: args.n_test])).add(1).div(2)
         for method in args.protections:
             budgets = args.mist_sds_budgets if method in ("mist", "sds") else args.budgets
             name = method if method == "amortized" else f"{method}@{args.steps}"
             for budget in budgets:
-                out, seconds = protect_all(
-                    images01, [name], pipe=pipe, protector=protector, eps=budget / 255, tile=PGD_TILE
-                )
-                protection_seconds[f"{name} {budget}/255"] = seconds[name]
-                arrays = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in out[name]]
+                t0 = time.perf_counter()
+                if method == "amortized":
+                    out, _ = protect(images01, "amortized", vae=vae, protector=protector, eps=budget / 255)
+                else:
+                    extra = semantic_part(unet_ldm, scheduler_ldm) if method in ("mist", "sds") else {}
+                    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(images01))]
+                    out, _ = protect(
+                        images01, method, vae=vae, eps=budget / 255, steps=args.steps, generator=gens,
+                        tile=PGD_TILE, **extra,
+                    )  # fmt: skip
+                protection_seconds[f"{name} {budget}/255"] = (time.perf_counter() - t0) / len(images01)
+                arrays = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in out]
                 row("attack", name, f"{budget}/255", scores(detector, signed(arrays)))
 
     if args.attacks:
