@@ -20,6 +20,7 @@ from ..services import (
     EPS_255,
     PGD_STEPS,
     PGD_TILE,
+    PREVIEW_STRENGTH,
     PROTECT_METHODS,
     check_protect_options,
     mimicry_preview,
@@ -144,7 +145,8 @@ def protect_tab(
             f"at >= {MARGIN:g}x the noise's)."
             + (
                 " The mimicry preview edits the same centre crop of the original and of the protected image with "
-                "the photo latent diffusion model (SDEdit, strength 0.3, same noise); a lower 'edits PSNR' means "
+                f"the photo latent diffusion model (SDEdit, strength {PREVIEW_STRENGTH:g}, same noise); a lower "
+                "'edits PSNR' means "
                 "the protection changed the edit more (compare with random noise of the same budget in "
                 "benchmarks/RESULTS.md)."
                 if preview
