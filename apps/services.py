@@ -359,7 +359,8 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
 
     Each result: ``score``, ``threshold``, ``verdict``, what was scored (``resolution`` [width, height],
     ``patch_size``, ``patches`` scored of ``tiles`` in the grid, ``score_model``, ``score_dtype``,
-    ``calibrated_fpr``) and ``patch_scores`` / ``patch_positions`` ([top, left]) for a heat map.
+    ``calibrated_fpr``, ``calibrated_benign_changes``: the benign changes of clean images that rate also holds
+    for on the calibration images) and ``patch_scores`` / ``patch_positions`` ([top, left]) for a heat map.
     """
     device = detector.reference.device if detector.reference is not None else "cpu"
     batch = [
@@ -381,6 +382,7 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
             "score_model": detector.diffusion_model,
             "score_dtype": str(detector.denoiser.model.dtype).removeprefix("torch."),
             "calibrated_fpr": detector.config.fpr,
+            "calibrated_benign_changes": sorted(getattr(detector, "benign_calibration", {})),
             "patch_positions": r.positions.tolist(),
             "patch_scores": [float(s) for s in r.patch_scores.double().tolist()],
         }
@@ -463,9 +465,12 @@ def describe_result(result: dict[str, Any]) -> str:
     width, height = result["resolution"]
     p = result["patch_size"]
     sampled = "all" if result["patches"] == result["tiles"] else f"a seeded sample of {result['patches']} of"
+    changes = result.get("calibrated_benign_changes") or []
+    benign = f" and on each of {len(changes)} benign changes" if changes else ""
     return (
         f"{result['verdict']} (score {result['score']:.4g}, threshold {result['threshold']:.4g} at "
-        f"{result['calibrated_fpr']:.0%} false positives on clean images); scored at the native {width}x{height}: "
+        f"{result['calibrated_fpr']:.0%} false positives on clean images{benign}); scored at the native "
+        f"{width}x{height}: "
         f"{sampled} {result['tiles']} {p}x{p} patches, score model {result['score_model']} "
         f"({result['score_dtype']})"
     )

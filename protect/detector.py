@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,7 @@ class EPSDetector:
         self.reference: Tensor | None = None
         self.threshold: float | None = None
         self.calibration_scores: Tensor | None = None
+        self.benign_calibration: dict[str, dict[str, float]] = {}  # change -> {"n", "threshold"}
         self.diffusion_model: str | None = None
 
     def eps(self, images: Tensor) -> Tensor:
@@ -179,14 +181,21 @@ class EPSDetector:
         )
         return self.kernel
 
-    def set_threshold(self, clean_scores: Tensor) -> float:
-        """Calibrate: the threshold becomes the ``1 - fpr`` quantile of held-out clean ``clean_scores``
-        (kept as ``calibration_scores``)."""
-        clean_scores = torch.as_tensor(clean_scores).detach().double().cpu().flatten()
-        if len(clean_scores) == 0 or not clean_scores.isfinite().all():
-            raise ValueError("calibration needs at least one finite clean score")
-        self.calibration_scores = clean_scores
-        self.threshold = float(torch.quantile(clean_scores, 1 - self.config.fpr, interpolation="higher"))
+    def set_threshold(self, clean_scores: Tensor, benign: Mapping[str, Tensor] | None = None) -> float:
+        """Calibrate: the threshold becomes the ``1 - fpr`` quantile of held-out clean ``clean_scores`` (kept as
+        ``calibration_scores``), or with ``benign`` (the scores of held-out clean images after each benign change,
+        e.g. ``{"jpeg75": ..., "noise2": ...}``) the highest of that quantile and each change's: the false-positive
+        rate then holds, on the calibration images, for clean images and for every named change (each change's
+        own threshold and count are kept as ``benign_calibration``)."""
+        quantiles = {}
+        for name, scores in {"clean": clean_scores, **dict(benign or {})}.items():
+            scores = torch.as_tensor(scores).detach().double().cpu().flatten()
+            if len(scores) == 0 or not scores.isfinite().all():
+                raise ValueError(f"calibration needs at least one finite score ({name})")
+            quantiles[name] = (scores, float(torch.quantile(scores, 1 - self.config.fpr, interpolation="higher")))
+        self.threshold = max(q for _, q in quantiles.values())
+        self.calibration_scores = quantiles.pop("clean")[0]
+        self.benign_calibration = {name: {"n": len(v), "threshold": q} for name, (v, q) in quantiles.items()}
         return self.threshold
 
     @torch.no_grad()
@@ -245,6 +254,8 @@ class EPSDetector:
         meta["model_fingerprint"] = model_fingerprint(self.denoiser.model)
         if self.calibration_scores is not None:
             meta["calibration_scores"] = [float(s) for s in self.calibration_scores.double().tolist()]
+        if self.benign_calibration:
+            meta["benign_calibration"] = self.benign_calibration
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -290,6 +301,13 @@ class EPSDetector:
         calibration = meta.get("calibration_scores")
         if isinstance(calibration, list) and calibration:
             detector.calibration_scores = torch.tensor([float(s) for s in calibration])
+        benign = meta.get("benign_calibration")
+        if isinstance(benign, dict):
+            detector.benign_calibration = {
+                str(k): {"n": int(v["n"]), "threshold": float(v["threshold"])}
+                for k, v in benign.items()
+                if isinstance(v, dict) and {"n", "threshold"} <= v.keys()
+            }
         return detector
 
 

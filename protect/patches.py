@@ -232,6 +232,7 @@ class PatchEPSDetector(EPSDetector):
             "threshold": self.threshold,
             "calibrated_fpr": self.config.fpr,
             "calibration_images": n,
+            "calibrated_benign_changes": sorted(self.benign_calibration),
         }
 
 

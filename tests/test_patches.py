@@ -116,6 +116,28 @@ def test_save_and_load_round_trip(fitted, unet, tmp_path):
         EPSDetector.from_pretrained(tmp_path, *unet)
 
 
+def test_benign_calibration_takes_the_highest_quantile_and_is_saved(fitted, unet, tmp_path):
+    """With benign changes the threshold is the highest of the clean and per-change (1 - fpr) quantiles; each
+    change's own threshold and count survive a save and a load, and describe() names the changes."""
+    import copy
+
+    detector = copy.copy(fitted)
+    clean = torch.linspace(0, 1, 21)  # fpr 0.05: the "higher" 0.95 quantile of 21 values is the 20th, 0.95
+    noise = torch.linspace(1, 3, 21)
+    assert detector.set_threshold(clean) == pytest.approx(0.95) and detector.benign_calibration == {}
+    threshold = detector.set_threshold(clean, {"noise2_8bit": noise, "jpeg75": clean * 0.5})
+    assert threshold == pytest.approx(2.9)
+    assert detector.benign_calibration["noise2_8bit"] == {"n": 21, "threshold": pytest.approx(2.9)}
+    assert detector.benign_calibration["jpeg75"]["threshold"] == pytest.approx(0.475)
+    torch.testing.assert_close(detector.calibration_scores, clean.double())  # the clean scores, as before
+    detector.save_pretrained(tmp_path, diffusion_model="tiny")
+    loaded = PatchEPSDetector.from_pretrained(tmp_path, *unet)
+    assert loaded.threshold == pytest.approx(2.9) and loaded.benign_calibration == detector.benign_calibration
+    assert loaded.describe()["calibrated_benign_changes"] == ["jpeg75", "noise2_8bit"]
+    with pytest.raises(ValueError, match="finite score \\(noise2_8bit\\)"):
+        detector.set_threshold(clean, {"noise2_8bit": torch.tensor([float("nan")])})
+
+
 @pytest.mark.parametrize(
     ("image", "match"),
     [

@@ -49,7 +49,15 @@ def detect_tab(
             f"{info['max_patches']} for large images) against clean reference patches, with score model "
             f"{info['score_model']} ({results[0]['score_dtype']}). The threshold flags "
             f"{info['calibrated_fpr']:.0%} of held-out clean images ({info['calibration_images']} calibration "
-            "images).\n\n" + "\n".join(f"- {u.name}: {describe_result(r)}" for u, r in zip(loaded, results))
+            "images)"
+            + (
+                f" and at most that share of them after each of these benign changes: "
+                f"{', '.join(info['calibrated_benign_changes'])}"
+                if info.get("calibrated_benign_changes")
+                else ""
+            )
+            + ".\n\n"
+            + "\n".join(f"- {u.name}: {describe_result(r)}" for u, r in zip(loaded, results))
         )
         images = [
             {"file": u.name, "original_size": list(u.size), **{k: r[k] for k in SHOWN}} for u, r in zip(loaded, results)
@@ -57,6 +65,7 @@ def detect_tab(
         verdicts = {
             "threshold": model.threshold,
             "calibrated_fpr": info["calibrated_fpr"],
+            "calibrated_benign_changes": info.get("calibrated_benign_changes", []),
             "score_model": info["score_model"],
             "score_dtype": results[0]["score_dtype"],
             "patch_size": info["patch_size"],
