@@ -95,7 +95,9 @@ def run_load(url: str, calls: int = 200, clients: int = 8, files: list[Path] | N
     """
     from gradio_client import Client, handle_file
 
-    files = files or sorted(EXAMPLES.glob("*.png"))
+    from apps.tabs.common import EXAMPLE_FILES
+
+    files = files or [EXAMPLES / name for name in EXAMPLE_FILES]  # the app's examples, all >= 32 px
     jobs = list(range(calls))
     lock = threading.Lock()
     latencies: list[float] = []

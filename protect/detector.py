@@ -115,6 +115,9 @@ class EPSDetector:
         self.threshold: float | None = None
         self.calibration_scores: Tensor | None = None
         self.benign_calibration: dict[str, dict[str, float]] = {}  # change -> {"n", "threshold"}
+        # the weights' fingerprint as fitted (or as loaded and checked): saved as is, so that casting the score
+        # model to another dtype for scoring after the fit does not change what a loader checks against
+        self.fingerprint: str | None = None
         self.diffusion_model: str | None = None
 
     def eps(self, images: Tensor) -> Tensor:
@@ -162,6 +165,7 @@ class EPSDetector:
         self.reference = train[: c.reference_size].detach()
         with torch.no_grad():
             self.set_threshold(mmd2_per_sample(self.reference, calibration, self.kernel))
+        self.fingerprint = model_fingerprint(self.denoiser.model)  # the weights it was fitted with
         return self
 
     def fit_kernel(self, clean_eps: Tensor, adversarial_eps: Tensor, generator: torch.Generator) -> DeepKernel:
@@ -251,7 +255,7 @@ class EPSDetector:
         diffusion_model = diffusion_model if diffusion_model is not None else self.diffusion_model
         if diffusion_model is not None:
             meta["diffusion_model"] = str(diffusion_model)
-        meta["model_fingerprint"] = model_fingerprint(self.denoiser.model)
+        meta["model_fingerprint"] = self.fingerprint or model_fingerprint(self.denoiser.model)
         if self.calibration_scores is not None:
             meta["calibration_scores"] = [float(s) for s in self.calibration_scores.double().tolist()]
         if self.benign_calibration:
@@ -276,6 +280,7 @@ class EPSDetector:
         detector = cls(model, scheduler, EPSDetectorConfig.from_dict(meta.get("config", {})))
         expected_model, fingerprint = meta.get("diffusion_model"), meta.get("model_fingerprint")
         detector.diffusion_model = str(expected_model) if expected_model is not None else None
+        detector.fingerprint = fingerprint if isinstance(fingerprint, str) else None
         if isinstance(fingerprint, str) and fingerprint != model_fingerprint(detector.denoiser.model):
             warnings.warn(
                 f"{directory} was fitted with another diffusion model ({expected_model or 'unnamed'}, weights "

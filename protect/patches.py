@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .detector import EPSDetector
+from .detector import EPSDetector, model_fingerprint
 from .eps import ValueRange, signed_images
 from .mmd import mmd2_to_reference
 
@@ -218,6 +218,7 @@ class PatchEPSDetector(EPSDetector):
         pick = torch.randperm(len(train_eps), generator=generator)[: c.reference_size].sort().values
         self.reference = train_eps[pick.to(train_eps.device)].detach()
         self.set_threshold(self.score(calibration))
+        self.fingerprint = model_fingerprint(self.denoiser.model)  # the weights it was fitted with
         return self
 
     def describe(self) -> dict[str, Any]:

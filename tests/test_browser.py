@@ -104,11 +104,11 @@ def test_one_example_per_tab_in_chromium(browser, server, shots):  # noqa: F811
     assert gallery.count() >= 6
     shots(page, "2-protect")
 
-    _run_example(page, "detect", "PGD 8/255", "#detect-files >> text=pgd8-16")
+    _run_example(page, "detect", "PhotoGuard 8/255", "#detect-files >> text=photo-pgd8-64")
     verdicts = page.locator("#detect-json")
-    verdicts.get_by_text("pgd8-16").first.wait_for(timeout=TIMEOUT_MS)
+    verdicts.get_by_text("photo-pgd8-64").first.wait_for(timeout=TIMEOUT_MS)
     text = verdicts.inner_text()
-    assert "clean-16" in text and "verdict" in text and "threshold" in text
+    assert "photo-64" in text and "verdict" in text and "threshold" in text
     assert page.locator("#detect-note").get_by_text("never resized").count() == 1
     page.locator("#detect-plot .vega-embed svg").first.wait_for(state="visible", timeout=TIMEOUT_MS)  # the plot drew
     shots(page, "3-detect")

@@ -9,13 +9,20 @@ from PIL import Image
 from apps.demo import DEMO_DIR
 from apps.tabs.common import EXAMPLES
 
-SIZES = {"star-32.png": 32, "checker-128.png": 128, "clean-16.png": 16, "pgd8-16.png": 16}
+SIZES = {
+    "star-32.png": 32,
+    "checker-128.png": 128,
+    "clean-16.png": 16,
+    "pgd8-16.png": 16,
+    "photo-64.png": 64,
+    "photo-pgd8-64.png": 64,
+}
 
 
 def test_example_images_are_small_rgb_squares():
     for name, size in SIZES.items():
         path = EXAMPLES / name
-        assert path.stat().st_size < 8_000, f"{name} should stay tiny"
+        assert path.stat().st_size < 10_000, f"{name} should stay tiny"
         image = Image.open(path)
         assert image.format == "PNG" and image.mode == "RGB" and image.size == (size, size)
 
@@ -41,3 +48,19 @@ def test_the_demo_detector_gets_the_example_pair_right():
     assert verdicts == ["clean", "adversarial"], (
         "the Detect tab calls this a pair the demo detector gets right: rerun scripts/make_examples.py"
     )
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "photo_detector" / "config.json").is_file(), reason="no demo photo detector")
+def test_the_app_detector_gets_the_photo_example_pair_right():
+    """The Detect tab's first example: a 64 px crop of a held-out photo and its one-step PhotoGuard version at
+    8/255, scored by the app's native-resolution photo detector as uploads."""
+    from apps.services import detect_images, load_detector
+
+    clean, protected = (Image.open(EXAMPLES / name) for name in ("photo-64.png", "photo-pgd8-64.png"))
+    difference = np.abs(np.asarray(clean, np.int16) - np.asarray(protected, np.int16))
+    assert 0 < difference.max() <= 8  # within 8/255
+    results = detect_images(load_detector(device="cpu"), [clean, protected])
+    assert [r["verdict"] for r in results] == ["clean", "adversarial"], (
+        "the Detect tab calls this a pair the demo detector gets right: rerun scripts/make_examples.py"
+    )
+    assert all(r["resolution"] == [64, 64] and r["patch_size"] == 32 for r in results)

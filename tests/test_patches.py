@@ -138,6 +138,26 @@ def test_benign_calibration_takes_the_highest_quantile_and_is_saved(fitted, unet
         detector.set_threshold(clean, {"noise2_8bit": torch.tensor([float("nan")])})
 
 
+def test_saving_after_casting_the_score_model_keeps_the_fitted_fingerprint(fitted, unet, tmp_path):
+    """Fitted in float32, scored in bfloat16 (as the app and the benchmark do), then saved: a loader with the
+    float32 weights finds the fingerprint it fitted with, so no "another diffusion model" warning."""
+    import copy
+    import warnings
+
+    detector = copy.deepcopy(fitted)
+    detector.denoiser.model.to(torch.bfloat16)
+    detector.save_pretrained(tmp_path, diffusion_model="tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = PatchEPSDetector.from_pretrained(tmp_path, *unet)
+    assert loaded.fingerprint == fitted.fingerprint is not None
+    other = copy.deepcopy(unet[0])
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.warns(UserWarning, match="another diffusion model"):
+        PatchEPSDetector.from_pretrained(tmp_path, other, unet[1])
+
+
 @pytest.mark.parametrize(
     ("image", "match"),
     [
@@ -223,20 +243,20 @@ def test_score_fgsm_keeps_the_budget_and_any_size(unet):
 
 
 PHOTO_DETECTOR = Path(__file__).resolve().parents[1] / "demo_models" / "photo_detector"
-BENIGN_FLAG_RATE = 0.2  # at most 1 of the 5 changes (the 5 % calibrated rate, rounded up on a set of 5)
+BENIGN_FLAG_RATE = 0.15  # at most 1 of the 7 changes (the 5 % calibrated rate, rounded up on a set of 7)
 
 
 @pytest.mark.skipif(not (PHOTO_DETECTOR / "config.json").is_file(), reason="no demo photo detector")
 def test_benign_changes_of_a_held_out_photo_stay_under_the_threshold(tmp_path):
     """The committed photo detector on one held-out 256 px crop after benign changes, decoded as uploads: at most
-    BENIGN_FLAG_RATE of them flagged (the measured per-change rates are in benchmarks/RESULTS.md). Gaussian noise
-    of 2/255 is left out: with the shapes score model it IS flagged (4 of 4 crops), as RESULTS.md says."""
+    BENIGN_FLAG_RATE of them flagged (the measured per-change rates are in benchmarks/RESULTS.md; its threshold is
+    calibrated on these changes of other held-out crops, Gaussian noise of 2/255 included)."""
     from apps.services import detect_images, load_detector
     from benchmarks.bench_detect_photos import benign, crops
 
     detector = load_detector(PHOTO_DETECTOR, "cpu")
     (array,) = crops(["astronaut"], 1, 256, seed=200)
-    changes = ("jpeg75", "resize0.5_pil", "cmyk", "exif", "16bit")
+    changes = ("jpeg75", "resize0.5_pil", "noise2_8bit", "blur1_pil", "cmyk", "exif", "16bit")
     images = [Image.fromarray(benign([array], change, tmp_path)[0]) for change in changes]
     results = detect_images(detector, images)
     tiles = (256 // detector.patch_size) ** 2  # native resolution: the grid of the score model's patches

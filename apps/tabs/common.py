@@ -20,9 +20,12 @@ LANES = {
 }
 
 
+EXAMPLE_FILES = ("star-32.png", "checker-128.png", "photo-64.png", "photo-pgd8-64.png")  # of the two tabs
+
+
 def examples_available() -> bool:
     """Whether the example images of the Protect and Detect tabs are there."""
-    return all((EXAMPLES / f).is_file() for f in ("star-32.png", "checker-128.png", "clean-16.png", "pgd8-16.png"))
+    return all((EXAMPLES / f).is_file() for f in EXAMPLE_FILES)
 
 
 def upload_paths(files: Any) -> list[str]:

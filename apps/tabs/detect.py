@@ -114,11 +114,14 @@ def detect_tab(
         if examples_available():
             gr.Examples(
                 [
-                    [[str(EXAMPLES / "clean-16.png"), str(EXAMPLES / "pgd8-16.png")]],
+                    [[str(EXAMPLES / "photo-64.png"), str(EXAMPLES / "photo-pgd8-64.png")]],
                     [[str(EXAMPLES / "star-32.png"), str(EXAMPLES / "checker-128.png")]],
                 ],
                 [detect_files],
-                example_labels=["a clean shape and its PGD 8/255 version", "two clean shapes, 32 and 128 px"],
+                example_labels=[
+                    "a held-out photo crop and its PhotoGuard 8/255 version (64 px)",
+                    "two clean shapes, 32 and 128 px",
+                ],
                 cache_examples=False,
                 elem_id="detect-examples",
             )
