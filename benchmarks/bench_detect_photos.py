@@ -176,10 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-benign", type=int, default=8, help="held-out test crops, benign changes")
     parser.add_argument("--size", type=int, default=256, help="crop side (native resolution)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--protections", nargs="+", default=list(PROTECTIONS))
+    parser.add_argument("--protections", nargs="*", default=list(PROTECTIONS))
+    parser.add_argument("--benign", nargs="*", default=list(BENIGN), choices=BENIGN, help="benign-change rows")
     parser.add_argument(
         "--attacks",
-        nargs="+",
+        nargs="*",
         default=list(CLASSIFIER_ATTACKS),
         help="attacks on the demo victim classifier at native resolution (protect.testbed.attack names), at --budgets",
     )
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     row("clean", "clean (held-out test crops)", "-", clean)
     with tempfile.TemporaryDirectory() as tmp:
-        for change in BENIGN:
+        for change in args.benign:
             changed = benign(test_arrays[: args.n_benign], change, Path(tmp))
             row("benign", change, "-", scores(detector, signed(changed)))
 
