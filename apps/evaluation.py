@@ -286,6 +286,46 @@ def photo_work(
     return megapixels * (3 * pgd_steps + 2 * vaes * rows + (3 * rows if mimic else 0))
 
 
+def protect_photos(
+    images: torch.Tensor,
+    methods: Sequence[str],
+    *,
+    vae,
+    eps: float,
+    steps: int = 1,
+    latent_model: tuple | None = None,
+    protector=None,
+    seed: int = 0,
+    tile: int | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Protect ``images`` (N, 3, H, W) in [0, 1] against ``vae`` with each of ``methods`` (photoguard, mist, sds,
+    "photoguard@10" for 10 PGD steps, else ``steps``; amortized, amortized-full with ``protector``); returns the
+    protected images and the seconds per image per method. PGD starts at random from ``seed + i`` per image and
+    attacks ``tile`` x ``tile`` crops (None: the whole image); Mist and SDS take ``latent_model`` ``(unet,
+    scheduler)`` as their semantic part (:func:`protect.evaluate.semantic_part`)."""
+    from protect import protect
+    from protect.evaluate import semantic_part
+
+    protected, seconds = {}, {}
+    for method in methods:
+        name, _, count = method.partition("@")
+        start = time.perf_counter()
+        if name.startswith("amortized"):
+            floor = 1.0 if name == "amortized-full" else None
+            protected[method], _ = protect(
+                images, "amortized", vae=vae, protector=protector, eps=eps, min_strength=floor
+            )
+        else:
+            gens = [torch.Generator().manual_seed(seed + i) for i in range(len(images))]
+            extra = semantic_part(*latent_model) if name in PHOTO_LATENT_METHODS else {}
+            protected[method], _ = protect(
+                images, name, vae=vae, eps=eps, steps=int(count) if count else steps, generator=gens, tile=tile,
+                **extra,
+            )  # fmt: skip
+        seconds[method] = (time.perf_counter() - start) / len(images)
+    return protected, seconds
+
+
 def run_photos(
     methods: Sequence[str] = ("photoguard", "amortized"),
     *,
@@ -315,8 +355,8 @@ def run_photos(
     ``sdedit_strength`` (``sdedit_steps`` DDIM steps, seeded per image) of every purified image, scored against
     the SDEdit of the clean image (see :data:`PHOTO_NOTE`). Without it there is no mimicry and no Mist/SDS.
     """
-    from protect import AmortizedProtector, protect
-    from protect.evaluate import evaluate, sdedit_unconditional, semantic_part
+    from protect import AmortizedProtector
+    from protect.evaluate import evaluate, sdedit_unconditional
 
     from .models import check_latent_pair, load_latent_model, load_vae, resolve
 
@@ -359,30 +399,21 @@ def run_photos(
         latent_model = unet, scheduler
     table = purification_table(purifications, vae=target, pixel_model=pixel_model, device=device, seed=seed)
     images = images.to(device)
-    protected, seconds = {}, {}
-    amortized, protector_name = None, str(protector or default_photo_protector())
-    for method in methods:
-        name, _, count = method.partition("@")
-        start = time.perf_counter()
-        if name.startswith("amortized"):
-            if amortized is None:
-                amortized = AmortizedProtector.from_pretrained(resolve(protector_name)).to(device)
-            floor = 1.0 if name == "amortized-full" else None
-            protected[method], _ = protect(
-                images, "amortized", vae=target, protector=amortized, eps=eps, min_strength=floor
-            )
-        else:
-            gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-            n_steps = int(count) if count else steps
-            tiled = tile if tile is not None and tile < size else None
-            extra = {}
-            if name in PHOTO_LATENT_METHODS:
-                unet, scheduler = latent_model
-                extra = semantic_part(unet, scheduler)
-            protected[method], _ = protect(
-                images, name, vae=target, eps=eps, steps=n_steps, generator=gens, tile=tiled, **extra
-            )
-        seconds[method] = (time.perf_counter() - start) / n
+    protector_name = str(protector or default_photo_protector())
+    amortized = None
+    if any(m.startswith("amortized") for m in methods):
+        amortized = AmortizedProtector.from_pretrained(resolve(protector_name)).to(device)
+    protected, seconds = protect_photos(
+        images,
+        methods,
+        vae=target,
+        eps=eps,
+        steps=steps,
+        latent_model=latent_model,
+        protector=amortized,
+        seed=seed,
+        tile=tile if tile is not None and tile < size else None,
+    )
     mimics = {}
     if latent_model is not None:
         unet, scheduler = latent_model

@@ -287,32 +287,25 @@ def main(argv: list[str] | None = None) -> int:
 
     protection_seconds = {}
     if args.protections:
-        from apps.evaluation import default_photo_protector
+        from apps.evaluation import default_photo_protector, protect_photos
         from apps.models import load_latent_model, load_vae, resolve
         from apps.services import PGD_TILE, PROTECT_LDM, PROTECT_VAE
-        from protect import AmortizedProtector, protect
-        from protect.evaluate import semantic_part
+        from protect import AmortizedProtector
 
         vae = load_vae(PROTECT_VAE, "cpu")  # the app's protection targets: the photo VAE and latent model
-        unet_ldm, scheduler_ldm, _ = load_latent_model(PROTECT_LDM, PROTECT_VAE, "cpu")
+        latent_model = load_latent_model(PROTECT_LDM, PROTECT_VAE, "cpu")[:2]
         protector = AmortizedProtector.from_pretrained(resolve(default_photo_protector()))
         images01 = torch.stack(signed(test_arrays[: args.n_test])).add(1).div(2)
         for method in args.protections:
             budgets = args.mist_sds_budgets if method in ("mist", "sds") else args.budgets
             name = method if method == "amortized" else f"{method}@{args.steps}"
             for budget in budgets:
-                t0 = time.perf_counter()
-                if method == "amortized":
-                    out, _ = protect(images01, "amortized", vae=vae, protector=protector, eps=budget / 255)
-                else:
-                    extra = semantic_part(unet_ldm, scheduler_ldm) if method in ("mist", "sds") else {}
-                    gens = [torch.Generator().manual_seed(args.seed + i) for i in range(len(images01))]
-                    out, _ = protect(
-                        images01, method, vae=vae, eps=budget / 255, steps=args.steps, generator=gens,
-                        tile=PGD_TILE, **extra,
-                    )  # fmt: skip
-                protection_seconds[f"{name} {budget}/255"] = (time.perf_counter() - t0) / len(images01)
-                arrays = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in out]
+                out, seconds = protect_photos(
+                    images01, [name], vae=vae, eps=budget / 255, latent_model=latent_model, protector=protector,
+                    seed=args.seed, tile=PGD_TILE,
+                )  # fmt: skip
+                protection_seconds[f"{name} {budget}/255"] = seconds[name]
+                arrays = [(x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for x in out[name]]
                 row("attack", name, f"{budget}/255", scores(detector, signed(arrays)))
 
     if args.attacks:
