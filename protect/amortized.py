@@ -112,6 +112,7 @@ def multi_vae_target_loss(
     target_latents: Sequence[Tensor],
     weights: Tensor,
     distortion_weight: float = 1.0,
+    protected_latents: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Per-image mixture loss, averaged over the VAEs (lower = stronger protection):
 
@@ -120,11 +121,13 @@ def multi_vae_target_loss(
     minus ``lambda`` (``distortion_weight``) times how far the latent moved (PhotoGuard's targeted attack plus
     an untargeted push), with the gate's weights ``w`` (N, K, h, w) resized to each VAE's latent grid.
     ``clean_latents[v]`` is (N, C, h_v, w_v) and ``target_latents[v]`` is (K, C, h_v, w_v). 1 means no change;
-    VAEs with different latent scales and strides count alike.
+    VAEs with different latent scales and strides count alike. ``protected_latents``: ``latent(vae, protected)``
+    per VAE when the caller has them already (computed here otherwise).
     """
+    if protected_latents is None:
+        protected_latents = [latent(vae, protected) for vae in vaes]
     total = 0
-    for vae, clean, targets in zip(vaes, clean_latents, target_latents):
-        z = latent(vae, protected)
+    for z, clean, targets in zip(protected_latents, clean_latents, target_latents):
         clean = clean.to(z)
         t = targets.to(z)[None]  # (1, K, C, h, w)
         w = F.interpolate(weights.float(), size=z.shape[-2:], mode="bilinear", align_corners=False)

@@ -283,10 +283,13 @@ def train(
         protected, weights = protector(images, vaes[0])
         if torch.rand((), generator=rng).item() < args.robust_prob:
             protected = random_transform(transforms, protected, rng)
-        loss = multi_vae_target_loss(vaes, protected, clean, target_latents, weights, args.distortion_weight).mean()
+        latents = [latent(vae, protected) for vae in vaes]  # once: the target loss and the mimicry term share them
+        loss = multi_vae_target_loss(
+            vaes, protected, clean, target_latents, weights, args.distortion_weight, latents
+        ).mean()
         if mimicry is not None and args.mimicry_weight:
             denoiser, alphas = mimicry
-            shift = mimicry_shift(denoiser, alphas, latent(vaes[0], protected), clean[0], rng)
+            shift = mimicry_shift(denoiser, alphas, latents[0], clean[0], rng)
             loss = loss - args.mimicry_weight * shift.mean()
         if args.balance:  # Switch-Transformer-style: keep every expert in use across the batch
             loss = loss + args.balance * args.experts * weights.float().mean((0, 2, 3)).pow(2).sum()
