@@ -227,7 +227,9 @@ PHOTO_LDM = "demo/photo_ldm"  # the photo latent model (on demo/photo_vae), when
 PHOTO_NOTE = (
     "Damage is the latent distortion in each VAE (relative L2 of the latent change, against the clean image after "
     "the same purification) and, with a latent diffusion model (--ldm), SDEdit mimicry through it: PSNR/SSIM of the "
-    "edit of the protected image to the edit of the clean image after the same purification (lower: more damage). "
+    "edit of the protected image to the edit of the clean image after the same purification (lower: more damage), "
+    "and the excess PSNR: the same without the part of the edit's change along the perturbation itself (a "
+    "perturbation the mimicry merely reproduces is no damage; sdedit_carried_share is that part's share). "
     "PGD attacks the first VAE; the others measure transfer. Random noise of the same budget is the random_noise row."
 )
 
@@ -427,7 +429,7 @@ def run_photos(
         mimics["sdedit"] = mimic
     rows = evaluate(images, protected, vaes=models, mimics=mimics, purifications=table, noise_eps=eps, seed=seed)
     metrics = [f"latent_distortion_{name}" for name in vaes] + (
-        ["sdedit_psnr_to_clean", "sdedit_ssim_to_clean"] if mimics else []
+        ["sdedit_psnr_to_clean", "sdedit_ssim_to_clean", "sdedit_excess_psnr_to_clean"] if mimics else []
     )
     settings = {
         "data": "photos",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kornia
 import torch
@@ -43,6 +43,8 @@ Tensor = torch.Tensor
 
 __all__ = [
     "AmortizedProtector",
+    "PerturbationNet",
+    "excess_change",
     "mimicry_shift",
     "multi_vae_target_loss",
     "strength_map",
@@ -138,6 +140,18 @@ def multi_vae_target_loss(
     return total / len(vaes)
 
 
+def excess_change(change: Tensor, perturbation: Tensor) -> Tensor:
+    """``change`` minus its per-image least-squares projection on ``perturbation`` (both (N, C, H, W); ``change``
+    cropped to the perturbation's size first): what is left of an edit's change once the perturbation, carried
+    along unchanged or scaled, is taken out."""
+    height, width = perturbation.shape[-2:]
+    change = change[..., :height, :width]
+    p = perturbation.to(change).flatten(1)
+    c = change.flatten(1)
+    scale = (c * p).sum(1, keepdim=True) / p.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+    return (c - scale * p).view_as(change)
+
+
 def mimicry_shift(
     denoiser,
     alphas_cumprod: Tensor,
@@ -145,6 +159,8 @@ def mimicry_shift(
     clean_latents: Tensor,
     generator: torch.Generator,
     strengths: tuple[float, float] = (0.1, 0.5),
+    decode: Callable[[Tensor], Tensor] | None = None,
+    carried: Tensor | None = None,
 ) -> Tensor:
     """A one-step SDEdit surrogate of the mimicry damage, per image (higher = stronger protection).
 
@@ -152,9 +168,18 @@ def mimicry_shift(
     schedule) with the same noise; the latent diffusion model's clean-latent estimate
     ``x0(z) = (z_t - sqrt(1 - a_t) eps(z_t, t)) / sqrt(a_t)`` of the protected latent is compared with that of the
     clean one: ``mean ||x0(z') - x0(z)||^2 / mean ||z||^2``. An SDEdit edit starts from that estimate, so a
-    perturbation that only the denoiser washes out scores nothing here. ``denoiser(z_t, t)`` predicts the noise
-    (e.g. :func:`protect.evaluate.unet_denoiser` of an unconditional latent ``UNet2DModel``); gradients flow
-    through it to ``protected_latents``. ``generator`` is a CPU generator (draws move to the latents' device).
+    perturbation that only the denoiser washes out scores nothing here. With ``decode`` (latents -> images, e.g.
+    ``partial(protect.losses.decoded, vae)``) the two estimates are compared as images instead:
+    ``mean ||D(x0(z')) - D(x0(z))||^2`` in pixel units (no normalisation), which is what the edit's PSNR to the
+    clean edit measures: a latent change the decoder ignores scores nothing (measured on the photo models, this
+    ranks protections as the 20-step SDEdit does, and the latent version does not; ``benchmarks/RESULTS.md``).
+    A perturbation the round trip simply reproduces "moves" the decoded estimate by itself without harming the
+    edit (a protector trained on the plain pixel term learns exactly that); ``carried`` (N, 3, H, W), the
+    perturbation ``x' - x``, removes the part of the decoded change along it (per image, least squares), so only
+    the **excess** change counts (:func:`protect.evaluate.carried_over` measures the same on full edits).
+    ``denoiser(z_t, t)`` predicts the noise (e.g. :func:`protect.evaluate.unet_denoiser` of an unconditional
+    latent ``UNet2DModel``); gradients flow through it to ``protected_latents``. ``generator`` is a CPU generator
+    (draws move to the latents' device).
     """
     z, clean = protected_latents, clean_latents.to(protected_latents)
     alphas = alphas_cumprod.float().to(z.device)
@@ -173,8 +198,59 @@ def mimicry_shift(
 
     with torch.no_grad():
         reference = estimate(clean)
-    moved = (estimate(z) - reference).pow(2).flatten(1).mean(1)
-    return moved / clean.pow(2).flatten(1).mean(1).clamp_min(1e-8)
+        if decode is not None:
+            reference = decode(reference)
+    moved = estimate(z)
+    if decode is not None:
+        change = decode(moved) - reference
+        if carried is not None:
+            change = excess_change(change, carried)
+        return change.pow(2).flatten(1).mean(1)
+    return (moved - reference).pow(2).flatten(1).mean(1) / clean.pow(2).flatten(1).mean(1).clamp_min(1e-8)
+
+
+class PerturbationNet(nn.Module):
+    """A small U-Net from the image (N, 3, H, W) in [0, 1] to a pre-``tanh`` perturbation (N, 3, H, W), any size.
+
+    Three stride-2 levels (channels c, 2c, 4c, 4c; the coarsest at an SD VAE's latent stride, 8), additive skips,
+    nearest upsampling; sides that are not a multiple of 8 are replicate-padded and the output cropped back. Its
+    receptive field (about 70 px) spans several latent cells, so the perturbation can follow the image's content
+    at full resolution, which the periodic fields and the thumbnail's lift cannot. The output layer starts at
+    zero: a new net leaves the rest of the protector's perturbation unchanged. Cost: about 15 k multiply-adds per
+    pixel at c = 16, linear in the pixels.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        c = channels
+        self.conv_in = nn.Conv2d(3, c, 3, padding=1)
+        self.down = nn.ModuleList(
+            [nn.Conv2d(c, 2 * c, 3, 2, 1), nn.Conv2d(2 * c, 4 * c, 3, 2, 1), nn.Conv2d(4 * c, 4 * c, 3, 2, 1)]
+        )
+        self.mid = nn.Conv2d(4 * c, 4 * c, 3, padding=1)
+        self.up = nn.ModuleList(
+            [
+                nn.Conv2d(4 * c, 4 * c, 3, padding=1),
+                nn.Conv2d(4 * c, 2 * c, 3, padding=1),
+                nn.Conv2d(2 * c, c, 3, padding=1),
+            ]
+        )
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        height, width = images.shape[-2:]
+        x = F.pad(images * 2 - 1, (0, -width % 8, 0, -height % 8), mode="replicate")
+        h = F.silu(self.conv_in(x))
+        skips = [h]
+        for conv in self.down:
+            h = F.silu(conv(h))
+            skips.append(h)
+        h = F.silu(self.mid(h))
+        for conv, skip in zip(self.up, reversed(skips[:-1])):
+            h = F.silu(conv(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))) + skip
+        return self.conv_out(h)[..., :height, :width]
 
 
 class AmortizedProtector(ModelMixin, ConfigMixin):
@@ -204,10 +280,13 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         temperature: float = 1.0,
         trained_on: tuple[str, ...] = (),
         trained_vae_signatures: tuple[tuple[float, ...], ...] = (),
+        generator_channels: int = 0,
     ):
         super().__init__()
         if num_experts < 1 or patch_size < 1 or gate_size < 2 or hidden < 1:
             raise ValueError("num_experts, patch_size and hidden must be >= 1 and gate_size >= 2")
+        if generator_channels < 0:
+            raise ValueError(f"generator_channels must be >= 0, got {generator_channels}")
         if not 0 <= min_strength <= 1:
             raise ValueError(f"min_strength must lie in [0, 1], got {min_strength}")
         self.fields = nn.Parameter(0.5 * torch.randn(num_experts, 3, patch_size, patch_size))
@@ -231,6 +310,8 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
             if residual
             else None
         )
+        # full-resolution image-adaptive term: a small U-Net on the image itself (0 channels: none)
+        self.generator = PerturbationNet(generator_channels) if generator_channels else None
 
     # ------------------------------------------------------------------ pieces
     def trained_for(self, vae: AutoencoderKL) -> bool | None:
@@ -314,7 +395,8 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         residual: Tensor | None = None,
         min_strength: float | None = None,
     ) -> Tensor:
-        """The perturbation (N, 3, H, W): ``eps * strength * tanh(sum_k w_k field_k + lift(residual))``."""
+        """The perturbation (N, 3, H, W): ``eps * strength * tanh(sum_k w_k field_k + lift(residual) + g(x))``
+        (``g``: the full-resolution :class:`PerturbationNet`, when the protector has one)."""
         eps = self.config.eps if eps is None else eps
         floor = self.config.min_strength if min_strength is None else min_strength
         h, w = images.shape[-2:]
@@ -324,6 +406,8 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         if self.lift is not None and residual is not None:
             lifted = self.lift(residual.to(self.fields.dtype))
             mix = mix + F.interpolate(lifted, size=(h, w), mode="bilinear", align_corners=False)
+        if self.generator is not None:
+            mix = mix + self.generator(images.to(self.fields.dtype))
         field = mix.tanh()
         strength = strength_map(images, floor, self.config.texture_scale, self.config.texture_window)
         return eps * strength.to(field) * field

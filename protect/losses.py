@@ -77,6 +77,14 @@ def latent(vae: AutoencoderKL, x: Tensor) -> Tensor:
     return ((mean - shift) * vae.config.scaling_factor).float()
 
 
+def decoded(vae: AutoencoderKL, z: Tensor) -> Tensor:
+    """The images (float32, [0, 1] up to the decoder's overshoot: not clamped, so gradients pass) of scaled latents
+    ``z`` as :func:`latent` makes them: the inverse scaling and shift, then the decoder. Differentiable."""
+    param = next(vae.parameters())
+    z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    return (vae.decode(z.to(param.device, param.dtype)).sample.float() + 1) / 2
+
+
 def _per_image_mse(a: Tensor, b: Tensor) -> Tensor:
     return (a - b).pow(2).flatten(1).mean(1)
 

@@ -16,7 +16,12 @@ purification (JPEG, resize, blur or noise, drawn per step with probability ``--r
 unconditional latent diffusion model of the first VAE: a folder or id with ``unet/`` and ``scheduler/``, e.g.
 ``demo/photo_ldm``) it also pushes the mimicry damage up: ``--mimicry-weight`` times
 :func:`~protect.amortized.mimicry_shift`, a one-step SDEdit surrogate (how far the latent model's clean estimate
-of the protected image moves from the clean image's), on the same purified images.
+of the protected image moves from the clean image's), on the same purified images; ``--mimicry-space`` says where
+the estimates are compared (decoded, without the part along the perturbation, by default), ``--target-weight``
+weighs the target loss against it. ``--generator-channels C`` adds a full-resolution perturbation U-Net
+(:class:`~protect.amortized.PerturbationNet`) to the protector, and ``--init DIR`` starts from a trained
+protector's weights (warm start; a U-Net it lacks starts at zero, so the warm-started protector begins exactly
+where the old one ended).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +42,7 @@ from PIL import Image
 
 from .amortized import AmortizedProtector, mimicry_shift, multi_vae_target_loss, vae_signature
 from .evaluate import unet_denoiser
-from .losses import latent, vae_stride
+from .losses import decoded, latent, vae_stride
 from .pgd import random_transform
 from .purify import EOT, PURIFICATIONS
 
@@ -67,6 +73,21 @@ def load_latent_model(name: str, device: torch.device | str = "cpu"):
     unet = UNet2DModel.from_pretrained(name, subfolder="unet", use_safetensors=True, **options).to(device).eval()
     unet.requires_grad_(False)
     return unet, DDPMScheduler.from_pretrained(name, subfolder="scheduler", **options)
+
+
+def initialise(protector: AmortizedProtector, name: str) -> None:
+    """Copy the weights of the protector at ``name`` into ``protector`` (warm start). Its fields, targets, gate
+    and lift must have the same shapes (experts, patch size, latent channels, hidden width); parameters it does
+    not have (a :class:`~protect.amortized.PerturbationNet` added now) keep their fresh values."""
+    source = AmortizedProtector.from_pretrained(name, local_files_only=Path(name).exists()).state_dict()
+    own = protector.state_dict()
+    mismatched = [k for k, v in source.items() if k not in own or own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(
+            f"--init {name}: its {', '.join(mismatched[:4])} do not fit this protector (another number of experts, "
+            "patch size, latent channels or width); pass the same --experts and --patch-size"
+        )
+    protector.load_state_dict(source, strict=False)
 
 
 def folder_images(folder: Path, size: int, generator: random.Random) -> Iterator[torch.Tensor]:
@@ -128,6 +149,10 @@ RUN_KEYS = (
     "min_strength",
     "ldm",
     "mimicry_weight",
+    "generator_channels",
+    "init",
+    "target_weight",
+    "mimicry_space",
 )
 
 
@@ -190,6 +215,29 @@ def parse_args(
     parser.add_argument(
         "--mimicry-weight", type=float, default=1.0, help="weight of the mimicry term (with --ldm; default 1)"
     )
+    parser.add_argument(
+        "--generator-channels",
+        type=int,
+        default=0,
+        help="base channels of the full-resolution perturbation U-Net (protect.amortized.PerturbationNet; 0: none)",
+    )
+    parser.add_argument(
+        "--target-weight", type=float, default=1.0, help="weight of the multi-VAE target loss (default 1)"
+    )
+    parser.add_argument(
+        "--init",
+        help="start from this protector's weights (folder or id; same experts, patch size and latent channels); "
+        "parts it lacks (e.g. the perturbation U-Net) start fresh",
+    )
+    parser.add_argument(
+        "--mimicry-space",
+        choices=("excess", "pixels", "latent"),
+        default="excess",
+        help="how the mimicry term compares the clean estimates: decoded images without the part along the "
+        "perturbation (log10 of the mean squared excess change, default), decoded images (log10 of the mean squared "
+        "difference: rewards perturbations the round trip merely reproduces) or latents (relative squared "
+        "difference)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing protector in --out")
@@ -202,8 +250,8 @@ def parse_args(
     args = parser.parse_args(None if argv is None else list(argv))
     if args.steps < 1 or args.batch_size < 1 or args.size < 8 or args.checkpoint_every < 1:
         parser.error("--steps, --batch-size and --checkpoint-every must be >= 1 and --size >= 8")
-    if args.mimicry_weight < 0:
-        parser.error("--mimicry-weight must be >= 0")
+    if args.mimicry_weight < 0 or args.target_weight < 0 or args.generator_channels < 0:
+        parser.error("--mimicry-weight, --target-weight and --generator-channels must be >= 0")
     if not 0 < args.eps <= 64:
         parser.error("--eps must be in (0, 64] (1/255 units)")
     if args.images is None and not default_data:
@@ -251,7 +299,10 @@ def train(
         min_strength=args.min_strength,
         trained_on=tuple(args.vae),
         trained_vae_signatures=tuple(vae_signature(vae) for vae in vaes),
+        generator_channels=args.generator_channels,
     )
+    if args.init is not None:
+        initialise(protector, resolve(args.init))
     networks = [p for name, p in protector.named_parameters() if name != "fields"]
     optimizer = torch.optim.Adam(
         [{"params": [protector.fields], "lr": args.lr}, {"params": networks, "lr": args.gate_lr}]
@@ -284,12 +335,21 @@ def train(
         if torch.rand((), generator=rng).item() < args.robust_prob:
             protected = random_transform(transforms, protected, rng)
         latents = [latent(vae, protected) for vae in vaes]  # once: the target loss and the mimicry term share them
-        loss = multi_vae_target_loss(
-            vaes, protected, clean, target_latents, weights, args.distortion_weight, latents
-        ).mean()
+        loss = (
+            args.target_weight
+            * multi_vae_target_loss(
+                vaes, protected, clean, target_latents, weights, args.distortion_weight, latents
+            ).mean()
+        )
         if mimicry is not None and args.mimicry_weight:
             denoiser, alphas = mimicry
-            shift = mimicry_shift(denoiser, alphas, latents[0], clean[0], rng)
+            if args.mimicry_space != "latent":
+                carried = protected - images if args.mimicry_space == "excess" else None
+                decode = partial(decoded, vaes[0])
+                shift = mimicry_shift(denoiser, alphas, latents[0], clean[0], rng, decode=decode, carried=carried)
+                shift = shift.clamp_min(1e-10).log10()  # scale-free: -PSNR / 10 of the estimate's image
+            else:
+                shift = mimicry_shift(denoiser, alphas, latents[0], clean[0], rng)
             loss = loss - args.mimicry_weight * shift.mean()
         if args.balance:  # Switch-Transformer-style: keep every expert in use across the batch
             loss = loss + args.balance * args.experts * weights.float().mean((0, 2, 3)).pow(2).sum()
@@ -332,7 +392,11 @@ def train(
         "distortion_weight": args.distortion_weight,
         "ldm": args.ldm,
         "mimicry_weight": args.mimicry_weight if args.ldm else None,
+        "mimicry_space": args.mimicry_space if args.ldm else None,
         "balance": args.balance,
+        "generator_channels": args.generator_channels,
+        "target_weight": args.target_weight,
+        "init": args.init,
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
         "losses": [float(f"{x:.5g}") for x in losses[:: max(1, len(losses) // 200)]],

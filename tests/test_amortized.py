@@ -339,6 +339,18 @@ def test_mimicry_shift_is_the_one_step_sdedit_formula():
     assert protected.grad.abs().sum() > 0
     unchanged = mimicry_shift(lambda z_t, t: c * z_t, alphas, clean, clean, torch.Generator().manual_seed(2))
     assert torch.allclose(unchanged, torch.zeros(3), atol=1e-10)
+    # in image space: the decoded estimates' mean squared difference, unnormalised (a linear "decoder" 2 z: x4)
+    pixels = mimicry_shift(
+        lambda z_t, t: c * z_t,
+        alphas,
+        protected,
+        clean,
+        torch.Generator().manual_seed(2),
+        (0.3, 0.3),
+        decode=lambda z: 2 * z,
+    )
+    unnormalised = (1 - c * (1 - a).sqrt()) ** 2 * (protected - clean).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(pixels, 4 * unnormalised.detach(), rtol=1e-4, atol=1e-8)
 
 
 def test_training_with_a_latent_model_adds_the_mimicry_term(tmp_path):
@@ -357,8 +369,72 @@ def test_training_with_a_latent_model_adds_the_mimicry_term(tmp_path):
     argv += ["--patch-size", "8", "--experts", "2", "--robust-prob", "0"]
     assert train.main([*argv, "--ldm", str(ldm_dir), "--mimicry-weight", "2"]) == 0
     record = json.loads((out / "training.json").read_text())
-    assert record["ldm"] == str(ldm_dir) and record["mimicry_weight"] == 2.0
+    assert record["ldm"] == str(ldm_dir) and record["mimicry_weight"] == 2.0 and record["mimicry_space"] == "pixels"
+    assert train.main([*argv, "--overwrite", "--ldm", str(ldm_dir), "--mimicry-space", "latent"]) == 0
+    assert json.loads((out / "training.json").read_text())["mimicry_space"] == "latent"
     with pytest.raises(ValueError, match="3-channel latents"):
         train.main([*argv, "--overwrite", "--ldm", str(wrong_dir)])
     with pytest.raises(SystemExit):
         train.main([*argv, "--overwrite", "--ldm", str(ldm_dir), "--mimicry-weight", "-1"])
+
+
+def test_perturbation_net_any_size_and_a_new_one_changes_nothing(vae):
+    """The full-resolution U-Net keeps any image size (sides not a multiple of 8 included); a fresh one outputs zero,
+    so adding it to a trained protector leaves its protection bit-identical until it is trained; it is saved and
+    loaded with the protector."""
+    from protect.amortized import PerturbationNet
+
+    net = PerturbationNet(4)
+    for shape in ((2, 3, 16, 16), (1, 3, 13, 37), (1, 3, 3, 5)):
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        out = net(x)
+        assert out.shape == x.shape and torch.equal(out, torch.zeros_like(out))
+    torch.manual_seed(0)
+    plain = AmortizedProtector(num_experts=2, patch_size=8, hidden=4).eval()
+    torch.manual_seed(0)
+    with_net = AmortizedProtector(num_experts=2, patch_size=8, hidden=4, generator_channels=4).eval()
+    x = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain.protect(x, vae)[0], with_net.protect(x, vae)[0])
+    with torch.no_grad():
+        with_net.generator.conv_out.bias.fill_(100.0)  # saturates tanh: +eps everywhere the budget allows
+    out, _ = with_net.protect(x, vae, min_strength=1.0)
+    assert torch.allclose(out, (x + EPS).clamp(max=1), atol=1e-6)
+    with pytest.raises(ValueError, match="generator_channels"):
+        AmortizedProtector(generator_channels=-1)
+
+
+def test_training_warm_starts_from_a_protector_and_adds_the_net(tmp_path):
+    """--init copies a trained protector's fields, gate and lift; --generator-channels adds the U-Net (trained,
+    saved, reloaded); a protector of another shape is refused with a clear message; --target-weight 0 with the
+    mimicry term trains on the mimicry alone."""
+    from diffusers import DDPMScheduler
+
+    from apps import train_protector as train
+    from tests.factories import tiny_latent_unet
+
+    vae_dir, ldm_dir = tmp_path / "vae", tmp_path / "ldm"
+    _tiny_vae().save_pretrained(vae_dir)
+    tiny_latent_unet(_tiny_vae().config.latent_channels).save_pretrained(ldm_dir / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(ldm_dir / "scheduler")
+    base = ["--vae", str(vae_dir), "--steps", "2", "--batch-size", "2", "--size", "16", "--robust-prob", "0"]
+    first = tmp_path / "first"
+    assert train.main([*base, "--out", str(first), "--patch-size", "8", "--experts", "2"]) == 0
+    source = AmortizedProtector.from_pretrained(str(first))
+    second = tmp_path / "second"
+    argv = [*base, "--out", str(second), "--patch-size", "8", "--experts", "2", "--init", str(first)]
+    argv += ["--generator-channels", "4", "--steps", "1", "--lr", "0", "--gate-lr", "0"]  # no update: a pure copy
+    assert train.main(argv) == 0
+    loaded = AmortizedProtector.from_pretrained(str(second))
+    assert loaded.config.generator_channels == 4 and loaded.generator is not None
+    assert torch.equal(loaded.fields, source.fields)
+    assert torch.equal(loaded.gate[0].weight, source.gate[0].weight)
+    record = json.loads((second / "training.json").read_text())
+    assert record["init"] == str(first) and record["generator_channels"] == 4
+    with pytest.raises(ValueError, match="do not fit"):
+        train.main([*base, "--out", str(tmp_path / "x"), "--patch-size", "8", "--experts", "3", "--init", str(first)])
+    third = tmp_path / "third"
+    argv = [*base, "--out", str(third), "--patch-size", "8", "--experts", "2", "--generator-channels", "4"]
+    assert train.main([*argv, "--ldm", str(ldm_dir), "--target-weight", "0", "--steps", "3"]) == 0
+    assert json.loads((third / "training.json").read_text())["target_weight"] == 0.0
+    with pytest.raises(SystemExit):
+        train.main([*argv, "--overwrite", "--target-weight", "-1"])

@@ -146,6 +146,34 @@ def test_evaluate_without_mimics_needs_no_classifier_and_labels_need_a_classifie
         evaluate(clean, protected, torch.zeros(2), mimics={"m": lambda x: x}, purifications=("none",))
 
 
+def test_carried_over_separates_a_reproduced_perturbation_from_damage():
+    """A mimic that reproduces the perturbation (scaled) has share 1 and no excess; one that removes it has no
+    change at all; a change orthogonal to the perturbation is all excess, with its own PSNR; evaluate reports
+    both per mimic."""
+    from protect.evaluate import carried_over, evaluate
+
+    g = torch.Generator().manual_seed(0)
+    delta = (torch.rand(2, 3, 8, 8, generator=g) - 0.5) * 0.06
+    share, excess = carried_over(0.8 * delta, delta)
+    assert torch.allclose(share, torch.ones(2), atol=1e-5) and (excess > 90).all()
+    share, excess = carried_over(torch.zeros_like(delta), delta)
+    assert torch.equal(share, torch.zeros(2)) and (excess >= 100 - 1e-4).all()
+    other = torch.randn(2, 3, 8, 8, generator=g) * 0.02
+    flat = delta.flatten(1)
+    orth = other.flatten(1) - (other.flatten(1) * flat).sum(1, keepdim=True) / flat.pow(2).sum(1, keepdim=True) * flat
+    orth = orth.view_as(delta)
+    share, excess = carried_over(orth + 0.5 * delta, delta)
+    expected_share = 1 - orth.pow(2).flatten(1).sum(1) / (orth + 0.5 * delta).pow(2).flatten(1).sum(1)
+    torch.testing.assert_close(share, expected_share, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(excess, -10 * torch.log10(orth.pow(2).flatten(1).mean(1)), rtol=1e-4, atol=1e-4)
+    clean = torch.rand(2, 3, 16, 16, generator=g) * 0.8 + 0.1
+    protected = {"copied": clean + 4 / 255}
+    rows = evaluate(clean, protected, mimics={"m": lambda x: x}, purifications=("none",), noise_eps=4 / 255)
+    row = {r["protection"]: r for r in rows}["copied"]
+    assert row["m_carried_share"] == pytest.approx(1.0) and row["m_excess_psnr_to_clean"] > 90
+    assert row["m_psnr_to_clean"] == pytest.approx(36.1, abs=0.1)  # the plain measure counts the copy as damage
+
+
 @pytest.fixture(scope="module")
 def ldm_folder(vae_folders, tmp_path_factory):
     """A tiny random latent UNet on the first tiny VAE's latents, saved as apps.demo.train_photo saves photo_ldm."""
@@ -173,7 +201,11 @@ def test_photo_evaluation_with_a_latent_model_runs_mist_sds_and_sdedit_mimicry(v
         assert rows[(method, "none")]["linf_255"] <= 8 + 1e-3
     # the latent model is Mist's semantic part: Mist is not PhotoGuard under another name
     assert rows[("mist@2", "none")]["psnr"] != rows[("photoguard@2", "none")]["psnr"]
-    assert {"sdedit_psnr_to_clean", "sdedit_ssim_to_clean"} <= set(result["worst_case"])
+    assert {"sdedit_psnr_to_clean", "sdedit_ssim_to_clean", "sdedit_excess_psnr_to_clean"} <= set(result["worst_case"])
+    for method in ("photoguard@2", "random_noise"):
+        row = rows[(method, "none")]
+        assert 0 <= row["sdedit_carried_share"] <= 1
+        assert row["sdedit_excess_psnr_to_clean"] >= row["sdedit_psnr_to_clean"] - 1e-6  # the excess is a part
     assert result["settings"]["ldm"] == ldm_folder and result["settings"]["sdedit"]["strength"] == 0.3
 
 
