@@ -369,7 +369,7 @@ def test_training_with_a_latent_model_adds_the_mimicry_term(tmp_path):
     argv += ["--patch-size", "8", "--experts", "2", "--robust-prob", "0"]
     assert train.main([*argv, "--ldm", str(ldm_dir), "--mimicry-weight", "2"]) == 0
     record = json.loads((out / "training.json").read_text())
-    assert record["ldm"] == str(ldm_dir) and record["mimicry_weight"] == 2.0 and record["mimicry_space"] == "pixels"
+    assert record["ldm"] == str(ldm_dir) and record["mimicry_weight"] == 2.0 and record["mimicry_space"] == "excess"
     assert train.main([*argv, "--overwrite", "--ldm", str(ldm_dir), "--mimicry-space", "latent"]) == 0
     assert json.loads((out / "training.json").read_text())["mimicry_space"] == "latent"
     with pytest.raises(ValueError, match="3-channel latents"):
