@@ -267,9 +267,11 @@ def mimicry_preview(
     """SDEdit (img2img) of the original and of the protected image with the photo latent model
     (:data:`PROTECT_LDM` on :data:`PROTECT_VAE`, :func:`protect.evaluate.sdedit_unconditional`), on the same centre
     crop (at most 128x128, native resolution) and with the same noise. Returns both edits (enlarged ``scale``
-    times) and the PSNR between them (``psnr_between_edits``; lower: the protection changed the edit more) and the
-    crop side; ``None`` for images under 16 pixels a side."""
-    from protect.evaluate import sdedit_unconditional
+    times) and the PSNR between them (``psnr_between_edits``; lower: the protection changed the edit more), the same
+    without the part of the change that is the perturbation carried through (``excess_psnr_between_edits``) and
+    that part's share (``carried_share``; :func:`protect.evaluate.carried_over`), and the crop side; ``None`` for
+    images under 16 pixels a side."""
+    from protect.evaluate import carried_over, sdedit_unconditional
     from protect.metrics import psnr
 
     width, height = original.size
@@ -294,7 +296,14 @@ def mimicry_preview(
         )
         for e in edits
     ]
-    info = {"psnr_between_edits": psnr(edits[:1], edits[1:]).item(), "crop": side, "strength": strength}
+    share, excess = carried_over(edits[1:] - edits[:1], x[1:] - x[:1])
+    info = {
+        "psnr_between_edits": psnr(edits[:1], edits[1:]).item(),
+        "excess_psnr_between_edits": excess.item(),
+        "carried_share": share.item(),
+        "crop": side,
+        "strength": strength,
+    }
     return pictures[0], pictures[1], info
 
 

@@ -145,10 +145,11 @@ def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
     gallery, table, files, summary, (before, after) = _protect(client, *paths, method="mist", eps=6)
     assert len(gallery) == 10 and "mist" in summary  # original, protected, perturbation, two SDEdit previews
     assert [row[0] for row in table["data"]] == ["photo", "logo"]
-    edits, jpeg, upscaled = (
-        table["headers"].index(c) for c in ("edits PSNR (dB)", "after JPEG q75", "after noisy upscaling")
-    )
+    columns = ("edits PSNR (dB)", "edits PSNR beyond the perturbation (dB)", "after JPEG q75", "after noisy upscaling")
+    edits, excess, jpeg, upscaled = (table["headers"].index(c) for c in columns)
     assert all(20 < row[edits] < 80 for row in table["data"])  # the PSNR between the two edits
+    assert all(row[excess] >= row[edits] - 0.01 for row in table["data"])  # the carried perturbation left out
+    assert "beyond the perturbation" in summary
     for row in table["data"]:  # the survival report: a verdict and the comparison to random noise
         assert all(row[c].startswith(("survives (", "does not survive (")) for c in (jpeg, upscaled)), row
     assert "survive** JPEG q75 and noisy upscaling" in summary
@@ -171,6 +172,7 @@ def test_protect_endpoint_amortized_without_preview(client, tmp_path):
     )
     edits = table["headers"].index("edits PSNR (dB)")
     assert len(gallery) == 3 and "one forward pass" in summary and table["data"][0][edits] is None
+    assert table["data"][0][edits + 1] is None
     assert 0 < _linf(Image.open(files[0]), Image.open(path)) <= 8
 
 
