@@ -47,6 +47,7 @@ __all__ = [
     "excess_change",
     "mimicry_shift",
     "multi_vae_target_loss",
+    "one_step_alignment",
     "strength_map",
     "target_bank",
     "vae_signature",
@@ -138,6 +139,25 @@ def multi_vae_target_loss(
         moved = (z - clean).pow(2).mean(1).flatten(1).sum(1)
         total = total + (remaining - distortion_weight * moved) / initial.clamp_min(1e-8)
     return total / len(vaes)
+
+
+def one_step_alignment(
+    vae: AutoencoderKL, images: Tensor, delta: Tensor, target_latent: Tensor, generator: torch.Generator, eps: float
+) -> Tensor:
+    """How closely a perturbation ``delta`` (N, 3, H, W) follows one PhotoGuard step, per image, in [-1, 1]
+    (lower = closer; -1 is ``-eps * sign(g)`` itself): ``<delta / eps, g> / ||g||_1`` with ``g`` the gradient of
+    PhotoGuard's loss ``mean (E(x + u) - z_target)^2`` at a uniform random start ``u`` in the eps-ball (drawn from
+    the CPU ``generator``), ``z_target`` = ``target_latent`` (1 or N, C, h, w). The linearised target loss: training a
+    protector on it distils one PGD step (which does as much damage as 100 on the photo models,
+    ``benchmarks/RESULTS.md``) into a forward pass; ``g`` carries no gradient."""
+    start = (torch.rand(images.shape, generator=generator) * 2 - 1).to(images) * eps
+    with torch.enable_grad():
+        x = (images.detach() + start).clamp(0, 1).requires_grad_(True)
+        z = latent(vae, x)
+        loss = (z - target_latent.to(z)).pow(2).flatten(1).mean(1).sum()
+        (grad,) = torch.autograd.grad(loss, x)
+    grad = grad.to(delta)
+    return (delta / eps * grad).flatten(1).sum(1) / grad.abs().flatten(1).sum(1).clamp_min(1e-20)
 
 
 def excess_change(change: Tensor, perturbation: Tensor) -> Tensor:

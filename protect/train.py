@@ -40,9 +40,9 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from .amortized import AmortizedProtector, mimicry_shift, multi_vae_target_loss, vae_signature
+from .amortized import AmortizedProtector, mimicry_shift, multi_vae_target_loss, one_step_alignment, vae_signature
 from .evaluate import unet_denoiser
-from .losses import decoded, latent, vae_stride
+from .losses import decoded, default_target, latent, vae_stride
 from .pgd import random_transform
 from .purify import EOT, PURIFICATIONS
 
@@ -153,6 +153,8 @@ RUN_KEYS = (
     "init",
     "target_weight",
     "mimicry_space",
+    "step_weight",
+    "generator_only",
 )
 
 
@@ -238,6 +240,17 @@ def parse_args(
         "difference: rewards perturbations the round trip merely reproduces) or latents (relative squared "
         "difference)",
     )
+    parser.add_argument(
+        "--step-weight",
+        type=float,
+        default=0.0,
+        help="weight of the one-PGD-step term (protect.amortized.one_step_alignment on the first VAE; default 0)",
+    )
+    parser.add_argument(
+        "--generator-only",
+        action="store_true",
+        help="the perturbation is the U-Net's alone: fields at zero and frozen, no lift (needs --generator-channels)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing protector in --out")
@@ -250,8 +263,10 @@ def parse_args(
     args = parser.parse_args(None if argv is None else list(argv))
     if args.steps < 1 or args.batch_size < 1 or args.size < 8 or args.checkpoint_every < 1:
         parser.error("--steps, --batch-size and --checkpoint-every must be >= 1 and --size >= 8")
-    if args.mimicry_weight < 0 or args.target_weight < 0 or args.generator_channels < 0:
-        parser.error("--mimicry-weight, --target-weight and --generator-channels must be >= 0")
+    if min(args.mimicry_weight, args.target_weight, args.generator_channels, args.step_weight) < 0:
+        parser.error("--mimicry-weight, --target-weight, --step-weight and --generator-channels must be >= 0")
+    if args.generator_only and not args.generator_channels:
+        parser.error("--generator-only needs --generator-channels C (the U-Net is then the whole perturbation)")
     if not 0 < args.eps <= 64:
         parser.error("--eps must be in (0, 64] (1/255 units)")
     if args.images is None and not default_data:
@@ -300,13 +315,19 @@ def train(
         trained_on=tuple(args.vae),
         trained_vae_signatures=tuple(vae_signature(vae) for vae in vaes),
         generator_channels=args.generator_channels,
+        residual=not args.generator_only,
     )
     if args.init is not None:
         initialise(protector, resolve(args.init))
+    if args.generator_only:
+        with torch.no_grad():
+            protector.fields.zero_()
+        protector.fields.requires_grad_(False)
     networks = [p for name, p in protector.named_parameters() if name != "fields"]
-    optimizer = torch.optim.Adam(
-        [{"params": [protector.fields], "lr": args.lr}, {"params": networks, "lr": args.gate_lr}]
-    )
+    groups = [{"params": networks, "lr": args.gate_lr}]
+    if not args.generator_only:
+        groups.insert(0, {"params": [protector.fields], "lr": args.lr})
+    optimizer = torch.optim.Adam(groups)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps)
     protector, optimizer, scheduler = accelerator.prepare(protector, optimizer, scheduler)
     model = accelerator.unwrap_model(protector)
@@ -327,20 +348,25 @@ def train(
             print(f"resuming from {args.checkpoint} at step {first}", file=sys.stderr, flush=True)
     # a resumed run draws fresh batches: its data stream is seeded past the steps already done
     data = batches(args, accelerator.process_index, shapes, first)
+    step_target = None  # PhotoGuard's target latent at the training size, for --step-weight
     for step in range(first, args.steps):
         images = next(data).to(device)
         with torch.no_grad():
             clean = [latent(vae, images) for vae in vaes]
         protected, weights = protector(images, vaes[0])
+        delta_before_purification = protected - images
         if torch.rand((), generator=rng).item() < args.robust_prob:
             protected = random_transform(transforms, protected, rng)
-        latents = [latent(vae, protected) for vae in vaes]  # once: the target loss and the mimicry term share them
-        loss = (
-            args.target_weight
-            * multi_vae_target_loss(
-                vaes, protected, clean, target_latents, weights, args.distortion_weight, latents
-            ).mean()
-        )
+        loss = torch.zeros((), device=device)
+        if args.target_weight or (mimicry is not None and args.mimicry_weight):
+            latents = [latent(vae, protected) for vae in vaes]  # once: the target loss and the mimicry term share them
+        if args.target_weight:
+            loss = (
+                args.target_weight
+                * multi_vae_target_loss(
+                    vaes, protected, clean, target_latents, weights, args.distortion_weight, latents
+                ).mean()
+            )
         if mimicry is not None and args.mimicry_weight:
             denoiser, alphas = mimicry
             if args.mimicry_space != "latent":
@@ -351,6 +377,11 @@ def train(
             else:
                 shift = mimicry_shift(denoiser, alphas, latents[0], clean[0], rng)
             loss = loss - args.mimicry_weight * shift.mean()
+        if args.step_weight:  # distil one PhotoGuard step on the first VAE (on the unpurified perturbation)
+            if step_target is None:
+                step_target = latent(vaes[0], default_target(*images.shape[-2:])[None].to(device)).detach()
+            alignment = one_step_alignment(vaes[0], images, delta_before_purification, step_target, rng, args.eps / 255)
+            loss = loss + args.step_weight * alignment.mean()
         if args.balance:  # Switch-Transformer-style: keep every expert in use across the batch
             loss = loss + args.balance * args.experts * weights.float().mean((0, 2, 3)).pow(2).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -397,6 +428,8 @@ def train(
         "generator_channels": args.generator_channels,
         "target_weight": args.target_weight,
         "init": args.init,
+        "step_weight": args.step_weight,
+        "generator_only": args.generator_only,
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
         "losses": [float(f"{x:.5g}") for x in losses[:: max(1, len(losses) // 200)]],

@@ -438,3 +438,47 @@ def test_training_warm_starts_from_a_protector_and_adds_the_net(tmp_path):
     assert json.loads((third / "training.json").read_text())["target_weight"] == 0.0
     with pytest.raises(SystemExit):
         train.main([*argv, "--overwrite", "--target-weight", "-1"])
+
+
+def test_one_step_alignment_is_minus_one_for_the_pgd_step_itself(vae):
+    """-eps sign(g) at the same random start scores -1, its opposite +1, nothing 0; g is PhotoGuard's gradient."""
+    from protect.amortized import one_step_alignment
+    from protect.losses import default_target
+
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    target = latent(vae, default_target(16, 16)[None])
+    start = (torch.rand(x.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1) * EPS
+    xs = (x + start).clamp(0, 1).requires_grad_(True)
+    ((latent(vae, xs) - target).pow(2).flatten(1).mean(1).sum()).backward()
+    step = -EPS * xs.grad.sign()
+    for delta, expected in ((step, -1.0), (-step, 1.0), (torch.zeros_like(x), 0.0)):
+        score = one_step_alignment(vae, x, delta, target, torch.Generator().manual_seed(5), EPS)
+        torch.testing.assert_close(score, torch.full((2,), expected), rtol=1e-4, atol=1e-5)
+
+
+def test_training_distils_one_pgd_step_into_the_net_alone(tmp_path):
+    """--generator-only --step-weight: the U-Net alone learns to follow the PGD step on an image it sees every step
+    (the alignment falls well below 0), the fields stay zero, the lift is gone; --generator-only without a U-Net is
+    refused."""
+    import numpy as np
+    from PIL import Image
+
+    from protect import train
+
+    vae_dir, images = tmp_path / "vae", tmp_path / "images"
+    _tiny_vae().save_pretrained(vae_dir)
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(30, 220, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images / "one.png")  # every 16 px crop is this image: its gradient is learnable
+    out = tmp_path / "distilled"
+    argv = ["--vae", str(vae_dir), "--out", str(out), "--steps", "60", "--batch-size", "4", "--size", "16"]
+    argv += ["--patch-size", "8", "--experts", "2", "--robust-prob", "0", "--gate-lr", "0.01", "--images", str(images)]
+    assert train.main([*argv, "--generator-only", "--generator-channels", "4", "--target-weight", "0",
+                       "--step-weight", "1"]) == 0  # fmt: skip
+    record = json.loads((out / "training.json").read_text())
+    assert record["step_weight"] == 1.0 and record["generator_only"] is True
+    assert record["final_loss"] < -0.3 < record["first_loss"], record
+    loaded = AmortizedProtector.from_pretrained(str(out))
+    assert loaded.lift is None and torch.equal(loaded.fields, torch.zeros_like(loaded.fields))
+    with pytest.raises(SystemExit):
+        train.main([*argv, "--overwrite", "--generator-only"])
