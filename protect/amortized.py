@@ -36,8 +36,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .losses import default_target, latent, vae_stride
+from .losses import default_target, encoder_loss, latent, vae_stride
 from .pgd import fit_to_ball
+from .rng import draw
 
 Tensor = torch.Tensor
 
@@ -150,12 +151,10 @@ def one_step_alignment(
     the CPU ``generator``), ``z_target`` = ``target_latent`` (1 or N, C, h, w). The linearised target loss: training a
     protector on it distils one PGD step (which does as much damage as 100 on the photo models,
     ``benchmarks/RESULTS.md``) into a forward pass; ``g`` carries no gradient."""
-    start = (torch.rand(images.shape, generator=generator) * 2 - 1).to(images) * eps
+    start = (2 * draw("rand", images.shape, generator, images) - 1) * eps  # PGD's random start
     with torch.enable_grad():
         x = (images.detach() + start).clamp(0, 1).requires_grad_(True)
-        z = latent(vae, x)
-        loss = (z - target_latent.to(z)).pow(2).flatten(1).mean(1).sum()
-        (grad,) = torch.autograd.grad(loss, x)
+        (grad,) = torch.autograd.grad(encoder_loss(vae, x, target_latent).sum(), x)
     grad = grad.to(delta)
     return (delta / eps * grad).flatten(1).sum(1) / grad.abs().flatten(1).sum(1).clamp_min(1e-20)
 

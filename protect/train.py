@@ -354,7 +354,7 @@ def train(
         with torch.no_grad():
             clean = [latent(vae, images) for vae in vaes]
         protected, weights = protector(images, vaes[0])
-        delta_before_purification = protected - images
+        unpurified = protected
         if torch.rand((), generator=rng).item() < args.robust_prob:
             protected = random_transform(transforms, protected, rng)
         loss = torch.zeros((), device=device)
@@ -380,7 +380,7 @@ def train(
         if args.step_weight:  # distil one PhotoGuard step on the first VAE (on the unpurified perturbation)
             if step_target is None:
                 step_target = latent(vaes[0], default_target(*images.shape[-2:])[None].to(device)).detach()
-            alignment = one_step_alignment(vaes[0], images, delta_before_purification, step_target, rng, args.eps / 255)
+            alignment = one_step_alignment(vaes[0], images, unpurified - images, step_target, rng, args.eps / 255)
             loss = loss + args.step_weight * alignment.mean()
         if args.balance:  # Switch-Transformer-style: keep every expert in use across the batch
             loss = loss + args.balance * args.experts * weights.float().mean((0, 2, 3)).pow(2).sum()
