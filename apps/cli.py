@@ -28,6 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"steerguard {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group ``accelerate launch`` / torchrun made, if any: left to the interpreter's exit, its
+    communication threads are torn down unjoined, and the process aborts ("terminate called without an active
+    exception") now and then after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
