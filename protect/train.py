@@ -244,7 +244,7 @@ def parse_args(
         "--step-weight",
         type=float,
         default=0.0,
-        help="weight of the one-PGD-step term (protect.amortized.one_step_alignment on the first VAE; default 0)",
+        help="weight of the one-PGD-step term (protect.amortized.one_step_alignment averaged over the VAEs; default 0)",
     )
     parser.add_argument(
         "--generator-only",
@@ -348,7 +348,7 @@ def train(
             print(f"resuming from {args.checkpoint} at step {first}", file=sys.stderr, flush=True)
     # a resumed run draws fresh batches: its data stream is seeded past the steps already done
     data = batches(args, accelerator.process_index, shapes, first)
-    step_target = None  # PhotoGuard's target latent at the training size, for --step-weight
+    step_targets = None  # PhotoGuard's target latent in each VAE at the training size, for --step-weight
     for step in range(first, args.steps):
         images = next(data).to(device)
         with torch.no_grad():
@@ -377,10 +377,14 @@ def train(
             else:
                 shift = mimicry_shift(denoiser, alphas, latents[0], clean[0], rng)
             loss = loss - args.mimicry_weight * shift.mean()
-        if args.step_weight:  # distil one PhotoGuard step on the first VAE (on the unpurified perturbation)
-            if step_target is None:
-                step_target = latent(vaes[0], default_target(*images.shape[-2:])[None].to(device)).detach()
-            alignment = one_step_alignment(vaes[0], images, unpurified - images, step_target, rng, args.eps / 255)
+        if args.step_weight:  # distil one PhotoGuard step per VAE (on the unpurified perturbation), averaged
+            if step_targets is None:
+                pattern = default_target(*images.shape[-2:])[None].to(device)
+                step_targets = [latent(vae, pattern).detach() for vae in vaes]
+            delta, budget = unpurified - images, args.eps / 255
+            alignment = torch.stack(
+                [one_step_alignment(vae, images, delta, z, rng, budget) for vae, z in zip(vaes, step_targets)]
+            ).mean(0)
             loss = loss + args.step_weight * alignment.mean()
         if args.balance:  # Switch-Transformer-style: keep every expert in use across the batch
             loss = loss + args.balance * args.experts * weights.float().mean((0, 2, 3)).pow(2).sum()

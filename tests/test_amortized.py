@@ -403,6 +403,56 @@ def test_perturbation_net_any_size_and_a_new_one_changes_nothing(vae):
         AmortizedProtector(generator_channels=-1)
 
 
+def test_perturbation_net_runs_large_images_in_tiles_with_the_same_output():
+    """Without gradients an image with a side above ``tile`` runs in tiles of ``tile`` with a ``halo`` of context:
+    every tile the net sees is at most tile + 2 halo a side (bounded memory), the output equals the untiled one,
+    and the halo covers the net's receptive radius, measured by the gradient of one output pixel."""
+    from protect.amortized import PerturbationNet
+
+    torch.manual_seed(0)
+    net = PerturbationNet(4).eval()
+    for param in net.parameters():  # a trained-like net: the output layer is not zero
+        torch.nn.init.normal_(param, std=0.3)
+    x = torch.rand(2, 3, 150, 237, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = net(x)
+        seen = []
+        hook = net.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-2:]))
+        net.tile = 64
+        try:
+            tiled = net(x)
+        finally:
+            hook.remove()
+            del net.tile
+    assert len(seen) == 3 * 4 and max(max(s) for s in seen) <= 64 + 2 * net.halo
+    assert tiled.shape == x.shape and torch.allclose(tiled, whole, rtol=1e-4, atol=1e-4)
+    probe = torch.rand(1, 3, 128, 128, requires_grad=True)
+    radius = 0
+    for row, col in ((64, 64), (67, 69), (71, 71)):
+        (grad,) = torch.autograd.grad(net(probe)[0, :, row, col].sum(), probe)
+        where = grad.abs().sum((0, 1)).nonzero()
+        radius = max(radius, (where - torch.tensor([row, col])).abs().max().item())
+    assert 16 < radius <= net.halo, radius
+
+
+def test_a_generator_only_protector_skips_its_zero_fields():
+    """With all-zero fields the mixture of fields is skipped at inference: the perturbation is the same as the full
+    computation (which training, with gradients, still runs)."""
+    torch.manual_seed(0)
+    protector = AmortizedProtector(num_experts=2, patch_size=8, hidden=4, residual=False, generator_channels=4)
+    with torch.no_grad():
+        protector.fields.zero_()
+        for param in protector.generator.parameters():
+            torch.nn.init.normal_(param, std=0.3)
+    vae = _tiny_vae()
+    x = torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(1))
+    weights, residual = protector.analyse(vae, x)
+    full = protector.perturbation(x, weights, EPS, residual)  # gradients on: the fields' mixture is computed
+    with torch.no_grad():
+        skipped = protector.perturbation(x, weights, EPS, residual)
+    assert full.requires_grad and torch.equal(full.detach(), skipped) and skipped.abs().max() > EPS / 4
+
+
 def test_training_warm_starts_from_a_protector_and_adds_the_net(tmp_path):
     """--init copies a trained protector's fields, gate and lift; --generator-channels adds the U-Net (trained,
     saved, reloaded); a protector of another shape is refused with a clear message; --target-weight 0 with the
@@ -456,29 +506,33 @@ def test_one_step_alignment_is_minus_one_for_the_pgd_step_itself(vae):
         torch.testing.assert_close(score, torch.full((2,), expected), rtol=1e-4, atol=1e-5)
 
 
-def test_training_distils_one_pgd_step_into_the_net_alone(tmp_path):
+@pytest.mark.parametrize("vaes", [1, 2])
+def test_training_distils_one_pgd_step_into_the_net_alone(tmp_path, vaes):
     """--generator-only --step-weight: the U-Net alone learns to follow the PGD step on an image it sees every step
-    (the alignment falls well below 0), the fields stay zero, the lift is gone; --generator-only without a U-Net is
-    refused."""
+    (the alignment, averaged over the VAEs, falls well below 0), the fields stay zero, the lift is gone;
+    --generator-only without a U-Net is refused."""
     import numpy as np
     from PIL import Image
 
     from protect import train
 
-    vae_dir, images = tmp_path / "vae", tmp_path / "images"
-    _tiny_vae().save_pretrained(vae_dir)
+    images, out = tmp_path / "images", tmp_path / "distilled"
+    argv = ["--out", str(out), "--steps", "60", "--batch-size", "4", "--size", "16"]
+    for seed in range(vaes):
+        _tiny_vae(seed).save_pretrained(tmp_path / f"vae{seed}")
+        argv += ["--vae", str(tmp_path / f"vae{seed}")]
     images.mkdir()
     pixels = np.random.default_rng(0).integers(30, 220, (16, 16, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(images / "one.png")  # every 16 px crop is this image: its gradient is learnable
-    out = tmp_path / "distilled"
-    argv = ["--vae", str(vae_dir), "--out", str(out), "--steps", "60", "--batch-size", "4", "--size", "16"]
     argv += ["--patch-size", "8", "--experts", "2", "--robust-prob", "0", "--gate-lr", "0.01", "--images", str(images)]
     assert train.main([*argv, "--generator-only", "--generator-channels", "4", "--target-weight", "0",
                        "--step-weight", "1"]) == 0  # fmt: skip
     record = json.loads((out / "training.json").read_text())
     assert record["step_weight"] == 1.0 and record["generator_only"] is True
-    assert record["final_loss"] < -0.3 < record["first_loss"], record
+    # two random VAEs' PGD steps disagree in sign on many pixels: their average cannot be followed as closely
+    assert record["final_loss"] < (-0.3 if vaes == 1 else -0.15) < record["first_loss"], record
     loaded = AmortizedProtector.from_pretrained(str(out))
     assert loaded.lift is None and torch.equal(loaded.fields, torch.zeros_like(loaded.fields))
+    assert len(loaded.config.trained_vae_signatures) == vaes
     with pytest.raises(SystemExit):
         train.main([*argv, "--overwrite", "--generator-only"])
