@@ -239,7 +239,7 @@ def test_a_2048_photo_is_protected_within_the_budget_in_bounded_memory(protector
     """PhotoGuard on a 2048x2048 photo (1 step) encodes at most TILE_BATCH tiles at a time, so its activation
     memory is that of 4 tiles whatever the image size, keeps the L-inf budget exactly, and the process's peak memory
     grows by less than 2 GB (~1.1 GB here: image-sized buffers; all 64 tiles in one pass took ~3.4 GB more); the
-    amortized protector runs on it in one pass within the budget."""
+    amortized protector runs on it in one pass within the budget, with a full-resolution U-Net in bounded memory."""
     from apps.demo.photos import photo
     from apps.demo.train_photo import make_photo_vae, seeded
     from protect.protect import TILE_BATCH
@@ -261,3 +261,10 @@ def test_a_2048_photo_is_protected_within_the_budget_in_bounded_memory(protector
     assert growth[0] < 2e9, f"peak memory grew by {growth[0] / 1e6:.0f} MB"
     amortized, report = protect(image, "amortized", vae=vae, protector=protector)
     assert amortized.shape == image.shape and (amortized - image).abs().max() <= EPS + 1e-7
+    torch.manual_seed(0)  # the default protector's design: a 16-channel full-resolution U-Net, run in 1024 px tiles
+    with_net = AmortizedProtector(num_experts=3, patch_size=8, hidden=4, generator_channels=16).eval()
+    protect(image[..., :64, :64], "amortized", vae=vae, protector=with_net)  # warm-up
+    with peak_rss_growth() as growth:
+        amortized, report = protect(image, "amortized", vae=vae, protector=with_net)
+    assert amortized.shape == image.shape and (amortized - image).abs().max() <= EPS + 1e-7
+    assert growth[0] < 1.2e9, f"peak memory grew by {growth[0] / 1e6:.0f} MB"  # ~0.8 GB; 1.8 GB untiled
