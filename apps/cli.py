@@ -11,7 +11,14 @@ from pathlib import Path
 from . import generate as generation
 from .device import SCORE_DTYPES
 from .jobs import Limits
-from .services import DEFAULT_PGD_STEPS, PROTECT_LDM, PROTECT_METHODS, PROTECT_VAE, PROTECTOR_NAME
+from .services import (
+    AMORTIZED_METHODS,
+    DEFAULT_PGD_STEPS,
+    PROTECT_LDM,
+    PROTECT_METHODS,
+    PROTECT_VAE,
+    PROTECTOR_NAME,
+)
 
 DTYPE_OPTION = {
     "choices": ["auto", *SCORE_DTYPES],
@@ -140,8 +147,10 @@ def _add_protect(commands: argparse._SubParsersAction) -> None:
         "protect",
         help="protect image files against mimicry (PNG outputs next to a JSON report)",
         description="Protect images at their native resolution against the photo demo VAE (demo/photo_vae): "
-        "'amortized' (the default) runs the photo amortized protector (one forward pass per image), 'photoguard' "
-        "and 'mist' an L-infinity PGD attack (Mist's semantic part: the photo latent model demo/photo_ldm)."
+        "'amortized' (the default) runs the photo amortized protector (one forward pass per image, less of the "
+        "budget on flat regions), 'amortized-full' the same at the full budget everywhere (as visible as PGD, and "
+        "as damaging), 'photoguard' and 'mist' an L-infinity PGD attack (Mist's semantic part: the photo latent "
+        "model demo/photo_ldm)."
         " Outputs are PNG files of the same size and mode (RGB, RGBA, L, LA; other modes become RGB/RGBA) in "
         "--out, with a JSON report; no existing file is ever overwritten (a numbered suffix is added). The "
         "report and the output say per file whether the protection survives JPEG q75 and noisy upscaling "
@@ -503,12 +512,11 @@ def _protect(args: argparse.Namespace) -> int:
     report = {
         "method": args.method,
         "eps_255": args.eps,
-        "steps": None if args.method == "amortized" else args.steps,  # the amortized protector: one pass
-        "seed": None if args.method == "amortized" else args.seed,
+        "steps": None if args.method in AMORTIZED_METHODS else args.steps,  # the amortized protector: one pass
+        "seed": None if args.method in AMORTIZED_METHODS else args.seed,
         "model": PROTECT_VAE
-        + {"amortized": f", amortized protector demo/{PROTECTOR_NAME}", "mist": f", latent model {PROTECT_LDM}"}.get(
-            args.method, ""
-        ),
+        + (f", amortized protector demo/{PROTECTOR_NAME}" if args.method in AMORTIZED_METHODS else "")
+        + (f", latent model {PROTECT_LDM}" if args.method == "mist" else ""),
         "processes": state.num_processes,
         "survival_rule": "per file, 'survival': the latent distortion in the photo VAE after JPEG q75 and noisy "
         "upscaling (bicubic), against same-budget random noise after the same purification; 'survives' when it is "

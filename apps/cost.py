@@ -68,7 +68,7 @@ def protect_seconds(
     """Estimated seconds of one ``/protect`` request on images of ``sizes`` (width, height)."""
     total = 0.0
     for width, height in sizes:
-        if method == "amortized":
+        if method.startswith("amortized"):  # amortized, amortized-full: one forward pass
             total += width * height * costs["amortized_pixel"]
         else:
             total += tiled_pixels(width, height, tile) * steps * costs[f"pgd_pixel_step:{method}"]

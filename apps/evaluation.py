@@ -250,7 +250,7 @@ def default_photo_ldm() -> str | None:
 
 
 def default_photo_protector() -> str:
-    """``demo/photo_protector`` (trained against the photo VAEs) when it is committed, else the shapes
+    """``demo/photo_protector`` (trained against the photo VAE) when it is committed, else the shapes
     ``demo/protector``."""
     from .demo import DEMO_DIR
 

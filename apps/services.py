@@ -31,7 +31,10 @@ from .device import best_device, score_dtype
 from .generate import Request, class_names, generate
 from .models import DEFAULT_MODEL, load_score_model, resolve
 
-PROTECT_METHODS = ("amortized", "photoguard", "mist")  # amortized: the photo protector, one forward pass
+# amortized: the photo protector, one forward pass, spending less of the budget on flat regions (less visible);
+# amortized-full: the same at the full budget everywhere (the PSNR of PGD's, and its damage: benchmarks/RESULTS.md)
+PROTECT_METHODS = ("amortized", "amortized-full", "photoguard", "mist")
+AMORTIZED_METHODS = ("amortized", "amortized-full")
 EPS_255 = (1, 32)  # the protection budget in 1/255 units, the app's and the CLI's bounds
 PGD_STEPS = (1, 500)
 # the CLI's and the app's PGD steps, from measured benefit (benchmarks/bench_pgd_steps.py on training-photo crops,
@@ -40,11 +43,12 @@ PGD_STEPS = (1, 500)
 DEFAULT_PGD_STEPS = 1
 PROTECT_VAE = "demo/photo_vae"  # what the app and the CLI protect against (and measure survival in)
 PROTECT_LDM = "demo/photo_ldm"  # Mist's semantic part and the mimicry preview's SDEdit: a latent model on it
-PROTECTOR_NAME = "photo_protector"  # the amortized protector, trained against the photo VAEs
+PROTECTOR_NAME = "photo_protector"  # the amortized protector, trained against the photo VAE
 DETECTOR_NAME = "eps_detector"  # the 16 px testbed detector (bench_detection)
 PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on photos
 
 __all__ = [
+    "AMORTIZED_METHODS",
     "DEFAULT_PGD_STEPS",
     "EPS_255",
     "PGD_STEPS",
@@ -193,7 +197,8 @@ def protect_image(
     """Protect one RGB/RGBA image against the photo VAE (:data:`PROTECT_VAE`); returns the protected image and its
     metrics.
 
-    "amortized" runs the photo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply);
+    "amortized" runs the photo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply),
+    texture-weighted (less of the budget on flat regions); "amortized-full" spends the full budget everywhere;
     "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``, on ``tile`` x
     ``tile`` crops (:func:`protect.protect`'s ``tile``: the cost and the memory grow in proportion to the pixels);
     "mist" uses the photo latent diffusion model (:data:`PROTECT_LDM`, unconditional) as its semantic part.
@@ -209,12 +214,15 @@ def protect_image(
     extra: dict[str, Any] = {}
     with _lock:
         vae = _vae(device)
-        model = _protector(device) if method == "amortized" else None
+        model = _protector(device) if method in AMORTIZED_METHODS else None
         if method == "mist":
             unet, scheduler = _latent_model(device, PROTECT_LDM)
             extra = semantic_part(unet, scheduler)
     if model is not None:
-        (protected,), report = protect([image], method=method, vae=vae, eps=eps, protector=model, on_step=on_step)
+        floor = 1.0 if method == "amortized-full" else None
+        (protected,), report = protect(
+            [image], method="amortized", vae=vae, eps=eps, protector=model, on_step=on_step, min_strength=floor
+        )
     else:
         generator = torch.Generator(device).manual_seed(seed)
         (protected,), report = protect(

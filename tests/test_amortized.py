@@ -295,16 +295,18 @@ def test_demo_protector_is_trained_for_both_demo_vaes_only():
 
 @pytest.mark.skipif(not (DEMO_DIR / "photo_protector").is_dir(), reason="the photo protector is not in demo_models/")
 def test_photo_protector_is_trained_for_the_photo_vae_and_beats_noise_on_a_held_out_photo():
-    """The app's default protection: recorded against demo/photo_vae (not the shapes VAE), and on a native 256 px
-    crop of a held-out photo it moves that VAE's latent well past same-budget random noise, within the budget."""
+    """The app's default protection: one PGD step distilled into a full-resolution U-Net (no fields), recorded
+    against demo/photo_vae (not photo_vae_b, not the shapes VAE), and on a native 256 px crop of a held-out photo it
+    moves that VAE's latent well past same-budget random noise, within the budget."""
     from apps.demo.photos import photo
     from apps.models import load_vae
 
     protector = AmortizedProtector.from_pretrained(str(DEMO_DIR / "photo_protector"))
     photo_vae = load_vae("demo/photo_vae")
-    assert protector.trained_for(photo_vae) is True
+    assert protector.trained_for(photo_vae) is True and protector.trained_for(load_vae("demo/photo_vae_b")) is False
     shapes_vae = AutoencoderKL.from_pretrained(DEMO_DIR / "vae", use_safetensors=True, local_files_only=True)
     assert protector.trained_for(shapes_vae) is False
+    assert protector.generator is not None and not protector.fields.any() and protector.lift is None
     x = (photo("coffee")[:, 100:356, 200:456][None] + 1) / 2
     protected, report = protect(x, "amortized", vae=photo_vae, protector=protector, eps=EPS)
     signs = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -162,14 +162,16 @@ def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
     assert np.array_equal(np.asarray(Image.open(after)), np.asarray(Image.open(files[0])))
 
 
-def test_protect_endpoint_amortized_without_preview(client, tmp_path):
+@pytest.mark.parametrize("method", ["amortized", "amortized-full"])
+def test_protect_endpoint_amortized_without_preview(client, tmp_path, method):
     from gradio_client import handle_file
 
     path = tmp_path / "art.png"
     noise_image((40, 36)).save(path)
     gallery, table, files, summary, _ = client.predict(
-        [handle_file(str(path))], "amortized", 8, 1, 0, False, api_name="/protect"
+        [handle_file(str(path))], method, 8, 1, 0, False, api_name="/protect"
     )
+    assert f"**{method}**" in summary
     edits = table["headers"].index("edits PSNR (dB)")
     assert len(gallery) == 3 and "one forward pass" in summary and table["data"][0][edits] is None
     assert table["data"][0][edits + 1] is None

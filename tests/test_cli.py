@@ -75,6 +75,37 @@ def test_mist_uses_the_photo_latent_model_or_refuses(tmp_path, capsys, monkeypat
     assert "need the latent diffusion model demo/no_such_model" in capsys.readouterr().err
 
 
+def test_amortized_full_spends_the_whole_budget_in_the_app_and_the_cli(tmp_path):
+    """ "amortized-full" is the photo protector at min_strength 1: on a photo with flat regions it spends the full
+    budget there too, so its PSNR is lower than the texture-weighted default's, both within the budget; the CLI
+    takes it and reports it as one pass (no steps, no seed)."""
+    import json
+
+    import numpy as np
+
+    from apps.demo import DEMO_DIR
+    from apps.demo.photos import photo
+
+    if not all((DEMO_DIR / name).is_dir() for name in ("photo_vae", "photo_protector")):
+        pytest.skip("the photo VAE and protector are not in demo_models/")
+    crop = ((photo("camera")[:, :96, :128] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(np.ascontiguousarray(crop)).convert("RGB")  # sky: flat, then texture
+    kwargs = {"eps": 8 / 255, "device": "cpu", "survival": False}
+    _, weighted = services.protect_image(image, method="amortized", **kwargs)
+    full_image, full = services.protect_image(image, method="amortized-full", **kwargs)
+    assert full["psnr"] < weighted["psnr"] - 1 and weighted["linf_255"] <= 8 and full["linf_255"] <= 8
+    flat = np.abs(np.asarray(full_image, dtype=int) - np.asarray(image, dtype=int))[:20]  # the sky rows
+    assert np.mean(flat >= 7) > 0.5  # the full budget (rounded to 8-bit) on most flat pixels
+    path = tmp_path / "art.png"
+    image.save(path)
+    argv = ["protect", str(path), "--method", "amortized-full", "--out", str(tmp_path / "o"), "--device", "cpu"]
+    assert cli_main(argv) == 0
+    (report_path,) = (tmp_path / "o").glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report["method"] == "amortized-full" and report["steps"] is None and report["seed"] is None
+    assert "amortized protector" in report["model"]
+
+
 def test_every_subcommand_has_its_runner_in_order():
     assert list(RUNNERS) == ["app", "generate", "protect", "detect", "train", "evaluate"]
     assert "{" + ",".join(RUNNERS) + "}" in build_parser().format_usage()

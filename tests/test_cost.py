@@ -22,6 +22,7 @@ def test_estimates_grow_in_proportion_to_pixels_and_steps():
     assert protect_seconds(costs, [(64, 64)] * 2, "amortized", 50, 128, preview=True) == pytest.approx(
         2 * (64 * 64 * 1e-7 + 2.0)
     )
+    assert protect_seconds(costs, [(64, 64)], "amortized-full", 50, 128, preview=False) == pytest.approx(64 * 64 * 1e-7)
     costs.unit["survival_pixel"] = 1e-6  # the survival report, per pixel of its crops
     assert protect_seconds(costs, [(1024, 1024)], "photoguard", 10, 128, preview=False) == pytest.approx(
         big + 1024 * 1024 * 1e-6

@@ -16,6 +16,7 @@ from ..disk import OutputFolders
 from ..files import perturbation_image, restore_mode, save_new
 from ..jobs import Job, Limits, duration, gradio_alive
 from ..services import (
+    AMORTIZED_METHODS,
     DEFAULT_PGD_STEPS,
     EPS_255,
     PGD_STEPS,
@@ -51,7 +52,8 @@ def protect_tab(
 
         Args:
             files: image files (PNG, JPEG, WebP, BMP or TIFF), at most the server's file and pixel limits.
-            method: "amortized" (one forward pass of the photo protector), "photoguard" or "mist" (PGD).
+            method: "amortized" (one forward pass of the photo protector, texture-weighted budget),
+                "amortized-full" (the same at the full budget everywhere), "photoguard" or "mist" (PGD).
             eps: the L-infinity budget in 1/255 units, 1 to 32.
             steps: PGD steps (photoguard, mist), 1 to 500.
             seed: seed of the PGD start (image i uses seed + i).
@@ -69,7 +71,7 @@ def protect_tab(
         if costs is not None:
             estimate = protect_seconds(costs, [s for _, s in sizes], method, steps, PGD_TILE, bool(preview))
             listed = ", ".join(f"{w}x{h}" for _, (w, h) in sizes)
-            how = "one forward pass" if method == "amortized" else f"{steps} PGD steps"
+            how = "one forward pass" if method in AMORTIZED_METHODS else f"{steps} PGD steps"
             try:
                 check_budget(
                     estimate,
@@ -137,7 +139,7 @@ def protect_tab(
         columns += ["edits PSNR beyond the perturbation (dB)"]
         columns += ["after JPEG q75", "after noisy upscaling"]
         table = pd.DataFrame(rows, columns=columns)
-        how = "one forward pass of the amortized protector" if method == "amortized" else f"{steps} PGD steps"
+        how = "one forward pass of the amortized protector" if method in AMORTIZED_METHODS else f"{steps} PGD steps"
         summary = (
             f"Protected {len(loaded)} image(s) with **{method}** (eps {eps:g}/255, {how}, seed {seed}) "
             f"against the photo demo VAE in {duration(job.elapsed)}. Download the PNG files (deleted from this "
@@ -166,7 +168,9 @@ def protect_tab(
         gr.Markdown(
             "Add an imperceptible L-infinity perturbation that misleads the VAE encoder (here the small photo "
             "demo VAE, a stand-in for Stable Diffusion's), so that diffusion-based editing or mimicry of the "
-            "image fails: **amortized** (a pre-trained protector, one forward pass, FastProtect-style), "
+            "image fails: **amortized** (a pre-trained protector, one forward pass, FastProtect-style; it spends "
+            "less of the budget on flat regions, where a perturbation shows; **amortized-full** spends all of it, "
+            "as PGD does, and matches 100-step PhotoGuard's damage), "
             "**photoguard** (PGD encoder attack) or **mist** (Mist's textural loss plus its semantic loss "
             "through the photo latent diffusion model). Images are protected at their native resolution. "
             "What survives purification is measured in benchmarks/RESULTS.md. The metrics say per image whether the "
