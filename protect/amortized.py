@@ -440,12 +440,13 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         eps = self.config.eps if eps is None else eps
         floor = self.config.min_strength if min_strength is None else min_strength
         h, w = images.shape[-2:]
-        mix = images.new_zeros(images.shape, dtype=self.fields.dtype)
         # a generator-only protector's fields are all zero (kept when they are being trained, for their gradient)
         if (torch.is_grad_enabled() and self.fields.requires_grad) or self.fields.any():
             experts = _cover(self.fields, h, w, self.config.tile)  # (K, 3, H, W)
             gates = F.interpolate(weights.to(self.fields.dtype), size=(h, w), mode="bilinear", align_corners=False)
-            mix = mix + torch.einsum("nkhw,kchw->nchw", gates, experts)
+            mix = torch.einsum("nkhw,kchw->nchw", gates, experts)
+        else:
+            mix = images.new_zeros(images.shape, dtype=self.fields.dtype)
         if self.lift is not None and residual is not None:
             lifted = self.lift(residual.to(self.fields.dtype))
             mix = mix + F.interpolate(lifted, size=(h, w), mode="bilinear", align_corners=False)
