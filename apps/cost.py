@@ -16,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from protect import AMORTIZED_BUDGETS
+
 from .jobs import duration
 
 __all__ = ["Costs", "check_budget", "generate_seconds", "measure", "protect_seconds", "tiled_pixels"]
@@ -68,7 +70,7 @@ def protect_seconds(
     """Estimated seconds of one ``/protect`` request on images of ``sizes`` (width, height)."""
     total = 0.0
     for width, height in sizes:
-        if method.startswith("amortized"):  # amortized, amortized-full: one forward pass
+        if method in AMORTIZED_BUDGETS:  # amortized, amortized-full: one forward pass
             total += width * height * costs["amortized_pixel"]
         else:
             total += tiled_pixels(width, height, tile) * steps * costs[f"pgd_pixel_step:{method}"]

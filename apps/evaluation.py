@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from protect.evaluate import worst_case
-from protect.protect import METHODS
+from protect.protect import AMORTIZED_BUDGETS, METHODS
 from protect.purify import EVALUATION
 
 from .device import best_device
@@ -78,10 +78,9 @@ def protect_all(
         if name == "noise":  # the naive baseline: random signs at the full budget
             signs = torch.cat([torch.randint(0, 2, (1, *images.shape[1:]), generator=g) for g in gens()]) * 2 - 1
             out[method] = (images + eps * signs.to(images)).clamp(0, 1)
-        elif name.startswith("amortized"):  # "amortized-full": the full budget on flat regions too
-            floor = 1.0 if name == "amortized-full" else None
+        elif name in AMORTIZED_BUDGETS:  # "amortized-full": the full budget on flat regions too
             out[method], _ = protect(
-                images, "amortized", vae=pipe.vae, protector=protector, eps=eps, min_strength=floor
+                images, "amortized", vae=pipe.vae, protector=protector, eps=eps, min_strength=AMORTIZED_BUDGETS[name]
             )
         else:
             extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": alphas} if name in ("mist", "sds") else {}
@@ -124,7 +123,7 @@ def run(
     if (DEMO_DIR / "vae_b").is_dir():
         vaes["B"] = load_vae(str(DEMO_DIR / "vae_b"), device)
     model = None
-    if any(m.startswith("amortized") for m in methods):
+    if any(m in AMORTIZED_BUDGETS for m in methods):
         model = AmortizedProtector.from_pretrained(str(protector or DEMO_DIR / "protector")).to(device)
     images, labels = generate(n, torch.Generator().manual_seed(EVAL_SEED + seed))
     images, labels = ((images + 1) / 2).to(device), labels.to(device)
@@ -282,7 +281,7 @@ def photo_work(
     """The cost of :func:`run_photos` in megapixel VAE-encoder passes: PGD (forward and backward, ~3 passes a
     step) on the first VAE, then the latents of every row (clean, noise, each method) under every purification,
     and with ``mimic`` an SDEdit of each (encode, decode: ~3 passes; the latent UNet is small beside them)."""
-    pgd_steps = sum(int(m.partition("@")[2] or steps) for m in methods if not m.startswith("amortized"))
+    pgd_steps = sum(int(m.partition("@")[2] or steps) for m in methods if m not in AMORTIZED_BUDGETS)
     megapixels = n * size * size / 1e6
     rows = purifications * (len(methods) + 2)
     return megapixels * (3 * pgd_steps + 2 * vaes * rows + (3 * rows if mimic else 0))
@@ -312,10 +311,9 @@ def protect_photos(
     for method in methods:
         name, _, count = method.partition("@")
         start = time.perf_counter()
-        if name.startswith("amortized"):
-            floor = 1.0 if name == "amortized-full" else None
+        if name in AMORTIZED_BUDGETS:
             protected[method], _ = protect(
-                images, "amortized", vae=vae, protector=protector, eps=eps, min_strength=floor
+                images, "amortized", vae=vae, protector=protector, eps=eps, min_strength=AMORTIZED_BUDGETS[name]
             )
         else:
             gens = [torch.Generator().manual_seed(seed + i) for i in range(len(images))]
@@ -403,7 +401,7 @@ def run_photos(
     images = images.to(device)
     protector_name = str(protector or default_photo_protector())
     amortized = None
-    if any(m.startswith("amortized") for m in methods):
+    if any(m in AMORTIZED_BUDGETS for m in methods):
         amortized = AmortizedProtector.from_pretrained(resolve(protector_name)).to(device)
     protected, seconds = protect_photos(
         images,

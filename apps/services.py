@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protect import Step
+from protect import AMORTIZED_BUDGETS, Step
 from protect.images import composite_rgb
 
 from .cost import Costs
@@ -34,7 +34,7 @@ from .models import DEFAULT_MODEL, load_score_model, resolve
 # amortized: the photo protector, one forward pass, spending less of the budget on flat regions (less visible);
 # amortized-full: the same at the full budget everywhere (the PSNR of PGD's, and its damage: benchmarks/RESULTS.md)
 PROTECT_METHODS = ("amortized", "amortized-full", "photoguard", "mist")
-AMORTIZED_METHODS = ("amortized", "amortized-full")
+AMORTIZED_METHODS = tuple(AMORTIZED_BUDGETS)
 EPS_255 = (1, 32)  # the protection budget in 1/255 units, the app's and the CLI's bounds
 PGD_STEPS = (1, 500)
 # the CLI's and the app's PGD steps, from measured benefit (benchmarks/bench_pgd_steps.py on training-photo crops,
@@ -219,7 +219,7 @@ def protect_image(
             unet, scheduler = _latent_model(device, PROTECT_LDM)
             extra = semantic_part(unet, scheduler)
     if model is not None:
-        floor = 1.0 if method == "amortized-full" else None
+        floor = AMORTIZED_BUDGETS.get(method)
         (protected,), report = protect(
             [image], method="amortized", vae=vae, eps=eps, protector=model, on_step=on_step, min_strength=floor
         )

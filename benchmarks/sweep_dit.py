@@ -125,7 +125,7 @@ def perturbation(pipe, args) -> list[Setting]:
                 Setting(f"CFG {args.cfg:g} + {kind} {s:g}", (CFG(args.cfg), method), True, f"cfg-{family}", 1.0, 3,
                         {"s": s})
             )  # fmt: skip
-    for block in transformer_blocks(pipe.transformer):
+    for block in transformer_blocks(pipe.transformer) if args.layer_sweep else ():
         for kind, method in weak_methods(pipe, args.layer_scale, (block,)).items():
             if kind == "SoftPAG":
                 continue
@@ -320,6 +320,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--w", type=float, nargs="+", default=list(SCALES_W), help="CFG/APG scales")
     parser.add_argument("--s", type=float, nargs="+", default=list(SCALES_S), help="perturbation scales")
     parser.add_argument("--cfg", type=float, default=3.0, help="the CFG scale perturbation guidance is added to")
+    parser.add_argument(
+        "--layer-sweep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="perturbation suite: also PAG and TPG on every block at --layer-scale (default on)",
+    )
     parser.add_argument("--layer-scale", type=float, default=2.0, help="scale of the layer sweep and HeadHunter")
     parser.add_argument("--hunt-samples", type=int, default=16)
     parser.add_argument("--hunt-rounds", type=int, default=2)

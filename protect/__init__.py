@@ -21,9 +21,10 @@ from .eps import expected_perturbation_score
 from .evaluate import evaluate
 from .patches import ImageScore, PatchEPSDetector
 from .pgd import Cancelled
-from .protect import ProtectionReport, Step, protect
+from .protect import AMORTIZED_BUDGETS, ProtectionReport, Step, protect
 
 __all__ = [
+    "AMORTIZED_BUDGETS",
     "AmortizedProtector",
     "Cancelled",
     "EPSDetector",

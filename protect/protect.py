@@ -42,6 +42,9 @@ from .rng import Generators, check_generators
 
 Tensor = torch.Tensor
 METHODS = ("photoguard", "mist", "sds", "amortized")
+# the amortized protector's named budgets -> ``min_strength`` (None: the protector's own, texture-weighted;
+# 1.0: the full ``eps`` on flat regions too, as visible as PGD): the names the app, the CLI and the evaluation use
+AMORTIZED_BUDGETS: dict[str, float | None] = {"amortized": None, "amortized-full": 1.0}
 MAX_PIXELS = 4096 * 4096
 MAX_EPS = 64 / 255  # the largest L-infinity budget accepted (the field evaluates 4-16/255)
 TILE_BATCH = 4  # with ``tile``: tiles of each image per forward pass (activation memory: 4 tiles per image)

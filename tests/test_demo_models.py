@@ -148,6 +148,21 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+def test_dit_architecture_options_reach_the_saved_model_and_its_card(tmp_path):
+    from apps.demo import train
+
+    argv = ["dit", "--out", str(tmp_path), "--vae", str(committed("vae")), "--steps", "2", "--batch-size", "4"]
+    train.main([*argv, "--dit-layers", "2", "--dit-width", "64"])
+    config = json.loads((tmp_path / "dit" / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (2, 2, 32)
+    card = (tmp_path / "dit" / "README.md").read_text()
+    assert "(2 layers, width 64, 2 heads, patch 2)" in card and "--dit-layers 2 --dit-width 64" in card
+    for bad in (["--dit-width", "100"], ["--dit-layers", "0"], ["--dit-width", "0"]):
+        with pytest.raises(SystemExit):
+            train.parse_args([*argv, *bad])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_training_cli_writes_a_loadable_model_and_card(trained: Path, name: str):
     folder = trained / name

@@ -46,6 +46,16 @@ def test_sweep_runs_every_suite_with_seed_spread_and_resumes(tmp_path):
         sweep_dit.main([*argv, "--sheets", "CFG 99"])
 
 
+@pytest.mark.slow
+def test_no_layer_sweep_keeps_the_scale_rows_and_drops_the_per_block_ones(tmp_path):
+    argv = [
+        *("--suite", "perturbation", "--per-class", "1", "--steps", "2", "--seeds", "2", "--s", "1", "--real", "50"),
+        *("--json", str(tmp_path / "sweep.json"), "--figures", str(tmp_path / "figures"), "--no-layer-sweep"),
+    ]
+    names = [row["name"] for row in sweep_dit.main(argv)]
+    assert sorted(names) == sorted(f"{kind} {m} 1" for kind in ("uncond", "CFG 3 +") for m in ("PAG", "SoftPAG", "TPG"))
+
+
 def test_the_revisited_apg_thresholds_are_multiples_of_what_auto_uses():
     """APG with ``norm_threshold=auto_threshold(pipe)`` samples exactly what APG's "auto" samples on the demo DiT,
     so the sweep's "auto r x4" / "x16" rows really are 4 and 16 times the default (an absolute per-element

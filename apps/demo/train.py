@@ -14,6 +14,7 @@ uses float32, AdamW with linear warm-up and cosine decay, and an EMA of the diff
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import platform
@@ -53,6 +54,7 @@ NULL_LABEL = 1000  # DiTPipeline hard-codes class 1000 as the unconditional labe
 LABEL_DROPOUT = 0.1
 TINY_RUN = 100  # runs with fewer steps (smoke tests) get a minimal evaluation
 EVAL_SEED_OFFSET = 1_000_003  # held-out data comes from a different generator stream than training data
+DIT_HEAD_DIM = 32
 LATENT_BANK = 65536  # at most this many training images are encoded once for the DiT (re-sampled posteriors)
 
 
@@ -92,6 +94,8 @@ class Run:
     command: str = ""
     checkpoints: Path | None = None
     checkpoint_every: int = 250
+    dit_layers: int = 4
+    dit_width: int = 128
 
     def checkpoint(self, name: str, *generators: torch.Generator) -> Checkpoint | None:
         """The resumable checkpoint of model ``name`` under ``--checkpoints``, if one was asked for."""
@@ -369,18 +373,20 @@ def make_vae_b() -> AutoencoderKL:
     )
 
 
-def make_dit(sample_size: int, channels: int) -> DiTTransformer2DModel:
-    """Class-conditional DiT on latents: 4 layers, width 128 (4 heads of 32), patch 2, ~1.9 M parameters.
+def make_dit(sample_size: int, channels: int, layers: int = 4, width: int = 128) -> DiTTransformer2DModel:
+    """Class-conditional DiT on latents, patch 2, heads of 32: by default 4 layers of width 128 (~1.9 M parameters).
 
     ``num_embeds_ada_norm=1000`` gives label ids 0-999 plus the null label 1000 that DiTPipeline uses;
     only ids 0-9 and 1000 are trained. ``out_channels == in_channels`` (no learned sigma).
     """
+    if width % DIT_HEAD_DIM:
+        raise ValueError(f"the DiT width must be a multiple of {DIT_HEAD_DIM} (heads of {DIT_HEAD_DIM}), got {width}")
     return DiTTransformer2DModel(
-        num_attention_heads=4,
-        attention_head_dim=32,
+        num_attention_heads=width // DIT_HEAD_DIM,
+        attention_head_dim=DIT_HEAD_DIM,
         in_channels=channels,
         out_channels=channels,
-        num_layers=4,
+        num_layers=layers,
         sample_size=sample_size,
         patch_size=2,
         num_embeds_ada_norm=NULL_LABEL,  # ids 0-999 and the null label
@@ -545,7 +551,8 @@ def train_dit(run: Run) -> Report:
     vae.eval().requires_grad_(False)
     means, stds, labels = encode_bank(vae, run, min(steps * batch_size, LATENT_BANK))
     latent_channels, latent_size = means.shape[1], means.shape[-1]
-    model = seeded(run.seed, lambda: make_dit(latent_size, latent_channels)).to(run.device)
+    build = functools.partial(make_dit, latent_size, latent_channels, run.dit_layers, run.dit_width)
+    model = seeded(run.seed, build).to(run.device)
     disable_builtin_label_dropout(model)
     scheduler, noise_gen, ema = training_scheduler(), run.noise_generator(), EMA(model)
     scale = vae.config.scaling_factor
@@ -659,8 +666,9 @@ DESCRIPTIONS = {
     "vae": "`AutoencoderKL`: 32x32x3 images to 4x16x16 latents, (32, 64) channels, one layer per block. "
     "`config.scaling_factor` = 1 / std of held-out latents. Loss: L1 + MSE + 1e-6 KL.",
     "dit": "`DiTPipeline` (transformer + vae + DDIM scheduler + id2label): a class-conditional "
-    "`DiTTransformer2DModel` (4 layers, width 128, 4 heads, patch 2) on the VAE latents; eps prediction, no learned "
-    "sigma; label dropout 0.1 to the null label 1000 (the label DiTPipeline uses for classifier-free guidance). "
+    "`DiTTransformer2DModel` ({dit_layers} layers, width {dit_width}, {dit_heads} heads, patch 2) on the VAE "
+    "latents; eps prediction, no learned sigma; label dropout 0.1 to the null label 1000 (the label DiTPipeline "
+    "uses for classifier-free guidance). "
     "EMA weights. Use `pipe(class_labels, guidance_scale=4, num_inference_steps=25)`; class ids follow the data's "
     "class names (`pipe.labels`).",
     "vae_b": "`AutoencoderKL`: 32x32x3 images to 4x8x8 latents, (16, 32, 64) channels, one layer per block: a "
@@ -670,6 +678,13 @@ DESCRIPTIONS = {
     "block, attention at the middle level, linear betas over 1000 steps. EMA weights. Sample with the saved "
     "`DDPMScheduler` and `num_inference_steps=100` or more (DDIM leaves residual noise with short-run weights).",
 }
+
+
+def description(run: Run, name: str) -> str:
+    """The model card's first paragraph (the DiT's with its layers, width and heads)."""
+    return DESCRIPTIONS[name].format(
+        dit_layers=run.dit_layers, dit_width=run.dit_width, dit_heads=run.dit_width // DIT_HEAD_DIM
+    )
 
 
 def data_use(report: Report) -> str:
@@ -684,6 +699,8 @@ def card_notes(run: Run, name: str) -> str:
     """Extra advice for the "fuller run" section of model ``name``."""
     if name == "vae":
         return "\nThe dit pipeline embeds a copy of this VAE and was trained on its latents: retrain dit after the vae."
+    if name == "dit" and (run.dit_layers, run.dit_width) != (4, 128):
+        return f"\nAdd `--dit-layers {run.dit_layers} --dit-width {run.dit_width}` for this architecture."
     if name == "unet" and run.image_size != IMAGE_SIZE:
         return f"\nThis run used `--image-size {run.image_size}` for a CPU budget; a GPU run should use {IMAGE_SIZE}."
     return ""
@@ -703,7 +720,7 @@ def write_card(run: Run, report: Report) -> Path:
     pictures = "\n".join(f"![{p.stem}]({p.name})" for p in sorted(folder.glob("*.png")))
     text = f"""# steerguard demo model: {report.name}
 
-{DESCRIPTIONS[report.name]}
+{description(run, report.name)}
 
 ## Data
 Procedural shapes (`apps/demo/data.py`), RGB {run.image_size if report.name == "unet" else IMAGE_SIZE}px, 10 classes:
@@ -788,7 +805,14 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         "--eval-samples", type=int, help="images per evaluation (default: 200-2000; 10 when --steps < 100)"
     )
     parser.add_argument("--vae", type=Path, help="trained VAE folder for dit (default: OUT/vae)")
-    return parser.parse_args(None if argv is None else list(argv))
+    parser.add_argument("--dit-layers", type=int, default=4, help="dit: transformer blocks (default 4)")
+    parser.add_argument(
+        "--dit-width", type=int, default=128, help=f"dit: hidden width, a multiple of {DIT_HEAD_DIM} (default 128)"
+    )
+    args = parser.parse_args(None if argv is None else list(argv))
+    if args.dit_layers < 1 or args.dit_width < DIT_HEAD_DIM or args.dit_width % DIT_HEAD_DIM:
+        parser.error(f"--dit-layers must be >= 1 and --dit-width a positive multiple of {DIT_HEAD_DIM} (heads of 32)")
+    return args
 
 
 def main(argv: Iterable[str] | None = None) -> list[Path]:
@@ -811,6 +835,8 @@ def main(argv: Iterable[str] | None = None) -> list[Path]:
         command,
         args.checkpoints,
         args.checkpoint_every,
+        args.dit_layers,
+        args.dit_width,
     )
     cards = []
     for name in MODELS if args.model == "all" else (args.model,):
