@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from protect import AMORTIZED_BUDGETS
+from protect.amortized import PerturbationNet
 
 from .jobs import duration
 
@@ -70,8 +71,8 @@ def protect_seconds(
     """Estimated seconds of one ``/protect`` request on images of ``sizes`` (width, height)."""
     total = 0.0
     for width, height in sizes:
-        if method in AMORTIZED_BUDGETS:  # amortized, amortized-full: one forward pass
-            total += width * height * costs["amortized_pixel"]
+        if method in AMORTIZED_BUDGETS:  # amortized, amortized-full: one forward pass (tiles with halos > 1024 px)
+            total += PerturbationNet.processed_pixels(height, width) * costs["amortized_pixel"]
         else:
             total += tiled_pixels(width, height, tile) * steps * costs[f"pgd_pixel_step:{method}"]
         if preview and min(width, height) >= 8:

@@ -264,6 +264,21 @@ class PerturbationNet(nn.Module):
     tile: int = 1024
     halo: int = 40
 
+    @classmethod
+    def processed_pixels(cls, height: int, width: int) -> int:
+        """Pixels the network runs on for one ``height`` x ``width`` image without gradients: the padded image up
+        to ``tile``, above it every tile with its halo (the cost model of the app's estimate)."""
+        rows, cols = height + -height % 8, width + -width % 8
+        if max(rows, cols) <= cls.tile:
+            return rows * cols
+
+        def span(n: int) -> int:
+            return sum(
+                min(n, start + cls.tile + cls.halo) - max(0, start - cls.halo) for start in range(0, n, cls.tile)
+            )
+
+        return span(rows) * span(cols)
+
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
         x = F.pad(images * 2 - 1, (0, -width % 8, 0, -height % 8), mode="replicate")

@@ -405,7 +405,7 @@ def test_perturbation_net_any_size_and_a_new_one_changes_nothing(vae):
         AmortizedProtector(generator_channels=-1)
 
 
-def test_perturbation_net_runs_large_images_in_tiles_with_the_same_output():
+def test_perturbation_net_runs_large_images_in_tiles_with_the_same_output(monkeypatch):
     """Without gradients an image with a side above ``tile`` runs in tiles of ``tile`` with a ``halo`` of context:
     every tile the net sees is at most tile + 2 halo a side (bounded memory), the output equals the untiled one,
     and the halo covers the net's receptive radius, measured by the gradient of one output pixel."""
@@ -420,13 +420,16 @@ def test_perturbation_net_runs_large_images_in_tiles_with_the_same_output():
         whole = net(x)
         seen = []
         hook = net.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-2:]))
-        net.tile = 64
+        monkeypatch.setattr(PerturbationNet, "tile", 64)
         try:
             tiled = net(x)
         finally:
             hook.remove()
-            del net.tile
     assert len(seen) == 3 * 4 and max(max(s) for s in seen) <= 64 + 2 * net.halo
+    # the app's cost model counts exactly the pixels the tiles ran on (halos included), per image
+    assert sum(h * w for h, w in seen) == PerturbationNet.processed_pixels(150, 237) > 152 * 240
+    monkeypatch.undo()
+    assert PerturbationNet.processed_pixels(150, 237) == 152 * 240  # one pass, padded to multiples of 8
     assert tiled.shape == x.shape and torch.allclose(tiled, whole, rtol=1e-4, atol=1e-4)
     probe = torch.rand(1, 3, 128, 128, requires_grad=True)
     radius = 0

@@ -23,6 +23,10 @@ def test_estimates_grow_in_proportion_to_pixels_and_steps():
         2 * (64 * 64 * 1e-7 + 2.0)
     )
     assert protect_seconds(costs, [(64, 64)], "amortized-full", 50, 128, preview=False) == pytest.approx(64 * 64 * 1e-7)
+    tiles_and_halos = (2 * (1024 + 40)) ** 2  # 2048 px: four 1024 px tiles, each with a 40 px halo inside
+    assert protect_seconds(costs, [(2048, 2048)], "amortized", 1, 128, preview=False) == pytest.approx(
+        tiles_and_halos * 1e-7
+    )
     costs.unit["survival_pixel"] = 1e-6  # the survival report, per pixel of its crops
     assert protect_seconds(costs, [(1024, 1024)], "photoguard", 10, 128, preview=False) == pytest.approx(
         big + 1024 * 1024 * 1e-6
