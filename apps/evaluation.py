@@ -111,9 +111,9 @@ def run(
     and metric (:func:`protect.evaluate.worst_case`), timing and settings."""
     from protect import AmortizedProtector
     from protect.evaluate import evaluate, lora_mimic, sdedit
-    from protect.train import load_vae
 
     from .demo import DEMO_DIR, generate, load_classifier, load_dit_pipeline
+    from .models import load_vae
 
     device = device or str(best_device()[0])
     pipe = load_dit_pipeline(device)

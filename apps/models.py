@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+from protect.loading import load_unet
+from protect.loading import load_vae as protect_load_vae
+
 MODELS_TXT = Path(__file__).resolve().parents[1] / "models.txt"
 DEFAULT_MODEL = "demo/dit"
 
@@ -43,36 +46,9 @@ def load_score_model(name: str, device: torch.device | str | None = None, dtype:
     a bare ``UNet2DModel`` with its scheduler config beside it (``config.json``, ``scheduler_config.json``).
 
     The UNet comes back in eval mode, in ``dtype`` (``torch_dtype`` of ``from_pretrained``), on ``device`` (left
-    where ``from_pretrained`` puts it when ``None``).
+    where ``from_pretrained`` puts it when ``None``): :func:`protect.loading.load_unet` on the resolved name.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    path = resolve(name)
-    local = Path(path)
-    options = {"local_files_only": True} if local.exists() else {}
-    if local.exists() and not ((local / "unet").is_dir() or (local / "config.json").is_file()):
-        raise ValueError(f"{name}: expected a diffusers pipeline folder (unet/, scheduler/) or a UNet2DModel folder")
-    subfolder = "unet" if not local.exists() or (local / "unet").is_dir() else None
-    weights = {**options, "use_safetensors": True, "torch_dtype": dtype}
-    try:
-        unet = UNet2DModel.from_pretrained(path, subfolder=subfolder, **weights)
-        scheduler = DDPMScheduler.from_pretrained(path, subfolder=subfolder and "scheduler", **options)
-    except OSError:
-        if local.exists() or subfolder is None:
-            raise
-        unet = UNet2DModel.from_pretrained(path, **weights)  # a hub repo without unet/
-        scheduler = DDPMScheduler.from_pretrained(path, **options)
-    if unet.config.in_channels != unet.config.out_channels:
-        raise ValueError(f"{name}: not an unconditional pixel model (in {unet.config.in_channels} channels)")
-    unet.eval()
-    return unet.to(device) if device is not None else unet, scheduler
-
-
-def _offline() -> bool:
-    """Whether the hub must not be asked (``HF_HUB_OFFLINE`` set, read at call time)."""
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return load_unet(resolve(name), device, dtype, label=name)
 
 
 def load_vae(name: str, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
@@ -80,42 +56,10 @@ def load_vae(name: str, device: torch.device | str | None = None, dtype: torch.d
     ``demo/<name>``, a local folder (an ``AutoencoderKL`` folder with ``config.json``, or a pipeline folder with
     ``vae/``), or a hub id (e.g. ``stabilityai/sd-vae-ft-mse``; a pipeline repo's ``vae/`` subfolder is tried when
     the repo has no VAE at its root). A hub id is read from the local cache first and downloaded only when
-    ``HF_HUB_OFFLINE`` is not set; a name that resolves to nothing raises a ``ValueError`` saying so.
+    ``HF_HUB_OFFLINE`` is not set; a name that resolves to nothing raises a ``ValueError`` saying so
+    (:func:`protect.loading.load_vae` on the resolved name).
     """
-    from diffusers import AutoencoderKL
-
-    path = resolve(name)
-    local = Path(path)
-    weights = {"use_safetensors": True, "torch_dtype": dtype}
-    if local.exists():
-        if (local / "vae" / "config.json").is_file():
-            subfolders = ["vae"]
-        elif (local / "config.json").is_file():
-            subfolders = [None]
-        else:
-            raise ValueError(f"{name}: expected a diffusers AutoencoderKL folder (config.json) or a pipeline with vae/")
-        attempts = [{"local_files_only": True}]
-    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ValueError(f"{name}: no such folder, and not a hub id (owner/name)")
-    else:
-        subfolders = [None, "vae"]
-        attempts = [{"local_files_only": True}] + ([] if _offline() else [{}])
-    errors = []
-    for options in attempts:
-        for subfolder in subfolders:
-            try:
-                vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, **weights, **options)
-            except (OSError, ValueError) as error:
-                errors.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
-                continue
-            vae.eval().requires_grad_(False)
-            return vae.to(device) if device is not None else vae
-    where = (
-        "the local folder"
-        if local.exists()
-        else "the local hub cache" + (" (HF_HUB_OFFLINE is set)" if _offline() else " or the hub")
-    )
-    raise ValueError(f"{name}: no AutoencoderKL with safetensors weights could be loaded from {where}: {errors[-1]}")
+    return protect_load_vae(resolve(name), device, dtype, label=name)
 
 
 def load_latent_model(name: str, vae: str | None = None, device: torch.device | str | None = None):

@@ -37,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
 from .amortized import AmortizedProtector, mimicry_shift, multi_vae_target_loss, one_step_alignment, vae_signature
 from .evaluate import unet_denoiser
+from .loading import load_unet, load_vae
 from .losses import decoded, default_target, latent, vae_stride
 from .pgd import random_transform
 from .purify import EOT, PURIFICATIONS
@@ -52,27 +52,6 @@ MAX_IMAGE_PIXELS = 40_000_000
 
 
 Shapes = Callable[[int, torch.Generator, int], torch.Tensor]  # (batch size, generator, size) -> images in [0, 1]
-
-
-def load_vae(name: str, device: torch.device | str = "cpu") -> AutoencoderKL:
-    """A frozen ``AutoencoderKL`` in eval mode from a folder or hub id (``vae/`` subfolder if there is one)."""
-    kwargs = {"use_safetensors": True}
-    if (Path(name) / "vae" / "config.json").is_file():
-        kwargs["subfolder"] = "vae"
-    vae = AutoencoderKL.from_pretrained(name, **kwargs).to(device).eval()
-    vae.requires_grad_(False)
-    return vae
-
-
-def load_latent_model(name: str, device: torch.device | str = "cpu"):
-    """``(unet, scheduler)`` of an unconditional latent diffusion model, frozen, from a folder or hub id holding
-    ``unet/`` (a ``UNet2DModel``, safetensors) and ``scheduler/`` (``DDPMScheduler`` config)."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    options = {"local_files_only": True} if Path(name).exists() else {}
-    unet = UNet2DModel.from_pretrained(name, subfolder="unet", use_safetensors=True, **options).to(device).eval()
-    unet.requires_grad_(False)
-    return unet, DDPMScheduler.from_pretrained(name, subfolder="scheduler", **options)
 
 
 def initialise(protector: AmortizedProtector, name: str) -> None:
@@ -294,10 +273,11 @@ def train(
     # cpu=True without a GPU: under torchrun / accelerate launch the CPU processes then join one gloo group
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    vaes = [load_vae(resolve(name), device) for name in args.vae]
+    vaes = [load_vae(resolve(name), device, label=name) for name in args.vae]
     mimicry = None
     if args.ldm is not None:
-        unet, ldm_scheduler = load_latent_model(resolve(args.ldm), device)
+        unet, ldm_scheduler = load_unet(resolve(args.ldm), device, label=args.ldm)
+        unet.requires_grad_(False)
         if unet.config.in_channels != vaes[0].config.latent_channels:
             raise ValueError(
                 f"--ldm {args.ldm} works on {unet.config.in_channels}-channel latents, the first --vae "

@@ -55,5 +55,5 @@ def test_score_model_refuses_a_conditional_or_latent_model(tmp_path):
     )  # fmt: skip
     model.save_pretrained(tmp_path / "odd")
     DDPMScheduler().save_pretrained(tmp_path / "odd")
-    with pytest.raises(ValueError, match="not an unconditional pixel model"):
+    with pytest.raises(ValueError, match="not an unconditional model"):
         load_score_model(str(tmp_path / "odd"))
