@@ -163,6 +163,23 @@ def test_dit_architecture_options_reach_the_saved_model_and_its_card(tmp_path):
 
 
 @pytest.mark.slow
+def test_dit_training_can_start_from_an_exported_dit_of_the_same_architecture(tmp_path):
+    from safetensors.torch import load_file
+
+    from apps.demo import train
+
+    argv = ["dit", "--out", str(tmp_path), "--vae", str(committed("vae")), "--steps", "1", "--batch-size", "2"]
+    train.main([*argv, "--init", str(committed("dit")), "--lr", "1e-12"])
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    start, out = load_file(committed("dit") / weights), load_file(tmp_path / "dit" / weights)
+    assert all(torch.allclose(start[k], out[k], atol=1e-6) for k in start)  # one step at lr 1e-12: the start
+    with pytest.raises(SystemExit, match="another architecture"):
+        train.main([*argv, "--init", str(committed("dit")), "--dit-layers", "2"])
+    with pytest.raises(SystemExit, match="not a DiTPipeline"):
+        train.main([*argv, "--init", str(tmp_path / "nothing")])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_training_cli_writes_a_loadable_model_and_card(trained: Path, name: str):
     folder = trained / name

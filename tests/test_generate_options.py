@@ -28,7 +28,9 @@ def _pixels(images) -> np.ndarray:
 
 def test_softpag_uses_every_head_of_pags_default_layer(pipe):
     heads = softpag_heads(pipe)
-    assert heads == tuple(("transformer_blocks.2.attn1", h) for h in range(4))  # 4 layers of 4 heads: the middle
+    config = pipe.transformer.config  # every head of the middle block (PAG's default layer)
+    middle = f"transformer_blocks.{config.num_layers // 2}.attn1"
+    assert heads == tuple((middle, h) for h in range(config.num_attention_heads))
     request = Request("star", perturbation="softpag", perturbation_scale=2)
     with pytest.raises(ValueError, match="needs the pipeline"):
         request.guidance()

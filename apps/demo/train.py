@@ -96,6 +96,7 @@ class Run:
     checkpoint_every: int = 250
     dit_layers: int = 4
     dit_width: int = 128
+    init: Path | None = None
 
     def checkpoint(self, name: str, *generators: torch.Generator) -> Checkpoint | None:
         """The resumable checkpoint of model ``name`` under ``--checkpoints``, if one was asked for."""
@@ -553,6 +554,8 @@ def train_dit(run: Run) -> Report:
     latent_channels, latent_size = means.shape[1], means.shape[-1]
     build = functools.partial(make_dit, latent_size, latent_channels, run.dit_layers, run.dit_width)
     model = seeded(run.seed, build).to(run.device)
+    if run.init is not None:
+        initialise_dit(model, run.init)
     disable_builtin_label_dropout(model)
     scheduler, noise_gen, ema = training_scheduler(), run.noise_generator(), EMA(model)
     scale = vae.config.scaling_factor
@@ -573,6 +576,22 @@ def train_dit(run: Run) -> Report:
     report.metrics.update(evaluate_dit(pipe, run))
     pipe.save_pretrained(run.out / "dit", safe_serialization=True)
     return report
+
+
+def initialise_dit(model: DiTTransformer2DModel, source: Path) -> None:
+    """Start from the weights of an exported DiT (a DiTPipeline folder or its ``transformer/``): a new run with
+    its own schedule, EMA and data continues training it. Its architecture must be the one being trained."""
+    folder = source / "transformer" if (source / "transformer" / "config.json").is_file() else source
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"--init {source}: not a DiTPipeline folder or a DiTTransformer2DModel folder")
+    start = DiTTransformer2DModel.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    keys = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "sample_size")
+    differ = [
+        f"{k} {start.config[k]} there, {model.config[k]} here" for k in keys if start.config[k] != model.config[k]
+    ]
+    if differ:
+        raise SystemExit(f"--init {source}: another architecture ({'; '.join(differ)}): pass --dit-layers/--dit-width")
+    model.load_state_dict(start.state_dict())
 
 
 @torch.no_grad()
@@ -805,6 +824,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         "--eval-samples", type=int, help="images per evaluation (default: 200-2000; 10 when --steps < 100)"
     )
     parser.add_argument("--vae", type=Path, help="trained VAE folder for dit (default: OUT/vae)")
+    parser.add_argument(
+        "--init", type=Path, help="dit: start from this exported DiT's weights (a new schedule, EMA and data seed)"
+    )
     parser.add_argument("--dit-layers", type=int, default=4, help="dit: transformer blocks (default 4)")
     parser.add_argument(
         "--dit-width", type=int, default=128, help=f"dit: hidden width, a multiple of {DIT_HEAD_DIM} (default 128)"
@@ -837,6 +859,7 @@ def main(argv: Iterable[str] | None = None) -> list[Path]:
         args.checkpoint_every,
         args.dit_layers,
         args.dit_width,
+        args.init,
     )
     cards = []
     for name in MODELS if args.model == "all" else (args.model,):
