@@ -265,19 +265,22 @@ class PerturbationNet(nn.Module):
     halo: int = 40
 
     @classmethod
+    def spans(cls, n: int) -> list[tuple[int, int, int, int]]:
+        """The tiles along one padded side of ``n`` px: ``(start, size, lo, hi)``, the ``size`` px from ``start``
+        that a tile writes and the window ``lo:hi`` it runs on (the tile and its halo, clipped to the image)."""
+        return [
+            (start, min(cls.tile, n - start), max(0, start - cls.halo), min(n, start + cls.tile + cls.halo))
+            for start in range(0, n, cls.tile)
+        ]
+
+    @classmethod
     def processed_pixels(cls, height: int, width: int) -> int:
         """Pixels the network runs on for one ``height`` x ``width`` image without gradients: the padded image up
         to ``tile``, above it every tile with its halo (the cost model of the app's estimate)."""
         rows, cols = height + -height % 8, width + -width % 8
         if max(rows, cols) <= cls.tile:
             return rows * cols
-
-        def span(n: int) -> int:
-            return sum(
-                min(n, start + cls.tile + cls.halo) - max(0, start - cls.halo) for start in range(0, n, cls.tile)
-            )
-
-        return span(rows) * span(cols)
+        return sum(hi - lo for *_, lo, hi in cls.spans(rows)) * sum(hi - lo for *_, lo, hi in cls.spans(cols))
 
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
@@ -286,12 +289,9 @@ class PerturbationNet(nn.Module):
         if torch.is_grad_enabled() or max(rows, cols) <= self.tile:
             return self._net(x)[..., :height, :width]
         out = x.new_empty(x.shape[0], 3, rows, cols)
-        for top in range(0, rows, self.tile):
-            for left in range(0, cols, self.tile):
-                t0, l0 = max(0, top - self.halo), max(0, left - self.halo)
-                t1, l1 = min(rows, top + self.tile + self.halo), min(cols, left + self.tile + self.halo)
+        for top, h, t0, t1 in self.spans(rows):
+            for left, w, l0, l1 in self.spans(cols):
                 y = self._net(x[..., t0:t1, l0:l1])
-                h, w = min(self.tile, rows - top), min(self.tile, cols - left)
                 out[..., top : top + h, left : left + w] = y[..., top - t0 : top - t0 + h, left - l0 : left - l0 + w]
         return out[..., :height, :width]
 

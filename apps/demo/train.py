@@ -55,6 +55,7 @@ LABEL_DROPOUT = 0.1
 TINY_RUN = 100  # runs with fewer steps (smoke tests) get a minimal evaluation
 EVAL_SEED_OFFSET = 1_000_003  # held-out data comes from a different generator stream than training data
 DIT_HEAD_DIM = 32
+DIT_LAYERS, DIT_WIDTH = 4, 128  # the committed demo DiT's shape (--dit-layers, --dit-width)
 LATENT_BANK = 65536  # at most this many training images are encoded once for the DiT (re-sampled posteriors)
 
 
@@ -94,8 +95,8 @@ class Run:
     command: str = ""
     checkpoints: Path | None = None
     checkpoint_every: int = 250
-    dit_layers: int = 4
-    dit_width: int = 128
+    dit_layers: int = DIT_LAYERS
+    dit_width: int = DIT_WIDTH
     init: Path | None = None
 
     def checkpoint(self, name: str, *generators: torch.Generator) -> Checkpoint | None:
@@ -374,14 +375,22 @@ def make_vae_b() -> AutoencoderKL:
     )
 
 
-def make_dit(sample_size: int, channels: int, layers: int = 4, width: int = 128) -> DiTTransformer2DModel:
+def check_dit_shape(layers: int, width: int) -> None:
+    """Refuse a DiT shape :func:`make_dit` cannot build (heads of :data:`DIT_HEAD_DIM`)."""
+    if layers < 1 or width < DIT_HEAD_DIM or width % DIT_HEAD_DIM:
+        raise ValueError(f"a DiT needs >= 1 layer and a width that is a positive multiple of {DIT_HEAD_DIM} "
+                         f"(heads of {DIT_HEAD_DIM}), got {layers} layers of width {width}")  # fmt: skip
+
+
+def make_dit(
+    sample_size: int, channels: int, layers: int = DIT_LAYERS, width: int = DIT_WIDTH
+) -> DiTTransformer2DModel:
     """Class-conditional DiT on latents, patch 2, heads of 32: by default 4 layers of width 128 (~1.9 M parameters).
 
     ``num_embeds_ada_norm=1000`` gives label ids 0-999 plus the null label 1000 that DiTPipeline uses;
     only ids 0-9 and 1000 are trained. ``out_channels == in_channels`` (no learned sigma).
     """
-    if width % DIT_HEAD_DIM:
-        raise ValueError(f"the DiT width must be a multiple of {DIT_HEAD_DIM} (heads of {DIT_HEAD_DIM}), got {width}")
+    check_dit_shape(layers, width)
     return DiTTransformer2DModel(
         num_attention_heads=width // DIT_HEAD_DIM,
         attention_head_dim=DIT_HEAD_DIM,
@@ -718,7 +727,7 @@ def card_notes(run: Run, name: str) -> str:
     """Extra advice for the "fuller run" section of model ``name``."""
     if name == "vae":
         return "\nThe dit pipeline embeds a copy of this VAE and was trained on its latents: retrain dit after the vae."
-    if name == "dit" and (run.dit_layers, run.dit_width) != (4, 128):
+    if name == "dit" and (run.dit_layers, run.dit_width) != (DIT_LAYERS, DIT_WIDTH):
         return f"\nAdd `--dit-layers {run.dit_layers} --dit-width {run.dit_width}` for this architecture."
     if name == "unet" and run.image_size != IMAGE_SIZE:
         return f"\nThis run used `--image-size {run.image_size}` for a CPU budget; a GPU run should use {IMAGE_SIZE}."
@@ -827,13 +836,20 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--init", type=Path, help="dit: start from this exported DiT's weights (a new schedule, EMA and data seed)"
     )
-    parser.add_argument("--dit-layers", type=int, default=4, help="dit: transformer blocks (default 4)")
     parser.add_argument(
-        "--dit-width", type=int, default=128, help=f"dit: hidden width, a multiple of {DIT_HEAD_DIM} (default 128)"
+        "--dit-layers", type=int, default=DIT_LAYERS, help=f"dit: transformer blocks (default {DIT_LAYERS})"
+    )
+    parser.add_argument(
+        "--dit-width",
+        type=int,
+        default=DIT_WIDTH,
+        help=f"dit: hidden width, a multiple of {DIT_HEAD_DIM} (default {DIT_WIDTH})",
     )
     args = parser.parse_args(None if argv is None else list(argv))
-    if args.dit_layers < 1 or args.dit_width < DIT_HEAD_DIM or args.dit_width % DIT_HEAD_DIM:
-        parser.error(f"--dit-layers must be >= 1 and --dit-width a positive multiple of {DIT_HEAD_DIM} (heads of 32)")
+    try:
+        check_dit_shape(args.dit_layers, args.dit_width)
+    except ValueError as error:
+        parser.error(f"--dit-layers/--dit-width: {error}")
     return args
 
 
