@@ -8,11 +8,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from protect import AMORTIZED_BUDGETS
+
 from . import generate as generation
 from .device import SCORE_DTYPES
 from .jobs import Limits
 from .services import (
-    AMORTIZED_METHODS,
     DEFAULT_PGD_STEPS,
     PROTECT_LDM,
     PROTECT_METHODS,
@@ -512,10 +513,10 @@ def _protect(args: argparse.Namespace) -> int:
     report = {
         "method": args.method,
         "eps_255": args.eps,
-        "steps": None if args.method in AMORTIZED_METHODS else args.steps,  # the amortized protector: one pass
-        "seed": None if args.method in AMORTIZED_METHODS else args.seed,
+        "steps": None if args.method in AMORTIZED_BUDGETS else args.steps,  # the amortized protector: one pass
+        "seed": None if args.method in AMORTIZED_BUDGETS else args.seed,
         "model": PROTECT_VAE
-        + (f", amortized protector demo/{PROTECTOR_NAME}" if args.method in AMORTIZED_METHODS else "")
+        + (f", amortized protector demo/{PROTECTOR_NAME}" if args.method in AMORTIZED_BUDGETS else "")
         + (f", latent model {PROTECT_LDM}" if args.method == "mist" else ""),
         "processes": state.num_processes,
         "survival_rule": "per file, 'survival': the latent distortion in the photo VAE after JPEG q75 and noisy "

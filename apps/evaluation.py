@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from protect import AMORTIZED_BUDGETS
 from protect.evaluate import worst_case
-from protect.protect import AMORTIZED_BUDGETS, METHODS
+from protect.protect import METHODS
 from protect.purify import EVALUATION
 
 from .device import best_device

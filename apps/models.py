@@ -45,7 +45,7 @@ def load_score_model(name: str, device: torch.device | str | None = None, dtype:
     folder of a pipeline (``unet/`` and ``scheduler/`` subfolders, as ``DDPMPipeline.save_pretrained`` writes) or of
     a bare ``UNet2DModel`` with its scheduler config beside it (``config.json``, ``scheduler_config.json``).
 
-    The UNet comes back in eval mode, in ``dtype`` (``torch_dtype`` of ``from_pretrained``), on ``device`` (left
+    The UNet comes back in eval mode, in ``dtype`` (the weights' dtype at load), on ``device`` (left
     where ``from_pretrained`` puts it when ``None``): :func:`protect.loading.load_unet` on the resolved name.
     """
     return load_unet(resolve(name), device, dtype, label=name)

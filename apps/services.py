@@ -25,6 +25,7 @@ from PIL import Image
 
 from protect import AMORTIZED_BUDGETS, Step
 from protect.images import composite_rgb
+from protect.loading import dtype_option
 
 from .cost import Costs
 from .device import best_device, score_dtype
@@ -34,7 +35,6 @@ from .models import DEFAULT_MODEL, load_score_model, resolve
 # amortized: the photo protector, one forward pass, spending less of the budget on flat regions (less visible);
 # amortized-full: the same at the full budget everywhere (the PSNR of PGD's, and its damage: benchmarks/RESULTS.md)
 PROTECT_METHODS = ("amortized", "amortized-full", "photoguard", "mist")
-AMORTIZED_METHODS = tuple(AMORTIZED_BUDGETS)
 EPS_255 = (1, 32)  # the protection budget in 1/255 units, the app's and the CLI's bounds
 PGD_STEPS = (1, 500)
 # the CLI's and the app's PGD steps, from measured benefit (benchmarks/bench_pgd_steps.py on training-photo crops,
@@ -48,7 +48,6 @@ DETECTOR_NAME = "eps_detector"  # the 16 px testbed detector (bench_detection)
 PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on photos
 
 __all__ = [
-    "AMORTIZED_METHODS",
     "DEFAULT_PGD_STEPS",
     "EPS_255",
     "PGD_STEPS",
@@ -100,10 +99,21 @@ def cached_pipelines() -> list[tuple]:
         return list(_pipelines)
 
 
+class _StringKeysNote(logging.Filter):
+    """Drops diffusers' "Expected types for id2label: dict[int, str], got dict[str, str]" at every DiT load: a
+    model_index.json can only hold string keys (hub DiTs too), and DiTPipeline turns them into ints itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Expected types for id2label")
+
+
+logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_StringKeysNote())
+
+
 def _pipeline(name: str, device: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
-    options = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+    options = dtype_option(dtype) if dtype != torch.float32 else {}
     pipe = DiffusionPipeline.from_pretrained(resolve(name), use_safetensors=True, **options)
     pipe.set_progress_bar_config(disable=True)
     if name.startswith("demo/") and hasattr(pipe, "get_label_ids") and not getattr(pipe, "labels", None):
@@ -214,7 +224,7 @@ def protect_image(
     extra: dict[str, Any] = {}
     with _lock:
         vae = _vae(device)
-        model = _protector(device) if method in AMORTIZED_METHODS else None
+        model = _protector(device) if method in AMORTIZED_BUDGETS else None
         if method == "mist":
             unet, scheduler = _latent_model(device, PROTECT_LDM)
             extra = semantic_part(unet, scheduler)

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["hub_offline", "load_unet", "load_vae"]
+__all__ = ["dtype_option", "hub_offline", "load_unet", "load_vae"]
+
+
+def dtype_option(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for the weights' dtype: ``dtype`` from diffusers 0.40, which deprecates
+    ``torch_dtype`` (a FutureWarning on every load, removal announced for 1.0); ``torch_dtype`` before, where
+    models ignored ``dtype``."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return {"dtype" if Version(version("diffusers")) >= Version("0.40") else "torch_dtype": dtype}
 
 
 def hub_offline() -> bool:
@@ -37,7 +48,7 @@ def load_vae(
 
     name = label or source
     local = Path(source)
-    weights = {"use_safetensors": True, "torch_dtype": dtype}
+    weights = {"use_safetensors": True, **dtype_option(dtype)}
     if local.exists():
         if (local / "vae" / "config.json").is_file():
             subfolders = ["vae"]
@@ -91,7 +102,7 @@ def load_unet(
     if local.exists() and not ((local / "unet").is_dir() or (local / "config.json").is_file()):
         raise ValueError(f"{name}: expected a diffusers pipeline folder (unet/, scheduler/) or a UNet2DModel folder")
     subfolder = "unet" if not local.exists() or (local / "unet").is_dir() else None
-    weights = {**options, "use_safetensors": True, "torch_dtype": dtype}
+    weights = {**options, "use_safetensors": True, **dtype_option(dtype)}
     try:
         unet = UNet2DModel.from_pretrained(source, subfolder=subfolder, **weights)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder=subfolder and "scheduler", **options)

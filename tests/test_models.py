@@ -57,3 +57,43 @@ def test_score_model_refuses_a_conditional_or_latent_model(tmp_path):
     DDPMScheduler().save_pretrained(tmp_path / "odd")
     with pytest.raises(ValueError, match="not an unconditional model"):
         load_score_model(str(tmp_path / "odd"))
+
+
+def test_dtype_keyword_follows_the_installed_diffusers(monkeypatch):
+    import importlib.metadata
+
+    from protect.loading import dtype_option
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.39.0")
+    assert dtype_option(torch.float16) == {"torch_dtype": torch.float16}  # older models ignore ``dtype``
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.40.0")
+    assert dtype_option(torch.float16) == {"dtype": torch.float16}
+
+
+def test_loaders_give_the_asked_dtype_without_a_deprecation_warning(unet, tmp_path):
+    """Every loader passes the dtype keyword the installed diffusers wants: the weights come back in that dtype
+    and no FutureWarning about ``torch_dtype`` is raised (diffusers >= 0.40 warns on every such load)."""
+    import warnings
+
+    from apps.demo import DEMO_DIR, load_classifier, load_dit_pipeline
+    from apps.services import load_pipeline, set_max_pipelines
+    from protect.loading import load_vae
+
+    DDPMPipeline(unet=unet[0], scheduler=unet[1]).save_pretrained(tmp_path / "pipe")
+    if not (DEMO_DIR / "dit").is_dir():
+        pytest.skip("the demo models are not in demo_models/")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        models = [
+            load_score_model(str(tmp_path / "pipe"), dtype=torch.float64)[0],
+            load_vae(str(DEMO_DIR / "vae"), dtype=torch.float64),
+            load_classifier(dtype=torch.float64),
+            load_dit_pipeline(dtype=torch.float64).transformer,
+        ]
+        try:
+            set_max_pipelines(1)
+            models.append(load_pipeline("demo/unet", "cpu", torch.float64).unet)
+        finally:
+            set_max_pipelines(4)
+    assert [m.dtype for m in models] == [torch.float64] * len(models)
+    assert not [w for w in caught if "torch_dtype" in str(w.message)]

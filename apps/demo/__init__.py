@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDPMPipeline, DiTPipeline
 
+from protect.loading import dtype_option
+
 from .classifier import ShapeClassifier
 from .classifier import load_classifier as _load_classifier
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, generate
@@ -52,7 +54,7 @@ def model_path(name: str) -> Path:
 def _load_kwargs(dtype: torch.dtype | None) -> dict:
     kwargs: dict = {"use_safetensors": True, "local_files_only": True}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs.update(dtype_option(dtype))
     return kwargs
 
 

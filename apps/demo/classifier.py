@@ -15,6 +15,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from protect.loading import dtype_option
+
 from .data import NUM_CLASSES
 
 
@@ -59,7 +61,7 @@ def load_classifier(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> ShapeClassifier:
     """Load a saved ``ShapeClassifier`` (safetensors, local files only) in eval mode."""
-    kwargs = {} if dtype is None else {"torch_dtype": dtype}
+    kwargs = {} if dtype is None else dtype_option(dtype)
     model = ShapeClassifier.from_pretrained(str(path), use_safetensors=True, local_files_only=True, **kwargs)
     return (model if device is None else model.to(device)).eval()
 

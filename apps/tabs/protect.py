@@ -8,7 +8,7 @@ next step when its client goes or presses Stop, or at the time limit, and clears
 
 from __future__ import annotations
 
-from protect import Cancelled
+from protect import AMORTIZED_BUDGETS, Cancelled
 from protect.survival import MARGIN
 
 from ..cost import Costs, check_budget, protect_seconds
@@ -16,7 +16,6 @@ from ..disk import OutputFolders
 from ..files import perturbation_image, restore_mode, save_new
 from ..jobs import Job, Limits, duration, gradio_alive
 from ..services import (
-    AMORTIZED_METHODS,
     DEFAULT_PGD_STEPS,
     EPS_255,
     PGD_STEPS,
@@ -71,7 +70,7 @@ def protect_tab(
         if costs is not None:
             estimate = protect_seconds(costs, [s for _, s in sizes], method, steps, PGD_TILE, bool(preview))
             listed = ", ".join(f"{w}x{h}" for _, (w, h) in sizes)
-            how = "one forward pass" if method in AMORTIZED_METHODS else f"{steps} PGD steps"
+            how = "one forward pass" if method in AMORTIZED_BUDGETS else f"{steps} PGD steps"
             try:
                 check_budget(
                     estimate,
@@ -139,7 +138,7 @@ def protect_tab(
         columns += ["edits PSNR beyond the perturbation (dB)"]
         columns += ["after JPEG q75", "after noisy upscaling"]
         table = pd.DataFrame(rows, columns=columns)
-        how = "one forward pass of the amortized protector" if method in AMORTIZED_METHODS else f"{steps} PGD steps"
+        how = "one forward pass of the amortized protector" if method in AMORTIZED_BUDGETS else f"{steps} PGD steps"
         summary = (
             f"Protected {len(loaded)} image(s) with **{method}** (eps {eps:g}/255, {how}, seed {seed}) "
             f"against the photo demo VAE in {duration(job.elapsed)}. Download the PNG files (deleted from this "
