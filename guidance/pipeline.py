@@ -66,6 +66,9 @@ __all__ = ["FAMILIES", "FORCED_PIPELINE_SCALE", "Family", "family_of", "guide", 
 #: unconditional branch (its value cancels out, see the module docstring)
 FORCED_PIPELINE_SCALE = 2.0
 _MISSING = object()
+#: scheduler attributes holding a sample from an earlier step that the next update starts from (UniPC's and
+#: SA-Solver's corrector, DPM-Solver singlestep, KDPM2, PNDM's Runge-Kutta and second PLMS step)
+STORED_SAMPLES = ("last_sample", "sample", "cur_sample")
 
 
 class _Controller:
@@ -126,16 +129,34 @@ class _Controller:
         self.run = Run(self, float(arguments[self.family.scale_arg]), has_uncond)
         token = ACTIVE_RUN.set(self.run)
         previous_count = vars(pipe).pop("_num_timesteps", _MISSING)  # a stale count from an earlier call
+        scheduler = pipe.scheduler  # wrapped per call: the scheduler may have been swapped inside the block
+        own_step = vars(scheduler).get("step", _MISSING)
+        if self.corrector is not None:
+            scheduler.step = _correcting_step(scheduler.step, self)
         try:
             return call(*bound.args, **bound.kwargs)
         finally:
+            if self.corrector is not None:
+                _restore_step(scheduler, None if own_step is _MISSING else own_step)
             ACTIVE_RUN.reset(token)
             self.run = None
             if previous_count is not _MISSING and "_num_timesteps" not in vars(pipe):
                 pipe._num_timesteps = previous_count
 
     def _check_corrector(self, pipe: Any) -> None:
-        """The corrector moves the latents the denoiser sees; refuse where other inputs are computed from them."""
+        """The corrector moves the latents the denoiser sees; refuse where other inputs are computed from them,
+        and schedulers whose step restarts from a sample they stored (the correction would be dropped)."""
+        scheduler = pipe.scheduler
+        stored = [name for name in STORED_SAMPLES if name in vars(scheduler)]
+        if stored or hasattr(type(scheduler), "state_in_first_order"):
+            why = f"keeps {stored[0]!r}" if stored else "runs two stages from its first-stage sample"
+            raise ValueError(
+                f"{type(scheduler).__name__} is not supported with the Langevin corrector: its step {why} and "
+                "rebuilds the next sample from it, so the corrected sample would be silently dropped; use a "
+                "scheduler that steps from the sample it is given (DDIM, DDPM, Euler, Euler ancestral, LMS, "
+                "DPMSolverMultistep, DEIS, FlowMatchEuler), e.g. "
+                "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
+            )
         if getattr(pipe, "controlnet", None) is not None:
             raise ValueError(
                 f"{type(pipe).__name__}: the Langevin corrector is not supported with ControlNet (the ControlNet "
@@ -255,9 +276,6 @@ def guide(pipe: Any, *methods: Guidance | LangevinCorrector, sequential: bool = 
         original_class = type(pipe)
         pipe.__class__ = _guided_class(original_class, controller)
         undo.callback(setattr, pipe, "__class__", original_class)
-        if corrector is not None:
-            undo.callback(_restore_step, pipe.scheduler, vars(pipe.scheduler).get("step"))
-            pipe.scheduler.step = _correcting_step(pipe.scheduler.step, controller)
         yield pipe
 
 

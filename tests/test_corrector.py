@@ -146,3 +146,37 @@ def test_corrector_hook_keeps_the_noisy_marginal(data, steps, snr):
             return (MIXTURE_1D(x.reshape(-1, 1) / abar.sqrt(), sigma) > 0).double().mean()
 
         assert abs(right_mode(after) - right_mode(before)) < 8 * (0.21 / after.numel()) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        "UniPCMultistepScheduler",  # its corrector rebuilds the sample from last_sample
+        "HeunDiscreteScheduler",  # the second stage restarts from the first stage's sample
+        "KDPM2DiscreteScheduler",
+        "DPMSolverSinglestepScheduler",  # steps of one order group start from the group's first sample
+        "PNDMScheduler",  # Runge-Kutta warm-up and the second PLMS step use cur_sample
+    ],
+)
+def test_corrector_refuses_schedulers_that_restart_from_a_stored_sample(scheduler):
+    pipe = BUILDERS["sd"]()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    with guide(pipe, CFG(3.0), LangevinCorrector()), pytest.raises(ValueError, match=f"{scheduler} is not supported"):
+        run(pipe)
+    assert "step" not in vars(pipe.scheduler)
+    with guide(pipe, CFG(3.0)):  # without the corrector the scheduler is fine
+        run(pipe, num_inference_steps=4)
+
+
+def test_scheduler_swapped_inside_the_block_steps_from_the_corrected_sample():
+    pipe = BUILDERS["sd"]()
+    steps = 2
+    with guide(pipe, CFG(3.0), LangevinCorrector(steps=steps)):
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        with recording(pipe) as (calls, stepped):
+            run(pipe)
+    samples = stepped.samples
+    finals = calls[steps :: steps + 1]
+    assert len(finals) == len(samples) == 3
+    for (x, _, _, (_, scale)), sample in zip(finals, samples):
+        torch.testing.assert_close(x.chunk(2)[1], sample * scale, rtol=1e-5, atol=1e-5)
