@@ -174,8 +174,23 @@ class _Controller:
         if arguments[self.family.scale_arg] <= 1 or self._distilled(pipe):
             return False
         if self.family.layout == "sequential":
-            return arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
+            return self._sequential_negative(pipe, arguments)
         return True
+
+    @staticmethod
+    def _sequential_negative(pipe: Any, arguments: dict[str, Any]) -> bool:
+        """Whether a FLUX call runs true CFG: a negative prompt, or both negative embeddings (FluxPipeline's own
+        test); one embedding without the other is refused (the pipeline would silently run no true CFG)."""
+        if arguments.get("negative_prompt") is not None:
+            return True
+        embeds, pooled = arguments.get("negative_prompt_embeds"), arguments.get("negative_pooled_prompt_embeds")
+        if (embeds is None) != (pooled is None):
+            given, missing = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")[:: 1 if pooled is None else -1]
+            raise ValueError(
+                f"{type(pipe).__name__}: {given} without {missing}; pass them together (FLUX runs its true CFG "
+                "only with both) or pass negative_prompt"
+            )
+        return embeds is not None
 
     def _distilled(self, pipe: Any) -> bool:
         config = getattr(getattr(pipe, self.family.denoiser), "config", {})
@@ -190,7 +205,7 @@ class _Controller:
         if arguments[self.family.scale_arg] <= 1:
             arguments[self.family.scale_arg] = FORCED_PIPELINE_SCALE
         if self.family.layout == "sequential" and arguments.get("negative_prompt") is None:
-            if arguments.get("negative_prompt_embeds") is not None:
+            if self._sequential_negative(pipe, arguments):
                 return
             if arguments.get("prompt_embeds") is not None:
                 raise ValueError(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidance import APG, CFG, guide
+from guidance import APG, CFG, PAG, guide
 from guidance.hooks import intercepted
 from guidance.pipeline import family_of
 from tests.factories import BUILDERS, default_call_kwargs, pipeline_snapshot
@@ -370,6 +370,11 @@ def test_flux_with_prompt_embeds_needs_negative_embeds():
             generator=gen(),
         ).images
     assert math.isfinite(float(out.sum()))
+    # FLUX runs true CFG only with both negative embeddings: one alone must not pass for an unconditional branch
+    for methods in [(CFG(3.0),), (PAG(2.0),)]:
+        for half in [{"negative_prompt_embeds": embeds}, {"negative_pooled_prompt_embeds": pooled}]:
+            with guide(pipe, *methods), pytest.raises(ValueError, match="together"):
+                pipe(**kwargs, prompt_embeds=embeds, pooled_prompt_embeds=pooled, true_cfg_scale=3.0, **half)
 
 
 def test_denoiser_called_outside_a_pipeline_call_is_untouched():
