@@ -68,7 +68,9 @@ class ScoreSamplingPipeline:
         sigmas = self.sigmas(num_levels, sigma_max, sigma_min)
         config = self.unet.config
         shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
-        device, dtype = self.unet.device, self.unet.dtype
+        # the sampler's state keeps at least float32 (a half-precision model is cast to at each evaluation): the
+        # Langevin steps are small against sigma_max, and in float16 they would round away
+        device, dtype = self.unet.device, torch.promote_types(self.unet.dtype, torch.float32)
         if generator is None:
             generator = torch.Generator()
             generator.seed()  # fresh entropy, the global RNG untouched

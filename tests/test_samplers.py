@@ -446,3 +446,24 @@ def test_score_sampling_pipeline_gives_seeded_pil_images_whatever_the_batch(unet
         pipe(1, sampler="ddim")
     with pytest.raises(ValueError, match="generators for a batch"):
         pipe(2, generator=[_gen(0)])
+
+
+def test_score_sampling_pipeline_keeps_its_state_in_float32_with_a_half_precision_model():
+    from diffusers import DDPMScheduler
+
+    from guidance.score_pipeline import ScoreSamplingPipeline
+
+    pipe = ScoreSamplingPipeline(tiny_pixel_unet().to(torch.bfloat16).eval(), DDPMScheduler())
+    inner, seen = pipe.denoiser, []
+
+    def recording(x, sigma, **kwargs):
+        seen.append(x.dtype)
+        return inner(x, sigma, **kwargs)
+
+    pipe.denoiser = recording
+    for sampler in ("annealed_langevin", "predictor_corrector"):
+        images = pipe(
+            2, sampler=sampler, generator=_gen(0), output_type="pt", num_levels=3, sigma_max=20.0, sigma_min=0.05
+        )
+        assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert seen and set(seen) == {torch.float32}
