@@ -71,7 +71,7 @@ class DiffusersDenoiser:
         kind = config.get("prediction_type", "epsilon")
         self.model, self.model_kwargs = model, model_kwargs
         self.num_train_timesteps = config.get("num_train_timesteps", 1000)
-        if name.startswith("EDM") or config.get("timestep_type", "discrete") == "continuous":
+        if name.startswith("EDM") or P.has_log_sigma_timesteps(config):
             raise ValueError(f"{name}: continuous-time (EDM-style) timesteps are not supported, only VP and flow")
         if P.is_flow_schedule(name, config):
             self.prediction_type, self.alphas_cumprod = "flow", None

@@ -141,7 +141,7 @@ def schedule_of(scheduler: Any) -> Schedule:
             lambda a, s: P.edm_x0_coefficients(a, s, sigma_data, sign),
         )
     if getattr(scheduler, "alphas_cumprod", None) is not None and kind in P.PREDICTION_TYPES:
-        if config.get("timestep_type", "discrete") == "continuous":
+        if P.has_log_sigma_timesteps(config):
             alpha_sigma = lambda t: P.ve_to_vp(torch.exp(4 * t.float()))
         else:
             cumprod = scheduler.alphas_cumprod

@@ -92,6 +92,13 @@ def is_flow_schedule(scheduler_name: str, config: Any) -> bool:
     )
 
 
+def has_log_sigma_timesteps(config: Any) -> bool:
+    """Whether a VP scheduler feeds the model ``0.25 log(sigma)`` instead of a discrete timestep: diffusers'
+    Euler does so only with ``timestep_type="continuous"`` *and* ``prediction_type="v_prediction"`` (the
+    Playground/CosXL recipe); with another prediction type the continuous flag changes nothing."""
+    return config.get("timestep_type", "discrete") == "continuous" and config.get("prediction_type") == "v_prediction"
+
+
 # Schedules: timestep -> (alpha, sigma) of path (1), in float32 on t's device.
 
 

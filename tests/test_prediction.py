@@ -102,3 +102,20 @@ def test_edm_coefficients_match_diffusers_preconditioning():
         alpha, sig = P.edm(sigma, 0.5)
         a, b = P.edm_x0_coefficients(alpha, sig, 0.5, sign)
         torch.testing.assert_close(P.broadcast(a, x_in) * x_in + P.broadcast(b, x_in) * out, expected)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("timestep_type", ["discrete", "continuous"])
+def test_euler_timesteps_read_back_to_the_schedulers_own_sigmas(kind, timestep_type):
+    """Euler passes 0.25 log(sigma) only for continuous v-prediction; otherwise discrete steps, whatever the flag."""
+    from diffusers import EulerDiscreteScheduler
+
+    from guidance.denoisers import DiffusersDenoiser
+    from guidance.families import schedule_of
+
+    scheduler = EulerDiscreteScheduler(prediction_type=kind, timestep_type=timestep_type)
+    scheduler.set_timesteps(10)
+    alpha, sigma = schedule_of(scheduler).alpha_sigma(scheduler.timesteps)
+    torch.testing.assert_close(sigma / alpha, scheduler.sigmas[:-1].float(), rtol=1e-4, atol=1e-4)
+    if not P.has_log_sigma_timesteps(scheduler.config):  # the score denoiser reads discrete timesteps only
+        DiffusersDenoiser(torch.nn.Identity(), scheduler)

@@ -311,7 +311,9 @@ def test_bad_denoiser_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="neither a VP nor a flow"):
         DiffusersDenoiser(torch.nn.Identity(), {"prediction_type": "edm", "beta_start": 1e-4})
     with pytest.raises(ValueError, match="continuous-time"):
-        DiffusersDenoiser(torch.nn.Identity(), EulerDiscreteScheduler(timestep_type="continuous"))
+        DiffusersDenoiser(
+            torch.nn.Identity(), EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction")
+        )
     with pytest.raises(ValueError, match="without betas"):
         DiffusersDenoiser(torch.nn.Identity(), {"num_train_timesteps": 1000})
 
