@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from protect import AMORTIZED_BUDGETS
 
 from . import generate as generation
@@ -533,6 +535,13 @@ def _protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _message(error: Exception) -> str:
+    """A per-file error for the user: running out of memory says what to do about it."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory: process it alone, on a larger device, or at a smaller size"
+    return str(error)
+
+
 def _protect_one(args: argparse.Namespace, i: int, path: str, device: str, done: list, failed: list) -> None:
     from tqdm.auto import tqdm
 
@@ -544,9 +553,9 @@ def _protect_one(args: argparse.Namespace, i: int, path: str, device: str, done:
         protected, metrics = protect_image(
             upload.image, method=args.method, eps=args.eps / 255, steps=args.steps, seed=args.seed + i, device=device
         )
-    except (ValueError, OSError) as error:
-        failed.append({"input": str(path), "error": str(error)})
-        tqdm.write(f"steerguard protect: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, torch.OutOfMemoryError) as error:  # one file's failure, the batch goes on
+        failed.append({"input": str(path), "error": _message(error)})
+        tqdm.write(f"steerguard protect: error: {_message(error)}", file=sys.stderr)
         return
     protected = restore_mode(protected, upload.mode)
     output = save_new(protected, args.out, f"{upload.name}-protected")
@@ -579,11 +588,11 @@ def _detect(args: argparse.Namespace) -> int:
         for path in mine:
             try:
                 (result,) = detect_images(detector, [open_upload(path, purpose="detect").image])
-            except (ValueError, OSError) as error:
+            except (ValueError, OSError, torch.OutOfMemoryError) as error:  # one file's failure, the rest goes on
                 failed += 1
                 if args.json:
-                    print(json.dumps({"file": str(path), "error": str(error)}))
-                print(f"steerguard detect: error: {error}", file=sys.stderr)
+                    print(json.dumps({"file": str(path), "error": _message(error)}))
+                print(f"steerguard detect: error: {_message(error)}", file=sys.stderr)
                 continue
             if args.json:
                 if not args.patches:

@@ -356,6 +356,7 @@ def _detector(directory: str, device: str, dtype: torch.dtype):
             unet.to(dtype)
         finally:
             quiet.level = level
+    detector.reference = detector.reference.to(device)  # once, not per request (the kernel follows the EPS)
     clean = meta.get("calibration_scores")
     detector.clean_scores = [float(s) for s in clean] if isinstance(clean, list) else None
     return detector
@@ -389,7 +390,7 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
     ``calibrated_fpr``, ``calibrated_benign_changes``: the benign changes of clean images that rate also holds
     for on the calibration images) and ``patch_scores`` / ``patch_positions`` ([top, left]) for a heat map.
     """
-    device = detector.reference.device if detector.reference is not None else "cpu"
+    device = detector.denoiser.model.device  # the score model's: the uploads are scored where it runs
     batch = [
         torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1).to(device) / 255
         for image in images

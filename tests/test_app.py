@@ -276,6 +276,30 @@ def test_cli_detect_json(tmp_path, detector_dir, bad_files, capsys):
     assert "no detector available" in capsys.readouterr().err
 
 
+def test_cli_detect_reports_running_out_of_memory_per_file_and_goes_on(tmp_path, detector_dir, capsys, monkeypatch):
+    import torch
+
+    import apps.services
+
+    path = tmp_path / "x.png"
+    p = detector_patch(detector_dir)
+    noise_image((p, p)).save(path)
+    real, calls = apps.services.detect_images, []
+
+    def second_runs_out(detector, images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(detector, images)
+
+    monkeypatch.setattr(apps.services, "detect_images", second_runs_out)
+    capsys.readouterr()
+    code = cli_main(["detect", *[str(path)] * 3, "--json", "--detector", str(detector_dir), "--device", "cpu"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 2 and len(lines) == 3 and "verdict" in lines[0] and "verdict" in lines[2]
+    assert lines[1] == {"file": str(path), "error": lines[1]["error"]} and "out of memory" in lines[1]["error"]
+
+
 def test_cli_protect_splits_files_across_processes(tmp_path):
     """What `accelerate launch` does on several GPUs, here with two CPU processes under torchrun."""
     rng = np.random.default_rng(0)

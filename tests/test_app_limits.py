@@ -340,3 +340,17 @@ def test_a_new_run_clears_the_previous_results_first(limited):
         assert all(value in (None, "") for value in before.fn())
         (stop,) = [fn for fn in functions if fn.cancels and work._id in fn.cancels]  # the Stop button
         assert stop.api_visibility == "private"
+
+
+def test_running_out_of_memory_is_a_clear_error_and_other_errors_pass_through():
+    import gradio as gr
+    import torch
+
+    from apps.tabs.common import memory_errors
+
+    with pytest.raises(gr.Error, match=r"scoring the images ran out of memory.*fewer or smaller images"):
+        with memory_errors("scoring the images"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with pytest.raises(KeyError):  # a bug stays a bug, not a message about memory
+        with memory_errors("scoring the images"):
+            raise KeyError("x")

@@ -67,3 +67,18 @@ def test_protection_in_half_precision_keeps_the_budget_and_range_exactly(method,
     assert out.device.type == "cuda" and out.dtype == dtype and out.shape == images.shape
     assert (out.double() - images.double()).abs().max() <= EPS
     assert out.min() >= 0 and out.max() <= 1 and max(report.linf) > 0
+
+
+def test_the_apps_detect_scores_uploads_on_the_gpu_with_the_cpu_verdicts():
+    from PIL import Image
+
+    from apps.services import detect_images, load_detector
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)) for _ in range(2)]
+    on_gpu = load_detector(device="cuda", dtype="float32")
+    assert on_gpu.reference.device.type == "cuda"
+    gpu, cpu = detect_images(on_gpu, images), detect_images(load_detector(device="cpu", dtype="float32"), images)
+    for a, b in zip(gpu, cpu):
+        assert a["verdict"] == b["verdict"] and a["patches"] == b["patches"]
+        assert abs(a["score"] - b["score"]) <= 1e-3 * max(1.0, abs(b["score"]))

@@ -3,6 +3,8 @@ request's limits."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +89,21 @@ def decode_uploads(sizes: list[tuple[str, tuple[int, int]]], purpose: str) -> li
 def read_uploads(files: Any, purpose: str, limits: Limits | None = None) -> list[Upload]:
     """The decoded uploads of a ``gr.File`` value, checked by :func:`upload_sizes` before any decoding."""
     return decode_uploads(upload_sizes(files, limits or Limits()), purpose)
+
+
+@contextlib.contextmanager
+def memory_errors(what: str) -> Iterator[None]:
+    """Running out of (GPU) memory during ``what`` as a ``gr.Error`` that says so, the cache emptied for the next
+    request, instead of a bare "Error" in the page."""
+    import gradio as gr
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise gr.Error(
+            f"{what} ran out of memory on this server (other work may hold it); try again, or send fewer or "
+            "smaller images"
+        ) from None

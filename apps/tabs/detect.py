@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..jobs import Limits
 from ..services import describe_result, detect_images, heatmap_image, load_detector
-from .common import EXAMPLES, IMAGE_TYPES, LANES, examples_available, read_uploads
+from .common import EXAMPLES, IMAGE_TYPES, LANES, examples_available, memory_errors, read_uploads
 
 SHOWN = ("score", "threshold", "verdict", "resolution", "patch_size", "patches", "tiles")
 
@@ -39,7 +39,8 @@ def detect_tab(
         except (FileNotFoundError, ValueError, OSError) as error:
             raise gr.Error(str(error)) from None
         try:
-            results = detect_images(model, [u.image for u in loaded])
+            with memory_errors("scoring the images"):
+                results = detect_images(model, [u.image for u in loaded])
         except ValueError as error:
             raise gr.Error(str(error)) from None
         info = model.describe()

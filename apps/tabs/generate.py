@@ -22,7 +22,7 @@ from ..cost import Costs, check_budget, generate_seconds
 from ..generate import Request, class_names, grid, methods, options, perturbations, samplers_for, showcase
 from ..jobs import Job, Limits, gradio_alive
 from ..models import DEFAULT_MODEL, listed_models
-from .common import LANES
+from .common import LANES, memory_errors
 
 # the /generate API's first parameters, in the order programs send them; every other registry option follows
 API_HEAD = (
@@ -167,7 +167,8 @@ def generate_tab(
         for i, request in enumerate(requests):
             try:
                 job.start(f"generating row {i + 1}/{len(requests)}: {request.describe()}", i / len(requests))
-                rows.extend(services.generate_images(p, request, on_step=job))
+                with memory_errors(f"generating row {i + 1}"):
+                    rows.extend(services.generate_images(p, request, on_step=job))
             except (ValueError, Cancelled) as error:
                 raise gr.Error(str(error)) from None
         scale_up = max(1, 256 // rows[0].width)

@@ -26,7 +26,15 @@ from ..services import (
     mimicry_preview,
     protect_image,
 )
-from .common import EXAMPLES, IMAGE_TYPES, LANES, decode_uploads, examples_available, upload_sizes
+from .common import (
+    EXAMPLES,
+    IMAGE_TYPES,
+    LANES,
+    decode_uploads,
+    examples_available,
+    memory_errors,
+    upload_sizes,
+)
 
 
 def protect_tab(
@@ -88,16 +96,17 @@ def protect_tab(
         for i, upload in enumerate(loaded):
             try:
                 job.start(f"protecting {upload.name} ({i + 1}/{len(loaded)})", i / len(loaded))
-                protected, metrics = protect_image(
-                    upload.image,
-                    method=method,
-                    eps=eps / 255,
-                    steps=steps,
-                    seed=seed + i,
-                    device=device,
-                    tile=PGD_TILE,
-                    on_step=job,
-                )
+                with memory_errors(f"protecting {upload.name}"):
+                    protected, metrics = protect_image(
+                        upload.image,
+                        method=method,
+                        eps=eps / 255,
+                        steps=steps,
+                        seed=seed + i,
+                        device=device,
+                        tile=PGD_TILE,
+                        on_step=job,
+                    )
             except ValueError as error:
                 raise gr.Error(f"{upload.name}: {error}") from None
             except Cancelled as error:
@@ -113,7 +122,8 @@ def protect_tab(
             if preview:
                 try:
                     job.start(f"mimicry preview of {upload.name}", (i + 0.5) / len(loaded))
-                    mimicry = mimicry_preview(upload.image, protected, seed=seed + i, device=device)
+                    with memory_errors(f"the mimicry preview of {upload.name}"):
+                        mimicry = mimicry_preview(upload.image, protected, seed=seed + i, device=device)
                 except (Cancelled, ValueError) as error:
                     raise gr.Error(str(error)) from None
                 if mimicry is not None:
