@@ -297,7 +297,7 @@ def clip_score(model: str | Path | Any, processor: Any = None) -> Objective:
 
     if isinstance(model, (str, Path)):
         processor = processor or CLIPProcessor.from_pretrained(model)
-        model = CLIPModel.from_pretrained(model).eval()
+        model = CLIPModel.from_pretrained(model, use_safetensors=True).eval()  # never a pickled checkpoint
     elif processor is None:
         raise ValueError("clip_score(model) with a model object needs its processor too")
 

@@ -25,8 +25,11 @@ Save and load with diffusers' ``save_pretrained`` / ``from_pretrained`` (safeten
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import kornia
 import torch
@@ -316,6 +319,17 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
     """
 
     config_name = "config.json"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> AmortizedProtector:
+        """``ModelMixin.from_pretrained`` reading safetensors only (a pickled ``.bin`` beside it is never read,
+        a folder without safetensors weights is an ``OSError``); a local folder is read without the hub."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("AmortizedProtector weights are read from safetensors only (use_safetensors=False)")
+        kwargs["use_safetensors"] = True
+        if Path(pretrained_model_name_or_path).is_dir():
+            kwargs.setdefault("local_files_only", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @register_to_config
     def __init__(

@@ -84,6 +84,19 @@ def test_save_load_round_trip(protector, vae, tmp_path):
     assert report.method == "amortized" and report.losses == [] and max(report.linf) <= EPS
 
 
+def test_pickled_weights_are_never_read(protector, vae, tmp_path):
+    protector.save_pretrained(tmp_path, safe_serialization=False)  # diffusion_pytorch_model.bin: a pickle
+    assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    for load in (
+        lambda: AmortizedProtector.from_pretrained(str(tmp_path)),
+        lambda: protect(torch.rand(1, 3, 16, 16), "amortized", vae=vae, protector=str(tmp_path)),
+    ):
+        with pytest.raises(OSError, match="safetensors"):
+            load()
+    with pytest.raises(ValueError, match="safetensors only"):
+        AmortizedProtector.from_pretrained(str(tmp_path), use_safetensors=False)
+
+
 def test_bad_configuration_and_inputs(protector):
     with pytest.raises(ValueError, match="latent"):
         protector.protect(
