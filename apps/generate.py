@@ -139,6 +139,22 @@ class Request:
             return getattr(self, name)
         return dict(self.extra).get(name)
 
+    def evaluations(self) -> int:
+        """Denoiser evaluations per image, what the cost estimate counts: a score sampler's levels (``steps``)
+        times its steps per level (annealed Langevin, plus the final denoising) or times 1 + its corrector steps
+        (predictor-corrector); otherwise the steps times 1 + the Langevin corrector's steps."""
+        entry = sampler_entry(self.sampler)
+        if entry is not None and entry.kind == "score_sampler":
+            values = entry.values(self._given(entry))
+            if "steps_per_level" in values:
+                return self.steps * values["steps_per_level"] + 1
+            return self.steps * (1 + values["corrector_steps"])
+        return self.steps * (1 + self.corrector_steps)
+
+    def branches(self) -> int:
+        """Denoiser batches per evaluation: the conditional one, plus CFG's and a perturbation's."""
+        return 1 + (self.method != "none") + (self.perturbation != "none")
+
     def _given(self, entry: Entry) -> dict[str, Any]:
         return {spec.name: self.option(PREFIX[entry.kind] + spec.name) for spec in entry.inputs}
 
@@ -317,7 +333,9 @@ def _reporting(pipe: Any, request: Request, on_step: Callable[[Step], bool | Non
     if on_step is None:
         yield
         return
-    total, done, start = request.steps, [0], time.perf_counter()
+    entry = sampler_entry(request.sampler)  # a score sampler calls the UNet once per evaluation, not per step
+    total = request.evaluations() if entry is not None and entry.kind == "score_sampler" else request.steps
+    done, start = [0], time.perf_counter()
 
     def before(module: torch.nn.Module, args: tuple) -> None:
         step = Step(min(done[0], total), total, None, time.perf_counter() - start)

@@ -83,3 +83,17 @@ def test_generate_api_options_and_models_not_offered(server):  # noqa: F811
         client.predict(*old, "default", "facebook/DiT-XL-2-256", api_name="/generate")
     with pytest.raises(Exception, match="not in the list of choices"):
         client.predict(*old, "default", "/etc", api_name="/generate")
+
+
+def test_the_cost_estimate_counts_every_denoiser_evaluation():
+    """What the app's budget check multiplies: score samplers run several evaluations per level, the corrector
+    several per step (a request must not slip past --max-seconds by asking for them)."""
+    assert Request("star", steps=25).evaluations() == 25
+    assert Request("star", steps=25, corrector_steps=3).evaluations() == 100
+    langevin = Request("x", method="none", steps=200, sampler="langevin", extra=(("sampler_steps_per_level", 100),))
+    assert langevin.evaluations() == 200 * 100 + 1  # plus the final denoising
+    assert Request("x", method="none", steps=10, sampler="langevin").evaluations() == 10 * 4 + 1  # its default
+    pc = Request("x", method="none", steps=50, sampler="pc", extra=(("sampler_corrector_steps", 3),))
+    assert pc.evaluations() == 50 * 4
+    assert Request("star", method="apg", perturbation="pag").branches() == 3
+    assert Request("star", method="none").branches() == 1

@@ -143,22 +143,15 @@ def generate_tab(
         if costs is not None:
             unit = services.calibrate_generation(costs, model_name, p)
             seconds = sum(
-                generate_seconds(
-                    costs,
-                    model_name,
-                    rows=1,
-                    images=r.num_images,
-                    steps=r.steps * (1 + r.corrector_steps),
-                    branches=1 + (r.method != "none") + (r.perturbation != "none"),
-                )
-                for r in requests
+                generate_seconds(costs, model_name, 1, r.num_images, r.evaluations(), r.branches()) for r in requests
             )
             try:
                 check_budget(
                     seconds,
                     limits.max_seconds,
-                    f"generating {len(requests)} row(s) of {chosen.num_images} image(s), {chosen.steps} steps "
-                    f"({unit:.3g} s per image-step measured on this server)",
+                    f"generating {len(requests)} row(s) of {chosen.num_images} image(s), "
+                    f"{chosen.evaluations()} denoiser evaluations each ({unit:.3g} s per image and evaluation "
+                    "measured on this server)",
                     "ask for fewer images, steps or rows",
                 )
             except ValueError as error:
