@@ -545,19 +545,25 @@ def _message(error: Exception) -> str:
 def _protect_one(args: argparse.Namespace, i: int, path: str, device: str, done: list, failed: list) -> None:
     from tqdm.auto import tqdm
 
-    from .files import open_upload, restore_mode, save_new
+    from .files import open_upload, save_new
     from .services import protect_image
 
     try:
         upload = open_upload(path)
         protected, metrics = protect_image(
-            upload.image, method=args.method, eps=args.eps / 255, steps=args.steps, seed=args.seed + i, device=device
+            upload.image,
+            method=args.method,
+            eps=args.eps / 255,
+            steps=args.steps,
+            seed=args.seed + i,
+            device=device,
+            mode=upload.mode,
+            icc_profile=upload.icc_profile,
         )
     except (ValueError, OSError, torch.OutOfMemoryError) as error:  # one file's failure, the batch goes on
         failed.append({"input": str(path), "error": _message(error)})
         tqdm.write(f"steerguard protect: error: {_message(error)}", file=sys.stderr)
         return
-    protected = restore_mode(protected, upload.mode)
     output = save_new(protected, args.out, f"{upload.name}-protected")
     w, h = upload.size
     done.append(

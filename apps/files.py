@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from protect.images import budget_levels, composite_rgb, has_alpha, to_8bit
+from protect.images import budget_levels, composite_rgb, has_alpha, matching_profile, stored_rgb, to_8bit, to_srgb
 
 MAX_BYTES = 20 * 1024 * 1024  # 20 MB per file
 MAX_PIXELS = 4096 * 4096  # the cap of protect.protect
@@ -52,6 +52,8 @@ class Upload:
     format: str  # "PNG", "JPEG", ...
     mode: str  # the mode of the file as stored
     size: tuple[int, int]  # (width, height) after the EXIF orientation
+    #: the file's ICC profile, kept for its protected copy (None without one, and for CMYK: converted to sRGB)
+    icc_profile: bytes | None = None
 
 
 def safe_stem(name: str) -> str:
@@ -137,32 +139,41 @@ def open_upload(
         raise ValueError(f"{label}: the image claims too many pixels") from None
     except _DECODE_ERRORS as error:
         raise ValueError(f"{label}: corrupt or truncated {fmt} image ({error})") from None
-    image = _convert(image, purpose)
-    return Upload(image=image, name=safe_stem(label), format=fmt, mode=mode, size=image.size)
+    profile = None if mode == "CMYK" else image.info.get("icc_profile")
+    try:
+        image = _convert(image, purpose)
+    except ValueError as error:  # a mode we do not read (to_8bit says which)
+        raise ValueError(f"{label}: {error}") from None
+    return Upload(image=image, name=safe_stem(label), format=fmt, mode=mode, size=image.size, icc_profile=profile)
 
 
 def _convert(image: Image.Image, purpose: str) -> Image.Image:
-    image = to_8bit(image)
+    image = to_srgb(to_8bit(image))  # CMYK through its ICC profile
     if purpose == "detect":
         return composite_rgb(image)
     return image.convert("RGBA" if has_alpha(image) else "RGB")
 
 
-def restore_mode(image: Image.Image, mode: str) -> Image.Image:
-    """The protected RGB/RGBA ``image`` back in the input's ``mode`` when that is L or LA (else unchanged).
+def restore_mode(image: Image.Image, mode: str, icc_profile: bytes | None = None) -> Image.Image:
+    """The protected RGB/RGBA ``image`` back in the input's ``mode`` when that is L or LA (else unchanged), with
+    the input's ``icc_profile`` where it fits the mode (:func:`write_new` embeds it).
 
     Grayscale inputs were protected as R = G = B, each channel within the budget, so their luma stays within it.
     """
     if mode in ("L", "LA") and image.mode in ("RGB", "RGBA"):
-        return image.convert(mode)
+        image = image.convert(mode)
+    profile = matching_profile(image, icc_profile) if icc_profile else None
+    if profile is not None:
+        image.info["icc_profile"] = profile
     return image
 
 
 def perturbation_image(original: Image.Image, protected: Image.Image, eps: float) -> Image.Image:
-    """The perturbation (``protected``'s colour channels minus ``original`` composited on white, as
-    :func:`protect.protect` perturbs it), scaled so that ``+-eps`` spans 0..255 around mid-grey."""
+    """The perturbation (``protected``'s colours minus ``original``'s, both as :func:`protect.protect` perturbs
+    them: an RGBA image's stored colours, never composited), scaled so that ``+-eps`` spans 0..255 around
+    mid-grey."""
     budget = max(1.0, budget_levels(eps))
-    delta = np.asarray(protected.convert("RGB"), dtype=np.float64) - np.asarray(composite_rgb(original), np.float64)
+    delta = np.asarray(stored_rgb(protected), dtype=np.float64) - np.asarray(stored_rgb(original), np.float64)
     return Image.fromarray(np.round(127.5 + delta * (127.5 / budget)).clip(0, 255).astype(np.uint8), "RGB")
 
 
@@ -175,7 +186,8 @@ def write_new(content: str | bytes | Image.Image, directory: Path, stem: str, su
         try:
             with open(path, "xb") as file:  # exclusive creation: no race with another writer
                 if isinstance(content, Image.Image):
-                    content.save(file, format="PNG")
+                    # an ICC profile goes along when it fits the mode (None stops Pillow writing info's anyway)
+                    content.save(file, format="PNG", icc_profile=matching_profile(content))
                 else:
                     file.write(content.encode("utf-8") if isinstance(content, str) else content)
             return path

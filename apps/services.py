@@ -29,6 +29,7 @@ from protect.loading import dtype_option
 
 from .cost import Costs
 from .device import best_device, score_dtype
+from .files import restore_mode
 from .generate import Request, class_names, generate
 from .models import DEFAULT_MODEL, load_score_model, resolve
 
@@ -203,6 +204,8 @@ def protect_image(
     tile: int | None = PGD_TILE,
     on_step: Callable[[Step], Any] | None = None,
     survival: bool = True,
+    mode: str | None = None,
+    icc_profile: bytes | None = None,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """Protect one RGB/RGBA image against the photo VAE (:data:`PROTECT_VAE`); returns the protected image and its
     metrics.
@@ -214,7 +217,9 @@ def protect_image(
     "mist" uses the photo latent diffusion model (:data:`PROTECT_LDM`, unconditional) as its semantic part.
     ``on_step`` sees every step and may stop the work (:class:`protect.Cancelled`). With ``survival``,
     ``metrics["survival"]`` says whether the protection survives JPEG q75 and noisy upscaling
-    (:func:`survival_report`, on ``tile`` crops).
+    (:func:`survival_report`, on ``tile`` crops). ``mode`` and ``icc_profile`` (the file's, :class:`apps.files.
+    Upload`) give the protected image back in the file's mode (L / LA) with its profile
+    (:func:`apps.files.restore_mode`); the metrics then measure that image, as it will be stored.
     """
     from protect import protect
     from protect.evaluate import semantic_part
@@ -246,12 +251,17 @@ def protect_image(
             on_step=on_step,
             **extra,
         )
-    metrics = {
-        "psnr": report.psnr[0],
-        "ssim": report.ssim[0],
-        "linf_255": round(report.linf[0] * 255, 4),
-        "seconds": report.seconds,
-    }
+    psnr, ssim, linf = report.psnr[0], report.ssim[0], report.linf[0]
+    if mode is not None:
+        protected = restore_mode(protected, mode, icc_profile)
+    if protected.mode in ("L", "LA"):  # stored as gray: measure the gray file, not the RGB it was protected as
+        from protect.images import to_tensor
+        from protect.metrics import psnr_ssim
+
+        clean, stored = to_tensor(image)[None], to_tensor(protected)[None]
+        (psnr,), (ssim,) = psnr_ssim(clean, stored)
+        linf = float((stored - clean).abs().max())
+    metrics = {"psnr": psnr, "ssim": ssim, "linf_255": round(linf * 255, 4), "seconds": report.seconds}
     if survival:
         metrics["survival"] = survival_report(vae, image, protected, seed=seed, tile=tile)
     return protected, metrics

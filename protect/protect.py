@@ -3,9 +3,10 @@
 >>> protected, report = protect(images, method="photoguard", vae=vae, generator=torch.Generator().manual_seed(0))
 
 ``images`` is a float tensor (N, 3, H, W) in [0, 1] or a list of PIL images; the same kind comes back. PIL
-inputs get their EXIF orientation applied; RGBA images are protected in their stored colours and come back as
-RGBA with the alpha untouched (so every stored value stays within the budget); LA / transparent palette images
-are composited on white; grayscale and 16-bit images become 8-bit RGB. These baselines
+inputs get their EXIF orientation applied; RGBA and LA images are protected in their stored colours and come back
+as RGBA with the alpha untouched (so every stored value stays within the budget); transparent palette images and
+PNG colour keys are composited on white; grayscale and 16-bit images become 8-bit RGB; CMYK goes to sRGB through
+its ICC profile, and an RGB file's own profile comes back with it (:mod:`protect.images`). These baselines
 are what FastProtect (Ahn et al., CVPR 2025) amortises: ``method="amortized"`` runs a pre-trained
 :class:`protect.amortized.AmortizedProtector` instead (one forward pass, no PGD; pass ``protector=``).
 

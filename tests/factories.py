@@ -689,3 +689,41 @@ def peak_rss_growth() -> Iterator[list[int]]:
         done.set()
         watcher.join()
         growth[0] = max(peak[0], process.memory_info().rss) - before
+
+
+def cmyk_swap_profile() -> bytes:
+    """A small valid CMYK ICC profile (v2 printer class, an A2B0 lut16 to Lab on a 2-point grid) that shows cyan
+    ink as magenta and magenta ink as cyan: an image converted through it cannot be mistaken for Pillow's naive
+    CMYK -> RGB formula (which no ICC profile file ships with Pillow or this project to replace)."""
+    import itertools
+    import struct
+
+    from PIL import ImageCms
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    to_lab = ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    lut = b"mft2" + bytes(4) + struct.pack(">BBBB", 4, 3, 2, 0) + b"".join(s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    lut += struct.pack(">HH", 2, 2) + struct.pack(">8H", *([0, 65535] * 4))
+    for c, m, y, k in itertools.product((0, 1), repeat=4):  # the first channel varies slowest
+        rgb = tuple(round(255 * (1 - v) * (1 - k)) for v in (m, c, y))  # cyan and magenta swapped
+        L, a, b = ImageCms.applyTransform(Image.new("RGB", (1, 1), rgb), to_lab).getpixel((0, 0))
+        lut += struct.pack(">3H", round(L / 255 * 0xFF00), a * 256, b * 256)  # v2 Lab: a, b offset by 128
+    lut += struct.pack(">6H", *([0, 65535] * 3))
+    description = b"steerguard test CMYK\0"
+    tags = [
+        (b"desc", b"desc" + bytes(4) + struct.pack(">I", len(description)) + description + bytes(8 + 3 + 67)),
+        (b"wtpt", b"XYZ " + bytes(4) + s15(0.9642) + s15(1.0) + s15(0.8249)),
+        (b"cprt", b"text" + bytes(4) + b"public domain\0"),
+        (b"A2B0", lut),
+    ]
+    start = 128 + 4 + 12 * len(tags)
+    table = data = b""
+    for signature, body in tags:
+        data += bytes(-(start + len(data)) % 4)
+        table += signature + struct.pack(">II", start + len(data), len(body))
+        data += body
+    header = struct.pack(">I", start + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"prtrCMYKLab "
+    header += bytes(12) + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249)
+    return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data

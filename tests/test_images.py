@@ -13,7 +13,10 @@ def test_modes_become_the_tensor_protect_perturbs():
     rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     assert torch.equal(to_tensor(rgba), torch.zeros(3, 32, 32))  # RGBA: the stored colours, alpha kept aside
     la = Image.new("LA", (32, 32), (0, 0))
-    assert torch.equal(to_tensor(la), torch.ones(3, 32, 32))  # other transparent modes: composited on white
+    assert torch.equal(to_tensor(la), torch.zeros(3, 32, 32))  # LA too: the stored values
+    pa = Image.new("P", (32, 32), 0)
+    pa.info["transparency"] = 0
+    assert torch.equal(to_tensor(pa), torch.ones(3, 32, 32))  # other transparent modes: composited on white
     gray16 = Image.fromarray(np.full((32, 32), 65535 // 2, dtype=np.uint16))
     assert gray16.mode.startswith("I") and torch.allclose(to_tensor(gray16), torch.full((3, 32, 32), 0.5), atol=1 / 255)
     assert to_8bit(gray16).mode == "L" and to_8bit(la) is la

@@ -13,7 +13,7 @@ from protect.survival import MARGIN
 
 from ..cost import Costs, check_budget, protect_seconds
 from ..disk import OutputFolders
-from ..files import perturbation_image, restore_mode, save_new
+from ..files import perturbation_image, save_new
 from ..jobs import Job, Limits, duration, gradio_alive
 from ..services import (
     DEFAULT_PGD_STEPS,
@@ -106,12 +106,13 @@ def protect_tab(
                         device=device,
                         tile=PGD_TILE,
                         on_step=job,
+                        mode=upload.mode,
+                        icc_profile=upload.icc_profile,
                     )
             except ValueError as error:
                 raise gr.Error(f"{upload.name}: {error}") from None
             except Cancelled as error:
                 raise gr.Error(str(error)) from None
-            protected = restore_mode(protected, upload.mode)
             outputs.append(str(save_new(protected, out_dir, f"{upload.name}-protected")))
             gallery += [
                 (upload.image, f"{upload.name}: original"),
