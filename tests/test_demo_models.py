@@ -162,6 +162,34 @@ def test_dit_architecture_options_reach_the_saved_model_and_its_card(tmp_path):
             train.parse_args([*argv, *bad])
 
 
+def test_min_snr_weighting_matches_its_formula():
+    from apps.demo.train import diffusion_loss, training_scheduler
+
+    scheduler = training_scheduler()
+    clean = torch.randn(64, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def zero_model(noisy, t):  # predicts eps = 0: the loss is each sample's mean squared noise
+        seen.append((noisy, t))
+        return torch.zeros_like(noisy)
+
+    plain = diffusion_loss(zero_model, clean, scheduler, torch.Generator().manual_seed(1))
+    weighted = diffusion_loss(zero_model, clean, scheduler, torch.Generator().manual_seed(1), snr_gamma=5.0)
+    (noisy, t), (noisy_again, _) = seen
+    torch.testing.assert_close(noisy, noisy_again)  # the same draws
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noise = (noisy - abar.sqrt() * clean) / (1 - abar).sqrt()
+    per_sample = noise.square().flatten(1).mean(1)
+    snr = (abar / (1 - abar)).flatten()
+    torch.testing.assert_close(plain, per_sample.mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weighted, (per_sample * snr.clamp(max=5.0) / snr).mean(), rtol=1e-4, atol=1e-5)
+    assert (snr > 5).any() and (snr < 5).any() and weighted < plain  # low-noise samples weigh less
+    with pytest.raises(SystemExit):
+        from apps.demo import train
+
+        train.parse_args(["dit", "--out", "x", "--snr-gamma", "0"])
+
+
 @pytest.mark.slow
 def test_dit_training_can_start_from_an_exported_dit_of_the_same_architecture(tmp_path):
     from safetensors.torch import load_file
