@@ -7,7 +7,14 @@ level, ``x <- x + e s(x) + sqrt(2 e) z`` with ``e = 2 (r ||z|| / ||s||)^2``
 prediction (CFG, APG and perturbations included); the pipeline's scheduler then
 steps from the corrected sample. Each corrector step costs one extra denoiser
 evaluation of every branch. Noise comes from a generator seeded with ``seed``
-at the start of every pipeline call.
+at the start of every pipeline call. As in the reference code, the step size
+``e`` uses the batch means of ``||z||`` and ``||s||`` (a per-sample ratio does
+not keep the noisy marginal, :func:`guidance.samplers.langevin_correct`), so a
+corrected image depends on the batch it is drawn in: the same seeds give the
+same images for the same batch, not for each image alone. The scheduler must
+step from the sample it is given (DDIM, DDPM, Euler, LMS, DPM-Solver multistep,
+DEIS, flow-matching Euler); those that restart from a stored sample (UniPC,
+Heun, KDPM2, DPM-Solver singlestep, PNDM) are refused.
 """
 
 from __future__ import annotations
