@@ -131,9 +131,9 @@ class _Controller:
         previous_count = vars(pipe).pop("_num_timesteps", _MISSING)  # a stale count from an earlier call
         scheduler = pipe.scheduler  # wrapped per call: the scheduler may have been swapped inside the block
         own_step = vars(scheduler).get("step", _MISSING)
-        if self.corrector is not None:
-            scheduler.step = _correcting_step(scheduler.step, self)
         try:
+            if self.corrector is not None:
+                scheduler.step = _correcting_step(scheduler.step, self)
             return call(*bound.args, **bound.kwargs)
         finally:
             if self.corrector is not None:

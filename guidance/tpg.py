@@ -9,7 +9,7 @@ axis (norm preserving, no training); guidance moves away from it:
 A fresh permutation is drawn for every block call from a generator seeded with
 ``seed`` at the start of each pipeline call, so results are reproducible. The
 official SDXL setting shuffles in the ``down_blocks.2`` transformer blocks with
-``s = 3``.
+``s = 3``; ``layers="auto"`` takes those blocks where the UNet has them.
 """
 
 from __future__ import annotations
@@ -24,11 +24,21 @@ from .layers import Selector, default_layers, select, transformer_blocks
 from .method import Perturbation, TokenShuffle, register
 from .pag import layer_selection
 
+OFFICIAL_BLOCK = "down_blocks.2"  # where the official SDXL code shuffles (papers.md, TPG)
+
 
 def shuffle_tokens(hidden: Tensor, generator: torch.Generator) -> Tensor:
     """``P h``: the tokens (dim 1 of ``(B, L, C)``) in one random order, shared by the batch."""
     order = torch.randperm(hidden.shape[1], generator=generator, device=generator.device)
     return hidden[:, order.to(hidden.device)]
+
+
+def auto_layers(blocks: dict[str, nn.Module]) -> list[str]:
+    """TPG's "auto" layers: the official code's ``down_blocks.2`` transformer blocks where the UNet has them
+    (SDXL, SD 1.x/2.x), else PAG's default (:func:`guidance.layers.default_layers`)."""
+    if any(name.startswith(OFFICIAL_BLOCK + ".") for name in blocks):
+        return [OFFICIAL_BLOCK]
+    return default_layers(blocks)
 
 
 @register("tpg")
@@ -48,7 +58,7 @@ class TPG(Perturbation):
 
     def edits(self, denoiser: nn.Module) -> dict[str, TokenShuffle]:
         blocks = transformer_blocks(denoiser)
-        layers = default_layers(blocks) if self.layers == "auto" else self.layers
+        layers = auto_layers(blocks) if self.layers == "auto" else self.layers
         return dict.fromkeys(select(blocks, layers, "transformer block"), TokenShuffle())
 
     def new_state(self, family: str | None = None) -> torch.Generator:

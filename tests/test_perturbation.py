@@ -330,3 +330,25 @@ def test_a_new_perturbation_is_a_perturbation_subclass_with_its_edits():
     with pytest.raises(TypeError, match="unknown edit"), guide(pipe, CFG(3.0), PAG(2.0), Unknown(1.0)):
         pass
     assert pipeline_snapshot(pipe) == snapshot
+
+
+def test_tpg_auto_takes_the_official_down_blocks_2_where_the_unet_has_them():
+    from diffusers import UNet2DConditionModel
+
+    sdxl_like = UNet2DConditionModel(  # SDXL's block layout at toy widths: attention in down_blocks.1 and .2
+        block_out_channels=(8, 16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 3),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=8,
+        attention_head_dim=(2, 4, 8),
+        sample_size=8,
+    )
+    shuffled = TPG(3.0).edits(sdxl_like)
+    expected = [f"down_blocks.2.attentions.0.transformer_blocks.{i}" for i in range(3)]
+    assert sorted(shuffled) == expected
+    assert all(name.startswith("mid_block.") for name in TPG(3.0, layers="mid").edits(sdxl_like))
+    tiny = get_pipe("sd").unet  # two down blocks: PAG's default, the middle block
+    assert all(name.startswith("mid_block") for name in TPG(3.0).edits(tiny))
