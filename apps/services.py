@@ -498,6 +498,9 @@ def heatmap_image(image: Image.Image, result: dict[str, Any], threshold: float) 
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), "RGB")
 
 
+SEPARATE_PATCHES = 4  # below this many non-overlapping patches a verdict carries a caution (benchmarks/RESULTS.md)
+
+
 def describe_result(result: dict[str, Any]) -> str:
     """One line for a person: the verdict, the score against the threshold and what was scored."""
     width, height = result["resolution"]
@@ -505,10 +508,17 @@ def describe_result(result: dict[str, Any]) -> str:
     sampled = "all" if result["patches"] == result["tiles"] else f"a seeded sample of {result['patches']} of"
     changes = result.get("calibrated_benign_changes") or []
     benign = f" and on each of {len(changes)} benign changes" if changes else ""
+    separate = (width // p) * (height // p)  # patches that share no pixel
+    small = (
+        f"; only {separate} separate patch{'es' if separate > 1 else ''}: the score of so small an image is noisier "
+        "than the calibration's, a verdict is less certain"
+        if separate < SEPARATE_PATCHES
+        else ""
+    )
     return (
         f"{result['verdict']} (score {result['score']:.4g}, threshold {result['threshold']:.4g} at "
         f"{result['calibrated_fpr']:.0%} false positives on clean images{benign}); scored at the native "
         f"{width}x{height}: "
         f"{sampled} {result['tiles']} {p}x{p} patches, score model {result['score_model']} "
-        f"({result['score_dtype']})"
+        f"({result['score_dtype']}){small}"
     )

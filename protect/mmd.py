@@ -117,18 +117,29 @@ def mmd2_per_sample(reference: Tensor, samples: Tensor, kernel: nn.Module) -> Te
     return _within(kernel(reference, reference)) - 2 * kernel(reference, samples).mean(0) + 1
 
 
-def mmd2_to_reference(reference: Tensor, samples: Tensor, kernel: nn.Module) -> tuple[Tensor, Tensor]:
+def mmd2_to_reference(
+    reference: Tensor, samples: Tensor, kernel: nn.Module, independent: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The set statistic and the per-sample ones of ``samples`` (m, ...) against ``reference`` (n, ...).
 
-    Returns the unbiased ``MMD^2_u`` between the two sets (:func:`mmd2`; for ``m = 1`` the per-sample value,
-    ``k(y, y) = 1``) and :func:`mmd2_per_sample`, ``(m,)``, from one pass over the kernel.
+    Returns the unbiased ``MMD^2_u`` between the two sets (:func:`mmd2`) and :func:`mmd2_per_sample`, ``(m,)``,
+    from one pass over the kernel. ``independent`` ``(m, m)`` (bool) names the pairs of samples that may stand
+    as independent draws in the within-sample term (default: every pair ``i != j``; overlapping image patches
+    are near-copies, and their ``k`` near 1 would bias the statistic up). With no such pair (one sample, or
+    samples that all overlap) the reference's own within term stands in for it: the same expectation under
+    the null, so a clean set's statistic has mean 0 whatever its size.
     """
     _check_two(reference, reference)
     k_rr, k_ry = _within(kernel(reference, reference)), kernel(reference, samples)
     per_sample = k_rr - 2 * k_ry.mean(0) + 1
-    if len(samples) < 2:
-        return per_sample[0], per_sample
-    return k_rr + _within(kernel(samples, samples)) - 2 * k_ry.mean(), per_sample
+    m = len(samples)
+    pairs = ~torch.eye(m, dtype=torch.bool, device=samples.device)
+    if independent is not None:
+        if independent.shape != (m, m):
+            raise ValueError(f"independent must be ({m}, {m}), got {tuple(independent.shape)}")
+        pairs &= independent.to(device=samples.device, dtype=torch.bool)
+    k_yy = kernel(samples, samples)[pairs].mean() if bool(pairs.any()) else k_rr
+    return k_rr + k_yy - 2 * k_ry.mean(), per_sample
 
 
 def power_criterion(x: Tensor, y: Tensor, kernel: nn.Module, reg: float = 1e-8) -> Tensor:

@@ -68,6 +68,13 @@ def patch_positions(
     return grid, tiles
 
 
+def separate_patches(positions: Tensor, patch: int) -> Tensor:
+    """``(m, m)`` bool: which pairs of the patches at ``positions`` share no pixel (the border-aligned last row
+    and column of tiles overlap their neighbours; an overlapping pair is nearly one patch twice)."""
+    gap = (positions[:, None, :] - positions[None, :, :]).abs()
+    return (gap >= patch).any(-1)
+
+
 def extract_patches(image: Tensor, positions: Tensor, patch: int) -> Tensor:
     """The ``(m, C, patch, patch)`` patches of a ``(C, H, W)`` image at ``positions``."""
     return torch.stack([image[:, r : r + patch, c : c + patch] for r, c in positions.tolist()])
@@ -160,7 +167,8 @@ class PatchEPSDetector(EPSDetector):
         results = []
         for x, (eps, positions, tiles) in zip(images, parts):
             kernel, eps = self.kernel_and(eps)
-            score, per_patch = mmd2_to_reference(self.reference.to(eps), eps, kernel)
+            apart = separate_patches(positions, self.patch_size)
+            score, per_patch = mmd2_to_reference(self.reference.to(eps), eps, kernel, apart)
             results.append(
                 ImageScore(
                     score=float(score),

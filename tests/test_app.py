@@ -270,6 +270,7 @@ def test_cli_detect_json(tmp_path, detector_dir, bad_files, capsys):
     text = capsys.readouterr().out
     model = json.loads((detector_dir / "config.json").read_text()).get("diffusion_model", "demo/unet_eps")
     assert f"scored at the native {p}x{p}: all 1 {p}x{p} patches, score model {model}" in text
+    assert "only 1 separate patch: the score of so small an image is noisier" in text  # a caution, not a refusal
     bad, _ = bad_files["bomb"]
     assert cli_main(["detect", str(bad), "--json", "--detector", str(detector_dir)]) == 2
     assert cli_main(["detect", str(path), "--detector", str(tmp_path / "none")]) == 2

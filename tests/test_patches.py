@@ -72,8 +72,36 @@ def test_set_statistic_is_the_unbiased_mmd_and_per_patch_the_official_one():
         stat, per = mmd2_to_reference(ref, y, kernel)
         torch.testing.assert_close(stat, mmd2(ref, y, kernel))
         torch.testing.assert_close(per, mmd2_per_sample(ref, y, kernel))
-        one, per_one = mmd2_to_reference(ref, y[:1], kernel)
-        torch.testing.assert_close(one, per_one[0])
+        one, per_one = mmd2_to_reference(ref, y[:1], kernel)  # no pair: the reference's within term stands in
+        within = (kernel(ref, ref).sum() - kernel(ref, ref).diagonal().sum()) / 90
+        torch.testing.assert_close(one, 2 * within - 2 * kernel(ref, y[:1]).mean())
+        torch.testing.assert_close(per_one, mmd2_per_sample(ref, y[:1], kernel))
+        apart = torch.ones(5, 5, dtype=torch.bool)
+        apart[0, 1] = apart[1, 0] = False  # samples 0 and 1 overlap: their pair leaves the within term
+        kept, _ = mmd2_to_reference(ref, y, kernel, apart)
+        k_yy = kernel(y, y)
+        pairs = ~torch.eye(5, dtype=torch.bool) & apart
+        torch.testing.assert_close(kept, within + k_yy[pairs].mean() - 2 * kernel(ref, y).mean())
+
+
+def test_a_clean_sets_statistic_has_mean_zero_whatever_its_size_and_overlap():
+    """Under the null the set statistic must not depend on how many patches an image has or how they overlap:
+    one threshold serves every image size. A single sample, or copies of one, used to score 1 - E k on average."""
+
+    class Gaussian(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.exp(-torch.cdist(x.flatten(1), y.flatten(1)).square() / 4)
+
+    kernel, gen = Gaussian(), torch.Generator().manual_seed(0)
+    reference = torch.randn(200, 2, generator=gen)
+    for m, copies in [(1, 1), (1, 4), (6, 1)]:  # one patch; one patch seen 4 times (overlapping tiles); six apart
+        stats = []
+        for _ in range(300):
+            y = torch.randn(m, 2, generator=gen).repeat_interleave(copies, 0)
+            group = torch.arange(m).repeat_interleave(copies)
+            stats.append(mmd2_to_reference(reference, y, kernel, group[:, None] != group[None, :])[0])
+        mean, sd = torch.stack(stats).mean(), torch.stack(stats).std() / 300**0.5
+        assert abs(mean) < 4 * sd + 1e-3, (m, copies, mean.item(), sd.item())
 
 
 def test_detector_separates_an_easy_shift_at_any_size_and_calibrates_per_image(fitted):
