@@ -42,7 +42,9 @@ def attach(module: nn.Module, hook: ModelHook, name: str) -> Callable[[], None]:
     """Register ``hook`` on ``module`` as ``name``; the returned function removes it and leaves the module as it was.
 
     The hook registry is removed with the last hook that :func:`attach` put in a registry it created, whatever
-    order several attachments to one module are detached in.
+    order several attachments to one module are detached in; a hook registered after this one that wraps the
+    call (``new_forward``: another ``guide()``'s attention hook, diffusers' caches) keeps acting when this one
+    leaves first.
     """
     with _LOCK:
         if not hasattr(module, "_diffusers_hook"):
@@ -57,10 +59,29 @@ def attach(module: nn.Module, hook: ModelHook, name: str) -> Callable[[], None]:
 
     def detach() -> None:
         with _LOCK:
+            following = _following_wrapper(registry, name)
             registry.remove_hook(name, recurse=False)
+            if following is not None and following[0].forward is not following[1]:
+                # diffusers (<= 0.42) hands the chain below the removed hook to the next hook's ``forward``; when
+                # that hook has its own ``new_forward``, it is the wrapper that must get it (as
+                # ``original_forward``), or the next hook silently stops acting
+                fn_ref, own_forward = following
+                fn_ref.original_forward, fn_ref.forward = fn_ref.forward, own_forward
             _drop_registry(module, registry)
 
     return detach
+
+
+def _following_wrapper(registry: HookRegistry, name: str) -> tuple[Any, Any] | None:
+    """The function reference of the hook after ``name`` in ``registry`` and its own forward, when that hook
+    wraps the call (``new_forward``); else None."""
+    order, refs = getattr(registry, "_hook_order", None), getattr(registry, "_fn_refs", None)
+    if not isinstance(order, list) or not isinstance(refs, list) or name not in order:
+        return None
+    index = order.index(name)
+    if index + 1 >= len(refs) or getattr(refs[index + 1], "original_forward", None) is None:
+        return None
+    return refs[index + 1], refs[index + 1].forward
 
 
 def _drop_registry(module: nn.Module, registry: HookRegistry) -> None:

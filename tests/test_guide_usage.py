@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from guidance import APG, CFG, PAG, TPG, LangevinCorrector, guide
+from guidance import APG, CFG, PAG, TPG, LangevinCorrector, SoftPAG, guide
 from guidance.hooks import intercepted
 from guidance.pipeline import family_of
 from tests.factories import BUILDERS, pipeline_snapshot
@@ -186,6 +186,25 @@ def test_pipelines_sharing_the_denoiser_are_guided_independently():
     assert (pipeline_snapshot(t2i), pipeline_snapshot(i2i)) == before
     with guide(t2i, PAG(2.0)):  # nothing left behind that would refuse the next guide()
         run(t2i)
+
+
+@pytest.mark.parametrize("outer_method", [PAG(3.0), SoftPAG(3.0, heads=[("mid", 0)], strength=0.5)])
+def test_attention_perturbation_outlives_another_guide_on_the_same_layer_that_leaves_first(outer_method):
+    """Two guides hook the same attention modules; the one entered first leaves first (threads do that): the
+    other's perturbation must go on acting (diffusers' hook removal used to hand its wrapper the plain forward)."""
+    t2i, i2i = _sharing_pair()
+    plain = run(i2i)
+    with guide(i2i, PAG(2.0)):
+        expected = run(i2i)
+    assert np.abs(expected - plain).max() > 1e-3
+    outer, inner = guide(t2i, outer_method), guide(i2i, PAG(2.0))
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)
+    np.testing.assert_array_equal(run(i2i), expected)
+    inner.__exit__(None, None, None)
+    np.testing.assert_array_equal(run(i2i), plain)
+    assert not intercepted(t2i.unet)
 
 
 def _interleaved(*jobs):
