@@ -78,8 +78,10 @@ class Run:
         #: whether the call runs an unconditional branch (a step may not: see :meth:`step_of`)
         self.has_uncond = has_uncond
         methods = controller.methods
+        #: index of the pipeline's own CFG among the methods (composed with perturbations), if it runs one
+        self.own_cfg: int | None = None
         if has_uncond and not any(m.branch == "uncond" for m in methods):
-            methods = (*methods, CFG(pipeline_scale))  # the pipeline's own CFG, composed with perturbations
+            methods, self.own_cfg = (*methods, CFG(pipeline_scale)), len(methods)
         self.methods = methods
         self.states = [m.new_state(self.family.name) for m in methods]
         self.perturbations = [i for i, m in enumerate(methods) if m.branch == "perturbed"]
@@ -100,10 +102,22 @@ class Run:
             output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
             return _with_prediction(output, self._finish_sequential(x, t, _prediction(output)))
         step = self.step_of(x, t, has_uncond)
+        self._follow_pipeline_scale()
         if self.controller.corrector is not None:
             step, inputs = self._correct(call, inputs, step)
         output, pred, perturbed = self._branches(call, inputs, step)
         return _with_prediction(output, self._combine(step, pred, perturbed))
+
+    def _follow_pipeline_scale(self) -> None:
+        """The pipeline's own CFG at the scale the pipeline holds now: a step-end callback may change it
+        (``pipe._guidance_scale``, read by diffusers' pipelines at every step), and it must count here too."""
+        if self.own_cfg is None or self.family.layout == "sequential":
+            return
+        current = vars(self.controller.pipe).get("_guidance_scale")
+        if isinstance(current, int | float) and current > 1 and current != self.methods[self.own_cfg].scale:
+            methods = list(self.methods)
+            methods[self.own_cfg] = CFG(float(current))
+            self.methods = tuple(methods)
 
     def step_of(self, x: Tensor, t: Tensor, has_uncond: bool) -> Step:
         """The record of the denoiser evaluation of one step (the branch layout is read anew at every step: a

@@ -340,6 +340,23 @@ def _batch_cutoff(base):
     return Cutoff
 
 
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3"])
+def test_perturbation_only_follows_a_callback_that_changes_the_pipelines_scale(name):
+    """With perturbations only, guide() keeps the pipeline's own CFG: at the scale the pipeline holds at each
+    step (a dynamic-CFG callback writes pipe._guidance_scale), not the one it started with."""
+    pipe = fresh(name)
+
+    def schedule(p, i, t, kwargs):
+        p._guidance_scale = 1.5 if i == 0 else 3.0
+        return kwargs
+
+    call = {"num_inference_steps": 4, "callback_on_step_end": schedule}
+    reference = run(pipe, scale=7.0, **call)
+    assert np.abs(reference - run(pipe, scale=7.0, num_inference_steps=4)).max() > 1e-3  # the callback matters
+    with guide(pipe, PAG(0.0)):  # a perturbation at scale 0: exactly the pipeline's own CFG
+        np.testing.assert_allclose(run(pipe, scale=7.0, **call), reference, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["sd", "sdxl"])
 @pytest.mark.parametrize("prompts", [1, 2])
 def test_cfg_cutoff_callbacks(name, prompts):
