@@ -78,6 +78,8 @@ class Run:
         #: whether the call runs an unconditional branch (a step may not: see :meth:`step_of`)
         self.has_uncond = has_uncond
         methods = controller.methods
+        #: (text, image) token counts of the current denoiser call of a sequence model (FLUX), else None
+        self.tokens: tuple[int, int] | None = None
         #: index of the pipeline's own CFG among the methods (composed with perturbations), if it runs one
         self.own_cfg: int | None = None
         if has_uncond and not any(m.branch == "uncond" for m in methods):
@@ -102,6 +104,8 @@ class Run:
             output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
             return _with_prediction(output, self._finish_sequential(x, t, _prediction(output)))
         step = self.step_of(x, t, has_uncond)
+        context = inputs[1].get("encoder_hidden_states")
+        self.tokens = (context.shape[1], x.shape[1]) if context is not None and x.ndim == 3 else None
         self._follow_pipeline_scale()
         if self.controller.corrector is not None:
             step, inputs = self._correct(call, inputs, step)

@@ -86,7 +86,7 @@ class _AttentionHook(ModelHook):
     @torch.compiler.disable
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         run = active_run(self.controller)
-        image = self._image_block(args, kwargs)
+        image = self._image_block(args, kwargs, run)
         active = [
             (run.rows[i], heads, u, image if image_only else None)
             for i, heads, u, image_only in self.rules
@@ -104,13 +104,20 @@ class _AttentionHook(ModelHook):
             )
         return output
 
-    def _image_block(self, args: tuple, kwargs: dict) -> tuple[int, int] | None:
-        """Where the image tokens sit in a joint attention's sequence (``None``: not joint)."""
+    def _image_block(self, args: tuple, kwargs: dict, run: Any) -> tuple[int, int] | None:
+        """Where the image tokens sit in a joint attention's sequence, (start, count) (``None``: not joint).
+
+        A joint block passes the text as ``encoder_hidden_states``; FLUX's single-stream blocks join text and
+        image themselves and call attention on ``[text, image]``: a sequence as long as the denoiser call's text
+        and image tokens together (:attr:`guidance.engine.Run.tokens`) is read as that."""
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        if context is None:
-            return None
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        return (context.shape[1] if self.controller.family.text_first else 0), hidden.shape[1]
+        if context is not None:
+            return (context.shape[1] if self.controller.family.text_first else 0), hidden.shape[1]
+        tokens = run.tokens if run is not None else None
+        if tokens is not None and self.controller.family.text_first and hidden.shape[1] == sum(tokens):
+            return tokens
+        return None
 
 
 class _ShuffleHook(ModelHook):

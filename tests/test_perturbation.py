@@ -352,3 +352,37 @@ def test_tpg_auto_takes_the_official_down_blocks_2_where_the_unet_has_them():
     assert all(name.startswith("mid_block.") for name in TPG(3.0, layers="mid").edits(sdxl_like))
     tiny = get_pipe("sd").unet  # two down blocks: PAG's default, the middle block
     assert all(name.startswith("mid_block") for name in TPG(3.0).edits(tiny))
+
+
+def test_flux_single_stream_blocks_know_where_the_image_tokens_are(monkeypatch):
+    """FLUX's single-stream blocks join text and image before attention: joint="image" must still act on the
+    image block of that sequence (it acted on the whole joint sequence, as "full")."""
+    from guidance import perturbation
+    from guidance.layers import self_attention_layers
+
+    pipe = get_pipe("flux")
+    single = next(name for name in self_attention_layers(pipe.transformer) if name.startswith("single"))
+    seen, real = [], perturbation._AttentionHook._image_block
+
+    def spy(self, args, kwargs, run):
+        seen.append(real(self, args, kwargs, run))
+        return seen[-1]
+
+    monkeypatch.setattr(perturbation._AttentionHook, "_image_block", spy)
+    out = {}
+    for joint in ("full", "image"):
+        with guide(pipe, PAG(3.0, layers=(single,), joint=joint)):
+            out[joint] = run(pipe)
+    with guide(pipe, PAG(0.0, layers=(single,))):
+        base = run(pipe)
+    shapes = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: shapes.append((k["encoder_hidden_states"].shape[1], k["hidden_states"].shape[1])),
+        with_kwargs=True,
+    )
+    try:
+        run(pipe)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == set(shapes) and len(set(shapes)) == 1  # (text tokens, image tokens)
+    assert np.abs(out["image"] - out["full"]).max() > 1e-4 and np.abs(out["image"] - base).max() > 1e-4
