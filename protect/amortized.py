@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -423,8 +424,10 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
     def _encoded_targets(self, vae: AutoencoderKL, height: int, width: int) -> Tensor:
         """The targets' latents at one size, cached per VAE, size, device and dtype (the VAEs are frozen)."""
         param = next(vae.parameters())
-        key = (id(vae), height, width, param.device, param.dtype, self.targets.device)
-        cache = self.__dict__.setdefault("_target_cache", {})
+        key = (height, width, param.device, param.dtype, self.targets.device)
+        # per VAE object, weakly: an id() key could hand a new VAE, born at a freed one's address, its latents
+        caches = self.__dict__.setdefault("_target_cache", weakref.WeakKeyDictionary())
+        cache = caches.setdefault(vae, {})
         if key not in cache:
             with torch.no_grad():
                 cache[key] = latent(vae, _cover(self.targets, height, width, self.config.tile))

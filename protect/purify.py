@@ -195,7 +195,8 @@ def random_resize(x: Tensor, generator: torch.Generator | None) -> Tensor:
 def random_blur(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Gaussian blur (5x5, kornia) with a standard deviation drawn per image from U(0.5, 1.5)."""
     sigma = _uniform(0.5, 1.5, x.shape[0], generator, x)
-    return kornia.filters.gaussian_blur2d(x, (5, 5), torch.stack([sigma, sigma], dim=1))
+    border = "reflect" if min(x.shape[-2:]) > 2 else "replicate"  # reflecting 2 px needs 3: tiny images replicate
+    return kornia.filters.gaussian_blur2d(x, (5, 5), torch.stack([sigma, sigma], dim=1), border_type=border)
 
 
 def random_noise(x: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -111,7 +111,7 @@ def report(
     for i in range(len(clean)):
         per = {}
         for name, (d, n) in measured.items():
-            survives = bool(d[i] >= margin * n[i])
+            survives = bool(d[i] > 0 and d[i] >= margin * n[i])  # an unchanged image protects nothing
             per[name] = {
                 "latent_distortion": d[i].item(),
                 "noise_latent_distortion": n[i].item(),

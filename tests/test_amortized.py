@@ -84,6 +84,21 @@ def test_save_load_round_trip(protector, vae, tmp_path):
     assert report.method == "amortized" and report.losses == [] and max(report.linf) <= EPS
 
 
+def test_target_latents_are_cached_per_vae_object_never_by_address(monkeypatch):
+    import protect.amortized
+
+    # CPython hands a new object a freed one's address: every object "at one address" is that case, every time
+    monkeypatch.setattr(protect.amortized, "id", lambda obj: 1, raising=False)
+    protector = AmortizedProtector(num_experts=2, patch_size=8, gate_size=16, latent_stride=2)
+    first, second = tiny_vae(seed=1), tiny_vae(seed=2)
+    old = protector.target_latents(first, 16, 16).clone()
+    cached = protector.target_latents(second, 16, 16)
+    fresh = AmortizedProtector(num_experts=2, patch_size=8, gate_size=16, latent_stride=2)
+    fresh.load_state_dict(protector.state_dict())
+    torch.testing.assert_close(cached, fresh.target_latents(second, 16, 16))
+    assert not torch.equal(cached, old)
+
+
 def test_pickled_weights_are_never_read(protector, vae, tmp_path):
     protector.save_pretrained(tmp_path, safe_serialization=False)  # diffusion_pytorch_model.bin: a pickle
     assert not (tmp_path / "diffusion_pytorch_model.safetensors").exists()

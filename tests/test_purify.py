@@ -67,3 +67,16 @@ def test_eight_bit_changes_match_pil_on_one_image():
     noisy = purify.purify(torch.cat([x, x]), "noise2_8bit")
     assert torch.equal(purify.purify(x, "noise2_8bit"), noisy[:1]) and not torch.equal(noisy[0], noisy[1])
     assert ((noisy * 255 - (noisy * 255).round()).abs() < 1e-4).all()  # 8-bit levels
+
+
+def test_the_training_blur_serves_images_down_to_the_two_pixels_protect_accepts():
+    from protect import protect
+    from protect.purify import random_blur
+    from tests.factories import tiny_vae
+
+    for shape in [(1, 3, 2, 9), (2, 3, 2, 2), (1, 3, 3, 5)]:
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+        blurred = random_blur(x, torch.Generator().manual_seed(1))
+        assert blurred.shape == x.shape and torch.isfinite(blurred).all()
+    out, report = protect(torch.rand(1, 3, 2, 9), vae=tiny_vae(), robust=("blur",), steps=2)
+    assert out.shape == (1, 3, 2, 9) and max(report.linf) <= 8 / 255 + 1e-6

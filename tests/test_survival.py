@@ -73,6 +73,8 @@ def test_the_rule_follows_the_margin_and_random_noise_does_not_survive(vae, imag
     assert all(e["verdict"] == "survives" for e in lenient)
     noise = sign_noise(clean, 8 / 255, seed=1)  # noise is its own baseline: about 1x noise, never 2x
     assert all(e["verdict"] == "does not survive" for e in report(vae, clean, noise, seed=1))
+    unchanged = report(vae, clean, clean.clone(), margin=1e-6)  # nothing to survive: 0 is not >= 0 x noise here
+    assert all(e["verdict"] == "does not survive" for e in unchanged)
 
 
 def test_tiles_measure_over_the_crops(vae, images):
