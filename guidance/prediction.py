@@ -109,13 +109,15 @@ def vp_discrete(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     point; integer ``t`` gives exactly ``alpha = sqrt(abar_t)``.
     """
     ac = alphas_cumprod.to(device=t.device, dtype=torch.float64)
-    log_sigmas = 0.5 * torch.log((1 - ac) / ac)
+    log_sigmas = 0.5 * torch.log((1 - ac) / ac)  # +inf where abar = 0 (a zero-terminal-SNR schedule's last step)
     t = t.to(torch.float64).clamp(0, len(ac) - 1)
     low = t.floor().long()
     high = (low + 1).clamp(max=len(ac) - 1)
     w = t - low
-    log_sigma = (1 - w) * log_sigmas[low] + w * log_sigmas[high]
-    alpha, sigma = ve_to_vp(log_sigma.exp())
+    # at integer t the low entry alone (0 * inf would be NaN next to a zero-SNR step)
+    log_sigma = torch.where(w == 0, log_sigmas[low], (1 - w) * log_sigmas[low] + w * log_sigmas[high])
+    # (alpha, sigma) = (1, s) / sqrt(1 + s^2) through the sigmoid, finite at s = inf: (0, 1)
+    alpha, sigma = torch.sigmoid(-2 * log_sigma).sqrt(), torch.sigmoid(2 * log_sigma).sqrt()
     return alpha.float(), sigma.float()
 
 

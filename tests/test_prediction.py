@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -119,3 +120,31 @@ def test_euler_timesteps_read_back_to_the_schedulers_own_sigmas(kind, timestep_t
     torch.testing.assert_close(sigma / alpha, scheduler.sigmas[:-1].float(), rtol=1e-4, atol=1e-4)
     if not P.has_log_sigma_timesteps(scheduler.config):  # the score denoiser reads discrete timesteps only
         DiffusersDenoiser(torch.nn.Identity(), scheduler)
+
+
+def test_vp_discrete_is_finite_at_a_zero_terminal_snr_step():
+    """rescale_betas_zero_snr stores abar = 0 at the last step: alpha 0, sigma 1 there (the SD 2.1-v recipe's first
+    'trailing' step), and the steps next to it stay exact."""
+    from diffusers import DDIMScheduler
+
+    ac = DDIMScheduler(rescale_betas_zero_snr=True).alphas_cumprod
+    assert ac[-1] == 0
+    alpha, sigma = P.vp_discrete(ac, torch.tensor([999.0, 998.5, 998.0]))
+    assert torch.isfinite(alpha).all() and torch.isfinite(sigma).all()
+    torch.testing.assert_close(alpha[0], torch.tensor(0.0)) and torch.testing.assert_close(sigma[0], torch.tensor(1.0))
+    torch.testing.assert_close(alpha[2], ac[998].sqrt().float())
+    assert 0 <= alpha[1] <= alpha[2]  # between a finite and an infinite log-sigma: at or near the end
+
+
+def test_apg_in_x0_space_with_a_zero_terminal_snr_v_model():
+    from diffusers import DDIMScheduler
+
+    from guidance import APG, guide
+    from tests.factories import default_call_kwargs, tiny_sd
+
+    pipe = tiny_sd("v_prediction")
+    config = pipe.scheduler.config
+    pipe.scheduler = DDIMScheduler.from_config(config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    with guide(pipe, APG(3.0)):  # x0 space: the first step sits at abar = 0, where x0 = -v
+        images = pipe(**default_call_kwargs(pipe), generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(np.asarray(images)).all()
