@@ -69,6 +69,7 @@ def sample_annealed_langevin(
     _check_count("steps_per_level", steps_per_level, low=1)
     _check_positive("epsilon", epsilon)
     generator = _generator(generator, x)
+    given, x = x.dtype, _working(x)
     for i, sigma in enumerate(levels):
         alpha = epsilon * sigma**2 / levels[-1] ** 2  # step size alpha_i = eps sigma_i^2 / sigma_L^2
         for _ in range(steps_per_level):
@@ -79,7 +80,7 @@ def sample_annealed_langevin(
             callback(Step(i, sigma, x, denoised))
     if final_denoise:  # Tweedie: E[x0 | x] at the last level (Jolicoeur-Martineau et al. 2020)
         x, _ = _evaluate(model, x, levels[-1])
-    return x
+    return x.to(given)
 
 
 def predict_reverse_diffusion(
@@ -127,6 +128,7 @@ def langevin_correct(
     _check_count("steps", steps, low=0)
     _check_positive("snr", snr)
     generator = _generator(generator, x)
+    given, x = x.dtype, _working(x)
     x_mean = x
     for _ in range(steps):
         _, grad = _evaluate(model, x, sigma)
@@ -134,7 +136,7 @@ def langevin_correct(
         step = 2 * (snr * _norm(z).mean() / _norm(grad).mean()) ** 2  # eps = 2 (r mean||z|| / mean||g||)^2
         x_mean = x + step * grad
         x = x_mean + torch.sqrt(2 * step) * z
-    return x, x_mean
+    return x.to(given), x_mean.to(given)
 
 
 @torch.no_grad()
@@ -154,6 +156,7 @@ def sample_predictor_corrector(
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; known: {sorted(PREDICTORS)}")
     generator = _generator(generator, x)
+    given, x = x.dtype, _working(x)
     for i, (sigma, sigma_next) in enumerate(itertools.pairwise([*levels, 0.0])):
         # corrector then predictor at each level, as the reference code; the last step lands on sigma = 0
         x, _ = langevin_correct(model, x, sigma, steps=corrector_steps, snr=snr, generator=generator)
@@ -161,13 +164,19 @@ def sample_predictor_corrector(
         x, x_mean = PREDICTORS[predictor](x, grad, sigma, sigma_next, generator)
         if callback is not None:
             callback(Step(i, sigma, x, denoised))
-    return x_mean
+    return x_mean.to(given)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "annealed_langevin": sample_annealed_langevin,
     "predictor_corrector": sample_predictor_corrector,
 }
+
+
+def _working(x: Tensor) -> Tensor:
+    """The sampler's state in at least float32: Langevin steps are small against the state (in bfloat16 they
+    round away) and sigma^2 overflows float16 above 256; the denoiser casts to its model's dtype itself."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _evaluate(model: DenoiseFn, x: Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:

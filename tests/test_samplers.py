@@ -469,3 +469,23 @@ def test_score_sampling_pipeline_keeps_its_state_in_float32_with_a_half_precisio
         )
         assert images.dtype == torch.float32 and torch.isfinite(images).all()
     assert seen and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sampler", ["annealed_langevin", "predictor_corrector"])
+def test_half_precision_input_is_sampled_in_float32(sampler, dtype):
+    """A half-precision start gives the float32 chain's result, rounded once at the end: the state never lives in
+    half precision (bf16 rounded Langevin steps away, 4x the variance; fp16 overflowed sigma^2 above 256)."""
+    from guidance.samplers import SAMPLERS, geometric_sigmas
+
+    data = GaussianDenoiser(torch.tensor([1.5]), 0.01)
+    start = torch.randn(256, 1, generator=torch.Generator().manual_seed(0)).to(dtype)
+    sigmas = geometric_sigmas(300.0 if dtype == torch.float16 else 1.0, 0.01, 10)
+    options = {"steps_per_level": 20, "epsilon": 2e-5} if sampler == "annealed_langevin" else {}
+    half = (start.float() * sigmas[0].item()).to(dtype)  # one start, exactly representable in both
+    runs = {}
+    for kind in (dtype, torch.float32):
+        x = half.to(kind)
+        runs[kind] = SAMPLERS[sampler](data, x, sigmas, generator=torch.Generator().manual_seed(1), **options)
+    assert runs[dtype].dtype == dtype and torch.isfinite(runs[dtype].float()).all()
+    torch.testing.assert_close(runs[dtype], runs[torch.float32].to(dtype), rtol=0, atol=0)
