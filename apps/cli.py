@@ -511,7 +511,8 @@ def _protect(args: argparse.Namespace) -> int:
             _protect_one(args, i, path, device, done, failed)
     done, failed = _gathered(state, done), _gathered(state, failed)
     if not state.is_main_process:
-        return 2 if failed else 0
+        state.wait_for_everyone()  # until the main process has written the report (a non-zero exit ends them all)
+        return 0
     report = {
         "method": args.method,
         "eps_255": args.eps,
@@ -528,6 +529,8 @@ def _protect(args: argparse.Namespace) -> int:
         "failed": failed,
     }
     print(write_new(json.dumps(report, indent=2), args.out, "report"))
+    if state.num_processes > 1:
+        state.wait_for_everyone()
     if failed:
         names = ", ".join(f["input"] for f in failed)
         print(f"steerguard protect: {len(failed)} of {len(args.inputs)} input(s) failed: {names}", file=sys.stderr)
@@ -589,23 +592,31 @@ def _detect(args: argparse.Namespace) -> int:
 
     state, device = _distributed(args.device)
     detector = load_detector(args.detector, device, args.dtype)
-    failed = 0
-    with state.split_between_processes(list(args.inputs)) as mine:
-        for path in mine:
+    lines = []  # (input index, stream, text): printed by the main process in input order
+    with state.split_between_processes(list(enumerate(args.inputs))) as mine:
+        for i, path in mine:
             try:
                 (result,) = detect_images(detector, [open_upload(path, purpose="detect").image])
             except (ValueError, OSError, torch.OutOfMemoryError) as error:  # one file's failure, the rest goes on
-                failed += 1
                 if args.json:
-                    print(json.dumps({"file": str(path), "error": _message(error)}))
-                print(f"steerguard detect: error: {_message(error)}", file=sys.stderr)
+                    lines.append((i, "out", json.dumps({"file": str(path), "error": _message(error)})))
+                lines.append((i, "err", f"steerguard detect: error: {_message(error)}"))
                 continue
             if args.json:
                 if not args.patches:
                     result = {k: v for k, v in result.items() if k not in ("patch_scores", "patch_positions")}
-                print(json.dumps({"file": str(path), **result}))
+                lines.append((i, "out", json.dumps({"file": str(path), **result})))
             else:
-                print(f"{path}: {describe_result(result)}")
+                lines.append((i, "out", f"{path}: {describe_result(result)}"))
+    lines = _gathered(state, lines)  # every process's, so that a failure in one share stops none of the others
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return 0
+    for _, stream, text in sorted(lines, key=lambda line: line[0]):
+        print(text, file=sys.stdout if stream == "out" else sys.stderr, flush=True)
+    failed = len({i for i, stream, _ in lines if stream == "err"})
+    if state.num_processes > 1:
+        state.wait_for_everyone()
     if failed:
         print(f"steerguard detect: {failed} of {len(args.inputs)} input(s) failed", file=sys.stderr)
         return 2

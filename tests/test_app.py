@@ -335,3 +335,30 @@ def test_cli_protect_splits_files_across_processes(tmp_path):
     assert report["processes"] == 2
     assert sorted(f["input"] for f in report["files"]) == inputs
     assert len(list(out.glob("*-protected.png"))) == 3
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), "-m", "apps.cli", *args, "--device", "cpu"]
+    return subprocess.run(command, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_cli_detect_across_processes_scores_every_file_when_some_fail(tmp_path, detector_dir):
+    """A bad file in one process's share must not end the others' (torchrun stops every process when one exits
+    non-zero): all good files are scored, in input order, and the failures counted over all processes."""
+    p = detector_patch(detector_dir)
+    good = []
+    for i in range(3):
+        good.append(tmp_path / f"good{i}.png")
+        noise_image((p, p), seed=i).save(good[-1])
+    bad = []
+    for i in range(3):
+        bad.append(tmp_path / f"bad{i}.png")
+        bad[-1].write_bytes(b"not an image")
+    inputs = [str(x) for x in (*good, *bad)]  # the second process's share is all bad
+    done = _torchrun("detect", *inputs, "--json", "--detector", str(detector_dir))
+    assert done.returncode != 0
+    lines = [json.loads(line) for line in done.stdout.decode().splitlines() if line.startswith("{")]
+    assert [line["file"] for line in lines] == inputs  # every file once, in input order
+    assert all("verdict" in line for line in lines[:3]) and all("error" in line for line in lines[3:])
+    assert "3 of 6 input(s) failed" in done.stderr.decode()
