@@ -74,7 +74,7 @@ def build_app(
     folders = OutputFolders(limits.output_age)
     folders.start()
     age = int(limits.output_age)
-    with checked_blocks(title="steerguard", delete_cache=(max(1, age // 2), age)) as app:
+    with checked_blocks(limits.max_files, title="steerguard", delete_cache=(max(1, age // 2), age)) as app:
         gr.Markdown(f"# steerguard\nGuidance for diffusers pipelines. Model: `{model}`.")
         generate_tab(model, device, limits, costs)
         protect_tab(device, limits, costs, folders)

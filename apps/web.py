@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 __all__ = ["SECURITY_HEADERS", "SecurityHeaders", "UploadLimit", "check_input", "checked_blocks", "middleware"]
@@ -27,7 +28,10 @@ SECURITY_HEADERS = {
     b"x-content-type-options": b"nosniff",
     b"referrer-policy": b"same-origin",
 }
-FILE_PART = b'filename="'  # one per file part of a multipart body
+#: one per file part of a multipart body, in any spelling python-multipart accepts (any case, spaces before "=",
+#: quoted or not, RFC 5987's filename*=)
+FILE_PART = re.compile(rb"filename\*?[ \t]{0,16}=", re.IGNORECASE)
+FILE_PART_TAIL = 32  # bytes kept from one chunk to the next: longer than any match, so a split one is found
 
 
 class SecurityHeaders:
@@ -71,8 +75,9 @@ class UploadLimit:
             message = await receive()
             if message["type"] == "http.request":
                 data = tail + message.get("body", b"")
-                count += data.count(FILE_PART)  # the tail is too short to hold a whole marker: none counted twice
-                tail = data[-(len(FILE_PART) - 1) :]
+                # a match ending inside the tail was counted with the previous chunk
+                count += sum(1 for m in FILE_PART.finditer(data) if m.end() > len(tail))
+                tail = data[-FILE_PART_TAIL:]
                 if count > self.max_files:
                     refused = True
                     return {"type": "http.disconnect"}  # the upload handler stops reading and stores nothing
@@ -119,9 +124,34 @@ def check_input(block: Any, value: Any) -> None:
             raise gr.Error(f"{label}: expected a finite number, got {str(value)[:40]!r}")
 
 
-def checked_blocks(**kwargs: Any) -> Any:
-    """A ``gr.Blocks(**kwargs)`` that checks every event's inputs (:func:`check_input`) and turns the errors of
-    Gradio's own preprocessing into clear ``gr.Error`` messages."""
+def check_files(block: Any, value: Any, max_files: int) -> None:
+    """Raise ``gr.Error`` unless a ``gr.File`` input holds at most ``max_files`` files already on this server:
+    Gradio would otherwise download every URL given as a file (unbounded in size and count) before any check."""
+    import gradio as gr
+
+    if not isinstance(block, gr.File) or value is None:
+        return
+    files = value if isinstance(value, list) else [value]
+    if len(files) > max_files:
+        raise gr.Error(f"at most {max_files} images per request, got {len(files)}")
+    for entry in files:
+        where = [entry.get(k) for k in ("path", "url")] if isinstance(entry, dict) else [entry]
+        if any(isinstance(w, str) and "://" in w for w in where) and not _uploaded(entry):
+            raise gr.Error(
+                "files must be uploaded to this server first (POST /gradio_api/upload, or gradio_client's "
+                "handle_file); URLs are not fetched"
+            )
+
+
+def _uploaded(entry: Any) -> bool:
+    """A file entry whose path is a local upload (the browser sends its URL on this server beside it)."""
+    path = entry.get("path") if isinstance(entry, dict) else None
+    return isinstance(path, str) and "://" not in path
+
+
+def checked_blocks(max_files: int = 8, **kwargs: Any) -> Any:
+    """A ``gr.Blocks(**kwargs)`` that checks every event's inputs (:func:`check_input`, :func:`check_files`) and
+    turns the errors of Gradio's own preprocessing into clear ``gr.Error`` messages."""
     import gradio as gr
     from gradio.exceptions import InvalidPathError
 
@@ -129,6 +159,7 @@ def checked_blocks(**kwargs: Any) -> Any:
         async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
             for block, value in zip(block_fn.inputs, inputs):
                 check_input(block, value)
+                check_files(block, value, max_files)
             try:
                 return await super().preprocess_data(block_fn, inputs, state, explicit_call)
             except InvalidPathError:

@@ -47,3 +47,44 @@ def test_uploads_beyond_the_file_count_are_refused():
     response = client.post("/gradio_api/upload", files=many)
     assert response.status_code == 413 and "at most 2 files" in response.json()["error"]
     assert stored == [2]  # the refused request stored nothing
+
+
+def _multipart(n: int, header: str) -> tuple[bytes, str]:
+    boundary = "XyZboundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; {header.format(i=i)}\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + b"x" * 100
+        + b"\r\n"
+        for i in range(n)
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_every_spelling_of_a_file_part_counts():
+    """python-multipart reads filename in any case, with spaces before '=', quoted or not: each is a file."""
+    for header in ('filename="{i}.png"', "filename={i}.png", 'FILENAME="{i}.png"', 'filename ="{i}.png"'):
+        client, stored = _client(max_files=2)
+        body, kind = _multipart(50, header)
+        response = client.post("/gradio_api/upload", content=body, headers={"content-type": kind})
+        assert response.status_code == 413, header
+        assert stored == [], header
+        body, kind = _multipart(2, header)
+        assert client.post("/gradio_api/upload", content=body, headers={"content-type": kind}).status_code == 200
+
+
+def test_file_inputs_are_uploads_on_this_server_never_urls_and_few():
+    import gradio as gr
+    import pytest
+
+    from apps.web import check_files
+
+    files = gr.File(file_count="multiple")
+    upload = {"path": "/tmp/gradio/abc/x.png", "url": "http://127.0.0.1:7860/gradio_api/file=/tmp/gradio/abc/x.png"}
+    check_files(files, [upload] * 8, max_files=8)  # what a browser or gradio_client sends
+    with pytest.raises(gr.Error, match="at most 8 images per request, got 9"):
+        check_files(files, [upload] * 9, max_files=8)
+    for remote in ({"path": "https://example.com/huge.bin"}, {"path": "http://10.0.0.1/x.png", "url": None}):
+        with pytest.raises(gr.Error, match="URLs are not fetched"):
+            check_files(files, [upload, remote], max_files=8)
+    check_files(gr.Number(), "https://example.com", max_files=8)  # other inputs: not files
