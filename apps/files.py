@@ -67,7 +67,8 @@ def _header(path: Path, label: str, max_pixels: int) -> tuple[str, str, tuple[in
     """Format, mode and size from the header alone (no pixel data decoded); raises on non-images / huge headers."""
     try:
         with Image.open(path, formats=FORMATS) as image:  # lazy: reads the header only, decodes no pixels
-            return str(image.format), image.mode, image.size
+            header = str(image.format), image.mode, image.size
+            frames = getattr(image, "n_frames", 1)
     except Image.DecompressionBombError:  # PIL's own guard, for headers above 2 x MAX_IMAGE_PIXELS
         side = int(max_pixels**0.5)
         raise ValueError(f"{label}: the image header claims more pixels than the {side}x{side} limit") from None
@@ -77,6 +78,12 @@ def _header(path: Path, label: str, max_pixels: int) -> tuple[str, str, tuple[in
         ) from None
     except _DECODE_ERRORS as error:
         raise ValueError(f"{label}: unreadable image header ({error})") from None
+    if frames > 1:  # APNG, animated WebP, multi-page TIFF: one frame would be protected and the others lost
+        raise ValueError(
+            f"{label}: an animated or multi-page image ({frames} frames); protect or check each frame as an image "
+            "of its own"
+        )
+    return header
 
 
 def peek(

@@ -119,3 +119,15 @@ def test_a_grayscale_files_metrics_measure_the_gray_file_it_gets(tmp_path):
     assert entry["linf_255"] == np.abs(stored - original).max() <= 8
     mse = ((stored - original) ** 2).mean() / 255**2
     assert entry["psnr"] == pytest.approx(10 * np.log10(1 / mse), abs=0.05)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+def test_animated_and_multi_page_images_are_refused_not_cut_to_one_frame(tmp_path, fmt):
+    frames = [noise_image((16, 16), seed=i) for i in range(3)]
+    path = tmp_path / f"anim.{fmt.lower()}"
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match=r"anim\.\w+: an animated or multi-page image \(3 frames\)"):
+        open_upload(path)
+    single = tmp_path / f"one.{fmt.lower()}"
+    frames[0].save(single, format=fmt)
+    assert open_upload(single).size == (16, 16)
