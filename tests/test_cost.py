@@ -16,6 +16,8 @@ def test_estimates_grow_in_proportion_to_pixels_and_steps():
     assert costs.measure("pgd_pixel_step:photoguard", lambda: None, units=128 * 128) >= 0
     costs.unit.update({"pgd_pixel_step:photoguard": 1e-5, "amortized_pixel": 1e-7, "preview": 2.0, "generate:m": 0.01})
     assert tiled_pixels(256, 256, 128) == 256 * 256 and tiled_pixels(130, 20, 128) == 256 * 20
+    # a 2 px strip ran 4.8x the time per pixel of square crops: its crops count as 16 px thick (8x)
+    assert tiled_pixels(32768, 2, 128) == 32768 * 16 >= 4.8 * 32768 * 2
     small = protect_seconds(costs, [(128, 128)], "photoguard", 10, 128, preview=False)
     big = protect_seconds(costs, [(1024, 1024)], "photoguard", 10, 128, preview=False)
     assert small == pytest.approx(128 * 128 * 10 * 1e-5) and big == pytest.approx(64 * small)
