@@ -234,11 +234,20 @@ def _scheduler(class_name: str) -> Build:
         """A new ``class_name`` scheduler from ``pipe``'s scheduler config."""
         import diffusers
 
-        from .prediction import is_flow_schedule
+        from .prediction import has_log_sigma_timesteps, is_flow_schedule
 
         config = pipe.scheduler.config
-        if is_flow_schedule(type(pipe.scheduler).__name__, config):
+        name = type(pipe.scheduler).__name__
+        if is_flow_schedule(name, config):
             raise ValueError("this model samples with flow matching; only the default sampler serves it")
+        if name.startswith("EDM") or (has_log_sigma_timesteps(config) and class_name != "EulerDiscreteScheduler"):
+            # a DDPM-table scheduler would feed discrete timesteps to a model trained on log-sigma (c_noise)
+            raise ValueError(
+                f"this model's {name} feeds it log-sigma timesteps (EDM / continuous v-prediction); a "
+                f"{class_name} would not: only the default sampler"
+                + ("" if name.startswith("EDM") else " or euler")
+                + " serves it"
+            )
         scheduler = getattr(diffusers, class_name).from_config(config)
         if _family(pipe) == "dit" and float(scheduler.init_noise_sigma) != 1.0:
             raise ValueError("DiTPipeline does not scale its noise for sigma-parameterised samplers")

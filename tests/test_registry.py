@@ -99,3 +99,26 @@ def test_score_samplers_are_offered_only_to_unconditional_unets(capsys, tmp_path
     assert "unconditional UNet" in capsys.readouterr().err
     if (DEMO_DIR / "unet").is_dir():
         assert {"langevin", "pc"} <= set(samplers_for(load_pipeline("demo/unet", "cpu")))
+
+
+def test_samplers_are_refused_for_models_on_log_sigma_timesteps():
+    """EDM schedulers and continuous-timestep v-prediction feed the model log-sigma: a DDPM-table sampler would
+    silently feed it discrete steps."""
+    import diffusers
+
+    from tests.factories import tiny_sd
+
+    pipe = tiny_sd("v_prediction")
+    base = dict(pipe.scheduler.config)
+    pipe.scheduler = diffusers.EDMDPMSolverMultistepScheduler()
+    for name in ("ddim", "dpm++", "euler", "unipc"):
+        with pytest.raises(ValueError, match="log-sigma timesteps"):
+            registry.get("scheduler", name)({}, pipe)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(base, timestep_type="continuous")
+    for name in ("ddim", "dpm++", "unipc"):
+        with pytest.raises(ValueError, match="only the default sampler or euler serves it"):
+            registry.get("scheduler", name)({}, pipe)
+    euler = registry.get("scheduler", "euler")({}, pipe)
+    assert euler.config.timestep_type == "continuous"
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(base)  # discrete timesteps: any sampler
+    assert type(registry.get("scheduler", "ddim")({}, pipe)).__name__ == "DDIMScheduler"
