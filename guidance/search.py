@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -120,6 +121,11 @@ def headhunter(
         "base_methods": [method.to_dict() for method in base_methods],
         "num_inference_steps": num_inference_steps,
         "seed": seed,
+        # what else decides the images: the call's own arguments (guidance scale, size, negative prompt...) and
+        # which model and scheduler answer them
+        "call": _describe((call_kwargs or prompt_kwargs)(pipe, list(prompts))),
+        "model": getattr(pipe, "name_or_path", None),
+        "scheduler": [type(pipe.scheduler).__name__, _describe(dict(pipe.scheduler.config))],
     }
     scores = _Cache(cache, settings, resume)
 
@@ -195,6 +201,20 @@ def _generate(
         with guide(pipe, *methods) if methods else contextlib.nullcontext():
             images.append(pipe(**kwargs).images)
     return torch.cat(images)
+
+
+def _describe(value: Any) -> Any:
+    """A JSON form of ``value`` for the cache's settings: tensors by shape, dtype and a hash of their values."""
+    if isinstance(value, Mapping):
+        return {str(k): _describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_describe(v) for v in value]
+    if isinstance(value, Tensor):
+        data = value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        return f"tensor{tuple(value.shape)}:{value.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return type(value).__name__
 
 
 def _mean_score(scores: Any, n: int) -> float:

@@ -102,6 +102,26 @@ def test_cache_file_resumes_an_interrupted_search_without_new_evaluations(tmp_pa
         search("dit", planted("dit"), cache=path, seed=1)
 
 
+def test_a_cache_of_other_call_arguments_or_another_scheduler_is_refused(tmp_path):
+    import diffusers
+
+    path = tmp_path / "cache.jsonl"
+    search("sd", planted("sd"), cache=path)
+    again = planted("sd")
+    search("sd", again, cache=path)
+    assert again.calls == 0
+    with pytest.raises(ValueError, match="other settings"):  # another guidance scale in the call's arguments
+        search("sd", planted("sd"), cache=path, call_kwargs=lambda pipe, p: {**text_without_cfg(pipe, p), "eta": 0.5})
+    pipe = get_pipe("sd")
+    original = pipe.scheduler
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(original.config)
+    try:
+        with pytest.raises(ValueError, match="other settings"):
+            search("sd", planted("sd"), cache=path)
+    finally:
+        pipe.scheduler = original
+
+
 def test_batch_size_changes_nothing():
     one, two = planted("dit"), planted("dit")
     ranked, batched = search("dit", one), search("dit", two, batch_size=2, progress=True)
