@@ -37,10 +37,18 @@ def register(name: str):
     return wrap
 
 
+def finite(value: float) -> bool:
+    """``math.isfinite`` that calls an int too large for a float (10**400) not finite, instead of raising."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_real(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite real number in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite(value):
+        raise ValueError(f"{name} must be a finite number, got {repr(value)[:40]}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
 

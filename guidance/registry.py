@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+from .method import finite
 
 KINDS = ("guidance", "perturbation", "scheduler", "score_sampler")
 SOFTPAG_STRENGTH = 0.5  # SoftPAG of the registry: every head of PAG's default layers at half strength
@@ -74,8 +75,8 @@ class Input:
                 return None
             raise ValueError(f"{self.name} is required")
         if self.type in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{self.name} must be a finite number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite(value):
+                raise ValueError(f"{self.name} must be a finite number, got {repr(value)[:40]}")
             if self.type is int and value != int(value):
                 raise ValueError(f"{self.name} must be an integer, got {value!r}")
             value = self.type(value)

@@ -122,3 +122,13 @@ def test_samplers_are_refused_for_models_on_log_sigma_timesteps():
     assert euler.config.timestep_type == "continuous"
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(base)  # discrete timesteps: any sampler
     assert type(registry.get("scheduler", "ddim")({}, pipe)).__name__ == "DDIMScheduler"
+
+
+def test_an_int_too_large_for_a_float_is_a_clear_error():
+    from guidance import APG
+
+    spec = Input("scale", float, 4.0, low=0.0)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        spec.check(10**400)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        APG(10**400)
