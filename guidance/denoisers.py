@@ -71,6 +71,8 @@ class DiffusersDenoiser:
         kind = config.get("prediction_type", "epsilon")
         self.model, self.model_kwargs = model, model_kwargs
         self.num_train_timesteps = config.get("num_train_timesteps", 1000)
+        # FLUX transformers take t / 1000 and scale it back up themselves (as FluxPipeline calls them)
+        self.timestep_scale = 1.0 / self.num_train_timesteps if type(model).__name__.startswith("Flux") else 1.0
         if name.startswith("EDM") or P.has_log_sigma_timesteps(config):
             raise ValueError(f"{name}: continuous-time (EDM-style) timesteps are not supported, only VP and flow")
         if P.is_flow_schedule(name, config):
@@ -129,7 +131,8 @@ class DiffusersDenoiser:
             alpha, sigma_model = P.ve_to_vp(sigma)
         x_in = P.broadcast(alpha, x) * x  # the same point on the model's path
         dtype = getattr(self.model, "dtype", x.dtype)
-        out = self.model(x_in.to(dtype), timestep=self.sigma_to_t(sigma), **{**self.model_kwargs, **kwargs})
+        timestep = self.sigma_to_t(sigma) * self.timestep_scale
+        out = self.model(x_in.to(dtype), timestep=timestep, **{**self.model_kwargs, **kwargs})
         pred = out if isinstance(out, Tensor) else out.sample if hasattr(out, "sample") else out[0]
         if pred.shape[1] == 2 * x.shape[1]:  # learned-variance channels (improved DDPM, DiT, IF)
             pred = pred[:, : x.shape[1]]

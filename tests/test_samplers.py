@@ -489,3 +489,29 @@ def test_half_precision_input_is_sampled_in_float32(sampler, dtype):
         runs[kind] = SAMPLERS[sampler](data, x, sigmas, generator=torch.Generator().manual_seed(1), **options)
     assert runs[dtype].dtype == dtype and torch.isfinite(runs[dtype].float()).all()
     torch.testing.assert_close(runs[dtype], runs[torch.float32].to(dtype), rtol=0, atol=0)
+
+
+def test_a_flux_transformer_gets_its_timestep_as_fluxpipeline_gives_it():
+    """FluxTransformer2DModel multiplies its timestep by 1000 itself: FluxPipeline passes t / 1000, and so must the
+    score view (it passed t, a noise level 1000x off)."""
+    from tests.factories import tiny_flux
+
+    pipe = tiny_flux()
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"]), with_kwargs=True)
+    embeds, pooled, text_ids = pipe.encode_prompt(prompt="a", prompt_2=None, max_sequence_length=16)
+    x = torch.randn(1, 16, pipe.transformer.config.in_channels)  # 16 packed latent tokens
+    image_ids = torch.zeros(16, 3)
+    view = DiffusersDenoiser(
+        pipe.transformer,
+        pipe.scheduler,
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        guidance=torch.tensor([3.5]),
+    )
+    with torch.no_grad():
+        view(x, torch.tensor([1.0]))  # VE sigma 1: flow sigma 0.5, t = 500
+    hook.remove()
+    torch.testing.assert_close(seen[0].float(), torch.tensor([0.5]))
