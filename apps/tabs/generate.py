@@ -141,7 +141,8 @@ def generate_tab(
                 f"need network access; `{model}` is always available."
             ) from None
         if costs is not None:
-            unit = services.calibrate_generation(costs, model_name, p)
+            with memory_errors(f"measuring {model_name}'s cost"):  # a first call of a large model
+                unit = services.calibrate_generation(costs, model_name, p)
             seconds = sum(
                 generate_seconds(costs, model_name, 1, r.num_images, r.evaluations(), r.branches()) for r in requests
             )
