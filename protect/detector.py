@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .eps import ValueRange, as_denoiser, expected_perturbation_score, signed_images
+from .metrics import threshold_at_fpr
 from .mmd import DeepKernel, conv_featurizer, mmd2_per_sample, train_kernel
 
 CONFIG_NAME, WEIGHTS_NAME, FORMAT = "config.json", "detector.safetensors", "steerguard.eps_detector/1"
@@ -196,7 +197,7 @@ class EPSDetector:
             scores = torch.as_tensor(scores).detach().double().cpu().flatten()
             if len(scores) == 0 or not scores.isfinite().all():
                 raise ValueError(f"calibration needs at least one finite score ({name})")
-            quantiles[name] = (scores, float(torch.quantile(scores, 1 - self.config.fpr, interpolation="higher")))
+            quantiles[name] = (scores, threshold_at_fpr(scores, self.config.fpr))
         self.threshold = max(q for _, q in quantiles.values())
         self.calibration_scores = quantiles.pop("clean")[0]
         self.benign_calibration = {name: {"n": len(v), "threshold": q} for name, (v, q) in quantiles.items()}

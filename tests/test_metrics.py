@@ -17,6 +17,9 @@ def test_detection_rates():
     assert metrics.auroc(neg, pos) == 1.0 and metrics.auroc(pos, neg) == 0.0 and metrics.auroc(neg, neg) == 0.5
     assert metrics.tpr_at_fpr(neg, pos) == 1.0 and metrics.tpr_at_fpr(neg, neg) <= 0.05
     assert metrics.flag_rate(neg, metrics.threshold_at_fpr(neg, 0.05)) <= 0.05
+    for n in (20, 40, 100, 19):  # the most negatives that stay within 5 %: 1, 2, 5, 0
+        scores = torch.randperm(n, generator=torch.Generator().manual_seed(n)).double()
+        assert metrics.flag_rate(scores, metrics.threshold_at_fpr(scores, 0.05)) == (n // 20) / n
     with pytest.raises(ValueError, match="at least one"):
         metrics.auroc(neg[:0], pos)
 
