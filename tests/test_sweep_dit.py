@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,17 @@ def test_the_revisited_apg_thresholds_are_multiples_of_what_auto_uses():
     rows = {s.name: s for s in sweep_dit.cfg_apg(pipe, args)}
     assert rows["APG 8 auto r x4"].options["norm_threshold"] == pytest.approx(4 * r)
     assert rows["APG 4 auto r x16"].options["norm_threshold"] == pytest.approx(16 * r)
+
+
+def test_the_paired_verdict_on_shared_seeds():
+    """The committed full sweep: CFG 3 + SoftPAG 2 against CFG 3 with 1.5x steps is "within spread" by the sum
+    of the standard deviations, but lower on every one of the shared seeds (gaps 1.77 / 2.81 / 2.45)."""
+    rows = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "sweep_dit.json").read_text())["rows"]
+    by_name = {row["name"]: row for row in rows}
+    gaps = sweep_dit.paired_gaps(by_name["CFG 3 + SoftPAG 2"], by_name["CFG 3, 1.5x steps"])
+    assert [round(g, 2) for g in gaps] == [1.77, 2.81, 2.45]
+    assert sweep_dit.paired_verdict(gaps) == "yes"
+    assert sweep_dit.paired_verdict([g - 2.3 for g in gaps]) == "no difference"
+    assert sweep_dit.paired_verdict([-g for g in gaps]) == "worse" and sweep_dit.paired_verdict([1.0]) == "n/a"
+    table = sweep_dit.summary_table(rows)
+    assert "| CFG 3 + SoftPAG 2 |" in table and "| 1.77 / 2.81 / 2.45 | yes |" in table
