@@ -529,8 +529,7 @@ def _protect(args: argparse.Namespace) -> int:
         "failed": failed,
     }
     print(write_new(json.dumps(report, indent=2), args.out, "report"))
-    if state.num_processes > 1:
-        state.wait_for_everyone()
+    state.wait_for_everyone()  # a no-op with one process
     if failed:
         names = ", ".join(f["input"] for f in failed)
         print(f"steerguard protect: {len(failed)} of {len(args.inputs)} input(s) failed: {names}", file=sys.stderr)
@@ -615,8 +614,7 @@ def _detect(args: argparse.Namespace) -> int:
     for _, stream, text in sorted(lines, key=lambda line: line[0]):
         print(text, file=sys.stdout if stream == "out" else sys.stderr, flush=True)
     failed = len({i for i, stream, _ in lines if stream == "err"})
-    if state.num_processes > 1:
-        state.wait_for_everyone()
+    state.wait_for_everyone()  # a no-op with one process
     if failed:
         print(f"steerguard detect: {failed} of {len(args.inputs)} input(s) failed", file=sys.stderr)
         return 2

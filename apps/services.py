@@ -366,7 +366,6 @@ def _detector(directory: str, device: str, dtype: torch.dtype):
             unet.to(dtype)
         finally:
             quiet.level = level
-    detector.reference = detector.reference.to(device)  # once, not per request (the kernel follows the EPS)
     clean = meta.get("calibration_scores")
     detector.clean_scores = [float(s) for s in clean] if isinstance(clean, list) else None
     return detector

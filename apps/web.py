@@ -135,18 +135,14 @@ def check_files(block: Any, value: Any, max_files: int) -> None:
     if len(files) > max_files:
         raise gr.Error(f"at most {max_files} images per request, got {len(files)}")
     for entry in files:
-        where = [entry.get(k) for k in ("path", "url")] if isinstance(entry, dict) else [entry]
-        if any(isinstance(w, str) and "://" in w for w in where) and not _uploaded(entry):
+        # Gradio reads a local path first (the browser sends its URL on this server beside it), else the URL
+        path, url = (entry.get("path"), entry.get("url")) if isinstance(entry, dict) else (entry, None)
+        source = path if isinstance(path, str) else url
+        if isinstance(source, str) and "://" in source:
             raise gr.Error(
                 "files must be uploaded to this server first (POST /gradio_api/upload, or gradio_client's "
                 "handle_file); URLs are not fetched"
             )
-
-
-def _uploaded(entry: Any) -> bool:
-    """A file entry whose path is a local upload (the browser sends its URL on this server beside it)."""
-    path = entry.get("path") if isinstance(entry, dict) else None
-    return isinstance(path, str) and "://" not in path
 
 
 def checked_blocks(max_files: int = 8, **kwargs: Any) -> Any:

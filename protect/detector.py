@@ -303,7 +303,10 @@ class EPSDetector:
                 f"expected {expected}, found {found}"
             )
         kernel.load_state_dict({k.removeprefix("kernel."): v for k, v in tensors.items()})
-        detector.kernel, detector.reference, detector.threshold = kernel.eval(), reference, float(threshold)
+        # the reference set where the score model runs: moved once here, not per scored image
+        device = getattr(getattr(detector.denoiser, "model", None), "device", reference.device)
+        detector.kernel, detector.threshold = kernel.eval(), float(threshold)
+        detector.reference = reference.to(device)
         calibration = meta.get("calibration_scores")
         if isinstance(calibration, list) and calibration:
             detector.calibration_scores = torch.tensor([float(s) for s in calibration])

@@ -78,18 +78,15 @@ def to_srgb(image: Image.Image) -> Image.Image:
     profile is unreadable); any other image unchanged."""
     if image.mode != "CMYK":
         return image
-    icc = image.info.get("icc_profile")
+    out, icc = None, image.info.get("icc_profile")
     if icc:
         try:
             source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
             out = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
         except (ImageCms.PyCMSError, OSError, ValueError):
-            out = None
-        if out is not None:
-            out.info.pop("icc_profile", None)  # sRGB now: the CMYK profile no longer describes it
-            return out
-    out = image.convert("RGB")
-    out.info.pop("icc_profile", None)
+            pass
+    out = out if out is not None else image.convert("RGB")
+    out.info.pop("icc_profile", None)  # sRGB now: the CMYK profile no longer describes it
     return out
 
 
