@@ -6,10 +6,11 @@
    trained), fitted like ``steerguard train detector`` does by default: seeded native-resolution crops of the
    *training* photos (``apps.demo.photos.TRAIN``) against one FGSM step up the score model's denoising loss at
    4/8/16 /255 (``--detector DIR`` loads a saved one instead);
-2. its threshold recalibrated at ``--fpr`` on ``--n-cal`` crops of the *held-out* photos
+2. its threshold recalibrated at ``--fpr`` on ``--n-cal`` crops of one half of each *held-out* photo
    (``apps.demo.photos.HELD_OUT``: astronaut, coffee, china, camera), the same for the two naive baselines: the
    mean ``||EPS||`` of the same patches and the image's high-frequency (Laplacian) energy;
-3. other held-out crops (``--size`` px, native resolution, never resized): clean, protected (PhotoGuard, Mist, SDS
+3. crops of the other half of each held-out photo (``--size`` px, native resolution, never resized; no pixel
+   and no benign noise draw in common with the calibration crops): clean, protected (PhotoGuard, Mist, SDS
    with ``--steps`` PGD steps against the app's photo VAE, ``demo/photo_vae``, with the photo latent model
    ``demo/photo_ldm`` as the semantic part of Mist and SDS, on 128 px tiles as the app runs them, and the photo
    amortized protector, at ``--budgets``), and
@@ -48,6 +49,11 @@ PIXEL_CHANGES = ("jpeg90", "jpeg75", "jpeg50", "resize0.5_pil", "noise2_8bit", "
 REENCODINGS = ("png", "webp", "16bit", "cmyk", "exif")  # the same pixels in another file format or layout
 BENIGN = PIXEL_CHANGES + REENCODINGS
 PROTECTIONS = ("photoguard", "mist", "sds", "amortized")
+# Calibration and test crops come from opposite halves of each held-out photo, and their benign noise from seeds
+# of their own (the fit's augmentation draws from 10_000 + ...): no test crop shares a pixel or a noise draw with
+# a crop its threshold was set on.
+CALIBRATION_HALF, TEST_HALF = 0, 1
+CALIBRATION_NOISE_SEED, TEST_NOISE_SEED = 20_000, 30_000
 CLASSIFIER_ATTACKS = ("fgsm", "pgd")  # on the demo victim (the shapes classifier: convolutional, any input size)
 
 
@@ -57,14 +63,26 @@ def fpr_at_tpr(negative: torch.Tensor, positive: torch.Tensor, tpr: float = 0.95
     return (negative.double() >= threshold).double().mean().item()
 
 
-def crops(names: list[str], n: int, size: int, seed: int) -> list[np.ndarray]:
-    """``n`` seeded ``size`` px square crops (uint8 HxWx3), cycling through the photos ``names``."""
+def crops(names: list[str], n: int, size: int, seed: int, half: int | None = None) -> list[np.ndarray]:
+    """``n`` seeded ``size`` px square crops (uint8 HxWx3), cycling through the photos ``names``.
+
+    ``half`` (0 or 1) draws them from that half of each photo only, split across its longer side, so crops of
+    half 0 (calibration) and half 1 (test) never share a pixel; the side is then at most the half's shorter side.
+    """
     from apps.demo.photos import photo_uint8
 
+    if half not in (None, 0, 1):
+        raise ValueError(f"half must be None, 0 or 1, not {half!r}")
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         array = photo_uint8(names[i % len(names)])
+        if half is not None:
+            h, w = array.shape[:2]
+            if w >= h:
+                array = array[:, : w // 2] if half == 0 else array[:, w // 2 :]
+            else:
+                array = array[: h // 2] if half == 0 else array[h // 2 :]
         h, w = array.shape[:2]
         side = min(size, h, w)
         r, c = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
@@ -72,15 +90,20 @@ def crops(names: list[str], n: int, size: int, seed: int) -> list[np.ndarray]:
     return out
 
 
-def benign(arrays: list[np.ndarray], change: str, folder: Path) -> list[np.ndarray]:
+def benign(arrays: list[np.ndarray], change: str, folder: Path, seed: int = 0) -> list[np.ndarray]:
     """``arrays`` (uint8 RGB, of one size) after a benign change, each decoded as the app decodes an upload: a
-    pixel change of :data:`PIXEL_CHANGES` (on the batch: image ``i`` is seeded ``i``) saved as PNG, or a file
-    re-encoding of :data:`REENCODINGS`."""
+    pixel change of :data:`PIXEL_CHANGES` (on the batch; the noise of image ``i`` is drawn from seed
+    ``seed + i``) saved as PNG, or a file re-encoding of :data:`REENCODINGS`."""
     from apps.files import open_upload
+    from protect.purify import gaussian_noise_8bit
 
     if change in PIXEL_CHANGES:
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        arrays = [(x * 255).round().byte().permute(1, 2, 0).numpy() for x in PURIFICATIONS[change](batch)]
+        if change == "noise2_8bit":
+            changed = gaussian_noise_8bit(batch, std=2 / 255, seed=seed)
+        else:
+            changed = PURIFICATIONS[change](batch)
+        arrays = [(x * 255).round().byte().permute(1, 2, 0).numpy() for x in changed]
     out = []
     for i, array in enumerate(arrays):
         path = folder / f"{change}-{i}.bin"
@@ -110,7 +133,7 @@ def reencode(image: Image.Image, change: str, path: Path) -> None:
 
 def augment(images: list[torch.Tensor], change: str, seed: int) -> list[torch.Tensor]:
     """Signed images after the benign pixel change ``change`` of :data:`PIXEL_CHANGES`, one at a time (their sizes
-    differ); noise is drawn from seeds ``10_000 + seed + i``, never the test crops' seeds ``0 .. n``."""
+    differ); noise is drawn from seeds ``10_000 + 100 seed + i``, never the calibration or test crops' seeds."""
     from protect.purify import gaussian_noise_8bit
 
     out = []
@@ -248,18 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"detector: {fit} ({fit_seconds:.0f} s)", flush=True)
 
     held = list(HELD_OUT)
-    calibration_arrays = crops(held, args.n_cal, args.size, args.seed + 100)
+    calibration_arrays = crops(held, args.n_cal, args.size, args.seed + 100, half=CALIBRATION_HALF)
     cal = scores(detector, signed(calibration_arrays))
     benign_cal = {}
     with tempfile.TemporaryDirectory() as tmp:
         for change in args.calibrate_benign:
-            benign_cal[change] = scores(detector, signed(benign(calibration_arrays, change, Path(tmp))))
+            changed = benign(calibration_arrays, change, Path(tmp), seed=CALIBRATION_NOISE_SEED)
+            benign_cal[change] = scores(detector, signed(changed))
     thresholds = {
         k: max([threshold_at_fpr(v, args.fpr)] + [threshold_at_fpr(b[k], args.fpr) for b in benign_cal.values()])
         for k, v in cal.items()
     }
     detector.set_threshold(cal["eps_ad"], {change: found["eps_ad"] for change, found in benign_cal.items()})
-    test_arrays = crops(held, max(args.n_test, args.n_benign), args.size, args.seed + 200)
+    test_arrays = crops(held, max(args.n_test, args.n_benign), args.size, args.seed + 200, half=TEST_HALF)
     clean = scores(detector, signed(test_arrays[: args.n_benign]))
     print(f"calibrated on {args.n_cal} held-out crops ({time.perf_counter() - start:.0f} s)", flush=True)
 
@@ -282,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     row("clean", "clean (held-out test crops)", "-", clean)
     with tempfile.TemporaryDirectory() as tmp:
         for change in args.benign:
-            changed = benign(test_arrays[: args.n_benign], change, Path(tmp))
+            changed = benign(test_arrays[: args.n_benign], change, Path(tmp), seed=TEST_NOISE_SEED)
             row("benign", change, "-", scores(detector, signed(changed)))
 
     protection_seconds = {}

@@ -65,8 +65,55 @@ def test_clean_augmentation_is_the_benign_change_with_other_noise(tmp_path):
     for x, y in zip(images, noisy):
         step = (y - x).abs().max().item()
         assert 0 < step <= 2 * (8 / 255 + 1 / 255)  # 8-bit rounding plus ~4 sigma of 2/255, on the signed scale
-    test_row = PURIFICATIONS["noise2_8bit"](images[0][None].add(1).div(2))[0].mul(2).sub(1)
-    assert not torch.allclose(noisy[0], test_row)  # other seeds than the test crops' 0..n
+    from benchmarks.bench_detect_photos import CALIBRATION_NOISE_SEED, TEST_NOISE_SEED
+    from protect.purify import gaussian_noise_8bit
+
+    for base in (0, CALIBRATION_NOISE_SEED, TEST_NOISE_SEED):  # other draws than the calibration and test rows'
+        row = gaussian_noise_8bit(images[0][None].add(1).div(2), std=2 / 255, seed=base)[0].mul(2).sub(1)
+        assert not torch.allclose(noisy[0], row)
     blurred = augment(images[:1], "blur1_pil", seed=1)[0]
     expected = PURIFICATIONS["blur1_pil"](images[0][None].add(1).div(2))[0].mul(2).sub(1)
     torch.testing.assert_close(blurred, expected)
+
+
+def test_calibration_and_test_crops_share_no_pixel_and_no_noise_draw(tmp_path):
+    """The threshold is set on crops the test rows never see: opposite halves of each held-out photo, and benign
+    noise from other seeds (before, test crop i overlapped calibration crops by 67-95 % and got their noise)."""
+    from apps.demo.photos import HELD_OUT, photo_uint8
+    from benchmarks.bench_detect_photos import (
+        CALIBRATION_HALF,
+        CALIBRATION_NOISE_SEED,
+        TEST_HALF,
+        TEST_NOISE_SEED,
+        crops,
+    )
+
+    held = list(HELD_OUT)
+    for name in held:
+        photo = photo_uint8(name)
+        h, w = photo.shape[:2]
+        # where each crop lies: find it in the photo by its exact pixels (the crops are native, never resized)
+        boxes = {}
+        for half, seed in ((CALIBRATION_HALF, 100), (TEST_HALF, 200)):
+            boxes[half] = []
+            for crop in crops([name], 6, 256, seed, half=half):
+                assert crop.shape == (256, 256, 3)  # the halves of these photos hold a full 256 px crop
+                hits = [
+                    (r, c)
+                    for r in range(h - 255)
+                    for c in range(w - 255)
+                    if photo[r, c, 0] == crop[0, 0, 0] and np.array_equal(photo[r : r + 256, c : c + 256], crop)
+                ]
+                assert hits
+                boxes[half].append(hits[0])
+        for r0, c0 in boxes[CALIBRATION_HALF]:
+            for r1, c1 in boxes[TEST_HALF]:
+                assert abs(r0 - r1) >= 256 or abs(c0 - c1) >= 256, name  # disjoint
+    assert CALIBRATION_HALF != TEST_HALF and abs(CALIBRATION_NOISE_SEED - TEST_NOISE_SEED) >= 1000
+    rng = np.random.default_rng(0)
+    array = rng.integers(30, 220, size=(40, 40, 3), dtype=np.uint8)
+    a = benign([array], "noise2_8bit", tmp_path, seed=CALIBRATION_NOISE_SEED)[0]
+    b = benign([array], "noise2_8bit", tmp_path, seed=TEST_NOISE_SEED)[0]
+    assert not np.array_equal(a, b)
+    with pytest.raises(ValueError, match="half"):
+        crops(held, 1, 64, 0, half=2)
