@@ -44,8 +44,9 @@ __all__ = [
 @dataclasses.dataclass(frozen=True)
 class Input:
     """One input of an entry: ``type`` is ``float``, ``int``, ``str`` or ``bool``; ``low``/``high`` bound it (both
-    given: the app shows a slider), ``choices`` lists the allowed strings, ``optional`` allows ``None`` (meaning
-    "the entry decides", e.g. a family default), ``keywords`` are strings a number input also takes ("off")."""
+    given: the app shows a slider), ``positive`` excludes ``low`` itself (a number that must be > ``low``),
+    ``choices`` lists the allowed strings, ``optional`` allows ``None`` (meaning "the entry decides", e.g. a family
+    default), ``keywords`` are strings a number input also takes ("off")."""
 
     name: str
     type: type
@@ -54,6 +55,7 @@ class Input:
     low: float | None = None
     high: float | None = None
     step: float | None = None
+    positive: bool = False
     choices: tuple[str, ...] | None = None
     optional: bool = False
     keywords: tuple[str, ...] = ()
@@ -64,6 +66,8 @@ class Input:
             raise ValueError(f"input name must be an identifier, got {self.name!r}")
         if self.type not in (float, int, str, bool):
             raise ValueError(f"{self.name}: type must be float, int, str or bool, got {self.type!r}")
+        if self.positive and self.low is None:
+            raise ValueError(f"{self.name}: positive needs the bound low")
         self.check(self.default)
 
     def check(self, value: Any) -> Any:
@@ -82,6 +86,8 @@ class Input:
             value = self.type(value)
             if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
                 raise ValueError(f"{self.name} must be in [{self.low}, {self.high}], got {value!r}")
+            if self.positive and value == self.low:
+                raise ValueError(f"{self.name} must be greater than {self.low}, got {value!r}")
             return value
         if not isinstance(value, self.type):
             raise ValueError(f"{self.name} must be a {self.type.__name__}, got {value!r}")
@@ -317,7 +323,7 @@ for _entry in (
         "score_sampler",
         (
             Input("steps_per_level", int, 4, low=1, high=100, help="Langevin steps per noise level"),
-            Input("epsilon", float, None, low=0.0, optional=True, help="step size (empty: sigma_min^2)"),
+            Input("epsilon", float, None, low=0.0, positive=True, optional=True, help="step size (empty: sigma_min^2)"),
         ),
         build=_score_sampler("annealed_langevin"),
         help="annealed Langevin dynamics (Song & Ermon 2019); --steps noise levels",
@@ -327,7 +333,16 @@ for _entry in (
         "score_sampler",
         (
             Input("corrector_steps", int, 1, low=0, high=10, help="Langevin corrector steps per level"),
-            Input("snr", float, 0.16, low=0.0, high=1.0, step=0.01, help="corrector signal-to-noise ratio r"),
+            Input(
+                "snr",
+                float,
+                0.16,
+                low=0.0,
+                high=1.0,
+                step=0.01,
+                positive=True,
+                help="corrector signal-to-noise ratio r",
+            ),
         ),
         build=_score_sampler("predictor_corrector"),
         help="predictor-corrector sampling (Song et al. 2021); --steps noise levels",

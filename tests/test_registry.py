@@ -29,6 +29,20 @@ def test_inputs_check_type_range_and_choices():
         Input("mode", str, "a", choices=("a", "b")).check("c")
     with pytest.raises(ValueError, match=r"\[0.0, 10.0\]"):
         Input("scale", float, 20.0, low=0.0, high=10.0)  # a default outside its own range
+    step = Input("step", float, 0.5, low=0.0, positive=True)
+    assert step.check(1e-9) == 1e-9
+    with pytest.raises(ValueError, match=r"greater than 0\.0"):
+        step.check(0)
+
+
+def test_score_sampler_step_size_and_snr_are_refused_at_zero_when_checked():
+    """Zero would make the Langevin step vanish: refused by the registry's check (the app's and CLI's), not
+    only later by the sampler at run time."""
+    for entry_name, name in (("langevin", "epsilon"), ("pc", "snr")):
+        (spec,) = [i for i in registry.get("score_sampler", entry_name).inputs if i.name == name]
+        with pytest.raises(ValueError, match=name):
+            spec.check(0.0)
+        assert spec.check(0.01) == 0.01
 
 
 def test_registry_lists_every_method_and_sampler_and_refuses_duplicates():
@@ -132,3 +146,14 @@ def test_an_int_too_large_for_a_float_is_a_clear_error():
         spec.check(10**400)
     with pytest.raises(ValueError, match="scale must be a finite number"):
         APG(10**400)
+
+
+def test_the_app_slider_of_a_positive_input_starts_above_its_bound():
+    gr = pytest.importorskip("gradio")
+    from apps.tabs.generate import control
+
+    snr = Input("snr", float, 0.16, low=0.0, high=1.0, step=0.01, positive=True)
+    slider = control(gr, "snr", snr, ("pc",))
+    assert slider.minimum == pytest.approx(0.01) and slider.maximum == 1.0
+    plain = control(gr, "scale", Input("scale", float, 4.0, low=0.0, high=10.0), ("cfg",))
+    assert plain.minimum == 0.0

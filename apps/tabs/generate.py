@@ -44,7 +44,8 @@ def control(gr: Any, name: str, spec: Input, users: tuple[str, ...], *_: Any) ->
         return gr.Textbox(spec.default, label=label)
     if spec.low is not None and spec.high is not None and spec.default is not None:
         step = spec.step or (1 if spec.type is int else (spec.high - spec.low) / 100)
-        return gr.Slider(spec.low, spec.high, value=spec.default, step=step, label=label)
+        low = spec.low + step if spec.positive else spec.low  # the slider cannot reach a refused bound
+        return gr.Slider(low, spec.high, value=spec.default, step=step, label=label)
     return gr.Number(spec.default, precision=0 if spec.type is int else None, label=label)
 
 
