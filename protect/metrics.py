@@ -33,10 +33,13 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 
 
 def psnr_ssim(clean: Tensor, protected: Tensor) -> tuple[list[float], list[float]]:
-    """Per-image PSNR (dB) and SSIM (11x11 Gaussian window, smaller for tiny images) of images in [0, 1]."""
+    """Per-image PSNR (dB) and SSIM (11x11 Gaussian window of sigma 1.5, smaller for tiny images) of images in
+    [0, 1]. SSIM averages the windows that lie inside the image, as Wang et al.'s reference code and
+    ``skimage.metrics.structural_similarity`` do (kornia's default reflect-pads the border, which reads low on
+    small images)."""
     clean, protected = clean.float(), protected.float()
     window = min(11, min(clean.shape[-2:]) - (1 - min(clean.shape[-2:]) % 2))
-    ssim = kornia.metrics.ssim(clean, protected, window_size=window).flatten(1).mean(1)
+    ssim = kornia.metrics.ssim(clean, protected, window_size=window, padding="valid").flatten(1).mean(1)
     return psnr(clean, protected).tolist(), ssim.tolist()
 
 
