@@ -12,6 +12,7 @@ protected file with :mod:`protect.images` (the conversions ``protect()`` itself 
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,13 @@ MAX_BYTES = 20 * 1024 * 1024  # 20 MB per file
 MAX_PIXELS = 4096 * 4096  # the cap of protect.protect
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
 KEPT_MODES = ("RGB", "RGBA", "L", "LA")  # modes a protected file keeps; others become RGB / RGBA
+#: a JPEG's scans: every scan walks the whole image, so a small file of many repeated scans decodes for minutes;
+#: real files have 1-20 (an embedded thumbnail or a camera's preview adds its own), the bound counts markers
+MAX_JPEG_SCANS = 256
+#: a TIFF's strips or tiles per pixel: Pillow builds one object per chunk when it opens the file, so a small
+#: image cut into 1x1 tiles costs seconds and gigabytes; real files have at most one chunk per row (strips)
+#: or per 16x16 tile (the smallest a TIFF tile may be), per colour plane
+MAX_TIFF_CHUNKS_PER_PLANE = 256
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError)
 
@@ -57,18 +65,79 @@ class Upload:
 
 
 def safe_stem(name: str) -> str:
-    """``name`` without directories or extension, restricted to ``[A-Za-z0-9._-]`` (``image`` if empty)."""
+    """``name`` without directories or extension, restricted to letters (any script), digits and ``._-``
+    (``image`` if empty)."""
     stem = Path(str(name).replace("\\", "/")).name.rsplit(".", 1)[0] if name else ""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:80]
+    stem = re.sub(r"[^\w.-]+", "_", stem).strip("._")[:80]
     return stem or "image"
 
 
+_TIFF_MAGIC = {b"II*\0": ("<", False), b"MM\0*": (">", False), b"II+\0": ("<", True), b"MM\0+": (">", True)}
+_TIFF_VALUE = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8: the first value, stored in the entry itself
+
+
+def _tiff_chunks(path: Path) -> tuple[int, int, int, int] | None:
+    """(width, height, colour planes, strips or tiles) of a TIFF's first directory, read without Pillow (which
+    builds every chunk when it opens the file); None when ``path`` is no readable classic or BigTIFF file."""
+    with open(path, "rb") as file:
+        head = file.read(16)
+        if head[:4] not in _TIFF_MAGIC:
+            return None
+        order, big = _TIFF_MAGIC[head[:4]]
+        offset, number, entry = ("Q", "Q", 20) if big else ("I", "H", 12)  # a count has the size of an offset
+        try:
+            file.seek(struct.unpack_from(order + offset, head, 8 if big else 4)[0])
+            (entries,) = struct.unpack(order + number, file.read(struct.calcsize(number)))
+            data = file.read(min(entries, 4096) * entry)
+        except (struct.error, OSError, OverflowError):
+            return None
+    tags = {}
+    for start in range(0, len(data) - entry + 1, entry):
+        tag, kind = struct.unpack_from(order + "HH", data, start)
+        (count,) = struct.unpack_from(order + offset, data, start + 4)
+        at = start + 4 + struct.calcsize(offset)
+        tags[tag] = count, struct.unpack_from(order + _TIFF_VALUE[kind], data, at)[0] if kind in _TIFF_VALUE else 0
+    value = {tag: first for tag, (_, first) in tags.items()}
+    planes = value.get(277, 1) if value.get(284, 1) == 2 else 1  # planar configuration 2: chunks per colour plane
+    chunks = max(tags.get(273, (0, 0))[0], tags.get(324, (0, 0))[0])  # StripOffsets, TileOffsets
+    return value.get(256, 0), value.get(257, 0), max(1, planes), chunks
+
+
+def _check_structure(path: Path, label: str) -> None:
+    """Refuse, before Pillow reads them, files whose cost is not in their pixel count: TIFFs cut into more
+    chunks than :data:`MAX_TIFF_CHUNKS_PER_PLANE` allows, JPEGs of more than :data:`MAX_JPEG_SCANS` scans."""
+    tiff = _tiff_chunks(path)
+    if tiff is not None:
+        width, height, planes, chunks = tiff
+        allowed = planes * (max(height, width * height // MAX_TIFF_CHUNKS_PER_PLANE) + 64)
+        if chunks > allowed:
+            raise ValueError(
+                f"{label}: a TIFF of {width}x{height} pixels stored in {chunks} strips or tiles (at most {allowed}); "
+                "save it again, e.g. as PNG"
+            )
+        return
+    with open(path, "rb") as file:
+        if file.read(2) == b"\xff\xd8":  # JPEG: a scan starts at each SOS marker (never inside coded data)
+            scans = (b"\xff" + file.read()).count(b"\xff\xda")
+            if scans > MAX_JPEG_SCANS:
+                raise ValueError(
+                    f"{label}: a JPEG of {scans} scans (at most {MAX_JPEG_SCANS}), far more than any camera or "
+                    "editor writes; save it again as a baseline JPEG or PNG"
+                )
+
+
 def _header(path: Path, label: str, max_pixels: int) -> tuple[str, str, tuple[int, int]]:
-    """Format, mode and size from the header alone (no pixel data decoded); raises on non-images / huge headers."""
+    """Format, mode and size from the header alone (no pixel data decoded); raises on non-images / huge headers.
+
+    A JPEG with a camera's preview images (format MPO) is its first image, the photo itself."""
+    _check_structure(path, label)
     try:
         with Image.open(path, formats=FORMATS) as image:  # lazy: reads the header only, decodes no pixels
-            header = str(image.format), image.mode, image.size
-            frames = getattr(image, "n_frames", 1)
+            fmt = "JPEG" if image.format == "MPO" else str(image.format)
+            header = fmt, image.mode, image.size
+            # is_animated reads the first frame only (a TIFF's n_frames walks every page, quadratic in them)
+            animated = image.format != "MPO" and getattr(image, "is_animated", False)
+            frames = f"{image.n_frames} frames" if animated and fmt != "TIFF" else "several pages"
     except Image.DecompressionBombError:  # PIL's own guard, for headers above 2 x MAX_IMAGE_PIXELS
         side = int(max_pixels**0.5)
         raise ValueError(f"{label}: the image header claims more pixels than the {side}x{side} limit") from None
@@ -78,10 +147,9 @@ def _header(path: Path, label: str, max_pixels: int) -> tuple[str, str, tuple[in
         ) from None
     except _DECODE_ERRORS as error:
         raise ValueError(f"{label}: unreadable image header ({error})") from None
-    if frames > 1:  # APNG, animated WebP, multi-page TIFF: one frame would be protected and the others lost
+    if animated:  # APNG, animated WebP, multi-page TIFF: one frame would be protected and the others lost
         raise ValueError(
-            f"{label}: an animated or multi-page image ({frames} frames); protect or check each frame as an image "
-            "of its own"
+            f"{label}: an animated or multi-page image ({frames}); protect or check each frame as an image of its own"
         )
     return header
 
@@ -140,7 +208,10 @@ def open_upload(
         with Image.open(path, formats=FORMATS) as image:
             if image.size != (width, height):
                 raise ValueError("the header changed between two reads")
+            bits = _grey_bits(image)
             image.load()  # a full decode: truncated data raise here (LOAD_TRUNCATED_IMAGES stays off)
+            if bits and isinstance(image.info.get("transparency"), int):  # Pillow scales the values, not the key
+                image.info["transparency"] = image.info["transparency"] * 255 // (2**bits - 1)
             image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError:
         raise ValueError(f"{label}: the image claims too many pixels") from None
@@ -154,6 +225,14 @@ def open_upload(
     return Upload(image=image, name=safe_stem(label), format=fmt, mode=mode, size=image.size, icc_profile=profile)
 
 
+def _grey_bits(image: Image.Image) -> int | None:
+    """2 or 4 for a PNG of 2- or 4-bit gray levels (read as 8-bit ``L``), else None: its colour key stays in the
+    stored levels."""
+    if image.format != "PNG" or image.mode != "L" or not image.tile:
+        return None
+    return {"L;2": 2, "L;4": 4}.get(str(image.tile[0].args))
+
+
 def _convert(image: Image.Image, purpose: str) -> Image.Image:
     image = to_srgb(to_8bit(image))  # CMYK through its ICC profile
     if purpose == "detect":
@@ -165,10 +244,11 @@ def restore_mode(image: Image.Image, mode: str, icc_profile: bytes | None = None
     """The protected RGB/RGBA ``image`` back in the input's ``mode`` when that is L or LA (else unchanged), with
     the input's ``icc_profile`` where it fits the mode (:func:`write_new` embeds it).
 
-    Grayscale inputs were protected as R = G = B, each channel within the budget, so their luma stays within it.
+    Grayscale inputs were protected as R = G = B, each channel within the budget, so their luma stays within it;
+    one with transparency (LA, or L with a colour key, protected as RGBA) comes back as LA.
     """
     if mode in ("L", "LA") and image.mode in ("RGB", "RGBA"):
-        image = image.convert(mode)
+        image = image.convert("LA" if image.mode == "RGBA" else "L")  # a colour-keyed L upload keeps its alpha
     profile = matching_profile(image, icc_profile) if icc_profile else None
     if profile is not None:
         image.info["icc_profile"] = profile

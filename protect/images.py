@@ -70,7 +70,7 @@ def has_alpha(image: Image.Image) -> bool:
     """Whether ``image`` has transparency (an alpha channel, a transparent palette entry or a PNG colour key)."""
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         return True
-    return image.mode in ("P", "L", "RGB") and image.info.get("transparency") is not None
+    return image.mode in ("P", "1", "L", "RGB") and image.info.get("transparency") is not None
 
 
 def to_srgb(image: Image.Image) -> Image.Image:

@@ -12,7 +12,9 @@ from ..files import Upload, open_upload, peek
 from ..jobs import Limits
 
 MAX_CONCURRENCY = 1  # the default of an event without a lane
-IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"]  # the picker's filter; content decides
+# the picker's filter (Gradio also refuses other names server-side), every usual name of the formats read; the
+# content decides (apps.files)
+IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # one-click example images (scripts/make_examples.py)
 # one queue lane per kind of work, so that a long protection or generation never delays /detect
 LANES = {
