@@ -16,9 +16,10 @@ a clear message instead of Gradio's ``{"error": null}``.
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
+
+from guidance.method import finite
 
 __all__ = ["SECURITY_HEADERS", "SecurityHeaders", "UploadLimit", "check_input", "checked_blocks", "middleware"]
 
@@ -28,10 +29,11 @@ SECURITY_HEADERS = {
     b"x-content-type-options": b"nosniff",
     b"referrer-policy": b"same-origin",
 }
-#: one per file part of a multipart body, in any spelling python-multipart accepts (any case, spaces before "=",
-#: quoted or not, RFC 5987's filename*=)
-FILE_PART = re.compile(rb"filename\*?[ \t]{0,16}=", re.IGNORECASE)
-FILE_PART_TAIL = 32  # bytes kept from one chunk to the next: longer than any match, so a split one is found
+#: at least one per file part of a multipart body, in any spelling python-multipart accepts (any case, any
+#: spaces before "=", quoted or not, RFC 5987's filename*=): every "filename" counts, over-counting only refuses
+#: a body that names more files than the limit anyway
+FILE_PART = re.compile(rb"filename", re.IGNORECASE)
+FILE_PART_TAIL = 8  # bytes kept from one chunk to the next: as long as a match, so a split one is found
 
 
 class SecurityHeaders:
@@ -119,7 +121,7 @@ def check_input(block: Any, value: Any) -> None:
                 number = float(value)
             except ValueError:
                 number = None
-        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+        if isinstance(number, bool) or not isinstance(number, int | float) or not finite(number):
             label = block.label or type(block).__name__
             raise gr.Error(f"{label}: expected a finite number, got {str(value)[:40]!r}")
 

@@ -63,7 +63,8 @@ def _multipart(n: int, header: str) -> tuple[bytes, str]:
 
 def test_every_spelling_of_a_file_part_counts():
     """python-multipart reads filename in any case, with spaces before '=', quoted or not: each is a file."""
-    for header in ('filename="{i}.png"', "filename={i}.png", 'FILENAME="{i}.png"', 'filename ="{i}.png"'):
+    spellings = ('filename="{i}.png"', "filename={i}.png", 'FILENAME="{i}.png"', 'filename ="{i}.png"')
+    for header in (*spellings, "filename" + " " * 17 + '="{i}.png"', "filename\t \t  \t=x{i}"):
         client, stored = _client(max_files=2)
         body, kind = _multipart(50, header)
         response = client.post("/gradio_api/upload", content=body, headers={"content-type": kind})
@@ -88,3 +89,16 @@ def test_file_inputs_are_uploads_on_this_server_never_urls_and_few():
         with pytest.raises(gr.Error, match="URLs are not fetched"):
             check_files(files, [upload, remote], max_files=8)
     check_files(gr.Number(), "https://example.com", max_files=8)  # other inputs: not files
+
+
+def test_a_number_too_large_for_a_float_is_a_message_not_a_blank_error():
+    import gradio as gr
+    import pytest
+
+    from apps.web import check_input
+
+    seed = gr.Number(label="seed")
+    for huge in (10**400, -(10**400), "1" + "0" * 400):
+        with pytest.raises(gr.Error, match="seed: expected a finite number"):
+            check_input(seed, huge)
+    check_input(seed, 10**15)
