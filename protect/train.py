@@ -98,6 +98,23 @@ def data_source(shapes: Shapes | None) -> str:
     return getattr(shapes, "description", None) or f"{shapes.__module__}.{shapes.__qualname__}"
 
 
+def purified_pair(
+    transforms: list[Callable], protected: torch.Tensor, images: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P(protected), P(images))`` for one purification ``P`` drawn from ``generator`` (transformation and
+    parameters), the same for both: the protection under purification is measured against the clean image under
+    that purification, as :mod:`protect.survival` and :func:`protect.evaluate.evaluate` measure it (else the
+    purification's own shift of the latent, 2-8x the protection's, would count as protection)."""
+    state = generator.get_state()
+    purified = random_transform(transforms, protected, generator)
+    after = generator.get_state()
+    generator.set_state(state)
+    with torch.no_grad():
+        reference = random_transform(transforms, images, generator)
+    generator.set_state(after)
+    return purified, reference
+
+
 def batches(
     args: argparse.Namespace, process: int, shapes: Shapes | None = None, resumed_at: int = 0
 ) -> Iterator[torch.Tensor]:
@@ -331,12 +348,12 @@ def train(
     step_targets = None  # PhotoGuard's target latent in each VAE at the training size, for --step-weight
     for step in range(first, args.steps):
         images = next(data).to(device)
-        with torch.no_grad():
-            clean = [latent(vae, images) for vae in vaes]
         protected, weights = protector(images, vaes[0])
-        unpurified = protected
+        unpurified, reference = protected, images
         if torch.rand((), generator=rng).item() < args.robust_prob:
-            protected = random_transform(transforms, protected, rng)
+            protected, reference = purified_pair(transforms, protected, images, rng)
+        with torch.no_grad():  # what the purified protection is measured against: the clean image purified alike
+            clean = [latent(vae, reference) for vae in vaes]
         loss = torch.zeros((), device=device)
         if args.target_weight or (mimicry is not None and args.mimicry_weight):
             latents = [latent(vae, protected) for vae in vaes]  # once: the target loss and the mimicry term share them
@@ -350,7 +367,7 @@ def train(
         if mimicry is not None and args.mimicry_weight:
             denoiser, alphas = mimicry
             if args.mimicry_space != "latent":
-                carried = protected - images if args.mimicry_space == "excess" else None
+                carried = protected - reference if args.mimicry_space == "excess" else None
                 decode = partial(decoded, vaes[0])
                 shift = mimicry_shift(denoiser, alphas, latents[0], clean[0], rng, decode=decode, carried=carried)
                 shift = shift.clamp_min(1e-10).log10()  # scale-free: -PSNR / 10 of the estimate's image

@@ -569,3 +569,25 @@ def test_training_distils_one_pgd_step_into_the_net_alone(tmp_path, vaes):
     assert len(loaded.config.trained_vae_signatures) == vaes
     with pytest.raises(SystemExit):
         train.main([*argv, "--overwrite", "--generator-only"])
+
+
+def test_training_under_purification_measures_against_the_clean_image_purified_alike():
+    """P(x') and P(x) take the same purification draw (transformation and parameters), and the generator ends
+    where one purification leaves it: the training's loss measures the protection, not the purification."""
+    from protect.pgd import random_transform
+    from protect.purify import EOT, PURIFICATIONS
+    from protect.train import purified_pair
+
+    transforms = [PURIFICATIONS[name] for name in EOT]
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 24, 24, generator=g)
+    protected = (images + 4 / 255 * torch.randn(images.shape, generator=g).sign()).clamp(0, 1)
+    for seed in range(12):  # every transformation is drawn at least once
+        rng = torch.Generator().manual_seed(seed)
+        purified, reference = purified_pair(transforms, protected, images, rng)
+        alone = torch.Generator().manual_seed(seed)
+        torch.testing.assert_close(purified, random_transform(transforms, protected, alone))
+        assert torch.equal(rng.get_state(), alone.get_state())
+        again = torch.Generator().manual_seed(seed)
+        torch.testing.assert_close(reference, random_transform(transforms, images, again))
+        assert not torch.equal(reference, images)  # purified, not the raw clean image
