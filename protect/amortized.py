@@ -41,7 +41,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from .losses import default_target, encoder_loss, latent, vae_stride
-from .pgd import fit_to_ball
+from .pgd import check_budget, fit_to_ball
 from .rng import draw
 
 Tensor = torch.Tensor
@@ -396,13 +396,15 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
             for sig in recorded
         )
 
-    def thumbnail(self, images: Tensor) -> Tensor:
-        """The gate's view of the images: shrunk (antialiased) so that the longer side is at most ``gate_size``."""
+    def thumbnail(self, images: Tensor, multiple: int = 1) -> Tensor:
+        """The gate's view of the images: shrunk (antialiased) so that the longer side is at most ``gate_size``,
+        each side a ``multiple`` (the VAE's stride: the latent grid then covers the image exactly, so the gate
+        weights and the lift, resized to the image, lie where they were computed)."""
         h, w = images.shape[-2:]
-        factor = self.config.gate_size / max(h, w)
-        if factor >= 1:
+        factor = min(1.0, self.config.gate_size / max(h, w))
+        size = tuple(max(2, multiple, round(side * factor / multiple) * multiple) for side in (h, w))
+        if size == (h, w):
             return images.float()
-        size = (max(2, round(h * factor)), max(2, round(w * factor)))
         return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def target_latents(self, vae: AutoencoderKL, height: int, width: int) -> Tensor:
@@ -445,10 +447,10 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
                 f"this protector's gate reads {self.config.latent_channels}-channel latents; "
                 f"the VAE has {vae.config.latent_channels}"
             )
-        thumb = self.thumbnail(images)
-        with torch.no_grad():
-            z = latent(vae, thumb)
-        zt = self.target_latents(vae, *thumb.shape[-2:])
+        thumb = self.thumbnail(images, vae_stride(vae))
+        with torch.no_grad():  # on the protector's device, wherever the VAE is
+            z = latent(vae, thumb).to(self.fields.device)
+        zt = self.target_latents(vae, *thumb.shape[-2:]).to(self.fields.device)
         distance = (z[:, None] - zt[None]).pow(2).mean(2)  # (N, K, h, w)
         features = torch.cat([z, distance.log1p()], dim=1).to(self.fields.dtype)
         weights = torch.softmax(self.gate(features) / self.config.temperature, dim=1)
@@ -507,8 +509,7 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         strongest and most visible setting; default: the trained value).
         """
         eps = self.config.eps if eps is None else eps
-        if eps < 0:
-            raise ValueError(f"eps must be non-negative, got {eps}")
+        check_budget(eps)
         if min_strength is not None and not 0 <= min_strength <= 1:
             raise ValueError(f"min_strength must lie in [0, 1], got {min_strength}")
         if self.trained_for(vae) is False:

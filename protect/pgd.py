@@ -23,12 +23,28 @@ from .rng import Generators, check_generators, draw
 Tensor = torch.Tensor
 
 __all__ = [
+    "MAX_EPS",
     "Cancelled",
+    "check_budget",
     "exact_dtype",
     "fit_to_ball",
     "pgd",
     "random_transform",
 ]
+
+
+MAX_EPS = 64 / 255  # the largest L-infinity budget accepted (the field evaluates 4-16/255)
+
+
+def check_budget(eps: float, *, allow_zero: bool = True) -> None:
+    """Raise ``ValueError`` unless ``eps`` is an L-infinity budget in [0, 1] pixel units, at most :data:`MAX_EPS`:
+    a budget given in levels of 255 (``eps=8``) would otherwise silently replace the image."""
+    low_ok = eps >= 0 if allow_zero else eps > 0
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not (low_ok and eps <= MAX_EPS):
+        raise ValueError(
+            f"eps is an L-infinity budget in [0, 1] pixel units and must lie in {'[' if allow_zero else '('}0, "
+            f"64/255 = {MAX_EPS:.3f}], got {eps!r} (for 8 levels of 255 pass eps=8/255)"
+        )
 
 
 class Cancelled(RuntimeError):
@@ -94,8 +110,11 @@ def pgd(
         callback: ``callback(i, x, loss)`` after computing the loss of iterate ``i`` (x before its update); it
             stops the attack by returning ``False`` (:class:`Cancelled` is raised) or by raising an exception.
     """
-    if eps < 0 or steps < 0:
-        raise ValueError(f"eps and steps must be non-negative, got eps={eps}, steps={steps}")
+    check_budget(eps)
+    if steps < 0:
+        raise ValueError(f"steps must be non-negative, got {steps}")
+    if step is not None and not (isinstance(step, int | float) and 0 < step <= 1):
+        raise ValueError(f"step must be a step size in (0, 1] pixel units (None: 2.5 eps / steps), got {step!r}")
     unknown = set(robust or ()) - set(EOT)
     if unknown:
         raise ValueError(f"unknown robustness transforms {sorted(unknown)}; choose from {sorted(EOT)}")

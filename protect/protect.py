@@ -37,7 +37,7 @@ from .amortized import AmortizedProtector
 from .images import protected_image, to_tensor
 from .losses import NoisePredictor, default_target, encoder_loss, latent, mist_loss, sds_loss
 from .metrics import psnr_ssim
-from .pgd import Cancelled, exact_dtype, pgd
+from .pgd import MAX_EPS, Cancelled, check_budget, exact_dtype, pgd
 from .purify import EOT
 from .rng import Generators, check_generators
 
@@ -47,7 +47,6 @@ METHODS = ("photoguard", "mist", "sds", "amortized")
 # 1.0: the full ``eps`` on flat regions too, as visible as PGD): the names the app, the CLI and the evaluation use
 AMORTIZED_BUDGETS: dict[str, float | None] = {"amortized": None, "amortized-full": 1.0}
 MAX_PIXELS = 4096 * 4096
-MAX_EPS = 64 / 255  # the largest L-infinity budget accepted (the field evaluates 4-16/255)
 TILE_BATCH = 4  # with ``tile``: tiles of each image per forward pass (activation memory: 4 tiles per image)
 
 __all__ = [
@@ -238,7 +237,7 @@ def protect(
             eps=eps,
             step=step,
             steps=steps,
-            generator=generator[: batch.shape[0]] if isinstance(generator, list) else generator,
+            generator=generator,
             robust=EOT if robust is True else tuple(robust or ()),
             callback=progress.after_pgd_step,
         )
@@ -265,11 +264,9 @@ def _check_options(
     """Raise a ``ValueError`` for a combination of :func:`protect`'s options that does not apply."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if not (isinstance(eps, int | float) and 0 < eps <= MAX_EPS):
-        raise ValueError(
-            f"eps is an L-infinity budget in [0, 1] pixel units and must lie in (0, 64/255 = {MAX_EPS:.3f}], got "
-            f"{eps!r} (for 8 levels of 255 pass eps=8/255)"
-        )
+    check_budget(eps, allow_zero=False)
+    if not (isinstance(weight, int | float) and not isinstance(weight, bool) and 0 <= weight < float("inf")):
+        raise ValueError(f"weight must be a finite non-negative number, got {weight!r}")
     if method == "sds" and denoiser is None:
         raise ValueError("method 'sds' needs a denoiser eps(z_t, t)")
     if method == "mist" and denoiser is None:

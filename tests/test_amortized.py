@@ -119,8 +119,9 @@ def test_bad_configuration_and_inputs(protector):
         )
     with pytest.raises(ValueError, match="min_strength"):
         AmortizedProtector(min_strength=2)
-    with pytest.raises(ValueError, match="non-negative"):
-        protector.protect(torch.rand(1, 3, 16, 16), _tiny_vae(), eps=-1)
+    for eps in (-1, 8, 0.5):  # negative, in levels of 255 (would replace the image), above 64/255
+        with pytest.raises(ValueError, match="eps is an L-infinity budget"):
+            protector.protect(torch.rand(1, 3, 16, 16), _tiny_vae(), eps=eps)
     with pytest.raises(ValueError, match="min_strength"):
         protector.protect(torch.rand(1, 3, 16, 16), _tiny_vae(), min_strength=1.5)
     with pytest.raises(ValueError, match="amortized' only"):
@@ -591,3 +592,45 @@ def test_training_under_purification_measures_against_the_clean_image_purified_a
         again = torch.Generator().manual_seed(seed)
         torch.testing.assert_close(reference, random_transform(transforms, images, again))
         assert not torch.equal(reference, images)  # purified, not the raw clean image
+
+
+def test_the_gates_view_covers_the_image_exactly_on_the_latent_grid(protector):
+    """The thumbnail's sides are multiples of the VAE's stride, so its latent grid needs no padding and the gate
+    weights (and the lift), resized to the image, lie where they were computed (a padded grid was stretched over
+    the image: up to ~100 px off at the bottom of a 1000x1500 photo)."""
+    from protect.losses import latent, vae_stride
+
+    vae = _tiny_vae(blocks=3)
+    stride = vae_stride(vae)
+    assert stride == 4
+    for h, w in ((37, 37), (1000, 1500), (9, 300), (64, 40)):
+        thumb = protector.thumbnail(torch.rand(1, 3, h, w), stride)
+        th, tw = thumb.shape[-2:]
+        assert th % stride == 0 and tw % stride == 0 and max(th, tw) <= max(protector.config.gate_size, stride)
+        factor = min(1.0, protector.config.gate_size / max(h, w))
+        for side, t in ((h, th), (w, tw)):  # each side: the nearest multiple of the stride (at least one cell)
+            assert abs(t - side * factor) <= stride / 2 or t == stride
+    small = torch.rand(2, 3, 36, 40)
+    assert torch.equal(protector.thumbnail(small, stride), small)  # nothing to shrink or round
+    z = latent(vae, protector.thumbnail(torch.rand(1, 3, 37, 37), stride))
+    weights = protector.mixture_weights(vae, torch.rand(1, 3, 37, 37))
+    assert weights.shape[-2:] == z.shape[-2:] and z.shape[-1] * stride == 36
+
+
+def test_budgets_steps_weights_and_generators_are_checked_for_every_method():
+    from protect import protect as protect_images
+    from protect.pgd import pgd
+
+    vae = _tiny_vae()
+    x = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"step must be a step size"):
+        pgd(x, lambda v: v.flatten(1).sum(1), eps=4 / 255, step=-0.01, steps=1)
+    with pytest.raises(ValueError, match="eps is an L-infinity budget"):
+        pgd(x, lambda v: v.flatten(1).sum(1), eps=8, steps=1)
+    with pytest.raises(ValueError, match="weight must be"):
+        protect_images(x, "photoguard", vae=vae, eps=4 / 255, steps=1, weight=-1.0)
+    generators = [torch.Generator().manual_seed(i) for i in range(5)]
+    with pytest.raises(ValueError, match="generator"):  # 5 generators for 2 images: refused, not cut to 2
+        protect_images(x, "photoguard", vae=vae, eps=4 / 255, steps=1, generator=generators)
+    protected, _ = protect_images(x, "photoguard", vae=vae, eps=4 / 255, steps=1, generator=generators[:2])
+    assert protected.shape == x.shape

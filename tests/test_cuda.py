@@ -82,3 +82,16 @@ def test_the_apps_detect_scores_uploads_on_the_gpu_with_the_cpu_verdicts():
     for a, b in zip(gpu, cpu):
         assert a["verdict"] == b["verdict"] and a["patches"] == b["patches"]
         assert abs(a["score"] - b["score"]) <= 1e-3 * max(1.0, abs(b["score"]))
+
+
+def test_the_amortized_protector_runs_where_it_is_with_a_vae_elsewhere():
+    """A CPU protector with a CUDA VAE (and the reverse): the gate reads the latents on its own device."""
+    from protect import AmortizedProtector
+
+    torch.manual_seed(0)
+    protector = AmortizedProtector(num_experts=3, patch_size=8, hidden=4).eval()
+    x = torch.rand(1, 3, 24, 40)
+    for vae_device, protector_device in (("cuda", "cpu"), ("cpu", "cuda")):
+        vae = tiny_vae((8, 16), 0).to(vae_device)
+        out, _ = protector.to(protector_device).protect(x.to(protector_device), vae, eps=EPS)
+        assert out.device.type == protector_device and (out - x.to(out)).abs().max() <= EPS + 1e-6
