@@ -32,6 +32,8 @@ from .tpg import shuffle_tokens
 __all__ = ["active_run", "check_sdpa_processor", "heads_by_layer", "install"]
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
+#: diffusers attention backends that call torch's SDPA on the (batch, heads, tokens, dim) layout
+SDPA_BACKENDS = ("native", "_native_math", "_native_flash", "_native_efficient", "_native_cudnn")
 
 
 Rule = tuple[slice, "list[int] | None", float, "tuple[int, int] | None"]  # rows, heads, strength, image block
@@ -58,9 +60,32 @@ class _AttentionMode(torch.overrides.TorchFunctionMode):
                         out[rows] = soft_identity(out[rows], value[rows], strength, heads)
                     else:
                         mask = _image_identity_mask(query.shape[-2], image, query)
-                        extra = {"scale": kwargs["scale"]} if kwargs.get("scale") is not None else {}
+                        mask, extra = _with_call_mask(mask, rows, query, args, kwargs)
                         out[rows] = func(query[rows], key[rows], value[rows], attn_mask=mask, **extra)
         return out
+
+
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _with_call_mask(
+    mask: torch.Tensor, rows: slice, query: torch.Tensor, args: tuple, kwargs: dict
+) -> tuple[torch.Tensor, dict]:
+    """The identity ``mask`` combined with the SDPA call's own mask (a padding mask, a causal flag) for the
+    perturbed ``rows``, and the call's other arguments (scale, dropout, GQA) for the recomputation."""
+    given = dict(zip(SDPA_ARGS, args)) | kwargs
+    own = given.get("attn_mask")
+    if own is not None:
+        if own.dtype == torch.bool:  # True: may attend
+            own = torch.zeros(own.shape, device=mask.device, dtype=mask.dtype).masked_fill(~own, float("-inf"))
+        if own.ndim == 4 and own.shape[0] == query.shape[0] and own.shape[0] > 1:
+            own = own[rows]
+        mask = mask + own.to(mask.dtype)
+    if given.get("is_causal"):
+        length = query.shape[-2]
+        mask = mask + torch.full((length, length), float("-inf"), device=mask.device, dtype=mask.dtype).triu(1)
+    extra = {k: given[k] for k in ("dropout_p", "scale", "enable_gqa") if given.get(k) is not None}
+    return mask, extra
 
 
 def _image_identity_mask(length: int, image: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
@@ -195,7 +220,7 @@ def check_sdpa_processor(name: str, module: nn.Module) -> None:
     """``ValueError`` unless the attention ``module`` runs torch's SDPA, which the attention perturbations act on."""
     processor = getattr(module, "processor", None)
     backend = getattr(processor, "_attention_backend", None)
-    native = backend is None or str(getattr(backend, "value", backend)) == "native"
+    native = backend is None or str(getattr(backend, "value", backend)) in SDPA_BACKENDS
     if processor is not None and (_calls_sdpa(type(processor)) is False or not native):
         what = type(processor).__name__ + ("" if native else f" with attention backend {backend}")
         raise ValueError(

@@ -203,7 +203,10 @@ class _Controller:
                 f"{type(pipe).__name__}: this guidance-distilled denoiser (time_cond_proj_dim is set) runs no "
                 "unconditional branch, so CFG-type guidance cannot be applied"
             )
-        if arguments[self.family.scale_arg] <= 1:
+        # the engine solves the pipeline's own u + s (c - u) for u: s <= 1 would skip the branch, and with a
+        # separate unconditional call (FLUX) the rounding of that solve grows like s / (s - 1) away from 2 (10 %
+        # per step at 1.01 in bf16); the guided result does not depend on s, so it is always 2 there
+        if arguments[self.family.scale_arg] <= 1 or self.family.layout == "sequential":
             arguments[self.family.scale_arg] = FORCED_PIPELINE_SCALE
         if self.family.layout == "sequential" and arguments.get("negative_prompt") is None:
             if self._sequential_negative(pipe, arguments):

@@ -386,3 +386,40 @@ def test_flux_single_stream_blocks_know_where_the_image_tokens_are(monkeypatch):
         hook.remove()
     assert seen and set(seen) == set(shapes) and len(set(shapes)) == 1  # (text tokens, image tokens)
     assert np.abs(out["image"] - out["full"]).max() > 1e-4 and np.abs(out["image"] - base).max() > 1e-4
+
+
+def test_joint_image_identity_keeps_the_calls_own_padding_mask_and_arguments():
+    """joint="image" recomputes attention with the identity mask: the call's own mask (here text padding), its
+    scale and its causal flag must stay in that recomputation, on the perturbed rows."""
+    from guidance import perturbation
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 4, generator=g) for _ in range(3))
+    padding = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    padding[1, :, :, 1] = False  # row 1: text token 1 is padding
+    image = (2, 4)  # tokens 2..5 are the image
+    identity = perturbation._image_identity_mask(6, image, q)
+    mode = perturbation._AttentionMode([(slice(1, 2), None, 1.0, image)])
+    with mode:
+        out = perturbation.SDPA(q, k, v, attn_mask=padding, scale=0.3)
+    own = torch.zeros(1, 1, 6, 6).masked_fill(~padding[1:2], float("-inf"))
+    expected = perturbation.SDPA(q[1:2], k[1:2], v[1:2], attn_mask=identity + own, scale=0.3)
+    torch.testing.assert_close(out[1:2], expected)
+    torch.testing.assert_close(out[:1], perturbation.SDPA(q[:1], k[:1], v[:1], attn_mask=padding[:1], scale=0.3))
+    with perturbation._AttentionMode([(slice(0, 2), None, 1.0, image)]):
+        causal = perturbation.SDPA(q, k, v, is_causal=True)
+    reference = perturbation.SDPA(q, k, v, attn_mask=identity + torch.full((6, 6), float("-inf")).triu(1))
+    torch.testing.assert_close(causal, reference)
+
+
+def test_diffusers_native_sdpa_backends_are_accepted_and_perturbed_alike():
+    pipe = get_pipe("flux")
+    with guide(pipe, PAG(3.0)):
+        default = run(pipe)
+    pipe.transformer.set_attention_backend("_native_math")
+    try:
+        with guide(pipe, PAG(3.0)):
+            math_backend = run(pipe)
+    finally:
+        pipe.transformer.set_attention_backend("native")
+    assert_images_close(math_backend, default, atol=1e-5)
