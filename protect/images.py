@@ -134,14 +134,16 @@ def budget_levels(eps: float) -> float:
 
 def protected_image(x: Tensor, clean: Tensor, eps: float, original: Image.Image) -> Image.Image:
     """The 8-bit RGB(A) image of the protected ``x`` (3, H, W), rounded within the budget around the 8-bit
-    ``clean`` image; an RGBA or LA ``original`` gets its alpha channel back unchanged (as RGBA)."""
+    ``clean`` image; an RGBA or LA ``original`` (or a deep gray one with a colour key) gets its alpha channel
+    back unchanged (as RGBA)."""
     levels, budget = (clean.float() * 255).round(), budget_levels(eps)
     pixels = (x.float() * 255).round().clamp(0, 255)
     pixels = torch.minimum(torch.maximum(pixels, levels - budget), levels + budget)
     pixels = pixels.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     out = Image.fromarray(pixels, "RGB")
-    if original.mode in ("RGBA", "LA"):
-        out.putalpha(oriented(original).getchannel("A"))
+    source = to_8bit(oriented(original))  # a 16-bit gray file with a colour key reads as LA
+    if source.mode in ("RGBA", "LA"):
+        out.putalpha(source.getchannel("A"))
     profile = matching_profile(out, original.info.get("icc_profile")) if original.mode != "CMYK" else None
     if profile is not None:  # the stored values were perturbed: they still mean what the file's profile says
         out.info["icc_profile"] = profile

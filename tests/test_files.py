@@ -253,3 +253,14 @@ def test_output_names_keep_letters_of_any_script():
     assert safe_stem("../../etc/passwd") == "passwd"
     assert safe_stem("a b/c:d?.png") == "c_d"
     assert safe_stem("....png") == "image"
+
+
+def test_a_16_bit_gray_file_with_a_colour_key_keeps_its_transparency_through_the_library():
+    values = np.tile(np.arange(0, 65536, 4096, dtype=np.uint16), (16, 1))
+    deep = Image.fromarray(values, "I;16")
+    deep.info["transparency"] = 0
+    clean = to_tensor(deep)
+    out = protected_image(clean, clean, 8 / 255, deep)
+    assert out.mode == "RGBA"
+    alpha = np.asarray(out.getchannel("A"))
+    assert alpha[:, 0].max() == 0 and alpha[:, 1:].min() == 255  # the keyed column, and only it
