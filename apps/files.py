@@ -28,10 +28,10 @@ KEPT_MODES = ("RGB", "RGBA", "L", "LA")  # modes a protected file keeps; others 
 #: a JPEG's scans: every scan walks the whole image, so a small file of many repeated scans decodes for minutes;
 #: real files have 1-20 (an embedded thumbnail or a camera's preview adds its own), the bound counts markers
 MAX_JPEG_SCANS = 256
-#: a TIFF's strips or tiles per pixel: Pillow builds one object per chunk when it opens the file, so a small
-#: image cut into 1x1 tiles costs seconds and gigabytes; real files have at most one chunk per row (strips)
-#: or per 16x16 tile (the smallest a TIFF tile may be), per colour plane
-MAX_TIFF_CHUNKS_PER_PLANE = 256
+#: the fewest pixels a TIFF's strip or tile may average: Pillow builds one object per chunk when it opens the
+#: file, so a small image cut into 1x1 tiles costs seconds and gigabytes; real files have at most one chunk per
+#: row (strips) or per 16x16 tile (the smallest a TIFF tile may be), per colour plane
+MIN_TIFF_CHUNK_PIXELS = 256
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, MemoryError)
 
@@ -105,11 +105,12 @@ def _tiff_chunks(path: Path) -> tuple[int, int, int, int] | None:
 
 def _check_structure(path: Path, label: str) -> None:
     """Refuse, before Pillow reads them, files whose cost is not in their pixel count: TIFFs cut into more
-    chunks than :data:`MAX_TIFF_CHUNKS_PER_PLANE` allows, JPEGs of more than :data:`MAX_JPEG_SCANS` scans."""
+    strips or tiles than their size needs (:data:`MIN_TIFF_CHUNK_PIXELS`), JPEGs of more than
+    :data:`MAX_JPEG_SCANS` scans."""
     tiff = _tiff_chunks(path)
     if tiff is not None:
         width, height, planes, chunks = tiff
-        allowed = planes * (max(height, width * height // MAX_TIFF_CHUNKS_PER_PLANE) + 64)
+        allowed = planes * (max(height, width * height // MIN_TIFF_CHUNK_PIXELS) + 64)
         if chunks > allowed:
             raise ValueError(
                 f"{label}: a TIFF of {width}x{height} pixels stored in {chunks} strips or tiles (at most {allowed}); "
