@@ -91,15 +91,14 @@ def _tiff_chunks(path: Path) -> tuple[int, int, int, int] | None:
             data = file.read(min(entries, 4096) * entry)
         except (struct.error, OSError, OverflowError):
             return None
-    tags = {}
+    counts, value = {}, {}  # per tag: how many values, and the first one
     for start in range(0, len(data) - entry + 1, entry):
         tag, kind = struct.unpack_from(order + "HH", data, start)
-        (count,) = struct.unpack_from(order + offset, data, start + 4)
+        (counts[tag],) = struct.unpack_from(order + offset, data, start + 4)
         at = start + 4 + struct.calcsize(offset)
-        tags[tag] = count, struct.unpack_from(order + _TIFF_VALUE[kind], data, at)[0] if kind in _TIFF_VALUE else 0
-    value = {tag: first for tag, (_, first) in tags.items()}
+        value[tag] = struct.unpack_from(order + _TIFF_VALUE[kind], data, at)[0] if kind in _TIFF_VALUE else 0
     planes = value.get(277, 1) if value.get(284, 1) == 2 else 1  # planar configuration 2: chunks per colour plane
-    chunks = max(tags.get(273, (0, 0))[0], tags.get(324, (0, 0))[0])  # StripOffsets, TileOffsets
+    chunks = max(counts.get(273, 0), counts.get(324, 0))  # StripOffsets, TileOffsets
     return value.get(256, 0), value.get(257, 0), max(1, planes), chunks
 
 

@@ -95,14 +95,13 @@ def benign(arrays: list[np.ndarray], change: str, folder: Path, seed: int = 0) -
     pixel change of :data:`PIXEL_CHANGES` (on the batch; the noise of image ``i`` is drawn from seed
     ``seed + i``) saved as PNG, or a file re-encoding of :data:`REENCODINGS`."""
     from apps.files import open_upload
-    from protect.purify import gaussian_noise_8bit
 
     if change in PIXEL_CHANGES:
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        if change == "noise2_8bit":
-            changed = gaussian_noise_8bit(batch, std=2 / 255, seed=seed)
-        else:
-            changed = PURIFICATIONS[change](batch)
+        # the table's entry, with its own noise seeds for noise (the entry holds seed 0)
+        changed = (
+            PURIFICATIONS[change].fn(batch, seed=seed) if change == "noise2_8bit" else PURIFICATIONS[change](batch)
+        )
         arrays = [(x * 255).round().byte().permute(1, 2, 0).numpy() for x in changed]
     out = []
     for i, array in enumerate(arrays):
@@ -134,13 +133,11 @@ def reencode(image: Image.Image, change: str, path: Path) -> None:
 def augment(images: list[torch.Tensor], change: str, seed: int) -> list[torch.Tensor]:
     """Signed images after the benign pixel change ``change`` of :data:`PIXEL_CHANGES`, one at a time (their sizes
     differ); noise is drawn from seeds ``10_000 + 100 seed + i``, never the calibration or test crops' seeds."""
-    from protect.purify import gaussian_noise_8bit
-
     out = []
     for i, x in enumerate(images):
         x01 = x[None].add(1).div(2)
         if change == "noise2_8bit":
-            changed = gaussian_noise_8bit(x01, std=2 / 255, seed=10_000 + 100 * seed + i)
+            changed = PURIFICATIONS[change].fn(x01, seed=10_000 + 100 * seed + i)
         else:
             changed = PURIFICATIONS[change](x01)
         out.append(changed[0].mul(2).sub(1))

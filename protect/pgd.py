@@ -39,8 +39,8 @@ MAX_EPS = 64 / 255  # the largest L-infinity budget accepted (the field evaluate
 def check_budget(eps: float, *, allow_zero: bool = True) -> None:
     """Raise ``ValueError`` unless ``eps`` is an L-infinity budget in [0, 1] pixel units, at most :data:`MAX_EPS`:
     a budget given in levels of 255 (``eps=8``) would otherwise silently replace the image."""
-    low_ok = eps >= 0 if allow_zero else eps > 0
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not (low_ok and eps <= MAX_EPS):
+    number = isinstance(eps, int | float) and not isinstance(eps, bool)
+    if not (number and (eps >= 0 if allow_zero else eps > 0) and eps <= MAX_EPS):
         raise ValueError(
             f"eps is an L-infinity budget in [0, 1] pixel units and must lie in {'[' if allow_zero else '('}0, "
             f"64/255 = {MAX_EPS:.3f}], got {eps!r} (for 8 levels of 255 pass eps=8/255)"

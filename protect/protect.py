@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from guidance.method import check_real
+
 from .amortized import AmortizedProtector
 from .images import protected_image, to_tensor
 from .losses import NoisePredictor, default_target, encoder_loss, latent, mist_loss, sds_loss
@@ -265,8 +267,7 @@ def _check_options(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     check_budget(eps, allow_zero=False)
-    if not (isinstance(weight, int | float) and not isinstance(weight, bool) and 0 <= weight < float("inf")):
-        raise ValueError(f"weight must be a finite non-negative number, got {weight!r}")
+    check_real("weight", weight, low=0.0)
     if method == "sds" and denoiser is None:
         raise ValueError("method 'sds' needs a denoiser eps(z_t, t)")
     if method == "mist" and denoiser is None:
