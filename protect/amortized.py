@@ -476,9 +476,12 @@ class AmortizedProtector(ModelMixin, ConfigMixin):
         h, w = images.shape[-2:]
         # a generator-only protector's fields are all zero (kept when they are being trained, for their gradient)
         if (torch.is_grad_enabled() and self.fields.requires_grad) or self.fields.any():
-            experts = _cover(self.fields, h, w, self.config.tile)  # (K, 3, H, W)
-            gates = F.interpolate(weights.to(self.fields.dtype), size=(h, w), mode="bilinear", align_corners=False)
-            mix = torch.einsum("nkhw,kchw->nchw", gates, experts)
+            # one expert at a time: full-resolution maps of (N, 1, H, W) and (1, 3, H, W), never (K, 3, H, W)
+            weights = weights.to(self.fields.dtype)
+            mix = images.new_zeros((images.shape[0], 3, h, w), dtype=self.fields.dtype)
+            for k in range(self.fields.shape[0]):
+                gate = F.interpolate(weights[:, k : k + 1], size=(h, w), mode="bilinear", align_corners=False)
+                mix = mix.addcmul_(gate, _cover(self.fields[k : k + 1], h, w, self.config.tile))
         else:
             mix = images.new_zeros(images.shape, dtype=self.fields.dtype)
         if self.lift is not None and residual is not None:

@@ -487,6 +487,31 @@ def test_a_generator_only_protector_skips_its_zero_fields():
     assert full.requires_grad and torch.equal(full.detach(), skipped) and skipped.abs().max() > EPS / 4
 
 
+@pytest.mark.parametrize("tile", [True, False])
+def test_the_fields_mixture_is_the_gate_weighted_sum_of_the_covered_fields(vae, tile):
+    """``sum_k up(w_k) * cover(field_k)``, accumulated one expert at a time (never a (K, 3, H, W) tensor), equals the
+    reference einsum over all experts at once, with and without gradients, and trains the fields and the gate."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    protector = AmortizedProtector(num_experts=3, patch_size=8, hidden=4, residual=False, tile=tile)
+    x = torch.rand(2, 3, 20, 36, generator=torch.Generator().manual_seed(2))
+    weights, _ = protector.analyse(vae, x)
+    gates = F.interpolate(weights, size=(20, 36), mode="bilinear", align_corners=False)
+    fields = protector.fields
+    resized = F.interpolate(fields, size=(20, 36), mode="bilinear")
+    covered = fields.repeat(1, 1, 3, 5)[..., :20, :36] if tile else resized
+    mix = torch.einsum("nkhw,kchw->nchw", gates, covered)
+    strength = strength_map(x, protector.config.min_strength, protector.config.texture_scale)
+    reference = EPS * strength * mix.tanh()
+    delta = protector.perturbation(x, weights, EPS)
+    torch.testing.assert_close(delta, reference, rtol=1e-5, atol=1e-7)
+    delta.square().sum().backward()
+    assert protector.fields.grad.abs().sum() > 0 and protector.gate[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(protector.perturbation(x, weights.detach(), EPS), reference.detach())
+
+
 def test_training_warm_starts_from_a_protector_and_adds_the_net(tmp_path):
     """--init copies a trained protector's fields, gate and lift; --generator-channels adds the U-Net (trained,
     saved, reloaded); a protector of another shape is refused with a clear message; --target-weight 0 with the
