@@ -20,7 +20,7 @@ import torch
 
 from protect import AMORTIZED_BUDGETS
 from protect.evaluate import worst_case
-from protect.protect import METHODS
+from protect.protect import METHODS, SDS_METHODS
 from protect.purify import EVALUATION
 
 from .device import best_device
@@ -84,7 +84,8 @@ def protect_all(
                 images, "amortized", vae=pipe.vae, protector=protector, eps=eps, min_strength=AMORTIZED_BUDGETS[name]
             )
         else:
-            extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": alphas} if name in ("mist", "sds") else {}
+            semantic = name in ("mist", *SDS_METHODS)
+            extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": alphas} if semantic else {}
             out[method], _ = protect(
                 images, name, vae=pipe.vae, eps=eps, steps=n_steps, generator=gens(), tile=tile, **extra
             )
@@ -219,8 +220,8 @@ def markdown(result: dict[str, Any], columns: Sequence[str] | None = None) -> st
 # ----------------------------------------------------------------------------- held-out photos
 
 # photo evaluation: PGD (PhotoGuard; Mist and SDS with a latent model) on the first --vae, the amortized protector
-PHOTO_PROTECTIONS = ("photoguard", "mist", "sds", "amortized", "amortized-full")
-PHOTO_LATENT_METHODS = ("mist", "sds")  # need the latent diffusion model (--ldm) as their semantic part
+PHOTO_PROTECTIONS = ("photoguard", "mist", *SDS_METHODS, "amortized", "amortized-full")
+PHOTO_LATENT_METHODS = ("mist", *SDS_METHODS)  # need the latent diffusion model (--ldm) as their semantic part
 PHOTO_MAX_SIZE = 400  # the shortest side of the held-out photos (coffee: 400 x 600)
 PHOTO_MAX_WORK = 2e4  # megapixel-VAE-passes a photo evaluation may cost (about an hour of the demo VAE on 2 CPUs)
 PHOTO_LDM = "demo/photo_ldm"  # the photo latent model (on demo/photo_vae), when trained
@@ -300,7 +301,7 @@ def protect_photos(
     seed: int = 0,
     tile: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Protect ``images`` (N, 3, H, W) in [0, 1] against ``vae`` with each of ``methods`` (photoguard, mist, sds,
+    """Protect ``images`` (N, 3, H, W) in [0, 1] against ``vae`` with each of ``methods`` (photoguard, mist, sds, sds-,
     "photoguard@10" for 10 PGD steps, else ``steps``; amortized, amortized-full with ``protector``); returns the
     protected images and the seconds per image per method. PGD starts at random from ``seed + i`` per image and
     attacks ``tile`` x ``tile`` crops (None: the whole image); Mist and SDS take ``latent_model`` ``(unet,

@@ -1,4 +1,4 @@
-"""Per-image protection against mimicry: PhotoGuard, Mist and Diff-Protect (SDS) attacks run by batched PGD.
+"""Per-image protection against mimicry: PhotoGuard, Mist and Diff-Protect (SDS+, SDS-) attacks run by batched PGD.
 
 >>> protected, report = protect(images, method="photoguard", vae=vae, generator=torch.Generator().manual_seed(0))
 
@@ -44,7 +44,8 @@ from .purify import EOT
 from .rng import Generators, check_generators
 
 Tensor = torch.Tensor
-METHODS = ("photoguard", "mist", "sds", "amortized")
+METHODS = ("photoguard", "mist", "sds", "sds-", "amortized")
+SDS_METHODS = ("sds", "sds-")  # Diff-Protect: SDS+ (ascent on the denoising loss) and SDS- (descent)
 # the amortized protector's named budgets -> ``min_strength`` (None: the protector's own, texture-weighted;
 # 1.0: the full ``eps`` on flat regions too, as visible as PGD): the names the app, the CLI and the evaluation use
 AMORTIZED_BUDGETS: dict[str, float | None] = {"amortized": None, "amortized-full": 1.0}
@@ -55,6 +56,7 @@ __all__ = [
     "MAX_EPS",
     "MAX_PIXELS",
     "METHODS",
+    "SDS_METHODS",
     "Cancelled",
     "ProtectionReport",
     "Step",
@@ -203,15 +205,16 @@ def protect(
 
     Args:
         method: "photoguard" (encoder attack toward ``target``), "mist" (textural + ``weight`` x semantic loss,
-            needs ``denoiser``) or "sds" (Diff-Protect SDS+, needs ``denoiser``).
-        denoiser: ``eps(z_t, t)`` on scaled latents; used by "mist" and "sds".
+            needs ``denoiser``), "sds" (Diff-Protect SDS+: raises the denoising loss, as Mist's semantic part) or
+            "sds-" (Diff-Protect SDS-: lowers it, the variant Xue et al. found stronger); both need ``denoiser``.
+        denoiser: ``eps(z_t, t)`` on scaled latents; used by "mist", "sds" and "sds-".
         eps, steps, step: PGD budget (in [0, 1] pixel units), iterations and step size (see :func:`protect.pgd.pgd`).
         target: target pattern for "photoguard"/"mist": an image (tensor in [0, 1] or PIL), "zero" for the zero
             latent, or None for :func:`default_target`.
         generator: the only randomness (PGD start, timesteps, noise, robustness transforms); a list of one
             generator per image makes each result independent of the batch (same seed, same protection).
         robust: True for every EOT transformation (:data:`protect.purify.EOT`), or a tuple of their names.
-        alphas_cumprod: the denoiser's noise schedule for "mist" and "sds" (default: Stable Diffusion's).
+        alphas_cumprod: the denoiser's noise schedule for "mist", "sds" and "sds-" (default: Stable Diffusion's).
         protector: for "amortized": a trained :class:`~protect.amortized.AmortizedProtector` or its folder
             (``steps``, ``step``, ``target``, ``generator`` and ``robust`` do not apply: it was trained robust).
         min_strength: for "amortized": the budget share on flat regions (1 = full ``eps`` everywhere; default:
@@ -268,15 +271,15 @@ def _check_options(
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     check_budget(eps, allow_zero=False)
     check_real("weight", weight, low=0.0)
-    if method == "sds" and denoiser is None:
-        raise ValueError("method 'sds' needs a denoiser eps(z_t, t)")
+    if method in SDS_METHODS and denoiser is None:
+        raise ValueError(f"method {method!r} needs a denoiser eps(z_t, t)")
     if method == "mist" and denoiser is None:
         raise ValueError(
             "method 'mist' needs a denoiser eps(z_t, t) (a latent diffusion model on this VAE) for its semantic "
             "loss; without one it is PhotoGuard's encoder attack: use method='photoguard'"
         )
-    if method == "sds" and target is not None:
-        raise ValueError("method 'sds' has no target; pass target=None")
+    if method in SDS_METHODS and target is not None:
+        raise ValueError(f"method {method!r} has no target; pass target=None")
     if method != "mist" and weight != 1.0:
         raise ValueError(f"weight is Mist's semantic-loss weight; method {method!r} does not use it")
     if method == "photoguard" and denoiser is not None:
@@ -345,12 +348,13 @@ def _pgd_loss(
         if isinstance(generator, list | tuple):
             check_generators(generator, batch.shape[0])
             generator = list(generator) * count
-    target_latent = None if method == "sds" else _target_latent(vae, target, batch, tile)
+    target_latent = None if method in SDS_METHODS else _target_latent(vae, target, batch, tile)
 
     def loss_of(rows: slice = slice(None)) -> Callable[[Tensor], Tensor]:  # the loss of those rows (tiles)
         draws = generator[rows] if isinstance(generator, list) else generator
-        if method == "sds":
-            return partial(sds_loss, vae, denoiser, alphas_cumprod=alphas_cumprod, generator=draws)
+        if method in SDS_METHODS:
+            ascent = method == "sds"
+            return partial(sds_loss, vae, denoiser, ascent=ascent, alphas_cumprod=alphas_cumprod, generator=draws)
         goal = None if target_latent is None else target_latent[rows]
         if method == "photoguard":
             return partial(encoder_loss, vae, target_latent=goal)

@@ -1,4 +1,4 @@
-"""Per-image protections (PhotoGuard, Mist, Diff-Protect SDS) and their batched PGD, on tiny 32x32 images."""
+"""Per-image protections (PhotoGuard, Mist, Diff-Protect SDS+/SDS-) and their batched PGD, on tiny 32x32 images."""
 
 from __future__ import annotations
 
@@ -102,13 +102,48 @@ def test_seeded_runs_reproduce(images, vae, denoiser, protector, method):
     assert torch.equal(a, b) and torch.equal(a, c) == (method == "amortized")  # amortized: no randomness
 
 
-@pytest.mark.parametrize("method", ["photoguard", "mist", "sds"])
+@pytest.mark.parametrize("method", ["photoguard", "mist", "sds", "sds-"])
 def test_per_image_generators_make_results_batch_independent(images, vae, denoiser, method):
     both, _ = _run(images, vae, denoiser, method, steps=3, generator=[_gen(3), _gen(4)], robust=True)
     second, _ = _run(images[1:], vae, denoiser, method, steps=3, generator=[_gen(4)], robust=True)
     assert torch.allclose(both[1:], second, atol=1e-6)
     with pytest.raises(ValueError, match="one per image"):
         _run(images, vae, denoiser, method, steps=1, generator=[_gen(3)])
+
+
+def test_sds_gradient_is_the_score_distillation_formula(images, vae, denoiser):
+    """Diff-Protect's SDS gradient (Xue et al. 2024, the official ``pgd_sds``): ``J_E(x)^T (eps_hat(z_t, t) - eps)``
+    with the denoiser's Jacobian skipped, for the same t and eps draws; SDS+ (ascent) minimises its negative, SDS-
+    the formula itself, and the value is the per-image denoising loss."""
+    from protect.losses import default_alphas_cumprod
+
+    x = images.clone().requires_grad_(True)
+    z = latent(vae, x)
+    generator = _gen(5)
+    t = torch.randint(1000, (2,), generator=generator)
+    eps = torch.randn(z.shape, generator=generator)
+    a = default_alphas_cumprod()[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        residual = denoiser(a.sqrt() * z + (1 - a).sqrt() * eps, t) - eps
+    (reference,) = torch.autograd.grad((z * residual).sum(), x)
+    for ascent, sign in ((False, 1), (True, -1)):
+        x = images.clone().requires_grad_(True)
+        value = sds_loss(vae, denoiser, x, ascent=ascent, generator=_gen(5))
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        torch.testing.assert_close(grad, sign * reference, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(value, sign * residual.pow(2).flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("method", ["sds", "sds-"])
+def test_sds_methods_run_pgd_on_their_direction(images, vae, denoiser, method):
+    """``protect(method="sds-")`` is PGD on the SDS- loss and "sds" on SDS+: the same draws, opposite steps."""
+    from functools import partial
+
+    out, report = protect(images, method, vae=vae, denoiser=denoiser, steps=2, generator=_gen(2))
+    generator = _gen(2)  # one stream for the start and the loss's draws, as protect() shares it
+    loss = partial(sds_loss, vae, denoiser, ascent=method == "sds", generator=generator)
+    expected = pgd(images, loss, eps=EPS, steps=2, generator=generator)
+    assert report.method == method and torch.equal(out, expected)
 
 
 def test_losses_are_per_image(images, vae, denoiser):
@@ -137,6 +172,7 @@ def test_losses_are_per_image(images, vae, denoiser):
         (torch.rand(1, 3, 32, 32), {"eps": float("nan")}, "L-infinity budget"),
         (torch.rand(1, 3, 32, 32), {"method": "amortized", "eps": 2.0}, "L-infinity budget"),
         (torch.rand(1, 3, 32, 32), {"method": "sds"}, "denoiser"),
+        (torch.rand(1, 3, 32, 32), {"method": "sds-"}, "'sds-' needs a denoiser"),
         (torch.rand(1, 3, 32, 32), {"method": "mist"}, "needs a denoiser"),
         (torch.rand(1, 3, 32, 32), {"target": "noise"}, "unknown target"),
         (torch.rand(1, 3, 32, 32), {"weight": 2.0}, "weight"),
@@ -200,7 +236,7 @@ def test_tiled_attack_never_encodes_more_than_a_tile(images, vae):
         protect(images, "photoguard", vae=vae, steps=1, tile=4)
 
 
-@pytest.mark.parametrize("method", ["mist", "sds"])
+@pytest.mark.parametrize("method", ["mist", "sds", "sds-"])
 def test_tiled_attacks_stay_batch_independent(images, vae, denoiser, method):
     both, _ = _run(images, vae, denoiser, method, steps=2, generator=[_gen(3), _gen(4)], tile=16)
     second, _ = _run(images[1:], vae, denoiser, method, steps=2, generator=[_gen(4)], tile=16)
