@@ -53,6 +53,24 @@ def _map_batched(value: Any, fn: Callable[[Tensor], Tensor], n: int) -> Any:
     return value
 
 
+def _generated_tokens(ids: Any, x: Tensor) -> int | None:
+    """How many leading tokens of a sequence model's input ``x`` (N, T, C) are the latents being generated, when
+    reference-image tokens follow them (FLUX Kontext: their position ids have a first coordinate of 1, the
+    generated ones 0, and the pipeline keeps only the first tokens of the output); None when all are generated."""
+    if not isinstance(ids, Tensor) or x.ndim != 3:
+        return None
+    ids = ids[0] if ids.ndim == 3 else ids  # diffusers' deprecated batched ids
+    if ids.ndim != 2 or ids.shape[0] != x.shape[1]:
+        return None
+    reference = ids[:, 0] != 0
+    if not reference.any():
+        return None
+    count = int(reference.int().argmax())
+    if not reference[count:].all():
+        raise RuntimeError("the reference-image tokens must follow the generated ones (img_ids' first coordinate)")
+    return count
+
+
 def _prediction(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output.sample
 
@@ -80,6 +98,8 @@ class Run:
         methods = controller.methods
         #: (text, image) token counts of the current denoiser call of a sequence model (FLUX), else None
         self.tokens: tuple[int, int] | None = None
+        #: the generated (leading) image tokens when reference-image tokens follow them (FLUX Kontext), else None
+        self.generated: int | None = None
         #: index of the pipeline's own CFG among the methods (composed with perturbations), if it runs one
         self.own_cfg: int | None = None
         if has_uncond and not any(m.branch == "uncond" for m in methods):
@@ -106,6 +126,12 @@ class Run:
         step = self.step_of(x, t, has_uncond)
         context = inputs[1].get("encoder_hidden_states")
         self.tokens = (context.shape[1], x.shape[1]) if context is not None and x.ndim == 3 else None
+        self.generated = _generated_tokens(inputs[1].get("img_ids"), x)
+        if self.generated is not None and self.controller.corrector is not None:
+            raise ValueError(
+                "the Langevin corrector is not supported with reference-image tokens (FLUX Kontext with an image): "
+                "it would move the reference latents with the generated ones"
+            )
         self._follow_pipeline_scale()
         if self.controller.corrector is not None:
             step, inputs = self._correct(call, inputs, step)
@@ -279,7 +305,14 @@ class Run:
         return ((g - s * cond.float()) / (1 - s)).to(uncond.dtype)
 
     def guided(self, x, t, cond, uncond, perturbed, fraction) -> Tensor:
-        """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype."""
+        """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype. With reference-image
+        tokens (FLUX Kontext) the methods see the generated tokens only (APG's norms and projections are per
+        sample); the reference tokens keep the conditional output, which the pipeline drops."""
+        k = self.generated
+        if k is not None and cond.ndim == 3 and cond.shape[1] > k:
+            heads = {i: p[:, :k] for i, p in perturbed.items()}
+            other = None if uncond is None else uncond[:, :k]
+            return torch.cat([self.guided(x[:, :k], t, cond[:, :k], other, heads, fraction), cond[:, k:]], dim=1)
         if x.ndim == cond.ndim and x.shape[1] > cond.shape[1]:  # SD inpainting: mask and image channels follow
             x = x[:, : cond.shape[1]]
         x32, cond32 = x.float(), cond.float()

@@ -87,7 +87,14 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "flux",
-        ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxControlNetPipeline"),
+        (
+            "FluxPipeline",
+            "FluxImg2ImgPipeline",
+            "FluxInpaintPipeline",
+            "FluxControlNetPipeline",
+            "FluxKontextPipeline",
+            "FluxKontextInpaintPipeline",
+        ),
         "transformer",
         "sequential",
         "true_cfg_scale",

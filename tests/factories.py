@@ -357,6 +357,42 @@ def tiny_flux(img2img: bool = False, guidance_embeds: bool = True) -> DiffusionP
     return _finish(pipe)
 
 
+def tiny_kontext(inpaint: bool = False) -> DiffusionPipeline:
+    """FLUX Kontext (or Kontext inpainting) on :func:`tiny_flux`'s components: the reference image's latent tokens
+    follow the generated ones in the transformer's input."""
+    import diffusers
+
+    cls = diffusers.FluxKontextInpaintPipeline if inpaint else diffusers.FluxKontextPipeline
+    accepted = cls.__init__.__code__.co_varnames
+    return _finish(cls(**{k: v for k, v in tiny_flux().components.items() if k in accepted}))
+
+
+def kontext_call_kwargs(pipe: DiffusionPipeline, reference: bool = True) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_kontext` (a 48 x 32 reference image unless ``reference`` is False:
+    Kontext then generates from text alone), without ``generator`` and guidance settings."""
+    kwargs: dict[str, Any] = {
+        "prompt": PROMPT,
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "num_inference_steps": 3,
+        "output_type": "np",
+        "max_sequence_length": 64,
+        "max_area": IMAGE_SIZE**2,
+        "_auto_resize": False,
+    }
+    if reference:
+        kwargs["image"] = random_image(48).crop((0, 0, 48, 32))
+    if type(pipe).__name__ == "FluxKontextInpaintPipeline":
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        mask[8:24, 8:24] = 255
+        kwargs["image"] = random_image(IMAGE_SIZE, seed=SEED + 5)
+        kwargs["mask_image"] = Image.fromarray(mask)
+        kwargs["strength"] = 1.0
+        if reference:
+            kwargs["image_reference"] = random_image(48).crop((0, 0, 48, 32))
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)

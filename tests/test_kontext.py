@@ -1,0 +1,101 @@
+"""guide() on FLUX Kontext and Kontext inpainting: the reference image's latent tokens follow the generated ones in
+the transformer's input and the pipeline keeps only the generated part of the output. CFG equals the pipeline's own
+true CFG; APG's per-sample norms and projections see the generated tokens only (against the formula on the
+recorded branch outputs); perturbations compose; the corrector is refused with a reference image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guidance import APG, CFG, PAG, LangevinCorrector, guide
+from guidance.pipeline import schedule_of
+from guidance.prediction import broadcast
+from tests.factories import kontext_call_kwargs, pipeline_snapshot, tiny_kontext
+
+
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["kontext", "kontext_inpaint"])
+def pipe(request):
+    return tiny_kontext(inpaint=request.param)
+
+
+def call(pipe, reference=True, **extra):
+    kwargs = kontext_call_kwargs(pipe, reference) | {"negative_prompt": ""} | extra
+    return pipe(**kwargs, generator=gen()).images
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["with_reference", "text_only"])
+def test_cfg_equals_kontexts_own_true_cfg(pipe, reference):
+    own, unguided = call(pipe, reference, true_cfg_scale=4.0), call(pipe, reference, true_cfg_scale=1.0)
+    assert np.abs(own - unguided).max() > 1e-4, "true CFG must change this tiny model's output"
+    with guide(pipe, CFG(4.0)):
+        np.testing.assert_allclose(call(pipe, reference), own, atol=2e-5)
+    with guide(pipe, CFG(4.0), PAG(2.0)):
+        pag = call(pipe, reference)
+    assert np.isfinite(pag).all() and np.abs(pag - own).max() > 1e-5
+
+
+def _recorded_apg_run(pipe, method):
+    """Run ``pipe`` under ``guide(pipe, method)``, recording each transformer call's input, timestep and raw output,
+    and the prediction each scheduler step receives (the pipeline's own CFG of the outputs it was handed)."""
+    calls, steps = [], []
+
+    def record_call(module, args, kwargs, output):
+        calls.append((kwargs["hidden_states"].detach().clone(), kwargs["timestep"], output[0].detach().clone()))
+
+    hook = pipe.transformer.register_forward_hook(record_call, with_kwargs=True)
+    scheduler_step = pipe.scheduler.step
+
+    def record_step(output, *args, **kwargs):
+        steps.append(output.detach().clone())
+        return scheduler_step(output, *args, **kwargs)
+
+    pipe.scheduler.step = record_step
+    try:
+        with guide(pipe, method):
+            call(pipe)
+    finally:
+        hook.remove()
+        del pipe.scheduler.step
+    return calls, steps
+
+
+def _apg_reference(pipe, method, calls, tokens):
+    """The guided prediction of each step from the recorded (cond, uncond) outputs, the methods acting on the first
+    ``tokens`` tokens (the paper's x0 space with FLUX's flow schedule)."""
+    schedule, state, guided = schedule_of(pipe.scheduler), method.new_state("flux"), []
+    for (x, t, cond), (_, _, uncond) in zip(calls[::2], calls[1::2]):
+        x, cond, uncond = x[:, :tokens].float(), cond[:, :tokens].float(), uncond[:, :tokens].float()
+        a, b = schedule.coefficients(*schedule.alpha_sigma(torch.as_tensor(t).reshape(-1).float() * 1000))
+        a, b = broadcast(a, x), broadcast(b, x)
+        guided.append(cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b)
+    return guided
+
+
+def test_apg_acts_on_the_generated_tokens_only(pipe):
+    method = APG(6.0)  # the auto norm threshold and the paper's momentum: both per sample, over its tokens
+    calls, steps = _recorded_apg_run(pipe, method)
+    generated = steps[0].shape[1]
+    assert len(calls) == 2 * len(steps) and calls[0][0].shape[1] > generated  # reference tokens follow
+    for ours, reference in zip(steps, _apg_reference(pipe, method, calls, generated)):
+        torch.testing.assert_close(ours.float(), reference, rtol=1e-4, atol=1e-5)
+    # the control: the same formula over every token (reference tokens included) gives another guidance
+    everything = _apg_reference(pipe, method, calls, calls[0][0].shape[1])
+    assert max((e[:, :generated] - s).abs().max().item() for e, s in zip(everything, steps)) > 1e-3
+
+
+def test_the_corrector_is_refused_with_a_reference_image(pipe):
+    with guide(pipe, LangevinCorrector(steps=1)), pytest.raises(ValueError, match="reference-image tokens"):
+        call(pipe, true_cfg_scale=1.0)
+
+
+def test_guide_leaves_kontext_as_it_found_it(pipe):
+    before = pipeline_snapshot(pipe)
+    with guide(pipe, APG(4.0), PAG(1.0)):
+        call(pipe)
+    assert pipeline_snapshot(pipe) == before
