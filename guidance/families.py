@@ -94,6 +94,13 @@ FAMILIES: tuple[Family, ...] = (
             "FluxControlNetPipeline",
             "FluxKontextPipeline",
             "FluxKontextInpaintPipeline",
+            # no true CFG (guidance-distilled): perturbation guidance only
+            "FluxFillPipeline",
+            "FluxControlPipeline",
+            "FluxControlImg2ImgPipeline",
+            "FluxControlInpaintPipeline",
+            "FluxControlNetImg2ImgPipeline",
+            "FluxControlNetInpaintPipeline",
         ),
         "transformer",
         "sequential",

@@ -127,7 +127,7 @@ class _Controller:
                 f"{type(pipe).__name__}: the Langevin corrector needs every branch in one denoiser call; FLUX's true "
                 "CFG runs the unconditional branch in a separate call (use the corrector without true CFG)"
             )
-        self.run = Run(self, float(arguments[self.family.scale_arg]), has_uncond)
+        self.run = Run(self, float(arguments.get(self.family.scale_arg, 1.0)), has_uncond)
         token = ACTIVE_RUN.set(self.run)
         previous_count = vars(pipe).pop("_num_timesteps", _MISSING)  # a stale count from an earlier call
         scheduler = pipe.scheduler  # wrapped per call: the scheduler may have been swapped inside the block
@@ -172,7 +172,7 @@ class _Controller:
             )
 
     def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
-        if arguments[self.family.scale_arg] <= 1 or self._distilled(pipe):
+        if arguments.get(self.family.scale_arg, 1.0) <= 1 or self._distilled(pipe):
             return False
         if self.family.layout == "sequential":
             return self._sequential_negative(pipe, arguments)
@@ -282,6 +282,16 @@ def guide(pipe: Any, *methods: Guidance | LangevinCorrector, sequential: bool = 
     schedule_of(pipe.scheduler)  # fail early on an unknown schedule
     if hasattr(type(pipe), "_steerguard_base"):
         raise RuntimeError("this pipeline is already inside guide(); combine the methods in one guide() call")
+    scale_arg = controller.family.scale_arg
+    if (
+        any(m.branch == "uncond" for m in guidance)
+        and scale_arg not in inspect.signature(type(pipe).__call__).parameters
+    ):
+        raise ValueError(
+            f"{type(pipe).__name__} runs no unconditional branch (it has no {scale_arg}: a guidance-distilled "
+            "model's pipeline), so CFG-type guidance (CFG, APG) cannot be applied to it; perturbation guidance "
+            "(PAG, SoftPAG, TPG) can"
+        )
 
     from .perturbation import install
 

@@ -319,12 +319,14 @@ def tiny_sd3(img2img: bool = False, latent_channels: int = 4) -> DiffusionPipeli
     return _finish(pipe)
 
 
-def tiny_flux(img2img: bool = False, guidance_embeds: bool = True) -> DiffusionPipeline:
-    """Flux-style transformer (1 double + 1 single block), CLIP pooled + T5 text, flow matching with dynamic shift."""
+def tiny_flux(img2img: bool = False, guidance_embeds: bool = True, in_channels: int = 16) -> DiffusionPipeline:
+    """Flux-style transformer (1 double + 1 single block), CLIP pooled + T5 text, flow matching with dynamic shift
+    (``in_channels`` above 16: mask / control channels follow the latents, as FLUX Fill and Control take them)."""
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,  # 4 latent channels packed 2x2
+        in_channels=in_channels,  # 4 latent channels packed 2x2, then any extra input channels
+        out_channels=16,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -390,6 +392,51 @@ def kontext_call_kwargs(pipe: DiffusionPipeline, reference: bool = True) -> dict
         kwargs["strength"] = 1.0
         if reference:
             kwargs["image_reference"] = random_image(48).crop((0, 0, 48, 32))
+    return kwargs
+
+
+#: FLUX pipelines without true CFG (guidance-distilled models: perturbation guidance only) and the channels their
+#: transformer takes beside the 16 packed latent channels (Fill: masked-image latents and the packed 2x2 mask)
+FLUX_DISTILLED = {
+    "FluxFillPipeline": 16 + 16,
+    "FluxControlPipeline": 16,
+    "FluxControlImg2ImgPipeline": 16,
+    "FluxControlInpaintPipeline": 16,
+    "FluxControlNetImg2ImgPipeline": 0,
+    "FluxControlNetInpaintPipeline": 0,
+}
+
+
+def tiny_flux_distilled(name: str) -> DiffusionPipeline:
+    """One of :data:`FLUX_DISTILLED` on :func:`tiny_flux`'s components (its transformer widened for the extra
+    input channels; a ControlNet for the ControlNet ones)."""
+    import diffusers
+
+    base = tiny_flux(in_channels=16 + FLUX_DISTILLED[name])
+    components = dict(base.components)
+    if "ControlNet" in name:
+        components["controlnet"] = _controlnet_for(base)
+    cls = getattr(diffusers, name)
+    accepted = cls.__init__.__code__.co_varnames
+    return _finish(cls(**{k: v for k, v in components.items() if k in accepted}))
+
+
+def flux_distilled_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """Small valid call kwargs for a :func:`tiny_flux_distilled` pipeline (no generator, no guidance settings)."""
+    name = type(pipe).__name__
+    kwargs = {"prompt": PROMPT, "height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3}
+    kwargs |= {"output_type": "np", "max_sequence_length": 64}
+    if name != "FluxFillPipeline":
+        kwargs["control_image"] = random_image(IMAGE_SIZE, seed=SEED + 3)
+    if "Inpaint" in name or name == "FluxFillPipeline":
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        mask[8:24, 8:24] = 255
+        kwargs["mask_image"] = Image.fromarray(mask)
+    if name != "FluxControlPipeline":
+        kwargs["image"] = random_image(IMAGE_SIZE)
+    if "Img2Img" in name or "Inpaint" in name:
+        kwargs["strength"] = 0.99
+        kwargs["num_inference_steps"] = 4
     return kwargs
 
 
