@@ -638,8 +638,9 @@ BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
 # --------------------------------------------------------------------------- inpainting and ControlNet variants
 
 
-def _controlnet_for(pipe: DiffusionPipeline) -> torch.nn.Module:
-    """A seeded tiny ControlNet matching ``pipe``'s denoiser (its conditioning embedding maps images to latents)."""
+def _controlnet_for(pipe: DiffusionPipeline, extra_channels: int = 0) -> torch.nn.Module:
+    """A seeded tiny ControlNet matching ``pipe``'s denoiser (its conditioning embedding maps images to latents;
+    ``extra_channels``: SD3 inpainting's mask channel beside the control image's latents)."""
     import diffusers
 
     torch.manual_seed(SEED + 7)
@@ -650,7 +651,9 @@ def _controlnet_for(pipe: DiffusionPipeline) -> torch.nn.Module:
     same = {key: config[key] for key in (*keys, "pooled_projection_dim")}
     if isinstance(pipe.transformer, SD3Transformer2DModel):
         extra = ("sample_size", "out_channels", "caption_projection_dim", "pos_embed_max_size")
-        return diffusers.SD3ControlNetModel(**same, **{key: config[key] for key in extra}, num_layers=1).eval()
+        return diffusers.SD3ControlNetModel(
+            **same, **{key: config[key] for key in extra}, num_layers=1, extra_conditioning_channels=extra_channels
+        ).eval()
     extra = ("guidance_embeds", "axes_dims_rope")
     return diffusers.FluxControlNetModel(
         **same, **{key: config[key] for key in extra}, num_layers=1, num_single_layers=1
@@ -665,10 +668,11 @@ def _inpainting_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
 
 def variant(family: str, kind: str) -> DiffusionPipeline:
     """``family`` in sd / sdxl / sd3 / flux; ``kind``: inpaint, inpaint9 (SD's 9-channel UNet), controlnet,
-    controlnet_img2img, controlnet_inpaint."""
+    controlnet_img2img, controlnet_inpaint, and for SDXL controlnet_union, controlnet_union_img2img,
+    controlnet_union_inpaint."""
     import diffusers
 
-    if (family, kind) == ("sd3", "inpaint"):
+    if (family, kind) in (("sd3", "inpaint"), ("sd3", "controlnet_inpaint")):
         base = tiny_sd3(latent_channels=16)  # diffusers' SD3 inpainting wants SD3's 16 latent channels
     else:
         base = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3, "flux": tiny_flux}[family]()
@@ -682,10 +686,22 @@ def variant(family: str, kind: str) -> DiffusionPipeline:
         "controlnet": f"{prefix}ControlNetPipeline",
         "controlnet_img2img": f"{prefix}ControlNetImg2ImgPipeline",
         "controlnet_inpaint": f"{prefix}ControlNet{'Inpainting' if family == 'sd3' else 'Inpaint'}Pipeline",
+        "controlnet_union": f"{prefix}ControlNetUnionPipeline",
+        "controlnet_union_img2img": f"{prefix}ControlNetUnionImg2ImgPipeline",
+        "controlnet_union_inpaint": f"{prefix}ControlNetUnionInpaintPipeline",
     }
     cls = getattr(diffusers, names[kind])
-    if kind.startswith("controlnet"):
-        components["controlnet"] = _controlnet_for(base)
+    if kind.startswith("controlnet_union"):  # SDXL's ControlNet++ (one model, several control modes)
+        union = diffusers.ControlNetUnionModel.from_unet(
+            base.unet, conditioning_embedding_out_channels=(16, 32), load_weights_from_unet=False
+        )
+        width = base.unet.config.block_out_channels[0]  # its task transformer is as wide as the first block
+        torch.manual_seed(SEED + 7)
+        components["controlnet"] = diffusers.ControlNetUnionModel.from_config(
+            union.config, num_trans_channel=width, num_proj_channel=width
+        ).eval()
+    elif kind.startswith("controlnet"):
+        components["controlnet"] = _controlnet_for(base, 1 if (family, kind) == ("sd3", "controlnet_inpaint") else 0)
     if family == "sdxl" and "requires_aesthetics_score" in cls.__init__.__code__.co_varnames:
         components["requires_aesthetics_score"] = False
     accepted = cls.__init__.__code__.co_varnames
@@ -710,6 +726,14 @@ def variant_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
         kwargs["image"] = random_image(IMAGE_SIZE)
         kwargs["strength"] = 0.75
         kwargs["num_inference_steps"] = 4
+    if name == "StableDiffusion3ControlNetInpaintingPipeline":  # the image to fill is the control image
+        kwargs["control_mask"] = kwargs.pop("mask_image")
+        kwargs["control_image"] = kwargs.pop("image")
+        del kwargs["strength"]
+        return kwargs
+    if "ControlNetUnion" in name:
+        kwargs["control_image"], kwargs["control_mode"] = [control], [0]
+        return kwargs
     if "ControlNet" in name:
         key = (
             "control_image"

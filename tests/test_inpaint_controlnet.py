@@ -22,8 +22,12 @@ CASES = [
     ("sdxl", "controlnet"),
     ("sdxl", "controlnet_img2img"),
     ("sdxl", "controlnet_inpaint"),
+    ("sdxl", "controlnet_union"),
+    ("sdxl", "controlnet_union_img2img"),
+    ("sdxl", "controlnet_union_inpaint"),
     ("sd3", "inpaint"),
     ("sd3", "controlnet"),
+    ("sd3", "controlnet_inpaint"),
     ("flux", "inpaint"),
     ("flux", "controlnet"),
 ]
