@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ __all__ = [
     "SOFTPAG_STRENGTH",
     "Option",
     "Request",
+    "check_generates_from_text",
     "class_names",
     "generate",
     "grid",
@@ -217,13 +219,40 @@ def softpag_heads(pipe: Any) -> tuple[tuple[str, int], ...]:
     return registry.softpag_heads(pipe)
 
 
+#: call arguments that are input images: a pipeline that takes one makes images from an image, not from a prompt
+IMAGE_INPUTS = ("image", "mask_image", "control_image")
+#: pipelines whose ``image`` is optional (without one they generate from the prompt alone)
+OPTIONAL_IMAGE = ("FluxKontextPipeline",)
+
+
 def is_unconditional(pipe: Any) -> bool:
-    """Whether ``pipe`` is an unconditional UNet pipeline (``DDPMPipeline``-like: a UNet, no prompt, no classes)."""
+    """Whether ``pipe`` is an unconditional UNet pipeline (``DDPMPipeline``-like: a ``UNet2DModel``, no prompt, no
+    classes)."""
+    from diffusers import UNet2DModel
+
     try:
         family_of(pipe)
     except TypeError:
-        return getattr(pipe, "unet", None) is not None and class_names(pipe) is None
+        return isinstance(getattr(pipe, "unet", None), UNet2DModel) and class_names(pipe) is None
     return False
+
+
+def check_generates_from_text(pipe: Any) -> None:
+    """``ValueError`` unless ``guide()`` serves ``pipe`` and it makes images from a prompt or a class alone (what
+    Generate and ``steerguard generate`` ask of it)."""
+    name = type(pipe).__name__
+    try:
+        family_of(pipe)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    needed = [p for p in IMAGE_INPUTS if p in parameters and not (p == "image" and name in OPTIONAL_IMAGE)]
+    if needed:
+        raise ValueError(
+            f"{name} makes images from an input image ({', '.join(needed)}); Generate and `steerguard generate` "
+            "make them from a prompt or a class: load a text-to-image model, or call this pipeline from Python "
+            "inside guide()"
+        )
 
 
 def scheduler_for(pipe: Any, sampler: str) -> Any:
@@ -286,6 +315,7 @@ def generate(pipe: Any, request: Request, on_step: Callable[[Step], bool | None]
     if (entry is not None and entry.kind == "score_sampler") or is_unconditional(pipe):
         with _reporting(pipe, request, on_step):
             return _unconditional(pipe, request, entry, generators)
+    check_generates_from_text(pipe)
     names = class_names(pipe)
     call: dict[str, Any] = {"num_inference_steps": request.steps, "generator": generators}
     if names is not None:
@@ -297,7 +327,9 @@ def generate(pipe: Any, request: Request, on_step: Callable[[Step], bool | None]
             raise ValueError("the prompt is empty")
         call["prompt"] = [request.subject] * request.num_images
     methods = request.guidance(pipe)
-    call[family_of(pipe).scale_arg] = 1.0  # CFG only when a method asks for it
+    scale_arg = family_of(pipe).scale_arg
+    if scale_arg in inspect.signature(type(pipe).__call__).parameters:
+        call[scale_arg] = 1.0  # CFG only when a method asks for it
     with using_sampler(pipe, request.sampler), _reporting(pipe, request, on_step):
         if not methods:
             return pipe(**call).images

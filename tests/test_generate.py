@@ -27,3 +27,46 @@ def test_showcase_rows_are_distinct_and_labelled():
     assert sheet.getpixel((20, 20)) == (255, 0, 0) and sheet.getpixel((20, 2)) == (255, 255, 255)
     with pytest.raises(ValueError, match="labels"):
         grid([Image.new("RGB", (8, 8))] * 2, columns=1, labels=["a"])
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        ("img2img", r"makes images from an input image \(image\)"),
+        ("fill", r"makes images from an input image \(image, mask_image\)"),
+        ("pix2pix", "guide\\(\\) cannot serve StableDiffusionInstructPix2PixPipeline"),
+    ],
+)
+def test_generate_refuses_pipelines_it_cannot_drive_with_the_reason(build, match):
+    """An image-to-image pipeline, one without a CFG scale argument (FLUX Fill) and a conditional UNet pipeline
+    that guide() does not serve are refused with a message, never run as an unconditional model or half-called."""
+    import diffusers
+
+    from apps.generate import generate, is_unconditional
+    from tests.factories import BUILDERS, tiny_flux_distilled
+
+    if build == "img2img":
+        pipe = BUILDERS["sd_img2img"]()
+    elif build == "fill":
+        pipe = tiny_flux_distilled("FluxFillPipeline")
+    else:
+        components = BUILDERS["sd"]().components
+        accepted = diffusers.StableDiffusionInstructPix2PixPipeline.__init__.__code__.co_varnames
+        pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
+            **{k: v for k, v in components.items() if k in accepted}
+        )
+    assert not is_unconditional(pipe)
+    with pytest.raises(ValueError, match=match):
+        generate(pipe, Request("a cat", method="none", steps=2, num_images=1))
+
+
+def test_flux_kontext_is_accepted_for_generation_from_the_prompt_alone():
+    """Kontext's ``image`` is optional (text-to-image without one; its run is in tests/test_kontext.py)."""
+    from apps.generate import check_generates_from_text
+    from tests.factories import tiny_flux_distilled, tiny_kontext
+
+    check_generates_from_text(tiny_kontext())
+    with pytest.raises(ValueError, match="input image"):
+        check_generates_from_text(tiny_kontext(inpaint=True))
+    with pytest.raises(ValueError, match=r"\(image, control_image\)"):
+        check_generates_from_text(tiny_flux_distilled("FluxControlImg2ImgPipeline"))
