@@ -38,6 +38,8 @@ def test_cfg_equals_kontexts_own_true_cfg(pipe, reference):
     with guide(pipe, CFG(4.0), PAG(2.0)):
         pag = call(pipe, reference)
     assert np.isfinite(pag).all() and np.abs(pag - own).max() > 1e-5
+    with guide(pipe, CFG(4.0), PAG(2.0), sequential=True):  # the perturbed branch in a call of its own
+        np.testing.assert_allclose(call(pipe, reference), pag, atol=2e-5)
 
 
 def _recorded_apg_run(pipe, method):
