@@ -206,7 +206,8 @@ def protect(
     Args:
         method: "photoguard" (encoder attack toward ``target``), "mist" (textural + ``weight`` x semantic loss,
             needs ``denoiser``), "sds" (Diff-Protect SDS+: raises the denoising loss, as Mist's semantic part) or
-            "sds-" (Diff-Protect SDS-: lowers it, the variant Xue et al. found stronger); both need ``denoiser``.
+            "sds-" (Diff-Protect SDS-: lowers it, the variant Xue et al. found stronger on SD 1.x; on our demo
+            models it is less visible and slightly weaker, see benchmarks/RESULTS.md); both need ``denoiser``.
         denoiser: ``eps(z_t, t)`` on scaled latents; used by "mist", "sds" and "sds-".
         eps, steps, step: PGD budget (in [0, 1] pixel units), iterations and step size (see :func:`protect.pgd.pgd`).
         target: target pattern for "photoguard"/"mist": an image (tensor in [0, 1] or PIL), "zero" for the zero
