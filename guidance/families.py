@@ -38,6 +38,8 @@ class Family:
     unbatched: tuple[str, ...] = ()
     #: joint attention puts the text tokens before the image tokens (FLUX) rather than after (SD3)
     text_first: bool = False
+    #: "sequential" layout: the negative embeddings that together switch the pipeline's true CFG on
+    negative_embeds: tuple[str, ...] = ()
 
 
 _RESCALE = ("guidance_rescale", "CFG rescaling inside the pipeline would act on the already guided prediction")
@@ -112,6 +114,17 @@ FAMILIES: tuple[Family, ...] = (
         timestep_divisor=1000.0,
         unbatched=("img_ids", "txt_ids"),
         text_first=True,
+        negative_embeds=("negative_prompt_embeds", "negative_pooled_prompt_embeds"),
+    ),
+    Family(
+        "qwenimage",
+        ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+        "transformer",
+        "sequential",
+        "true_cfg_scale",
+        timestep_divisor=1000.0,
+        text_first=True,
+        negative_embeds=("negative_prompt_embeds",),
     ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family("pixart", ("PixArtSigmaPipeline", "PixArtAlphaPipeline"), "transformer", "uncond_cond", "guidance_scale"),

@@ -178,20 +178,21 @@ class _Controller:
             return self._sequential_negative(pipe, arguments)
         return True
 
-    @staticmethod
-    def _sequential_negative(pipe: Any, arguments: dict[str, Any]) -> bool:
-        """Whether a FLUX call runs true CFG: a negative prompt, or both negative embeddings (FluxPipeline's own
-        test); one embedding without the other is refused (the pipeline would silently run no true CFG)."""
+    def _sequential_negative(self, pipe: Any, arguments: dict[str, Any]) -> bool:
+        """Whether a call with a separate unconditional call (FLUX, Qwen-Image) runs true CFG: a negative prompt,
+        or every negative embedding the family needs (FLUX: the sequence and the pooled ones, the pipeline's own
+        test); some without the others is refused (the pipeline would silently run no true CFG)."""
         if arguments.get("negative_prompt") is not None:
             return True
-        embeds, pooled = arguments.get("negative_prompt_embeds"), arguments.get("negative_pooled_prompt_embeds")
-        if (embeds is None) != (pooled is None):
-            given, missing = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")[:: 1 if pooled is None else -1]
+        needed = self.family.negative_embeds
+        given = [name for name in needed if arguments.get(name) is not None]
+        if given and len(given) < len(needed):
+            missing = [name for name in needed if name not in given]
             raise ValueError(
-                f"{type(pipe).__name__}: {given} without {missing}; pass them together (FLUX runs its true CFG "
-                "only with both) or pass negative_prompt"
+                f"{type(pipe).__name__}: {', '.join(given)} without {', '.join(missing)}; pass them together (the "
+                "pipeline runs its true CFG only with all of them) or pass negative_prompt"
             )
-        return embeds is not None
+        return bool(given)
 
     def _distilled(self, pipe: Any) -> bool:
         config = getattr(getattr(pipe, self.family.denoiser), "config", {})
@@ -214,7 +215,7 @@ class _Controller:
             if arguments.get("prompt_embeds") is not None:
                 raise ValueError(
                     f"{type(pipe).__name__}: guidance needs an unconditional branch; with prompt_embeds, pass "
-                    "negative_prompt_embeds and negative_pooled_prompt_embeds too"
+                    f"{' and '.join(self.family.negative_embeds)} too"
                 )
             arguments["negative_prompt"] = ""
 

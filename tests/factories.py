@@ -440,6 +440,71 @@ def flux_distilled_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
     return kwargs
 
 
+def tiny_qwen(kind: str = "") -> DiffusionPipeline:
+    """Qwen-Image (``kind`` "", "img2img" or "inpaint"): a 2-block transformer, a tiny Qwen-Image VAE, no text
+    encoder or tokenizer (call it with :func:`qwen_call_kwargs`' embeddings), flow matching with dynamic shift."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4),
+    ).eval()
+    vae = diffusers.AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    name = {"": "QwenImagePipeline", "img2img": "QwenImageImg2ImgPipeline", "inpaint": "QwenImageInpaintPipeline"}
+    cls = getattr(diffusers, name[kind])
+    return _finish(cls(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer))
+
+
+def qwen_call_kwargs(pipe: DiffusionPipeline, negative: bool = True) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_qwen`: seeded prompt embeddings (7 tokens) and, with ``negative``,
+    negative ones (5 tokens), no generator and no guidance settings."""
+    g = torch.Generator().manual_seed(SEED + 11)
+    kwargs: dict[str, Any] = {
+        "prompt_embeds": torch.randn(1, 7, 16, generator=g),
+        "prompt_embeds_mask": torch.ones(1, 7, dtype=torch.long),
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "num_inference_steps": 3,
+        "output_type": "np",
+    }
+    if negative:
+        kwargs["negative_prompt_embeds"] = torch.randn(1, 5, 16, generator=g)
+        kwargs["negative_prompt_embeds_mask"] = torch.ones(1, 5, dtype=torch.long)
+    name = type(pipe).__name__
+    if "Img2Img" in name or "Inpaint" in name:
+        kwargs["image"] = random_image(IMAGE_SIZE)
+        kwargs["strength"] = 0.99
+        kwargs["num_inference_steps"] = 4
+    if "Inpaint" in name:
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        mask[8:24, 8:24] = 255
+        kwargs["mask_image"] = Image.fromarray(mask)
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
