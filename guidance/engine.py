@@ -10,6 +10,7 @@ runs the unconditional branch).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -53,11 +54,21 @@ def _map_batched(value: Any, fn: Callable[[Tensor], Tensor], n: int) -> Any:
     return value
 
 
-def _generated_tokens(ids: Any, x: Tensor) -> int | None:
+def _generated_tokens(kwargs: dict[str, Any], x: Tensor) -> int | None:
     """How many leading tokens of a sequence model's input ``x`` (N, T, C) are the latents being generated, when
-    reference-image tokens follow them (FLUX Kontext: their position ids have a first coordinate of 1, the
-    generated ones 0, and the pipeline keeps only the first tokens of the output); None when all are generated."""
-    if not isinstance(ids, Tensor) or x.ndim != 3:
+    reference-image tokens follow them (the pipeline keeps only the first tokens of the output): FLUX Kontext marks
+    them by position ids whose first coordinate is 1 (the generated ones 0), Qwen-Image Edit lists one
+    ``(frames, height, width)`` per image in ``img_shapes``, the generated one first. None when all are generated."""
+    if x.ndim != 3:
+        return None
+    shapes = kwargs.get("img_shapes")
+    if isinstance(shapes, list | tuple) and shapes and isinstance(shapes[0], list | tuple) and len(shapes[0]) > 1:
+        sizes = [math.prod(shape) for shape in shapes[0]]
+        if sum(sizes) != x.shape[1]:
+            raise RuntimeError(f"img_shapes {shapes[0]} describe {sum(sizes)} tokens, the input has {x.shape[1]}")
+        return sizes[0]
+    ids = kwargs.get("img_ids")
+    if not isinstance(ids, Tensor):
         return None
     ids = ids[0] if ids.ndim == 3 else ids  # diffusers' deprecated batched ids
     if ids.ndim != 2 or ids.shape[0] != x.shape[1]:
@@ -98,7 +109,8 @@ class Run:
         methods = controller.methods
         #: (text, image) token counts of the current denoiser call of a sequence model (FLUX), else None
         self.tokens: tuple[int, int] | None = None
-        #: the generated (leading) image tokens when reference-image tokens follow them (FLUX Kontext), else None
+        #: the generated (leading) image tokens when reference-image tokens follow them (FLUX Kontext, Qwen-Image
+        #: Edit), else None
         self.generated: int | None = None
         #: index of the pipeline's own CFG among the methods (composed with perturbations), if it runs one
         self.own_cfg: int | None = None
@@ -126,10 +138,11 @@ class Run:
         step = self.step_of(x, t, has_uncond)
         context = inputs[1].get("encoder_hidden_states")
         self.tokens = (context.shape[1], x.shape[1]) if context is not None and x.ndim == 3 else None
-        self.generated = _generated_tokens(inputs[1].get("img_ids"), x)
+        self.generated = _generated_tokens(inputs[1], x)
         if self.generated is not None and self.controller.corrector is not None:
             raise ValueError(
-                "the Langevin corrector is not supported with reference-image tokens (FLUX Kontext with an image): "
+                "the Langevin corrector is not supported with reference-image tokens (FLUX Kontext with an image, "
+                "Qwen-Image Edit): "
                 "it would move the reference latents with the generated ones"
             )
         self._follow_pipeline_scale()
@@ -306,8 +319,8 @@ class Run:
 
     def guided(self, x, t, cond, uncond, perturbed, fraction) -> Tensor:
         """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype. With reference-image
-        tokens (FLUX Kontext) the methods see the generated tokens only (APG's norms and projections are per
-        sample); the reference tokens keep the conditional output, which the pipeline drops."""
+        tokens (FLUX Kontext, Qwen-Image Edit) the methods see the generated tokens only (APG's norms and
+        projections are per sample); the reference tokens keep the conditional output, which the pipeline drops."""
         k = self.generated
         if k is not None and cond.ndim == 3 and cond.shape[1] > k:
             heads = {i: p[:, :k] for i, p in perturbed.items()}

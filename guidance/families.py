@@ -118,7 +118,14 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "qwenimage",
-        ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+        (
+            "QwenImagePipeline",
+            "QwenImageImg2ImgPipeline",
+            "QwenImageInpaintPipeline",
+            "QwenImageEditPipeline",
+            "QwenImageEditPlusPipeline",
+            "QwenImageEditInpaintPipeline",
+        ),
         "transformer",
         "sequential",
         "true_cfg_scale",

@@ -473,9 +473,19 @@ def tiny_qwen(kind: str = "") -> DiffusionPipeline:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    name = {"": "QwenImagePipeline", "img2img": "QwenImageImg2ImgPipeline", "inpaint": "QwenImageInpaintPipeline"}
+    name = {
+        "": "QwenImagePipeline",
+        "img2img": "QwenImageImg2ImgPipeline",
+        "inpaint": "QwenImageInpaintPipeline",
+        "edit": "QwenImageEditPipeline",
+        "edit_plus": "QwenImageEditPlusPipeline",
+        "edit_inpaint": "QwenImageEditInpaintPipeline",
+    }
     cls = getattr(diffusers, name[kind])
-    return _finish(cls(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer))
+    parts = {"scheduler": scheduler, "vae": vae, "text_encoder": None, "tokenizer": None, "transformer": transformer}
+    if kind.startswith("edit"):
+        parts["processor"] = None
+    return _finish(cls(**parts))
 
 
 def qwen_call_kwargs(pipe: DiffusionPipeline, negative: bool = True) -> dict[str, Any]:
@@ -494,12 +504,16 @@ def qwen_call_kwargs(pipe: DiffusionPipeline, negative: bool = True) -> dict[str
         kwargs["negative_prompt_embeds"] = torch.randn(1, 5, 16, generator=g)
         kwargs["negative_prompt_embeds_mask"] = torch.ones(1, 5, dtype=torch.long)
     name = type(pipe).__name__
-    if "Img2Img" in name or "Inpaint" in name:
+    if "Edit" in name:  # the reference image (48 x 32: its tokens outnumber the 32 x 32 output's)
+        kwargs["image"] = random_image(48).crop((0, 0, 48, 32))
+    elif "Img2Img" in name or "Inpaint" in name:
         kwargs["image"] = random_image(IMAGE_SIZE)
+    if "Img2Img" in name or "Inpaint" in name:
         kwargs["strength"] = 0.99
         kwargs["num_inference_steps"] = 4
     if "Inpaint" in name:
-        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        width, height = kwargs["image"].size
+        mask = np.zeros((height, width), dtype=np.uint8)
         mask[8:24, 8:24] = 255
         kwargs["mask_image"] = Image.fromarray(mask)
     return kwargs

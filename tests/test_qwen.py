@@ -50,3 +50,60 @@ def test_true_cfg_needs_the_negative_embeddings_and_leaves_the_pipeline_as_found
     with guide(pipe, CFG(4.0)), pytest.raises(ValueError, match="pass negative_prompt_embeds too"):
         call(pipe, negative=False)
     assert pipeline_snapshot(pipe) == before
+
+
+@pytest.fixture(scope="module", params=["edit", "edit_plus", "edit_inpaint"])
+def edit_pipe(request):
+    """Qwen-Image Edit (Plus), its reference image resized to 48 x 32 instead of about 1024^2 (speed only: the
+    pipelines' module-level calculate_dimensions is replaced for these tests)."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_inpaint as edit_inpaint
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(edit, "calculate_dimensions", lambda area, ratio: (48, 32, None))
+    patch.setattr(edit_inpaint, "calculate_dimensions", lambda area, ratio: (48, 32, None))
+    patch.setattr(edit_plus, "calculate_dimensions", lambda area, ratio: (48, 32))
+    yield tiny_qwen(request.param)
+    patch.undo()
+
+
+def test_edit_cfg_equals_its_own_and_apg_acts_on_the_generated_tokens_only(edit_pipe):
+    """The reference image's tokens follow the generated ones (``img_shapes`` lists both); APG's per-sample norm
+    threshold and projection see the generated tokens only, then the pipeline's per-token norm rescaling applies."""
+    from guidance.pipeline import schedule_of
+    from guidance.prediction import broadcast
+
+    pipe = edit_pipe
+    own = call(pipe, true_cfg_scale=4.0)
+    with guide(pipe, CFG(4.0)):
+        np.testing.assert_allclose(call(pipe), own, atol=2e-5)
+    calls, steps = [], []
+    hook = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs["hidden_states"], kwargs["timestep"], out[0].clone())),
+        with_kwargs=True,
+    )
+    scheduler_step = pipe.scheduler.step
+
+    def record_step(output, *args, **kwargs):
+        steps.append(output.clone())
+        return scheduler_step(output, *args, **kwargs)
+
+    method = APG(6.0)
+    pipe.scheduler.step = record_step
+    try:
+        with guide(pipe, method):
+            call(pipe)
+    finally:
+        hook.remove()
+        del pipe.scheduler.step
+    k = steps[0].shape[1]
+    assert calls[0][0].shape[1] > k  # reference tokens follow
+    schedule, state = schedule_of(pipe.scheduler), method.new_state("qwenimage")
+    for (x, t, cond), (_, _, uncond), ours in zip(calls[::2], calls[1::2], steps):
+        x, cond, uncond = x[:, :k].float(), cond[:, :k].float(), uncond[:, :k].float()
+        a, b = schedule.coefficients(*schedule.alpha_sigma(torch.as_tensor(t).reshape(-1).float() * 1000))
+        a, b = broadcast(a, x), broadcast(b, x)
+        guided = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
+        rescaled = guided * cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(ours.float(), rescaled, rtol=1e-4, atol=1e-5)
