@@ -124,8 +124,9 @@ class _Controller:
             self._check_corrector(pipe)
         if self.corrector is not None and has_uncond and self.family.layout == "sequential":
             raise ValueError(
-                f"{type(pipe).__name__}: the Langevin corrector needs every branch in one denoiser call; FLUX's true "
-                "CFG runs the unconditional branch in a separate call (use the corrector without true CFG)"
+                f"{type(pipe).__name__}: the Langevin corrector needs every branch in one denoiser call; this "
+                "pipeline's true CFG runs the unconditional branch in a separate call (use the corrector without "
+                "true CFG)"
             )
         self.run = Run(self, float(arguments.get(self.family.scale_arg, 1.0)), has_uncond)
         token = ACTIVE_RUN.set(self.run)
