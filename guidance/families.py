@@ -40,6 +40,9 @@ class Family:
     text_first: bool = False
     #: "sequential" layout: the negative embeddings that together switch the pipeline's true CFG on
     negative_embeds: tuple[str, ...] = ()
+    #: "sequential" layout: the pipeline runs its unconditional call whenever its scale is above 1, with an empty
+    #: negative prompt unless given one (Chroma); else only with a negative prompt or embeddings (FLUX true CFG)
+    negative_by_default: bool = False
 
 
 _RESCALE = ("guidance_rescale", "CFG rescaling inside the pipeline would act on the already guided prediction")
@@ -132,6 +135,18 @@ FAMILIES: tuple[Family, ...] = (
         timestep_divisor=1000.0,
         text_first=True,
         negative_embeds=("negative_prompt_embeds",),
+    ),
+    Family(
+        "chroma",
+        ("ChromaPipeline", "ChromaImg2ImgPipeline"),  # ChromaInpaintPipeline fails in diffusers 0.42 itself
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        unbatched=("img_ids", "txt_ids"),
+        text_first=True,
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
     ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family("pixart", ("PixArtSigmaPipeline", "PixArtAlphaPipeline"), "transformer", "uncond_cond", "guidance_scale"),

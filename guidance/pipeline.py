@@ -175,7 +175,7 @@ class _Controller:
     def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
         if arguments.get(self.family.scale_arg, 1.0) <= 1 or self._distilled(pipe):
             return False
-        if self.family.layout == "sequential":
+        if self.family.layout == "sequential" and not self.family.negative_by_default:
             return self._sequential_negative(pipe, arguments)
         return True
 
@@ -210,6 +210,8 @@ class _Controller:
         # per step at 1.01 in bf16); the guided result does not depend on s, so it is always 2 there
         if arguments[self.family.scale_arg] <= 1 or self.family.layout == "sequential":
             arguments[self.family.scale_arg] = FORCED_PIPELINE_SCALE
+        if self.family.layout == "sequential" and self.family.negative_by_default:
+            return
         if self.family.layout == "sequential" and arguments.get("negative_prompt") is None:
             if self._sequential_negative(pipe, arguments):
                 return

@@ -519,6 +519,47 @@ def qwen_call_kwargs(pipe: DiffusionPipeline, negative: bool = True) -> dict[str
     return kwargs
 
 
+def tiny_chroma(kind: str = "") -> DiffusionPipeline:
+    """Chroma (``kind`` "" or "img2img"): a FLUX-like transformer (1 double + 1 single block) whose
+    modulations come from an approximator, T5 text, flow matching with dynamic shift."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 width
+        axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=8,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    name = {"": "ChromaPipeline", "img2img": "ChromaImg2ImgPipeline"}[kind]
+    cls = getattr(diffusers, name)
+    pipe = cls(
+        scheduler=scheduler,
+        vae=_vae(flow=True),
+        text_encoder=_t5_encoder(d_model=32),
+        tokenizer=t5_tokenizer(),
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _finish(pipe)
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
