@@ -61,11 +61,12 @@ def _generated_tokens(kwargs: dict[str, Any], x: Tensor) -> int | None:
     ``(frames, height, width)`` per image in ``img_shapes``, the generated one first. None when all are generated."""
     if x.ndim != 3:
         return None
-    shapes = kwargs.get("img_shapes")
-    if isinstance(shapes, list | tuple) and shapes and isinstance(shapes[0], list | tuple) and len(shapes[0]) > 1:
-        sizes = [math.prod(shape) for shape in shapes[0]]
+    shapes = kwargs.get("img_shapes")  # per sample: (f, h, w), or a list of them, the generated image first
+    first = shapes[0] if isinstance(shapes, list | tuple) and shapes else None
+    if isinstance(first, list | tuple) and len(first) > 1 and all(isinstance(s, list | tuple) for s in first):
+        sizes = [math.prod(shape) for shape in first]
         if sum(sizes) != x.shape[1]:
-            raise RuntimeError(f"img_shapes {shapes[0]} describe {sum(sizes)} tokens, the input has {x.shape[1]}")
+            raise RuntimeError(f"img_shapes {first} describe {sum(sizes)} tokens, the input has {x.shape[1]}")
         return sizes[0]
     ids = kwargs.get("img_ids")
     if not isinstance(ids, Tensor):

@@ -128,6 +128,8 @@ FAMILIES: tuple[Family, ...] = (
             "QwenImageEditPipeline",
             "QwenImageEditPlusPipeline",
             "QwenImageEditInpaintPipeline",
+            "QwenImageControlNetPipeline",
+            "QwenImageControlNetInpaintPipeline",
         ),
         "transformer",
         "sequential",

@@ -480,11 +480,20 @@ def tiny_qwen(kind: str = "") -> DiffusionPipeline:
         "edit": "QwenImageEditPipeline",
         "edit_plus": "QwenImageEditPlusPipeline",
         "edit_inpaint": "QwenImageEditInpaintPipeline",
+        "controlnet": "QwenImageControlNetPipeline",
+        "controlnet_inpaint": "QwenImageControlNetInpaintPipeline",
     }
     cls = getattr(diffusers, name[kind])
     parts = {"scheduler": scheduler, "vae": vae, "text_encoder": None, "tokenizer": None, "transformer": transformer}
     if kind.startswith("edit"):
         parts["processor"] = None
+    if kind.startswith("controlnet"):  # the inpainting ControlNet also reads the mask (4 channels: packed 2x2)
+        torch.manual_seed(SEED + 7)
+        config = {key: transformer.config[key] for key in ("patch_size", "in_channels", "out_channels")}
+        config |= {key: transformer.config[key] for key in ("attention_head_dim", "num_attention_heads")}
+        config |= {"joint_attention_dim": 16, "axes_dims_rope": (8, 4, 4), "num_layers": 1}
+        extra = 4 if kind == "controlnet_inpaint" else 0  # the mask, packed 2x2
+        parts["controlnet"] = diffusers.QwenImageControlNetModel(**config, extra_condition_channels=extra).eval()
     return _finish(cls(**parts))
 
 
@@ -504,6 +513,13 @@ def qwen_call_kwargs(pipe: DiffusionPipeline, negative: bool = True) -> dict[str
         kwargs["negative_prompt_embeds"] = torch.randn(1, 5, 16, generator=g)
         kwargs["negative_prompt_embeds_mask"] = torch.ones(1, 5, dtype=torch.long)
     name = type(pipe).__name__
+    if "ControlNet" in name:
+        kwargs["control_image"] = random_image(IMAGE_SIZE, seed=SEED + 3)
+        if "Inpaint" in name:
+            mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+            mask[8:24, 8:24] = 255
+            kwargs["control_mask"] = Image.fromarray(mask)
+        return kwargs
     if "Edit" in name:  # the reference image (48 x 32: its tokens outnumber the 32 x 32 output's)
         kwargs["image"] = random_image(48).crop((0, 0, 48, 32))
     elif "Img2Img" in name or "Inpaint" in name:

@@ -13,7 +13,11 @@ from guidance import APG, CFG, PAG, SoftPAG, guide
 from tests.factories import pipeline_snapshot, qwen_call_kwargs, tiny_qwen
 
 
-@pytest.fixture(scope="module", params=["", "img2img", "inpaint"], ids=["t2i", "img2img", "inpaint"])
+@pytest.fixture(
+    scope="module",
+    params=["", "img2img", "inpaint", "controlnet", "controlnet_inpaint"],
+    ids=["t2i", "img2img", "inpaint", "controlnet", "controlnet_inpaint"],
+)
 def pipe(request):
     return tiny_qwen(request.param)
 
