@@ -101,10 +101,14 @@ class Run:
     denoiser parameter names and ``sequential`` choice).
     """
 
-    def __init__(self, controller: Any, pipeline_scale: float, has_uncond: bool) -> None:
+    def __init__(self, controller: Any, pipeline_scale: float, has_uncond: bool, solve_uncond: bool = False) -> None:
         self.controller = controller
         self.family = controller.family
         self.pipeline_scale = pipeline_scale
+        #: a batched CFG call hands back the true conditional half and the unconditional half solved from the
+        #: pipeline's ``u + s (c - u) = guided`` (the pipeline's ``guidance_rescale`` reads the conditional half),
+        #: instead of the guided prediction in both halves
+        self.solve_uncond = solve_uncond
         #: whether the call runs an unconditional branch (a step may not: see :meth:`step_of`)
         self.has_uncond = has_uncond
         methods = controller.methods
@@ -292,8 +296,21 @@ class Run:
             eps = pred
         else:
             g = self._guided_rows(step, pred, perturbed)
-            eps = g.repeat(x.shape[0] // g.shape[0], *[1] * (g.ndim - 1))
+            if step.has_uncond and self.solve_uncond:
+                eps = self._solved_halves(step, pred[:, :channels] if learned_sigma else pred, g)
+            else:
+                eps = g.repeat(x.shape[0] // g.shape[0], *[1] * (g.ndim - 1))
         return eps if rest is None else torch.cat([eps, rest], dim=1)
+
+    def _solved_halves(self, step: Step, pred: Tensor, guided: Tensor) -> Tensor:
+        """The CFG batch's halves ``(u', c)``, in the family's order, with ``u' + s (c - u') = guided`` at the
+        pipeline's scale ``s`` now (a step-end callback may change it)."""
+        cond = pred[step.cond_rows]
+        current = vars(self.controller.pipe).get("_guidance_scale", self.pipeline_scale)
+        s = float(current) if isinstance(current, int | float) and current > 1 else self.pipeline_scale
+        uncond = ((guided.float() - s * cond.float()) / (1 - s)).to(guided.dtype)
+        halves = [uncond, cond] if self.family.layout == "uncond_cond" else [cond, uncond]
+        return torch.cat(halves)
 
     def _guided_rows(self, step: Step, pred: Tensor, perturbed: dict[int, Tensor]) -> Tensor:
         """The guided prediction for the cond rows of a batched call (learned-sigma channels dropped)."""

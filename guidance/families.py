@@ -45,7 +45,6 @@ class Family:
     negative_by_default: bool = False
 
 
-_RESCALE = ("guidance_rescale", "CFG rescaling inside the pipeline would act on the already guided prediction")
 FAMILIES: tuple[Family, ...] = (
     Family(
         "sd",
@@ -60,7 +59,6 @@ FAMILIES: tuple[Family, ...] = (
         "unet",
         "uncond_cond",
         "guidance_scale",
-        refused=(_RESCALE,),
     ),
     Family(
         "sdxl",
@@ -78,7 +76,6 @@ FAMILIES: tuple[Family, ...] = (
         "unet",
         "uncond_cond",
         "guidance_scale",
-        refused=(_RESCALE,),
     ),
     Family(
         "sd3",

@@ -117,8 +117,11 @@ class _Controller:
         for name, reason in self.family.refused:
             if arguments.get(name) not in (None, 0, 0.0, [], ()):
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")
+        rescale = arguments.get("guidance_rescale") or 0.0
         if any(m.branch == "uncond" for m in self.methods):
             self._ensure_uncond_branch(pipe, arguments)
+            if rescale > 0 and self.family.layout != "sequential":  # solved halves (see Run): s = 2 rounds least
+                arguments[self.family.scale_arg] = FORCED_PIPELINE_SCALE
         has_uncond = self._has_uncond(pipe, arguments)
         if self.corrector is not None:
             self._check_corrector(pipe)
@@ -128,7 +131,7 @@ class _Controller:
                 "pipeline's true CFG runs the unconditional branch in a separate call (use the corrector without "
                 "true CFG)"
             )
-        self.run = Run(self, float(arguments.get(self.family.scale_arg, 1.0)), has_uncond)
+        self.run = Run(self, float(arguments.get(self.family.scale_arg, 1.0)), has_uncond, solve_uncond=rescale > 0)
         token = ACTIVE_RUN.set(self.run)
         previous_count = vars(pipe).pop("_num_timesteps", _MISSING)  # a stale count from an earlier call
         scheduler = pipe.scheduler  # wrapped per call: the scheduler may have been swapped inside the block

@@ -340,8 +340,6 @@ def test_unsupported_pipelines_get_clear_errors():
         with pytest.raises(RuntimeError, match="already inside guide"):
             with guide(pipe, APG(3.0)):
                 pass
-        with pytest.raises(ValueError, match="guidance_rescale"):
-            run(pipe, guidance_rescale=0.7)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
