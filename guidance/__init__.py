@@ -11,6 +11,19 @@ from .corrector import LangevinCorrector
 from .method import REGISTRY, Guidance
 from .pag import PAG, SoftPAG
 from .pipeline import FAMILIES, guide
+from .slg import SLG
 from .tpg import TPG
 
-__all__ = ["APG", "CFG", "FAMILIES", "PAG", "REGISTRY", "TPG", "Guidance", "LangevinCorrector", "SoftPAG", "guide"]
+__all__ = [
+    "APG",
+    "CFG",
+    "FAMILIES",
+    "PAG",
+    "REGISTRY",
+    "SLG",
+    "TPG",
+    "Guidance",
+    "LangevinCorrector",
+    "SoftPAG",
+    "guide",
+]

@@ -89,7 +89,13 @@ FAMILIES: tuple[Family, ...] = (
         "transformer",
         "uncond_cond",
         "guidance_scale",
-        refused=(("skip_guidance_layers", "skip-layer guidance calls the denoiser outside the CFG batch"),),
+        refused=(
+            (
+                "skip_guidance_layers",
+                "the pipeline's skip-layer guidance calls the denoiser outside the CFG batch; pass "
+                "guidance.SLG(scale, layers=...) to guide() instead (the same guidance, batched)",
+            ),
+        ),
     ),
     Family(
         "flux",

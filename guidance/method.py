@@ -134,15 +134,21 @@ class TokenShuffle:
     (its per-run state)."""
 
 
-LayerEdit = AttentionEdit | TokenShuffle
+@dataclasses.dataclass(frozen=True)
+class BlockSkip:
+    """A transformer block that passes its input through: its outputs become its ``hidden_states`` (and
+    ``encoder_hidden_states``) inputs, as diffusers' ``skip_layers`` leaves a skipped block out."""
+
+
+LayerEdit = AttentionEdit | TokenShuffle | BlockSkip
 
 
 class Perturbation(Guidance):
-    """Base class of weak-model guidance (PAG, SoftPAG, TPG): ``D = D_c + s (D_c - D_weak)``.
+    """Base class of weak-model guidance (PAG, SoftPAG, TPG, SLG): ``D = D_c + s (D_c - D_weak)``.
 
     The weak model is the denoiser with some layers edited; :meth:`edits` names them and says how
-    (:class:`AttentionEdit`, :class:`TokenShuffle`). ``guide()`` installs the edits as hooks that act only
-    on the batch rows of this method's branch, so every branch runs in one denoiser call.
+    (:class:`AttentionEdit`, :class:`TokenShuffle`, :class:`BlockSkip`). ``guide()`` installs the edits as hooks
+    that act only on the batch rows of this method's branch, so every branch runs in one denoiser call.
     """
 
     branch: ClassVar[str] = "perturbed"

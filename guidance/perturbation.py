@@ -25,7 +25,7 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from .hooks import ACTIVE_RUN, attach
-from .method import AttentionEdit, Perturbation, TokenShuffle
+from .method import AttentionEdit, BlockSkip, Perturbation, TokenShuffle
 from .pag import heads_by_layer, soft_identity
 from .tpg import shuffle_tokens
 
@@ -166,6 +166,42 @@ class _ShuffleHook(ModelHook):
         return (hidden, *args[1:]), kwargs
 
 
+class _SkipHook(ModelHook):
+    """On the rows of the methods that skip this block, its outputs are its inputs (the block left out)."""
+
+    def __init__(self, controller: Any, name: str, methods: list[int]) -> None:
+        super().__init__()
+        self.controller, self.name, self.methods = controller, name, methods
+
+    @torch.compiler.disable
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        run = active_run(self.controller)
+        rows = [run.rows[i] for i in self.methods if run.rows[i] is not None] if run is not None else []
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if not rows:
+            return output
+        bound = inspect.signature(self.fn_ref.original_forward).bind_partial(*args, **kwargs).arguments
+        hidden, context = bound.get("hidden_states"), bound.get("encoder_hidden_states")
+        if isinstance(output, torch.Tensor):  # a basic / single-stream block: the hidden states
+            return _passed_through(output, hidden, rows, self.name)
+        if isinstance(output, tuple) and len(output) == 2:  # a joint block: (encoder_hidden_states, hidden_states)
+            encoder, image = output
+            encoder = encoder if encoder is None else _passed_through(encoder, context, rows, self.name)
+            return encoder, _passed_through(image, hidden, rows, self.name)
+        raise RuntimeError(f"{self.name}: cannot skip a block that returns {type(output).__name__}")
+
+
+def _passed_through(output: torch.Tensor, given: Any, rows: list[slice], name: str) -> torch.Tensor:
+    """``output`` with ``rows`` replaced by the block's input ``given`` on them."""
+    if not isinstance(given, torch.Tensor) or given.shape != output.shape:
+        shape = getattr(given, "shape", None)
+        raise RuntimeError(f"{name}: the block's output {tuple(output.shape)} is not its input {shape}; cannot skip it")
+    output = output.clone()
+    for r in rows:
+        output[r] = given[r]
+    return output
+
+
 def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
     """Hook the edits of every perturbation method of ``controller`` into ``denoiser``; returns the remover.
 
@@ -174,6 +210,7 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
     """
     attention_rules: dict[str, list[tuple[int, list[int] | None, float, bool]]] = {}
     shuffles: dict[str, list[int]] = {}
+    skips: dict[str, list[int]] = {}
     for i, method in enumerate(controller.methods):
         if not isinstance(method, Perturbation):
             continue
@@ -183,6 +220,8 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
                 attention_rules.setdefault(name, []).append((i, heads, edit.strength, edit.image_only))
             elif isinstance(edit, TokenShuffle):
                 shuffles.setdefault(name, []).append(i)
+            elif isinstance(edit, BlockSkip):
+                skips.setdefault(name, []).append(i)
             else:
                 raise TypeError(f"{type(method).__name__}.edits() returned an unknown edit {edit!r}")
     modules = dict(denoiser.named_modules())
@@ -200,6 +239,8 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
             detachers.append(attach(modules[name], _AttentionHook(controller, name, rules), hook_name))
         for name, idx in shuffles.items():
             detachers.append(attach(modules[name], _ShuffleHook(controller, idx), hook_name))
+        for name, idx in skips.items():
+            detachers.append(attach(modules[name], _SkipHook(controller, name, idx), hook_name))
     except BaseException:
         remove()
         raise

@@ -283,8 +283,9 @@ def tiny_sdxl(img2img: bool = False) -> DiffusionPipeline:
     return _finish(pipe)
 
 
-def tiny_sd3(img2img: bool = False, latent_channels: int = 4) -> DiffusionPipeline:
-    """SD3-style MMDiT (1 layer, 4 heads of 8) with two projected CLIP encoders, a T5, and flow matching.
+def tiny_sd3(img2img: bool = False, latent_channels: int = 4, num_layers: int = 1) -> DiffusionPipeline:
+    """SD3-style MMDiT (``num_layers`` layers, 4 heads of 8) with two projected CLIP encoders, a T5, and flow
+    matching.
 
     ``latent_channels=16`` (SD3's own) is what diffusers' SD3 inpainting pipeline requires."""
     t5_dim = 2 * CLIP_HIDDEN  # CLIP hidden states are concatenated, then zero-padded to the T5 width
@@ -294,7 +295,7 @@ def tiny_sd3(img2img: bool = False, latent_channels: int = 4) -> DiffusionPipeli
         patch_size=1,
         in_channels=latent_channels,
         out_channels=latent_channels,
-        num_layers=1,
+        num_layers=num_layers,
         attention_head_dim=8,
         num_attention_heads=4,
         joint_attention_dim=t5_dim,
@@ -763,6 +764,7 @@ BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "sdxl": tiny_sdxl,
     "sdxl_img2img": lambda: tiny_sdxl(img2img=True),
     "sd3": tiny_sd3,
+    "sd3_2layers": lambda: tiny_sd3(num_layers=2),
     "sd3_img2img": lambda: tiny_sd3(img2img=True),
     "flux": tiny_flux,
     "flux_img2img": lambda: tiny_flux(img2img=True),
