@@ -10,6 +10,8 @@ Suites (``--suite``, default ``all``):
 - ``headhunter``: HeadHunter on unconditional samples with an objective that does not saturate (the demo
   classifier's logit margin, top-1 minus top-2) on seeds disjoint from the sweep's; then SoftPAG on the heads
   it picked against as many random heads and against every head (the held-out check);
+- ``slg``: skip-layer guidance on each transformer block with CFG at ``--cfg``: at every ``--s`` over the whole
+  run and at 2.8 in SD 3.5's window (0.01-0.2 of the steps);
 - ``baselines``: the equal-NFE peers: no guidance with twice the steps (2 evaluations per step, like
   unconditional PAG/TPG or CFG) and CFG with 1.5x the steps (3 per step, like CFG + PAG/TPG).
 
@@ -43,7 +45,7 @@ from apps.device import best_device
 from apps.services import load_pipeline
 from benchmarks.bench_quality_dit import sample
 from benchmarks.quality import contact_sheet, measure
-from guidance import APG, CFG, PAG, TPG, SoftPAG
+from guidance import APG, CFG, PAG, SLG, TPG, SoftPAG
 from guidance.apg import NORM_THRESHOLD_RMS
 from guidance.layers import self_attention_layers, transformer_blocks
 from guidance.search import headhunter, save_heads
@@ -53,7 +55,7 @@ from protect.evaluate import null_class
 SCALES_W = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
 SCALES_S = (0.5, 1.0, 2.0, 3.0, 5.0)
 METRICS = ("fd", "precision", "recall", "accuracy", "saturation", "clipped")
-SUITES = ("baselines", "cfg-apg", "perturbation", "headhunter")
+SUITES = ("baselines", "cfg-apg", "perturbation", "headhunter", "slg")
 
 
 @dataclass
@@ -131,6 +133,19 @@ def perturbation(pipe, args) -> list[Setting]:
                 continue
             name = f"uncond {kind} {args.layer_scale:g} on {block}"
             rows.append(Setting(name, (method,), False, f"uncond-{kind.lower()}-layer", 1.0, 2, {"layer": block}))
+    return rows
+
+
+def skip_layers(pipe, args) -> list[Setting]:
+    """SLG on each transformer block with CFG at ``--cfg``: at every ``--s`` over the whole run, and at 2.8 in the
+    SD 3.5 window (0.01-0.2 of the steps, diffusers' SD3 defaults)."""
+    rows = []
+    for index, block in enumerate(transformer_blocks(pipe.transformer)):
+        variants = [(f"{s:g}", SLG(s, layers=(block,), start=0.0, stop=1.0)) for s in args.s]
+        variants.append(("2.8 in 0.01-0.2", SLG(2.8, layers=(block,))))
+        for label, method in variants:
+            name = f"CFG {args.cfg:g} + SLG {label} on block {index}"
+            rows.append(Setting(name, (CFG(args.cfg), method), True, "cfg-slg", 1.0, 3, {"block": block}))
     return rows
 
 
@@ -234,7 +249,8 @@ def save_sheet(images: torch.Tensor, setting: Setting, args) -> Path:
 
 def sheets_only(pipe, args, labels) -> None:
     """``--sheets``: redraw the contact sheets of named settings (seed 1, the same samples the sweep measured)."""
-    settings = {s.name: s for s in [*baselines(args), *cfg_apg(pipe, args), *perturbation(pipe, args)]}
+    every = [*baselines(args), *cfg_apg(pipe, args), *perturbation(pipe, args), *skip_layers(pipe, args)]
+    settings = {s.name: s for s in every}
     unknown = [name for name in args.sheets if name not in settings]
     if unknown:
         raise SystemExit(f"unknown settings {unknown} (HeadHunter rows are not redrawn); known: {sorted(settings)}")
@@ -260,6 +276,7 @@ BASELINE_OF = {  # family -> its peer at equal NFE per image
     "cfg-pag": "cfg-1.5x",
     "cfg-softpag": "cfg-1.5x",
     "cfg-tpg": "cfg-1.5x",
+    "cfg-slg": "cfg-1.5x",
 }
 
 
@@ -398,6 +415,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "cfg-apg": lambda: cfg_apg(pipe, args),
         "perturbation": lambda: perturbation(pipe, args),
         "headhunter": lambda: hunted(pipe, classifier, args),
+        "slg": lambda: skip_layers(pipe, args),
     }
     for suite in suites:
         if suite == "headhunter" and any(row["family"].startswith("uncond-softpag-") for row in done):

@@ -21,7 +21,7 @@ def test_sweep_runs_every_suite_with_seed_spread_and_resumes(tmp_path):
     names = [row["name"] for row in rows]
     assert len(names) == len(set(names))
     families = {row["family"] for row in rows}
-    for family in ("none-2x", "cfg", "apg", "uncond-pag", "cfg-softpag", "uncond-tpg", "uncond-softpag-all"):
+    for family in ("none-2x", "cfg", "apg", "uncond-pag", "cfg-softpag", "uncond-tpg", "uncond-softpag-all", "cfg-slg"):
         assert family in families
     picked = json.loads((tmp_path / "figures" / "sweep_headhunter.json").read_text())["heads"]
     hunted = {"uncond-softpag-headhunter", "uncond-softpag-random"} & families
@@ -37,7 +37,7 @@ def test_sweep_runs_every_suite_with_seed_spread_and_resumes(tmp_path):
     with pytest.raises(SystemExit, match=r"measured with other settings .*seeds 2 there, 3 now"):
         sweep_dit.main([*argv[:5], "3", *argv[6:]])  # other seeds: never mixed into the same file
     table = sweep_dit.summary_table(rows)
-    assert "| APG 4" in table and "baseline at equal NFE" in table
+    assert "| APG 4" in table and "baseline at equal NFE" in table and "+ SLG" in table
     sheet = tmp_path / "figures" / "sweep_cfg_4.png"
     measured = sheet.read_bytes()
     sheet.unlink()
