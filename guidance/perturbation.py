@@ -180,7 +180,7 @@ class _SkipHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         if not rows:
             return output
-        bound = inspect.signature(self.fn_ref.original_forward).bind_partial(*args, **kwargs).arguments
+        bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
         hidden, context = bound.get("hidden_states"), bound.get("encoder_hidden_states")
         if isinstance(output, torch.Tensor):  # a basic / single-stream block: the hidden states
             return _passed_through(output, hidden, rows, self.name)
@@ -189,6 +189,12 @@ class _SkipHook(ModelHook):
             encoder = encoder if encoder is None else _passed_through(encoder, context, rows, self.name)
             return encoder, _passed_through(image, hidden, rows, self.name)
         raise RuntimeError(f"{self.name}: cannot skip a block that returns {type(output).__name__}")
+
+
+@functools.cache
+def _signature(block_class: type) -> inspect.Signature:
+    """The signature of a block class's ``forward`` (bound with the module as ``self``)."""
+    return inspect.signature(block_class.forward)
 
 
 def _passed_through(output: torch.Tensor, given: Any, rows: list[slice], name: str) -> torch.Tensor:
