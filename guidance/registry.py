@@ -226,11 +226,14 @@ def _apg(values: Mapping[str, Any], pipe: Any) -> Any:
 def _perturbation(name: str) -> Build:
     def build(values: Mapping[str, Any], pipe: Any) -> Any:
         from .pag import PAG, SoftPAG
+        from .slg import SLG
         from .tpg import TPG
 
         if name == "softpag":  # the heads depend on the model: without one, a placeholder head validates the rest
             heads = softpag_heads(pipe) if pipe is not None else ((0, 0),)
             return SoftPAG(values["scale"], heads=heads, strength=SOFTPAG_STRENGTH)
+        if name == "slg":  # the middle block over the whole run (measured on the demo DiT: benchmarks/RESULTS.md)
+            return SLG(values["scale"], layers="auto", start=0.0, stop=1.0)
         return {"pag": PAG, "tpg": TPG}[name](values["scale"])
 
     return build
@@ -314,6 +317,13 @@ for _entry in (
         help=f"every head of PAG's layer at strength {SOFTPAG_STRENGTH:g}",
     ),
     Entry("tpg", "perturbation", (Input("scale", float, 2.0, low=0.0),), build=_perturbation("tpg"), help="TPG"),
+    Entry(
+        "slg",
+        "perturbation",
+        (Input("scale", float, 1.0, low=0.0),),
+        build=_perturbation("slg"),
+        help="skip-layer guidance: the middle transformer block left out of the weak branch",
+    ),
     Entry("ddim", "scheduler", build=_scheduler("DDIMScheduler"), help="DDIM"),
     Entry("dpm++", "scheduler", build=_scheduler("DPMSolverMultistepScheduler"), help="DPM-Solver++"),
     Entry("euler", "scheduler", build=_scheduler("EulerDiscreteScheduler"), help="Euler (k-diffusion)"),

@@ -13,10 +13,11 @@ UNet basic blocks), and composes with CFG, APG and the other perturbations.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from torch import nn
 
-from .layers import Selector, select, transformer_blocks
+from .layers import Selector, default_layers, select, transformer_blocks
 from .method import BlockSkip, Perturbation, register
 from .pag import layer_selection
 
@@ -28,22 +29,23 @@ SD35_LAYERS = (7, 8, 9)
 @dataclasses.dataclass(frozen=True)
 class SLG(Perturbation):
     """Skip-Layer Guidance: the transformer blocks chosen by ``layers`` (indices, names or patterns among the
-    denoiser's transformer blocks, :mod:`guidance.layers`) left out of the weak branch."""
+    denoiser's transformer blocks, :mod:`guidance.layers`; "auto": the middle block of the stack, PAG's default
+    layer, which is where it helps on the demo DiT) left out of the weak branch."""
 
     scale: float = 2.8
     _: dataclasses.KW_ONLY
-    layers: tuple[Selector, ...] = SD35_LAYERS
+    layers: tuple[Selector, ...] | Literal["auto"] = SD35_LAYERS
     start: float = 0.01
     stop: float = 0.2
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers == "auto":
-            raise ValueError("SLG needs explicit layers (block indices or names), e.g. layers=(7, 8, 9) on SD 3.5")
         object.__setattr__(self, "layers", layer_selection(self.layers))
 
     def edits(self, denoiser: nn.Module) -> dict[str, BlockSkip]:
-        return dict.fromkeys(select(transformer_blocks(denoiser), self.layers, "transformer block"), BlockSkip())
+        blocks = transformer_blocks(denoiser)
+        layers = default_layers(blocks) if self.layers == "auto" else self.layers
+        return dict.fromkeys(select(blocks, layers, "transformer block"), BlockSkip())
 
 
 __all__ = ["SD35_LAYERS", "SLG"]

@@ -47,12 +47,14 @@ def test_score_sampler_step_size_and_snr_are_refused_at_zero_when_checked():
 
 def test_registry_lists_every_method_and_sampler_and_refuses_duplicates():
     assert registry.names("guidance") == ("cfg", "apg")
-    assert registry.names("perturbation") == ("pag", "softpag", "tpg")
+    assert registry.names("perturbation") == ("pag", "softpag", "tpg", "slg")
     assert samplers() == ("default", "ddim", "dpm++", "euler", "unipc", "langevin", "pc")
     with pytest.raises(ValueError, match="already registered"):
         registry.register(registry.get("guidance", "cfg"))
     with pytest.raises(ValueError, match="unknown guidance 'nope'; known: cfg, apg"):
         registry.get("guidance", "nope")
+    slg = registry.get("perturbation", "slg")({"scale": 1.5}, None)
+    assert (slg.scale, slg.layers, slg.start, slg.stop) == (1.5, "auto", 0.0, 1.0)  # the middle block, all steps
     apg = registry.get("guidance", "apg")({"scale": 5.0, "momentum": None}, None)
     assert apg.scale == 5.0 and apg.eta == 0.0  # the defaults of the inputs not given
     with pytest.raises(ValueError, match="eta"):
