@@ -320,6 +320,45 @@ def tiny_sd3(img2img: bool = False, latent_channels: int = 4, num_layers: int = 
     return _finish(pipe)
 
 
+def _dynamic_shift_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX's flow-matching scheduler: the shift grows with the image's token count (also Qwen-Image's, Chroma's)."""
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def recorded_run(pipe: DiffusionPipeline, run: Callable[[], Any]) -> tuple[list[tuple], list[torch.Tensor]]:
+    """``run()`` (a call of ``pipe``, guided or not) recording each denoiser call's ``(hidden_states, timestep,
+    output)`` and the prediction each scheduler step receives (after the pipeline's own CFG)."""
+    calls: list[tuple] = []
+    steps: list[torch.Tensor] = []
+    denoiser = pipe.transformer
+    hook = denoiser.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(
+            (kwargs["hidden_states"].detach().clone(), kwargs["timestep"], out[0].detach().clone())
+        ),
+        with_kwargs=True,
+    )
+    scheduler_step = pipe.scheduler.step
+
+    def record_step(output, *args, **kwargs):
+        steps.append(output.detach().clone())
+        return scheduler_step(output, *args, **kwargs)
+
+    pipe.scheduler.step = record_step
+    try:
+        run()
+    finally:
+        hook.remove()
+        del pipe.scheduler.step
+    return calls, steps
+
+
 def tiny_flux(img2img: bool = False, guidance_embeds: bool = True, in_channels: int = 16) -> DiffusionPipeline:
     """Flux-style transformer (1 double + 1 single block), CLIP pooled + T5 text, flow matching with dynamic shift
     (``in_channels`` above 16: mask / control channels follow the latents, as FLUX Fill and Control take them)."""
@@ -337,14 +376,7 @@ def tiny_flux(img2img: bool = False, guidance_embeds: bool = True, in_channels: 
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _dynamic_shift_scheduler()
     cls = FluxImg2ImgPipeline if img2img else FluxPipeline
     pipe = cls(
         scheduler=scheduler,
@@ -466,14 +498,7 @@ def tiny_qwen(kind: str = "") -> DiffusionPipeline:
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _dynamic_shift_scheduler()
     name = {
         "": "QwenImagePipeline",
         "img2img": "QwenImageImg2ImgPipeline",
@@ -555,14 +580,7 @@ def tiny_chroma(kind: str = "") -> DiffusionPipeline:
         approximator_hidden_dim=32,
         approximator_layers=1,
     ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _dynamic_shift_scheduler()
     name = {"": "ChromaPipeline", "img2img": "ChromaImg2ImgPipeline"}[kind]
     cls = getattr(diffusers, name)
     pipe = cls(

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from guidance import APG, CFG, PAG, TPG, SoftPAG, guide
-from tests.factories import FLUX_DISTILLED, flux_distilled_call_kwargs, pipeline_snapshot, tiny_flux_distilled
+from tests.factories import (
+    FLUX_DISTILLED,
+    flux_distilled_call_kwargs,
+    pipeline_snapshot,
+    recorded_run,
+    tiny_flux_distilled,
+)
 
 
 @pytest.fixture(scope="module", params=sorted(FLUX_DISTILLED))
@@ -23,26 +29,16 @@ def call(pipe):
 
 def test_perturbation_guidance_is_its_formula_on_the_recorded_branches(pipe):
     method = PAG(2.0)
-    calls, steps = [], []
-    hook = pipe.transformer.register_forward_hook(
-        lambda module, args, kwargs, out: calls.append((kwargs["hidden_states"].clone(), out[0].clone())),
-        with_kwargs=True,
-    )
-    scheduler_step = pipe.scheduler.step
+    results = []
 
-    def record_step(output, *args, **kwargs):
-        steps.append(output.clone())
-        return scheduler_step(output, *args, **kwargs)
-
-    pipe.scheduler.step = record_step
-    try:
+    def run():
         with guide(pipe, method, sequential=True):  # one call per branch: the conditional, then the perturbed
-            sequential = call(pipe)
-    finally:
-        hook.remove()
-        del pipe.scheduler.step
-    assert len(calls) == 2 * len(steps) and calls[0][0].shape[2] >= calls[0][1].shape[2]
-    for ((x, cond), (x_perturbed, perturbed)), ours in zip(zip(calls[::2], calls[1::2]), steps):
+            results.append(call(pipe))
+
+    calls, steps = recorded_run(pipe, run)
+    sequential = results[0]
+    assert len(calls) == 2 * len(steps) and calls[0][0].shape[2] >= calls[0][2].shape[2]
+    for (x, _, cond), (x_perturbed, _, perturbed), ours in zip(calls[::2], calls[1::2], steps):
         torch.testing.assert_close(x_perturbed, x)  # the same input, mask / control channels included
         assert (perturbed - cond).abs().max() > 1e-5, "the perturbation must change this tiny model's output"
         torch.testing.assert_close(ours, cond + method.update(cond, perturbed, method.new_state("flux")))

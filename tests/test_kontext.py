@@ -12,7 +12,7 @@ import torch
 from guidance import APG, CFG, PAG, LangevinCorrector, guide
 from guidance.pipeline import schedule_of
 from guidance.prediction import broadcast
-from tests.factories import kontext_call_kwargs, pipeline_snapshot, tiny_kontext
+from tests.factories import kontext_call_kwargs, pipeline_snapshot, recorded_run, tiny_kontext
 
 
 def gen() -> torch.Generator:
@@ -45,26 +45,12 @@ def test_cfg_equals_kontexts_own_true_cfg(pipe, reference):
 def _recorded_apg_run(pipe, method):
     """Run ``pipe`` under ``guide(pipe, method)``, recording each transformer call's input, timestep and raw output,
     and the prediction each scheduler step receives (the pipeline's own CFG of the outputs it was handed)."""
-    calls, steps = [], []
 
-    def record_call(module, args, kwargs, output):
-        calls.append((kwargs["hidden_states"].detach().clone(), kwargs["timestep"], output[0].detach().clone()))
-
-    hook = pipe.transformer.register_forward_hook(record_call, with_kwargs=True)
-    scheduler_step = pipe.scheduler.step
-
-    def record_step(output, *args, **kwargs):
-        steps.append(output.detach().clone())
-        return scheduler_step(output, *args, **kwargs)
-
-    pipe.scheduler.step = record_step
-    try:
+    def run():
         with guide(pipe, method):
             call(pipe)
-    finally:
-        hook.remove()
-        del pipe.scheduler.step
-    return calls, steps
+
+    return recorded_run(pipe, run)
 
 
 def _apg_reference(pipe, method, calls, tokens):

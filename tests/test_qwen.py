@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from guidance import APG, CFG, PAG, SoftPAG, guide
-from tests.factories import pipeline_snapshot, qwen_call_kwargs, tiny_qwen
+from tests.factories import pipeline_snapshot, qwen_call_kwargs, recorded_run, tiny_qwen
 
 
 @pytest.fixture(
@@ -82,25 +82,13 @@ def test_edit_cfg_equals_its_own_and_apg_acts_on_the_generated_tokens_only(edit_
     own = call(pipe, true_cfg_scale=4.0)
     with guide(pipe, CFG(4.0)):
         np.testing.assert_allclose(call(pipe), own, atol=2e-5)
-    calls, steps = [], []
-    hook = pipe.transformer.register_forward_hook(
-        lambda module, args, kwargs, out: calls.append((kwargs["hidden_states"], kwargs["timestep"], out[0].clone())),
-        with_kwargs=True,
-    )
-    scheduler_step = pipe.scheduler.step
-
-    def record_step(output, *args, **kwargs):
-        steps.append(output.clone())
-        return scheduler_step(output, *args, **kwargs)
-
     method = APG(6.0)
-    pipe.scheduler.step = record_step
-    try:
+
+    def run():
         with guide(pipe, method):
             call(pipe)
-    finally:
-        hook.remove()
-        del pipe.scheduler.step
+
+    calls, steps = recorded_run(pipe, run)
     k = steps[0].shape[1]
     assert calls[0][0].shape[1] > k  # reference tokens follow
     schedule, state = schedule_of(pipe.scheduler), method.new_state("qwenimage")
