@@ -53,6 +53,22 @@ def test_cfg_plus_pag_equals_diffusers_sdxl_pag_pipeline_on_cuda(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_guidance_rescale_and_slg_in_half_precision_equal_the_pipelines_own(dtype):
+    """The solved unconditional half (guidance_rescale) and the skipped block's rows (SLG) in half precision."""
+    from guidance import SLG
+
+    sdxl = BUILDERS["sdxl"]().to("cuda", dtype)
+    reference = run(sdxl, guidance_scale=4.0, guidance_rescale=0.7)
+    with guide(sdxl, CFG(4.0)):
+        np.testing.assert_allclose(run(sdxl, guidance_rescale=0.7), reference, atol=0.03)
+    sd3 = BUILDERS["sd3_2layers"]().to("cuda", dtype)
+    window = {"skip_layer_guidance_start": 0.01, "skip_layer_guidance_stop": 0.8}
+    reference = run(sd3, guidance_scale=4.0, skip_guidance_layers=[0], skip_layer_guidance_scale=2.8, **window)
+    with guide(sd3, CFG(4.0), SLG(2.8, layers=(0,), start=0.01, stop=0.8)):
+        np.testing.assert_allclose(run(sd3, guidance_scale=4.0), reference, atol=0.03)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", ["photoguard", "amortized"])
 def test_protection_in_half_precision_keeps_the_budget_and_range_exactly(method, dtype):
     from protect import AmortizedProtector
