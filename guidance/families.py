@@ -154,6 +154,14 @@ FAMILIES: tuple[Family, ...] = (
         negative_by_default=True,
     ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
+    Family(
+        "hunyuandit",
+        ("HunyuanDiTPipeline",),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        unbatched=("image_rotary_emb",),
+    ),
     Family("pixart", ("PixArtSigmaPipeline", "PixArtAlphaPipeline"), "transformer", "uncond_cond", "guidance_scale"),
 )
 

@@ -595,6 +595,47 @@ def tiny_chroma(kind: str = "") -> DiffusionPipeline:
     return _finish(pipe)
 
 
+def tiny_hunyuandit() -> DiffusionPipeline:
+    """HunyuanDiT: a 2-block transformer with learned sigma (its pipeline computes the rotary grid at stride 8, so
+    the VAE is a 4-level tiny one), no text encoders (call it with :func:`hunyuandit_call_kwargs`' embeddings)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.HunyuanDiT2DModel(
+        sample_size=16,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=3,
+        in_channels=4,
+        cross_attention_dim=32,
+        cross_attention_dim_t5=32,
+        pooled_projection_dim=16,
+        hidden_size=24,
+        text_len=8,
+        text_len_t5=8,
+    ).eval()
+    parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+    parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = diffusers.HunyuanDiTPipeline(
+        vae=tiny_vae((8, 8, 16, 16)), transformer=transformer, scheduler=diffusers.DDPMScheduler(), **parts
+    )
+    return _finish(pipe)
+
+
+def hunyuandit_call_kwargs() -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_hunyuandit`: seeded BERT- and T5-sized prompt and negative
+    embeddings (8 tokens each), no generator and no guidance settings."""
+    g = torch.Generator().manual_seed(SEED + 13)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3}
+    kwargs |= {"output_type": "np", "use_resolution_binning": False}
+    for prefix in ("", "negative_"):
+        for suffix in ("", "_2"):
+            kwargs[f"{prefix}prompt_embeds{suffix}"] = torch.randn(1, 8, 32, generator=g)
+            kwargs[f"{prefix}prompt_attention_mask{suffix}"] = torch.ones(1, 8, dtype=torch.long)
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
