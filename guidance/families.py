@@ -72,6 +72,7 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionXLControlNetUnionPipeline",
             "StableDiffusionXLControlNetUnionImg2ImgPipeline",
             "StableDiffusionXLControlNetUnionInpaintPipeline",
+            "KolorsPipeline",  # an SDXL UNet with ChatGLM text
         ),
         "unet",
         "uncond_cond",

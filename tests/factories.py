@@ -636,6 +636,49 @@ def hunyuandit_call_kwargs() -> dict[str, Any]:
     return kwargs
 
 
+def tiny_kolors() -> DiffusionPipeline:
+    """Kolors: an SDXL-style UNet whose text comes through a projection (``encoder_hid_dim_type="text_proj"``, as
+    ChatGLM's 4096-wide states do), no text encoder (call it with :func:`kolors_call_kwargs`' embeddings)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1),
+        cross_attention_dim=64,
+        encoder_hid_dim=32,  # the text encoder's width, projected to the cross-attention width
+        encoder_hid_dim_type="text_proj",
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=32,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.014, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    pipe = diffusers.KolorsPipeline(vae=_vae(), text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler)
+    return _finish(pipe)
+
+
+def kolors_call_kwargs() -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_kolors`: seeded prompt and negative embeddings (sequence and pooled),
+    no generator and no guidance settings."""
+    g = torch.Generator().manual_seed(SEED + 17)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(1, 7, 32, generator=g)
+        kwargs[f"{prefix}pooled_prompt_embeds"] = torch.randn(1, 32, generator=g)
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
