@@ -234,11 +234,10 @@ def tiny_sd(prediction_type: str = "epsilon", img2img: bool = False) -> Diffusio
     return _finish(pipe)
 
 
-def tiny_sdxl(img2img: bool = False) -> DiffusionPipeline:
-    """SDXL-style pipeline: two CLIP encoders (hidden states concatenated), ``text_time`` added conditioning."""
-    torch.manual_seed(SEED)
-    addition_time_embed_dim = 8
-    unet = UNet2DConditionModel(
+def _sdxl_unet(cross_attention_dim: int, pooled_dim: int, **extra: Any) -> UNet2DConditionModel:
+    """A tiny SDXL-style UNet with ``text_time`` added conditioning: 6 micro-conditioning ints (original size,
+    crop, target size) embedded at width 8, beside a pooled text embedding of ``pooled_dim``."""
+    return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -249,13 +248,20 @@ def tiny_sdxl(img2img: bool = False) -> DiffusionPipeline:
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         transformer_layers_per_block=(1, 1),
-        cross_attention_dim=2 * CLIP_HIDDEN,  # both encoders' hidden states, concatenated
+        cross_attention_dim=cross_attention_dim,
         addition_embed_type="text_time",
-        addition_time_embed_dim=addition_time_embed_dim,
-        # 6 micro-conditioning ints (original size, crop, target size) + pooled text_encoder_2 projection
-        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + CLIP_PROJECTION,
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + pooled_dim,
         norm_num_groups=32,
+        **extra,
     ).eval()
+
+
+def tiny_sdxl(img2img: bool = False) -> DiffusionPipeline:
+    """SDXL-style pipeline: two CLIP encoders (hidden states concatenated), ``text_time`` added conditioning."""
+    torch.manual_seed(SEED)
+    # both encoders' hidden states, concatenated; the pooled text_encoder_2 projection
+    unet = _sdxl_unet(cross_attention_dim=2 * CLIP_HIDDEN, pooled_dim=CLIP_PROJECTION)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -642,25 +648,8 @@ def tiny_kolors() -> DiffusionPipeline:
     import diffusers
 
     torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        transformer_layers_per_block=(1, 1),
-        cross_attention_dim=64,
-        encoder_hid_dim=32,  # the text encoder's width, projected to the cross-attention width
-        encoder_hid_dim_type="text_proj",
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
-        norm_num_groups=32,
-    ).eval()
+    # the text encoder's width (32) projected to the cross-attention width
+    unet = _sdxl_unet(cross_attention_dim=64, pooled_dim=32, encoder_hid_dim=32, encoder_hid_dim_type="text_proj")
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.014, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
     )
