@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from apps.demo import CLASS_NAMES, generate, load_classifier
+from apps.demo.classifier import batched
 from apps.services import load_pipeline
 from benchmarks.bench_quality_dit import sample
 from benchmarks.common import machine
@@ -23,8 +24,7 @@ from guidance import CFG
 
 def confusion(classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(K, K) counts: row = requested class, column = the classifier's verdict."""
-    with torch.no_grad():
-        verdicts = torch.cat([classifier(x).argmax(1) for x in images.split(200)])
+    verdicts = batched(classifier, images).argmax(1)
     k = len(CLASS_NAMES)
     return torch.bincount(labels * k + verdicts, minlength=k * k).view(k, k)
 

@@ -83,6 +83,11 @@ def _generated_tokens(kwargs: dict[str, Any], x: Tensor) -> int | None:
     return count
 
 
+def _solved_uncond(guided: Tensor, cond: Tensor, s: float) -> Tensor:
+    """The unconditional prediction ``u`` (float32) for which the pipeline's own ``u + s (c - u)`` is ``guided``."""
+    return (guided.float() - s * cond.float()) / (1 - s)
+
+
 def _prediction(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output.sample
 
@@ -161,11 +166,16 @@ class Run:
         (``pipe._guidance_scale``, read by diffusers' pipelines at every step), and it must count here too."""
         if self.own_cfg is None or self.family.layout == "sequential":
             return
-        current = vars(self.controller.pipe).get("_guidance_scale")
-        if isinstance(current, int | float) and current > 1 and current != self.methods[self.own_cfg].scale:
+        current = self._scale_now()
+        if current is not None and current != self.methods[self.own_cfg].scale:
             methods = list(self.methods)
             methods[self.own_cfg] = CFG(float(current))
             self.methods = tuple(methods)
+
+    def _scale_now(self) -> float | None:
+        """The CFG scale the pipeline holds now (``pipe._guidance_scale``), if it is one above 1."""
+        current = vars(self.controller.pipe).get("_guidance_scale")
+        return float(current) if isinstance(current, int | float) and current > 1 else None
 
     def step_of(self, x: Tensor, t: Tensor, has_uncond: bool) -> Step:
         """The record of the denoiser evaluation of one step (the branch layout is read anew at every step: a
@@ -306,9 +316,7 @@ class Run:
         """The CFG batch's halves ``(u', c)``, in the family's order, with ``u' + s (c - u') = guided`` at the
         pipeline's scale ``s`` now (a step-end callback may change it)."""
         cond = pred[step.cond_rows]
-        current = vars(self.controller.pipe).get("_guidance_scale", self.pipeline_scale)
-        s = float(current) if isinstance(current, int | float) and current > 1 else self.pipeline_scale
-        uncond = ((guided.float() - s * cond.float()) / (1 - s)).to(guided.dtype)
+        uncond = _solved_uncond(guided, cond, self._scale_now() or self.pipeline_scale).to(guided.dtype)
         halves = [uncond, cond] if self.family.layout == "uncond_cond" else [cond, uncond]
         return torch.cat(halves)
 
@@ -331,9 +339,8 @@ class Run:
         self.pending = None
         if step.x.data_ptr() != x.data_ptr() or step.x.shape != x.shape:
             raise RuntimeError("the unconditional call did not follow the conditional one on the same latents")
-        g = self.guided(x, t, cond, uncond, perturbed, step.fraction).float()
-        s = self.pipeline_scale  # the pipeline then computes u + s (c - u); solve it for u
-        return ((g - s * cond.float()) / (1 - s)).to(uncond.dtype)
+        g = self.guided(x, t, cond, uncond, perturbed, step.fraction)
+        return _solved_uncond(g, cond, self.pipeline_scale).to(uncond.dtype)
 
     def guided(self, x, t, cond, uncond, perturbed, fraction) -> Tensor:
         """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype. With reference-image

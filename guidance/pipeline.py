@@ -119,9 +119,7 @@ class _Controller:
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")
         rescale = arguments.get("guidance_rescale") or 0.0
         if any(m.branch == "uncond" for m in self.methods):
-            self._ensure_uncond_branch(pipe, arguments)
-            if rescale > 0 and self.family.layout != "sequential":  # solved halves (see Run): s = 2 rounds least
-                arguments[self.family.scale_arg] = FORCED_PIPELINE_SCALE
+            self._ensure_uncond_branch(pipe, arguments, solved=rescale > 0)
         has_uncond = self._has_uncond(pipe, arguments)
         if self.corrector is not None:
             self._check_corrector(pipe)
@@ -202,16 +200,20 @@ class _Controller:
         config = getattr(getattr(pipe, self.family.denoiser), "config", {})
         return config.get("time_cond_proj_dim") is not None
 
-    def _ensure_uncond_branch(self, pipe: Any, arguments: dict[str, Any]) -> None:
+    def _ensure_uncond_branch(self, pipe: Any, arguments: dict[str, Any], solved: bool = False) -> None:
+        """Switch the pipeline's unconditional branch on for a CFG-type method; ``solved``: the engine hands the
+        pipeline a solved unconditional half (for its ``guidance_rescale``), as it always does for a separate
+        unconditional call."""
         if self._distilled(pipe):
             raise ValueError(
                 f"{type(pipe).__name__}: this guidance-distilled denoiser (time_cond_proj_dim is set) runs no "
                 "unconditional branch, so CFG-type guidance cannot be applied"
             )
-        # the engine solves the pipeline's own u + s (c - u) for u: s <= 1 would skip the branch, and with a
-        # separate unconditional call (FLUX) the rounding of that solve grows like s / (s - 1) away from 2 (10 %
-        # per step at 1.01 in bf16); the guided result does not depend on s, so it is always 2 there
-        if arguments[self.family.scale_arg] <= 1 or self.family.layout == "sequential":
+        # the engine solves the pipeline's own u + s (c - u) for u: s <= 1 would skip the branch, and where u is
+        # solved (a separate unconditional call, as FLUX's, or the rescaled CFG batch) the rounding of that solve
+        # grows like s / (s - 1) away from 2 (10 % per step at 1.01 in bf16); the guided result does not depend on
+        # s, so it is always 2 there
+        if arguments[self.family.scale_arg] <= 1 or self.family.layout == "sequential" or solved:
             arguments[self.family.scale_arg] = FORCED_PIPELINE_SCALE
         if self.family.layout == "sequential" and self.family.negative_by_default:
             return
