@@ -32,6 +32,8 @@ class Family:
     scale_arg: str
     #: the denoiser sees ``timestep / timestep_divisor`` (FLUX: 1000)
     timestep_divisor: float = 1.0
+    #: the denoiser's config entry the pipeline multiplies the timestep by (Sana's ``timestep_scale``)
+    timestep_scale_key: str | None = None
     #: call arguments that would bypass or double the guidance, with the reason
     refused: tuple[tuple[str, str], ...] = ()
     #: denoiser arguments without a batch dimension
@@ -164,6 +166,11 @@ FAMILIES: tuple[Family, ...] = (
         unbatched=("image_rotary_emb",),
     ),
     Family("pixart", ("PixArtSigmaPipeline", "PixArtAlphaPipeline"), "transformer", "uncond_cond", "guidance_scale"),
+    Family(
+        "sana", ("SanaPipeline",), "transformer", "uncond_cond", "guidance_scale", timestep_scale_key="timestep_scale"
+    ),
+    # diffusers' Sana ControlNet pipeline passes the timestep unscaled
+    Family("sana-controlnet", ("SanaControlNetPipeline",), "transformer", "uncond_cond", "guidance_scale"),
 )
 
 

@@ -7,10 +7,14 @@ can be batched with the conditional and unconditional ones.
 Attention perturbations intercept ``torch.nn.functional.scaled_dot_product_attention``
 inside the chosen attention modules (as diffusers' guiders do), so they work
 whatever SDPA-based processor is set and keep QK-norm and joint attention intact.
-An attention module whose processor does not call SDPA (sliced attention, the
-classic ``AttnProcessor``, xformers, a non-native attention backend) is refused
-when ``guide()`` is entered; one that still never reaches SDPA at run time raises
-an error instead of being silently skipped.
+Self-attention processors that never call SDPA but compute ``to_out(attention(to_v(x)))``
+(:data:`VALUE_PATH_PROCESSORS`: Sana's linear attention, sliced attention, the classic
+``AttnProcessor``) are perturbed on the value path instead: the input of ``to_out[0]``
+becomes ``(1 - u) out + u to_v(x)`` on the chosen rows and heads, which is the same
+identity (diffusers' Sana PAG processor computes it so). Any other processor (xformers,
+a non-native attention backend) is refused when ``guide()`` is entered; one that still
+never reaches SDPA or the value path at run time raises an error instead of being
+silently skipped.
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ from .method import AttentionEdit, BlockSkip, Perturbation, TokenShuffle
 from .pag import heads_by_layer, soft_identity
 from .tpg import shuffle_tokens
 
-__all__ = ["active_run", "check_sdpa_processor", "heads_by_layer", "install"]
+__all__ = ["VALUE_PATH_PROCESSORS", "active_run", "check_sdpa_processor", "heads_by_layer", "install"]
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
 #: diffusers attention backends that call torch's SDPA on the (batch, heads, tokens, dim) layout
 SDPA_BACKENDS = ("native", "_native_math", "_native_flash", "_native_efficient", "_native_cudnn")
+#: self-attention processors without SDPA whose output is ``to_out(attention(q, k, to_v(x)))`` with the heads laid
+#: out head-major in the channels (perturbed on that value path)
+VALUE_PATH_PROCESSORS = ("SanaLinearAttnProcessor2_0", "AttnProcessor", "SlicedAttnProcessor")
 
 
 Rule = tuple[slice, "list[int] | None", float, "tuple[int, int] | None"]  # rows, heads, strength, image block
@@ -97,6 +104,49 @@ def _image_identity_mask(length: int, image: tuple[int, int], like: torch.Tensor
     return mask
 
 
+class _ValuePath:
+    """While entered: on the given rows and heads, the input of ``module.to_out[0]`` becomes ``(1 - u) out + u v``,
+    ``v`` being ``module.to_v``'s output of the same call (the value path of :data:`VALUE_PATH_PROCESSORS`)."""
+
+    def __init__(self, module: nn.Module, rules: list[Rule], name: str) -> None:
+        self.module, self.rules, self.name = module, rules, name
+        self.value: torch.Tensor | None = None
+        self.calls = 0
+
+    def __enter__(self) -> _ValuePath:
+        self.handles = [
+            self.module.to_v.register_forward_hook(self._keep_value),
+            self.module.to_out[0].register_forward_pre_hook(self._mix),
+        ]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.value = None
+
+    def _keep_value(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.value = output
+
+    def _mix(self, module: nn.Module, args: tuple) -> tuple:
+        out, value = args[0], self.value
+        if value is None or value.shape != out.shape or out.ndim != 3:
+            shape = None if value is None else tuple(value.shape)
+            raise RuntimeError(
+                f"{self.name}: the attention output {tuple(out.shape)} does not match its value projection {shape}; "
+                "cannot apply the identity on the value path"
+            )
+        self.calls += 1
+        self.value = None
+        heads = self.module.heads
+        as_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, N, H * D) -> (B, H, N, D)
+        mixed = out.clone()
+        for rows, chosen, strength, _ in self.rules:
+            done = soft_identity(as_heads(out[rows]), as_heads(value[rows]).to(out.dtype), strength, chosen)
+            mixed[rows] = done.transpose(1, 2).flatten(-2)
+        return (mixed, *args[1:])
+
+
 def active_run(controller: Any) -> Any:
     """The run of ``controller``'s pipeline call in progress in this thread, or ``None``."""
     run = ACTIVE_RUN.get()
@@ -119,13 +169,22 @@ class _AttentionHook(ModelHook):
         ]
         if not active:
             return self.fn_ref.original_forward(*args, **kwargs)
+        processor = type(getattr(module, "processor", None)).__name__
+        if processor in VALUE_PATH_PROCESSORS:
+            if image is not None:
+                raise RuntimeError(f"{self.name}: joint attention cannot be perturbed on the value path ({processor})")
+            with _ValuePath(module, active, self.name) as path:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+            if path.calls != 1:
+                raise RuntimeError(f"{self.name}: {processor} did not run its value projection and output once")
+            return output
         with _AttentionMode(active) as mode:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if mode.calls == 0:
-            processor = type(getattr(module, "processor", None)).__name__
             raise RuntimeError(
                 f"{self.name}: attention ran without torch's scaled_dot_product_attention (processor {processor}); "
-                "attention perturbations need an SDPA processor and the 'native' attention backend"
+                "attention perturbations need an SDPA processor and the 'native' attention backend, or one of "
+                f"{', '.join(VALUE_PATH_PROCESSORS)}"
             )
         return output
 
@@ -264,14 +323,17 @@ def _calls_sdpa(processor_class: type) -> bool | None:
 
 
 def check_sdpa_processor(name: str, module: nn.Module) -> None:
-    """``ValueError`` unless the attention ``module`` runs torch's SDPA, which the attention perturbations act on."""
+    """``ValueError`` unless the attention ``module`` runs torch's SDPA, which the attention perturbations act on,
+    or is one of :data:`VALUE_PATH_PROCESSORS`."""
     processor = getattr(module, "processor", None)
+    if type(processor).__name__ in VALUE_PATH_PROCESSORS:
+        return
     backend = getattr(processor, "_attention_backend", None)
     native = backend is None or str(getattr(backend, "value", backend)) in SDPA_BACKENDS
     if processor is not None and (_calls_sdpa(type(processor)) is False or not native):
         what = type(processor).__name__ + ("" if native else f" with attention backend {backend}")
         raise ValueError(
             f"{name}: attention perturbations act on torch's scaled_dot_product_attention, but this layer's "
-            f"processor is {what} (enable_attention_slicing and xformers set such processors); use an SDPA "
-            "processor: pipe.disable_attention_slicing(), or set_attn_processor(AttnProcessor2_0()) on the denoiser"
+            f"processor is {what} (xformers and other attention backends set such processors); use an SDPA "
+            "processor: set_attn_processor(AttnProcessor2_0()) on the denoiser, or reset_attention_backend()"
         )

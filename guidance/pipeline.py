@@ -95,6 +95,8 @@ class _Controller:
         x, t = bound[self.parameter_names[0]], bound["timestep"]
         # float32: FLUX passes t / 1000 in bf16, and bf16 rounds t * 1000 to multiples of 4 above 512
         t = torch.as_tensor(t, device=x.device).reshape(-1).float() * self.family.timestep_divisor
+        if self.family.timestep_scale_key is not None:
+            t = t / float(self.denoiser.config[self.family.timestep_scale_key])
         return run.forward(call, (args, kwargs), x, t)
 
     def call(self, call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:

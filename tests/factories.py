@@ -44,6 +44,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from diffusers.models.attention_processor import AttnProcessor
 from PIL import Image
 from transformers import (
     CLIPTextConfig,
@@ -190,6 +191,14 @@ def _finish(pipe: DiffusionPipeline) -> DiffusionPipeline:
             assert dtypes == {torch.float32}, f"{name} has parameter dtypes {dtypes}"
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class UnlistedAttnProcessor(AttnProcessor):
+    """An attention processor outside steerguard's lists: explicit softmax (no SDPA), and its name is not one of
+    the value-path processors (a subclass may change what the attention computes)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().__call__(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- builders
@@ -344,12 +353,12 @@ def recorded_run(pipe: DiffusionPipeline, run: Callable[[], Any]) -> tuple[list[
     calls: list[tuple] = []
     steps: list[torch.Tensor] = []
     denoiser = pipe.transformer
-    hook = denoiser.register_forward_hook(
-        lambda module, args, kwargs, out: calls.append(
-            (kwargs["hidden_states"].detach().clone(), kwargs["timestep"], out[0].detach().clone())
-        ),
-        with_kwargs=True,
-    )
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # Sana passes it positionally
+        calls.append((hidden.detach().clone(), kwargs["timestep"], out[0].detach().clone()))
+
+    hook = denoiser.register_forward_hook(record, with_kwargs=True)
     scheduler_step = pipe.scheduler.step
 
     def record_step(output, *args, **kwargs):
@@ -665,6 +674,62 @@ def kolors_call_kwargs() -> dict[str, Any]:
     for prefix in ("", "negative_"):
         kwargs[f"{prefix}prompt_embeds"] = torch.randn(1, 7, 32, generator=g)
         kwargs[f"{prefix}pooled_prompt_embeds"] = torch.randn(1, 32, generator=g)
+    return kwargs
+
+
+def tiny_sana(controlnet: bool = False, timestep_scale: float = 1.0) -> DiffusionPipeline:
+    """Sana: a 2-block linear-attention transformer (``timestep_scale``: what the pipeline multiplies the timestep
+    by), a deep-compression autoencoder, flow matching with Sana's shift, no text encoder (call it with
+    :func:`sana_call_kwargs`' embeddings); ``controlnet``: the ControlNet pipeline with a 1-block ControlNet."""
+    import diffusers
+
+    dims = {"num_attention_heads": 2, "attention_head_dim": 4, "num_cross_attention_heads": 2}
+    dims |= {"cross_attention_head_dim": 4, "cross_attention_dim": 8, "caption_channels": 8, "sample_size": 16}
+    torch.manual_seed(SEED)
+    transformer = diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, timestep_scale=timestep_scale, **dims
+    ).eval()
+    vae = diffusers.AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    ).eval()
+    parts = {"tokenizer": None, "text_encoder": None, "vae": vae, "transformer": transformer}
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    if not controlnet:
+        return _finish(diffusers.SanaPipeline(**parts))
+    torch.manual_seed(SEED + 1)
+    net = diffusers.SanaControlNetModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, **dims).eval()
+    for p in net.parameters():  # a fresh ControlNet's output projections are zero: make the control matter
+        torch.nn.init.normal_(p, std=0.05) if p.abs().sum() == 0 else None
+    return _finish(diffusers.SanaControlNetPipeline(**parts, controlnet=net))
+
+
+def sana_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_sana`: seeded prompt and negative embeddings with their masks (the
+    prompt's last token masked out), a control image for the ControlNet pipeline; no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 19)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    kwargs |= {"use_resolution_binning": False, "complex_human_instruction": None, "negative_prompt": None}
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(1, 6, 8, generator=g)
+        kwargs[f"{prefix}prompt_attention_mask"] = torch.ones(1, 6, dtype=torch.long)
+    kwargs["prompt_attention_mask"][:, -1] = 0
+    if pipe is not None and type(pipe).__name__ == "SanaControlNetPipeline":
+        kwargs["control_image"] = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return kwargs
 
 

@@ -12,12 +12,11 @@ import diffusers.callbacks
 import numpy as np
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor
 
 from guidance import APG, CFG, PAG, TPG, LangevinCorrector, SoftPAG, guide
 from guidance.hooks import intercepted
 from guidance.pipeline import family_of
-from tests.factories import BUILDERS, pipeline_snapshot
+from tests.factories import BUILDERS, UnlistedAttnProcessor, pipeline_snapshot
 from tests.test_pipeline import recording, run
 
 
@@ -292,7 +291,7 @@ def test_entry_is_all_or_nothing(failure, monkeypatch):
     if failure == "selector":
         methods[1] = PAG(2.0, layers=("mid", "no_such_layer"))
     elif failure == "processor":
-        pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.set_processor(AttnProcessor())
+        pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1.set_processor(UnlistedAttnProcessor())
     before = _everything(pipe)
 
     def boom(*args, **kwargs):

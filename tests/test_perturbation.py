@@ -12,7 +12,7 @@ from guidance.layers import select, self_attention_layers
 from guidance.pag import soft_identity
 from guidance.pipeline import family_of
 from guidance.tpg import shuffle_tokens
-from tests.factories import BUILDERS, default_call_kwargs, pipeline_snapshot
+from tests.factories import BUILDERS, UnlistedAttnProcessor, default_call_kwargs, pipeline_snapshot
 from tests.test_pipeline import assert_images_close, gen, get_pipe, run
 
 FAMILIES = ["sd", "sd_img2img", "sdxl", "sd3", "flux", "flux_img2img", "dit", "pixart_sigma"]
@@ -226,16 +226,39 @@ def test_one_layer_selector_is_accepted_as_diffusers_pag_applied_layers():
 
 
 @pytest.mark.parametrize("how", ["slicing", "classic"])
-def test_attention_outside_sdpa_is_refused_at_entry(how):
+def test_attention_without_sdpa_is_perturbed_on_the_value_path(how):
+    """Sliced attention and the classic processor (explicit softmax, no SDPA): PAG and SoftPAG act on the value
+    path (``to_out[0]``'s input mixed with ``to_v``'s output) and give what they give on SDPA."""
     from diffusers.models.attention_processor import AttnProcessor
 
     pipe = BUILDERS["sd"]()
+    methods = {
+        "pag": (CFG(3.0), PAG(2.0, layers=("mid", "up_blocks.0"))),
+        "soft": (SoftPAG(2.0, heads=(("mid", 0), ("up_blocks.0", 1)), strength=0.6),),
+    }
+    expected = {}
+    for key, chosen in methods.items():
+        with guide(pipe, *chosen):
+            expected[key] = run(pipe)
     if how == "slicing":
-        pipe.enable_attention_slicing()  # SlicedAttnProcessor: explicit softmax, no SDPA
+        pipe.enable_attention_slicing(1)
     else:
         pipe.unet.set_attn_processor(AttnProcessor())
+    processors = {type(p).__name__ for p in pipe.unet.attn_processors.values()}
+    assert processors == {"SlicedAttnProcessor" if how == "slicing" else "AttnProcessor"}
     snapshot = pipeline_snapshot(pipe)
-    with pytest.raises(ValueError, match=r"mid_block.*Attn.*Processor.*disable_attention_slicing"):
+    for key, chosen in methods.items():
+        with guide(pipe, *chosen):
+            np.testing.assert_allclose(run(pipe), expected[key], atol=1e-5, rtol=0)
+    assert pipeline_snapshot(pipe) == snapshot
+    assert np.abs(expected["pag"] - expected["soft"]).max() > 1e-3
+
+
+def test_other_attention_without_sdpa_is_refused_at_entry():
+    pipe = BUILDERS["sd"]()
+    pipe.unet.set_attn_processor(UnlistedAttnProcessor())
+    snapshot = pipeline_snapshot(pipe)
+    with pytest.raises(ValueError, match=r"mid_block.*UnlistedAttnProcessor.*AttnProcessor2_0"):
         with guide(pipe, PAG(2.0)):
             pass
     assert pipeline_snapshot(pipe) == snapshot and type(pipe).__name__ == "StableDiffusionPipeline"
