@@ -118,3 +118,22 @@ def test_apg_reads_the_schedule_through_the_timestep_scale():
     # the control: the schedule read at the scaled timestep gives another guidance
     wrong = _apg_reference(pipe, method, calls, 1.0)
     assert max((w - s).abs().max().item() for w, s in zip(wrong, steps)) > 1e-3
+
+
+def test_sanas_own_scheduler_and_the_corrector():
+    """Sana checkpoints ship DPM-Solver++ on flow sigmas: CFG still equals the pipeline's own, and the Langevin
+    corrector runs with it."""
+    import diffusers
+
+    from guidance import LangevinCorrector
+
+    pipe = tiny_sana()
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler(
+        flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"
+    )
+    own = call(pipe, guidance_scale=4.0)
+    with guide(pipe, CFG(4.0)):
+        assert_images_close(call(pipe), own, atol=1e-4)
+    with guide(pipe, APG(4.0), PAG(2.0), LangevinCorrector(steps=1)):
+        corrected = call(pipe)
+    assert np.isfinite(corrected).all() and np.abs(corrected - own).max() > 1e-3
