@@ -75,6 +75,7 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionXLControlNetUnionImg2ImgPipeline",
             "StableDiffusionXLControlNetUnionInpaintPipeline",
             "KolorsPipeline",  # an SDXL UNet with ChatGLM text
+            "KolorsImg2ImgPipeline",
         ),
         "unet",
         "uncond_cond",
