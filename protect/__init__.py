@@ -2,7 +2,8 @@
 
 * :func:`protect` — PhotoGuard / Mist / SDS (Diff-Protect) perturbations by batched L-inf PGD
   against any diffusers ``AutoencoderKL``, with budget and range invariants and an invisibility report,
-  and ``method="amortized"``: a pre-trained :class:`AmortizedProtector` (FastProtect-style, one forward pass);
+  and ``method="amortized"``: a pre-trained :class:`AmortizedProtector` (FastProtect-style, one forward pass),
+  ``method="aspl"``: Anti-DreamBooth's ASPL against fine-tuning (:mod:`protect.aspl`, :class:`Finetune`);
 * :func:`evaluate` — mimic clean and protected images (SDEdit, LoRA fine-tune) before and after purification
   (JPEG, resize, noise, blur, noisy upscaling; DiffPure and IMPRESS from :mod:`protect.purifiers`) and measure
   the damage against the invisibility and same-budget random noise, worst case over purifications
@@ -16,6 +17,7 @@ Training an amortized protector: ``python -m protect.train --images DIR`` (``acc
 """
 
 from .amortized import AmortizedProtector
+from .aspl import Finetune
 from .detector import EPSDetector, EPSDetectorConfig
 from .eps import expected_perturbation_score
 from .evaluate import evaluate
@@ -29,6 +31,7 @@ __all__ = [
     "Cancelled",
     "EPSDetector",
     "EPSDetectorConfig",
+    "Finetune",
     "ImageScore",
     "PatchEPSDetector",
     "ProtectionReport",

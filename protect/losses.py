@@ -37,6 +37,7 @@ __all__ = [
     "NoisePredictor",
     "default_alphas_cumprod",
     "default_target",
+    "denoising_loss",
     "encoder_loss",
     "latent",
     "mist_loss",
@@ -126,9 +127,16 @@ def mist_loss(
     textural = _per_image_mse(z, target)
     if denoiser is None:
         return textural
+    return textural - weight * denoising_loss(denoiser, z, alphas_cumprod=alphas_cumprod, generator=generator)
+
+
+def denoising_loss(
+    denoiser: NoisePredictor, z: Tensor, *, alphas_cumprod: Tensor | None = None, generator: Generators = None
+) -> Tensor:
+    """The diffusion training loss per latent: ``||eps_theta(z_t, t) - eps||^2`` at one random ``t`` and noise each
+    (learned-variance channels of the prediction dropped); differentiable in ``z`` and in the denoiser."""
     z_t, t, eps = _noised(z, alphas_cumprod, generator)
-    semantic = _per_image_mse(_predict(denoiser, z_t, t), eps)
-    return textural - weight * semantic
+    return _per_image_mse(_predict(denoiser, z_t, t)[:, : z.shape[1]], eps)
 
 
 def sds_loss(

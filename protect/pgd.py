@@ -95,6 +95,7 @@ def pgd(
     generator: Generators = None,
     robust: Sequence[str] | None = None,
     callback: Callable[[int, Tensor, Tensor], bool | None] | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Minimise ``loss_fn`` (images in [0, 1] -> per-image losses (N,)) over ``|x - images|_inf <= eps``.
 
@@ -109,6 +110,8 @@ def pgd(
         robust: names from :data:`protect.purify.EOT`; each step applies one of them, drawn from ``generator``.
         callback: ``callback(i, x, loss)`` after computing the loss of iterate ``i`` (x before its update); it
             stops the attack by returning ``False`` (:class:`Cancelled` is raised) or by raising an exception.
+        start: the first iterate (projected onto the ball around ``images``), to go on with an earlier attack
+            (ASPL's rounds); no random start is drawn then.
     """
     check_budget(eps)
     if steps < 0:
@@ -124,7 +127,11 @@ def pgd(
     x0 = images.detach().to(work)
     lower, upper = (x0 - eps).clamp(0, 1), (x0 + eps).clamp(0, 1)
     x = x0.clone()
-    if random_start:
+    if start is not None:
+        if start.shape != images.shape:
+            raise ValueError(f"start has shape {tuple(start.shape)}, the images {tuple(images.shape)}")
+        x = torch.maximum(torch.minimum(start.detach().to(work), upper), lower)
+    elif random_start:
         start = draw("rand", x0.shape, generator, x0, work)
         x = x0 + eps * (2 * start - 1)
         x = torch.maximum(torch.minimum(x, upper), lower)

@@ -1,4 +1,5 @@
-"""Per-image protection against mimicry: PhotoGuard, Mist and Diff-Protect (SDS+, SDS-) attacks run by batched PGD.
+"""Per-image protection against mimicry: PhotoGuard, Mist and Diff-Protect (SDS+, SDS-) attacks run by batched PGD,
+and Anti-DreamBooth's ASPL (PGD against a model fine-tuned on the images as it goes, :mod:`protect.aspl`).
 
 >>> protected, report = protect(images, method="photoguard", vae=vae, generator=torch.Generator().manual_seed(0))
 
@@ -36,6 +37,7 @@ from PIL import Image
 from guidance.method import check_real
 
 from .amortized import AmortizedProtector
+from .aspl import Finetune, aspl
 from .images import protected_image, to_tensor
 from .losses import NoisePredictor, default_target, encoder_loss, latent, mist_loss, sds_loss
 from .metrics import psnr_ssim
@@ -44,7 +46,7 @@ from .purify import EOT
 from .rng import Generators, check_generators
 
 Tensor = torch.Tensor
-METHODS = ("photoguard", "mist", "sds", "sds-", "amortized")
+METHODS = ("photoguard", "mist", "sds", "sds-", "aspl", "amortized")
 SDS_METHODS = ("sds", "sds-")  # Diff-Protect: SDS+ (ascent on the denoising loss) and SDS- (descent)
 # the amortized protector's named budgets -> ``min_strength`` (None: the protector's own, texture-weighted;
 # 1.0: the full ``eps`` on flat regions too, as visible as PGD): the names the app, the CLI and the evaluation use
@@ -200,6 +202,7 @@ def protect(
     min_strength: float | None = None,
     tile: int | None = None,
     on_step: Callable[[Step], bool | None] | None = None,
+    finetune: Finetune | None = None,
 ) -> tuple[Tensor | list[Image.Image], ProtectionReport]:
     """Protect ``images`` against mimicry by an L-infinity PGD attack on ``vae`` (and ``denoiser``).
 
@@ -207,8 +210,12 @@ def protect(
         method: "photoguard" (encoder attack toward ``target``), "mist" (textural + ``weight`` x semantic loss,
             needs ``denoiser``), "sds" (Diff-Protect SDS+: raises the denoising loss, as Mist's semantic part) or
             "sds-" (Diff-Protect SDS-: lowers it, the variant Xue et al. found stronger on SD 1.x; on our demo
-            models it is less visible and slightly weaker, see benchmarks/RESULTS.md); both need ``denoiser``.
-        denoiser: ``eps(z_t, t)`` on scaled latents; used by "mist", "sds" and "sds-".
+            models it is less visible and slightly weaker, see benchmarks/RESULTS.md); both need ``denoiser``;
+            "aspl" (Anti-DreamBooth: raises the denoising loss of a copy of ``denoiser`` that is fine-tuned on the
+            images as the attack goes, :func:`protect.aspl.aspl`; ``steps`` PGD steps in rounds of
+            ``finetune.pgd_steps``; the images are protected as one set).
+        denoiser: ``eps(z_t, t)`` on scaled latents; used by "mist", "sds", "sds-" and "aspl" (an ``nn.Module``
+            there: it is fine-tuned, on a copy).
         eps, steps, step: PGD budget (in [0, 1] pixel units), iterations and step size (see :func:`protect.pgd.pgd`).
         target: target pattern for "photoguard"/"mist": an image (tensor in [0, 1] or PIL), "zero" for the zero
             latent, or None for :func:`default_target`.
@@ -224,8 +231,12 @@ def protect(
             image), so that a step costs in proportion to the pixels; None attacks the whole image at once.
         on_step: ``on_step(Step)`` after every PGD step (once for "amortized"); returning ``False`` or raising
             :class:`~protect.pgd.Cancelled` stops the call there (:class:`~protect.pgd.Cancelled` is raised).
+        finetune: for "aspl": the fine-tunes (:class:`~protect.aspl.Finetune`: steps and lr per round, PGD steps
+            per round, LoRA rank or every weight).
     """
     _check_options(method, denoiser, eps, target, weight, protector, robust, min_strength, tile)
+    if finetune is not None and method != "aspl":
+        raise ValueError("finetune applies to method 'aspl' only")
     if isinstance(protector, str | Path):
         protector = AmortizedProtector.from_pretrained(str(protector))
     batch = _batch(images, vae)
@@ -235,6 +246,20 @@ def protect(
         protector = protector.to(batch.device)
         protected, _ = protector.protect(batch, vae, eps=eps, min_strength=min_strength)
         progress(1)
+    elif method == "aspl":
+        protected = aspl(
+            batch,
+            vae,
+            denoiser,
+            eps=eps,
+            steps=steps,
+            step=step,
+            finetune=finetune,
+            alphas_cumprod=alphas_cumprod,
+            generator=generator,
+            robust=EOT if robust is True else tuple(robust or ()),
+            callback=progress.after_pgd_step,
+        )
     else:
         loss_fn = _pgd_loss(method, vae, denoiser, batch, target, weight, alphas_cumprod, generator, tile)
         protected = pgd(
@@ -272,14 +297,16 @@ def _check_options(
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     check_budget(eps, allow_zero=False)
     check_real("weight", weight, low=0.0)
-    if method in SDS_METHODS and denoiser is None:
+    if method in (*SDS_METHODS, "aspl") and denoiser is None:
         raise ValueError(f"method {method!r} needs a denoiser eps(z_t, t)")
+    if method == "aspl" and tile is not None:
+        raise ValueError("method 'aspl' fine-tunes on the whole images; tile does not apply (pass tile=None)")
     if method == "mist" and denoiser is None:
         raise ValueError(
             "method 'mist' needs a denoiser eps(z_t, t) (a latent diffusion model on this VAE) for its semantic "
             "loss; without one it is PhotoGuard's encoder attack: use method='photoguard'"
         )
-    if method in SDS_METHODS and target is not None:
+    if method in (*SDS_METHODS, "aspl") and target is not None:
         raise ValueError(f"method {method!r} has no target; pass target=None")
     if method != "mist" and weight != 1.0:
         raise ValueError(f"weight is Mist's semantic-loss weight; method {method!r} does not use it")

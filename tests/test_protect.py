@@ -31,11 +31,21 @@ def vae() -> AutoencoderKL:
     return _tiny_vae()
 
 
+class TinyDenoiser(torch.nn.Module):
+    """eps(z_t, t): a 3x3 convolution scaled by the timestep (an ``nn.Module``: ASPL fine-tunes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.conv(z_t) * (1 + t.view(-1, 1, 1, 1) / 1000)
+
+
 @pytest.fixture(scope="module")
 def denoiser():
-    torch.manual_seed(1)
-    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
-    return lambda z_t, t: conv(z_t) * (1 + t.view(-1, 1, 1, 1) / 1000)
+    return TinyDenoiser()
 
 
 @pytest.fixture(scope="module")

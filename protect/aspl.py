@@ -1,0 +1,196 @@
+"""Anti-DreamBooth ASPL: protection against personalisation by fine-tuning (Van Le et al., ICCV 2023).
+
+PhotoGuard, Mist and SDS attack a *fixed* model; a DreamBooth or LoRA attacker fine-tunes the model on the
+protected images, and the perturbation has to keep hurting the model it turns into. ASPL (Alternating Surrogate
+and Perturbation Learning) follows that fine-tune. Every round it:
+
+1. copies the attacker's model ``theta`` into a surrogate ``theta'`` and fine-tunes it on the *clean* images
+   (where an attacker's fine-tune would head),
+2. runs PGD steps that *raise* the surrogate's denoising loss on the perturbed images (back-propagated through
+   the denoiser and the encoder),
+3. fine-tunes ``theta`` itself on the *perturbed* images, as the attacker would.
+
+Paper setting (SD 2.1, full fine-tune): 50 rounds of 3 fine-tune steps and 6 PGD steps, eps 0.05 on [-1, 1]
+pixels (0.025 here on [0, 1]), step 0.005 (0.0025), fine-tune lr 5e-6; 24-40 GB of GPU memory.
+:class:`Finetune` holds the fine-tune settings; ``rank`` fine-tunes LoRA adapters (peft) instead of every
+weight, the memory-light way a LoRA attacker personalises. The denoiser given is never changed: the
+fine-tunes run on a copy.
+
+Every image of the set is in every fine-tune step (a DreamBooth instance set is a handful of images), so the
+protection of an image depends on the others it is protected with: protect the set together.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from guidance.method import check_real
+
+from .losses import denoising_loss, latent
+from .pgd import pgd
+from .rng import Generators
+
+Tensor = torch.Tensor
+
+__all__ = ["Finetune", "aspl"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetune:
+    """The fine-tunes of :func:`aspl`: ``steps`` AdamW steps of ``lr`` per round and model, ``pgd_steps`` PGD steps per
+    round; ``rank``: LoRA adapters of that rank on the attention projections (None: every weight, as the paper)."""
+
+    steps: int = 3
+    pgd_steps: int = 6
+    lr: float = 5e-6
+    rank: int | None = None
+    #: LoRA target modules (module names or suffixes, peft's ``target_modules``)
+    lora_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "pgd_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Finetune.{name} must be a positive integer, got {value!r}")
+        check_real("Finetune.lr", self.lr, low=0.0)
+        if self.lr == 0:
+            raise ValueError("Finetune.lr must be > 0")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"Finetune.rank must be a positive integer or None, got {self.rank!r}")
+
+
+def _trainable(denoiser: nn.Module, settings: Finetune) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A copy of ``denoiser`` in eval mode (no dropout) and the parameters the fine-tunes train."""
+    model = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    if settings.rank is None:
+        params = [p for p in model.parameters() if p.is_floating_point()]
+    else:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.rank,
+            init_lora_weights=True,  # B = 0: the copy starts as the given model
+            target_modules=list(settings.lora_modules),
+        )
+        try:
+            model = inject_adapter_in_model(config, model)
+        except ValueError as error:  # peft: no module matches the target modules
+            raise ValueError(f"{error} (Finetune.lora_modules names the modules that get LoRA adapters)") from None
+        params = [p for name, p in model.named_parameters() if "lora_" in name]
+    if not params:
+        raise ValueError("the denoiser has no parameters to fine-tune (with rank: no module matches lora_modules)")
+    return model, params
+
+
+def _fit(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    z: Tensor,
+    steps: int,
+    alphas_cumprod: Tensor | None,
+    generator: Generators,
+) -> None:
+    """``steps`` steps of the diffusion training loss on the latents ``z`` (every one in every step)."""
+    for p in params:
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = denoising_loss(model, z, alphas_cumprod=alphas_cumprod, generator=generator).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for p in params:  # the PGD steps differentiate in the images only
+        p.grad = None
+        p.requires_grad_(False)
+
+
+def _shifted(callback: Callable[[int, Tensor, Tensor], bool | None], offset: int, i: int, x: Tensor, loss: Tensor):
+    return callback(offset + i, x, loss)
+
+
+def aspl(
+    images: Tensor,
+    vae: AutoencoderKL,
+    denoiser: nn.Module,
+    *,
+    eps: float = 8 / 255,
+    steps: int = 300,
+    step: float | None = None,
+    finetune: Finetune | None = None,
+    alphas_cumprod: Tensor | None = None,
+    generator: Generators = None,
+    robust: Sequence[str] = (),
+    callback: Callable[[int, Tensor, Tensor], bool | None] | None = None,
+) -> Tensor:
+    """Protect ``images`` (N, 3, H, W) in [0, 1] by ASPL against fine-tuning ``denoiser`` on them.
+
+    Args:
+        denoiser: an ``nn.Module`` called as ``denoiser(z_t, t)`` on scaled latents of ``vae`` and integer
+            timesteps, returning the noise prediction (or an output with ``.sample``; learned-variance channels are
+            dropped). A UNet2DModel is one; wrap a conditional model with its conditioning (a class, an instance
+            prompt's embeddings) for all the images.
+        steps: PGD steps in all, run ``finetune.pgd_steps`` per round (the last round may run fewer).
+        step: the signed-gradient step size (default ``2.5 eps / steps``, as :func:`protect.pgd.pgd`).
+        alphas_cumprod: the denoiser's noise schedule (default: Stable Diffusion's).
+        generator: the randomness of the PGD start, the timesteps and noise of the PGD and fine-tune losses.
+        robust: EOT transformations for the PGD steps (:data:`protect.purify.EOT`).
+        callback: ``callback(i, x, loss)`` after the loss of PGD step ``i`` (counted over the rounds), as
+            :func:`protect.pgd.pgd`; returning ``False`` stops the protection.
+    """
+    if not isinstance(denoiser, nn.Module):
+        raise ValueError(
+            "ASPL fine-tunes the denoiser: pass an nn.Module called as denoiser(z_t, t) (a UNet2DModel, or a module "
+            f"wrapping a conditional model with its conditioning), got {type(denoiser).__name__}"
+        )
+    settings = finetune or Finetune()
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    step = 2.5 * eps / steps if step is None else step
+    model, params = _trainable(denoiser, settings)
+    theta = [p.detach().clone() for p in params]  # the attacker's model between rounds
+    attacker = torch.optim.AdamW(params, lr=settings.lr)  # its optimiser state carries over the rounds
+    with torch.no_grad():
+        clean = latent(vae, images)
+
+    def restore(values: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)
+
+    def surrogate_loss(x: Tensor) -> Tensor:  # PGD minimises: the negated denoising loss of the surrogate
+        return -denoising_loss(model, latent(vae, x), alphas_cumprod=alphas_cumprod, generator=generator)
+
+    x, done = None, 0
+    for _ in range(math.ceil(steps / settings.pgd_steps)):
+        restore(theta)  # theta' = theta, fine-tuned on the clean images
+        surrogate = torch.optim.AdamW(params, lr=settings.lr)
+        _fit(model, params, surrogate, clean, settings.steps, alphas_cumprod, generator)
+        count = min(settings.pgd_steps, steps - done)
+        x = pgd(
+            images,
+            surrogate_loss,
+            eps=eps,
+            step=step,
+            steps=count,
+            generator=generator,
+            robust=robust,
+            start=x,
+            callback=None if callback is None else functools.partial(_shifted, callback, done),
+        )
+        done += count
+        restore(theta)  # theta, fine-tuned on the perturbed images, as the attacker does
+        with torch.no_grad():
+            perturbed = latent(vae, x)
+        _fit(model, params, attacker, perturbed, settings.steps, alphas_cumprod, generator)
+        theta = [p.detach().clone() for p in params]
+    return x
