@@ -221,7 +221,8 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         "noisy upscaling, DiffPure, IMPRESS; the worst case per method)",
         description="Protect held-out demo images with each method, purify them, mimic them with SDEdit and a "
         "LoRA fine-tune of the demo DiT, and report invisibility against the damage to the mimicry. Methods: "
-        "photoguard, mist, sds (SDS+), sds- (SDS-), amortized, amortized-full (full budget on flat regions too), "
+        "photoguard, mist, sds (SDS+), sds- (SDS-), aspl (Anti-DreamBooth, fine-tuning the demo DiT on the images' "
+        "classes), amortized, amortized-full (full budget on flat regions too), "
         "noise (random "
         "signs, the naive baseline); 'photoguard@10' sets the "
         "PGD steps. Random noise of the same budget is always a row (random_noise). Writes a JSON report (never "
@@ -236,7 +237,8 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="evaluate on native-resolution crops of the held-out photos (apps.demo.photos.HELD_OUT) against each "
         "--vae: PSNR/SSIM, latent distortion per VAE and SDEdit mimicry through --ldm after each purification; "
-        "methods photoguard, mist, sds, sds- (PGD on the first --vae; mist and sds/sds- need --ldm), amortized, "
+        "methods photoguard, mist, sds, sds-, aspl (PGD on the first --vae; mist, sds/sds- and aspl need --ldm, "
+        "which aspl fine-tunes), amortized, "
         "amortized-full",
     )
     ev.add_argument(

@@ -31,27 +31,36 @@ PURIFICATIONS = (*EVALUATION, "diffpure", "impress")  # the field's: fixed, then
 EVAL_SEED = 3_000_017  # held-out images: a stream neither the demo models nor the protector trained on
 
 
-def dit_denoiser(pipe):
-    """The demo DiT as an unconditional (null-class) latent denoiser ``eps(z_t, t)`` for Mist / SDS.
+class DiTDenoiser(torch.nn.Module):
+    """The demo DiT as a latent denoiser ``eps(z_t, t)`` for Mist / SDS / ASPL: of ``labels`` (one per image), or of
+    the null class (unconditional) when None. An ``nn.Module``, so ASPL can fine-tune it (on a copy).
 
     The DiT works on square latents whose side is a multiple of its patch: other latents are replicate-padded to
     that square and the prediction is cropped back.
     """
-    from protect.evaluate import null_class
 
-    transformer = pipe.transformer
-    patch, label = transformer.config.patch_size, null_class(transformer)
+    def __init__(self, transformer: torch.nn.Module, labels: torch.Tensor | None = None) -> None:
+        from protect.evaluate import null_class
 
-    def eps(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        super().__init__()
+        self.transformer, self.labels, self.null = transformer, labels, null_class(transformer)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         height, width = z_t.shape[-2:]
         side = max(height, width)
-        side += -side % patch
+        side += -side % self.transformer.config.patch_size
         z = torch.nn.functional.pad(z_t, (0, side - width, 0, side - height), mode="replicate")
-        null = torch.full((len(z_t),), label, device=z_t.device, dtype=torch.long)
-        out = transformer(z, timestep=t, class_labels=null).sample
+        if self.labels is None:
+            labels = torch.full((len(z_t),), self.null, device=z_t.device, dtype=torch.long)
+        else:
+            labels = self.labels.to(z_t.device)
+        out = self.transformer(z, timestep=t, class_labels=labels).sample
         return out[:, : z_t.shape[1], :height, :width]
 
-    return eps
+
+def dit_denoiser(pipe) -> DiTDenoiser:
+    """The demo DiT as an unconditional (null-class) latent denoiser ``eps(z_t, t)`` for Mist / SDS."""
+    return DiTDenoiser(pipe.transformer)
 
 
 def protect_all(
@@ -64,9 +73,12 @@ def protect_all(
     steps: int = 100,
     seed: int = 0,
     tile: int | None = None,
+    labels: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Protect ``images`` with each method; returns the protected images and the seconds per image. ``tile``: the
-    PGD methods attack crops of that side (as the app does, ``apps.services.PGD_TILE``), None the whole image."""
+    PGD methods attack crops of that side (as the app does, ``apps.services.PGD_TILE``), None the whole image.
+    ASPL fine-tunes the demo DiT on the images of their ``labels`` (a DreamBooth attacker's conditioning; the null
+    class when None), the set as one, on whole images."""
     from protect import protect
 
     out, seconds = {}, {}
@@ -82,6 +94,17 @@ def protect_all(
         elif name in AMORTIZED_BUDGETS:  # "amortized-full": the full budget on flat regions too
             out[method], _ = protect(
                 images, "amortized", vae=pipe.vae, protector=protector, eps=eps, min_strength=AMORTIZED_BUDGETS[name]
+            )
+        elif name == "aspl":
+            out[method], _ = protect(
+                images,
+                name,
+                vae=pipe.vae,
+                denoiser=DiTDenoiser(pipe.transformer, labels),
+                alphas_cumprod=alphas,
+                eps=eps,
+                steps=n_steps,
+                generator=torch.Generator().manual_seed(seed),
             )
         else:
             semantic = name in ("mist", *SDS_METHODS)
@@ -129,7 +152,9 @@ def run(
         model = AmortizedProtector.from_pretrained(str(protector or DEMO_DIR / "protector")).to(device)
     images, labels = generate(n, torch.Generator().manual_seed(EVAL_SEED + seed))
     images, labels = ((images + 1) / 2).to(device), labels.to(device)
-    protected, seconds = protect_all(images, methods, pipe=pipe, protector=model, eps=eps, steps=steps, seed=seed)
+    protected, seconds = protect_all(
+        images, methods, pipe=pipe, protector=model, eps=eps, steps=steps, seed=seed, labels=labels
+    )
 
     def gens(count: int) -> list[torch.Generator]:
         return [torch.Generator().manual_seed(seed + 50_000 + i) for i in range(count)]
@@ -220,8 +245,9 @@ def markdown(result: dict[str, Any], columns: Sequence[str] | None = None) -> st
 # ----------------------------------------------------------------------------- held-out photos
 
 # photo evaluation: PGD (PhotoGuard; Mist and SDS with a latent model) on the first --vae, the amortized protector
-PHOTO_PROTECTIONS = ("photoguard", "mist", *SDS_METHODS, "amortized", "amortized-full")
-PHOTO_LATENT_METHODS = ("mist", *SDS_METHODS)  # need the latent diffusion model (--ldm) as their semantic part
+PHOTO_PROTECTIONS = ("photoguard", "mist", *SDS_METHODS, "aspl", "amortized", "amortized-full")
+# need the latent diffusion model (--ldm): Mist's and SDS's semantic part, the model ASPL fine-tunes
+PHOTO_LATENT_METHODS = ("mist", *SDS_METHODS, "aspl")
 PHOTO_MAX_SIZE = 400  # the shortest side of the held-out photos (coffee: 400 x 600)
 PHOTO_MAX_WORK = 2e4  # megapixel-VAE-passes a photo evaluation may cost (about an hour of the demo VAE on 2 CPUs)
 PHOTO_LDM = "demo/photo_ldm"  # the photo latent model (on demo/photo_vae), when trained
@@ -320,9 +346,11 @@ def protect_photos(
         else:
             gens = [torch.Generator().manual_seed(seed + i) for i in range(len(images))]
             extra = semantic_part(*latent_model) if name in PHOTO_LATENT_METHODS else {}
+            if name == "aspl":  # fine-tunes the latent model itself, on the whole crops, as one set
+                extra, gens = extra | {"denoiser": latent_model[0], "tile": None}, gens[0]
             protected[method], _ = protect(
-                images, name, vae=vae, eps=eps, steps=int(count) if count else steps, generator=gens, tile=tile,
-                **extra,
+                images, name, vae=vae, eps=eps, steps=int(count) if count else steps, generator=gens,
+                **({"tile": tile} | extra),
             )  # fmt: skip
         seconds[method] = (time.perf_counter() - start) / len(images)
     return protected, seconds

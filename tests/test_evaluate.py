@@ -180,3 +180,21 @@ def test_evaluate_takes_model_purifications_and_adds_random_noise(demo):
         evaluate(images[:4], {}, labels[:4], mimics={}, classifier=classifier, purifications=("diffpure",))
     with pytest.raises(ValueError, match="rows evaluate adds"):
         evaluate(images[:4], {"random_noise": shifted}, labels[:4], mimics={}, classifier=classifier)
+
+
+def test_aspl_fine_tunes_the_demo_dit_on_the_images_classes(demo):
+    """``steerguard evaluate --methods aspl@N``: ASPL fine-tunes the demo DiT conditioned on the images' classes (a
+    DreamBooth attacker's conditioning), within the budget; the classes matter, the pipeline's DiT is untouched."""
+    from apps.evaluation import DiTDenoiser, protect_all
+
+    pipe, _, images, labels = demo
+    images, labels = images[:2], labels[:2]
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with_classes, _ = protect_all(images, ["aspl@2"], pipe=pipe, eps=8 / 255, seed=1, labels=labels)
+    unconditional, _ = protect_all(images, ["aspl@2"], pipe=pipe, eps=8 / 255, seed=1)
+    out = with_classes["aspl@2"]
+    assert out.shape == images.shape and (out - images).abs().max() <= 8 / 255 + 1e-6
+    assert not torch.equal(out, unconditional["aspl@2"])
+    assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in before.items())
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))  # a latent smaller than the DiT's
+    assert DiTDenoiser(pipe.transformer, labels)(z, torch.tensor([10, 500])).shape == z.shape

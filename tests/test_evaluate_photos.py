@@ -191,13 +191,13 @@ def ldm_folder(vae_folders, tmp_path_factory):
 
 def test_photo_evaluation_with_a_latent_model_runs_mist_sds_and_sdedit_mimicry(vae_folders, ldm_folder, tmp_path):
     report = tmp_path / "m.json"
-    methods = ("--methods", "photoguard@2", "mist@2", "sds@2", "sds-@2")
+    methods = ("--methods", "photoguard@2", "mist@2", "sds@2", "sds-@2", "aspl@2")
     assert cli_main(_argv(*methods, "--vae", vae_folders[0], "--ldm", ldm_folder, "--json", str(report))) == 0
     result = json.loads(report.read_text())
     rows = {(r["protection"], r["purification"]): r for r in result["rows"]}
     assert rows[("clean", "none")]["sdedit_ssim_to_clean"] == pytest.approx(1.0)
     assert rows[("clean", "jpeg75")]["sdedit_psnr_to_clean"] > 100  # each purification's own clean edit
-    for method in ("photoguard@2", "mist@2", "sds@2", "sds-@2", "random_noise"):
+    for method in ("photoguard@2", "mist@2", "sds@2", "sds-@2", "aspl@2", "random_noise"):
         assert 0 < rows[(method, "none")]["sdedit_ssim_to_clean"] < 1
         assert rows[(method, "none")]["linf_255"] <= 8 + 1e-3
     # the latent model is Mist's semantic part: Mist is not PhotoGuard under another name

@@ -1,0 +1,32 @@
+"""benchmarks/bench_aspl.py: protections fine-tuned on by two attackers, the learned share per protection."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from apps.demo import DEMO_DIR
+from benchmarks import bench_aspl
+
+pytestmark = pytest.mark.skipif(not (DEMO_DIR / "photo_ldm").is_dir(), reason="the photo LDM is not in demo_models/")
+
+
+def test_rows_per_attacker_and_protection_with_the_clean_share_one(tmp_path, capsys):
+    out = tmp_path / "aspl.json"
+    argv = ["-n", "2", "--size", "32", "--steps", "2", "--attack-steps", "2", "--seeds", "2", "--samples", "1"]
+    assert bench_aspl.main([*argv, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    protections = ("clean", "random noise", "photoguard", "sds", "aspl")
+    assert [(r["attacker"], r["protection"]) for r in record["rows"]] == [
+        (a, p) for a in bench_aspl.ATTACKERS for p in protections
+    ]
+    for row in record["rows"]:
+        assert all(math.isfinite(row[k]["mean"]) for k in ("clean_loss", "learned", "sdedit_psnr", "sample_psnr"))
+        if row["protection"] == "clean":
+            assert row["learned"] == {"mean": 1.0, "sd": 0.0} and row["psnr"] == math.inf
+        else:
+            assert 28 < row["psnr"] < 60  # 8/255 at most: >= 30 dB but for rounding
+    assert record["settings"]["crops"][0]["photo"] and record["untuned_clean_loss"] > 0
+    assert "ASPL / PhotoGuard learned share" in capsys.readouterr().out
