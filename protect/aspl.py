@@ -14,7 +14,7 @@ Paper setting (SD 2.1, full fine-tune): 50 rounds of 3 fine-tune steps and 6 PGD
 pixels (0.025 here on [0, 1]), step 0.005 (0.0025), fine-tune lr 5e-6; 24-40 GB of GPU memory.
 :class:`Finetune` holds the fine-tune settings; ``rank`` fine-tunes LoRA adapters (peft) instead of every
 weight, the memory-light way a LoRA attacker personalises. The denoiser given is never changed: the
-fine-tunes run on a copy.
+fine-tunes run on a float32 copy on its device.
 
 Every image of the set is in every fine-tune step (a DreamBooth instance set is a handful of images), so the
 protection of an image depends on the others it is protected with: protect the set together.
@@ -68,8 +68,9 @@ class Finetune:
 
 
 def _trainable(denoiser: nn.Module, settings: Finetune) -> tuple[nn.Module, list[nn.Parameter]]:
-    """A copy of ``denoiser`` in eval mode (no dropout) and the parameters the fine-tunes train."""
-    model = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    """A float32 copy of ``denoiser`` in eval mode (no dropout) and the parameters the fine-tunes train (AdamW on
+    half-precision weights would lose its small updates)."""
+    model = copy.deepcopy(denoiser).float().eval().requires_grad_(False)
     if settings.rank is None:
         params = [p for p in model.parameters() if p.is_floating_point()]
     else:

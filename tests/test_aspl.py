@@ -147,3 +147,10 @@ def test_bad_settings_are_refused(images, vae, kwargs, error, match):
 def test_finetune_settings_are_checked(settings):
     with pytest.raises(ValueError, match="Finetune"):
         Finetune(**settings)
+
+
+def test_a_half_precision_denoiser_is_fine_tuned_in_float32_on_a_copy(images, vae):
+    denoiser = TinyDenoiser().to(torch.bfloat16)
+    out, report = protect(images, "aspl", vae=vae, denoiser=denoiser, steps=2, finetune=Finetune(lr=1e-2))
+    assert {p.dtype for p in denoiser.parameters()} == {torch.bfloat16}
+    assert (out - images).abs().max() <= EPS + 1e-7 and torch.isfinite(torch.tensor(report.losses)).all()
