@@ -111,3 +111,23 @@ def test_the_amortized_protector_runs_where_it_is_with_a_vae_elsewhere():
         vae = tiny_vae((8, 16), 0).to(vae_device)
         out, _ = protector.to(protector_device).protect(x.to(protector_device), vae, eps=EPS)
         assert out.device.type == protector_device and (out - x.to(out)).abs().max() <= EPS + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_aspl_in_half_precision_on_the_gpu(dtype):
+    """ASPL with a half-precision VAE and denoiser on CUDA: the fine-tunes run on a float32 copy on the GPU, the
+    budget holds exactly, the given denoiser keeps its dtype and weights."""
+    from protect import Finetune
+    from tests.test_protect import TinyDenoiser
+
+    torch.manual_seed(0)
+    vae = tiny_vae((8, 16)).to("cuda", dtype)
+    denoiser = TinyDenoiser().to("cuda", dtype)
+    before = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    images = torch.rand(2, 3, 64, 64, device="cuda").to(dtype)
+    out, report = protect(
+        images, "aspl", vae=vae, denoiser=denoiser, eps=EPS, steps=4, finetune=Finetune(lr=1e-3, pgd_steps=2),
+        generator=torch.Generator("cuda").manual_seed(0),
+    )  # fmt: skip
+    assert out.device.type == "cuda" and out.dtype == dtype and (out.double() - images.double()).abs().max() <= EPS
+    assert all(torch.equal(v, denoiser.state_dict()[k]) for k, v in before.items()) and max(report.linf) > 0
