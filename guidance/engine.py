@@ -161,6 +161,16 @@ class Run:
         output, pred, perturbed = self._branches(call, inputs, step)
         return _with_prediction(output, self._combine(step, pred, perturbed))
 
+    def use_pipeline_scale(self, scale: float) -> None:
+        """The pipeline's CFG scale from this denoiser call on (Wan 2.2's second stage has its own)."""
+        if scale == self.pipeline_scale:
+            return
+        self.pipeline_scale = scale
+        if self.own_cfg is not None:
+            methods = list(self.methods)
+            methods[self.own_cfg] = CFG(scale)
+            self.methods = tuple(methods)
+
     def _follow_pipeline_scale(self) -> None:
         """The pipeline's own CFG at the scale the pipeline holds now: a step-end callback may change it
         (``pipe._guidance_scale``, read by diffusers' pipelines at every step), and it must count here too."""

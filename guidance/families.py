@@ -34,6 +34,10 @@ class Family:
     timestep_divisor: float = 1.0
     #: the denoiser's config entry the pipeline multiplies the timestep by (Sana's ``timestep_scale``)
     timestep_scale_key: str | None = None
+    #: a second denoiser the pipeline switches to for its low-noise steps (Wan 2.2's ``transformer_2``), and the
+    #: argument holding that stage's CFG scale (None in the call: the first stage's)
+    second_denoiser: str | None = None
+    second_scale_arg: str | None = None
     #: call arguments that would bypass or double the guidance, with the reason
     refused: tuple[tuple[str, str], ...] = ()
     #: denoiser arguments without a batch dimension
@@ -172,6 +176,17 @@ FAMILIES: tuple[Family, ...] = (
     ),
     # diffusers' Sana ControlNet pipeline passes the timestep unscaled
     Family("sana-controlnet", ("SanaControlNetPipeline",), "transformer", "uncond_cond", "guidance_scale"),
+    Family(
+        "wan",
+        ("WanPipeline",),  # Wan 2.1 and 2.2 text-to-video (a video: latents (B, C, F, H, W))
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
+        second_denoiser="transformer_2",
+        second_scale_arg="guidance_scale_2",
+    ),
 )
 
 

@@ -302,10 +302,10 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
     try:
         for name, rules in attention_rules.items():
             detachers.append(attach(modules[name], _AttentionHook(controller, name, rules), hook_name))
-        for name, idx in shuffles.items():
-            detachers.append(attach(modules[name], _ShuffleHook(controller, idx), hook_name))
+        for name, idx in shuffles.items():  # a block may be shuffled by one method and skipped by another
+            detachers.append(attach(modules[name], _ShuffleHook(controller, idx), f"{hook_name}.shuffle"))
         for name, idx in skips.items():
-            detachers.append(attach(modules[name], _SkipHook(controller, name, idx), hook_name))
+            detachers.append(attach(modules[name], _SkipHook(controller, name, idx), f"{hook_name}.skip"))
     except BaseException:
         remove()
         raise

@@ -81,6 +81,10 @@ class _Controller:
         self.corrector = corrector
         self.family = family_of(pipe)
         self.denoiser: torch.nn.Module | None = None
+        #: every denoiser the pipeline calls (the first, and Wan 2.2's low-noise ``transformer_2``)
+        self.denoisers: tuple[torch.nn.Module, ...] = ()
+        #: the pipeline's CFG scale of the running call for each denoiser (by ``id``)
+        self.stage_scales: dict[int, float] = {}
         self.signature: inspect.Signature | None = None
         self.parameter_names: list[str] = []
         self.run: Run | None = None
@@ -89,8 +93,10 @@ class _Controller:
     def intercept(self, module: torch.nn.Module, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """The denoiser's calls during this pipeline's own calls in this thread (others pass, see hooks.ACTIVE_RUN)."""
         run = ACTIVE_RUN.get()
-        if run is None or run.controller is not self or module is not self.denoiser:
+        if run is None or run.controller is not self or not any(module is d for d in self.denoisers):
             return PASS
+        if len(self.denoisers) > 1:  # Wan 2.2: the low-noise stage has its own CFG scale
+            run.use_pipeline_scale(self.stage_scales[id(module)])
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         x, t = bound[self.parameter_names[0]], bound["timestep"]
         # float32: FLUX passes t / 1000 in bf16, and bf16 rounds t * 1000 to multiples of 4 above 512
@@ -131,7 +137,11 @@ class _Controller:
                 "pipeline's true CFG runs the unconditional branch in a separate call (use the corrector without "
                 "true CFG)"
             )
-        self.run = Run(self, float(arguments.get(self.family.scale_arg, 1.0)), has_uncond, solve_uncond=rescale > 0)
+        scale = float(arguments.get(self.family.scale_arg, 1.0))
+        self.stage_scales = {id(d): scale for d in self.denoisers}
+        if len(self.denoisers) > 1:
+            self.stage_scales[id(self.denoisers[1])] = self._second_scale(pipe, arguments, scale)
+        self.run = Run(self, scale, has_uncond, solve_uncond=rescale > 0)
         token = ACTIVE_RUN.set(self.run)
         previous_count = vars(pipe).pop("_num_timesteps", _MISSING)  # a stale count from an earlier call
         scheduler = pipe.scheduler  # wrapped per call: the scheduler may have been swapped inside the block
@@ -147,6 +157,19 @@ class _Controller:
             self.run = None
             if previous_count is not _MISSING and "_num_timesteps" not in vars(pipe):
                 pipe._num_timesteps = previous_count
+
+    def _second_scale(self, pipe: Any, arguments: dict[str, Any], scale: float) -> float:
+        """The CFG scale of the second denoiser's stage (the first stage's unless the call sets its own)."""
+        second = arguments.get(self.family.second_scale_arg)
+        if second is None:
+            return scale
+        if scale > 1 and second <= 1:
+            raise ValueError(
+                f"{type(pipe).__name__}({self.family.second_scale_arg}={second}) with {self.family.scale_arg}="
+                f"{scale}: the pipeline still runs the unconditional call in that stage but combines nothing; inside "
+                f"guide() give {self.family.second_scale_arg} above 1 or leave it None"
+            )
+        return float(second)
 
     def _check_corrector(self, pipe: Any) -> None:
         """The corrector moves the latents the denoiser sees; refuse where other inputs are computed from them,
@@ -217,6 +240,8 @@ class _Controller:
         # s, so it is always 2 there
         if arguments[self.family.scale_arg] <= 1 or self.family.layout == "sequential" or solved:
             arguments[self.family.scale_arg] = FORCED_PIPELINE_SCALE
+        if self.family.second_scale_arg in arguments:  # the method's scale decides in every stage
+            arguments[self.family.second_scale_arg] = None
         if self.family.layout == "sequential" and self.family.negative_by_default:
             return
         if self.family.layout == "sequential" and arguments.get("negative_prompt") is None:
@@ -308,11 +333,20 @@ def guide(pipe: Any, *methods: Guidance | LangevinCorrector, sequential: bool = 
 
     inner = getattr(denoiser, "_orig_mod", denoiser)  # torch.compile(module) wraps the module: read its own forward
     controller.denoiser = denoiser
+    second = getattr(pipe, controller.family.second_denoiser or "", None)
+    controller.denoisers = (denoiser,) + ((second,) if isinstance(second, torch.nn.Module) else ())
+    if getattr(getattr(pipe, "config", None), "expand_timesteps", False):
+        raise TypeError(
+            f"guide() cannot serve {type(pipe).__name__} with expand_timesteps (Wan 2.2 TI2V): its timestep is one per "
+            "token, not per sample"
+        )
     controller.signature = inspect.signature(type(inner).forward.__get__(inner))
     controller.parameter_names = list(controller.signature.parameters)
     with contextlib.ExitStack() as undo:  # all or nothing: whatever was installed is removed if a later part fails
-        undo.callback(install(controller, inner))  # validates the layer selectors and processors first
-        undo.callback(intercept_calls(denoiser, controller.intercept))
+        for module in controller.denoisers:  # validates the layer selectors and processors first
+            undo.callback(install(controller, getattr(module, "_orig_mod", module)))
+        for module in controller.denoisers:
+            undo.callback(intercept_calls(module, controller.intercept))
         original_class = type(pipe)
         pipe.__class__ = _guided_class(original_class, controller)
         undo.callback(setattr, pipe, "__class__", original_class)

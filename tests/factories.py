@@ -733,6 +733,52 @@ def sana_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     return kwargs
 
 
+def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False) -> DiffusionPipeline:
+    """Wan text-to-video: a 2-block transformer, a tiny Wan VAE (5 frames of 16 px), flow matching with Wan's shift,
+    no text encoder (call it with :func:`wan_call_kwargs`' embeddings); ``two_stages``: Wan 2.2's second
+    transformer for the low-noise half of the steps (``boundary_ratio`` 0.5)."""
+    import diffusers
+
+    def transformer(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            rope_max_seq_len=32,
+        ).eval()
+
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    pipe = diffusers.WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=transformer(SEED),
+        transformer_2=transformer(SEED + 1) if two_stages else None,
+        boundary_ratio=0.5 if two_stages else None,
+        expand_timesteps=expand_timesteps,
+    )
+    return _finish(pipe)
+
+
+def wan_call_kwargs() -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_wan`: seeded prompt and negative embeddings, 5 frames of 16 px, 4
+    steps; no generator nor guidance settings."""
+    g = torch.Generator().manual_seed(SEED + 23)
+    kwargs: dict[str, Any] = {"height": 16, "width": 16, "num_frames": 5, "num_inference_steps": 4}
+    kwargs |= {"output_type": "np", "prompt_embeds": torch.randn(1, 6, 32, generator=g)}
+    kwargs["negative_prompt_embeds"] = torch.randn(1, 6, 32, generator=g)
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)

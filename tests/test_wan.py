@@ -1,0 +1,98 @@
+"""guide() on Wan text-to-video (latents (B, C, F, H, W); a separate unconditional call; Wan 2.2's second
+transformer for the low-noise steps with its own CFG scale): CFG equals the pipeline's own in one and two stages,
+PAG composed with the pipeline's own per-stage CFG equals the formula on the recorded branches, SLG and TPG on one
+block compose, both transformers are left as found, and what cannot be served is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guidance import APG, CFG, PAG, SLG, TPG, guide
+from tests.factories import pipeline_snapshot, tiny_wan, wan_call_kwargs
+from tests.test_pipeline import assert_images_close
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["wan2.1", "wan2.2_two_stages"])
+def pipe(request):
+    return tiny_wan(two_stages=request.param)
+
+
+def call(pipe, **extra):
+    return pipe(**(wan_call_kwargs() | extra), generator=torch.Generator().manual_seed(0)).frames
+
+
+def _second_state(pipe):
+    second = pipe.transformer_2
+    return (
+        None
+        if second is None
+        else (type(second), sorted(vars(second)), [len(m._forward_hooks) for m in second.modules()])
+    )
+
+
+def test_cfg_equals_the_pipelines_own_and_everything_is_left_as_found(pipe):
+    own, unguided = call(pipe, guidance_scale=4.0), call(pipe, guidance_scale=1.0)
+    before = pipeline_snapshot(pipe), _second_state(pipe)  # after a call: Wan's cache_context adds a hook registry
+    assert np.abs(own - unguided).max() > 1e-4, "CFG must change this tiny model's output"
+    with guide(pipe, CFG(4.0)):
+        assert_images_close(call(pipe), own, atol=1e-5)
+        if pipe.transformer_2 is not None:  # the method's scale decides in both stages
+            assert_images_close(call(pipe, guidance_scale_2=2.5), own, atol=1e-5)
+    with guide(pipe, APG(4.0), SLG(2.0, layers=(1,), start=0.0, stop=1.0), TPG(1.0, layers=(1,))):
+        mixed = call(pipe)  # SLG and TPG on the same block
+    assert np.isfinite(mixed).all() and np.abs(mixed - own).max() > 1e-4
+    assert (pipeline_snapshot(pipe), _second_state(pipe)) == before
+
+
+def _recorded(pipe, run):
+    """``run()`` recording every transformer call (which transformer, its output) and the predictions the
+    scheduler steps with."""
+    calls, steps = [], []
+    modules = [m for m in (pipe.transformer, pipe.transformer_2) if m is not None]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, kwargs, out, k=k: calls.append((k, out[0].clone())), with_kwargs=True)
+        for k, m in enumerate(modules)
+    ]
+    own_step = pipe.scheduler.step
+    pipe.scheduler.step = lambda output, *a, **kw: steps.append(output.clone()) or own_step(output, *a, **kw)
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        del pipe.scheduler.step
+    return calls, steps
+
+
+def test_pag_composes_with_the_pipelines_own_cfg_at_each_stages_scale(pipe):
+    scales = {0: 4.0, 1: 2.5}  # transformer, transformer_2
+    extra = {"guidance_scale": 4.0} | ({"guidance_scale_2": 2.5} if pipe.transformer_2 is not None else {})
+
+    def run():
+        with guide(pipe, PAG(2.0, layers=(0,))):
+            call(pipe, **extra)
+
+    calls, steps = _recorded(pipe, run)
+    assert len(calls) == 2 * len(steps) == 8
+    stages = [k for k, _ in calls[::2]]
+    assert stages == sorted(stages) and set(stages) == ({0, 1} if pipe.transformer_2 is not None else {0})
+    for (k, batched), (_, uncond), stepped in zip(calls[::2], calls[1::2], steps):
+        cond, perturbed = batched.float().chunk(2)  # the conditional rows, then PAG's copy of them
+        expected = uncond.float() + scales[k] * (cond - uncond.float()) + 2.0 * (cond - perturbed)
+        torch.testing.assert_close(stepped.float(), expected, rtol=1e-4, atol=1e-5)
+    if pipe.transformer_2 is not None:  # the control: one scale for both stages is another guidance
+        (_, batched), (_, uncond) = calls[6], calls[7]
+        cond, perturbed = batched.float().chunk(2)
+        wrong = uncond.float() + 4.0 * (cond - uncond.float()) + 2.0 * (cond - perturbed)
+        assert (wrong - steps[3].float()).abs().max() > 1e-3
+
+
+def test_what_cannot_be_served_is_refused():
+    pipe = tiny_wan(two_stages=True)
+    with guide(pipe, PAG(2.0)), pytest.raises(ValueError, match="guidance_scale_2"):
+        call(pipe, guidance_scale=4.0, guidance_scale_2=1.0)  # an unconditional call combined with nothing
+    with pytest.raises(TypeError, match="expand_timesteps"):
+        with guide(tiny_wan(expand_timesteps=True), CFG(4.0)):
+            pass
