@@ -246,6 +246,11 @@ def check_generates_from_text(pipe: Any) -> None:
     except TypeError as error:
         raise ValueError(str(error)) from None
     parameters = inspect.signature(type(pipe).__call__).parameters
+    if "num_frames" in parameters:
+        raise ValueError(
+            f"{name} makes videos; Generate and `steerguard generate` make images: call this pipeline from Python "
+            "inside guide()"
+        )
     needed = [p for p in IMAGE_INPUTS if p in parameters and not (p == "image" and name in OPTIONAL_IMAGE)]
     if needed:
         raise ValueError(

@@ -70,3 +70,12 @@ def test_flux_kontext_is_accepted_for_generation_from_the_prompt_alone():
         check_generates_from_text(tiny_kontext(inpaint=True))
     with pytest.raises(ValueError, match=r"\(image, control_image\)"):
         check_generates_from_text(tiny_flux_distilled("FluxControlImg2ImgPipeline"))
+
+
+def test_a_video_pipeline_guide_serves_is_refused_for_image_generation():
+    from apps.generate import check_generates_from_text
+    from tests.factories import tiny_sana, tiny_wan
+
+    check_generates_from_text(tiny_sana())
+    with pytest.raises(ValueError, match="makes videos"):
+        check_generates_from_text(tiny_wan())
