@@ -178,7 +178,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("sana-controlnet", ("SanaControlNetPipeline",), "transformer", "uncond_cond", "guidance_scale"),
     Family(
         "wan",
-        ("WanPipeline",),  # Wan 2.1 and 2.2 text-to-video (a video: latents (B, C, F, H, W))
+        # Wan 2.1 and 2.2 text- and image-to-video (latents (B, C, F, H, W); image-to-video: the condition's
+        # mask and latent channels follow the latents in the denoiser's input)
+        ("WanPipeline", "WanImageToVideoPipeline"),
         "transformer",
         "sequential",
         "guidance_scale",

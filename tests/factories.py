@@ -733,10 +733,11 @@ def sana_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     return kwargs
 
 
-def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False) -> DiffusionPipeline:
+def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False, image: bool = False) -> DiffusionPipeline:
     """Wan text-to-video: a 2-block transformer, a tiny Wan VAE (5 frames of 16 px), flow matching with Wan's shift,
     no text encoder (call it with :func:`wan_call_kwargs`' embeddings); ``two_stages``: Wan 2.2's second
-    transformer for the low-noise half of the steps (``boundary_ratio`` 0.5)."""
+    transformer for the low-noise half of the steps (``boundary_ratio`` 0.5); ``image``: image-to-video (the
+    condition's 4 mask and 16 latent channels follow the latents; no image encoder, as Wan 2.2)."""
     import diffusers
 
     def transformer(seed: int) -> torch.nn.Module:
@@ -745,7 +746,7 @@ def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False) -> Diffus
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
-            in_channels=16,
+            in_channels=36 if image else 16,
             out_channels=16,
             text_dim=32,
             freq_dim=256,
@@ -756,26 +757,28 @@ def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False) -> Diffus
 
     torch.manual_seed(SEED)
     vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
-    pipe = diffusers.WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
-        transformer=transformer(SEED),
-        transformer_2=transformer(SEED + 1) if two_stages else None,
-        boundary_ratio=0.5 if two_stages else None,
-        expand_timesteps=expand_timesteps,
-    )
-    return _finish(pipe)
+    parts = {
+        "tokenizer": None,
+        "text_encoder": None,
+        "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
+    }
+    parts |= {"transformer": transformer(SEED), "transformer_2": transformer(SEED + 1) if two_stages else None}
+    parts |= {"boundary_ratio": 0.5 if two_stages else None, "expand_timesteps": expand_timesteps}
+    if image:
+        return _finish(diffusers.WanImageToVideoPipeline(**parts, image_processor=None, image_encoder=None))
+    return _finish(diffusers.WanPipeline(**parts))
 
 
-def wan_call_kwargs() -> dict[str, Any]:
+def wan_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     """Small valid call kwargs for :func:`tiny_wan`: seeded prompt and negative embeddings, 5 frames of 16 px, 4
-    steps; no generator nor guidance settings."""
+    steps, a 16 px first frame for image-to-video; no generator nor guidance settings."""
     g = torch.Generator().manual_seed(SEED + 23)
     kwargs: dict[str, Any] = {"height": 16, "width": 16, "num_frames": 5, "num_inference_steps": 4}
     kwargs |= {"output_type": "np", "prompt_embeds": torch.randn(1, 6, 32, generator=g)}
     kwargs["negative_prompt_embeds"] = torch.randn(1, 6, 32, generator=g)
+    if pipe is not None and type(pipe).__name__ == "WanImageToVideoPipeline":
+        kwargs["image"] = noise_image((16, 16), seed=SEED + 29)
     return kwargs
 
 

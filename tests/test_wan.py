@@ -14,13 +14,18 @@ from tests.factories import pipeline_snapshot, tiny_wan, wan_call_kwargs
 from tests.test_pipeline import assert_images_close
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["wan2.1", "wan2.2_two_stages"])
+@pytest.fixture(
+    scope="module",
+    params=[(False, False), (True, False), (True, True)],
+    ids=["wan2.1", "wan2.2_two_stages", "wan2.2_image_to_video"],
+)
 def pipe(request):
-    return tiny_wan(two_stages=request.param)
+    two_stages, image = request.param
+    return tiny_wan(two_stages=two_stages, image=image)
 
 
 def call(pipe, **extra):
-    return pipe(**(wan_call_kwargs() | extra), generator=torch.Generator().manual_seed(0)).frames
+    return pipe(**(wan_call_kwargs(pipe) | extra), generator=torch.Generator().manual_seed(0)).frames
 
 
 def _second_state(pipe):
