@@ -130,6 +130,19 @@ FAMILIES: tuple[Family, ...] = (
         text_first=True,
         negative_embeds=("negative_prompt_embeds", "negative_pooled_prompt_embeds"),
     ),
+    # FLUX.2 [dev]: guidance-distilled, no true CFG (perturbation guidance only); position ids per sample
+    Family("flux2", ("Flux2Pipeline",), "transformer", "sequential", "true_cfg_scale", 1000.0, text_first=True),
+    Family(
+        "flux2-klein",
+        ("Flux2KleinPipeline",),  # real CFG in a separate call (none in its distilled checkpoints)
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        text_first=True,
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
+    ),
     Family(
         "qwenimage",
         (

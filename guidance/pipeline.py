@@ -222,8 +222,10 @@ class _Controller:
         return bool(given)
 
     def _distilled(self, pipe: Any) -> bool:
+        """A guidance-distilled model that runs no unconditional branch: an LCM-style UNet (``time_cond_proj_dim``)
+        or a pipeline marked distilled (FLUX.2 klein's ``is_distilled``)."""
         config = getattr(getattr(pipe, self.family.denoiser), "config", {})
-        return config.get("time_cond_proj_dim") is not None
+        return config.get("time_cond_proj_dim") is not None or bool(getattr(pipe, "config", {}).get("is_distilled"))
 
     def _ensure_uncond_branch(self, pipe: Any, arguments: dict[str, Any], solved: bool = False) -> None:
         """Switch the pipeline's unconditional branch on for a CFG-type method; ``solved``: the engine hands the
@@ -231,7 +233,7 @@ class _Controller:
         unconditional call."""
         if self._distilled(pipe):
             raise ValueError(
-                f"{type(pipe).__name__}: this guidance-distilled denoiser (time_cond_proj_dim is set) runs no "
+                f"{type(pipe).__name__}: this guidance-distilled model (time_cond_proj_dim or is_distilled is set) runs no "
                 "unconditional branch, so CFG-type guidance cannot be applied"
             )
         # the engine solves the pipeline's own u + s (c - u) for u: s <= 1 would skip the branch, and where u is

@@ -374,6 +374,22 @@ def recorded_run(pipe: DiffusionPipeline, run: Callable[[], Any]) -> tuple[list[
     return calls, steps
 
 
+def apg_reference(pipe: DiffusionPipeline, method: Any, calls: list[tuple], tokens: int) -> list[torch.Tensor]:
+    """The guided prediction of each step of a separate-unconditional-call pipeline (FLUX-style) from the
+    :func:`recorded_run` ``(cond, uncond)`` outputs, the methods acting on the first ``tokens`` tokens (the paper's
+    x0 space with the pipeline's flow schedule; the denoiser saw ``t / 1000``)."""
+    from guidance.pipeline import schedule_of
+    from guidance.prediction import broadcast
+
+    schedule, state, guided = schedule_of(pipe.scheduler), method.new_state("flux"), []
+    for (x, t, cond), (_, _, uncond) in zip(calls[::2], calls[1::2]):
+        x, cond, uncond = x[:, :tokens].float(), cond[:, :tokens].float(), uncond[:, :tokens].float()
+        a, b = schedule.coefficients(*schedule.alpha_sigma(torch.as_tensor(t).reshape(-1).float() * 1000))
+        a, b = broadcast(a, x), broadcast(b, x)
+        guided.append(cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b)
+    return guided
+
+
 def tiny_flux(img2img: bool = False, guidance_embeds: bool = True, in_channels: int = 16) -> DiffusionPipeline:
     """Flux-style transformer (1 double + 1 single block), CLIP pooled + T5 text, flow matching with dynamic shift
     (``in_channels`` above 16: mask / control channels follow the latents, as FLUX Fill and Control take them)."""
@@ -779,6 +795,55 @@ def wan_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     kwargs["negative_prompt_embeds"] = torch.randn(1, 6, 32, generator=g)
     if pipe is not None and type(pipe).__name__ == "WanImageToVideoPipeline":
         kwargs["image"] = noise_image((16, 16), seed=SEED + 29)
+    return kwargs
+
+
+def tiny_flux2(klein: bool = True, distilled: bool = False) -> DiffusionPipeline:
+    """FLUX.2: a 1 double + 1 single block transformer (4 position axes), a tiny FLUX.2 VAE, flow matching with
+    dynamic shift, no text encoder (call it with :func:`flux2_call_kwargs`' embeddings). ``klein``: the klein
+    pipeline (real CFG; ``distilled``: its distilled checkpoints, no CFG); else FLUX.2 [dev] (guidance-distilled:
+    the guidance embedding, no CFG)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=not klein,
+    ).eval()
+    vae = diffusers.AutoencoderKLFlux2(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).eval()
+    parts = {"scheduler": _dynamic_shift_scheduler(), "vae": vae, "transformer": transformer}
+    parts |= {"text_encoder": None, "tokenizer": None}
+    if klein:
+        return _finish(diffusers.Flux2KleinPipeline(**parts, is_distilled=distilled))
+    return _finish(diffusers.Flux2Pipeline(**parts))
+
+
+def flux2_call_kwargs(pipe: DiffusionPipeline, image: bool = False) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_flux2`: seeded prompt (and for klein negative) embeddings, 32 px, 3
+    steps; ``image``: a 64 px reference image (its tokens follow the generated ones); no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 31)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    kwargs["prompt_embeds"] = torch.randn(1, 6, 32, generator=g)
+    if type(pipe).__name__ == "Flux2KleinPipeline":
+        kwargs["negative_prompt_embeds"] = torch.randn(1, 6, 32, generator=g)
+    if image:
+        kwargs["image"] = noise_image((64, 64), seed=SEED + 37)  # the pipeline takes 64 px and up
     return kwargs
 
 

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from guidance import APG, CFG, PAG, LangevinCorrector, guide
-from guidance.pipeline import schedule_of
-from guidance.prediction import broadcast
-from tests.factories import kontext_call_kwargs, pipeline_snapshot, recorded_run, tiny_kontext
+from tests.factories import apg_reference, kontext_call_kwargs, pipeline_snapshot, recorded_run, tiny_kontext
 
 
 def gen() -> torch.Generator:
@@ -53,27 +51,15 @@ def _recorded_apg_run(pipe, method):
     return recorded_run(pipe, run)
 
 
-def _apg_reference(pipe, method, calls, tokens):
-    """The guided prediction of each step from the recorded (cond, uncond) outputs, the methods acting on the first
-    ``tokens`` tokens (the paper's x0 space with FLUX's flow schedule)."""
-    schedule, state, guided = schedule_of(pipe.scheduler), method.new_state("flux"), []
-    for (x, t, cond), (_, _, uncond) in zip(calls[::2], calls[1::2]):
-        x, cond, uncond = x[:, :tokens].float(), cond[:, :tokens].float(), uncond[:, :tokens].float()
-        a, b = schedule.coefficients(*schedule.alpha_sigma(torch.as_tensor(t).reshape(-1).float() * 1000))
-        a, b = broadcast(a, x), broadcast(b, x)
-        guided.append(cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b)
-    return guided
-
-
 def test_apg_acts_on_the_generated_tokens_only(pipe):
     method = APG(6.0)  # the auto norm threshold and the paper's momentum: both per sample, over its tokens
     calls, steps = _recorded_apg_run(pipe, method)
     generated = steps[0].shape[1]
     assert len(calls) == 2 * len(steps) and calls[0][0].shape[1] > generated  # reference tokens follow
-    for ours, reference in zip(steps, _apg_reference(pipe, method, calls, generated)):
+    for ours, reference in zip(steps, apg_reference(pipe, method, calls, generated)):
         torch.testing.assert_close(ours.float(), reference, rtol=1e-4, atol=1e-5)
     # the control: the same formula over every token (reference tokens included) gives another guidance
-    everything = _apg_reference(pipe, method, calls, calls[0][0].shape[1])
+    everything = apg_reference(pipe, method, calls, calls[0][0].shape[1])
     assert max((e[:, :generated] - s).abs().max().item() for e, s in zip(everything, steps)) > 1e-3
 
 
