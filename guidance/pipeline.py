@@ -233,8 +233,8 @@ class _Controller:
         unconditional call."""
         if self._distilled(pipe):
             raise ValueError(
-                f"{type(pipe).__name__}: this guidance-distilled model (time_cond_proj_dim or is_distilled is set) runs no "
-                "unconditional branch, so CFG-type guidance cannot be applied"
+                f"{type(pipe).__name__}: this guidance-distilled model (time_cond_proj_dim or is_distilled is set) "
+                "runs no unconditional branch, so CFG-type guidance cannot be applied"
             )
         # the engine solves the pipeline's own u + s (c - u) for u: s <= 1 would skip the branch, and where u is
         # solved (a separate unconditional call, as FLUX's, or the rescaled CFG batch) the rounding of that solve
