@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         drop = [untuned - r["clean_loss"] for r in per_seed["clean"]]
         for name, records in per_seed.items():
             learned = [(untuned - r["clean_loss"]) / d for r, d in zip(records, drop)]  # paired by attack seed
-            row = {"attacker": attacker, "protection": name, "learned": _summary(learned)}
+            row = {"attacker": attacker, "protection": name, "learned": _summary(learned), "per_seed": records}
+            row["learned"]["per_seed"] = learned
             for key in ("clean_loss", "sdedit_psnr", "sample_psnr"):
                 row[key] = _summary([r[key] for r in records])
             row["psnr"] = psnr(protected[name], clean).mean().item() if name != "clean" else float("inf")
@@ -160,8 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print(f"| {r['attacker']} | {r['protection']} | {r['psnr']:.1f} | " + " | ".join(cells) + " |")
     for attacker in ATTACKERS:
-        share = {r["protection"]: r["learned"]["mean"] for r in rows if r["attacker"] == attacker}
-        print(f"{attacker} attacker: ASPL / PhotoGuard learned share = {share['aspl'] / share['photoguard']:.3f}")
+        share = {r["protection"]: r["learned"] for r in rows if r["attacker"] == attacker}
+        ratio = share["aspl"]["mean"] / share["photoguard"]["mean"]
+        gaps = [a - p for a, p in zip(share["aspl"]["per_seed"], share["photoguard"]["per_seed"])]
+        print(
+            f"{attacker} attacker: ASPL / PhotoGuard learned share = {ratio:.3f} (paired gap per attack seed: "
+            + ", ".join(f"{g:+.3f}" for g in gaps)
+            + ")"
+        )
     if args.json is not None:
         record = {
             "benchmark": "bench_aspl",

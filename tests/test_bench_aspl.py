@@ -25,8 +25,9 @@ def test_rows_per_attacker_and_protection_with_the_clean_share_one(tmp_path, cap
     for row in record["rows"]:
         assert all(math.isfinite(row[k]["mean"]) for k in ("clean_loss", "learned", "sdedit_psnr", "sample_psnr"))
         if row["protection"] == "clean":
-            assert row["learned"] == {"mean": 1.0, "sd": 0.0} and row["psnr"] == math.inf
+            assert row["learned"] == {"mean": 1.0, "sd": 0.0, "per_seed": [1.0, 1.0]} and row["psnr"] == math.inf
         else:
             assert 28 < row["psnr"] < 60  # 8/255 at most: >= 30 dB but for rounding
     assert record["settings"]["crops"][0]["photo"] and record["untuned_clean_loss"] > 0
     assert "ASPL / PhotoGuard learned share" in capsys.readouterr().out
+    assert all(len(row["per_seed"]) == 2 and len(row["learned"]["per_seed"]) == 2 for row in record["rows"])
