@@ -246,32 +246,14 @@ def protect(
         protector = protector.to(batch.device)
         protected, _ = protector.protect(batch, vae, eps=eps, min_strength=min_strength)
         progress(1)
-    elif method == "aspl":
-        protected = aspl(
-            batch,
-            vae,
-            denoiser,
-            eps=eps,
-            steps=steps,
-            step=step,
-            finetune=finetune,
-            alphas_cumprod=alphas_cumprod,
-            generator=generator,
-            robust=EOT if robust is True else tuple(robust or ()),
-            callback=progress.after_pgd_step,
-        )
     else:
-        loss_fn = _pgd_loss(method, vae, denoiser, batch, target, weight, alphas_cumprod, generator, tile)
-        protected = pgd(
-            batch,
-            loss_fn,
-            eps=eps,
-            step=step,
-            steps=steps,
-            generator=generator,
-            robust=EOT if robust is True else tuple(robust or ()),
-            callback=progress.after_pgd_step,
-        )
+        attack = {"eps": eps, "step": step, "steps": steps, "generator": generator}
+        attack |= {"robust": EOT if robust is True else tuple(robust or ()), "callback": progress.after_pgd_step}
+        if method == "aspl":
+            protected = aspl(batch, vae, denoiser, finetune=finetune, alphas_cumprod=alphas_cumprod, **attack)
+        else:
+            loss_fn = _pgd_loss(method, vae, denoiser, batch, target, weight, alphas_cumprod, generator, tile)
+            protected = pgd(batch, loss_fn, **attack)
     seconds = time.perf_counter() - progress.start
     outputs, final, linf = _outputs(images, batch, protected, eps)
     psnr_values, ssim_values = psnr_ssim(batch, final)
