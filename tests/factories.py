@@ -390,6 +390,27 @@ def apg_reference(pipe: DiffusionPipeline, method: Any, calls: list[tuple], toke
     return guided
 
 
+def assert_apg_acts_on_the_generated_tokens_only(pipe: DiffusionPipeline, call: Callable[[], Any], control: float):
+    """Run ``call()`` (a call of ``pipe`` with a reference image, whose tokens follow the generated ones) under
+    ``guide(pipe, APG(6.0))``: every step's prediction equals :func:`apg_reference` on the generated tokens, and the
+    same formula over every token (reference tokens included) differs by more than ``control``."""
+    from guidance import APG, guide
+
+    method = APG(6.0)  # the auto norm threshold and the paper's momentum: both per sample, over its tokens
+
+    def run() -> None:
+        with guide(pipe, method):
+            call()
+
+    calls, steps = recorded_run(pipe, run)
+    generated = steps[0].shape[1]
+    assert len(calls) == 2 * len(steps) and calls[0][0].shape[1] > generated  # reference tokens follow
+    for ours, reference in zip(steps, apg_reference(pipe, method, calls, generated)):
+        torch.testing.assert_close(ours.float(), reference, rtol=1e-4, atol=1e-5)
+    everything = apg_reference(pipe, method, calls, calls[0][0].shape[1])
+    assert max((e[:, :generated] - s).abs().max().item() for e, s in zip(everything, steps)) > control
+
+
 def tiny_flux(img2img: bool = False, guidance_embeds: bool = True, in_channels: int = 16) -> DiffusionPipeline:
     """Flux-style transformer (1 double + 1 single block), CLIP pooled + T5 text, flow matching with dynamic shift
     (``in_channels`` above 16: mask / control channels follow the latents, as FLUX Fill and Control take them)."""

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from guidance import APG, CFG, PAG, LangevinCorrector, guide
-from tests.factories import apg_reference, kontext_call_kwargs, pipeline_snapshot, recorded_run, tiny_kontext
+from tests.factories import (
+    assert_apg_acts_on_the_generated_tokens_only,
+    kontext_call_kwargs,
+    pipeline_snapshot,
+    tiny_kontext,
+)
 
 
 def gen() -> torch.Generator:
@@ -40,27 +45,8 @@ def test_cfg_equals_kontexts_own_true_cfg(pipe, reference):
         np.testing.assert_allclose(call(pipe, reference), pag, atol=2e-5)
 
 
-def _recorded_apg_run(pipe, method):
-    """Run ``pipe`` under ``guide(pipe, method)``, recording each transformer call's input, timestep and raw output,
-    and the prediction each scheduler step receives (the pipeline's own CFG of the outputs it was handed)."""
-
-    def run():
-        with guide(pipe, method):
-            call(pipe)
-
-    return recorded_run(pipe, run)
-
-
 def test_apg_acts_on_the_generated_tokens_only(pipe):
-    method = APG(6.0)  # the auto norm threshold and the paper's momentum: both per sample, over its tokens
-    calls, steps = _recorded_apg_run(pipe, method)
-    generated = steps[0].shape[1]
-    assert len(calls) == 2 * len(steps) and calls[0][0].shape[1] > generated  # reference tokens follow
-    for ours, reference in zip(steps, apg_reference(pipe, method, calls, generated)):
-        torch.testing.assert_close(ours.float(), reference, rtol=1e-4, atol=1e-5)
-    # the control: the same formula over every token (reference tokens included) gives another guidance
-    everything = apg_reference(pipe, method, calls, calls[0][0].shape[1])
-    assert max((e[:, :generated] - s).abs().max().item() for e, s in zip(everything, steps)) > 1e-3
+    assert_apg_acts_on_the_generated_tokens_only(pipe, lambda: call(pipe), control=1e-3)
 
 
 def test_the_corrector_is_refused_with_a_reference_image(pipe):
