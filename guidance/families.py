@@ -190,6 +190,16 @@ FAMILIES: tuple[Family, ...] = (
     # diffusers' Sana ControlNet pipeline passes the timestep unscaled
     Family("sana-controlnet", ("SanaControlNetPipeline",), "transformer", "uncond_cond", "guidance_scale"),
     Family(
+        "cogview4",
+        ("CogView4Pipeline",),
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        text_first=True,
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
+    ),
+    Family(
         "wan",
         # Wan 2.1 and 2.2 text- and image-to-video (latents (B, C, F, H, W); image-to-video: the condition's
         # mask and latent channels follow the latents in the denoiser's input)

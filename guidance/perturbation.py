@@ -243,11 +243,31 @@ class _SkipHook(ModelHook):
         hidden, context = bound.get("hidden_states"), bound.get("encoder_hidden_states")
         if isinstance(output, torch.Tensor):  # a basic / single-stream block: the hidden states
             return _passed_through(output, hidden, rows, self.name)
-        if isinstance(output, tuple) and len(output) == 2:  # a joint block: (encoder_hidden_states, hidden_states)
-            encoder, image = output
-            encoder = encoder if encoder is None else _passed_through(encoder, context, rows, self.name)
-            return encoder, _passed_through(image, hidden, rows, self.name)
+        if isinstance(output, tuple) and len(output) == 2:  # a joint block: the text and image streams
+            first, second = output
+            if _hidden_first(module, output, hidden):  # CogView4: (hidden_states, encoder_hidden_states)
+                return _passed_through(first, hidden, rows, self.name), _skipped_text(second, context, rows, self.name)
+            return _skipped_text(first, context, rows, self.name), _passed_through(second, hidden, rows, self.name)
         raise RuntimeError(f"{self.name}: cannot skip a block that returns {type(output).__name__}")
+
+
+#: joint blocks that return ``(hidden_states, encoder_hidden_states)``; the others (FLUX, SD3, Qwen-Image) return
+#: ``(encoder_hidden_states, hidden_states)``
+HIDDEN_FIRST_BLOCKS = ("CogView4TransformerBlock",)
+
+
+def _hidden_first(module: nn.Module, output: tuple, hidden: Any) -> bool:
+    """Whether a joint block's output pair starts with the image stream: read from the shapes when only one
+    element has the image stream's shape, else from the block's class (:data:`HIDDEN_FIRST_BLOCKS`)."""
+    shape = getattr(hidden, "shape", None)
+    matches = [isinstance(o, torch.Tensor) and o.shape == shape for o in output]
+    if matches.count(True) == 1:
+        return matches[0]
+    return type(module).__name__ in HIDDEN_FIRST_BLOCKS
+
+
+def _skipped_text(output: torch.Tensor | None, given: Any, rows: list[slice], name: str) -> torch.Tensor | None:
+    return output if output is None else _passed_through(output, given, rows, name)
 
 
 @functools.cache

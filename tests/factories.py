@@ -868,6 +868,45 @@ def flux2_call_kwargs(pipe: DiffusionPipeline, image: bool = False) -> dict[str,
     return kwargs
 
 
+def tiny_cogview4() -> DiffusionPipeline:
+    """CogView4: a 2-block joint-attention transformer (text first; its blocks return the image stream first), the
+    tiny KL VAE, flow matching with CogView4's linear dynamic shift, no text encoder (call it with
+    :func:`cogview4_call_kwargs`' embeddings)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=4,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        condition_dim=4,
+        pos_embed_max_size=16,
+        sample_size=16,
+        rope_axes_dim=(4, 4),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True, time_shift_type="linear"
+    )
+    parts = {"tokenizer": None, "text_encoder": None, "vae": tiny_vae((8, 16)), "scheduler": scheduler}
+    return _finish(diffusers.CogView4Pipeline(**parts, transformer=transformer))
+
+
+def cogview4_call_kwargs(tokens: int = 16) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_cogview4`: seeded prompt and negative embeddings of ``tokens`` tokens
+    (64: as many as the 32 px image has, so the block outputs' order cannot be read from their shapes), no generator
+    nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 41)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    kwargs["prompt_embeds"] = torch.randn(1, tokens, 32, generator=g)
+    kwargs["negative_prompt_embeds"] = torch.randn(1, tokens, 32, generator=g)
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
