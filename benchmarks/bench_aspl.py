@@ -37,6 +37,7 @@ from apps.evaluation import photo_crops
 from apps.models import load_latent_model, load_vae
 from benchmarks.common import machine
 from protect import Finetune, protect
+from protect.aspl import add_lora
 from protect.evaluate import sdedit_unconditional
 from protect.losses import denoising_loss, latent
 from protect.metrics import psnr
@@ -48,17 +49,9 @@ def attack(unet, latents: torch.Tensor, alphas: torch.Tensor, *, rank: int | Non
     """A DreamBooth-style fine-tune of a copy of ``unet`` on ``latents`` (every latent in every step)."""
     model = copy.deepcopy(unet).eval().requires_grad_(False)
     if rank is None:
-        params = list(model.parameters())
+        params = list(model.requires_grad_(True).parameters())
     else:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = inject_adapter_in_model(config, model)
-        params = [p for name, p in model.named_parameters() if "lora_" in name]
-    for p in params:
-        p.requires_grad_(True)
+        model, params = add_lora(model, rank, seed=seed)
     optimizer = torch.optim.AdamW(params, lr=lr)
     generator = torch.Generator().manual_seed(10_000 + seed)
     with torch.enable_grad():

@@ -36,11 +36,13 @@ from guidance.method import check_real
 
 from .losses import denoising_loss, latent
 from .pgd import pgd
-from .rng import Generators
+from .rng import Generators, draw
 
 Tensor = torch.Tensor
 
-__all__ = ["Finetune", "aspl"]
+__all__ = ["LORA_MODULES", "Finetune", "add_lora", "aspl"]
+#: the attention projections LoRA adapts by default (diffusers' attention modules)
+LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Finetune:
     lr: float = 5e-6
     rank: int | None = None
     #: LoRA target modules (module names or suffixes, peft's ``target_modules``)
-    lora_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_modules: tuple[str, ...] = LORA_MODULES
 
     def __post_init__(self) -> None:
         for name in ("steps", "pgd_steps"):
@@ -67,28 +69,39 @@ class Finetune:
             raise ValueError(f"Finetune.rank must be a positive integer or None, got {self.rank!r}")
 
 
-def _trainable(denoiser: nn.Module, settings: Finetune) -> tuple[nn.Module, list[nn.Parameter]]:
+def add_lora(
+    model: nn.Module, rank: int, modules: Sequence[str] = LORA_MODULES, *, gaussian: bool = False, seed: int = 0
+) -> tuple[nn.Module, list[nn.Parameter]]:
+    """``model`` with LoRA adapters of ``rank`` (peft, ``lora_alpha = rank``) on ``modules``, and their parameters
+    (trainable). The adapters' random init comes from ``seed`` (not the global generator); ``gaussian``: B drawn too
+    (the adapted model starts away from ``model``), else B = 0 (it starts as ``model``)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian" if gaussian else True, target_modules=list(modules)
+    )
+    with torch.random.fork_rng(devices=[]):  # peft draws the init from the global generator
+        torch.manual_seed(seed)
+        try:
+            model = inject_adapter_in_model(config, model)
+        except ValueError as error:  # peft: no module matches the target modules
+            raise ValueError(f"{error} (LoRA target modules: {list(modules)})") from None
+    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    return model, params
+
+
+def _trainable(denoiser: nn.Module, settings: Finetune, seed: int) -> tuple[nn.Module, list[nn.Parameter]]:
     """A float32 copy of ``denoiser`` in eval mode (no dropout) and the parameters the fine-tunes train (AdamW on
     half-precision weights would lose its small updates)."""
     model = copy.deepcopy(denoiser).float().eval().requires_grad_(False)
     if settings.rank is None:
         params = [p for p in model.parameters() if p.is_floating_point()]
     else:
-        from peft import LoraConfig, inject_adapter_in_model
-
-        config = LoraConfig(
-            r=settings.rank,
-            lora_alpha=settings.rank,
-            init_lora_weights=True,  # B = 0: the copy starts as the given model
-            target_modules=list(settings.lora_modules),
-        )
-        try:
-            model = inject_adapter_in_model(config, model)
-        except ValueError as error:  # peft: no module matches the target modules
-            raise ValueError(f"{error} (Finetune.lora_modules names the modules that get LoRA adapters)") from None
-        params = [p for name, p in model.named_parameters() if "lora_" in name]
+        model, params = add_lora(model, settings.rank, settings.lora_modules, seed=seed)
     if not params:
-        raise ValueError("the denoiser has no parameters to fine-tune (with rank: no module matches lora_modules)")
+        raise ValueError("the denoiser has no parameters to fine-tune")
     return model, params
 
 
@@ -157,7 +170,10 @@ def aspl(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     step = 2.5 * eps / steps if step is None else step
-    model, params = _trainable(denoiser, settings)
+    seed = 0
+    if settings.rank is not None:  # the LoRA init, too, comes from the generator
+        seed = int(draw(2**31 - 1, (1,), generator[0] if isinstance(generator, list | tuple) else generator, images))
+    model, params = _trainable(denoiser, settings, seed)
     theta = [p.detach().clone() for p in params]  # the attacker's model between rounds
     attacker = torch.optim.AdamW(params, lr=settings.lr)  # its optimiser state carries over the rounds
     with torch.no_grad():

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler
 
 from .amortized import excess_change
+from .aspl import add_lora
 from .losses import decoded, latent
 from .metrics import frechet_distance, psnr, psnr_ssim
 from .purify import EVALUATION, sign_noise
@@ -242,19 +243,9 @@ def lora_mimic(
 ) -> Tensor:
     """Personalisation attack: LoRA-fine-tune a copy of ``pipe.transformer`` on ``images`` (the eps-prediction loss
     on their latents, DDPM noise), then sample ``samples`` images (default: as many) of the same classes."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     transformer = copy.deepcopy(pipe.transformer)
     transformer.requires_grad_(False)
-    config = LoraConfig(
-        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
-    )
-    with torch.random.fork_rng(devices=[]):  # peft draws the LoRA init from the global generator
-        torch.manual_seed(seed)
-        transformer = inject_adapter_in_model(config, transformer)
-    params = [p for name, p in transformer.named_parameters() if "lora_" in name]
-    for p in params:
-        p.requires_grad_(True)
+    transformer, params = add_lora(transformer, rank, gaussian=True, seed=seed)
     optimizer = torch.optim.AdamW(params, lr=lr)
     alphas = pipe.scheduler.alphas_cumprod.to(images.device)
     with torch.no_grad():

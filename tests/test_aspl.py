@@ -27,6 +27,24 @@ def images():
     return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
+def _attention_unet():
+    """A tiny latent UNet2DModel with self-attention (to_q, to_k, to_v, to_out: what LoRA adapts)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=4,
+    ).eval()
+
+
 def _weights(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -98,20 +116,7 @@ def test_fine_tuning_changes_the_attack(images, vae):
 
 
 def test_lora_fine_tunes_a_unet(images, vae):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    ).eval()
+    unet = _attention_unet()
     before = _weights(unet)
     out, report = protect(
         images, "aspl", vae=vae, denoiser=unet, steps=4, finetune=Finetune(rank=2, lr=1e-3, pgd_steps=2)
@@ -128,7 +133,7 @@ def test_lora_fine_tunes_a_unet(images, vae):
         ({"tile": 16}, ValueError, "tile does not apply"),
         ({"target": "zero"}, ValueError, "no target"),
         ({"method": "photoguard", "denoiser": None}, ValueError, "finetune applies to method 'aspl' only"),
-        ({"finetune": Finetune(rank=2)}, ValueError, "Finetune.lora_modules"),
+        ({"finetune": Finetune(rank=2)}, ValueError, "LoRA target modules"),
         ({"denoiser": None}, ValueError, "needs a denoiser"),
     ],
 )
@@ -154,3 +159,17 @@ def test_a_half_precision_denoiser_is_fine_tuned_in_float32_on_a_copy(images, va
     out, report = protect(images, "aspl", vae=vae, denoiser=denoiser, steps=2, finetune=Finetune(lr=1e-2))
     assert {p.dtype for p in denoiser.parameters()} == {torch.bfloat16}
     assert (out - images).abs().max() <= EPS + 1e-7 and torch.isfinite(torch.tensor(report.losses)).all()
+
+
+def test_lora_runs_reproduce_from_the_generator(images, vae):
+    """The LoRA adapters' init comes from the generator, not from torch's global one."""
+    unet = _attention_unet()
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        out, _ = protect(
+            images, "aspl", vae=vae, denoiser=unet, steps=2, finetune=Finetune(rank=2, lr=1e-2, pgd_steps=2),
+            generator=torch.Generator().manual_seed(4),
+        )  # fmt: skip
+        runs.append(out)
+    assert torch.equal(*runs)
