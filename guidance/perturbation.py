@@ -171,8 +171,11 @@ class _AttentionHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         processor = type(getattr(module, "processor", None)).__name__
         if processor in VALUE_PATH_PROCESSORS:
-            if image is not None:
-                raise RuntimeError(f"{self.name}: joint attention cannot be perturbed on the value path ({processor})")
+            if any(rule[3] is not None for rule in active):
+                raise RuntimeError(
+                    f"{self.name}: the image-only identity (joint='image') needs the attention scores; {processor} "
+                    "is perturbed on the value path"
+                )
             with _ValuePath(module, active, self.name) as path:
                 output = self.fn_ref.original_forward(*args, **kwargs)
             if path.calls != 1:
