@@ -25,6 +25,10 @@ def _diffusers_pag(pipe, layers):
         "StableDiffusionPipeline": diffusers.StableDiffusionPAGPipeline,
         "StableDiffusionXLPipeline": diffusers.StableDiffusionXLPAGPipeline,
         "StableDiffusion3Pipeline": diffusers.StableDiffusion3PAGPipeline,
+        "StableDiffusionImg2ImgPipeline": diffusers.StableDiffusionPAGImg2ImgPipeline,
+        "StableDiffusionXLImg2ImgPipeline": diffusers.StableDiffusionXLPAGImg2ImgPipeline,
+        "StableDiffusion3Img2ImgPipeline": diffusers.StableDiffusion3PAGImg2ImgPipeline,
+        "PixArtSigmaPipeline": diffusers.PixArtSigmaPAGPipeline,
     }[type(pipe).__name__]
     components = {k: v for k, v in pipe.components.items() if k in cls.__init__.__code__.co_varnames}
     return cls(**components, pag_applied_layers=layers)
@@ -37,6 +41,10 @@ def _diffusers_pag(pipe, layers):
         ("sdxl", ["mid"], "full"),
         ("sdxl", ["down_blocks.1", "up"], "full"),
         ("sd3", ["blocks.0"], "image"),
+        ("sd_img2img", ["mid"], "full"),
+        ("sdxl_img2img", ["mid"], "full"),
+        ("sd3_img2img", ["blocks.0"], "image"),
+        ("pixart_sigma", ["blocks.0"], "full"),
     ],
 )
 def test_cfg_plus_pag_matches_the_diffusers_pag_pipelines(name, layers, joint):
