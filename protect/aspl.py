@@ -40,7 +40,10 @@ from .rng import Generators, draw
 
 Tensor = torch.Tensor
 
-__all__ = ["LORA_MODULES", "Finetune", "add_lora", "aspl"]
+__all__ = ["LORA_MODULES", "MAX_PIXELS", "Finetune", "add_lora", "aspl"]
+#: the largest image ASPL takes: it attacks and fine-tunes on whole images (no tiles), and a personalisation
+#: attacker trains at 512-1024 px anyway; resize larger images to the resolution a fine-tune would use
+MAX_PIXELS = 1024 * 1024
 #: the attention projections LoRA adapts by default (diffusers' attention modules)
 LORA_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -167,6 +170,12 @@ def aspl(
             f"wrapping a conditional model with its conditioning), got {type(denoiser).__name__}"
         )
     settings = finetune or Finetune()
+    height, width = images.shape[-2:]
+    if height * width > MAX_PIXELS:
+        raise ValueError(
+            f"ASPL attacks and fine-tunes on whole images; {width}x{height} is above its {MAX_PIXELS} pixels "
+            "(1024x1024): resize the images to the resolution a fine-tune would train at (512-1024 px)"
+        )
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     step = 2.5 * eps / steps if step is None else step

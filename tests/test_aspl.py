@@ -135,14 +135,13 @@ def test_lora_fine_tunes_a_unet(images, vae):
         ({"method": "photoguard", "denoiser": None}, ValueError, "finetune applies to method 'aspl' only"),
         ({"finetune": Finetune(rank=2)}, ValueError, "LoRA target modules"),
         ({"denoiser": None}, ValueError, "needs a denoiser"),
+        ({"images": torch.zeros(1, 3, 1, 1).expand(1, 3, 1025, 1024)}, ValueError, "resize the images"),
     ],
 )
 def test_bad_settings_are_refused(images, vae, kwargs, error, match):
     options = {"method": "aspl", "denoiser": TinyDenoiser(), "steps": 1, "finetune": Finetune()} | kwargs
-    if options["method"] != "aspl" and "finetune" not in kwargs:
-        options["finetune"] = Finetune()
     with pytest.raises(error, match=match):
-        protect(images, vae=vae, **options)
+        protect(options.pop("images", images), vae=vae, **options)
 
 
 @pytest.mark.parametrize(
