@@ -177,7 +177,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family(
         "hunyuandit",
-        ("HunyuanDiTPipeline",),
+        ("HunyuanDiTPipeline", "HunyuanDiTControlNetPipeline"),
         "transformer",
         "uncond_cond",
         "guidance_scale",

@@ -647,15 +647,17 @@ def tiny_chroma(kind: str = "") -> DiffusionPipeline:
     return _finish(pipe)
 
 
-def tiny_hunyuandit() -> DiffusionPipeline:
+def tiny_hunyuandit(controlnet: bool = False) -> DiffusionPipeline:
     """HunyuanDiT: a 2-block transformer with learned sigma (its pipeline computes the rotary grid at stride 8, so
-    the VAE is a 4-level tiny one), no text encoders (call it with :func:`hunyuandit_call_kwargs`' embeddings)."""
+    the VAE is a 4-level tiny one), no text encoders (call it with :func:`hunyuandit_call_kwargs`' embeddings);
+    ``controlnet``: the ControlNet pipeline, a 4-block transformer and a ControlNet of its shape (its zero-initialised
+    output projections drawn, so the control matters)."""
     import diffusers
 
     torch.manual_seed(SEED)
     transformer = diffusers.HunyuanDiT2DModel(
         sample_size=16,
-        num_layers=2,
+        num_layers=4 if controlnet else 2,  # the ControlNet adds to the skips of the blocks past the middle
         patch_size=2,
         attention_head_dim=8,
         num_attention_heads=3,
@@ -669,10 +671,20 @@ def tiny_hunyuandit() -> DiffusionPipeline:
     ).eval()
     parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
     parts |= {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipe = diffusers.HunyuanDiTPipeline(
-        vae=tiny_vae((8, 8, 16, 16)), transformer=transformer, scheduler=diffusers.DDPMScheduler(), **parts
-    )
-    return _finish(pipe)
+    parts |= {"vae": tiny_vae((8, 8, 16, 16)), "transformer": transformer, "scheduler": diffusers.DDPMScheduler()}
+    if not controlnet:
+        return _finish(diffusers.HunyuanDiTPipeline(**parts))
+    torch.manual_seed(SEED + 3)
+    config = {k: transformer.config[k] for k in ("num_attention_heads", "attention_head_dim", "in_channels")}
+    config |= {k: transformer.config[k] for k in ("patch_size", "sample_size", "hidden_size", "cross_attention_dim")}
+    config |= {k: transformer.config[k] for k in ("cross_attention_dim_t5", "pooled_projection_dim", "text_len")}
+    net = diffusers.HunyuanDiT2DControlNetModel(
+        **config, text_len_t5=transformer.config.text_len_t5, transformer_num_layers=transformer.config.num_layers
+    ).eval()
+    for p in net.parameters():
+        if not p.abs().sum():
+            torch.nn.init.normal_(p, std=0.05)
+    return _finish(diffusers.HunyuanDiTControlNetPipeline(**parts, controlnet=net))
 
 
 def hunyuandit_call_kwargs() -> dict[str, Any]:

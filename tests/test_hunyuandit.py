@@ -53,3 +53,24 @@ def test_cfg_plus_pag_equals_diffusers_hunyuandit_pag_pipeline(pipe):
     with guide(pipe, PAG(3.0, layers=("blocks.1",))):
         alone = call(pipe, guidance_scale=1.0)
     assert np.isfinite(alone).all() and np.abs(alone - call(pipe, guidance_scale=1.0)).max() > 1e-4
+
+
+def test_the_controlnet_pipeline_cfg_equals_its_own_and_pag_acts():
+    """(The pipeline samples the control image's latent from torch's global generator: seeded before each call.)"""
+    pipe = tiny_hunyuandit(controlnet=True)
+    control = {"control_image": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))}
+
+    def seeded(**extra):
+        torch.manual_seed(1)
+        return call(pipe, **extra)
+
+    before = pipeline_snapshot(pipe)
+    own = seeded(guidance_scale=4.0, **control)
+    other = seeded(guidance_scale=4.0, control_image=torch.zeros(1, 3, 32, 32))
+    assert np.abs(own - other).max() > 1e-4, "the control image must matter in this tiny ControlNet"
+    with guide(pipe, CFG(4.0)):
+        assert_images_close(seeded(guidance_scale=1.0, **control), own, atol=1e-4)
+    with guide(pipe, CFG(4.0), PAG(3.0, layers=("blocks.1",))):  # the perturbed rows get the residuals too
+        pag = seeded(**control)
+    assert np.isfinite(pag).all() and np.abs(pag - own).max() > 1e-4
+    assert pipeline_snapshot(pipe) == before
