@@ -134,7 +134,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("flux2", ("Flux2Pipeline",), "transformer", "sequential", "true_cfg_scale", 1000.0, text_first=True),
     Family(
         "flux2-klein",
-        ("Flux2KleinPipeline",),  # real CFG in a separate call (none in its distilled checkpoints)
+        ("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),  # real CFG in a separate call (none when distilled)
         "transformer",
         "sequential",
         "guidance_scale",

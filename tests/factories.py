@@ -831,11 +831,12 @@ def wan_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     return kwargs
 
 
-def tiny_flux2(klein: bool = True, distilled: bool = False) -> DiffusionPipeline:
+def tiny_flux2(klein: bool = True, distilled: bool = False, inpaint: bool = False) -> DiffusionPipeline:
     """FLUX.2: a 1 double + 1 single block transformer (4 position axes), a tiny FLUX.2 VAE, flow matching with
     dynamic shift, no text encoder (call it with :func:`flux2_call_kwargs`' embeddings). ``klein``: the klein
     pipeline (real CFG; ``distilled``: its distilled checkpoints, no CFG); else FLUX.2 [dev] (guidance-distilled:
-    the guidance embedding, no CFG)."""
+    the guidance embedding, no CFG); ``inpaint``: klein's inpainting pipeline (the masked image's tokens follow the
+    generated ones)."""
     import diffusers
 
     torch.manual_seed(SEED)
@@ -863,7 +864,8 @@ def tiny_flux2(klein: bool = True, distilled: bool = False) -> DiffusionPipeline
     parts = {"scheduler": _dynamic_shift_scheduler(), "vae": vae, "transformer": transformer}
     parts |= {"text_encoder": None, "tokenizer": None}
     if klein:
-        return _finish(diffusers.Flux2KleinPipeline(**parts, is_distilled=distilled))
+        cls = diffusers.Flux2KleinInpaintPipeline if inpaint else diffusers.Flux2KleinPipeline
+        return _finish(cls(**parts, is_distilled=distilled))
     return _finish(diffusers.Flux2Pipeline(**parts))
 
 
@@ -873,10 +875,15 @@ def flux2_call_kwargs(pipe: DiffusionPipeline, image: bool = False) -> dict[str,
     g = torch.Generator().manual_seed(SEED + 31)
     kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
     kwargs["prompt_embeds"] = torch.randn(1, 6, 32, generator=g)
-    if type(pipe).__name__ == "Flux2KleinPipeline":
+    if type(pipe).__name__.startswith("Flux2Klein"):
         kwargs["negative_prompt_embeds"] = torch.randn(1, 6, 32, generator=g)
-    if image:
+    if image or type(pipe).__name__ == "Flux2KleinInpaintPipeline":
         kwargs["image"] = noise_image((64, 64), seed=SEED + 37)  # the pipeline takes 64 px and up
+    if type(pipe).__name__ == "Flux2KleinInpaintPipeline":  # a 64 px image, its left half masked, 4 steps at 0.9
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[:, :32] = 255
+        kwargs |= {"mask_image": Image.fromarray(mask), "strength": 0.9, "height": 64, "width": 64}
+        kwargs["num_inference_steps"] = 4
     return kwargs
 
 

@@ -64,3 +64,12 @@ def test_guidance_distilled_flux2_gets_perturbation_guidance_only(kind):
         with guide(pipe, CFG(4.0)):
             call(pipe)
     assert pipeline_snapshot(pipe) == before
+
+
+def test_klein_inpainting_cfg_equals_its_own_and_apg_acts_on_the_generated_tokens():
+    pipe = tiny_flux2(inpaint=True)
+    own, unguided = call(pipe, guidance_scale=6.0), call(pipe, guidance_scale=1.0)
+    assert np.abs(own - unguided).max() > 1e-4, "CFG must change this tiny model's output"
+    with guide(pipe, CFG(6.0)):
+        np.testing.assert_allclose(call(pipe), own, atol=2e-5)
+    assert_apg_acts_on_the_generated_tokens_only(pipe, lambda: call(pipe), control=2e-4)
