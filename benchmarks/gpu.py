@@ -10,7 +10,8 @@ measurements one at a time):
   the pipeline's CFG / true CFG (peer) against ``guide`` CFG, APG and CFG + PAG (SD3: and diffusers' SD3 PAG
   pipeline);
 - ``protect``: the photo amortized protector and one PhotoGuard PGD step against the Stable Diffusion VAE
-  architecture, seconds per image at 512x512 and 1024x1024 in batches of 4, float32 and float16;
+  architecture, seconds per image at 512x512 and 1024x1024 in batches of 4, float32 and float16; one ASPL round
+  (every weight, and LoRA) with the Stable Diffusion UNet architecture against 6 PhotoGuard steps at 512x512;
 - ``eps``: EPS-AD's expected perturbation score with the noise levels batched vs one level at a time (the demo
   detector and its score model), images per second;
 - ``app``: ``steerguard app`` on the device, median latency of ``/generate``, ``/protect`` and ``/detect``;
@@ -368,6 +369,67 @@ def section_protect(ctx: Context) -> list[dict[str, Any]]:
         vae = sd_vae(ctx, dtype)
         for size in (ctx.size(512, 64), ctx.size(1024, 96)):
             rows += protect_rows(ctx, vae, protector, photos(batch, size, ctx.device).to(dtype))
+    return rows + aspl_rows(ctx, sd_vae(ctx, torch.float32), photos(batch, ctx.size(512, 64), ctx.device))
+
+
+class TextConditioned(torch.nn.Module):
+    """A text-conditional UNet as ASPL's denoiser ``eps(z_t, t)``, conditioned on an instance prompt's embeddings
+    (random here, as the weights)."""
+
+    def __init__(self, unet: torch.nn.Module, context: torch.Tensor) -> None:
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("context", context)
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        context = self.context.expand(len(z), -1, -1).to(self.unet.dtype)
+        return self.unet(z.to(self.unet.dtype), t, encoder_hidden_states=context).sample
+
+
+def sd_unet(ctx: Context) -> torch.nn.Module:
+    """The Stable Diffusion 1.x UNet architecture (860 M parameters; a small one in a dry run), random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if ctx.dry_run:
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+        )
+    else:
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+    return unet.to(ctx.device).eval().requires_grad_(False)
+
+
+def aspl_rows(ctx: Context, vae, images: torch.Tensor) -> list[dict[str, Any]]:
+    """One ASPL round (3 + 3 fine-tune steps, 6 PGD steps; every weight, and LoRA rank 8) against the Stable
+    Diffusion UNet and VAE architectures, beside 6 PhotoGuard PGD steps (peer), per image of the batch."""
+    from protect import Finetune, protect
+
+    unet = sd_unet(ctx)
+    prompt = torch.randn(1, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    denoiser = TextConditioned(unet, prompt.to(ctx.device))
+    n = len(images)
+
+    def generator() -> torch.Generator:
+        return torch.Generator(ctx.device).manual_seed(0)
+
+    def aspl(rank: int | None) -> None:
+        finetune = Finetune(steps=3, pgd_steps=6, lr=5e-6 if rank is None else 1e-4, rank=rank)
+        protect(images, "aspl", vae=vae, denoiser=denoiser, steps=6, finetune=finetune, generator=generator())
+
+    peer = "PhotoGuard, 6 PGD steps (peer)"
+    settings = {peer: lambda: protect(images, "photoguard", vae=vae, steps=6, generator=generator())}
+    settings["ASPL, one round, every weight"] = lambda: aspl(None)
+    settings["ASPL, one round, LoRA rank 8"] = lambda: aspl(8)
+    rows = ratios(side_by_side(ctx, settings, per=n), peer)
+    for row in rows:
+        row["shape"] = f"SD UNet and VAE architectures, {images.shape[-1]}x{images.shape[-1]}, batch {n}, per image"
     return rows
 
 

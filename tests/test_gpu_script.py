@@ -34,6 +34,8 @@ def test_gpu_script_dry_run_runs_every_section_on_the_cpu(tmp_path):
         assert section["rows"], name
     sdxl = {row["setting"]: row for row in report["sections"]["sdxl"]["rows"]}
     assert sdxl["pipeline CFG (peer)"]["ratio"] == 1.0 and sdxl["guide APG x0"]["median_s"] > 0
+    protect = {row["setting"] for row in report["sections"]["protect"]["rows"]}
+    assert {"ASPL, one round, every weight", "ASPL, one round, LoRA rank 8"} <= protect
     eps = report["sections"]["eps"]["rows"]
     assert all(row["max_abs_difference"] < 1e-3 for row in eps)  # batched and per-level EPS agree
     markdown = next(tmp_path.glob("gpu-*-dry.md")).read_text()
