@@ -85,8 +85,24 @@ def mimicry(model, vae, scheduler, clean: torch.Tensor, samples: int = 8) -> dic
     return {"sdedit_psnr": psnr(edits, clean).mean().item(), "sample_psnr": statistics.fmean(nearest)}
 
 
-def protections(clean, vae, unet, scheduler, *, eps: float, steps: int, attacker_lr: float) -> dict[str, torch.Tensor]:
-    """The protected crops per protection (PGD on whole crops, seeded per crop)."""
+def equal_psnr_photoguard(clean, vae, target: float, eps: float, steps: int, gens) -> tuple[float, torch.Tensor]:
+    """PhotoGuard at the budget (bisected in (eps / 2, eps], 6 halvings) whose mean PSNR is ``target``'s."""
+    low, high, best = eps / 2, eps, None
+    for _ in range(6):
+        middle = (low + high) / 2
+        out = protect(clean, "photoguard", vae=vae, eps=middle, steps=steps, generator=gens())[0]
+        quality = psnr(out, clean).mean().item()
+        if best is None or abs(quality - target) < abs(best[2] - target):
+            best = (middle, out, quality)
+        low, high = (low, middle) if quality < target else (middle, high)  # too visible: a smaller budget
+    return best[0], best[1]
+
+
+def protections(
+    clean, vae, unet, scheduler, *, eps: float, steps: int, attacker_lr: float, equal_psnr: bool = False
+) -> dict[str, torch.Tensor]:
+    """The protected crops per protection (PGD on whole crops, seeded per crop); ``equal_psnr``: PhotoGuard at
+    ASPL's PSNR too."""
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(clean))]
     alphas = scheduler.alphas_cumprod
     signs = torch.cat([torch.randint(0, 2, (1, *clean.shape[1:]), generator=g) for g in gens()]) * 2 - 1
@@ -99,6 +115,10 @@ def protections(clean, vae, unet, scheduler, *, eps: float, steps: int, attacker
         clean, "aspl", vae=vae, eps=eps, steps=steps, generator=torch.Generator().manual_seed(0), finetune=finetune,
         **semantic,
     )[0]  # fmt: skip
+    if equal_psnr:
+        target = psnr(out["aspl"], clean).mean().item()
+        budget, out["photoguard at ASPL's PSNR"] = equal_psnr_photoguard(clean, vae, target, eps, steps, gens)
+        print(f"PhotoGuard at ASPL's PSNR ({target:.2f} dB): eps {255 * budget:.2f}/255")
     return out
 
 
@@ -116,13 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack-steps", type=int, default=200, help="the attacker's fine-tune steps")
     parser.add_argument("--seeds", type=int, default=3, help="attack seeds")
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--equal-psnr", action="store_true", help="add PhotoGuard at ASPL's PSNR (smaller budget)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     unet, scheduler, vae_name = load_latent_model(args.ldm, device="cpu")
     vae = load_vae(vae_name, "cpu")
     clean, boxes = photo_crops(args.n, args.size)
     eps = args.eps / 255
-    protected = protections(clean, vae, unet, scheduler, eps=eps, steps=args.steps, attacker_lr=ATTACKERS["full"]["lr"])
+    lr = ATTACKERS["full"]["lr"]
+    protected = protections(
+        clean, vae, unet, scheduler, eps=eps, steps=args.steps, attacker_lr=lr, equal_psnr=args.equal_psnr
+    )
     alphas = scheduler.alphas_cumprod
     with torch.no_grad():
         clean_latents = latent(vae, clean)
@@ -155,13 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['attacker']} | {r['protection']} | {r['psnr']:.1f} | " + " | ".join(cells) + " |")
     for attacker in ATTACKERS:
         share = {r["protection"]: r["learned"] for r in rows if r["attacker"] == attacker}
-        ratio = share["aspl"]["mean"] / share["photoguard"]["mean"]
-        gaps = [a - p for a, p in zip(share["aspl"]["per_seed"], share["photoguard"]["per_seed"])]
-        print(
-            f"{attacker} attacker: ASPL / PhotoGuard learned share = {ratio:.3f} (paired gap per attack seed: "
-            + ", ".join(f"{g:+.3f}" for g in gaps)
-            + ")"
-        )
+        for peer in ("photoguard", "photoguard at ASPL's PSNR"):
+            if peer not in share:
+                continue
+            ratio = share["aspl"]["mean"] / share[peer]["mean"]
+            gaps = [a - p for a, p in zip(share["aspl"]["per_seed"], share[peer]["per_seed"])]
+            print(
+                f"{attacker} attacker: ASPL / {peer} learned share = {ratio:.3f} (paired gap per attack seed: "
+                + ", ".join(f"{g:+.3f}" for g in gaps)
+                + ")"
+            )
     if args.json is not None:
         record = {
             "benchmark": "bench_aspl",
