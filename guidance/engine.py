@@ -166,10 +166,7 @@ class Run:
         if scale == self.pipeline_scale:
             return
         self.pipeline_scale = scale
-        if self.own_cfg is not None:
-            methods = list(self.methods)
-            methods[self.own_cfg] = CFG(scale)
-            self.methods = tuple(methods)
+        self._set_own_cfg(scale)
 
     def _follow_pipeline_scale(self) -> None:
         """The pipeline's own CFG at the scale the pipeline holds now: a step-end callback may change it
@@ -178,8 +175,13 @@ class Run:
             return
         current = self._scale_now()
         if current is not None and current != self.methods[self.own_cfg].scale:
+            self._set_own_cfg(current)
+
+    def _set_own_cfg(self, scale: float) -> None:
+        """The pipeline's own CFG (composed with perturbations), if it runs one, at ``scale``."""
+        if self.own_cfg is not None:
             methods = list(self.methods)
-            methods[self.own_cfg] = CFG(float(current))
+            methods[self.own_cfg] = CFG(float(scale))
             self.methods = tuple(methods)
 
     def _scale_now(self) -> float | None:
