@@ -160,8 +160,7 @@ if BaseGuidance is not None:
             if not name.startswith("pred_perturbed_"):
                 return
             run = _Call(self._controller, int(name.rsplit("_", 1)[1]), self.run_state)
-            inner = getattr(denoiser, "_orig_mod", denoiser)  # torch.compile(module) wraps the module
-            self._undo.append(install(self._controller, inner))
+            self._undo.append(install(self._controller, denoiser))
             spent = False
 
             def once(module: nn.Module, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

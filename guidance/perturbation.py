@@ -294,8 +294,10 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
     """Hook the edits of every perturbation method of ``controller`` into ``denoiser``; returns the remover.
 
     Edits are validated (layer selectors, attention processors) before any hook is attached; the hooks of one
-    ``guide()`` are named after it, so pipelines sharing the denoiser can each have theirs.
+    ``guide()`` are named after it, so pipelines sharing the denoiser can each have theirs. A ``torch.compile``d
+    denoiser gets the hooks on the module it wraps.
     """
+    denoiser = getattr(denoiser, "_orig_mod", denoiser)
     attention_rules: dict[str, list[tuple[int, list[int] | None, float, bool]]] = {}
     shuffles: dict[str, list[int]] = {}
     skips: dict[str, list[int]] = {}

@@ -346,7 +346,7 @@ def guide(pipe: Any, *methods: Guidance | LangevinCorrector, sequential: bool = 
     controller.parameter_names = list(controller.signature.parameters)
     with contextlib.ExitStack() as undo:  # all or nothing: whatever was installed is removed if a later part fails
         for module in controller.denoisers:  # validates the layer selectors and processors first
-            undo.callback(install(controller, getattr(module, "_orig_mod", module)))
+            undo.callback(install(controller, module))
         for module in controller.denoisers:
             undo.callback(intercept_calls(module, controller.intercept))
         original_class = type(pipe)
