@@ -95,23 +95,15 @@ def protect_all(
             out[method], _ = protect(
                 images, "amortized", vae=pipe.vae, protector=protector, eps=eps, min_strength=AMORTIZED_BUDGETS[name]
             )
-        elif name == "aspl":
-            out[method], _ = protect(
-                images,
-                name,
-                vae=pipe.vae,
-                denoiser=DiTDenoiser(pipe.transformer, labels),
-                alphas_cumprod=alphas,
-                eps=eps,
-                steps=n_steps,
-                generator=torch.Generator().manual_seed(seed),
-            )
         else:
-            semantic = name in ("mist", *SDS_METHODS)
-            extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": alphas} if semantic else {}
-            out[method], _ = protect(
-                images, name, vae=pipe.vae, eps=eps, steps=n_steps, generator=gens(), tile=tile, **extra
-            )
+            if name == "aspl":  # fine-tunes the DiT on the images' classes, on the whole images, as one set
+                extra = {"denoiser": DiTDenoiser(pipe.transformer, labels), "alphas_cumprod": alphas}
+                extra |= {"generator": gens()[0], "tile": None}
+            else:
+                semantic = name in ("mist", *SDS_METHODS)
+                extra = {"denoiser": dit_denoiser(pipe), "alphas_cumprod": alphas} if semantic else {}
+                extra |= {"generator": gens(), "tile": tile}
+            out[method], _ = protect(images, name, vae=pipe.vae, eps=eps, steps=n_steps, **extra)
         seconds[method] = (time.perf_counter() - start) / len(images)
     return out, seconds
 

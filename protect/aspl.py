@@ -61,15 +61,19 @@ class Finetune:
     lora_modules: tuple[str, ...] = LORA_MODULES
 
     def __post_init__(self) -> None:
-        for name in ("steps", "pgd_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Finetune.{name} must be a positive integer, got {value!r}")
+        _check_count("Finetune.steps", self.steps)
+        _check_count("Finetune.pgd_steps", self.pgd_steps)
         check_real("Finetune.lr", self.lr, low=0.0)
         if self.lr == 0:
             raise ValueError("Finetune.lr must be > 0")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"Finetune.rank must be a positive integer or None, got {self.rank!r}")
+        if self.rank is not None:
+            _check_count("Finetune.rank", self.rank, " or None")
+
+
+def _check_count(name: str, value: object, alternative: str = "") -> None:
+    """``ValueError`` unless ``value`` is a positive integer (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{alternative}, got {value!r}")
 
 
 def add_lora(
@@ -176,8 +180,7 @@ def aspl(
             f"ASPL attacks and fine-tunes on whole images; {width}x{height} is above its {MAX_PIXELS} pixels "
             "(1024x1024): resize the images to the resolution a fine-tune would train at (512-1024 px)"
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    _check_count("steps", steps)
     step = 2.5 * eps / steps if step is None else step
     seed = 0
     if settings.rank is not None:  # the LoRA init, too, comes from the generator
