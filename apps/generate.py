@@ -332,9 +332,9 @@ def generate(pipe: Any, request: Request, on_step: Callable[[Step], bool | None]
             raise ValueError("the prompt is empty")
         call["prompt"] = [request.subject] * request.num_images
     methods = request.guidance(pipe)
-    scale_arg = family_of(pipe).scale_arg
-    if scale_arg in inspect.signature(type(pipe).__call__).parameters:
-        call[scale_arg] = 1.0  # CFG only when a method asks for it
+    family = family_of(pipe)
+    if family.scale_arg in inspect.signature(type(pipe).__call__).parameters:
+        call[family.scale_arg] = family.argument(1.0)  # CFG only when a method asks for it
     with using_sampler(pipe, request.sampler), _reporting(pipe, request, on_step):
         if not methods:
             return pipe(**call).images

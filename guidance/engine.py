@@ -89,10 +89,14 @@ def _solved_uncond(guided: Tensor, cond: Tensor, s: float) -> Tensor:
 
 
 def _prediction(output: Any) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output.sample
+    pred = output[0] if isinstance(output, tuple) else output.sample
+    return torch.stack(pred) if isinstance(pred, list) else pred  # Z-Image: one output per sample
 
 
 def _with_prediction(output: Any, pred: Tensor) -> Any:
+    given = output[0] if isinstance(output, tuple) else output.sample
+    if isinstance(given, list):
+        pred = list(pred.unbind(0))
     if isinstance(output, tuple):
         return (pred, *output[1:])
     output.sample = pred
@@ -140,8 +144,12 @@ class Run:
         self.corrector_generator = torch.Generator().manual_seed(corrector.seed) if corrector is not None else None
 
     # -- one denoiser call ------------------------------------------------------------------------------------
-    def forward(self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor) -> Any:
-        has_uncond = self.has_uncond and self._pipeline_cfg_on()
+    def forward(
+        self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor, cfg_cut: bool = False
+    ) -> Any:
+        """The output of one denoiser call (``cfg_cut``: the pipeline skips its unconditional branch this step,
+        :attr:`guidance.families.Family.cfg_cut`)."""
+        has_uncond = self.has_uncond and self._pipeline_cfg_on() and not cfg_cut
         if self.family.layout == "sequential" and has_uncond and self.pending is not None:
             output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
             return _with_prediction(output, self._finish_sequential(x, t, _prediction(output)))
@@ -187,7 +195,10 @@ class Run:
     def _scale_now(self) -> float | None:
         """The CFG scale the pipeline holds now (``pipe._guidance_scale``), if it is one above 1."""
         current = vars(self.controller.pipe).get("_guidance_scale")
-        return float(current) if isinstance(current, int | float) and current > 1 else None
+        if not isinstance(current, int | float):
+            return None
+        weight = self.family.weight(current)
+        return weight if weight > 1 else None
 
     def step_of(self, x: Tensor, t: Tensor, has_uncond: bool) -> Step:
         """The record of the denoiser evaluation of one step (the branch layout is read anew at every step: a
@@ -211,10 +222,15 @@ class Run:
             return output, _prediction(output), {}
         if self.controller.sequential:
             output = call(*inputs[0], **inputs[1])
-            cond_only = self._rebind(inputs, lambda v: v[cond_rows], n)
+            if any(inputs[1].get(name) is not None for name in self.family.padded_args):
+                # the cond rows alone would be padded to another length than these arguments: the whole batch
+                # again, perturbed on the cond rows
+                calls = {i: self._perturbed_call(call, inputs, {i: cond_rows})[i][cond_rows] for i in active}
+                return output, _prediction(output), calls
+            cond_only = self._rebind(inputs, n, cond_rows, copies=0)
             perturbed = {i: self._perturbed_call(call, cond_only, {i: slice(None)})[i] for i in active}
             return output, _prediction(output), perturbed
-        expanded = self._rebind(inputs, lambda v: torch.cat([v, *[v[cond_rows]] * len(active)]), n)
+        expanded = self._rebind(inputs, n, cond_rows, len(active))
         rows = {i: slice(n + j * b, n + (j + 1) * b) for j, i in enumerate(active)}
         output, everything = self._perturbed_call(call, expanded, rows, keep_output=True)
         return output, everything[:n], {i: everything[r] for i, r in rows.items()}
@@ -287,14 +303,26 @@ class Run:
         pred = _prediction(output)
         return (output, pred) if keep_output else {i: pred for i in rows}
 
-    def _rebind(self, inputs: tuple[tuple, dict], fn: Callable[[Tensor], Tensor], n: int) -> tuple[tuple, dict]:
-        """The call's arguments with ``fn`` applied along the batch (names in ``family.unbatched`` untouched)."""
+    def _rebind(self, inputs: tuple[tuple, dict], n: int, cond_rows: slice, copies: int) -> tuple[tuple, dict]:
+        """The call's arguments along the batch of ``n`` rows: ``copies`` copies of the ``cond_rows`` appended to
+        them, or (``copies=0``) the ``cond_rows`` alone. Names in ``family.unbatched`` are untouched; the
+        per-sample lists of ``family.list_args`` are rebound as the tensors are."""
         args, kwargs = inputs
         names = self.controller.parameter_names
-        skip = self.family.unbatched
+        skip, lists = self.family.unbatched, self.family.list_args
+
+        def rebind(name: str, value: Any) -> Any:
+            if name in skip:
+                return value
+            if name in lists and isinstance(value, list | tuple) and len(value) == n:
+                cond = list(value[cond_rows])
+                return cond if copies == 0 else [*value, *cond * copies]
+            fn = (lambda v: v[cond_rows]) if copies == 0 else (lambda v: torch.cat([v, *[v[cond_rows]] * copies]))
+            return _map_batched(value, fn, n)
+
         return (
-            tuple(v if names[i] in skip else _map_batched(v, fn, n) for i, v in enumerate(args)),
-            {k: v if k in skip else _map_batched(v, fn, n) for k, v in kwargs.items()},
+            tuple(rebind(names[i], v) for i, v in enumerate(args)),
+            {k: rebind(k, v) for k, v in kwargs.items()},
         )
 
     def _fraction(self) -> float:
@@ -380,6 +408,7 @@ class Run:
                     a, b = self.schedule.coefficients(*self.schedule.alpha_sigma(t.expand(x.shape[0])))
                     coefs = P.broadcast(a, x32), P.broadcast(b, x32)
                 a, b = coefs
+                b = b * self.family.output_sign  # Z-Image's output is the negated velocity
                 total += method.update(a * x32 + b * cond32, a * x32 + b * other32, state) / b
             else:
                 total += method.update(cond32, other32, state)

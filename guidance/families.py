@@ -49,6 +49,45 @@ class Family:
     #: "sequential" layout: the pipeline runs its unconditional call whenever its scale is above 1, with an empty
     #: negative prompt unless given one (Chroma); else only with a negative prompt or embeddings (FLUX true CFG)
     negative_by_default: bool = False
+    #: the denoiser sees ``(divisor - t) / divisor``, time running from 0 at pure noise (Z-Image)
+    timestep_reversed: bool = False
+    #: the denoiser returns the negated prediction of the schedule's type (Z-Image: x0 - noise, the pipeline
+    #: negates it into the flow velocity)
+    output_sign: float = 1.0
+    #: the pipeline's CFG is ``c + s (c - u)`` (Z-Image): ``s + scale_offset`` is its weight ``w`` in
+    #: ``u + w (c - u)``, and it runs the unconditional branch when ``w > 1``
+    scale_offset: float = 0.0
+    #: the call argument that makes the pipeline rescale its CFG result against the conditional prediction
+    rescale_arg: str = "guidance_rescale"
+    #: denoiser arguments that hold one tensor per sample in a list (Z-Image's latents and captions)
+    list_args: tuple[str, ...] = ()
+    #: whether the pipeline skips its unconditional branch at a step that its CFG mode would otherwise run, from
+    #: the pipeline and the timestep argument the denoiser gets (Z-Image's ``cfg_truncation``)
+    cfg_cut: Callable[[Any, Tensor], bool] | None = None
+    #: the denoiser's attention runs on one sequence of image and text tokens whose split the engine does not
+    #: read (Z-Image): the image-only identity (``PAG(joint="image")``) is refused
+    single_sequence: bool = False
+    #: denoiser arguments laid out on the batch's padded token sequence (Z-Image's ControlNet samples): with
+    #: them, ``sequential=True`` runs each perturbed branch on the whole batch (the cond rows alone would be
+    #: padded to another length)
+    padded_args: tuple[str, ...] = ()
+
+    def weight(self, value: Any) -> float:
+        """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
+        return 1.0 if value is None else float(value) + self.scale_offset
+
+    def argument(self, weight: float) -> float:
+        """The scale argument that gives the pipeline's CFG the weight ``weight``."""
+        return weight - self.scale_offset
+
+
+def _z_image_cut(pipe: Any, timestep: Tensor) -> bool:
+    """Z-Image's ``cfg_truncation``: no unconditional branch once the normalised time ``1 - t / 1000`` (the
+    denoiser's timestep argument, the value the pipeline compares) is above it."""
+    truncation = getattr(pipe, "_cfg_truncation", None)
+    if truncation is None or float(truncation) > 1:
+        return False
+    return float(torch.as_tensor(timestep).reshape(-1)[0]) > float(truncation)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -211,6 +250,31 @@ FAMILIES: tuple[Family, ...] = (
         negative_by_default=True,
         second_denoiser="transformer_2",
         second_scale_arg="guidance_scale_2",
+    ),
+    Family(
+        "z-image",
+        # one list entry per sample for the latents (C, 1, H, W) and the captions (their own lengths); the cond
+        # samples first; one sequence of [image, caption] tokens, padded per batch; ZImageOmniPipeline (nested
+        # lists of condition images) is not served
+        (
+            "ZImagePipeline",
+            "ZImageImg2ImgPipeline",
+            "ZImageInpaintPipeline",
+            "ZImageControlNetPipeline",
+            "ZImageControlNetInpaintPipeline",
+        ),
+        "transformer",
+        "cond_uncond",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        timestep_reversed=True,
+        output_sign=-1.0,
+        scale_offset=1.0,
+        rescale_arg="cfg_normalization",
+        list_args=("x", "cap_feats"),
+        cfg_cut=_z_image_cut,
+        single_sequence=True,
+        padded_args=("controlnet_block_samples",),
     ),
 )
 

@@ -83,12 +83,14 @@ def _summary(names: Sequence[str], limit: int = 40) -> str:
 
 
 def default_layers(candidates: dict[str, nn.Module]) -> list[Selector]:
-    """The default choice: the UNet's middle block, else the middle transformer block of the stack."""
+    """The default choice: the UNet's middle block, else the middle transformer block of the main stack
+    (``transformer_blocks``, else the first ``…blocks`` / ``…layers`` stack: Z-Image's ``layers``, not its
+    refiners)."""
     if any(name.startswith("mid_block") for name in candidates):
         return ["mid"]
     blocks: dict[str, list[int]] = {}
     for name in candidates:
-        if m := re.match(r"([a-z_]*blocks)\.(\d+)", name):
+        if m := re.match(r"([a-z_]*(?:blocks|layers))\.(\d+)", name):
             blocks.setdefault(m.group(1), []).append(int(m.group(2)))
     if not blocks:
         return [len(candidates) // 2]

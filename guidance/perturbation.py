@@ -220,12 +220,27 @@ class _ShuffleHook(ModelHook):
         if not rows:
             return args, kwargs
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        valid = _padding_mask(module, args, kwargs, hidden)
         hidden = hidden.clone()
         for r, generator in rows:
-            hidden[r] = shuffle_tokens(hidden[r], generator)
+            hidden[r] = shuffle_tokens(hidden[r], generator, None if valid is None else valid[r])
         if "hidden_states" in kwargs:
             return args, {**kwargs, "hidden_states": hidden}
         return (hidden, *args[1:]), kwargs
+
+
+#: a block's argument that may hold a padding mask of its token sequence
+PADDING_MASKS = ("attn_mask", "attention_mask")
+
+
+def _padding_mask(module: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The block call's padding mask of ``hidden``'s tokens, ``(B, L)`` bool (True: a real token), if it has one."""
+    bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
+    for name in PADDING_MASKS:
+        mask = bound.get(name)
+        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == hidden.shape[:2]:
+            return mask
+    return None
 
 
 class _SkipHook(ModelHook):
@@ -243,7 +258,8 @@ class _SkipHook(ModelHook):
         if not rows:
             return output
         bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
-        hidden, context = bound.get("hidden_states"), bound.get("encoder_hidden_states")
+        first = list(bound.values())[1] if len(bound) > 1 else None  # after ``self``: Z-Image's blocks take ``x``
+        hidden, context = bound.get("hidden_states", first), bound.get("encoder_hidden_states")
         if isinstance(output, torch.Tensor):  # a basic / single-stream block: the hidden states
             return _passed_through(output, hidden, rows, self.name)
         if isinstance(output, tuple) and len(output) == 2:  # a joint block: the text and image streams
@@ -306,6 +322,12 @@ def install(controller: Any, denoiser: nn.Module) -> Callable[[], None]:
             continue
         for name, edit in method.edits(denoiser).items():
             if isinstance(edit, AttentionEdit):
+                if edit.image_only and controller.family.single_sequence:
+                    raise ValueError(
+                        f"{type(method).__name__}(joint='image') is not available on {controller.family.name}: its "
+                        "attention runs on one sequence of image and caption tokens, padded per batch; use "
+                        "joint='full'"
+                    )
                 heads = list(edit.heads) if edit.heads is not None else None
                 attention_rules.setdefault(name, []).append((i, heads, edit.strength, edit.image_only))
             elif isinstance(edit, TokenShuffle):

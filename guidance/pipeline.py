@@ -98,12 +98,18 @@ class _Controller:
         if len(self.denoisers) > 1:  # Wan 2.2: the low-noise stage has its own CFG scale
             run.use_pipeline_scale(self.stage_scales[id(module)])
         bound = self.signature.bind_partial(*args, **kwargs).arguments
-        x, t = bound[self.parameter_names[0]], bound["timestep"]
+        family = self.family
+        x = bound[self.parameter_names[0]]
+        given = bound["timestep"] if "timestep" in bound else bound[self.parameter_names[1]]  # Z-Image: ``t``
+        if isinstance(x, list | tuple):  # Z-Image: one latent per sample
+            x = torch.stack(list(x))
         # float32: FLUX passes t / 1000 in bf16, and bf16 rounds t * 1000 to multiples of 4 above 512
-        t = torch.as_tensor(t, device=x.device).reshape(-1).float() * self.family.timestep_divisor
-        if self.family.timestep_scale_key is not None:
-            t = t / float(self.denoiser.config[self.family.timestep_scale_key])
-        return run.forward(call, (args, kwargs), x, t)
+        t = torch.as_tensor(given, device=x.device).reshape(-1).float()
+        t = (1 - t if family.timestep_reversed else t) * family.timestep_divisor
+        if family.timestep_scale_key is not None:
+            t = t / float(self.denoiser.config[family.timestep_scale_key])
+        cut = family.cfg_cut is not None and family.cfg_cut(self.pipe, given)
+        return run.forward(call, (args, kwargs), x, t, cfg_cut=cut)
 
     def call(self, call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
         if not self._busy.acquire(blocking=False):
@@ -125,7 +131,7 @@ class _Controller:
         for name, reason in self.family.refused:
             if arguments.get(name) not in (None, 0, 0.0, [], ()):
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")
-        rescale = arguments.get("guidance_rescale") or 0.0
+        rescale = arguments.get(self.family.rescale_arg) or 0.0
         if any(m.branch == "uncond" for m in self.methods):
             self._ensure_uncond_branch(pipe, arguments, solved=rescale > 0)
         has_uncond = self._has_uncond(pipe, arguments)
@@ -137,7 +143,7 @@ class _Controller:
                 "pipeline's true CFG runs the unconditional branch in a separate call (use the corrector without "
                 "true CFG)"
             )
-        scale = float(arguments.get(self.family.scale_arg, 1.0))
+        scale = self.family.weight(arguments.get(self.family.scale_arg))
         self.stage_scales = {id(d): scale for d in self.denoisers}
         if len(self.denoisers) > 1:
             self.stage_scales[id(self.denoisers[1])] = self._second_scale(pipe, arguments, scale)
@@ -174,6 +180,11 @@ class _Controller:
     def _check_corrector(self, pipe: Any) -> None:
         """The corrector moves the latents the denoiser sees; refuse where other inputs are computed from them,
         and schedulers whose step restarts from a sample they stored (the correction would be dropped)."""
+        if self.family.list_args:
+            raise ValueError(
+                f"{type(pipe).__name__}: the Langevin corrector is not supported on this pipeline (its denoiser takes "
+                "the latents as a list, one per sample)"
+            )
         scheduler = pipe.scheduler
         stored = [name for name in STORED_SAMPLES if name in vars(scheduler)]
         if stored or hasattr(type(scheduler), "state_in_first_order"):
@@ -199,7 +210,7 @@ class _Controller:
             )
 
     def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
-        if arguments.get(self.family.scale_arg, 1.0) <= 1 or self._distilled(pipe):
+        if self.family.weight(arguments.get(self.family.scale_arg)) <= 1 or self._distilled(pipe):
             return False
         if self.family.layout == "sequential" and not self.family.negative_by_default:
             return self._sequential_negative(pipe, arguments)
@@ -240,8 +251,8 @@ class _Controller:
         # solved (a separate unconditional call, as FLUX's, or the rescaled CFG batch) the rounding of that solve
         # grows like s / (s - 1) away from 2 (10 % per step at 1.01 in bf16); the guided result does not depend on
         # s, so it is always 2 there
-        if arguments[self.family.scale_arg] <= 1 or self.family.layout == "sequential" or solved:
-            arguments[self.family.scale_arg] = FORCED_PIPELINE_SCALE
+        if self.family.weight(arguments[self.family.scale_arg]) <= 1 or self.family.layout == "sequential" or solved:
+            arguments[self.family.scale_arg] = self.family.argument(FORCED_PIPELINE_SCALE)
         if self.family.second_scale_arg in arguments:  # the method's scale decides in every stage
             arguments[self.family.second_scale_arg] = None
         if self.family.layout == "sequential" and self.family.negative_by_default:

@@ -27,10 +27,19 @@ from .pag import layer_selection
 OFFICIAL_BLOCK = "down_blocks.2"  # where the official SDXL code shuffles (papers.md, TPG)
 
 
-def shuffle_tokens(hidden: Tensor, generator: torch.Generator) -> Tensor:
-    """``P h``: the tokens (dim 1 of ``(B, L, C)``) in one random order, shared by the batch."""
-    order = torch.randperm(hidden.shape[1], generator=generator, device=generator.device)
-    return hidden[:, order.to(hidden.device)]
+def shuffle_tokens(hidden: Tensor, generator: torch.Generator, valid: Tensor | None = None) -> Tensor:
+    """``P h``: the tokens (dim 1 of ``(B, L, C)``) in one random order, shared by the batch. With a padding mask
+    ``valid`` (``(B, L)`` bool, True: a real token; Z-Image pads its [image, caption] sequences per batch), each
+    row's real tokens are shuffled among themselves, one order per row drawn in row order, and its padding stays."""
+    if valid is None:
+        order = torch.randperm(hidden.shape[1], generator=generator, device=generator.device)
+        return hidden[:, order.to(hidden.device)]
+    shuffled = hidden.clone()
+    for row in range(hidden.shape[0]):
+        where = valid[row].nonzero().squeeze(-1)
+        order = torch.randperm(where.numel(), generator=generator, device=generator.device).to(where.device)
+        shuffled[row, where] = hidden[row, where[order]]
+    return shuffled
 
 
 def auto_layers(blocks: dict[str, nn.Module]) -> list[str]:

@@ -926,6 +926,76 @@ def cogview4_call_kwargs(tokens: int = 16) -> dict[str, Any]:
     return kwargs
 
 
+def tiny_z_image(pipeline: str = "ZImagePipeline", layers: int = 2) -> DiffusionPipeline:
+    """Z-Image (``pipeline``: one of the served Z-Image classes): a ``layers``-block single-stream transformer over
+    [image, caption] tokens with one noise and one context refiner, the tiny flow VAE, flow matching, no text
+    encoder (call it with :func:`z_image_call_kwargs`' per-sample embeddings). The ControlNet pipelines get a
+    tiny ``ZImageControlNetModel`` on block 0."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=layers,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        norm_eps=1e-5,
+        qk_norm=True,
+        cap_feat_dim=16,
+        rope_theta=256.0,
+        t_scale=1000.0,
+        axes_dims=[8, 4, 4],
+        axes_lens=[256, 32, 32],
+    ).eval()
+    with torch.no_grad():  # created with torch.empty
+        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
+        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
+    parts: dict[str, Any] = {
+        "tokenizer": None,
+        "text_encoder": None,
+        "vae": _vae((8, 16), norm_num_groups=4, flow=True),
+        "scheduler": FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True),
+        "transformer": transformer,
+    }
+    if "ControlNet" in pipeline:
+        torch.manual_seed(SEED + 1)
+        control = diffusers.ZImageControlNetModel(
+            control_layers_places=[0],
+            control_refiner_layers_places=[0],
+            control_in_dim=4 if pipeline == "ZImageControlNetPipeline" else 9,
+            add_control_noise_refiner="control_layers",
+            all_patch_size=(2,),
+            all_f_patch_size=(1,),
+            dim=32,
+            n_refiner_layers=1,
+            n_heads=2,
+            n_kv_heads=2,
+            norm_eps=1e-5,
+            qk_norm=True,
+        ).eval()
+        control = diffusers.ZImageControlNetModel.from_transformer(control, transformer)
+        with torch.no_grad():  # its output projections start at zero: give them weights so the control acts
+            for parameter in control.parameters():
+                if not parameter.any():
+                    parameter.normal_(0.0, 0.5)
+        parts["controlnet"] = control
+    return _finish(getattr(diffusers, pipeline)(**parts))
+
+
+def z_image_call_kwargs(batch: int = 1, tokens: tuple[int, int] = (7, 12)) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_z_image`: seeded per-sample prompt and negative embeddings (lists;
+    ``tokens``: their lengths, which differ so that the batch is padded), no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 43)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    kwargs["prompt_embeds"] = [torch.randn(tokens[0] + i, 16, generator=g) for i in range(batch)]
+    kwargs["negative_prompt_embeds"] = [torch.randn(tokens[1] + i, 16, generator=g) for i in range(batch)]
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
