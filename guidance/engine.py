@@ -145,14 +145,13 @@ class Run:
 
     # -- one denoiser call ------------------------------------------------------------------------------------
     def forward(
-        self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor, cfg_cut: bool = False
+        self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor, timestep: Any = None
     ) -> Any:
-        """The output of one denoiser call (``cfg_cut``: the pipeline skips its unconditional branch this step,
-        :attr:`guidance.families.Family.cfg_cut`)."""
-        has_uncond = self.has_uncond and self._pipeline_cfg_on() and not cfg_cut
-        if self.family.layout == "sequential" and has_uncond and self.pending is not None:
+        """The output of one denoiser call (``timestep``: the timestep argument as the denoiser got it)."""
+        if self.family.layout == "sequential" and self.pending is not None:
             output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
             return _with_prediction(output, self._finish_sequential(x, t, _prediction(output)))
+        has_uncond = self.has_uncond and self._pipeline_cfg_on() and not self._cfg_cut(timestep)
         step = self.step_of(x, t, has_uncond)
         context = inputs[1].get("encoder_hidden_states")
         self.tokens = (context.shape[1], x.shape[1]) if context is not None and x.ndim == 3 else None
@@ -168,6 +167,15 @@ class Run:
             step, inputs = self._correct(call, inputs, step)
         output, pred, perturbed = self._branches(call, inputs, step)
         return _with_prediction(output, self._combine(step, pred, perturbed))
+
+    def _cfg_cut(self, timestep: Any) -> bool:
+        """Whether the pipeline skips its unconditional branch at this step (:attr:`.families.Family.cfg_cut`)."""
+        cut = self.family.cfg_cut
+        if cut is None:
+            return False
+        if self.total is None:
+            self.total = steps_of_the_call(self.controller.pipe)
+        return cut(self.controller.pipe, self.controller.arguments, timestep, self.evaluations, self.total)
 
     def use_pipeline_scale(self, scale: float) -> None:
         """The pipeline's CFG scale from this denoiser call on (Wan 2.2's second stage has its own)."""

@@ -62,8 +62,9 @@ class Family:
     #: denoiser arguments that hold one tensor per sample in a list (Z-Image's latents and captions)
     list_args: tuple[str, ...] = ()
     #: whether the pipeline skips its unconditional branch at a step that its CFG mode would otherwise run, from
-    #: the pipeline and the timestep argument the denoiser gets (Z-Image's ``cfg_truncation``)
-    cfg_cut: Callable[[Any, Tensor], bool] | None = None
+    #: the pipeline, the call's arguments, the timestep argument the denoiser gets, the step's index and the call's
+    #: number of steps (Z-Image's ``cfg_truncation``, Lumina 2's ``cfg_trunc_ratio``)
+    cfg_cut: Callable[[Any, dict[str, Any], Any, int, int], bool] | None = None
     #: the denoiser's attention runs on one sequence of image and text tokens whose split the engine does not
     #: read (Z-Image): the image-only identity (``PAG(joint="image")``) is refused
     single_sequence: bool = False
@@ -81,13 +82,18 @@ class Family:
         return weight - self.scale_offset
 
 
-def _z_image_cut(pipe: Any, timestep: Tensor) -> bool:
+def _z_image_cut(pipe: Any, arguments: dict[str, Any], timestep: Any, index: int, steps: int) -> bool:
     """Z-Image's ``cfg_truncation``: no unconditional branch once the normalised time ``1 - t / 1000`` (the
     denoiser's timestep argument, the value the pipeline compares) is above it."""
     truncation = getattr(pipe, "_cfg_truncation", None)
     if truncation is None or float(truncation) > 1:
         return False
     return float(torch.as_tensor(timestep).reshape(-1)[0]) > float(truncation)
+
+
+def _lumina2_cut(pipe: Any, arguments: dict[str, Any], timestep: Any, index: int, steps: int) -> bool:
+    """Lumina 2's ``cfg_trunc_ratio``: no unconditional call once ``(i + 1) / n`` is above it."""
+    return (index + 1) / steps > float(arguments.get("cfg_trunc_ratio", 1.0))
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -275,6 +281,23 @@ FAMILIES: tuple[Family, ...] = (
         cfg_cut=_z_image_cut,
         single_sequence=True,
         padded_args=("controlnet_block_samples",),
+    ),
+    Family(
+        "lumina2",
+        # one sequence of [caption, image] tokens, padded per batch; the time running from 0 at pure noise, the
+        # output negated (as Z-Image); a separate unconditional call, rescaled per token to the conditional
+        # prediction's norm (``cfg_normalization``)
+        ("Lumina2Pipeline",),
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        timestep_reversed=True,
+        output_sign=-1.0,
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
+        cfg_cut=_lumina2_cut,
+        single_sequence=True,
     ),
 )
 

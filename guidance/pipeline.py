@@ -88,6 +88,8 @@ class _Controller:
         self.signature: inspect.Signature | None = None
         self.parameter_names: list[str] = []
         self.run: Run | None = None
+        #: the bound arguments of the running call
+        self.arguments: dict[str, Any] = {}
         self._busy = threading.Lock()
 
     def intercept(self, module: torch.nn.Module, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -108,8 +110,7 @@ class _Controller:
         t = (1 - t if family.timestep_reversed else t) * family.timestep_divisor
         if family.timestep_scale_key is not None:
             t = t / float(self.denoiser.config[family.timestep_scale_key])
-        cut = family.cfg_cut is not None and family.cfg_cut(self.pipe, given)
-        return run.forward(call, (args, kwargs), x, t, cfg_cut=cut)
+        return run.forward(call, (args, kwargs), x, t, timestep=given)
 
     def call(self, call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
         if not self._busy.acquire(blocking=False):
@@ -128,6 +129,7 @@ class _Controller:
         bound = signature.bind(pipe, *args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
+        self.arguments = arguments
         for name, reason in self.family.refused:
             if arguments.get(name) not in (None, 0, 0.0, [], ()):
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")

@@ -996,6 +996,47 @@ def z_image_call_kwargs(batch: int = 1, tokens: tuple[int, int] = (7, 12)) -> di
     return kwargs
 
 
+def tiny_lumina2() -> DiffusionPipeline:
+    """Lumina 2: a 2-layer single-stream transformer over [caption, image] tokens (one noise and one context
+    refiner), the tiny flow VAE, flow matching, no text encoder (call it with :func:`lumina2_call_kwargs`)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.Lumina2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=2,
+        multiple_of=16,
+        norm_eps=1e-5,
+        scaling_factor=1.0,
+        axes_dim_rope=[4, 2, 2],
+        axes_lens=[64, 32, 32],
+        cap_feat_dim=16,
+    ).eval()
+    parts = {"tokenizer": None, "text_encoder": None, "vae": _vae((8, 16), norm_num_groups=4, flow=True)}
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    return _finish(diffusers.Lumina2Pipeline(**parts, scheduler=scheduler, transformer=transformer))
+
+
+def lumina2_call_kwargs(batch: int = 1, tokens: tuple[int, int] = (7, 12)) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_lumina2`: seeded prompt and negative embeddings of 12 tokens with
+    masks that keep ``tokens`` of them (sample ``i`` keeps ``i`` fewer), no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 47)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    for prefix, count in zip(("", "negative_"), tokens):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, 12, 16, generator=g)
+        mask = torch.zeros(batch, 12, dtype=torch.long)
+        for i in range(batch):
+            mask[i, : count - i] = 1
+        kwargs[f"{prefix}prompt_attention_mask"] = mask
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
