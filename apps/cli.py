@@ -17,6 +17,7 @@ from .device import SCORE_DTYPES
 from .jobs import Limits
 from .services import (
     DEFAULT_PGD_STEPS,
+    LATENT_METHODS,
     PROTECT_LDM,
     PROTECT_METHODS,
     PROTECT_VAE,
@@ -152,8 +153,8 @@ def _add_protect(commands: argparse._SubParsersAction) -> None:
         description="Protect images at their native resolution against the photo demo VAE (demo/photo_vae): "
         "'amortized' (the default) runs the photo amortized protector (one forward pass per image, less of the "
         "budget on flat regions), 'amortized-full' the same at the full budget everywhere (as visible as PGD, and "
-        "as damaging), 'photoguard' and 'mist' an L-infinity PGD attack (Mist's semantic part: the photo latent "
-        "model demo/photo_ldm)."
+        "as damaging), 'photoguard', 'mist' and 'sds' an L-infinity PGD attack (Mist's semantic part and "
+        "Diff-Protect's SDS+: the photo latent model demo/photo_ldm)."
         " Outputs are PNG files of the same size and mode (RGB, RGBA, L, LA; other modes become RGB/RGBA) in "
         "--out, with a JSON report; no existing file is ever overwritten (a numbered suffix is added). The "
         "report and the output say per file whether the protection survives JPEG q75 and noisy upscaling "
@@ -167,7 +168,7 @@ def _add_protect(commands: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         default=DEFAULT_PGD_STEPS,
-        help=f"PGD steps of photoguard and mist (default {DEFAULT_PGD_STEPS}: see benchmarks/RESULTS.md)",
+        help=f"PGD steps of photoguard, mist and sds (default {DEFAULT_PGD_STEPS}: see benchmarks/RESULTS.md)",
     )
     prot.add_argument("--seed", type=int, default=0, help="seed of the PGD start (image i uses seed + i)")
     prot.add_argument("--device", default=None)
@@ -524,7 +525,7 @@ def _protect(args: argparse.Namespace) -> int:
         "seed": None if args.method in AMORTIZED_BUDGETS else args.seed,
         "model": PROTECT_VAE
         + (f", amortized protector demo/{PROTECTOR_NAME}" if args.method in AMORTIZED_BUDGETS else "")
-        + (f", latent model {PROTECT_LDM}" if args.method == "mist" else ""),
+        + (f", latent model {PROTECT_LDM}" if args.method in LATENT_METHODS else ""),
         "processes": state.num_processes,
         "survival_rule": "per file, 'survival': the latent distortion in the photo VAE after JPEG q75 and noisy "
         "upscaling (bicubic), against same-budget random noise after the same purification; 'survives' when it is "

@@ -35,7 +35,10 @@ from .models import DEFAULT_MODEL, load_score_model, resolve
 
 # amortized: the photo protector, one forward pass, spending less of the budget on flat regions (less visible);
 # amortized-full: the same at the full budget everywhere (the PSNR of PGD's, and its damage: benchmarks/RESULTS.md)
-PROTECT_METHODS = ("amortized", "amortized-full", "photoguard", "mist")
+# sds: Diff-Protect's SDS+ (the denoising loss of the photo latent model pushed up; Xue et al. 2024)
+PROTECT_METHODS = ("amortized", "amortized-full", "photoguard", "mist", "sds")
+#: the methods that attack the photo latent diffusion model (:data:`PROTECT_LDM`) as well as its VAE
+LATENT_METHODS = ("mist", "sds")
 EPS_255 = (1, 32)  # the protection budget in 1/255 units, the app's and the CLI's bounds
 PGD_STEPS = (1, 500)
 # the CLI's and the app's PGD steps, from measured benefit (benchmarks/bench_pgd_steps.py on training-photo crops,
@@ -43,7 +46,7 @@ PGD_STEPS = (1, 500)
 # JPEG q75 and noisy upscaling best; 100 steps change an SDEdit mimicry 0.4 dB more at 58x the cost
 DEFAULT_PGD_STEPS = 1
 PROTECT_VAE = "demo/photo_vae"  # what the app and the CLI protect against (and measure survival in)
-PROTECT_LDM = "demo/photo_ldm"  # Mist's semantic part and the mimicry preview's SDEdit: a latent model on it
+PROTECT_LDM = "demo/photo_ldm"  # Mist's and SDS's semantic part, the mimicry preview's SDEdit: a latent model on it
 PROTECTOR_NAME = "photo_protector"  # the amortized protector, trained against the photo VAE
 DETECTOR_NAME = "eps_detector"  # the 16 px testbed detector (bench_detection)
 PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on photos
@@ -51,6 +54,7 @@ PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on p
 __all__ = [
     "DEFAULT_PGD_STEPS",
     "EPS_255",
+    "LATENT_METHODS",
     "PGD_STEPS",
     "PGD_TILE",
     "PROTECTOR_NAME",
@@ -174,7 +178,7 @@ def _latent_model(device: str, name: str):
         unet, scheduler, vae_name = load_latent_model(name, PROTECT_VAE, device)
     except OSError as error:  # not there (a checkout without it): say what needs it
         raise ValueError(
-            f"mist and the mimicry preview need the latent diffusion model {name}, which could not be "
+            f"mist, sds and the mimicry preview need the latent diffusion model {name}, which could not be "
             f"loaded ({error}); use amortized or photoguard, or train it (python -m apps.demo.train_photo ldm)"
         ) from None
     check_latent_pair(unet, _vae(device), (name, vae_name))
@@ -212,9 +216,10 @@ def protect_image(
 
     "amortized" runs the photo amortized protector (one forward pass; ``steps`` and ``seed`` do not apply),
     texture-weighted (less of the budget on flat regions); "amortized-full" spends the full budget everywhere;
-    "photoguard" and "mist" run ``steps`` PGD steps from a random start drawn from ``seed``, on ``tile`` x
+    "photoguard", "mist" and "sds" run ``steps`` PGD steps from a random start drawn from ``seed``, on ``tile`` x
     ``tile`` crops (:func:`protect.protect`'s ``tile``: the cost and the memory grow in proportion to the pixels);
-    "mist" uses the photo latent diffusion model (:data:`PROTECT_LDM`, unconditional) as its semantic part.
+    "mist" uses the photo latent diffusion model (:data:`PROTECT_LDM`, unconditional) as its semantic part, "sds"
+    (Diff-Protect's SDS+) pushes that model's denoising loss up.
     ``on_step`` sees every step and may stop the work (:class:`protect.Cancelled`). With ``survival``,
     ``metrics["survival"]`` says whether the protection survives JPEG q75 and noisy upscaling
     (:func:`survival_report`, on ``tile`` crops). ``mode`` and ``icc_profile`` (the file's, :class:`apps.files.
@@ -230,7 +235,7 @@ def protect_image(
     with _lock:
         vae = _vae(device)
         model = _protector(device) if method in AMORTIZED_BUDGETS else None
-        if method == "mist":
+        if method in LATENT_METHODS:
             unet, scheduler = _latent_model(device, PROTECT_LDM)
             extra = semantic_part(unet, scheduler)
     if model is not None:
@@ -429,12 +434,12 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
 
 def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, preview: bool = True) -> Costs:
     """Measure the unit costs of :func:`protect_image` and :func:`mimicry_preview` on ``device`` into ``costs``:
-    one PGD step of PhotoGuard and of Mist on one ``tile`` x ``tile`` crop (per pixel,
+    one PGD step of PhotoGuard, Mist and SDS on one ``tile`` x ``tile`` crop (per pixel,
     ``pgd_pixel_step:<method>``), the amortized protector and the survival report on it (per pixel,
     ``amortized_pixel``, ``survival_pixel``), and one mimicry preview (a 128 px crop). A few seconds on a CPU;
     each is measured once per ``costs``."""
     from protect.evaluate import unet_denoiser
-    from protect.losses import encoder_loss, mist_loss
+    from protect.losses import encoder_loss, mist_loss, sds_loss
 
     device = device or str(best_device()[0])
     with _lock:
@@ -448,6 +453,13 @@ def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, pre
             vae,
             unet_denoiser(unet),
             target_latent=None,
+            alphas_cumprod=scheduler.alphas_cumprod,
+            generator=torch.Generator(device).manual_seed(0),
+        ),
+        "sds": partial(
+            sds_loss,
+            vae,
+            unet_denoiser(unet),
             alphas_cumprod=scheduler.alphas_cumprod,
             generator=torch.Generator(device).manual_seed(0),
         ),

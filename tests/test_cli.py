@@ -10,6 +10,8 @@ from PIL import Image
 from apps import files, services
 from apps.cli import RUNNERS, build_parser
 from apps.cli import main as cli_main
+from apps.cost import Costs
+from protect import AMORTIZED_BUDGETS
 
 
 @pytest.fixture
@@ -49,10 +51,10 @@ def test_a_folder_as_input_is_reported_as_a_folder(tmp_path, capsys):
     assert "is a folder" in err and "no such file" not in err
 
 
-def test_mist_uses_the_photo_latent_model_or_refuses(tmp_path, capsys, monkeypatch):
+def test_mist_and_sds_use_the_photo_latent_model_or_refuse(tmp_path, capsys, monkeypatch):
     """Mist without a denoiser was byte-identical to PhotoGuard: the app and the CLI pass the photo latent model
-    (the latent diffusion model on the photo VAE) as its semantic part, at any size (tiled), and refuse with a
-    clear message when it is missing."""
+    (the latent diffusion model on the photo VAE) as Mist's semantic part and SDS's model, at any size (tiled),
+    and refuse with a clear message when it is missing. Every PGD method of the app has a measured cost."""
     import numpy as np
 
     from apps.demo import DEMO_DIR
@@ -64,10 +66,16 @@ def test_mist_uses_the_photo_latent_model_or_refuses(tmp_path, capsys, monkeypat
     kwargs = {"eps": 8 / 255, "steps": 2, "seed": 0, "device": "cpu", "survival": False}
     mist, _ = services.protect_image(image, method="mist", **kwargs)
     photoguard, _ = services.protect_image(image, method="photoguard", **kwargs)
+    sds, metrics = services.protect_image(image, method="sds", **kwargs)
     assert not np.array_equal(np.asarray(mist), np.asarray(photoguard))
+    assert not np.array_equal(np.asarray(sds), np.asarray(mist)) and 0 < metrics["linf_255"] <= 8
+    costs = services.calibrate(Costs("cpu"), device="cpu", tile=32, preview=False)
+    pgd = [m for m in services.PROTECT_METHODS if m not in AMORTIZED_BUDGETS]
+    assert all(costs[f"pgd_pixel_step:{m}"] > 0 for m in pgd) and "sds" in pgd
     monkeypatch.setattr(services, "PROTECT_LDM", "demo/no_such_model")
-    with pytest.raises(ValueError, match="mist and the mimicry preview need the latent diffusion model"):
-        services.protect_image(image, method="mist", **kwargs)
+    for method in services.LATENT_METHODS:
+        with pytest.raises(ValueError, match="mist, sds and the mimicry preview need the latent diffusion model"):
+            services.protect_image(image, method=method, **kwargs)
     path = tmp_path / "art.png"
     image.save(path)
     argv = ["protect", str(path), "--method", "mist", "--out", str(tmp_path / "o"), "--steps", "1"]

@@ -60,9 +60,10 @@ def protect_tab(
         Args:
             files: image files (PNG, JPEG, WebP, BMP or TIFF), at most the server's file and pixel limits.
             method: "amortized" (one forward pass of the photo protector, texture-weighted budget),
-                "amortized-full" (the same at the full budget everywhere), "photoguard" or "mist" (PGD).
+                "amortized-full" (the same at the full budget everywhere), "photoguard", "mist" or "sds"
+                (PGD; sds: Diff-Protect's SDS+).
             eps: the L-infinity budget in 1/255 units, 1 to 32.
-            steps: PGD steps (photoguard, mist), 1 to 500.
+            steps: PGD steps (photoguard, mist, sds), 1 to 500.
             seed: seed of the PGD start (image i uses seed + i).
             preview: also edit the original and the protected image with the photo latent model (SDEdit).
         """
@@ -181,8 +182,10 @@ def protect_tab(
             "image fails: **amortized** (a pre-trained protector, one forward pass, FastProtect-style; it spends "
             "less of the budget on flat regions, where a perturbation shows; **amortized-full** spends all of it, "
             "as PGD does, and matches 100-step PhotoGuard's damage), "
-            "**photoguard** (PGD encoder attack) or **mist** (Mist's textural loss plus its semantic loss "
-            "through the photo latent diffusion model). Images are protected at their native resolution. "
+            "**photoguard** (PGD encoder attack), **mist** (Mist's textural loss plus its semantic loss "
+            "through the photo latent diffusion model) or **sds** (Diff-Protect's SDS+: the latent model's "
+            "denoising loss pushed up, the least visible of the PGD methods at equal budget). "
+            "Images are protected at their native resolution. "
             "What survives purification is measured in benchmarks/RESULTS.md. The metrics say per image whether the "
             "protection survives JPEG q75 and noisy upscaling (the latent shift left, against random noise). "
             f"Each request may use up to {limits.max_files} images and {limits.max_pixels:,} pixels in all"
@@ -201,7 +204,7 @@ def protect_tab(
                 protect_method = gr.Radio(list(PROTECT_METHODS), value="amortized", label="method")
                 protect_eps = gr.Slider(*EPS_255, value=8, step=1, label="budget eps (in 1/255)")
                 protect_steps = gr.Slider(
-                    *PGD_STEPS, value=DEFAULT_PGD_STEPS, step=1, label="PGD steps (photoguard, mist)"
+                    *PGD_STEPS, value=DEFAULT_PGD_STEPS, step=1, label="PGD steps (photoguard, mist, sds)"
                 )
                 protect_seed = gr.Number(0, precision=0, label="seed")
                 protect_preview = gr.Checkbox(True, label="mimicry preview (SDEdit by the photo latent model)")
