@@ -99,10 +99,19 @@ def equal_psnr_photoguard(clean, vae, target: float, eps: float, steps: int, gen
 
 
 def protections(
-    clean, vae, unet, scheduler, *, eps: float, steps: int, attacker_lr: float, equal_psnr: bool = False
+    clean,
+    vae,
+    unet,
+    scheduler,
+    *,
+    eps: float,
+    steps: int,
+    attacker_lr: float,
+    equal_psnr: bool = False,
+    aspl_tile: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The protected crops per protection (PGD on whole crops, seeded per crop); ``equal_psnr``: PhotoGuard at
-    ASPL's PSNR too."""
+    ASPL's PSNR too; ``aspl_tile``: ASPL on ``aspl_tile`` px tiles too (fine-tunes on the tiles)."""
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(clean))]
     alphas = scheduler.alphas_cumprod
     signs = torch.cat([torch.randint(0, 2, (1, *clean.shape[1:]), generator=g) for g in gens()]) * 2 - 1
@@ -115,11 +124,20 @@ def protections(
         clean, "aspl", vae=vae, eps=eps, steps=steps, generator=torch.Generator().manual_seed(0), finetune=finetune,
         **semantic,
     )[0]  # fmt: skip
+    if aspl_tile is not None:
+        out[tiled_name(aspl_tile)] = protect(
+            clean, "aspl", vae=vae, eps=eps, steps=steps, generator=torch.Generator().manual_seed(0),
+            finetune=finetune, tile=aspl_tile, **semantic,
+        )[0]  # fmt: skip
     if equal_psnr:
         target = psnr(out["aspl"], clean).mean().item()
         budget, out["photoguard at ASPL's PSNR"] = equal_psnr_photoguard(clean, vae, target, eps, steps, gens)
         print(f"PhotoGuard at ASPL's PSNR ({target:.2f} dB): eps {255 * budget:.2f}/255")
     return out
+
+
+def tiled_name(tile: int) -> str:
+    return f"aspl, {tile} px tiles"
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -137,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="attack seeds")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--equal-psnr", action="store_true", help="add PhotoGuard at ASPL's PSNR (smaller budget)")
+    parser.add_argument("--aspl-tile", type=int, default=None, help="add ASPL on tiles of this side (px)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     unet, scheduler, vae_name = load_latent_model(args.ldm, device="cpu")
@@ -145,7 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     eps = args.eps / 255
     lr = ATTACKERS["full"]["lr"]
     protected = protections(
-        clean, vae, unet, scheduler, eps=eps, steps=args.steps, attacker_lr=lr, equal_psnr=args.equal_psnr
+        clean,
+        vae,
+        unet,
+        scheduler,
+        eps=eps,
+        steps=args.steps,
+        attacker_lr=lr,
+        equal_psnr=args.equal_psnr,
+        aspl_tile=args.aspl_tile,
     )
     alphas = scheduler.alphas_cumprod
     with torch.no_grad():
@@ -179,13 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['attacker']} | {r['protection']} | {r['psnr']:.1f} | " + " | ".join(cells) + " |")
     for attacker in ATTACKERS:
         share = {r["protection"]: r["learned"] for r in rows if r["attacker"] == attacker}
-        for peer in ("photoguard", "photoguard at ASPL's PSNR"):
+        pairs = [("aspl", "photoguard"), ("aspl", "photoguard at ASPL's PSNR")]
+        if args.aspl_tile is not None:
+            pairs += [(tiled_name(args.aspl_tile), "aspl"), (tiled_name(args.aspl_tile), "photoguard")]
+        for ours, peer in pairs:
             if peer not in share:
                 continue
-            ratio = share["aspl"]["mean"] / share[peer]["mean"]
-            gaps = [a - p for a, p in zip(share["aspl"]["per_seed"], share[peer]["per_seed"])]
+            ratio = share[ours]["mean"] / share[peer]["mean"]
+            gaps = [a - p for a, p in zip(share[ours]["per_seed"], share[peer]["per_seed"])]
             print(
-                f"{attacker} attacker: ASPL / {peer} learned share = {ratio:.3f} (paired gap per attack seed: "
+                f"{attacker} attacker: {ours} / {peer} learned share = {ratio:.3f} (paired gap per attack seed: "
                 + ", ".join(f"{g:+.3f}" for g in gaps)
                 + ")"
             )

@@ -18,6 +18,12 @@ fine-tunes run on a float32 copy on its device.
 
 Every image of the set is in every fine-tune step (a DreamBooth instance set is a handful of images), so the
 protection of an image depends on the others it is protected with: protect the set together.
+
+Whole images cost the square of their latent size in the denoiser's self-attention, so ASPL takes them up to
+:data:`MAX_PIXELS`. With ``tile=T`` the set is the images' ``T`` x ``T`` crops (:func:`protect.tiling.tiles`, an
+attacker's random crops): the fine-tunes train on every crop and the PGD steps raise the surrogate's loss averaged
+over each image's crops, :data:`protect.tiling.TILE_BATCH` crops per image at a time, so the cost and the memory
+grow in proportion to the pixels, at any size.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from guidance.method import check_real
 
 from .losses import denoising_loss, latent
 from .pgd import pgd
-from .rng import Generators, draw
+from .rng import Generators, check_generators, draw
+from .tiling import TILE_BATCH, tiled_loss, tiles
 
 Tensor = torch.Tensor
 
@@ -120,15 +127,23 @@ def _fit(
     steps: int,
     alphas_cumprod: Tensor | None,
     generator: Generators,
+    chunk: int | None = None,
 ) -> None:
-    """``steps`` steps of the diffusion training loss on the latents ``z`` (every one in every step)."""
+    """``steps`` steps of the diffusion training loss on the latents ``z`` (every one in every step); ``chunk``:
+    its gradient accumulated over that many latents at a time (a list of generators: one per latent)."""
     for p in params:
         p.requires_grad_(True)
     with torch.enable_grad():
         for _ in range(steps):
-            loss = denoising_loss(model, z, alphas_cumprod=alphas_cumprod, generator=generator).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if chunk is None:
+                denoising_loss(model, z, alphas_cumprod=alphas_cumprod, generator=generator).mean().backward()
+            else:
+                for start in range(0, z.shape[0], chunk):
+                    part = slice(start, start + chunk)
+                    draws = generator[part] if isinstance(generator, list) else generator
+                    loss = denoising_loss(model, z[part], alphas_cumprod=alphas_cumprod, generator=draws)
+                    (loss.sum() / z.shape[0]).backward()
             optimizer.step()
     for p in params:  # the PGD steps differentiate in the images only
         p.grad = None
@@ -152,6 +167,7 @@ def aspl(
     generator: Generators = None,
     robust: Sequence[str] = (),
     callback: Callable[[int, Tensor, Tensor], bool | None] | None = None,
+    tile: int | None = None,
 ) -> Tensor:
     """Protect ``images`` (N, 3, H, W) in [0, 1] by ASPL against fine-tuning ``denoiser`` on them.
 
@@ -167,6 +183,8 @@ def aspl(
         robust: EOT transformations for the PGD steps (:data:`protect.purify.EOT`).
         callback: ``callback(i, x, loss)`` after the loss of PGD step ``i`` (counted over the rounds), as
             :func:`protect.pgd.pgd`; returning ``False`` stops the protection.
+        tile: fine-tune on the images' ``tile`` x ``tile`` crops and attack the mean loss over each image's crops
+            (any size, cost in proportion to the pixels); None: whole images, up to :data:`MAX_PIXELS`.
     """
     if not isinstance(denoiser, nn.Module):
         raise ValueError(
@@ -175,7 +193,7 @@ def aspl(
         )
     settings = finetune or Finetune()
     height, width = images.shape[-2:]
-    if height * width > MAX_PIXELS:
+    if tile is None and height * width > MAX_PIXELS:
         raise ValueError(
             f"ASPL attacks and fine-tunes on whole images; {width}x{height} is above its {MAX_PIXELS} pixels "
             "(1024x1024): resize the images to the resolution a fine-tune would train at (512-1024 px)"
@@ -188,22 +206,36 @@ def aspl(
     model, params = _trainable(denoiser, settings, seed)
     theta = [p.detach().clone() for p in params]  # the attacker's model between rounds
     attacker = torch.optim.AdamW(params, lr=settings.lr)  # its optimiser state carries over the rounds
-    with torch.no_grad():
-        clean = latent(vae, images)
+    count, chunk, draws = 1, None, generator
+    if tile is not None:  # the set is the crops, tile-major; image i's generator serves its crops
+        count, chunk = tiles(images[:1], tile).shape[0], TILE_BATCH * images.shape[0]
+        if isinstance(generator, list | tuple):
+            check_generators(generator, images.shape[0])
+            draws = list(generator) * count
+    crops = images if tile is None else tiles(images, tile)
+
+    def encoded(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([latent(vae, part) for part in x.split(chunk or x.shape[0])])
+
+    clean = encoded(crops)
 
     def restore(values: list[Tensor]) -> None:
         with torch.no_grad():
             for p, v in zip(params, values):
                 p.copy_(v)
 
-    def surrogate_loss(x: Tensor) -> Tensor:  # PGD minimises: the negated denoising loss of the surrogate
-        return -denoising_loss(model, latent(vae, x), alphas_cumprod=alphas_cumprod, generator=generator)
+    def crop_loss(rows: slice = slice(None)) -> Callable[[Tensor], Tensor]:  # of those crops, negated for PGD
+        some = draws[rows] if isinstance(draws, list) and tile is not None else draws
+        return lambda x: -denoising_loss(model, latent(vae, x), alphas_cumprod=alphas_cumprod, generator=some)
+
+    surrogate_loss = crop_loss() if tile is None else functools.partial(tiled_loss, crop_loss, tile, count)
 
     x, done = None, 0
     for _ in range(math.ceil(steps / settings.pgd_steps)):
         restore(theta)  # theta' = theta, fine-tuned on the clean images
         surrogate = torch.optim.AdamW(params, lr=settings.lr)
-        _fit(model, params, surrogate, clean, settings.steps, alphas_cumprod, generator)
+        _fit(model, params, surrogate, clean, settings.steps, alphas_cumprod, draws, chunk)
         count = min(settings.pgd_steps, steps - done)
         x = pgd(
             images,
@@ -218,8 +250,7 @@ def aspl(
         )
         done += count
         restore(theta)  # theta, fine-tuned on the perturbed images, as the attacker does
-        with torch.no_grad():
-            perturbed = latent(vae, x)
-        _fit(model, params, attacker, perturbed, settings.steps, alphas_cumprod, generator)
+        perturbed = encoded(x if tile is None else tiles(x, tile))
+        _fit(model, params, attacker, perturbed, settings.steps, alphas_cumprod, draws, chunk)
         theta = [p.detach().clone() for p in params]
     return x

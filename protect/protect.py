@@ -44,6 +44,7 @@ from .metrics import psnr_ssim
 from .pgd import MAX_EPS, Cancelled, check_budget, exact_dtype, pgd
 from .purify import EOT
 from .rng import Generators, check_generators
+from .tiling import TILE_BATCH, tiled_loss, tiles
 
 Tensor = torch.Tensor
 METHODS = ("photoguard", "mist", "sds", "sds-", "aspl", "amortized")
@@ -52,7 +53,6 @@ SDS_METHODS = ("sds", "sds-")  # Diff-Protect: SDS+ (ascent on the denoising los
 # 1.0: the full ``eps`` on flat regions too, as visible as PGD): the names the app, the CLI and the evaluation use
 AMORTIZED_BUDGETS: dict[str, float | None] = {"amortized": None, "amortized-full": 1.0}
 MAX_PIXELS = 4096 * 4096
-TILE_BATCH = 4  # with ``tile``: tiles of each image per forward pass (activation memory: 4 tiles per image)
 
 __all__ = [
     "MAX_EPS",
@@ -82,19 +82,6 @@ class Step:
     def eta(self) -> float:
         """Seconds left at the pace so far."""
         return self.elapsed / max(self.step, 1) * (self.total - self.step)
-
-
-def _origins(size: int, tile: int) -> list[int]:
-    return [0] if size <= tile else [*range(0, size - tile, tile), size - tile]
-
-
-def tiles(x: Tensor, tile: int) -> Tensor:
-    """``tile`` x ``tile`` crops covering the images ``x`` (N, C, H, W) (sides shorter than ``tile`` are kept whole;
-    the last row and column of crops overlap the previous ones), stacked tile-major: crop ``t`` of image ``i`` is
-    row ``t * N + i``."""
-    height, width = x.shape[-2:]
-    th, tw = min(tile, height), min(tile, width)
-    return torch.cat([x[..., y : y + th, z : z + tw] for y in _origins(height, tile) for z in _origins(width, tile)])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,38 +139,6 @@ def _target_latent(
         return torch.cat([latent(vae, part) for part in pattern.clamp(0, 1).split(TILE_BATCH)])
 
 
-class _ChunkedRowLoss(torch.autograd.Function):
-    """Per-row losses of ``rows`` computed ``chunk`` rows at a time, each chunk's gradient taken in the forward pass
-    and its graph freed there: the activation memory is that of one chunk, whatever the number of rows (the tiles
-    of a large image). Exact because each row's loss depends on that row only (per-image losses)."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, loss_of: Callable[[slice], Callable[[Tensor], Tensor]], chunk: int) -> Tensor:
-        losses, grads = [], []
-        for start in range(0, rows.shape[0], chunk):
-            part = slice(start, start + chunk)
-            with torch.enable_grad():
-                x = rows[part].detach().requires_grad_(True)
-                loss = loss_of(part)(x)
-                (grad,) = torch.autograd.grad(loss.sum(), x)
-            losses.append(loss.detach())
-            grads.append(grad)
-        ctx.save_for_backward(torch.cat(grads))
-        return torch.cat(losses)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.view(-1, *([1] * (grad.ndim - 1))).to(grad.dtype), None, None
-
-
-def _tiled_loss(loss_of: Callable[[slice], Callable[[Tensor], Tensor]], tile: int, count: int, x: Tensor) -> Tensor:
-    """The mean over the ``count`` :func:`tiles` of each image of the loss, :data:`TILE_BATCH` tiles of every image
-    at a time (whole tile-major groups, so each image's generator draws in the same order whatever the batch)."""
-    n = x.shape[0]
-    return _ChunkedRowLoss.apply(tiles(x, tile), loss_of, TILE_BATCH * n).view(count, n).mean(0)
-
-
 def protect(
     images: Tensor | list[Image.Image],
     method: str = "photoguard",
@@ -228,7 +183,8 @@ def protect(
         min_strength: for "amortized": the budget share on flat regions (1 = full ``eps`` everywhere; default:
             the protector's trained value).
         tile: for the PGD methods: attack ``tile`` x ``tile`` crops (:func:`tiles`; the loss is their mean per
-            image), so that a step costs in proportion to the pixels; None attacks the whole image at once.
+            image), so that a step costs in proportion to the pixels; None attacks the whole image at once. For
+            "aspl" the fine-tunes train on those crops too (whole images: at most 1024x1024).
         on_step: ``on_step(Step)`` after every PGD step (once for "amortized"); returning ``False`` or raising
             :class:`~protect.pgd.Cancelled` stops the call there (:class:`~protect.pgd.Cancelled` is raised).
         finetune: for "aspl": the fine-tunes (:class:`~protect.aspl.Finetune`: steps and lr per round, PGD steps
@@ -250,7 +206,9 @@ def protect(
         attack = {"eps": eps, "step": step, "steps": steps, "generator": generator}
         attack |= {"robust": EOT if robust is True else tuple(robust or ()), "callback": progress.after_pgd_step}
         if method == "aspl":
-            protected = aspl(batch, vae, denoiser, finetune=finetune, alphas_cumprod=alphas_cumprod, **attack)
+            protected = aspl(
+                batch, vae, denoiser, finetune=finetune, alphas_cumprod=alphas_cumprod, tile=tile, **attack
+            )
         else:
             loss_fn = _pgd_loss(method, vae, denoiser, batch, target, weight, alphas_cumprod, generator, tile)
             protected = pgd(batch, loss_fn, **attack)
@@ -281,8 +239,6 @@ def _check_options(
     check_real("weight", weight, low=0.0)
     if method in (*SDS_METHODS, "aspl") and denoiser is None:
         raise ValueError(f"method {method!r} needs a denoiser eps(z_t, t)")
-    if method == "aspl" and tile is not None:
-        raise ValueError("method 'aspl' fine-tunes on the whole images; tile does not apply (pass tile=None)")
     if method == "mist" and denoiser is None:
         raise ValueError(
             "method 'mist' needs a denoiser eps(z_t, t) (a latent diffusion model on this VAE) for its semantic "
@@ -378,7 +334,7 @@ def _pgd_loss(
             generator=draws,
         )
 
-    return partial(_tiled_loss, loss_of, tile, count) if tile is not None else loss_of()
+    return partial(tiled_loss, loss_of, tile, count) if tile is not None else loss_of()
 
 
 def _outputs(

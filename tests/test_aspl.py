@@ -54,9 +54,9 @@ def test_rounds_alternate_as_the_papers_algorithm(images, vae, monkeypatch):
     perturbed fit. Recorded through the fine-tune function: what it trained on and the weights it started from."""
     fits, real_fit = [], aspl_module._fit
 
-    def recording_fit(model, params, optimizer, z, steps, alphas, generator):
+    def recording_fit(model, params, optimizer, z, steps, alphas, generator, chunk=None):
         start = [p.detach().clone() for p in params]
-        real_fit(model, params, optimizer, z, steps, alphas, generator)
+        real_fit(model, params, optimizer, z, steps, alphas, generator, chunk)
         fits.append((z.clone(), start, [p.detach().clone() for p in params]))
 
     monkeypatch.setattr(aspl_module, "_fit", recording_fit)
@@ -126,11 +126,45 @@ def test_lora_fine_tunes_a_unet(images, vae):
     assert not any("lora" in name for name, _ in unet.named_parameters())
 
 
+def test_with_tiles_the_set_is_the_crops_and_the_work_is_chunked(vae, monkeypatch):
+    """``tile``: every fine-tune trains on all the crops of all the images (tile-major), the PGD loss is the mean
+    over each image's crops, and no denoiser call sees more than TILE_BATCH crops per image; an image too large
+    for whole-image ASPL is protected in tiles."""
+    from protect.tiling import TILE_BATCH, tiles
+
+    images = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(1))
+    fits, sizes, real_fit, real_loss = [], [], aspl_module._fit, aspl_module.denoising_loss
+
+    def recording_fit(model, params, optimizer, z, steps, alphas, generator, chunk=None):
+        fits.append((z.clone(), chunk))
+        real_fit(model, params, optimizer, z, steps, alphas, generator, chunk)
+
+    def recording_loss(model, z, **kwargs):
+        sizes.append(z.shape[0])
+        return real_loss(model, z, **kwargs)
+
+    monkeypatch.setattr(aspl_module, "_fit", recording_fit)
+    monkeypatch.setattr(aspl_module, "denoising_loss", recording_loss)
+    monkeypatch.setattr(aspl_module, "MAX_PIXELS", 32 * 32)  # 48 x 40 is "too large" for whole images now
+    options = {"vae": vae, "denoiser": TinyDenoiser(), "steps": 2, "finetune": Finetune(steps=2, pgd_steps=2)}
+    with pytest.raises(ValueError, match="resize the images"):
+        protect(images, "aspl", **options)
+    gens = [torch.Generator().manual_seed(s) for s in (4, 5)]
+    out, report = protect(images, "aspl", tile=16, generator=gens, **options)
+    crops = tiles(images, 16)  # 3 x 3 crops of each image (the last row and column overlap)
+    assert crops.shape[0] == 18 and len(fits) == 2 and len(report.losses) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fits[0][0], latent(vae, crops))  # the surrogate learns the clean crops
+    assert fits[0][1] == TILE_BATCH * 2 and max(sizes) <= TILE_BATCH * 2 and sizes.count(18) == 0
+    assert (out - images).abs().max() <= EPS + 1e-7 and (out - images).abs().max() > EPS / 4
+    again, _ = protect(images, "aspl", tile=16, generator=[torch.Generator().manual_seed(s) for s in (4, 5)], **options)
+    assert torch.equal(out, again)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
         ({"denoiser": lambda z, t: z}, ValueError, "nn.Module"),
-        ({"tile": 16}, ValueError, "tile does not apply"),
         ({"target": "zero"}, ValueError, "no target"),
         ({"method": "photoguard", "denoiser": None}, ValueError, "finetune applies to method 'aspl' only"),
         ({"finetune": Finetune(rank=2)}, ValueError, "LoRA target modules"),

@@ -29,7 +29,7 @@ def test_rows_per_attacker_and_protection_with_the_clean_share_one(tmp_path, cap
         else:
             assert 28 < row["psnr"] < 60  # 8/255 at most: >= 30 dB but for rounding
     assert record["settings"]["crops"][0]["photo"] and record["untuned_clean_loss"] > 0
-    assert "ASPL / photoguard learned share" in capsys.readouterr().out
+    assert "aspl / photoguard learned share" in capsys.readouterr().out
     assert all(len(row["per_seed"]) == 2 and len(row["learned"]["per_seed"]) == 2 for row in record["rows"])
 
 
@@ -40,4 +40,15 @@ def test_photoguard_at_aspls_psnr_is_added_on_request(tmp_path, capsys):
     rows = {(r["attacker"], r["protection"]): r for r in json.loads(out.read_text())["rows"]}
     equal, aspl = rows[("full", "photoguard at ASPL's PSNR")], rows[("full", "aspl")]
     assert abs(equal["psnr"] - aspl["psnr"]) < abs(rows[("full", "photoguard")]["psnr"] - aspl["psnr"]) + 1e-6
-    assert "ASPL / photoguard at ASPL's PSNR learned share" in capsys.readouterr().out
+    assert "aspl / photoguard at ASPL's PSNR learned share" in capsys.readouterr().out
+
+
+def test_aspl_on_tiles_is_added_on_request(tmp_path, capsys):
+    out = tmp_path / "aspl.json"
+    argv = ["-n", "2", "--size", "64", "--steps", "2", "--attack-steps", "1", "--seeds", "2", "--samples", "1"]
+    assert bench_aspl.main([*argv, "--aspl-tile", "32", "--json", str(out)]) == 0
+    rows = {(r["attacker"], r["protection"]): r for r in json.loads(out.read_text())["rows"]}
+    assert all((a, "aspl, 32 px tiles") in rows for a in bench_aspl.ATTACKERS)
+    assert 28 < rows[("full", "aspl, 32 px tiles")]["psnr"] < 60
+    printed = capsys.readouterr().out
+    assert "aspl, 32 px tiles / aspl learned share" in printed and "aspl, 32 px tiles / photoguard" in printed
