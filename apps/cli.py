@@ -16,12 +16,14 @@ from . import generate as generation
 from .device import SCORE_DTYPES
 from .jobs import Limits
 from .services import (
+    DEFAULT_ASPL_STEPS,
     DEFAULT_PGD_STEPS,
     LATENT_METHODS,
     PROTECT_LDM,
     PROTECT_METHODS,
     PROTECT_VAE,
     PROTECTOR_NAME,
+    default_steps,
 )
 
 DTYPE_OPTION = {
@@ -154,7 +156,8 @@ def _add_protect(commands: argparse._SubParsersAction) -> None:
         "'amortized' (the default) runs the photo amortized protector (one forward pass per image, less of the "
         "budget on flat regions), 'amortized-full' the same at the full budget everywhere (as visible as PGD, and "
         "as damaging), 'photoguard', 'mist' and 'sds' an L-infinity PGD attack (Mist's semantic part and "
-        "Diff-Protect's SDS+: the photo latent model demo/photo_ldm)."
+        "Diff-Protect's SDS+: the photo latent model demo/photo_ldm), 'aspl' Anti-DreamBooth (PGD against a copy of "
+        "that model fine-tuned on each image's 128 px crops as it goes, against DreamBooth / LoRA fine-tuning)."
         " Outputs are PNG files of the same size and mode (RGB, RGBA, L, LA; other modes become RGB/RGBA) in "
         "--out, with a JSON report; no existing file is ever overwritten (a numbered suffix is added). The "
         "report and the output say per file whether the protection survives JPEG q75 and noisy upscaling "
@@ -167,8 +170,9 @@ def _add_protect(commands: argparse._SubParsersAction) -> None:
     prot.add_argument(
         "--steps",
         type=int,
-        default=DEFAULT_PGD_STEPS,
-        help=f"PGD steps of photoguard, mist and sds (default {DEFAULT_PGD_STEPS}: see benchmarks/RESULTS.md)",
+        default=None,
+        help=f"PGD steps of photoguard, mist, sds and aspl (default {DEFAULT_PGD_STEPS}, aspl {DEFAULT_ASPL_STEPS}: "
+        "see benchmarks/RESULTS.md)",
     )
     prot.add_argument("--seed", type=int, default=0, help="seed of the PGD start (image i uses seed + i)")
     prot.add_argument("--device", default=None)
@@ -501,6 +505,7 @@ def _protect(args: argparse.Namespace) -> int:
     from .services import check_protect_options
 
     _check_out(args.out)
+    args.steps = default_steps(args.method) if args.steps is None else args.steps
     check_protect_options(args.method, args.eps, args.steps, args.seed)
     state, device = _distributed(args.device)
     done, failed = [], []

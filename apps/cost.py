@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from protect import AMORTIZED_BUDGETS
+from protect import AMORTIZED_BUDGETS, Finetune
 from protect.amortized import PerturbationNet
 
 from .jobs import duration
@@ -71,15 +71,27 @@ def tiled_pixels(width: int, height: int, tile: int) -> int:
 
 
 def protect_seconds(
-    costs: Costs, sizes: Iterable[tuple[int, int]], method: str, steps: int, tile: int, preview: bool
+    costs: Costs,
+    sizes: Iterable[tuple[int, int]],
+    method: str,
+    steps: int,
+    tile: int,
+    preview: bool,
+    finetune: Finetune | None = None,
 ) -> float:
-    """Estimated seconds of one ``/protect`` request on images of ``sizes`` (width, height)."""
+    """Estimated seconds of one ``/protect`` request on images of ``sizes`` (width, height); ``finetune``: ASPL's
+    fine-tunes (two of ``finetune.steps`` steps per round of ``finetune.pgd_steps`` PGD steps)."""
     total = 0.0
     for width, height in sizes:
+        pixels = tiled_pixels(width, height, tile)
         if method in AMORTIZED_BUDGETS:  # amortized, amortized-full: one forward pass (tiles with halos > 1024 px)
             total += PerturbationNet.processed_pixels(height, width) * costs["amortized_pixel"]
         else:
-            total += tiled_pixels(width, height, tile) * steps * costs[f"pgd_pixel_step:{method}"]
+            total += pixels * steps * costs[f"pgd_pixel_step:{method}"]
+        if method == "aspl":
+            settings = finetune or Finetune()
+            rounds = math.ceil(steps / settings.pgd_steps)
+            total += pixels * rounds * 2 * settings.steps * costs["aspl_finetune_pixel"]
         if preview and min(width, height) >= 8:
             total += costs["preview"]
         if "survival_pixel" in costs.unit:  # the survival report (JPEG q75, noisy upscaling), where measured

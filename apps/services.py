@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from protect import AMORTIZED_BUDGETS, Step
+from protect import AMORTIZED_BUDGETS, Finetune, Step
 from protect.images import composite_rgb
 from protect.loading import dtype_option
 
@@ -35,16 +35,22 @@ from .models import DEFAULT_MODEL, load_score_model, resolve
 
 # amortized: the photo protector, one forward pass, spending less of the budget on flat regions (less visible);
 # amortized-full: the same at the full budget everywhere (the PSNR of PGD's, and its damage: benchmarks/RESULTS.md)
-# sds: Diff-Protect's SDS+ (the denoising loss of the photo latent model pushed up; Xue et al. 2024)
-PROTECT_METHODS = ("amortized", "amortized-full", "photoguard", "mist", "sds")
+# sds: Diff-Protect's SDS+ (the denoising loss of the photo latent model pushed up; Xue et al. 2024); aspl:
+# Anti-DreamBooth (the same loss of a copy of that model fine-tuned on the image as the attack goes, in tiles)
+PROTECT_METHODS = ("amortized", "amortized-full", "photoguard", "mist", "sds", "aspl")
 #: the methods that attack the photo latent diffusion model (:data:`PROTECT_LDM`) as well as its VAE
-LATENT_METHODS = ("mist", "sds")
+LATENT_METHODS = ("mist", "sds", "aspl")
+#: ASPL's fine-tunes in the app and the CLI: the paper's rounds (3 fine-tune steps, 6 PGD steps) at the learning
+#: rate of the full fine-tune attacker of benchmarks/bench_aspl.py on the photo latent model
+ASPL_FINETUNE = Finetune(steps=3, pgd_steps=6, lr=1e-4)
 EPS_255 = (1, 32)  # the protection budget in 1/255 units, the app's and the CLI's bounds
 PGD_STEPS = (1, 500)
 # the CLI's and the app's PGD steps, from measured benefit (benchmarks/bench_pgd_steps.py on training-photo crops,
 # benchmarks/RESULTS.md): on the photo VAE one step from a random start moves the latent furthest and survives
 # JPEG q75 and noisy upscaling best; 100 steps change an SDEdit mimicry 0.4 dB more at 58x the cost
 DEFAULT_PGD_STEPS = 1
+#: ASPL's steps (10 rounds): one PGD step would fine-tune nothing in between (benchmarks/RESULTS.md, bench_aspl)
+DEFAULT_ASPL_STEPS = 60
 PROTECT_VAE = "demo/photo_vae"  # what the app and the CLI protect against (and measure survival in)
 PROTECT_LDM = "demo/photo_ldm"  # Mist's and SDS's semantic part, the mimicry preview's SDEdit: a latent model on it
 PROTECTOR_NAME = "photo_protector"  # the amortized protector, trained against the photo VAE
@@ -52,6 +58,8 @@ DETECTOR_NAME = "eps_detector"  # the 16 px testbed detector (bench_detection)
 PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on photos
 
 __all__ = [
+    "ASPL_FINETUNE",
+    "DEFAULT_ASPL_STEPS",
     "DEFAULT_PGD_STEPS",
     "EPS_255",
     "LATENT_METHODS",
@@ -66,6 +74,7 @@ __all__ = [
     "calibrate_generation",
     "check_protect_options",
     "default_detector_dir",
+    "default_steps",
     "describe_result",
     "detect_images",
     "generate_images",
@@ -185,6 +194,12 @@ def _latent_model(device: str, name: str):
     return unet, scheduler
 
 
+def default_steps(method: str) -> int:
+    """The PGD steps a method runs unless told: :data:`DEFAULT_ASPL_STEPS` for ASPL, else
+    :data:`DEFAULT_PGD_STEPS` (the amortized protector runs none)."""
+    return DEFAULT_ASPL_STEPS if method == "aspl" else DEFAULT_PGD_STEPS
+
+
 def check_protect_options(method: str, eps_255: float, steps: int, seed: int) -> None:
     """``ValueError`` unless the method is known and eps (in 1/255), steps and seed lie within the bounds."""
     if method not in PROTECT_METHODS:
@@ -202,7 +217,7 @@ def protect_image(
     *,
     method: str = "amortized",
     eps: float = 8 / 255,
-    steps: int = DEFAULT_PGD_STEPS,
+    steps: int | None = None,
     seed: int = 0,
     device: str | None = None,
     tile: int | None = PGD_TILE,
@@ -219,7 +234,9 @@ def protect_image(
     "photoguard", "mist" and "sds" run ``steps`` PGD steps from a random start drawn from ``seed``, on ``tile`` x
     ``tile`` crops (:func:`protect.protect`'s ``tile``: the cost and the memory grow in proportion to the pixels);
     "mist" uses the photo latent diffusion model (:data:`PROTECT_LDM`, unconditional) as its semantic part, "sds"
-    (Diff-Protect's SDS+) pushes that model's denoising loss up.
+    (Diff-Protect's SDS+) pushes that model's denoising loss up, "aspl" (Anti-DreamBooth) the loss of a copy of it
+    fine-tuned on the image's crops as the attack goes (:data:`ASPL_FINETUNE`). ``steps`` None: the method's
+    default (:func:`default_steps`).
     ``on_step`` sees every step and may stop the work (:class:`protect.Cancelled`). With ``survival``,
     ``metrics["survival"]`` says whether the protection survives JPEG q75 and noisy upscaling
     (:func:`survival_report`, on ``tile`` crops). ``mode`` and ``icc_profile`` (the file's, :class:`apps.files.
@@ -229,6 +246,7 @@ def protect_image(
     from protect import protect
     from protect.evaluate import semantic_part
 
+    steps = default_steps(method) if steps is None else steps
     check_protect_options(method, eps * 255, steps, seed)
     device = device or str(best_device()[0])
     extra: dict[str, Any] = {}
@@ -237,7 +255,7 @@ def protect_image(
         model = _protector(device) if method in AMORTIZED_BUDGETS else None
         if method in LATENT_METHODS:
             unet, scheduler = _latent_model(device, PROTECT_LDM)
-            extra = semantic_part(unet, scheduler)
+            extra = semantic_part(unet, scheduler) | ({"finetune": ASPL_FINETUNE} if method == "aspl" else {})
     if model is not None:
         floor = AMORTIZED_BUDGETS.get(method)
         (protected,), report = protect(
@@ -434,12 +452,14 @@ def detect_images(detector: Any, images: list[Image.Image]) -> list[dict[str, An
 
 def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, preview: bool = True) -> Costs:
     """Measure the unit costs of :func:`protect_image` and :func:`mimicry_preview` on ``device`` into ``costs``:
-    one PGD step of PhotoGuard, Mist and SDS on one ``tile`` x ``tile`` crop (per pixel,
-    ``pgd_pixel_step:<method>``), the amortized protector and the survival report on it (per pixel,
-    ``amortized_pixel``, ``survival_pixel``), and one mimicry preview (a 128 px crop). A few seconds on a CPU;
-    each is measured once per ``costs``."""
+    one PGD step of PhotoGuard, Mist, SDS and ASPL on one ``tile`` x ``tile`` crop (per pixel,
+    ``pgd_pixel_step:<method>``), one of ASPL's fine-tune steps on its latent (``aspl_finetune_pixel``), the
+    amortized protector and the survival report on it (per pixel, ``amortized_pixel``, ``survival_pixel``), and one
+    mimicry preview (a 128 px crop). A few seconds on a CPU; each is measured once per ``costs``."""
+    import copy
+
     from protect.evaluate import unet_denoiser
-    from protect.losses import encoder_loss, mist_loss, sds_loss
+    from protect.losses import denoising_loss, encoder_loss, latent, mist_loss, sds_loss
 
     device = device or str(best_device()[0])
     with _lock:
@@ -463,7 +483,21 @@ def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, pre
             alphas_cumprod=scheduler.alphas_cumprod,
             generator=torch.Generator(device).manual_seed(0),
         ),
+        # ASPL's PGD step: back through the (fine-tuned) latent model and the encoder
+        "aspl": lambda view: (
+            -denoising_loss(unet_denoiser(unet), latent(vae, view), alphas_cumprod=scheduler.alphas_cumprod)
+        ),
     }
+    surrogate = copy.deepcopy(unet_denoiser(unet)).float().requires_grad_(True)  # ASPL fine-tunes a copy
+    optimizer = torch.optim.AdamW(surrogate.parameters(), lr=ASPL_FINETUNE.lr)
+    with torch.no_grad():
+        z = latent(vae, x)
+
+    def finetune_step() -> None:
+        loss = denoising_loss(surrogate, z, alphas_cumprod=scheduler.alphas_cumprod).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     def pgd_step(method: str) -> None:
         view = x.clone().requires_grad_(True)
@@ -475,6 +509,7 @@ def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, pre
 
     for method in losses:
         costs.measure(f"pgd_pixel_step:{method}", partial(pgd_step, method), units=tile * tile)
+    costs.measure("aspl_finetune_pixel", finetune_step, units=tile * tile)
     costs.measure("amortized_pixel", amortized, units=tile * tile)
     image = Image.fromarray((x[0].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
     costs.measure("survival_pixel", lambda: survival_report(vae, image, image, tile=tile), units=tile * tile)

@@ -49,6 +49,7 @@ __all__ = [
     "DAMAGE",
     "PURIFICATIONS",
     "RANDOM_NOISE",
+    "UNetDenoiser",
     "evaluate",
     "lora_mimic",
     "purify",
@@ -148,21 +149,29 @@ def sdedit(
     return _decode(pipe.vae, _denoise(pipe, transformer, z, labels, timesteps, scheduler, guidance_scale))
 
 
-def unet_denoiser(unet: torch.nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-    """An unconditional ``UNet2DModel`` as a latent denoiser ``eps(z_t, t)`` of any latent size (Mist / SDS, SDEdit):
-    latents whose sides are not a multiple of the UNet's downsampling are replicate-padded and the prediction
-    cropped back; runs in the UNet's dtype, returns float32."""
-    multiple = 2 ** (len(unet.config.block_out_channels) - 1)
-    param = next(unet.parameters())
+class UNetDenoiser(torch.nn.Module):
+    """An unconditional ``UNet2DModel`` as a latent denoiser ``eps(z_t, t)`` of any latent size: latents whose sides
+    are not a multiple of the UNet's downsampling are replicate-padded and the prediction cropped back; runs in the
+    UNet's dtype, returns float32. A module holding the UNet, so ASPL can fine-tune a copy of it."""
 
-    def eps(z_t: Tensor, t: Tensor) -> Tensor:
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+
+    def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
+        param = next(self.unet.parameters())
         height, width = z_t.shape[-2:]
-        z = F.pad(z_t, (0, -width % multiple, 0, -height % multiple), mode="replicate")
+        z = F.pad(z_t, (0, -width % self.multiple, 0, -height % self.multiple), mode="replicate")
         t = t.expand(len(z_t)) if t.dim() == 0 else t
-        out = unet(z.to(param.dtype), t.to(param.device)).sample.float()
+        out = self.unet(z.to(param.dtype), t.to(param.device)).sample.float()
         return out[..., :height, :width]
 
-    return eps
+
+def unet_denoiser(unet: torch.nn.Module) -> UNetDenoiser:
+    """An unconditional ``UNet2DModel`` as a latent denoiser ``eps(z_t, t)`` of any latent size (Mist / SDS, SDEdit,
+    ASPL): :class:`UNetDenoiser`."""
+    return UNetDenoiser(unet)
 
 
 def semantic_part(unet: torch.nn.Module, scheduler: Any) -> dict[str, Any]:

@@ -137,6 +137,15 @@ def _protect(client, *paths, method="photoguard", eps=8, steps=3):
     return client.predict([handle_file(str(p)) for p in paths], method, eps, steps, 0, api_name="/protect")
 
 
+def test_protect_endpoint_runs_aspl(client, tmp_path):
+    path = tmp_path / "art.png"
+    original = noise_image((40, 28))
+    original.save(path)
+    gallery, table, files, summary, _ = _protect(client, path, method="aspl", eps=4, steps=2)
+    assert "**aspl**" in summary and "2 PGD steps" in summary and len(files) == 1
+    assert 0 < _linf(Image.open(files[0]), original) <= 4
+
+
 def test_protect_endpoint_returns_pngs_within_the_budget(client, tmp_path):
     paths = [tmp_path / "photo.png", tmp_path / "logo.png"]
     originals = [noise_image((24, 20)), noise_image((18, 30), "RGBA", seed=1)]

@@ -71,7 +71,8 @@ def test_mist_and_sds_use_the_photo_latent_model_or_refuse(tmp_path, capsys, mon
     assert not np.array_equal(np.asarray(sds), np.asarray(mist)) and 0 < metrics["linf_255"] <= 8
     costs = services.calibrate(Costs("cpu"), device="cpu", tile=32, preview=False)
     pgd = [m for m in services.PROTECT_METHODS if m not in AMORTIZED_BUDGETS]
-    assert all(costs[f"pgd_pixel_step:{m}"] > 0 for m in pgd) and "sds" in pgd
+    assert all(costs[f"pgd_pixel_step:{m}"] > 0 for m in pgd) and {"sds", "aspl"} <= set(pgd)
+    assert costs["aspl_finetune_pixel"] > 0
     monkeypatch.setattr(services, "PROTECT_LDM", "demo/no_such_model")
     for method in services.LATENT_METHODS:
         with pytest.raises(ValueError, match="mist, sds and the mimicry preview need the latent diffusion model"):
@@ -117,3 +118,33 @@ def test_amortized_full_spends_the_whole_budget_in_the_app_and_the_cli(tmp_path)
 def test_every_subcommand_has_its_runner_in_order():
     assert list(RUNNERS) == ["app", "generate", "protect", "detect", "train", "evaluate"]
     assert "{" + ",".join(RUNNERS) + "}" in build_parser().format_usage()
+
+
+def test_aspl_in_the_app_and_the_cli_runs_on_crops_at_any_size(tmp_path, monkeypatch):
+    """ASPL protects an image of any size through its 128 px crops (not capped at whole-image ASPL's 1024 x 1024),
+    fine-tuning a copy of the photo latent model (the same result twice: the cached model is not changed); 60 steps
+    unless told, in the CLI's report too."""
+    import json
+
+    import numpy as np
+
+    import protect.aspl
+    from apps.demo import DEMO_DIR
+
+    if not all((DEMO_DIR / name).is_dir() for name in ("photo_vae", "photo_ldm")):
+        pytest.skip("the photo VAE and latent model are not in demo_models/")
+    monkeypatch.setattr(protect.aspl, "MAX_PIXELS", 64 * 64)  # this 200 x 136 image is too large for whole images
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (136, 200, 3), dtype=np.uint8))
+    kwargs = {"eps": 8 / 255, "seed": 0, "device": "cpu", "survival": False}
+    protected, metrics = services.protect_image(image, method="aspl", steps=7, **kwargs)  # two rounds
+    sds, _ = services.protect_image(image, method="sds", steps=7, **kwargs)
+    again, _ = services.protect_image(image, method="aspl", steps=7, **kwargs)
+    assert protected.size == image.size and 0 < metrics["linf_255"] <= 8
+    assert not np.array_equal(np.asarray(protected), np.asarray(sds))
+    assert np.array_equal(np.asarray(protected), np.asarray(again))  # the cached latent model was not fine-tuned
+    assert services.default_steps("aspl") == 60 and services.default_steps("mist") == services.DEFAULT_PGD_STEPS
+    small = tmp_path / "small.png"
+    image.crop((0, 0, 24, 20)).save(small)
+    assert cli_main(["protect", str(small), "--method", "aspl", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    (report,) = (tmp_path / "o").glob("*.json")
+    assert json.loads(report.read_text())["steps"] == 60

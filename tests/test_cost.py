@@ -9,6 +9,7 @@ import pytest
 
 from apps.cost import Costs, check_budget, generate_seconds, measure, protect_seconds, tiled_pixels
 from apps.jobs import duration
+from protect import Finetune
 
 
 def test_estimates_grow_in_proportion_to_pixels_and_steps():
@@ -33,6 +34,11 @@ def test_estimates_grow_in_proportion_to_pixels_and_steps():
     assert protect_seconds(costs, [(1024, 1024)], "photoguard", 10, 128, preview=False) == pytest.approx(
         big + 1024 * 1024 * 1e-6
     )
+    # ASPL: its PGD steps plus two fine-tunes of ``steps`` steps per round of ``pgd_steps`` PGD steps
+    costs.unit.pop("survival_pixel")
+    costs.unit.update({"pgd_pixel_step:aspl": 2e-5, "aspl_finetune_pixel": 3e-6})
+    rounds_of_6 = protect_seconds(costs, [(256, 256)], "aspl", 13, 128, False, finetune=Finetune(steps=3))
+    assert rounds_of_6 == pytest.approx(256 * 256 * (13 * 2e-5 + 3 * 2 * 3 * 3e-6))  # 13 steps: 3 rounds
     assert generate_seconds(costs, "m", rows=4, images=2, steps=10, branches=3) == pytest.approx(2.4)
     with pytest.raises(KeyError, match="not been measured"):
         costs["generate:other"]

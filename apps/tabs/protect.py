@@ -16,6 +16,7 @@ from ..disk import OutputFolders
 from ..files import perturbation_image, save_new
 from ..jobs import Job, Limits, duration, gradio_alive
 from ..services import (
+    ASPL_FINETUNE,
     DEFAULT_PGD_STEPS,
     EPS_255,
     PGD_STEPS,
@@ -23,6 +24,7 @@ from ..services import (
     PREVIEW_STRENGTH,
     PROTECT_METHODS,
     check_protect_options,
+    default_steps,
     mimicry_preview,
     protect_image,
 )
@@ -60,10 +62,11 @@ def protect_tab(
         Args:
             files: image files (PNG, JPEG, WebP, BMP or TIFF), at most the server's file and pixel limits.
             method: "amortized" (one forward pass of the photo protector, texture-weighted budget),
-                "amortized-full" (the same at the full budget everywhere), "photoguard", "mist" or "sds"
-                (PGD; sds: Diff-Protect's SDS+).
+                "amortized-full" (the same at the full budget everywhere), "photoguard", "mist", "sds"
+                (PGD; sds: Diff-Protect's SDS+) or "aspl" (Anti-DreamBooth: PGD against a copy of the photo
+                latent model fine-tuned on the image's crops as it goes; its default is 60 steps).
             eps: the L-infinity budget in 1/255 units, 1 to 32.
-            steps: PGD steps (photoguard, mist, sds), 1 to 500.
+            steps: PGD steps (photoguard, mist, sds, aspl), 1 to 500.
             seed: seed of the PGD start (image i uses seed + i).
             preview: also edit the original and the protected image with the photo latent model (SDEdit).
         """
@@ -77,7 +80,9 @@ def protect_tab(
             raise gr.Error(str(error)) from None
         sizes = upload_sizes(files, limits)
         if costs is not None:
-            estimate = protect_seconds(costs, [s for _, s in sizes], method, steps, PGD_TILE, bool(preview))
+            estimate = protect_seconds(
+                costs, [s for _, s in sizes], method, steps, PGD_TILE, bool(preview), finetune=ASPL_FINETUNE
+            )
             listed = ", ".join(f"{w}x{h}" for _, (w, h) in sizes)
             how = "one forward pass" if method in AMORTIZED_BUDGETS else f"{steps} PGD steps"
             try:
@@ -183,8 +188,11 @@ def protect_tab(
             "less of the budget on flat regions, where a perturbation shows; **amortized-full** spends all of it, "
             "as PGD does, and matches 100-step PhotoGuard's damage), "
             "**photoguard** (PGD encoder attack), **mist** (Mist's textural loss plus its semantic loss "
-            "through the photo latent diffusion model) or **sds** (Diff-Protect's SDS+: the latent model's "
-            "denoising loss pushed up, the least visible of the PGD methods at equal budget). "
+            "through the photo latent diffusion model), **sds** (Diff-Protect's SDS+: the latent model's "
+            "denoising loss pushed up, the least visible of the PGD methods at equal budget) or **aspl** "
+            "(Anti-DreamBooth, against fine-tuning: the same loss of a copy of the latent model that is fine-tuned "
+            "on the image's 128 px crops as the attack goes, the way a DreamBooth or LoRA attacker would; each "
+            "image is protected with its own crops, 60 steps by default). "
             "Images are protected at their native resolution. "
             "What survives purification is measured in benchmarks/RESULTS.md. The metrics say per image whether the "
             "protection survives JPEG q75 and noisy upscaling (the latent shift left, against random noise). "
@@ -204,7 +212,7 @@ def protect_tab(
                 protect_method = gr.Radio(list(PROTECT_METHODS), value="amortized", label="method")
                 protect_eps = gr.Slider(*EPS_255, value=8, step=1, label="budget eps (in 1/255)")
                 protect_steps = gr.Slider(
-                    *PGD_STEPS, value=DEFAULT_PGD_STEPS, step=1, label="PGD steps (photoguard, mist, sds)"
+                    *PGD_STEPS, value=DEFAULT_PGD_STEPS, step=1, label="PGD steps (photoguard, mist, sds, aspl)"
                 )
                 protect_seed = gr.Number(0, precision=0, label="seed")
                 protect_preview = gr.Checkbox(True, label="mimicry preview (SDEdit by the photo latent model)")
@@ -257,3 +265,11 @@ def protect_tab(
             protect, protect_inputs, outputs, api_name="protect", **LANES["protect"]
         )
         protect_stop.click(None, None, None, cancels=[running], api_visibility="private")
+        # each method's own default steps when it is chosen (ASPL needs rounds of fine-tunes between its steps)
+        protect_method.input(
+            lambda method: gr.update(value=default_steps(method)),
+            protect_method,
+            protect_steps,
+            queue=False,
+            api_visibility="private",
+        )
