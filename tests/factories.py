@@ -349,14 +349,17 @@ def _dynamic_shift_scheduler() -> FlowMatchEulerDiscreteScheduler:
 
 def recorded_run(pipe: DiffusionPipeline, run: Callable[[], Any]) -> tuple[list[tuple], list[torch.Tensor]]:
     """``run()`` (a call of ``pipe``, guided or not) recording each denoiser call's ``(hidden_states, timestep,
-    output)`` and the prediction each scheduler step receives (after the pipeline's own CFG)."""
+    output)`` and the prediction each scheduler step receives (after the pipeline's own CFG). Per-sample lists
+    (Z-Image's latents and outputs) are recorded stacked."""
     calls: list[tuple] = []
     steps: list[torch.Tensor] = []
     denoiser = pipe.transformer
+    stacked = lambda value: torch.stack(value) if isinstance(value, list) else value
 
     def record(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # Sana passes it positionally
-        calls.append((hidden.detach().clone(), kwargs["timestep"], out[0].detach().clone()))
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]  # Z-Image: ``t``, positionally
+        calls.append((stacked(hidden).detach().clone(), timestep, stacked(out[0]).detach().clone()))
 
     hook = denoiser.register_forward_hook(record, with_kwargs=True)
     scheduler_step = pipe.scheduler.step

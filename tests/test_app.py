@@ -141,7 +141,7 @@ def test_protect_endpoint_runs_aspl(client, tmp_path):
     path = tmp_path / "art.png"
     original = noise_image((40, 28))
     original.save(path)
-    gallery, table, files, summary, _ = _protect(client, path, method="aspl", eps=4, steps=2)
+    _, _, files, summary, _ = _protect(client, path, method="aspl", eps=4, steps=2)
     assert "**aspl**" in summary and "2 PGD steps" in summary and len(files) == 1
     assert 0 < _linf(Image.open(files[0]), original) <= 4
 

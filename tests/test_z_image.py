@@ -16,7 +16,7 @@ from PIL import Image
 from guidance import APG, CFG, PAG, SLG, TPG, LangevinCorrector, SoftPAG, guide
 from guidance.families import family_of, schedule_of
 from guidance.tpg import shuffle_tokens
-from tests.factories import pipeline_snapshot, tiny_z_image, z_image_call_kwargs
+from tests.factories import pipeline_snapshot, recorded_run, tiny_z_image, z_image_call_kwargs
 
 #: a caption of 7 tokens and a negative one of 40: padded to 32 and 64 tokens, so the CFG batch is padded
 PADDED = (7, 40)
@@ -60,30 +60,6 @@ def test_perturbations_compose_with_the_pipelines_own_cfg(pipe):
     assert np.abs(explicit - own).max() > 1e-3 and np.abs(alone - call(pipe, guidance_scale=0.0)).max() > 1e-3
 
 
-def _recorded(pipe, run):
-    """``run()`` recording each denoiser call's (stacked latents, timestep argument, stacked output) and what each
-    scheduler step receives."""
-    calls, steps = [], []
-
-    def record(module, args, kwargs, out):
-        calls.append((torch.stack(args[0]).clone(), args[1].clone(), torch.stack(out[0]).clone()))
-
-    hook = pipe.transformer.register_forward_hook(record, with_kwargs=True)
-    scheduler_step = pipe.scheduler.step
-
-    def record_step(output, *args, **kwargs):
-        steps.append(output.detach().clone())
-        return scheduler_step(output, *args, **kwargs)
-
-    pipe.scheduler.step = record_step
-    try:
-        run()
-    finally:
-        hook.remove()
-        del pipe.scheduler.step
-    return calls, steps
-
-
 def _apg_reference(method, calls, reversed_time=True, sign=-1.0):
     """What the scheduler should receive: the guided velocity ``(x - x0_g) / sigma``, ``x0_g = x0_c +
     update(x0_c, x0_u)`` with the x0 of the flow path ``x0 = x - sigma v``, ``v = -output`` and ``sigma = 1 -
@@ -107,7 +83,7 @@ def test_apg_reads_the_reversed_time_and_the_negated_output(pipe):
         with guide(pipe, method):
             call(pipe)
 
-    calls, steps = _recorded(pipe, run)
+    calls, steps = recorded_run(pipe, run)
     assert len(calls) == len(steps) == 3 and float(calls[0][1][0]) < 0.01  # the first step sees time 0
     assert schedule_of(pipe.scheduler).alpha_sigma(torch.tensor([1000.0]))[1].item() == pytest.approx(1.0)
     for ours, reference in zip(steps, _apg_reference(method, calls)):
