@@ -200,3 +200,38 @@ def test_image_inputs_and_controlnet(name, inputs):
     with guide(pipe, *methods, sequential=True):
         np.testing.assert_allclose(call(pipe, tokens=PADDED, **inputs), batched, atol=1e-5)
     assert np.isfinite(batched).all() and np.abs(batched - own).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", [PAG(2.0), TPG(1.0)], ids=["pag", "tpg"])
+def test_modular_z_image_with_our_guiders_equals_guide_on_the_classic_pipeline(pipe, method):
+    """diffusers' modular Z-Image denoise blocks on the same transformer: its CFG guider equals the classic
+    pipeline's own CFG, and ``as_guider(CFG, method)`` (each branch a call of its own, unpadded) equals ``guide()``
+    on the classic pipeline (one padded batch)."""
+    blocks = pytest.importorskip("diffusers.modular_pipelines.z_image.modular_blocks_z_image")
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from guidance.modular import as_guider
+
+    modular = blocks.ZImageCoreDenoiseStep().init_pipeline()
+    modular.update_components(transformer=pipe.transformer, scheduler=pipe.scheduler)
+    modular.set_progress_bar_config(disable=True)
+    kwargs = z_image_call_kwargs(tokens=PADDED)
+    embeds = {k: kwargs[k] for k in ("prompt_embeds", "negative_prompt_embeds")}
+
+    def run_modular(guider):
+        modular.update_components(guider=guider)
+        # without a VAE the modular pipeline assumes a stride of 8: 128 px is the classic 32 px's 16 x 16 latent
+        options = {"height": 128, "width": 128, "num_inference_steps": 3, "output": "latents"}
+        return modular(**embeds, **options, generator=torch.Generator().manual_seed(0))
+
+    def run_classic(**extra):
+        options = kwargs | {"output_type": "latent"} | extra
+        return pipe(**options, generator=torch.Generator().manual_seed(0)).images
+
+    own = run_classic(guidance_scale=3.0)
+    torch.testing.assert_close(run_modular(ClassifierFreeGuidance(guidance_scale=4.0)), own, atol=1e-5, rtol=0)
+    with guide(pipe, CFG(4.0), method):
+        classic = run_classic()
+    ours = run_modular(as_guider(CFG(4.0), method))
+    torch.testing.assert_close(ours, classic, atol=1e-5, rtol=0)
+    assert (ours - own).abs().max() > 1e-3
