@@ -7,7 +7,11 @@ protector (``--protector``); ``--sd-vae`` adds the full-size Stable Diffusion VA
 built from its config: only speed is measured there). PGD runs on 128 px tiles, as the app runs it. The images
 are scikit-image's astronaut and coffee photos resized to each size. A PGD step costs the same at every
 iteration, so PGD methods run ``--measured-steps`` steps (after a warm-up) and the time is scaled to the
-``--steps`` the method would run (stated in the output; ``--measured-steps 100`` measures them all).
+``--steps`` the method would run (stated in the output; ``--measured-steps 100`` measures them all). ASPL (the app's
+settings: :data:`apps.services.ASPL_FINETUNE`, its 60 steps) costs the same in every round of 6 PGD steps and two
+fine-tunes: one round is timed and scaled to its 10. ``--estimate`` adds the app's estimate of each request
+(:func:`apps.cost.protect_seconds` from unit costs measured by :func:`apps.services.calibrate`, without the survival
+report and the preview) beside the measured seconds: the app refuses a request on that estimate.
 
     OMP_NUM_THREADS=2 python -m benchmarks.bench_protect [--sizes 512 1024 --steps 100 --measured-steps 2]
 """
@@ -26,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from apps import services
+from apps.cost import Costs, protect_seconds
 from apps.demo import DEMO_DIR
 from apps.models import load_latent_model, load_vae
 from benchmarks.common import machine
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--protector", default=str(DEMO_DIR / "photo_protector"))
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--sd-vae", action="store_true", help="also time PhotoGuard on the SD VAE architecture")
+    parser.add_argument("--estimate", action="store_true", help="add the app's cost estimate of each request")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     vae = load_vae(args.vae, "cpu")
@@ -83,11 +90,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         unet, scheduler, _ = load_latent_model(args.ldm, args.vae, "cpu")
         semantic = semantic_part(unet, scheduler)
     rows = []
+    costs = None
+    if args.estimate:
+        costs = services.calibrate(Costs("cpu"), device="cpu", tile=args.tile, preview=False)
+        costs.unit.pop("survival_pixel", None)  # the request alone: no survival report
 
-    def add(encoder: str, size: int, method: str, seconds: float, ratio: float, how: str) -> None:
-        rows.append(
-            {"encoder": encoder, "size": size, "method": method, "seconds": seconds, "ratio": ratio, "how": how}
-        )
+    def add(encoder: str, size: int, method: str, seconds: float, ratio: float, how: str, steps: int = 1) -> None:
+        name = method.split(" (")[0]
+        estimate = None
+        if costs is not None and encoder == args.vae:
+            sizes = [(size, size)]
+            estimate = protect_seconds(costs, sizes, name, steps, args.tile, False, finetune=services.ASPL_FINETUNE)
+        row = {"encoder": encoder, "size": size, "method": method, "seconds": seconds, "ratio": ratio, "how": how}
+        rows.append(row | {"estimate": estimate})
         print(rows[-1], flush=True)
 
     def run(encoder: str, model, images: torch.Tensor, methods) -> None:
@@ -98,21 +113,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         amortized = timed(lambda: protect(images, "amortized", vae=model, protector=protector)) / n
         add(encoder, size, "amortized (one pass)", amortized, 1.0, "measured")
         for method in methods:
-            extra = semantic if method in ("mist", "sds") else {}
+            extra = semantic if method in ("mist", "sds", "aspl") else {}
+            steps, measured = args.steps, args.measured_steps
+            if method == "aspl":  # one round, scaled to the app's rounds
+                extra = extra | {"finetune": services.ASPL_FINETUNE}
+                steps, measured = services.DEFAULT_ASPL_STEPS, services.ASPL_FINETUNE.pgd_steps
             run_steps = partial(protect, images, method, vae=model, generator=gen(), tile=args.tile, **extra)
-            seconds = timed(partial(run_steps, steps=args.measured_steps)) / n * args.steps / args.measured_steps
-            how = "measured" if args.measured_steps == args.steps else f"{args.measured_steps} steps measured, scaled"
-            add(encoder, size, f"{method} ({args.steps} PGD steps)", seconds, seconds / amortized, how)
+            seconds = timed(partial(run_steps, steps=measured)) / n * steps / measured
+            how = "measured" if measured == steps else f"{measured} steps measured, scaled"
+            add(encoder, size, f"{method} ({steps} PGD steps)", seconds, seconds / amortized, how, steps)
 
     for size in args.sizes:
         images = photos(size)
-        run(args.vae, vae, images, ("photoguard", *(("mist", "sds") if semantic else ())))
+        run(args.vae, vae, images, ("photoguard", *(("mist", "sds", "aspl") if semantic else ())))
         if args.sd_vae:
             run("SD VAE architecture", sd_vae(), images, ("photoguard",))
     print(f"\n{datetime.date.today()}, {machine()}, 2 images per size, PGD on {args.tile} px tiles\n")
-    print("| encoder | size | method | seconds / image | x amortized | how |\n|---|---|---|---|---|---|")
+    print("| encoder | size | method | seconds / image | x amortized | how | app's estimate |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['encoder']} | {r['size']} | {r['method']} | {r['seconds']:.3f} | {r['ratio']:.0f}x | {r['how']} |")
+        estimate = "" if r["estimate"] is None else f"{r['estimate']:.3f}"
+        cells = f"{r['seconds']:.3f} | {r['ratio']:.0f}x | {r['how']} | {estimate}"
+        print(f"| {r['encoder']} | {r['size']} | {r['method']} | {cells} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {"date": datetime.date.today().isoformat(), "machine": machine(), "args": vars(args), "rows": rows}

@@ -19,10 +19,14 @@ pytest.importorskip("skimage")
 )
 def test_bench_protect_times_every_method_at_each_size(tmp_path):
     out = tmp_path / "protect.json"
-    rows = bench_protect.main(["--sizes", "64", "96", "--steps", "4", "--measured-steps", "1", "--json", str(out)])
+    argv = ["--sizes", "64", "96", "--steps", "4", "--measured-steps", "1", "--estimate", "--json", str(out)]
+    rows = bench_protect.main(argv)
     assert [(r["size"], r["method"].split(" (")[0]) for r in rows] == [
-        (size, method) for size in (64, 96) for method in ("amortized", "photoguard", "mist", "sds")
+        (size, method) for size in (64, 96) for method in ("amortized", "photoguard", "mist", "sds", "aspl")
     ]
-    assert all(r["seconds"] > 0 and r["ratio"] > 0 for r in rows)
-    assert all(r["how"] == "1 steps measured, scaled" for r in rows if "PGD" in r["method"])
+    assert all(r["seconds"] > 0 and r["ratio"] > 0 and r["estimate"] > 0 for r in rows)
+    aspl = [r for r in rows if r["method"].startswith("aspl")]
+    pgd = [r for r in rows if "PGD" in r["method"] and r not in aspl]
+    assert all(r["how"] == "1 steps measured, scaled" for r in pgd)
+    assert all(r["method"] == "aspl (60 PGD steps)" and r["how"] == "6 steps measured, scaled" for r in aspl)
     assert json.loads(out.read_text())["rows"][0]["encoder"] == "demo/photo_vae"
