@@ -257,9 +257,10 @@ class _SkipHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         if not rows:
             return output
-        bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
-        first = list(bound.values())[1] if len(bound) > 1 else None  # after ``self``: Z-Image's blocks take ``x``
-        hidden, context = bound.get("hidden_states", first), bound.get("encoder_hidden_states")
+        signature = _signature(type(module))
+        bound = signature.bind_partial(module, *args, **kwargs).arguments
+        first = list(signature.parameters)[1]  # after ``self``: the hidden states (Z-Image's blocks call them ``x``)
+        hidden, context = bound.get("hidden_states", bound.get(first)), bound.get("encoder_hidden_states")
         if isinstance(output, torch.Tensor):  # a basic / single-stream block: the hidden states
             return _passed_through(output, hidden, rows, self.name)
         if isinstance(output, tuple) and len(output) == 2:  # a joint block: the text and image streams

@@ -129,7 +129,6 @@ class _Controller:
         bound = signature.bind(pipe, *args, **kwargs)
         bound.apply_defaults()
         arguments = bound.arguments
-        self.arguments = arguments
         for name, reason in self.family.refused:
             if arguments.get(name) not in (None, 0, 0.0, [], ()):
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")
@@ -150,6 +149,7 @@ class _Controller:
         if len(self.denoisers) > 1:
             self.stage_scales[id(self.denoisers[1])] = self._second_scale(pipe, arguments, scale)
         self.run = Run(self, scale, has_uncond, solve_uncond=rescale > 0)
+        self.arguments = arguments
         token = ACTIVE_RUN.set(self.run)
         previous_count = vars(pipe).pop("_num_timesteps", _MISSING)  # a stale count from an earlier call
         scheduler = pipe.scheduler  # wrapped per call: the scheduler may have been swapped inside the block
@@ -163,6 +163,7 @@ class _Controller:
                 _restore_step(scheduler, None if own_step is _MISSING else own_step)
             ACTIVE_RUN.reset(token)
             self.run = None
+            self.arguments = {}  # the call's tensors are not kept
             if previous_count is not _MISSING and "_num_timesteps" not in vars(pipe):
                 pipe._num_timesteps = previous_count
 
