@@ -377,6 +377,46 @@ def recorded_run(pipe: DiffusionPipeline, run: Callable[[], Any]) -> tuple[list[
     return calls, steps
 
 
+def assert_modular_guider_equals_guide(
+    classic: DiffusionPipeline,
+    core: type,
+    method: Any,
+    *,
+    modular_kwargs: dict[str, Any],
+    classic_kwargs: dict[str, Any],
+    own_scale: float,
+    output: str = "images",
+) -> None:
+    """diffusers' modular denoise blocks ``core`` on ``classic``'s transformer and scheduler, called with the
+    embeddings (so no text encoder): diffusers' CFG guider at 4 equals the classic pipeline's own CFG (its scale
+    argument ``own_scale``), and ``as_guider(CFG(4), method)`` equals ``guide(classic, CFG(4), method)``; the method
+    changes the result. ``output``: the classic pipeline's output field of the latents."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from guidance import CFG, guide
+    from guidance.modular import as_guider
+
+    modular = core().init_pipeline()
+    modular.update_components(transformer=classic.transformer, scheduler=classic.scheduler)
+    modular.set_progress_bar_config(disable=True)
+
+    def run_modular(guider: Any) -> torch.Tensor:
+        modular.update_components(guider=guider)
+        return modular(**modular_kwargs, output="latents", generator=torch.Generator().manual_seed(0))
+
+    def run_classic(**extra: Any) -> torch.Tensor:
+        call = classic_kwargs | {"output_type": "latent"} | extra
+        return getattr(classic(**call, generator=torch.Generator().manual_seed(0)), output)
+
+    own = run_classic(guidance_scale=own_scale)
+    torch.testing.assert_close(run_modular(ClassifierFreeGuidance(guidance_scale=4.0)), own, atol=1e-5, rtol=0)
+    with guide(classic, CFG(4.0), method):
+        expected = run_classic()
+    ours = run_modular(as_guider(CFG(4.0), method))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert (ours - own).abs().max() > 1e-3, "the method must change the result"
+
+
 def apg_reference(pipe: DiffusionPipeline, method: Any, calls: list[tuple], tokens: int) -> list[torch.Tensor]:
     """The guided prediction of each step of a separate-unconditional-call pipeline (FLUX-style) from the
     :func:`recorded_run` ``(cond, uncond)`` outputs, the methods acting on the first ``tokens`` tokens (the paper's

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from guidance import APG, CFG, PAG, SLG, TPG, guide
-from tests.factories import pipeline_snapshot, tiny_wan, wan_call_kwargs
+from tests.factories import assert_modular_guider_equals_guide, pipeline_snapshot, tiny_wan, wan_call_kwargs
 from tests.test_pipeline import assert_images_close
 
 
@@ -101,3 +101,24 @@ def test_what_cannot_be_served_is_refused():
     with pytest.raises(TypeError, match="expand_timesteps"):
         with guide(tiny_wan(expand_timesteps=True), CFG(4.0)):
             pass
+
+
+@pytest.mark.parametrize(
+    "method", [PAG(2.0), TPG(1.0), SLG(1.0, layers=(1,), start=0.0, stop=1.0)], ids=["pag", "tpg", "slg"]
+)
+def test_modular_wan_with_our_guiders_equals_guide_on_the_classic_pipeline(method):
+    """diffusers' modular Wan denoise blocks on the same transformer (embeddings given, so no text encoder): its
+    CFG guider equals the classic pipeline's CFG, and ``as_guider(CFG, method)`` equals ``guide()`` on the classic
+    pipeline."""
+    blocks = pytest.importorskip("diffusers.modular_pipelines.wan.modular_blocks_wan")
+    kwargs = wan_call_kwargs()
+    names = ("prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames", "num_inference_steps")
+    assert_modular_guider_equals_guide(
+        tiny_wan(),
+        blocks.WanCoreDenoiseStep,
+        method,
+        modular_kwargs={k: kwargs[k] for k in names},
+        classic_kwargs=kwargs,
+        own_scale=4.0,
+        output="frames",
+    )
