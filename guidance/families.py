@@ -72,6 +72,9 @@ class Family:
     #: them, ``sequential=True`` runs each perturbed branch on the whole batch (the cond rows alone would be
     #: padded to another length)
     padded_args: tuple[str, ...] = ()
+    #: the pipeline config flag that switches its CFG off for a guidance-distilled checkpoint (FLUX.2 klein's
+    #: ``is_distilled``; Krea 2's flag of that name only changes the schedule)
+    distilled_flag: str | None = None
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -187,6 +190,7 @@ FAMILIES: tuple[Family, ...] = (
         text_first=True,
         negative_embeds=("negative_prompt_embeds",),
         negative_by_default=True,
+        distilled_flag="is_distilled",
     ),
     Family(
         "qwenimage",
@@ -298,6 +302,21 @@ FAMILIES: tuple[Family, ...] = (
         negative_by_default=True,
         cfg_cut=_lumina2_cut,
         single_sequence=True,
+    ),
+    Family(
+        "krea2",
+        # a separate unconditional call (an empty negative prompt unless given one) whenever guidance_scale > 0, its
+        # CFG c + s (c - u); single-stream blocks over [text, image] tokens, one position table for the batch
+        ("Krea2Pipeline",),
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        scale_offset=1.0,
+        unbatched=("position_ids",),
+        text_first=True,
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
     ),
 )
 

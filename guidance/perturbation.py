@@ -234,11 +234,16 @@ PADDING_MASKS = ("attn_mask", "attention_mask")
 
 
 def _padding_mask(module: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor) -> torch.Tensor | None:
-    """The block call's padding mask of ``hidden``'s tokens, ``(B, L)`` bool (True: a real token), if it has one."""
+    """The block call's padding mask of ``hidden``'s tokens, ``(B, L)`` bool (True: a real token), if it has one:
+    ``(B, L)`` (Z-Image, Lumina 2) or a key-padding mask ``(B, 1, 1, L)`` (Krea 2)."""
     bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
     for name in PADDING_MASKS:
         mask = bound.get(name)
-        if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == hidden.shape[:2]:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            continue
+        if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
+            mask = mask[:, 0, 0]
+        if mask.shape == hidden.shape[:2]:
             return mask
     return None
 

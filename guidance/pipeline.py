@@ -239,7 +239,9 @@ class _Controller:
         """A guidance-distilled model that runs no unconditional branch: an LCM-style UNet (``time_cond_proj_dim``)
         or a pipeline marked distilled (FLUX.2 klein's ``is_distilled``)."""
         config = getattr(getattr(pipe, self.family.denoiser), "config", {})
-        return config.get("time_cond_proj_dim") is not None or bool(getattr(pipe, "config", {}).get("is_distilled"))
+        flag = self.family.distilled_flag
+        marked = flag is not None and bool(getattr(pipe, "config", {}).get(flag))
+        return config.get("time_cond_proj_dim") is not None or marked
 
     def _ensure_uncond_branch(self, pipe: Any, arguments: dict[str, Any], solved: bool = False) -> None:
         """Switch the pipeline's unconditional branch on for a CFG-type method; ``solved``: the engine hands the

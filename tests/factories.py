@@ -1080,6 +1080,62 @@ def lumina2_call_kwargs(batch: int = 1, tokens: tuple[int, int] = (7, 12)) -> di
     return kwargs
 
 
+def tiny_krea2() -> DiffusionPipeline:
+    """Krea 2: a 2-block single-stream transformer over [text, image] tokens (its text fusion stage reads 3 stacked
+    text-encoder layers per token), the tiny Qwen-Image VAE, flow matching with dynamic shift, no text encoder (call
+    it with :func:`krea2_call_kwargs`)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.Krea2Transformer2DModel(
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        timestep_embed_dim=8,
+        text_hidden_dim=16,
+        num_text_layers=3,
+        text_num_attention_heads=2,
+        text_num_key_value_heads=1,
+        text_intermediate_size=16,
+        num_layerwise_text_blocks=1,
+        num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 2, 2),
+        rope_theta=1000.0,
+    ).eval()
+    with torch.no_grad():  # zero-initialised tables and projections: give them weights so every part acts
+        for parameter in transformer.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.5)
+    vae = diffusers.AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    parts = {"scheduler": _dynamic_shift_scheduler(), "vae": vae, "text_encoder": None, "tokenizer": None}
+    return _finish(diffusers.Krea2Pipeline(**parts, transformer=transformer, text_encoder_select_layers=(0, 1, 2)))
+
+
+def krea2_call_kwargs(batch: int = 1, tokens: tuple[int, int] = (7, 12)) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_krea2`: seeded prompt and negative embeddings (3 stacked layers of 12
+    tokens) with masks keeping ``tokens`` of them (sample ``i`` keeps ``i`` fewer), no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 53)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    for prefix, count in zip(("", "negative_"), tokens):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, 12, 3, 16, generator=g)
+        mask = torch.zeros(batch, 12, dtype=torch.bool)
+        for i in range(batch):
+            mask[i, : count - i] = True
+        kwargs[f"{prefix}prompt_embeds_mask"] = mask
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
