@@ -184,6 +184,31 @@ def tiny_vae(block_out_channels: tuple[int, ...] = (8, 16), seed: int = 0) -> Au
     return _vae(block_out_channels, norm_num_groups=4, seed=seed)
 
 
+def _qwen_vae() -> Any:
+    """The tiny Qwen-Image VAE (4 latent channels, stride 8), for Qwen-Image and Krea 2."""
+    import diffusers
+
+    return diffusers.AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+
+
+def _with_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its all-zero parameters (zero-initialised output projections and tables) drawn from
+    N(0, 0.5), so that a tiny random model's every part acts (seeded by the caller)."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.5)
+    return module
+
+
 def _finish(pipe: DiffusionPipeline) -> DiffusionPipeline:
     for name, module in pipe.components.items():
         if isinstance(module, torch.nn.Module):
@@ -584,15 +609,7 @@ def tiny_qwen(kind: str = "") -> DiffusionPipeline:
         joint_attention_dim=16,
         axes_dims_rope=(8, 4, 4),
     ).eval()
-    vae = diffusers.AutoencoderKLQwenImage(
-        base_dim=24,
-        z_dim=4,
-        dim_mult=[1, 2, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
+    vae = _qwen_vae()
     scheduler = _dynamic_shift_scheduler()
     name = {
         "": "QwenImagePipeline",
@@ -1020,12 +1037,8 @@ def tiny_z_image(pipeline: str = "ZImagePipeline", layers: int = 2) -> Diffusion
             norm_eps=1e-5,
             qk_norm=True,
         ).eval()
-        control = diffusers.ZImageControlNetModel.from_transformer(control, transformer)
-        with torch.no_grad():  # its output projections start at zero: give them weights so the control acts
-            for parameter in control.parameters():
-                if not parameter.any():
-                    parameter.normal_(0.0, 0.5)
-        parts["controlnet"] = control
+        # its output projections start at zero: give them weights so the control acts
+        parts["controlnet"] = _with_weights(diffusers.ZImageControlNetModel.from_transformer(control, transformer))
     return _finish(getattr(diffusers, pipeline)(**parts))
 
 
@@ -1105,19 +1118,8 @@ def tiny_krea2() -> DiffusionPipeline:
         axes_dims_rope=(4, 2, 2),
         rope_theta=1000.0,
     ).eval()
-    with torch.no_grad():  # zero-initialised tables and projections: give them weights so every part acts
-        for parameter in transformer.parameters():
-            if not parameter.any():
-                parameter.normal_(0.0, 0.5)
-    vae = diffusers.AutoencoderKLQwenImage(
-        base_dim=24,
-        z_dim=4,
-        dim_mult=[1, 2, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
+    _with_weights(transformer)  # zero-initialised tables and projections
+    vae = _qwen_vae()
     parts = {"scheduler": _dynamic_shift_scheduler(), "vae": vae, "text_encoder": None, "tokenizer": None}
     return _finish(diffusers.Krea2Pipeline(**parts, transformer=transformer, text_encoder_select_layers=(0, 1, 2)))
 
