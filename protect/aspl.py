@@ -206,12 +206,12 @@ def aspl(
     model, params = _trainable(denoiser, settings, seed)
     theta = [p.detach().clone() for p in params]  # the attacker's model between rounds
     attacker = torch.optim.AdamW(params, lr=settings.lr)  # its optimiser state carries over the rounds
-    count, chunk, draws = 1, None, generator
+    per_image, chunk, draws = 1, None, generator
     if tile is not None:  # the set is the crops, tile-major; image i's generator serves its crops
-        count, chunk = tiles(images[:1], tile).shape[0], TILE_BATCH * images.shape[0]
+        per_image, chunk = tiles(images[:1], tile).shape[0], TILE_BATCH * images.shape[0]
         if isinstance(generator, list | tuple):
             check_generators(generator, images.shape[0])
-            draws = list(generator) * count
+            draws = list(generator) * per_image
     crops = images if tile is None else tiles(images, tile)
 
     def encoded(x: Tensor) -> Tensor:
@@ -229,7 +229,7 @@ def aspl(
         some = draws[rows] if isinstance(draws, list) and tile is not None else draws
         return lambda x: -denoising_loss(model, latent(vae, x), alphas_cumprod=alphas_cumprod, generator=some)
 
-    surrogate_loss = crop_loss() if tile is None else functools.partial(tiled_loss, crop_loss, tile, count)
+    surrogate_loss = crop_loss() if tile is None else functools.partial(tiled_loss, crop_loss, tile, per_image)
 
     x, done = None, 0
     for _ in range(math.ceil(steps / settings.pgd_steps)):
