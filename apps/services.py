@@ -187,7 +187,7 @@ def _latent_model(device: str, name: str):
         unet, scheduler, vae_name = load_latent_model(name, PROTECT_VAE, device)
     except OSError as error:  # not there (a checkout without it): say what needs it
         raise ValueError(
-            f"mist, sds and the mimicry preview need the latent diffusion model {name}, which could not be "
+            f"mist, sds, aspl and the mimicry preview need the latent diffusion model {name}, which could not be "
             f"loaded ({error}); use amortized or photoguard, or train it (python -m apps.demo.train_photo ldm)"
         ) from None
     check_latent_pair(unet, _vae(device), (name, vae_name))

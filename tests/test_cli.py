@@ -75,7 +75,7 @@ def test_mist_and_sds_use_the_photo_latent_model_or_refuse(tmp_path, capsys, mon
     assert costs["aspl_finetune_pixel"] > 0
     monkeypatch.setattr(services, "PROTECT_LDM", "demo/no_such_model")
     for method in services.LATENT_METHODS:
-        with pytest.raises(ValueError, match="mist, sds and the mimicry preview need the latent diffusion model"):
+        with pytest.raises(ValueError, match="mist, sds, aspl and the mimicry preview need the latent diffusion model"):
             services.protect_image(image, method=method, **kwargs)
     path = tmp_path / "art.png"
     image.save(path)
