@@ -88,14 +88,18 @@ def _solved_uncond(guided: Tensor, cond: Tensor, s: float) -> Tensor:
     return (guided.float() - s * cond.float()) / (1 - s)
 
 
+def _raw_prediction(output: Any) -> Any:
+    """The denoiser output's prediction as the denoiser returned it (a tensor, or Z-Image's list per sample)."""
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
 def _prediction(output: Any) -> Tensor:
-    pred = output[0] if isinstance(output, tuple) else output.sample
+    pred = _raw_prediction(output)
     return torch.stack(pred) if isinstance(pred, list) else pred  # Z-Image: one output per sample
 
 
 def _with_prediction(output: Any, pred: Tensor) -> Any:
-    given = output[0] if isinstance(output, tuple) else output.sample
-    if isinstance(given, list):
+    if isinstance(_raw_prediction(output), list):
         pred = list(pred.unbind(0))
     if isinstance(output, tuple):
         return (pred, *output[1:])
@@ -173,9 +177,7 @@ class Run:
         cut = self.family.cfg_cut
         if cut is None:
             return False
-        if self.total is None:
-            self.total = steps_of_the_call(self.controller.pipe)
-        return cut(self.controller.pipe, self.controller.arguments, timestep, self.evaluations, self.total)
+        return cut(self.controller.pipe, self.controller.arguments, timestep, self.evaluations, self._steps())
 
     def use_pipeline_scale(self, scale: float) -> None:
         """The pipeline's CFG scale from this denoiser call on (Wan 2.2's second stage has its own)."""
@@ -334,12 +336,16 @@ class Run:
         )
 
     def _fraction(self) -> float:
-        """``i / n`` for the i-th of the ``n`` denoising steps this call runs (read at its first evaluation)."""
-        if self.total is None:
-            self.total = steps_of_the_call(self.controller.pipe)
-        fraction = min(self.evaluations / self.total, 1 - 1e-9)
+        """``i / n`` for the i-th of the ``n`` denoising steps this call runs."""
+        fraction = min(self.evaluations / self._steps(), 1 - 1e-9)
         self.evaluations += 1
         return fraction
+
+    def _steps(self) -> int:
+        """The ``n`` denoising steps this call runs (read at its first evaluation)."""
+        if self.total is None:
+            self.total = steps_of_the_call(self.controller.pipe)
+        return self.total
 
     # -- combining the branches ------------------------------------------------------------------------------
     def _combine(self, step: Step, pred: Tensor, perturbed: dict[int, Tensor]) -> Tensor:
