@@ -42,8 +42,8 @@ from guidance.method import check_real
 
 from .losses import denoising_loss, latent
 from .pgd import pgd
-from .rng import Generators, check_generators, draw
-from .tiling import TILE_BATCH, tiled_loss, tiles
+from .rng import Generators, draw
+from .tiling import TILE_BATCH, crop_generators, crops_per_image, rows_of, tiled_loss, tiles
 
 Tensor = torch.Tensor
 
@@ -141,8 +141,9 @@ def _fit(
             else:
                 for start in range(0, z.shape[0], chunk):
                     part = slice(start, start + chunk)
-                    draws = generator[part] if isinstance(generator, list) else generator
-                    loss = denoising_loss(model, z[part], alphas_cumprod=alphas_cumprod, generator=draws)
+                    loss = denoising_loss(
+                        model, z[part], alphas_cumprod=alphas_cumprod, generator=rows_of(generator, part)
+                    )
                     (loss.sum() / z.shape[0]).backward()
             optimizer.step()
     for p in params:  # the PGD steps differentiate in the images only
@@ -208,10 +209,8 @@ def aspl(
     attacker = torch.optim.AdamW(params, lr=settings.lr)  # its optimiser state carries over the rounds
     per_image, chunk, draws = 1, None, generator
     if tile is not None:  # the set is the crops, tile-major; image i's generator serves its crops
-        per_image, chunk = tiles(images[:1], tile).shape[0], TILE_BATCH * images.shape[0]
-        if isinstance(generator, list | tuple):
-            check_generators(generator, images.shape[0])
-            draws = list(generator) * per_image
+        per_image, chunk = crops_per_image(images, tile), TILE_BATCH * images.shape[0]
+        draws = crop_generators(generator, images.shape[0], per_image)
     crops = images if tile is None else tiles(images, tile)
 
     def encoded(x: Tensor) -> Tensor:
@@ -226,7 +225,7 @@ def aspl(
                 p.copy_(v)
 
     def crop_loss(rows: slice = slice(None)) -> Callable[[Tensor], Tensor]:  # of those crops, negated for PGD
-        some = draws[rows] if isinstance(draws, list) and tile is not None else draws
+        some = rows_of(draws, rows)
         return lambda x: -denoising_loss(model, latent(vae, x), alphas_cumprod=alphas_cumprod, generator=some)
 
     surrogate_loss = crop_loss() if tile is None else functools.partial(tiled_loss, crop_loss, tile, per_image)

@@ -43,8 +43,8 @@ from .losses import NoisePredictor, default_target, encoder_loss, latent, mist_l
 from .metrics import psnr_ssim
 from .pgd import MAX_EPS, Cancelled, check_budget, exact_dtype, pgd
 from .purify import EOT
-from .rng import Generators, check_generators
-from .tiling import TILE_BATCH, tiled_loss, tiles
+from .rng import Generators
+from .tiling import TILE_BATCH, crop_generators, crops_per_image, rows_of, tiled_loss, tiles
 
 Tensor = torch.Tensor
 METHODS = ("photoguard", "mist", "sds", "sds-", "aspl", "amortized")
@@ -310,14 +310,12 @@ def _pgd_loss(
     a list of generators repeated tile-major as the crops are, so that image ``i`` keeps drawing from its own)."""
     count = 1
     if tile is not None:
-        count = tiles(batch[:1], tile).shape[0]
-        if isinstance(generator, list | tuple):
-            check_generators(generator, batch.shape[0])
-            generator = list(generator) * count
+        count = crops_per_image(batch, tile)
+        generator = crop_generators(generator, batch.shape[0], count)
     target_latent = None if method in SDS_METHODS else _target_latent(vae, target, batch, tile)
 
     def loss_of(rows: slice = slice(None)) -> Callable[[Tensor], Tensor]:  # the loss of those rows (tiles)
-        draws = generator[rows] if isinstance(generator, list) else generator
+        draws = rows_of(generator, rows)
         if method in SDS_METHODS:
             ascent = method == "sds"
             return partial(sds_loss, vae, denoiser, ascent=ascent, alphas_cumprod=alphas_cumprod, generator=draws)

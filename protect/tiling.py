@@ -9,10 +9,12 @@ from collections.abc import Callable
 
 import torch
 
+from .rng import Generators, check_generators
+
 Tensor = torch.Tensor
 TILE_BATCH = 4  # with ``tile``: tiles of each image per forward pass (activation memory: 4 tiles per image)
 
-__all__ = ["TILE_BATCH", "ChunkedRowLoss", "tiled_loss", "tiles"]
+__all__ = ["TILE_BATCH", "ChunkedRowLoss", "crop_generators", "crops_per_image", "rows_of", "tiled_loss", "tiles"]
 
 
 def _origins(size: int, tile: int) -> list[int]:
@@ -26,6 +28,25 @@ def tiles(x: Tensor, tile: int) -> Tensor:
     height, width = x.shape[-2:]
     th, tw = min(tile, height), min(tile, width)
     return torch.cat([x[..., y : y + th, z : z + tw] for y in _origins(height, tile) for z in _origins(width, tile)])
+
+
+def crops_per_image(x: Tensor, tile: int) -> int:
+    """How many :func:`tiles` of ``tile`` px cover each image of ``x``."""
+    return len(_origins(x.shape[-2], tile)) * len(_origins(x.shape[-1], tile))
+
+
+def crop_generators(generator: Generators, n: int, count: int) -> Generators:
+    """The generators of the ``count`` tile-major crops of each of ``n`` images: a list of one per image repeated
+    as the crops are stacked, so that image ``i``'s crops draw from its own; a single generator (or None) as given."""
+    if isinstance(generator, list | tuple):
+        check_generators(generator, n)
+        return list(generator) * count
+    return generator
+
+
+def rows_of(generator: Generators, rows: slice) -> Generators:
+    """The generators of ``rows`` of a batch: those entries of a list of one per row, else the one given."""
+    return generator[rows] if isinstance(generator, list) else generator
 
 
 class ChunkedRowLoss(torch.autograd.Function):
