@@ -466,12 +466,13 @@ def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, pre
         vae, protector = _vae(device), _protector(device)
         unet, scheduler = _latent_model(device, PROTECT_LDM)
     x = torch.rand(1, 3, tile, tile, generator=torch.Generator().manual_seed(0)).to(device)
+    denoiser = unet_denoiser(unet)
     losses = {
         "photoguard": partial(encoder_loss, vae),
         "mist": partial(
             mist_loss,
             vae,
-            unet_denoiser(unet),
+            denoiser,
             target_latent=None,
             alphas_cumprod=scheduler.alphas_cumprod,
             generator=torch.Generator(device).manual_seed(0),
@@ -479,16 +480,14 @@ def calibrate(costs: Costs, device: str | None = None, tile: int = PGD_TILE, pre
         "sds": partial(
             sds_loss,
             vae,
-            unet_denoiser(unet),
+            denoiser,
             alphas_cumprod=scheduler.alphas_cumprod,
             generator=torch.Generator(device).manual_seed(0),
         ),
         # ASPL's PGD step: back through the (fine-tuned) latent model and the encoder
-        "aspl": lambda view: (
-            -denoising_loss(unet_denoiser(unet), latent(vae, view), alphas_cumprod=scheduler.alphas_cumprod)
-        ),
+        "aspl": lambda view: -denoising_loss(denoiser, latent(vae, view), alphas_cumprod=scheduler.alphas_cumprod),
     }
-    surrogate = copy.deepcopy(unet_denoiser(unet)).float().requires_grad_(True)  # ASPL fine-tunes a copy
+    surrogate = copy.deepcopy(denoiser).float().requires_grad_(True)  # ASPL fine-tunes a copy
     optimizer = torch.optim.AdamW(surrogate.parameters(), lr=ASPL_FINETUNE.lr)
     with torch.no_grad():
         z = latent(vae, x)
