@@ -1082,14 +1082,23 @@ def tiny_lumina2() -> DiffusionPipeline:
 def lumina2_call_kwargs(batch: int = 1, tokens: tuple[int, int] = (7, 12)) -> dict[str, Any]:
     """Small valid call kwargs for :func:`tiny_lumina2`: seeded prompt and negative embeddings of 12 tokens with
     masks that keep ``tokens`` of them (sample ``i`` keeps ``i`` fewer), no generator nor guidance."""
-    g = torch.Generator().manual_seed(SEED + 47)
     kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    return kwargs | _masked_prompts(SEED + 47, (batch, 12, 16), tokens, "prompt_attention_mask", torch.long)
+
+
+def _masked_prompts(
+    seed: int, shape: tuple[int, ...], tokens: tuple[int, int], mask_name: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Seeded prompt and negative embeddings of ``shape`` (batch, length, ...) with masks (``mask_name``,
+    ``dtype``) keeping ``tokens`` of them: sample ``i`` keeps ``i`` fewer."""
+    g = torch.Generator().manual_seed(seed)
+    kwargs = {}
     for prefix, count in zip(("", "negative_"), tokens):
-        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, 12, 16, generator=g)
-        mask = torch.zeros(batch, 12, dtype=torch.long)
-        for i in range(batch):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(*shape, generator=g)
+        mask = torch.zeros(shape[:2], dtype=dtype)
+        for i in range(shape[0]):
             mask[i, : count - i] = 1
-        kwargs[f"{prefix}prompt_attention_mask"] = mask
+        kwargs[f"{prefix}{mask_name}"] = mask
     return kwargs
 
 
@@ -1127,15 +1136,8 @@ def tiny_krea2() -> DiffusionPipeline:
 def krea2_call_kwargs(batch: int = 1, tokens: tuple[int, int] = (7, 12)) -> dict[str, Any]:
     """Small valid call kwargs for :func:`tiny_krea2`: seeded prompt and negative embeddings (3 stacked layers of 12
     tokens) with masks keeping ``tokens`` of them (sample ``i`` keeps ``i`` fewer), no generator nor guidance."""
-    g = torch.Generator().manual_seed(SEED + 53)
     kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
-    for prefix, count in zip(("", "negative_"), tokens):
-        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, 12, 3, 16, generator=g)
-        mask = torch.zeros(batch, 12, dtype=torch.bool)
-        for i in range(batch):
-            mask[i, : count - i] = True
-        kwargs[f"{prefix}prompt_embeds_mask"] = mask
-    return kwargs
+    return kwargs | _masked_prompts(SEED + 53, (batch, 12, 3, 16), tokens, "prompt_embeds_mask", torch.bool)
 
 
 def tiny_dit() -> DiTPipeline:
