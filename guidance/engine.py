@@ -56,9 +56,10 @@ def _map_batched(value: Any, fn: Callable[[Tensor], Tensor], n: int) -> Any:
 
 def _generated_tokens(kwargs: dict[str, Any], x: Tensor) -> int | None:
     """How many leading tokens of a sequence model's input ``x`` (N, T, C) are the latents being generated, when
-    reference-image tokens follow them (the pipeline keeps only the first tokens of the output): FLUX Kontext marks
-    them by position ids whose first coordinate is 1 (the generated ones 0), Qwen-Image Edit lists one
-    ``(frames, height, width)`` per image in ``img_shapes``, the generated one first. None when all are generated."""
+    reference-image tokens follow them (the pipeline keeps only the first tokens of the output): FLUX Kontext and
+    LongCat-Image Edit mark them by another first coordinate of the position ids than the generated ones' (Kontext:
+    1 after 0, LongCat: 2 after 1), Qwen-Image Edit lists one ``(frames, height, width)`` per image in
+    ``img_shapes``, the generated one first. None when all are generated."""
     if x.ndim != 3:
         return None
     shapes = kwargs.get("img_shapes")  # per sample: (f, h, w), or a list of them, the generated image first
@@ -74,7 +75,7 @@ def _generated_tokens(kwargs: dict[str, Any], x: Tensor) -> int | None:
     ids = ids[0] if ids.ndim == 3 else ids  # diffusers' deprecated batched ids
     if ids.ndim != 2 or ids.shape[0] != x.shape[1]:
         return None
-    reference = ids[:, 0] != 0
+    reference = ids[:, 0] != ids[0, 0]
     if not reference.any():
         return None
     count = int(reference.int().argmax())

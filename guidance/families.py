@@ -212,6 +212,23 @@ FAMILIES: tuple[Family, ...] = (
         negative_embeds=("negative_prompt_embeds",),
     ),
     Family(
+        "longcat-image",
+        # FLUX-style double and single blocks over [text, image] tokens (the transformer multiplies t / 1000 back);
+        # a separate unconditional call with an empty negative prompt unless given one, then its optional per-token
+        # renormalisation to the conditional prediction's norm (``enable_cfg_renorm``), which reads the true
+        # conditional output; the Edit pipeline's reference-image tokens follow the generated ones (position ids'
+        # first coordinate 2 after 1)
+        ("LongCatImagePipeline", "LongCatImageEditPipeline"),
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        unbatched=("img_ids", "txt_ids"),
+        text_first=True,
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
+    ),
+    Family(
         "chroma",
         ("ChromaPipeline", "ChromaImg2ImgPipeline"),  # ChromaInpaintPipeline fails in diffusers 0.42 itself
         "transformer",

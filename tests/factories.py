@@ -1140,6 +1140,66 @@ def krea2_call_kwargs(batch: int = 1, tokens: tuple[int, int] = (7, 12)) -> dict
     return kwargs | _masked_prompts(SEED + 53, (batch, 12, 3, 16), tokens, "prompt_embeds_mask", torch.bool)
 
 
+#: LongCat-Image Edit works at a 1024 x 1024 area whatever the input's size: the tiny VAE's 7 levels (stride 64)
+#: keep its 16 x 16 latents at 8 x 8 packed tokens; the text-to-image calls run at 512 px (4 x 4 tokens)
+LONGCAT_SIZE = 512
+
+
+def tiny_longcat(edit: bool = False) -> DiffusionPipeline:
+    """LongCat-Image (or LongCat-Image Edit): a 1 double + 1 single block transformer over [text, image] tokens, a
+    7-level KL VAE with 16 latent channels (the pipeline's fixed count), flow matching with dynamic shift, no text
+    encoder, tokenizer or processor (call it with :func:`longcat_call_kwargs`).
+
+    diffusers 0.42's LongCat ``encode_prompt`` reads the batch size from ``len(prompt)`` even when given embeddings
+    (``TypeError`` for ``prompt=None``, a wrong reshape for a batch of negative embeddings with the default ``""``);
+    the tiny pipeline's ``encode_prompt`` takes it from the embeddings instead and otherwise runs the pipeline's own.
+    """
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.LongCatImageTransformer2DModel(
+        in_channels=64,  # 16 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=24,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    ).eval()
+    vae = _vae((4,) * 7, norm_num_groups=4, flow=True, latent_channels=16)
+    cls = diffusers.LongCatImageEditPipeline if edit else diffusers.LongCatImagePipeline
+    parts = {"text_encoder": None, "tokenizer": None}
+    # the Edit pipeline keeps its processor's image processor at construction: a stand-in, then no processor
+    processor = type("NoProcessor", (), {"image_processor": None})()
+    pipe = cls(
+        scheduler=_dynamic_shift_scheduler(), vae=vae, transformer=transformer, text_processor=processor, **parts
+    )
+    pipe.register_modules(text_processor=None)
+    own = pipe.encode_prompt
+
+    def encode_prompt(prompt=None, *args: Any, prompt_embeds: torch.Tensor | None = None, **kwargs: Any):
+        if prompt_embeds is not None:
+            prompt = [""] * prompt_embeds.shape[0]
+        return own(prompt, *args, prompt_embeds=prompt_embeds, **kwargs)
+
+    pipe.encode_prompt = encode_prompt
+    return _finish(pipe)
+
+
+def longcat_call_kwargs(pipe: DiffusionPipeline, batch: int = 1, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_longcat`: seeded prompt and negative embeddings of ``tokens`` tokens
+    (the negative one 5), no prompt rewriting; the Edit pipeline gets a square reference image (it works at a
+    1024 x 1024 area), text-to-image a 512 px size. No generator nor guidance settings."""
+    g = torch.Generator().manual_seed(SEED + 61)
+    kwargs: dict[str, Any] = {"num_inference_steps": 3, "output_type": "np"}
+    kwargs["prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
+    kwargs["negative_prompt_embeds"] = torch.randn(batch, 5, 24, generator=g)
+    if type(pipe).__name__ == "LongCatImageEditPipeline":
+        return kwargs | {"image": random_image(64, seed=SEED + 7)}
+    return kwargs | {"height": LONGCAT_SIZE, "width": LONGCAT_SIZE, "enable_prompt_rewrite": False}
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
