@@ -229,6 +229,20 @@ FAMILIES: tuple[Family, ...] = (
         negative_by_default=True,
     ),
     Family(
+        "ovis-image",
+        # FLUX-style double and single blocks over [text, image] tokens; a separate unconditional call whenever
+        # guidance_scale > 1, with an empty negative prompt unless given one
+        ("OvisImagePipeline",),
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        unbatched=("img_ids", "txt_ids"),
+        text_first=True,
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
+    ),
+    Family(
         "chroma",
         ("ChromaPipeline", "ChromaImg2ImgPipeline"),  # ChromaInpaintPipeline fails in diffusers 0.42 itself
         "transformer",

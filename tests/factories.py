@@ -1148,7 +1148,7 @@ LONGCAT_SIZE = 512
 def tiny_longcat(edit: bool = False) -> DiffusionPipeline:
     """LongCat-Image (or LongCat-Image Edit): a 1 double + 1 single block transformer over [text, image] tokens, a
     7-level KL VAE with 16 latent channels (the pipeline's fixed count), flow matching with dynamic shift, no text
-    encoder, tokenizer or processor (call it with :func:`longcat_call_kwargs`).
+    encoder, tokenizer or processor (call it with :func:`longcat_ovis_call_kwargs`).
 
     diffusers 0.42's LongCat ``encode_prompt`` reads the batch size from ``len(prompt)`` even when given embeddings
     (``TypeError`` for ``prompt=None``, a wrong reshape for a batch of negative embeddings with the default ``""``);
@@ -1187,17 +1187,47 @@ def tiny_longcat(edit: bool = False) -> DiffusionPipeline:
     return _finish(pipe)
 
 
-def longcat_call_kwargs(pipe: DiffusionPipeline, batch: int = 1, tokens: int = 7) -> dict[str, Any]:
-    """Small valid call kwargs for :func:`tiny_longcat`: seeded prompt and negative embeddings of ``tokens`` tokens
-    (the negative one 5), no prompt rewriting; the Edit pipeline gets a square reference image (it works at a
-    1024 x 1024 area), text-to-image a 512 px size. No generator nor guidance settings."""
+def tiny_ovis() -> DiffusionPipeline:
+    """Ovis-Image: a 1 double + 1 single block transformer over [text, image] tokens, the FLUX-style tiny VAE (4
+    latent channels), flow matching with dynamic shift, no text encoder or tokenizer (call it with
+    :func:`longcat_ovis_call_kwargs`)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.OvisImageTransformer2DModel(
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    parts = {"text_encoder": None, "tokenizer": None}
+    return _finish(
+        diffusers.OvisImagePipeline(
+            scheduler=_dynamic_shift_scheduler(), vae=_vae(flow=True), **parts, transformer=transformer
+        )
+    )
+
+
+def longcat_ovis_call_kwargs(pipe: DiffusionPipeline, batch: int = 1, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_longcat` and :func:`tiny_ovis`: seeded prompt and negative embeddings
+    of ``tokens`` tokens (the negative one 5); LongCat-Image Edit gets a square reference image (it works at a
+    1024 x 1024 area), LongCat-Image a 512 px size and no prompt rewriting, Ovis-Image the tiny VAE's 32 px and no
+    negative prompt. No generator nor guidance settings."""
     g = torch.Generator().manual_seed(SEED + 61)
     kwargs: dict[str, Any] = {"num_inference_steps": 3, "output_type": "np"}
     kwargs["prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
     kwargs["negative_prompt_embeds"] = torch.randn(batch, 5, 24, generator=g)
-    if type(pipe).__name__ == "LongCatImageEditPipeline":
+    name = type(pipe).__name__
+    if name == "LongCatImageEditPipeline":
         return kwargs | {"image": random_image(64, seed=SEED + 7)}
-    return kwargs | {"height": LONGCAT_SIZE, "width": LONGCAT_SIZE, "enable_prompt_rewrite": False}
+    if name == "LongCatImagePipeline":
+        return kwargs | {"height": LONGCAT_SIZE, "width": LONGCAT_SIZE, "enable_prompt_rewrite": False}
+    # Ovis-Image's negative_prompt defaults to "", which its check refuses beside negative_prompt_embeds
+    return kwargs | {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "negative_prompt": None}
 
 
 def tiny_dit() -> DiTPipeline:

@@ -1,7 +1,7 @@
-"""guide() on LongCat-Image and LongCat-Image Edit: FLUX-style double and single blocks over [text, image] tokens, a
-separate unconditional call with an empty negative prompt unless given one, then (text-to-image) an optional
-per-token renormalisation to the conditional prediction's norm; the Edit pipeline's reference-image tokens follow
-the generated ones, marked by the position ids' first coordinate (2 after the generated tokens' 1).
+"""guide() on LongCat-Image, LongCat-Image Edit and Ovis-Image: FLUX-style double and single blocks over [text, image]
+tokens, a separate unconditional call with an empty negative prompt unless given one; LongCat-Image then renormalises
+the result per token to the conditional prediction's norm (optional); the Edit pipeline's reference-image tokens
+follow the generated ones, marked by the position ids' first coordinate (2 after the generated tokens' 1).
 
 CFG equals the pipeline's own (with and without its renormalisation); APG equals the formula on the recorded
 branches, on the generated tokens only with a reference image; the perturbations batched equal them as calls of
@@ -17,15 +17,21 @@ from guidance import APG, CFG, PAG, SLG, TPG, LangevinCorrector, SoftPAG, guide
 from tests.factories import (
     apg_reference,
     assert_apg_acts_on_the_generated_tokens_only,
-    longcat_call_kwargs,
+    longcat_ovis_call_kwargs,
     pipeline_snapshot,
     recorded_run,
     tiny_longcat,
+    tiny_ovis,
 )
 
 
+@pytest.fixture(scope="module", params=["longcat", "ovis"])
+def pipe(request):
+    return tiny_longcat() if request.param == "longcat" else tiny_ovis()
+
+
 @pytest.fixture(scope="module")
-def pipe():
+def longcat():
     return tiny_longcat()
 
 
@@ -35,12 +41,20 @@ def edit():
 
 
 def call(pipe, batch=1, **extra):
-    kwargs = longcat_call_kwargs(pipe, batch) | extra
+    kwargs = longcat_ovis_call_kwargs(pipe, batch) | extra
     return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
 
 
-@pytest.mark.parametrize("renorm", [{}, {"cfg_renorm_min": 0.5}, {"enable_cfg_renorm": False}])
-def test_cfg_equals_the_pipelines_own(pipe, renorm):
+def test_cfg_equals_the_pipelines_own(pipe):
+    check_cfg(pipe)
+
+
+@pytest.mark.parametrize("renorm", [{"cfg_renorm_min": 0.5}, {"enable_cfg_renorm": False}])
+def test_longcat_cfg_equals_its_own_with_and_without_its_renormalisation(longcat, renorm):
+    check_cfg(longcat, **renorm)
+
+
+def check_cfg(pipe, **renorm):
     own = call(pipe, 2, guidance_scale=4.0, **renorm)
     assert np.abs(own - call(pipe, 2, guidance_scale=1.0)).max() > 1e-3, "CFG must change this tiny model's output"
     before = pipeline_snapshot(pipe)
@@ -49,20 +63,22 @@ def test_cfg_equals_the_pipelines_own(pipe, renorm):
     assert pipeline_snapshot(pipe) == before
 
 
-def test_the_renormalisation_acts_on_the_guided_prediction(pipe):
+def test_the_renormalisation_acts_on_the_guided_prediction(longcat):
     """The pipeline scales the guided prediction down, per token, to the conditional one's norm: under guide() it
     reads the true conditional output, so APG with and without it differ as the pipeline's own CFG does."""
-    with guide(pipe, APG(4.0)):
-        renormed, plain = call(pipe, cfg_renorm_min=0.0), call(pipe, enable_cfg_renorm=False)
+    with guide(longcat, APG(4.0)):
+        renormed, plain = call(longcat, cfg_renorm_min=0.0), call(longcat, enable_cfg_renorm=False)
     assert np.abs(renormed - plain).max() > 1e-3
 
 
 def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
     method = APG(6.0)  # x0 space with the auto norm threshold: depends on where in the schedule each step is
 
+    plain = {"enable_cfg_renorm": False} if type(pipe).__name__ == "LongCatImagePipeline" else {}  # the formula
+
     def run():
         with guide(pipe, method):
-            call(pipe, enable_cfg_renorm=False)
+            call(pipe, **plain)
 
     calls, steps = recorded_run(pipe, run)
     assert len(calls) == 2 * len(steps) == 6
