@@ -359,6 +359,11 @@ def family_of(pipe: Any) -> Family:
         for family in FAMILIES:
             if name in family.classes:
                 return family
+    if "guider" in getattr(pipe, "components", {}):  # HunyuanImage 2.1: the pipeline runs a diffusers guider
+        raise TypeError(
+            f"{type(pipe).__name__} runs the diffusers guider in its `guider` component: set "
+            "pipe.guider = as_guider(...) (guidance.modular) with the methods instead of guide()"
+        )
     supported = ", ".join(c for f in FAMILIES for c in f.classes)
     raise TypeError(
         f"guide() cannot serve {type(pipe).__name__}: it is none of the supported pipelines ({supported}) "

@@ -1230,6 +1230,63 @@ def longcat_ovis_call_kwargs(pipe: DiffusionPipeline, batch: int = 1, tokens: in
     return kwargs | {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "negative_prompt": None}
 
 
+def tiny_hunyuanimage() -> DiffusionPipeline:
+    """HunyuanImage 2.1 (diffusers' own tiny test configuration): a 1 double + 1 single block transformer with a
+    text token refiner, the tiny HunyuanImage VAE (stride 8), flow matching at shift 7, no text encoders or
+    tokenizers (call it with :func:`hunyuanimage_call_kwargs`), diffusers' CFG guider at 4."""
+    import diffusers
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.HunyuanImageTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=(1, 1),
+        guidance_embeds=False,
+        text_embed_dim=32,
+        text_embed_2_dim=32,
+        rope_axes_dim=(4, 4),
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLHunyuanImage(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64, 64),
+        layers_per_block=1,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        sample_size=128,
+    ).eval()
+    parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    guider = ClassifierFreeGuidance(guidance_scale=4.0)
+    return _finish(
+        diffusers.HunyuanImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer, guider=guider, **parts)
+    )
+
+
+def hunyuanimage_call_kwargs(batch: int = 1, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_hunyuanimage`: seeded prompt and negative embeddings of 7 tokens
+    (masks keeping ``tokens`` of them), empty glyph (ByT5) embeddings, so the pipeline takes ``pipe.guider``, not its
+    OCR guider; no generator."""
+    g = torch.Generator().manual_seed(SEED + 67)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    for prefix in ("", "negative_"):
+        mask = torch.zeros(batch, 7, dtype=torch.long)
+        mask[:, :tokens] = 1
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, 7, 32, generator=g)
+        kwargs[f"{prefix}prompt_embeds_mask"] = mask
+        kwargs[f"{prefix}prompt_embeds_2"] = torch.zeros(batch, 5, 32)
+        kwargs[f"{prefix}prompt_embeds_mask_2"] = torch.ones(batch, 5, dtype=torch.long)
+    return kwargs
+
+
 def tiny_dit() -> DiTPipeline:
     """Class-conditional DiT with learned sigma (``out_channels = 2 * in_channels``); null class is 1000."""
     torch.manual_seed(SEED)
@@ -1535,11 +1592,12 @@ def variant_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
     return kwargs
 
 
-def pipeline_snapshot(pipe: DiffusionPipeline) -> dict[str, Any]:
-    """What ``guide()`` must leave as it found it: classes, attributes, hooks, processors, modules, weights."""
+def pipeline_snapshot(pipe: DiffusionPipeline, denoiser: str | None = None) -> dict[str, Any]:
+    """What ``guide()`` must leave as it found it: classes, attributes, hooks, processors, modules, weights (of the
+    family's denoiser, or of the component ``denoiser``)."""
     from guidance.pipeline import family_of
 
-    denoiser = getattr(pipe, family_of(pipe).denoiser)
+    denoiser = getattr(pipe, denoiser or family_of(pipe).denoiser)
     return {
         "class": type(pipe),
         "denoiser_class": type(denoiser),
