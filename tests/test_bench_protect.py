@@ -27,6 +27,8 @@ def test_bench_protect_times_every_method_at_each_size(tmp_path):
     assert all(r["seconds"] > 0 and r["ratio"] > 0 and r["estimate"] > 0 for r in rows)
     aspl = [r for r in rows if r["method"].startswith("aspl")]
     pgd = [r for r in rows if "PGD" in r["method"] and r not in aspl]
-    assert all(r["how"] == "1 steps measured, scaled" for r in pgd)
-    assert all(r["method"] == "aspl (60 PGD steps)" and r["how"] == "6 steps measured, scaled" for r in aspl)
+    assert all(r["how"] == "1 and 2 steps measured, extrapolated" for r in pgd)
+    assert all(
+        r["method"] == "aspl (60 PGD steps)" and r["how"] == "6 and 12 steps measured, extrapolated" for r in aspl
+    )
     assert json.loads(out.read_text())["rows"][0]["encoder"] == "demo/photo_vae"
