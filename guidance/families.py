@@ -72,6 +72,9 @@ class Family:
     #: them, ``sequential=True`` runs each perturbed branch on the whole batch (the cond rows alone would be
     #: padded to another length)
     padded_args: tuple[str, ...] = ()
+    #: the denoiser's blocks take their hidden states as ``(tokens, batch, channels)`` (ERNIE-Image): the token
+    #: shuffle and the skipped rows act on their dim 1 (the denoiser's own inputs stay batch-first)
+    sequence_first: bool = False
     #: the pipeline config flag that switches its CFG off for a guidance-distilled checkpoint (FLUX.2 klein's
     #: ``is_distilled``; Krea 2's flag of that name only changes the schedule)
     distilled_flag: str | None = None
@@ -241,6 +244,17 @@ FAMILIES: tuple[Family, ...] = (
         text_first=True,
         negative_embeds=("negative_prompt_embeds",),
         negative_by_default=True,
+    ),
+    Family(
+        "ernie-image",
+        # one batched CFG call (uncond first) of single-stream blocks over [image, text] tokens, each sample's text
+        # padded to the batch's longest (a key-padding mask); the blocks run sequence-first
+        ("ErnieImagePipeline",),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        single_sequence=True,
+        sequence_first=True,
     ),
     Family(
         "chroma",

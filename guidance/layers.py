@@ -33,10 +33,17 @@ def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+#: transformer blocks whose class names do not end with "TransformerBlock"
+OTHER_BLOCKS = ("ErnieImageSharedAdaLNBlock",)
+
+
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
-    """Transformer blocks of ``model`` (BasicTransformerBlock, JointTransformerBlock, Flux blocks, ...)."""
+    """Transformer blocks of ``model`` (BasicTransformerBlock, JointTransformerBlock, Flux blocks, ...,
+    :data:`OTHER_BLOCKS`)."""
     return {
-        name: module for name, module in model.named_modules() if type(module).__name__.endswith("TransformerBlock")
+        name: module
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("TransformerBlock") or type(module).__name__ in OTHER_BLOCKS
     }
 
 

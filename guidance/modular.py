@@ -81,7 +81,9 @@ class _Controller:
     """What the perturbation hooks read of a ``guide()`` controller: the methods (and a family without joint
     layout: a modular guider perturbs whole denoiser calls)."""
 
-    family = dataclasses.make_dataclass("ModularFamily", [("text_first", bool, False)])()
+    family = dataclasses.make_dataclass(
+        "ModularFamily", [("text_first", bool, False), ("sequence_first", bool, False)]
+    )()
 
     def __init__(self, methods: tuple[Guidance, ...]) -> None:
         self.methods = methods

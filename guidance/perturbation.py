@@ -219,11 +219,14 @@ class _ShuffleHook(ModelHook):
         rows = [(r, generator) for r, generator in rows if r is not None]
         if not rows:
             return args, kwargs
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        given = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        sequence_first = self.controller.family.sequence_first  # ERNIE-Image's blocks: (tokens, batch, channels)
+        hidden = (given.transpose(0, 1) if sequence_first else given).clone()
         valid = _padding_mask(module, args, kwargs, hidden)
-        hidden = hidden.clone()
         for r, generator in rows:
             hidden[r] = shuffle_tokens(hidden[r], generator, None if valid is None else valid[r])
+        if sequence_first:
+            hidden = hidden.transpose(0, 1).contiguous()
         if "hidden_states" in kwargs:
             return args, {**kwargs, "hidden_states": hidden}
         return (hidden, *args[1:]), kwargs
@@ -266,6 +269,8 @@ class _SkipHook(ModelHook):
         bound = signature.bind_partial(module, *args, **kwargs).arguments
         first = list(signature.parameters)[1]  # after ``self``: the hidden states (Z-Image's blocks call them ``x``)
         hidden, context = bound.get("hidden_states", bound.get(first)), bound.get("encoder_hidden_states")
+        if isinstance(output, torch.Tensor) and self.controller.family.sequence_first:  # (tokens, batch, channels)
+            return _passed_through(output.transpose(0, 1), hidden.transpose(0, 1), rows, self.name).transpose(0, 1)
         if isinstance(output, torch.Tensor):  # a basic / single-stream block: the hidden states
             return _passed_through(output, hidden, rows, self.name)
         if isinstance(output, tuple) and len(output) == 2:  # a joint block: the text and image streams

@@ -1230,6 +1230,51 @@ def longcat_ovis_call_kwargs(pipe: DiffusionPipeline, batch: int = 1, tokens: in
     return kwargs | {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "negative_prompt": None}
 
 
+def tiny_ernie() -> DiffusionPipeline:
+    """ERNIE-Image: a 2-block single-stream transformer over [image, text] tokens that runs its blocks
+    sequence-first, the tiny FLUX.2 VAE (its latents patchified 2x2 into 16 channels), flow matching, no text
+    encoder, tokenizer or prompt enhancer (call it with :func:`ernie_call_kwargs`)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.ErnieImageTransformer2DModel(
+        hidden_size=32,
+        num_attention_heads=2,
+        num_layers=2,
+        ffn_hidden_size=32,
+        in_channels=16,
+        out_channels=16,
+        text_in_dim=24,
+        rope_axes_dim=(4, 6, 6),  # sums to the head size
+    ).eval()
+    _with_weights(transformer)  # zero-initialised modulation and output projection
+    vae = diffusers.AutoencoderKLFlux2(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).eval()
+    parts = {"text_encoder": None, "tokenizer": None}
+    return _finish(
+        diffusers.ErnieImagePipeline(
+            transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(), **parts
+        )
+    )
+
+
+def ernie_call_kwargs(batch: int = 1, tokens: tuple[int, ...] = (7, 4)) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_ernie`: seeded prompt and negative embeddings, one ``(tokens, 24)``
+    tensor per sample (sample ``i`` has ``tokens[i]`` of them, the negative ones 5), no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 71)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    kwargs["prompt_embeds"] = [torch.randn(tokens[i], 24, generator=g) for i in range(batch)]
+    kwargs["negative_prompt_embeds"] = [torch.randn(5, 24, generator=g) for _ in range(batch)]
+    return kwargs
+
+
 def tiny_hunyuanimage() -> DiffusionPipeline:
     """HunyuanImage 2.1 (diffusers' own tiny test configuration): a 1 double + 1 single block transformer with a
     text token refiner, the tiny HunyuanImage VAE (stride 8), flow matching at shift 7, no text encoders or

@@ -1,0 +1,106 @@
+"""guide() on ERNIE-Image: one batched CFG call (the unconditional half first) of single-stream blocks over
+[image, text] tokens, each sample's text padded to the batch's longest under a key-padding mask, and blocks that
+take their hidden states sequence-first, ``(tokens, batch, channels)``.
+
+CFG equals the pipeline's own; APG equals the formula on the recorded branches; the perturbations batched equal
+them as calls of their own (TPG and SLG must find the batch on dim 1 of the blocks' inputs); TPG shuffles each
+row's real tokens only; ``PAG(joint="image")`` is refused; the pipeline is left as found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guidance import APG, CFG, PAG, SLG, TPG, SoftPAG, guide
+from guidance.pipeline import schedule_of
+from guidance.prediction import broadcast
+from tests.factories import ernie_call_kwargs, pipeline_snapshot, recorded_run, tiny_ernie
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_ernie()
+
+
+def call(pipe, batch=2, **extra):
+    return pipe(**ernie_call_kwargs(batch) | extra, generator=torch.Generator().manual_seed(0)).images
+
+
+def test_cfg_equals_the_pipelines_own(pipe):
+    own = call(pipe, guidance_scale=4.0)
+    assert np.abs(own - call(pipe, guidance_scale=1.0)).max() > 1e-3, "CFG must change this tiny model's output"
+    before = pipeline_snapshot(pipe)
+    with guide(pipe, CFG(4.0)):
+        np.testing.assert_allclose(call(pipe, guidance_scale=1.0), own, atol=2e-6)
+    with guide(pipe, PAG(1.0)):  # perturbations alone keep the pipeline's own CFG
+        composed = call(pipe, guidance_scale=4.0)
+    with guide(pipe, CFG(4.0), PAG(1.0)):
+        np.testing.assert_allclose(call(pipe), composed, atol=2e-6)
+    assert pipeline_snapshot(pipe) == before
+
+
+def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
+    method = APG(6.0)  # x0 space with the auto norm threshold: depends on where in the schedule each step is
+
+    def run():
+        with guide(pipe, method):
+            call(pipe)
+
+    calls, steps = recorded_run(pipe, run)
+    schedule, state = schedule_of(pipe.scheduler), method.new_state("ernie-image")
+    assert len(calls) == len(steps) == 3
+    for (x, t, out), ours in zip(calls, steps):
+        n = len(ours)  # the batch: the unconditional half first
+        x, cond, uncond = x[n:].float(), out[n:].float(), out[:n].float()
+        a, b = schedule.coefficients(*schedule.alpha_sigma(t[n:].float()))
+        a, b = broadcast(a, x), broadcast(b, x)
+        reference = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
+        torch.testing.assert_close(ours.float(), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        PAG(1.0),
+        SoftPAG(1.0, heads=(("layers.1.self_attention", 1),)),
+        TPG(1.0),
+        SLG(1.0, layers=(1,), start=0.0, stop=1.0),
+    ],
+    ids=["pag", "softpag", "tpg", "slg"],
+)
+def test_perturbations_batched_equal_their_own_calls(pipe, method):
+    with guide(pipe, APG(4.0), method):
+        batched = call(pipe)
+    with guide(pipe, APG(4.0), method, sequential=True):
+        np.testing.assert_allclose(call(pipe), batched, atol=2e-6)
+    with guide(pipe, APG(4.0)):
+        assert np.abs(batched - call(pipe)).max() > 1e-3
+
+
+def test_tpg_shuffles_the_real_tokens_only(pipe, monkeypatch):
+    """The pipeline pads the shorter text with zeros under a key-padding mask: whatever the padding holds, the
+    output does not change, and with TPG it still does not (a shuffle over every token would move it in)."""
+    pad = pipe._pad_text
+
+    def padded_with(value):
+        def garbage(*args, **kwargs):
+            text, lengths = pad(*args, **kwargs)
+            text = text.clone()
+            for row, length in enumerate(lengths.tolist()):
+                text[row, length:] = value
+            return text, lengths
+
+        monkeypatch.setattr(pipe, "_pad_text", garbage)
+        return call(pipe, guidance_scale=4.0)
+
+    np.testing.assert_array_equal(padded_with(0.0), padded_with(5.0))
+    with guide(pipe, TPG(2.0)):
+        shuffled = padded_with(0.0)
+        np.testing.assert_allclose(padded_with(5.0), shuffled, atol=1e-6)
+    assert np.abs(shuffled - padded_with(0.0)).max() > 1e-3
+
+
+def test_pag_on_the_image_tokens_alone_is_refused(pipe):
+    with pytest.raises(ValueError, match=r"joint='image'\) is not available"), guide(pipe, PAG(2.0, joint="image")):
+        pass
