@@ -219,29 +219,34 @@ class _ShuffleHook(ModelHook):
         rows = [(r, generator) for r, generator in rows if r is not None]
         if not rows:
             return args, kwargs
-        given = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        bound = _signature(type(module)).bind_partial(module, *args, **kwargs)
+        name = _hidden_name(module, bound.arguments)
         sequence_first = self.controller.family.sequence_first  # ERNIE-Image's blocks: (tokens, batch, channels)
+        given = bound.arguments[name]
         hidden = (given.transpose(0, 1) if sequence_first else given).clone()
-        valid = _padding_mask(module, args, kwargs, hidden)
+        valid = _padding_mask(bound.arguments, hidden)
         for r, generator in rows:
             hidden[r] = shuffle_tokens(hidden[r], generator, None if valid is None else valid[r])
-        if sequence_first:
-            hidden = hidden.transpose(0, 1).contiguous()
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": hidden}
-        return (hidden, *args[1:]), kwargs
+        bound.arguments[name] = hidden.transpose(0, 1).contiguous() if sequence_first else hidden
+        return bound.args[1:], bound.kwargs  # without the module itself
+
+
+def _hidden_name(module: nn.Module, arguments: dict[str, Any]) -> str:
+    """The name under which a block call's bound ``arguments`` hold its hidden states: ``hidden_states``, else the
+    first parameter after ``self`` (Z-Image's and ERNIE-Image's blocks call them ``x``)."""
+    return "hidden_states" if "hidden_states" in arguments else list(_signature(type(module)).parameters)[1]
 
 
 #: a block's argument that may hold a padding mask of its token sequence
 PADDING_MASKS = ("attn_mask", "attention_mask")
 
 
-def _padding_mask(module: nn.Module, args: tuple, kwargs: dict, hidden: torch.Tensor) -> torch.Tensor | None:
-    """The block call's padding mask of ``hidden``'s tokens, ``(B, L)`` bool (True: a real token), if it has one:
-    ``(B, L)`` (Z-Image, Lumina 2) or a key-padding mask ``(B, 1, 1, L)`` (Krea 2)."""
-    bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
+def _padding_mask(arguments: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor | None:
+    """The padding mask of ``hidden``'s tokens (batch-first) among a block call's bound ``arguments``, ``(B, L)``
+    bool (True: a real token), if it has one: ``(B, L)`` (Z-Image, Lumina 2) or a key-padding mask ``(B, 1, 1, L)``
+    (Krea 2, ERNIE-Image)."""
     for name in PADDING_MASKS:
-        mask = bound.get(name)
+        mask = arguments.get(name)
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             continue
         if mask.ndim == 4 and mask.shape[1:3] == (1, 1):
@@ -265,10 +270,8 @@ class _SkipHook(ModelHook):
         output = self.fn_ref.original_forward(*args, **kwargs)
         if not rows:
             return output
-        signature = _signature(type(module))
-        bound = signature.bind_partial(module, *args, **kwargs).arguments
-        first = list(signature.parameters)[1]  # after ``self``: the hidden states (Z-Image's blocks call them ``x``)
-        hidden, context = bound.get("hidden_states", bound.get(first)), bound.get("encoder_hidden_states")
+        bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
+        hidden, context = bound.get(_hidden_name(module, bound)), bound.get("encoder_hidden_states")
         if isinstance(output, torch.Tensor) and self.controller.family.sequence_first:  # (tokens, batch, channels)
             return _passed_through(output.transpose(0, 1), hidden.transpose(0, 1), rows, self.name).transpose(0, 1)
         if isinstance(output, torch.Tensor):  # a basic / single-stream block: the hidden states
