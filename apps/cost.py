@@ -92,6 +92,8 @@ def protect_seconds(
             settings = finetune or Finetune()
             rounds = math.ceil(steps / settings.pgd_steps)
             total += pixels * rounds * 2 * settings.steps * costs["aspl_finetune_pixel"]
+        if "report_pixel" in costs.unit:  # the PSNR and SSIM of the report, on the whole image
+            total += width * height * costs["report_pixel"]
         if preview and min(width, height) >= 8:
             total += costs["preview"]
         if "survival_pixel" in costs.unit:  # the survival report (JPEG q75, noisy upscaling), where measured

@@ -39,6 +39,10 @@ def test_estimates_grow_in_proportion_to_pixels_and_steps():
     costs.unit.update({"pgd_pixel_step:aspl": 2e-5, "aspl_finetune_pixel": 3e-6})
     rounds_of_6 = protect_seconds(costs, [(256, 256)], "aspl", 13, 128, False, finetune=Finetune(steps=3))
     assert rounds_of_6 == pytest.approx(256 * 256 * (13 * 2e-5 + 3 * 2 * 3 * 3e-6))  # 13 steps: 3 rounds
+    costs.unit["report_pixel"] = 1e-7  # the report's PSNR and SSIM, on the whole image
+    assert protect_seconds(costs, [(256, 128)], "amortized", 1, 128, preview=False) == pytest.approx(
+        256 * 128 * (1e-7 + 1e-7)
+    )
     assert generate_seconds(costs, "m", rows=4, images=2, steps=10, branches=3) == pytest.approx(2.4)
     with pytest.raises(KeyError, match="not been measured"):
         costs["generate:other"]
