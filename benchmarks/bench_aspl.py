@@ -109,9 +109,11 @@ def protections(
     attacker_lr: float,
     equal_psnr: bool = False,
     aspl_tile: int | None = None,
+    per_image: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The protected crops per protection (PGD on whole crops, seeded per crop); ``equal_psnr``: PhotoGuard at
-    ASPL's PSNR too; ``aspl_tile``: ASPL on ``aspl_tile`` px tiles too (fine-tunes on the tiles)."""
+    ASPL's PSNR too; ``aspl_tile``: ASPL on ``aspl_tile`` px tiles too (fine-tunes on the tiles); ``per_image``:
+    ASPL (on those tiles, if given) on each crop alone too, its surrogate fine-tuned on that crop only."""
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(len(clean))]
     alphas = scheduler.alphas_cumprod
     signs = torch.cat([torch.randint(0, 2, (1, *clean.shape[1:]), generator=g) for g in gens()]) * 2 - 1
@@ -129,11 +131,23 @@ def protections(
             clean, "aspl", vae=vae, eps=eps, steps=steps, generator=torch.Generator().manual_seed(0),
             finetune=finetune, tile=aspl_tile, **semantic,
         )[0]  # fmt: skip
+    if per_image:
+        alone = [
+            protect(
+                clean[i : i + 1], "aspl", vae=vae, eps=eps, steps=steps, generator=torch.Generator().manual_seed(i),
+                finetune=finetune, tile=aspl_tile, **semantic,
+            )[0]
+            for i in range(len(clean))
+        ]  # fmt: skip
+        out[PER_IMAGE] = torch.cat(alone)
     if equal_psnr:
         target = psnr(out["aspl"], clean).mean().item()
         budget, out["photoguard at ASPL's PSNR"] = equal_psnr_photoguard(clean, vae, target, eps, steps, gens)
         print(f"PhotoGuard at ASPL's PSNR ({target:.2f} dB): eps {255 * budget:.2f}/255")
     return out
+
+
+PER_IMAGE = "aspl, each crop alone"
 
 
 def tiled_name(tile: int) -> str:
@@ -156,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--equal-psnr", action="store_true", help="add PhotoGuard at ASPL's PSNR (smaller budget)")
     parser.add_argument("--aspl-tile", type=int, default=None, help="add ASPL on tiles of this side (px)")
+    parser.add_argument(
+        "--per-image",
+        action="store_true",
+        help="add ASPL on each crop alone (as the app protects each upload), on --aspl-tile tiles if given",
+    )
+    parser.add_argument(
+        "--only", nargs="+", default=None, help="attack only these protections (and the clean crops), by name"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     unet, scheduler, vae_name = load_latent_model(args.ldm, device="cpu")
@@ -173,7 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         attacker_lr=lr,
         equal_psnr=args.equal_psnr,
         aspl_tile=args.aspl_tile,
+        per_image=args.per_image,
     )
+    if args.only is not None:
+        unknown = set(args.only) - set(protected)
+        if unknown:
+            parser.error(f"--only: no protection named {sorted(unknown)}; there are {sorted(protected)}")
+        protected = {name: images for name, images in protected.items() if name == "clean" or name in args.only}
     alphas = scheduler.alphas_cumprod
     with torch.no_grad():
         clean_latents = latent(vae, clean)
@@ -209,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [("aspl", "photoguard"), ("aspl", "photoguard at ASPL's PSNR")]
         if args.aspl_tile is not None:
             pairs += [(tiled_name(args.aspl_tile), "aspl"), (tiled_name(args.aspl_tile), "photoguard")]
+        if args.per_image:
+            pairs += [(PER_IMAGE, tiled_name(args.aspl_tile) if args.aspl_tile is not None else "aspl")]
         for ours, peer in pairs:
-            if peer not in share:
+            if ours not in share or peer not in share:
                 continue
             ratio = share[ours]["mean"] / share[peer]["mean"]
             gaps = [a - p for a, p in zip(share[ours]["per_seed"], share[peer]["per_seed"])]

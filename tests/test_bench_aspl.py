@@ -52,3 +52,18 @@ def test_aspl_on_tiles_is_added_on_request(tmp_path, capsys):
     assert 28 < rows[("full", "aspl, 32 px tiles")]["psnr"] < 60
     printed = capsys.readouterr().out
     assert "aspl, 32 px tiles / aspl learned share" in printed and "aspl, 32 px tiles / photoguard" in printed
+
+
+def test_aspl_on_each_crop_alone_is_added_on_request_and_only_keeps_the_named_protections(tmp_path, capsys):
+    out = tmp_path / "aspl.json"
+    argv = ["-n", "2", "--size", "64", "--steps", "2", "--attack-steps", "1", "--seeds", "2", "--samples", "1"]
+    only = ["--only", "aspl, 32 px tiles", bench_aspl.PER_IMAGE]
+    assert bench_aspl.main([*argv, "--aspl-tile", "32", "--per-image", *only, "--json", str(out)]) == 0
+    rows = {(r["attacker"], r["protection"]): r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == sorted(
+        (a, p) for a in bench_aspl.ATTACKERS for p in ("clean", "aspl, 32 px tiles", bench_aspl.PER_IMAGE)
+    )
+    assert 28 < rows[("lora", bench_aspl.PER_IMAGE)]["psnr"] < 60
+    assert f"{bench_aspl.PER_IMAGE} / aspl, 32 px tiles learned share" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_aspl.main([*argv, "--only", "nothing of that name"])
