@@ -126,7 +126,7 @@ class Run:
         #: whether the call runs an unconditional branch (a step may not: see :meth:`step_of`)
         self.has_uncond = has_uncond
         methods = controller.methods
-        #: (text, image) token counts of the current denoiser call of a sequence model (FLUX), else None
+        #: (text, image) token counts of the current denoiser call of a sequence model (FLUX, AuraFlow), else None
         self.tokens: tuple[int, int] | None = None
         #: the generated (leading) image tokens when reference-image tokens follow them (FLUX Kontext, Qwen-Image
         #: Edit), else None
@@ -159,7 +159,11 @@ class Run:
         has_uncond = self.has_uncond and self._pipeline_cfg_on() and not self._cfg_cut(timestep)
         step = self.step_of(x, t, has_uncond)
         context = inputs[1].get("encoder_hidden_states")
-        self.tokens = (context.shape[1], x.shape[1]) if context is not None and x.ndim == 3 else None
+        self.tokens = None
+        if context is not None and x.ndim == 3:
+            self.tokens = (context.shape[1], x.shape[1])
+        elif context is not None and self.family.joint_tokens is not None:  # AuraFlow: latents as images
+            self.tokens = self.family.joint_tokens(getattr(self.controller.pipe, self.family.denoiser), x, context)
         self.generated = _generated_tokens(inputs[1], x)
         if self.generated is not None and self.controller.corrector is not None:
             raise ValueError(

@@ -78,6 +78,11 @@ class Family:
     #: the pipeline config flag that switches its CFG off for a guidance-distilled checkpoint (FLUX.2 klein's
     #: ``is_distilled``; Krea 2's flag of that name only changes the schedule)
     distilled_flag: str | None = None
+    #: the (text, image) token counts of the joint sequence that the denoiser builds from image latents
+    #: ``(B, C, H, W)`` and its text, as a function of the denoiser, the latents and the text (AuraFlow: learned
+    #: register tokens before the text, one image token per patch): where ``PAG(joint="image")`` finds the image
+    #: tokens in single-stream blocks
+    joint_tokens: Callable[[Any, Tensor, Tensor], tuple[int, int]] | None = None
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -100,6 +105,13 @@ def _z_image_cut(pipe: Any, arguments: dict[str, Any], timestep: Any, index: int
 def _lumina2_cut(pipe: Any, arguments: dict[str, Any], timestep: Any, index: int, steps: int) -> bool:
     """Lumina 2's ``cfg_trunc_ratio``: no unconditional call once ``(i + 1) / n`` is above it."""
     return (index + 1) / steps > float(arguments.get("cfg_trunc_ratio", 1.0))
+
+
+def _auraflow_tokens(denoiser: Any, latents: Tensor, text: Tensor) -> tuple[int, int]:
+    """AuraFlow's joint sequence: its register tokens, the text, then one token per ``patch_size`` square."""
+    patch = denoiser.config.patch_size
+    image = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
+    return denoiser.register_tokens.shape[1] + text.shape[1], image
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -267,6 +279,18 @@ FAMILIES: tuple[Family, ...] = (
         text_first=True,
         negative_embeds=("negative_prompt_embeds",),
         negative_by_default=True,
+    ),
+    Family(
+        "auraflow",
+        # one batched CFG call (uncond first) of MMDiT joint blocks, then single-stream blocks over [registers,
+        # text, image] tokens; the timestep is sigma in [0, 1]
+        ("AuraFlowPipeline",),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        text_first=True,
+        joint_tokens=_auraflow_tokens,
     ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family(

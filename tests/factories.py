@@ -1275,6 +1275,52 @@ def ernie_call_kwargs(batch: int = 1, tokens: tuple[int, ...] = (7, 4)) -> dict[
     return kwargs
 
 
+def tiny_auraflow() -> DiffusionPipeline:
+    """AuraFlow: 2 MMDiT joint blocks then 2 single-stream blocks over [registers, text, image] tokens (4 heads of
+    8, patch 2), the tiny flow VAE, flow matching, no text encoder or tokenizer (call it with
+    :func:`auraflow_call_kwargs`). The blocks' modulation is scaled up 4x: at the default initialisation the
+    gates are so small that the text moves the output by 1e-4."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.AuraFlowTransformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_mmdit_layers=2,
+        num_single_dit_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=24,
+        caption_projection_dim=32,  # heads * head_dim
+        pos_embed_max_size=64,
+    ).eval()
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if ".norm1" in name or name.startswith("time_step_proj.linear_2"):
+                parameter.mul_(4.0)
+    pipe = diffusers.AuraFlowPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_vae(flow=True),
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    return _finish(pipe)
+
+
+def auraflow_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_auraflow`: seeded prompt and negative embeddings ``(batch, tokens,
+    24)`` with their (all-ones) masks, no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 73)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
+        kwargs[f"{prefix}prompt_attention_mask"] = torch.ones(batch, tokens)
+    return kwargs
+
+
 def tiny_hunyuanimage() -> DiffusionPipeline:
     """HunyuanImage 2.1 (diffusers' own tiny test configuration): a 1 double + 1 single block transformer with a
     text token refiner, the tiny HunyuanImage VAE (stride 8), flow matching at shift 7, no text encoders or
