@@ -162,8 +162,8 @@ class Run:
         self.tokens = None
         if context is not None and x.ndim == 3:
             self.tokens = (context.shape[1], x.shape[1])
-        elif context is not None and self.family.joint_tokens is not None:  # AuraFlow: latents as images
-            self.tokens = self.family.joint_tokens(getattr(self.controller.pipe, self.family.denoiser), x, context)
+        elif x.ndim == 4 and self.family.joint_tokens is not None:  # AuraFlow, HiDream: latents as images
+            self.tokens = self.family.joint_tokens(getattr(self.controller.pipe, self.family.denoiser), x, inputs[1])
         self.generated = _generated_tokens(inputs[1], x)
         if self.generated is not None and self.controller.corrector is not None:
             raise ValueError(
@@ -269,7 +269,7 @@ class Run:
             at = dataclasses.replace(step, x=x_in.repeat(n // b, *[1] * (x.ndim - 1)))
             _, pred, perturbed = self._branches(call, self._with_sample(inputs, at.x), at)
             g = self._guided_rows(at, pred, perturbed)
-            return coef_a * x_in.float() + coef_b * g.float()
+            return coef_a * x_in.float() + coef_b * self.family.output_sign * g.float()  # HiDream: negated
 
         x_cond = x[cond_rows]
         x_ve, _ = langevin_correct(
@@ -321,10 +321,11 @@ class Run:
     def _rebind(self, inputs: tuple[tuple, dict], n: int, cond_rows: slice, copies: int) -> tuple[tuple, dict]:
         """The call's arguments along the batch of ``n`` rows: ``copies`` copies of the ``cond_rows`` appended to
         them, or (``copies=0``) the ``cond_rows`` alone. Names in ``family.unbatched`` are untouched; the
-        per-sample lists of ``family.list_args`` are rebound as the tensors are."""
+        per-sample lists of ``family.list_args`` are rebound as the tensors are; the names of ``family.batch_dims``
+        along their own batch dimension."""
         args, kwargs = inputs
         names = self.controller.parameter_names
-        skip, lists = self.family.unbatched, self.family.list_args
+        skip, lists, dims = self.family.unbatched, self.family.list_args, dict(self.family.batch_dims)
 
         def rebind(name: str, value: Any) -> Any:
             if name in skip:
@@ -333,6 +334,11 @@ class Run:
                 cond = list(value[cond_rows])
                 return cond if copies == 0 else [*value, *cond * copies]
             fn = (lambda v: v[cond_rows]) if copies == 0 else (lambda v: torch.cat([v, *[v[cond_rows]] * copies]))
+            if name in dims and isinstance(value, Tensor):
+                if value.ndim <= dims[name] or value.shape[dims[name]] != n:
+                    shape = tuple(value.shape)
+                    raise RuntimeError(f"{name} {shape}: expected the batch of {n} on dim {dims[name]}")
+                return fn(value.movedim(dims[name], 0)).movedim(0, dims[name])
             return _map_batched(value, fn, n)
 
         return (

@@ -79,10 +79,13 @@ class Family:
     #: ``is_distilled``; Krea 2's flag of that name only changes the schedule)
     distilled_flag: str | None = None
     #: the (text, image) token counts of the joint sequence that the denoiser builds from image latents
-    #: ``(B, C, H, W)`` and its text, as a function of the denoiser, the latents and the text (AuraFlow: learned
-    #: register tokens before the text, one image token per patch): where ``PAG(joint="image")`` finds the image
-    #: tokens in single-stream blocks
-    joint_tokens: Callable[[Any, Tensor, Tensor], tuple[int, int]] | None = None
+    #: ``(B, C, H, W)`` and its text, as a function of the denoiser, the latents and the denoiser call's keyword
+    #: arguments (AuraFlow: learned register tokens before the text, one image token per patch; HiDream: the image
+    #: before its T5 and Llama tokens): where ``PAG(joint="image")`` finds the image tokens in single-stream blocks
+    joint_tokens: Callable[[Any, Tensor, dict[str, Any]], tuple[int, int]] | None = None
+    #: denoiser arguments whose batch is not their first dimension, with that dimension (HiDream's Llama states
+    #: ``(layers, batch, tokens, channels)``)
+    batch_dims: tuple[tuple[str, int], ...] = ()
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -107,11 +110,23 @@ def _lumina2_cut(pipe: Any, arguments: dict[str, Any], timestep: Any, index: int
     return (index + 1) / steps > float(arguments.get("cfg_trunc_ratio", 1.0))
 
 
-def _auraflow_tokens(denoiser: Any, latents: Tensor, text: Tensor) -> tuple[int, int]:
+def _auraflow_tokens(denoiser: Any, latents: Tensor, kwargs: dict[str, Any]) -> tuple[int, int]:
     """AuraFlow's joint sequence: its register tokens, the text, then one token per ``patch_size`` square."""
     patch = denoiser.config.patch_size
     image = (latents.shape[-2] // patch) * (latents.shape[-1] // patch)
-    return denoiser.register_tokens.shape[1] + text.shape[1], image
+    return denoiser.register_tokens.shape[1] + kwargs["encoder_hidden_states"].shape[1], image
+
+
+def _hidream_tokens(denoiser: Any, latents: Tensor, kwargs: dict[str, Any]) -> tuple[int, int]:
+    """HiDream-I1's single-stream sequence: one token per ``patch_size`` square (padded to the denoiser's
+    ``max_seq`` for a non-square image), then the T5 tokens and twice the Llama tokens (its last chosen layer, and
+    the block's own layer)."""
+    patch = denoiser.config.patch_size
+    height, width = latents.shape[-2:]
+    image = denoiser.max_seq if height != width else (height // patch) * (width // patch)
+    llama = kwargs["encoder_hidden_states_llama3"]
+    llama_tokens = llama[0].shape[-2]  # a (layers, batch, tokens, channels) tensor or a list per layer
+    return kwargs["encoder_hidden_states_t5"].shape[1] + 2 * llama_tokens, image
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -291,6 +306,19 @@ FAMILIES: tuple[Family, ...] = (
         timestep_divisor=1000.0,
         text_first=True,
         joint_tokens=_auraflow_tokens,
+    ),
+    Family(
+        "hidream",
+        # one batched CFG call (uncond first); the pipeline negates the denoiser's output into the flow velocity;
+        # double-stream blocks over [image, text], then single-stream blocks over [image, T5, Llama, Llama]; the
+        # Llama states carry the batch on their dim 1
+        ("HiDreamImagePipeline",),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        output_sign=-1.0,
+        joint_tokens=_hidream_tokens,
+        batch_dims=(("encoder_hidden_states_llama3", 1),),
     ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family(

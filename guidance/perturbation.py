@@ -161,7 +161,7 @@ class _AttentionHook(ModelHook):
     @torch.compiler.disable
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         run = active_run(self.controller)
-        image = self._image_block(args, kwargs, run)
+        image = self._image_block(module, args, kwargs, run)
         active = [
             (run.rows[i], heads, u, image if image_only else None)
             for i, heads, u, image_only in self.rules
@@ -191,20 +191,37 @@ class _AttentionHook(ModelHook):
             )
         return output
 
-    def _image_block(self, args: tuple, kwargs: dict, run: Any) -> tuple[int, int] | None:
+    def _image_block(self, module: nn.Module, args: tuple, kwargs: dict, run: Any) -> tuple[int, int] | None:
         """Where the image tokens sit in a joint attention's sequence, (start, count) (``None``: not joint).
 
-        A joint block passes the text as ``encoder_hidden_states``; FLUX's single-stream blocks join text and
-        image themselves and call attention on ``[text, image]``: a sequence as long as the denoiser call's text
-        and image tokens together (:attr:`guidance.engine.Run.tokens`) is read as that."""
-        context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        A joint block passes the text as ``encoder_hidden_states`` (HiDream: ``norm_encoder_hidden_states``);
+        single-stream blocks join text and image themselves and call attention on one sequence, ``[text, image]``
+        (FLUX, AuraFlow) or ``[image, text]`` (HiDream): a sequence as long as the denoiser call's text and image
+        tokens together (:attr:`guidance.engine.Run.tokens`) is read as that."""
+        hidden, context = _attention_inputs(module, args, kwargs)
+        text_first = self.controller.family.text_first
         if context is not None:
-            return (context.shape[1] if self.controller.family.text_first else 0), hidden.shape[1]
+            return (context.shape[1] if text_first else 0), hidden.shape[1]
         tokens = run.tokens if run is not None else None
-        if tokens is not None and self.controller.family.text_first and hidden.shape[1] == sum(tokens):
-            return tokens
+        if tokens is not None and hidden is not None and hidden.shape[1] == sum(tokens):
+            return tokens if text_first else (0, tokens[1])
         return None
+
+
+def _attention_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """An attention module call's hidden states and text states (None: self-attention), bound by name (diffusers'
+    ``hidden_states`` / ``encoder_hidden_states``, HiDream's ``norm_`` spellings), else by position."""
+    try:
+        bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
+    except TypeError:
+        bound = {}
+    pick = lambda names: next((bound[n] for n in names if bound.get(n) is not None), None)
+    hidden = pick(("hidden_states", "norm_hidden_states"))
+    if hidden is None:  # unbound, or another name: the first argument
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if bound:
+        return hidden, pick(("encoder_hidden_states", "norm_encoder_hidden_states"))
+    return hidden, kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
 
 
 class _ShuffleHook(ModelHook):
@@ -239,12 +256,14 @@ def _hidden_name(module: nn.Module, arguments: dict[str, Any]) -> str:
 
 #: a block's argument that may hold a padding mask of its token sequence
 PADDING_MASKS = ("attn_mask", "attention_mask")
+#: a block's argument that may hold a padding mask as 1 / 0 weights (HiDream's non-square images, padded)
+WEIGHT_MASKS = ("hidden_states_masks",)
 
 
 def _padding_mask(arguments: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor | None:
     """The padding mask of ``hidden``'s tokens (batch-first) among a block call's bound ``arguments``, ``(B, L)``
-    bool (True: a real token), if it has one: ``(B, L)`` (Z-Image, Lumina 2) or a key-padding mask ``(B, 1, 1, L)``
-    (Krea 2, ERNIE-Image)."""
+    bool (True: a real token), if it has one: ``(B, L)`` (Z-Image, Lumina 2), a key-padding mask ``(B, 1, 1, L)``
+    (Krea 2, ERNIE-Image) or 1 / 0 weights ``(B, L)`` (HiDream)."""
     for name in PADDING_MASKS:
         mask = arguments.get(name)
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -253,6 +272,10 @@ def _padding_mask(arguments: dict[str, Any], hidden: torch.Tensor) -> torch.Tens
             mask = mask[:, 0, 0]
         if mask.shape == hidden.shape[:2]:
             return mask
+    for name in WEIGHT_MASKS:
+        mask = arguments.get(name)
+        if isinstance(mask, torch.Tensor) and mask.shape == hidden.shape[:2]:
+            return mask != 0
     return None
 
 
@@ -286,7 +309,7 @@ class _SkipHook(ModelHook):
 
 #: joint blocks that return ``(hidden_states, encoder_hidden_states)``; the others (FLUX, SD3, Qwen-Image) return
 #: ``(encoder_hidden_states, hidden_states)``
-HIDDEN_FIRST_BLOCKS = ("CogView4TransformerBlock",)
+HIDDEN_FIRST_BLOCKS = ("CogView4TransformerBlock", "HiDreamImageTransformerBlock")
 
 
 def _hidden_first(module: nn.Module, output: tuple, hidden: Any) -> bool:

@@ -383,7 +383,8 @@ def recorded_run(pipe: DiffusionPipeline, run: Callable[[], Any]) -> tuple[list[
 
     def record(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # Sana passes it positionally
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]  # Z-Image: ``t``, positionally
+        named = [kwargs[name] for name in ("timestep", "timesteps") if name in kwargs]  # HiDream: ``timesteps``
+        timestep = named[0] if named else args[1]  # Z-Image: ``t``, positionally
         calls.append((stacked(hidden).detach().clone(), timestep, stacked(out[0]).detach().clone()))
 
     hook = denoiser.register_forward_hook(record, with_kwargs=True)
@@ -1318,6 +1319,61 @@ def auraflow_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
     for prefix in ("", "negative_"):
         kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
         kwargs[f"{prefix}prompt_attention_mask"] = torch.ones(batch, tokens)
+    return kwargs
+
+
+def tiny_hidream() -> DiffusionPipeline:
+    """HiDream-I1: 2 double-stream then 2 single-stream blocks with mixture-of-experts feed-forwards (4 heads of 8,
+    patch 2, 4 routed experts, 2 active), each block fed its own Llama layer; the tiny flow VAE, flow matching, no
+    text encoders or tokenizers (call it with :func:`hidream_call_kwargs`). The pipeline resizes every request to
+    the area of ``default_sample_size`` latents squared (128 in diffusers, 16 here: 32x32 images); the denoiser pads
+    a non-square image's tokens to ``max_seq`` (144 here)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.HiDreamImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=[32, 16],  # T5, Llama
+        text_emb_dim=64,  # the pooled CLIP embeddings
+        num_routed_experts=4,
+        num_activated_experts=2,
+        axes_dims_rope=(4, 2, 2),
+        max_resolution=(24, 24),  # max_seq 144 tokens; a square 32x32 image has 64
+        llama_layers=(0, 1, 2, 3),
+    ).eval()
+    pipe = diffusers.HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(flow=True),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        text_encoder_4=None,
+        tokenizer_4=None,
+        transformer=transformer,
+    )
+    pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
+    return _finish(pipe)
+
+
+def hidream_call_kwargs(batch: int = 2, t5_tokens: int = 5, llama_tokens: int = 3) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_hidream`: seeded T5 ``(batch, t5_tokens, 32)``, Llama ``(4 layers,
+    batch, llama_tokens, 16)`` and pooled ``(batch, 64)`` prompt and negative embeddings, no generator nor
+    guidance. The Llama states carry the batch on dim 1, and their 4 layers equal a CFG batch of 2 prompts."""
+    g = torch.Generator().manual_seed(SEED + 79)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds_t5"] = torch.randn(batch, t5_tokens, 32, generator=g)
+        kwargs[f"{prefix}prompt_embeds_llama3"] = torch.randn(4, batch, llama_tokens, 16, generator=g)
+        kwargs[f"{prefix}pooled_prompt_embeds"] = torch.randn(batch, 64, generator=g)
     return kwargs
 
 

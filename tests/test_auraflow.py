@@ -90,8 +90,8 @@ def test_pag_on_the_image_tokens_finds_them_after_the_registers_and_the_text(pip
 
     seen, real = [], perturbation._AttentionHook._image_block
 
-    def spy(self, args, kwargs, run):
-        seen.append(real(self, args, kwargs, run))
+    def spy(self, module, args, kwargs, run):
+        seen.append(real(self, module, args, kwargs, run))
         return seen[-1]
 
     monkeypatch.setattr(perturbation._AttentionHook, "_image_block", spy)

@@ -395,8 +395,8 @@ def test_flux_single_stream_blocks_know_where_the_image_tokens_are(monkeypatch):
     single = next(name for name in self_attention_layers(pipe.transformer) if name.startswith("single"))
     seen, real = [], perturbation._AttentionHook._image_block
 
-    def spy(self, args, kwargs, run):
-        seen.append(real(self, args, kwargs, run))
+    def spy(self, module, args, kwargs, run):
+        seen.append(real(self, module, args, kwargs, run))
         return seen[-1]
 
     monkeypatch.setattr(perturbation._AttentionHook, "_image_block", spy)
