@@ -141,7 +141,7 @@ class Run:
         #: batch rows each perturbation acts on during the current denoiser call (read by the hooks)
         self.rows: dict[int, slice | None] = dict.fromkeys(self.perturbations)
         self.pending: tuple[Step, Tensor, dict[int, Tensor]] | None = None
-        self.schedule = schedule_of(controller.pipe.scheduler)
+        self.schedule = schedule_of(controller.pipe.scheduler, self.family.prediction)
         self.evaluations = 0
         self.total: int | None = None
         self.correction: tuple[Tensor, Tensor] | None = None  # (model input before, after) the last correction

@@ -86,6 +86,12 @@ class Family:
     #: denoiser arguments whose batch is not their first dimension, with that dimension (HiDream's Llama states
     #: ``(layers, batch, tokens, channels)``)
     batch_dims: tuple[tuple[str, int], ...] = ()
+    #: the self-attention's queries are the image tokens alone and its keys and values ``[text, image]`` (PRX):
+    #: PAG's identity maps each image token to its own value, the last keys
+    image_queries: bool = False
+    #: what the denoiser predicts when the pipeline converts it before the scheduler's step (PRXPixel: x0,
+    #: ``"sample"``, turned into the flow velocity with the latents); None: the scheduler's prediction type
+    prediction: str | None = None
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -320,6 +326,30 @@ FAMILIES: tuple[Family, ...] = (
         joint_tokens=_hidream_tokens,
         batch_dims=(("encoder_hidden_states_llama3", 1),),
     ),
+    Family(
+        "prx",
+        # one batched CFG call (uncond first); the image tokens attend to [text, image] in one attention per block;
+        # the timestep is sigma in [0, 1]
+        ("PRXPipeline",),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        text_first=True,
+        image_queries=True,
+    ),
+    Family(
+        "prx_pixel",
+        # PRX on RGB pixels: the denoiser predicts x0, which the pipeline turns into the flow velocity
+        ("PRXPixelPipeline",),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        text_first=True,
+        image_queries=True,
+        prediction="sample",
+    ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family(
         "hunyuandit",
@@ -445,8 +475,9 @@ class Schedule:
     coefficients: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def schedule_of(scheduler: Any) -> Schedule:
-    """Read the noise schedule and prediction type from a diffusers scheduler (duck-typed)."""
+def schedule_of(scheduler: Any, prediction: str | None = None) -> Schedule:
+    """Read the noise schedule and prediction type from a diffusers scheduler (duck-typed); ``prediction``: what
+    the denoiser predicts on a flow-matching path when it is not the velocity (:attr:`Family.prediction`)."""
     config = scheduler.config
     name = type(scheduler).__name__
     kind = config.get("prediction_type", "epsilon")
@@ -454,7 +485,7 @@ def schedule_of(scheduler: Any) -> Schedule:
     if P.is_flow_schedule(name, config):
         return Schedule(
             lambda t: P.flow(t.float() / n_train),
-            lambda a, s: P.x0_coefficients(a, s, "flow"),
+            lambda a, s: P.x0_coefficients(a, s, prediction or "flow"),
         )
     if name.startswith("EDM"):
         sigma_data = config["sigma_data"]

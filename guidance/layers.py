@@ -34,7 +34,7 @@ def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 #: transformer blocks whose class names do not end with "TransformerBlock"
-OTHER_BLOCKS = ("ErnieImageSharedAdaLNBlock",)
+OTHER_BLOCKS = ("ErnieImageSharedAdaLNBlock", "PRXBlock")
 
 
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:

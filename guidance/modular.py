@@ -82,7 +82,7 @@ class _Controller:
     layout: a modular guider perturbs whole denoiser calls)."""
 
     family = dataclasses.make_dataclass(
-        "ModularFamily", [("text_first", bool, False), ("sequence_first", bool, False)]
+        "ModularFamily", [("text_first", bool, False), ("sequence_first", bool, False), ("image_queries", bool, False)]
     )()
 
     def __init__(self, methods: tuple[Guidance, ...]) -> None:

@@ -47,11 +47,15 @@ Rule = tuple[slice, "list[int] | None", float, "tuple[int, int] | None"]  # rows
 
 
 class _AttentionMode(torch.overrides.TorchFunctionMode):
-    """On the given rows and heads, SDPA's output becomes ``(1 - u) out + u v`` (or image-only identity)."""
+    """On the given rows and heads, SDPA's output becomes ``(1 - u) out + u v`` (or image-only identity).
 
-    def __init__(self, rules: list[Rule]) -> None:
+    ``image_queries``: the queries may be the last of the keys (PRX: image queries over ``[text, image]`` keys);
+    each query's own value is then the one at its place among those last keys."""
+
+    def __init__(self, rules: list[Rule], image_queries: bool = False) -> None:
         super().__init__()
         self.rules = rules
+        self.image_queries = image_queries
         self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -60,13 +64,15 @@ class _AttentionMode(torch.overrides.TorchFunctionMode):
         if func is SDPA:
             names = ("query", "key", "value")
             query, key, value = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(names))
-            if query.shape[-2] == value.shape[-2]:  # self / joint attention only
+            queries, keys = query.shape[-2], value.shape[-2]
+            if queries == keys or (self.image_queries and keys > queries):  # self / joint attention only
                 self.calls += 1
+                offset = keys - queries  # where the queries sit among the keys
                 for rows, heads, strength, image in self.rules:
                     if image is None:
-                        out[rows] = soft_identity(out[rows], value[rows], strength, heads)
+                        out[rows] = soft_identity(out[rows], value[rows][..., offset:, :], strength, heads)
                     else:
-                        mask = _image_identity_mask(query.shape[-2], image, query)
+                        mask = _image_identity_mask(queries, keys, image, query)
                         mask, extra = _with_call_mask(mask, rows, query, args, kwargs)
                         out[rows] = func(query[rows], key[rows], value[rows], attn_mask=mask, **extra)
         return out
@@ -95,12 +101,14 @@ def _with_call_mask(
     return mask, extra
 
 
-def _image_identity_mask(length: int, image: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """Additive mask: image tokens see only themselves among image tokens (and all text tokens)."""
+def _image_identity_mask(queries: int, keys: int, image: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """Additive ``(queries, keys)`` mask: image tokens see only themselves among image tokens (and all text
+    tokens). ``image`` is (start, count) among the keys; the queries are the last ``queries`` keys."""
     start, count = image
-    mask = torch.zeros(length, length, device=like.device, dtype=like.dtype)
+    first = start - (keys - queries)  # the image's first query
+    mask = torch.zeros(queries, keys, device=like.device, dtype=like.dtype)
     block = torch.full((count, count), float("-inf"), device=like.device, dtype=like.dtype)
-    mask[start : start + count, start : start + count] = block.fill_diagonal_(0)
+    mask[first : first + count, start : start + count] = block.fill_diagonal_(0)
     return mask
 
 
@@ -181,7 +189,7 @@ class _AttentionHook(ModelHook):
             if path.calls != 1:
                 raise RuntimeError(f"{self.name}: {processor} did not run its value projection and output once")
             return output
-        with _AttentionMode(active) as mode:
+        with _AttentionMode(active, self.controller.family.image_queries) as mode:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if mode.calls == 0:
             raise RuntimeError(

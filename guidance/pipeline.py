@@ -199,6 +199,11 @@ class _Controller:
                 "DPMSolverMultistep, DEIS, FlowMatchEuler), e.g. "
                 "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)"
             )
+        if self.family.prediction is not None:
+            raise ValueError(
+                f"{type(pipe).__name__}: the Langevin corrector is not supported on this pipeline (it turns the "
+                "denoiser's prediction into the scheduler's with the latents before the corrected ones reach it)"
+            )
         if getattr(pipe, "controlnet", None) is not None:
             raise ValueError(
                 f"{type(pipe).__name__}: the Langevin corrector is not supported with ControlNet (the ControlNet "

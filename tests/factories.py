@@ -1377,6 +1377,64 @@ def hidream_call_kwargs(batch: int = 2, t5_tokens: int = 5, llama_tokens: int = 
     return kwargs
 
 
+def tiny_prx(pixel: bool = False) -> DiffusionPipeline:
+    """PRX (Photoroom): 3 blocks whose one attention runs the image queries over [text, image] keys (4 heads of 8,
+    patch 2), flow matching, no text encoder or tokenizer (call it with :func:`prx_call_kwargs`). ``pixel``: the
+    PRXPixel pipeline on RGB pixels (no VAE, initial noise scaled by 2), else the tiny flow VAE's latents. The
+    blocks' modulation is drawn at random (it starts at zero, which leaves every block out)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.PRXTransformer2DModel(
+        in_channels=3 if pixel else 4,
+        patch_size=2,
+        context_in_dim=24,
+        hidden_size=32,
+        mlp_ratio=2.0,
+        num_heads=4,
+        depth=3,
+        axes_dim=[4, 4],  # head_dim 8
+        bottleneck_size=16 if pixel else None,
+    ).eval()
+    with torch.no_grad():  # the blocks' modulation starts at zero: every block would pass its input through
+        for block in transformer.blocks:
+            block.modulation.lin.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(SEED + 1))
+    if pixel:
+        pipe = diffusers.PRXPixelPipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=None, tokenizer=None
+        )
+    else:
+        pipe = diffusers.PRXPipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            text_encoder=None,
+            tokenizer=None,
+            vae=_vae(flow=True),
+        )
+    return _finish(pipe)
+
+
+def prx_call_kwargs(batch: int = 1, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_prx`: seeded prompt and negative embeddings ``(batch, tokens, 24)``,
+    the prompt's last token masked as padding, no resolution binning, no generator nor guidance. diffusers 0.42's
+    PRX pipelines make one image per call: with CFG they pass 2 timesteps whatever the batch."""
+    g = torch.Generator().manual_seed(SEED + 83)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[:, -1] = False
+    kwargs: dict[str, Any] = {
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "num_inference_steps": 3,
+        "output_type": "np",
+        "use_resolution_binning": False,
+        "prompt_embeds": torch.randn(batch, tokens, 24, generator=g),
+        "negative_prompt_embeds": torch.randn(batch, tokens, 24, generator=g),
+        "prompt_attention_mask": mask,
+        "negative_prompt_attention_mask": mask.clone(),
+    }
+    return kwargs
+
+
 def tiny_hunyuanimage() -> DiffusionPipeline:
     """HunyuanImage 2.1 (diffusers' own tiny test configuration): a 1 double + 1 single block transformer with a
     text token refiner, the tiny HunyuanImage VAE (stride 8), flow matching at shift 7, no text encoders or

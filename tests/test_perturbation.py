@@ -429,7 +429,7 @@ def test_joint_image_identity_keeps_the_calls_own_padding_mask_and_arguments():
     padding = torch.ones(2, 1, 6, 6, dtype=torch.bool)
     padding[1, :, :, 1] = False  # row 1: text token 1 is padding
     image = (2, 4)  # tokens 2..5 are the image
-    identity = perturbation._image_identity_mask(6, image, q)
+    identity = perturbation._image_identity_mask(6, 6, image, q)
     mode = perturbation._AttentionMode([(slice(1, 2), None, 1.0, image)])
     with mode:
         out = perturbation.SDPA(q, k, v, attn_mask=padding, scale=0.3)
