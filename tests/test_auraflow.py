@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from guidance import APG, CFG, PAG, SLG, TPG, SoftPAG, guide
-from guidance.pipeline import schedule_of
-from guidance.prediction import broadcast
-from tests.factories import auraflow_call_kwargs, pipeline_snapshot, recorded_run, tiny_auraflow
+from guidance import PAG, SLG, TPG, SoftPAG, guide
+from tests.factories import auraflow_call_kwargs, tiny_auraflow
+from tests.family_checks import (
+    assert_apg_equals_the_formula,
+    assert_batched_equals_own_calls,
+    assert_cfg_equals_the_pipelines_own,
+    flow_x0,
+)
 
 SINGLE = "single_transformer_blocks.1.attn"
 
@@ -31,36 +35,11 @@ def call(pipe, **extra):
 
 
 def test_cfg_equals_the_pipelines_own(pipe):
-    own = call(pipe, guidance_scale=4.0)
-    assert np.abs(own - call(pipe, guidance_scale=1.0)).max() > 1e-3, "CFG must change this tiny model's output"
-    before = pipeline_snapshot(pipe)
-    with guide(pipe, CFG(4.0)):
-        np.testing.assert_allclose(call(pipe, guidance_scale=1.0), own, atol=2e-6)
-    with guide(pipe, PAG(1.0)):  # perturbations alone keep the pipeline's own CFG
-        composed = call(pipe, guidance_scale=4.0)
-    with guide(pipe, CFG(4.0), PAG(1.0)):
-        np.testing.assert_allclose(call(pipe), composed, atol=2e-6)
-    assert np.abs(composed - own).max() > 1e-3
-    assert pipeline_snapshot(pipe) == before
+    assert_cfg_equals_the_pipelines_own(pipe, call)
 
 
 def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
-    method = APG(6.0)  # x0 space with the auto norm threshold: reads sigma = t / 1000 at each step
-
-    def run():
-        with guide(pipe, method):
-            call(pipe)
-
-    calls, steps = recorded_run(pipe, run)
-    schedule, state = schedule_of(pipe.scheduler), method.new_state("auraflow")
-    assert len(calls) == len(steps) == 3
-    for (x, t, out), ours in zip(calls, steps):
-        n = len(ours)  # the batch: the unconditional half first
-        x, cond, uncond = x[n:].float(), out[n:].float(), out[:n].float()
-        a, b = schedule.coefficients(*schedule.alpha_sigma(t[n:].float() * 1000))  # the pipeline passes t / 1000
-        a, b = broadcast(a, x), broadcast(b, x)
-        reference = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
-        torch.testing.assert_close(ours.float(), reference, rtol=1e-4, atol=1e-5)
+    assert_apg_equals_the_formula(pipe, call, "auraflow", flow_x0(pipe, 1000))  # the pipeline passes t / 1000
 
 
 @pytest.mark.parametrize(
@@ -75,12 +54,7 @@ def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
     ids=["pag", "pag-image", "softpag", "tpg", "slg"],
 )
 def test_perturbations_batched_equal_their_own_calls(pipe, method):
-    with guide(pipe, APG(4.0), method):
-        batched = call(pipe)
-    with guide(pipe, APG(4.0), method, sequential=True):
-        np.testing.assert_allclose(call(pipe), batched, atol=2e-6)
-    with guide(pipe, APG(4.0)):
-        assert np.abs(batched - call(pipe)).max() > 1e-3
+    assert_batched_equals_own_calls(pipe, call, method)
 
 
 def test_pag_on_the_image_tokens_finds_them_after_the_registers_and_the_text(pipe, monkeypatch):

@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from guidance import APG, CFG, PAG, SLG, TPG, LangevinCorrector, SoftPAG, guide
-from tests.factories import hidream_call_kwargs, pipeline_snapshot, recorded_run, tiny_hidream
+from guidance import PAG, SLG, TPG, LangevinCorrector, SoftPAG, guide
+from guidance.prediction import broadcast
+from tests.factories import hidream_call_kwargs, tiny_hidream
+from tests.family_checks import (
+    assert_apg_equals_the_formula,
+    assert_batched_equals_own_calls,
+    assert_cfg_equals_the_pipelines_own,
+)
 
 DOUBLE, SINGLE = "double_stream_blocks.1.block.attn1", "single_stream_blocks.1.block.attn1"
 WIDE = {"width": 48}  # the pipeline keeps the area: 36x24 px, 9x6 latent patches padded to 144 tokens
@@ -31,39 +37,15 @@ def call(pipe, **extra):
 
 
 def test_cfg_equals_the_pipelines_own(pipe):
-    own = call(pipe, guidance_scale=4.0)
-    assert np.abs(own - call(pipe, guidance_scale=1.0)).max() > 1e-3, "CFG must change this tiny model's output"
-    before = pipeline_snapshot(pipe)
-    with guide(pipe, CFG(4.0)):
-        np.testing.assert_allclose(call(pipe, guidance_scale=1.0), own, atol=2e-6)
-    with guide(pipe, PAG(1.0)):  # perturbations alone keep the pipeline's own CFG
-        composed = call(pipe, guidance_scale=4.0)
-    with guide(pipe, CFG(4.0), PAG(1.0)):
-        np.testing.assert_allclose(call(pipe), composed, atol=2e-6)
-    assert np.abs(composed - own).max() > 1e-3
-    several = call(pipe, guidance_scale=4.0, num_images_per_prompt=2)
-    with guide(pipe, CFG(4.0)):
-        np.testing.assert_allclose(call(pipe, guidance_scale=1.0, num_images_per_prompt=2), several, atol=2e-6)
-    assert pipeline_snapshot(pipe) == before
+    assert_cfg_equals_the_pipelines_own(pipe, call)
+    assert_cfg_equals_the_pipelines_own(pipe, call, num_images_per_prompt=2)
 
 
 def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
-    """The denoiser returns the negated velocity ``x0 - noise``: x0 = x + sigma * output, sigma = t / 1000."""
-    method = APG(6.0)
-
-    def run():
-        with guide(pipe, method):
-            call(pipe)
-
-    calls, steps = recorded_run(pipe, run)
-    state = method.new_state("hidream")
-    assert len(calls) == len(steps) == 3
-    for (x, t, out), velocity in zip(calls, steps):
-        n = len(velocity)  # the batch: the unconditional half first
-        x, cond, uncond = x[n:].float(), out[n:].float(), out[:n].float()
-        sigma = (t[n:].float() / 1000).view(-1, 1, 1, 1)
-        update = method.update(x + sigma * cond, x + sigma * uncond, state)
-        torch.testing.assert_close(-velocity.float(), cond + update / sigma, rtol=1e-4, atol=1e-5)
+    """The denoiser returns the negated velocity ``x0 - noise``: x0 = x + sigma * output, sigma = t / 1000; the
+    scheduler gets the velocity, minus the guided output."""
+    x0 = lambda x, t: (torch.ones_like(x), broadcast(t.float() / 1000, x))
+    assert_apg_equals_the_formula(pipe, call, "hidream", x0, guided=lambda x, t, velocity: -velocity)
 
 
 @pytest.mark.parametrize("shape", [{}, WIDE], ids=["square", "non-square"])
@@ -82,12 +64,7 @@ def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
     ids=["pag", "pag-image-double", "pag-image-single", "softpag", "tpg", "tpg-single", "slg-double", "slg-single"],
 )
 def test_perturbations_batched_equal_their_own_calls(pipe, method, shape):
-    with guide(pipe, APG(4.0), method):
-        batched = call(pipe, **shape)
-    with guide(pipe, APG(4.0), method, sequential=True):
-        np.testing.assert_allclose(call(pipe, **shape), batched, atol=2e-6)
-    with guide(pipe, APG(4.0)):
-        assert np.abs(batched - call(pipe, **shape)).max() > 1e-3
+    assert_batched_equals_own_calls(pipe, call, method, **shape)
 
 
 @pytest.mark.parametrize("shape", [{}, WIDE], ids=["square", "non-square"])

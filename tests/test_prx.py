@@ -8,14 +8,18 @@ calls of their own, in latent and in pixel space; the pipeline is left as found.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from guidance import APG, CFG, PAG, SLG, TPG, SoftPAG, guide
-from guidance.pipeline import schedule_of
+from guidance import PAG, SLG, TPG, SoftPAG, guide
 from guidance.prediction import broadcast
-from tests.factories import pipeline_snapshot, prx_call_kwargs, recorded_run, tiny_prx
+from tests.factories import prx_call_kwargs, tiny_prx
+from tests.family_checks import (
+    assert_apg_equals_the_formula,
+    assert_batched_equals_own_calls,
+    assert_cfg_equals_the_pipelines_own,
+    flow_x0,
+)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["latent", "pixel"])
@@ -28,44 +32,18 @@ def call(pipe, **extra):
 
 
 def test_cfg_equals_the_pipelines_own(pipe):
-    own = call(pipe, guidance_scale=4.0)
-    assert np.abs(own - call(pipe, guidance_scale=1.0)).max() > 1e-3, "CFG must change this tiny model's output"
-    before = pipeline_snapshot(pipe)
-    with guide(pipe, CFG(4.0)):
-        np.testing.assert_allclose(call(pipe, guidance_scale=1.0), own, atol=2e-6)
-    with guide(pipe, PAG(1.0)):  # perturbations alone keep the pipeline's own CFG
-        composed = call(pipe, guidance_scale=4.0)
-    with guide(pipe, CFG(4.0), PAG(1.0)):
-        np.testing.assert_allclose(call(pipe), composed, atol=2e-6)
-    assert np.abs(composed - own).max() > 1e-3
-    assert pipeline_snapshot(pipe) == before
+    assert_cfg_equals_the_pipelines_own(pipe, call)
 
 
 def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
     """PRX predicts the flow velocity; PRXPixel predicts x0 itself, which its pipeline turns into the velocity
     ``(x - x0) / max(sigma, 0.05)`` after CFG: there APG acts on the outputs as they are."""
-    method = APG(6.0)  # x0 space with the auto norm threshold: reads sigma = t / 1000 at each step
-    pixel = type(pipe).__name__ == "PRXPixelPipeline"
-
-    def run():
-        with guide(pipe, method):
-            call(pipe)
-
-    calls, steps = recorded_run(pipe, run)
-    schedule, state = schedule_of(pipe.scheduler), method.new_state("prx")
-    assert len(calls) == len(steps) == 3
-    for (x, t, out), velocity in zip(calls, steps):
-        n = len(velocity)  # the batch: the unconditional half first
-        x, cond, uncond = x[n:].float(), out[n:].float(), out[:n].float()
-        if pixel:
-            sigma = t[n:].float().clamp(min=0.05).view(-1, 1, 1, 1)
-            ours, reference = x - velocity.float() * sigma, cond + method.update(cond, uncond, state)
-        else:
-            a, b = schedule.coefficients(*schedule.alpha_sigma(t[n:].float() * 1000))  # the pipeline passes t / 1000
-            a, b = broadcast(a, x), broadcast(b, x)
-            ours = velocity.float()
-            reference = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
-        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    if type(pipe).__name__ == "PRXPixelPipeline":
+        x0 = lambda x, t: (torch.zeros_like(x), torch.ones_like(x))
+        guided = lambda x, t, velocity: x - velocity * broadcast(t.float().clamp(min=0.05), x)
+        assert_apg_equals_the_formula(pipe, call, "prx_pixel", x0, guided, atol=1e-4)
+    else:
+        assert_apg_equals_the_formula(pipe, call, "prx", flow_x0(pipe, 1000))  # the pipeline passes t / 1000
 
 
 @pytest.mark.parametrize(
@@ -80,12 +58,7 @@ def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
     ids=["pag", "pag-image", "softpag", "tpg", "slg"],
 )
 def test_perturbations_batched_equal_their_own_calls(pipe, method):
-    with guide(pipe, APG(4.0), method):
-        batched = call(pipe)
-    with guide(pipe, APG(4.0), method, sequential=True):
-        np.testing.assert_allclose(call(pipe), batched, atol=1e-5)
-    with guide(pipe, APG(4.0)):
-        assert np.abs(batched - call(pipe)).max() > 1e-3
+    assert_batched_equals_own_calls(pipe, call, method, atol=1e-5)
 
 
 def test_pag_maps_each_image_token_to_its_own_value(pipe):

@@ -1,0 +1,87 @@
+"""Checks every ``guide()`` family test runs on its tiny pipeline, called through the test's ``call(pipe,
+**extra)`` (seeded, returning the images as numpy arrays)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from guidance import APG, CFG, PAG, guide
+from guidance.pipeline import schedule_of
+from guidance.prediction import broadcast
+from tests.factories import pipeline_snapshot, recorded_run
+
+Call = Callable[..., np.ndarray]
+
+
+def assert_cfg_equals_the_pipelines_own(pipe: Any, call: Call, **extra: Any) -> None:
+    """``CFG(4)`` equals the pipeline's own at ``guidance_scale=4``; a perturbation alone keeps the pipeline's CFG
+    (and equals ``CFG(4)`` with it); the pipeline is left as found."""
+    own = call(pipe, guidance_scale=4.0, **extra)
+    assert np.abs(own - call(pipe, guidance_scale=1.0, **extra)).max() > 1e-3, "CFG must change this model's output"
+    before = pipeline_snapshot(pipe)
+    with guide(pipe, CFG(4.0)):
+        np.testing.assert_allclose(call(pipe, guidance_scale=1.0, **extra), own, atol=2e-6)
+    with guide(pipe, PAG(1.0)):  # perturbations alone keep the pipeline's own CFG
+        composed = call(pipe, guidance_scale=4.0, **extra)
+    with guide(pipe, CFG(4.0), PAG(1.0)):
+        np.testing.assert_allclose(call(pipe, **extra), composed, atol=2e-6)
+    assert np.abs(composed - own).max() > 1e-3
+    assert pipeline_snapshot(pipe) == before
+
+
+def assert_batched_equals_own_calls(pipe: Any, call: Call, method: Any, atol: float = 2e-6, **extra: Any) -> None:
+    """With APG, ``method``'s branch batched with the others equals it run as calls of its own, and changes the
+    result."""
+    with guide(pipe, APG(4.0), method):
+        batched = call(pipe, **extra)
+    with guide(pipe, APG(4.0), method, sequential=True):
+        np.testing.assert_allclose(call(pipe, **extra), batched, atol=atol)
+    with guide(pipe, APG(4.0)):
+        assert np.abs(batched - call(pipe, **extra)).max() > 1e-3
+
+
+def flow_x0(pipe: Any, time_scale: float = 1.0) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The scheduler's ``x0 = a x + b output`` at the denoiser's timestep times ``time_scale`` (1000 where the
+    pipeline passes sigma = t / 1000)."""
+    schedule = schedule_of(pipe.scheduler)
+
+    def coefficients(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = schedule.coefficients(*schedule.alpha_sigma(t.float() * time_scale))
+        return broadcast(a, x), broadcast(b, x)
+
+    return coefficients
+
+
+def assert_apg_equals_the_formula(
+    pipe: Any,
+    call: Call,
+    family: str,
+    x0: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+    guided: Callable[[Tensor, Tensor, Tensor], Tensor] = lambda x, t, prediction: prediction,
+    steps: int = 3,
+    atol: float = 1e-5,
+) -> None:
+    """``APG(6)`` (x0 space, the auto norm threshold) on a batched CFG call, the unconditional half first: what the
+    scheduler gets at each step is ``c + APG(a x + b c, a x + b u) / b`` on the recorded branches, ``x0(x, t) = (a,
+    b)`` reading x0 off the denoiser's output; ``guided(x, t, prediction)`` turns the scheduler's prediction back
+    into the denoiser's output space (where the pipeline converts it)."""
+    method = APG(6.0)
+
+    def run() -> None:
+        with guide(pipe, method):
+            call(pipe)
+
+    calls, predictions = recorded_run(pipe, run)
+    state = method.new_state(family)
+    assert len(calls) == len(predictions) == steps
+    for (x, t, out), prediction in zip(calls, predictions):
+        n = len(prediction)
+        x, t, cond, uncond = x[n:].float(), t[n:], out[n:].float(), out[:n].float()
+        a, b = x0(x, t)
+        reference = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
+        torch.testing.assert_close(guided(x, t, prediction.float()), reference, rtol=1e-4, atol=atol)
