@@ -366,6 +366,16 @@ FAMILIES: tuple[Family, ...] = (
     # diffusers' Sana ControlNet pipeline passes the timestep unscaled
     Family("sana-controlnet", ("SanaControlNetPipeline",), "transformer", "uncond_cond", "guidance_scale"),
     Family(
+        "cogview3plus",
+        # one batched CFG call (uncond first) of joint-attention blocks over [text, image] that return the image
+        # stream first; v-prediction on CogVideoX's DDIM (or DPM) schedule
+        ("CogView3PlusPipeline",),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        text_first=True,
+    ),
+    Family(
         "cogview4",
         ("CogView4Pipeline",),
         "transformer",

@@ -189,6 +189,14 @@ class _Controller:
                 "the latents as a list, one per sample)"
             )
         scheduler = pipe.scheduler
+        order = list(inspect.signature(scheduler.step).parameters)[:3]
+        if order != ["model_output", "timestep", "sample"]:  # CogVideoX's DPM: (output, old x0 prediction, t, ...)
+            raise ValueError(
+                f"{type(scheduler).__name__} is not supported with the Langevin corrector: its step takes "
+                f"({', '.join(order)}, ...), not the sample it moves third, and goes on from an earlier step's "
+                "prediction; use a scheduler that steps from the sample it is given, e.g. "
+                "pipe.scheduler = CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)"
+            )
         stored = [name for name in STORED_SAMPLES if name in vars(scheduler)]
         if stored or hasattr(type(scheduler), "state_in_first_order"):
             why = f"keeps {stored[0]!r}" if stored else "runs two stages from its first-stage sample"

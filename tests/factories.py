@@ -948,6 +948,41 @@ def flux2_call_kwargs(pipe: DiffusionPipeline, image: bool = False) -> dict[str,
     return kwargs
 
 
+def tiny_cogview3plus() -> DiffusionPipeline:
+    """CogView3-Plus: a 2-block joint-attention transformer (text first; its blocks return the image stream first;
+    4 heads of 8, patch 2), the tiny KL VAE, v-prediction on CogVideoX's DDIM schedule, no text encoder or tokenizer
+    (call it with :func:`cogview3plus_call_kwargs`)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        text_embed_dim=24,
+        time_embed_dim=16,
+        condition_dim=4,
+        pos_embed_max_size=16,
+        sample_size=16,
+    ).eval()
+    parts = {"tokenizer": None, "text_encoder": None, "vae": _vae(), "scheduler": diffusers.CogVideoXDDIMScheduler()}
+    return _finish(diffusers.CogView3PlusPipeline(**parts, transformer=transformer))
+
+
+def cogview3plus_call_kwargs(batch: int = 2, tokens: int = 64) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_cogview3plus`: seeded prompt and negative embeddings ``(batch,
+    tokens, 24)`` (64 tokens: as many as the 32 px image has, so the block outputs' order cannot be read from their
+    shapes), no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 89)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    kwargs["prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
+    kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
+    return kwargs
+
+
 def tiny_cogview4() -> DiffusionPipeline:
     """CogView4: a 2-block joint-attention transformer (text first; its blocks return the image stream first), the
     tiny KL VAE, flow matching with CogView4's linear dynamic shift, no text encoder (call it with

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -10,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from guidance import APG, CFG, PAG, guide
-from guidance.pipeline import schedule_of
+from guidance import APG, CFG, PAG, SLG, guide
+from guidance.pipeline import family_of, schedule_of
 from guidance.prediction import broadcast
 from tests.factories import pipeline_snapshot, recorded_run
 
@@ -45,9 +46,9 @@ def assert_batched_equals_own_calls(pipe: Any, call: Call, method: Any, atol: fl
         assert np.abs(batched - call(pipe, **extra)).max() > 1e-3
 
 
-def flow_x0(pipe: Any, time_scale: float = 1.0) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """The scheduler's ``x0 = a x + b output`` at the denoiser's timestep times ``time_scale`` (1000 where the
-    pipeline passes sigma = t / 1000)."""
+def scheduler_x0(pipe: Any, time_scale: float = 1.0) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The scheduler's ``x0 = a x + b output`` (its schedule and prediction type) at the denoiser's timestep times
+    ``time_scale`` (1000 where a flow pipeline passes sigma = t / 1000)."""
     schedule = schedule_of(pipe.scheduler)
 
     def coefficients(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,3 +86,37 @@ def assert_apg_equals_the_formula(
         a, b = x0(x, t)
         reference = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
         torch.testing.assert_close(guided(x, t, prediction.float()), reference, rtol=1e-4, atol=atol)
+
+
+def assert_slg_leaves_the_block_out(pipe: Any, kwargs: dict[str, Any], block: str, pair: str | None) -> None:
+    """SLG's weak branch (called as its own call after the conditional one, without CFG) is the denoiser with
+    ``block`` left out: its outputs are its inputs. ``pair``: how a joint block returns its two streams,
+    ``"image_first"`` or ``"text_first"``; None: a block returning its hidden states alone."""
+    denoiser = getattr(pipe, family_of(pipe).denoiser)
+    calls = []
+    hook = denoiser.register_forward_hook(
+        lambda module, args, kw, out: calls.append((dict(kw), out[0].clone())), with_kwargs=True
+    )
+    try:
+        with guide(pipe, SLG(2.0, layers=(block,), start=0.0, stop=1.0), sequential=True):
+            pipe(**kwargs, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert len(calls) == 2 * kwargs["num_inference_steps"]  # per step: the conditional call, then the weak one
+    module = dict(denoiser.named_modules())[block]
+    signature = inspect.signature(module.forward)
+
+    def left_out(*args: Any, **kw: Any) -> Any:
+        bound = signature.bind_partial(*args, **kw).arguments
+        hidden, text = bound["hidden_states"], bound.get("encoder_hidden_states")
+        return hidden if pair is None else (hidden, text) if pair == "image_first" else (text, hidden)
+
+    module.forward = left_out
+    try:
+        for (_, cond), (weak_inputs, weak) in zip(calls[::2], calls[1::2]):
+            with torch.no_grad():
+                without = denoiser(**weak_inputs)[0]
+            torch.testing.assert_close(weak, without, rtol=1e-5, atol=1e-6)
+            assert (weak - cond).abs().max() > 1e-5, "leaving the block out must change the prediction"
+    finally:
+        del module.forward

@@ -19,7 +19,7 @@ from tests.family_checks import (
     assert_apg_equals_the_formula,
     assert_batched_equals_own_calls,
     assert_cfg_equals_the_pipelines_own,
-    flow_x0,
+    scheduler_x0,
 )
 
 SINGLE = "single_transformer_blocks.1.attn"
@@ -39,7 +39,7 @@ def test_cfg_equals_the_pipelines_own(pipe):
 
 
 def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
-    assert_apg_equals_the_formula(pipe, call, "auraflow", flow_x0(pipe, 1000))  # the pipeline passes t / 1000
+    assert_apg_equals_the_formula(pipe, call, "auraflow", scheduler_x0(pipe, 1000))  # the pipeline passes t / 1000
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from tests.family_checks import (
     assert_apg_equals_the_formula,
     assert_batched_equals_own_calls,
     assert_cfg_equals_the_pipelines_own,
-    flow_x0,
+    scheduler_x0,
 )
 
 
@@ -36,7 +36,7 @@ def test_cfg_equals_the_pipelines_own(pipe):
 
 
 def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
-    assert_apg_equals_the_formula(pipe, call, "ernie-image", flow_x0(pipe))
+    assert_apg_equals_the_formula(pipe, call, "ernie-image", scheduler_x0(pipe))
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from tests.family_checks import (
     assert_apg_equals_the_formula,
     assert_batched_equals_own_calls,
     assert_cfg_equals_the_pipelines_own,
-    flow_x0,
+    scheduler_x0,
 )
 
 
@@ -43,7 +43,7 @@ def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
         guided = lambda x, t, velocity: x - velocity * broadcast(t.float().clamp(min=0.05), x)
         assert_apg_equals_the_formula(pipe, call, "prx_pixel", x0, guided, atol=1e-4)
     else:
-        assert_apg_equals_the_formula(pipe, call, "prx", flow_x0(pipe, 1000))  # the pipeline passes t / 1000
+        assert_apg_equals_the_formula(pipe, call, "prx", scheduler_x0(pipe, 1000))  # the pipeline passes t / 1000
 
 
 @pytest.mark.parametrize(
