@@ -376,6 +376,19 @@ FAMILIES: tuple[Family, ...] = (
         text_first=True,
     ),
     Family(
+        "kandinsky5",
+        # Kandinsky 5 text-to-image: a conditional call, then an unconditional one (an empty negative prompt unless
+        # given one) whenever guidance_scale > 1; latents (B, 1, H, W, C); text-encoder blocks, then visual blocks
+        # of self-attention and cross-attention
+        ("Kandinsky5T2IPipeline",),
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        negative_embeds=("negative_prompt_embeds_qwen",),
+        negative_by_default=True,
+        unbatched=("visual_rope_pos", "text_rope_pos", "scale_factor", "sparse_params"),
+    ),
+    Family(
         "cogview4",
         ("CogView4Pipeline",),
         "transformer",

@@ -24,17 +24,24 @@ from torch import nn
 Selector = int | str
 
 
+#: attention module names (their last part) that mark cross-attention in models whose attention modules do not
+#: say so themselves (Kandinsky 5's ``cross_attention``)
+CROSS_ATTENTION_NAMES = ("cross_attention", "cross_attn")
+
+
 def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Attention modules of ``model`` whose queries and keys come from the same tokens (incl. joint attention)."""
     return {
         name: module
         for name, module in model.named_modules()
-        if hasattr(module, "processor") and not getattr(module, "is_cross_attention", False)
+        if hasattr(module, "processor")
+        and not getattr(module, "is_cross_attention", False)
+        and name.rsplit(".", 1)[-1] not in CROSS_ATTENTION_NAMES
     }
 
 
 #: transformer blocks whose class names do not end with "TransformerBlock"
-OTHER_BLOCKS = ("ErnieImageSharedAdaLNBlock", "PRXBlock")
+OTHER_BLOCKS = ("ErnieImageSharedAdaLNBlock", "PRXBlock", "Kandinsky5TransformerDecoderBlock")
 
 
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -91,13 +98,13 @@ def _summary(names: Sequence[str], limit: int = 40) -> str:
 
 def default_layers(candidates: dict[str, nn.Module]) -> list[Selector]:
     """The default choice: the UNet's middle block, else the middle transformer block of the main stack
-    (``transformer_blocks``, else the first ``…blocks`` / ``…layers`` stack: Z-Image's ``layers``, not its
-    refiners)."""
+    (``transformer_blocks``, else the first ``…blocks`` / ``…layers`` stack that is not a text stack ``text_…``:
+    Z-Image's ``layers``, not its refiners; Kandinsky 5's ``visual_transformer_blocks``, not its text encoder's)."""
     if any(name.startswith("mid_block") for name in candidates):
         return ["mid"]
     blocks: dict[str, list[int]] = {}
     for name in candidates:
-        if m := re.match(r"([a-z_]*(?:blocks|layers))\.(\d+)", name):
+        if (m := re.match(r"([a-z_]*(?:blocks|layers))\.(\d+)", name)) and not m.group(1).startswith("text_"):
             blocks.setdefault(m.group(1), []).append(int(m.group(2)))
     if not blocks:
         return [len(candidates) // 2]

@@ -983,6 +983,63 @@ def cogview3plus_call_kwargs(batch: int = 2, tokens: int = 64) -> dict[str, Any]
     return kwargs
 
 
+def tiny_kandinsky5() -> DiffusionPipeline:
+    """Kandinsky 5 text-to-image: one text-encoder block, then 2 visual blocks of self-attention and cross-attention
+    (model dim 16 in heads of 8, patch 2x2), the tiny flow VAE (16 latent channels), flow matching at shift 7, no text
+    encoders or tokenizers (call it with :func:`kandinsky5_call_kwargs`). The pipeline maps every request to one of
+    its resolutions (1024 px and up in diffusers; 32x32 here) and assumes an 8x VAE (2x here). The modulations are
+    drawn at random (they start at zero, which leaves every block out)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.Kandinsky5Transformer3DModel(
+        in_visual_dim=16,
+        in_text_dim=24,
+        in_text_dim2=12,
+        time_dim=16,
+        out_visual_dim=16,
+        patch_size=(1, 2, 2),
+        model_dim=16,
+        ff_dim=32,
+        num_text_blocks=1,
+        num_visual_blocks=2,
+        axes_dims=(2, 2, 4),
+        visual_cond=False,
+        attention_type="regular",
+    ).eval()
+    g = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():  # the modulations start at zero: every block would pass its input through
+        for module in transformer.modules():
+            if type(module).__name__ == "Kandinsky5Modulation":
+                module.out_layer.weight.normal_(0.0, 0.3, generator=g)
+                module.out_layer.bias.normal_(0.0, 0.3, generator=g)
+    pipe = diffusers.Kandinsky5T2IPipeline(
+        transformer=transformer,
+        vae=_vae(flow=True, latent_channels=16),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    pipe.resolutions = [(IMAGE_SIZE, IMAGE_SIZE)]
+    pipe.vae_scale_factor_spatial = 2
+    return _finish(pipe)
+
+
+def kandinsky5_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_kandinsky5`: seeded Qwen ``(batch, tokens, 24)`` and pooled CLIP
+    ``(batch, 12)`` prompt and negative embeddings with their cumulative sequence lengths, no generator nor
+    guidance."""
+    g = torch.Generator().manual_seed(SEED + 97)
+    kwargs: dict[str, Any] = {"height": IMAGE_SIZE, "width": IMAGE_SIZE, "num_inference_steps": 3, "output_type": "np"}
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds_qwen"] = torch.randn(batch, tokens, 24, generator=g)
+        kwargs[f"{prefix}prompt_embeds_clip"] = torch.randn(batch, 12, generator=g)
+        kwargs[f"{prefix}prompt_cu_seqlens"] = torch.arange(batch + 1, dtype=torch.int32) * tokens
+    return kwargs
+
+
 def tiny_cogview4() -> DiffusionPipeline:
     """CogView4: a 2-block joint-attention transformer (text first; its blocks return the image stream first), the
     tiny KL VAE, flow matching with CogView4's linear dynamic shift, no text encoder (call it with

@@ -19,18 +19,19 @@ from tests.factories import pipeline_snapshot, recorded_run
 Call = Callable[..., np.ndarray]
 
 
-def assert_cfg_equals_the_pipelines_own(pipe: Any, call: Call, **extra: Any) -> None:
+def assert_cfg_equals_the_pipelines_own(pipe: Any, call: Call, atol: float = 2e-6, **extra: Any) -> None:
     """``CFG(4)`` equals the pipeline's own at ``guidance_scale=4``; a perturbation alone keeps the pipeline's CFG
-    (and equals ``CFG(4)`` with it); the pipeline is left as found."""
+    (and equals ``CFG(4)`` with it); the pipeline is left as found. A separate unconditional call is handed the
+    unconditional prediction solved from the guided one, which costs a few float32 roundings (``atol``)."""
     own = call(pipe, guidance_scale=4.0, **extra)
     assert np.abs(own - call(pipe, guidance_scale=1.0, **extra)).max() > 1e-3, "CFG must change this model's output"
     before = pipeline_snapshot(pipe)
     with guide(pipe, CFG(4.0)):
-        np.testing.assert_allclose(call(pipe, guidance_scale=1.0, **extra), own, atol=2e-6)
+        np.testing.assert_allclose(call(pipe, guidance_scale=1.0, **extra), own, atol=atol)
     with guide(pipe, PAG(1.0)):  # perturbations alone keep the pipeline's own CFG
         composed = call(pipe, guidance_scale=4.0, **extra)
     with guide(pipe, CFG(4.0), PAG(1.0)):
-        np.testing.assert_allclose(call(pipe, **extra), composed, atol=2e-6)
+        np.testing.assert_allclose(call(pipe, **extra), composed, atol=atol)
     assert np.abs(composed - own).max() > 1e-3
     assert pipeline_snapshot(pipe) == before
 
@@ -66,11 +67,13 @@ def assert_apg_equals_the_formula(
     guided: Callable[[Tensor, Tensor, Tensor], Tensor] = lambda x, t, prediction: prediction,
     steps: int = 3,
     atol: float = 1e-5,
+    sequential: bool = False,
 ) -> None:
-    """``APG(6)`` (x0 space, the auto norm threshold) on a batched CFG call, the unconditional half first: what the
-    scheduler gets at each step is ``c + APG(a x + b c, a x + b u) / b`` on the recorded branches, ``x0(x, t) = (a,
-    b)`` reading x0 off the denoiser's output; ``guided(x, t, prediction)`` turns the scheduler's prediction back
-    into the denoiser's output space (where the pipeline converts it)."""
+    """``APG(6)`` (x0 space, the auto norm threshold) with the pipeline's CFG branch: what the scheduler gets at
+    each step is ``c + APG(a x + b c, a x + b u) / b`` on the recorded branches, ``x0(x, t) = (a, b)`` reading x0
+    off the denoiser's output; ``guided(x, t, prediction)`` turns the scheduler's prediction back into the
+    denoiser's output space (where the pipeline converts it). The branches come from one batched call, the
+    unconditional half first, or (``sequential``) from a conditional call and then an unconditional one."""
     method = APG(6.0)
 
     def run() -> None:
@@ -79,10 +82,13 @@ def assert_apg_equals_the_formula(
 
     calls, predictions = recorded_run(pipe, run)
     state = method.new_state(family)
-    assert len(calls) == len(predictions) == steps
-    for (x, t, out), prediction in zip(calls, predictions):
-        n = len(prediction)
-        x, t, cond, uncond = x[n:].float(), t[n:], out[n:].float(), out[:n].float()
+    assert len(predictions) == steps and len(calls) == (2 if sequential else 1) * steps
+    if sequential:
+        branches = [(x, t, c, u) for (x, t, c), (_, _, u) in zip(calls[::2], calls[1::2])]
+    else:
+        branches = [(x[n:], t[n:], out[n:], out[:n]) for (x, t, out), n in zip(calls, map(len, predictions))]
+    for (x, t, cond, uncond), prediction in zip(branches, predictions):
+        x, cond, uncond = x.float(), cond.float(), uncond.float()
         a, b = x0(x, t)
         reference = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
         torch.testing.assert_close(guided(x, t, prediction.float()), reference, rtol=1e-4, atol=atol)
@@ -107,8 +113,8 @@ def assert_slg_leaves_the_block_out(pipe: Any, kwargs: dict[str, Any], block: st
     signature = inspect.signature(module.forward)
 
     def left_out(*args: Any, **kw: Any) -> Any:
-        bound = signature.bind_partial(*args, **kw).arguments
-        hidden, text = bound["hidden_states"], bound.get("encoder_hidden_states")
+        bound = signature.bind_partial(*args, **kw).arguments  # Kandinsky 5: ``visual_embed``, the first
+        hidden, text = bound.get("hidden_states", next(iter(bound.values()))), bound.get("encoder_hidden_states")
         return hidden if pair is None else (hidden, text) if pair == "image_first" else (text, hidden)
 
     module.forward = left_out

@@ -1,0 +1,92 @@
+"""guide() on Kandinsky 5 text-to-image: a conditional denoiser call, then an unconditional one with an empty
+negative prompt unless given one; latents ``(B, 1, H, W, C)``; a text-encoder stack, then visual blocks of
+self-attention and cross-attention.
+
+CFG equals the pipeline's own; APG equals the formula on the recorded branches; the perturbations batched equal
+them as calls of their own; PAG and TPG default to the middle visual block (not the text encoder's) and PAG never
+picks a cross-attention; the Langevin corrector runs without CFG and is refused with it; the pipeline is left as
+found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guidance import PAG, SLG, TPG, LangevinCorrector, SoftPAG, guide
+from guidance.layers import self_attention_layers
+from tests.factories import kandinsky5_call_kwargs, tiny_kandinsky5
+from tests.family_checks import (
+    assert_apg_equals_the_formula,
+    assert_batched_equals_own_calls,
+    assert_cfg_equals_the_pipelines_own,
+    assert_slg_leaves_the_block_out,
+    scheduler_x0,
+)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_kandinsky5()
+
+
+def call(pipe, **extra):
+    return pipe(**kandinsky5_call_kwargs() | extra, generator=torch.Generator().manual_seed(0)).image
+
+
+def test_cfg_equals_the_pipelines_own(pipe):
+    assert_cfg_equals_the_pipelines_own(pipe, call, atol=1e-5)  # the unconditional call gets a solved prediction
+
+
+def test_apg_equals_the_formula_on_the_recorded_branches(pipe):
+    assert_apg_equals_the_formula(pipe, call, "kandinsky5", scheduler_x0(pipe), sequential=True)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        PAG(1.0),
+        SoftPAG(1.0, heads=(("visual_transformer_blocks.0.self_attention", 1),)),
+        TPG(1.0),
+        SLG(1.0, layers=(1,), start=0.0, stop=1.0),
+    ],
+    ids=["pag", "softpag", "tpg", "slg"],
+)
+def test_perturbations_batched_equal_their_own_calls(pipe, method):
+    assert_batched_equals_own_calls(pipe, call, method)
+
+
+def test_the_default_layers_are_the_middle_visual_block_and_never_a_cross_attention(pipe):
+    transformer = pipe.transformer
+    assert list(PAG(2.0).edits(transformer)) == ["visual_transformer_blocks.1.self_attention"]
+    assert list(TPG(2.0).edits(transformer)) == ["visual_transformer_blocks.1"]
+    layers = self_attention_layers(transformer)
+    assert "text_transformer_blocks.0.self_attention" in layers  # selectable by name
+    assert not [name for name in layers if "cross_attention" in name]
+    assert list(PAG(2.0, layers=("visual_transformer_blocks.0",)).edits(transformer)) == [
+        "visual_transformer_blocks.0.self_attention"
+    ]
+
+
+def test_the_slg_weak_branch_is_the_denoiser_without_the_block(pipe):
+    kwargs = kandinsky5_call_kwargs() | {"guidance_scale": 1.0}
+    assert_slg_leaves_the_block_out(pipe, kwargs, "visual_transformer_blocks.0", None)
+
+
+def test_the_corrector_runs_without_cfg_and_is_refused_with_it(pipe):
+    with guide(pipe, PAG(1.0)):
+        plain = call(pipe, guidance_scale=1.0)
+    with guide(pipe, PAG(1.0), LangevinCorrector()):
+        corrected = call(pipe, guidance_scale=1.0)
+    assert np.isfinite(corrected).all() and np.abs(corrected - plain).max() > 1e-3
+    with pytest.raises(ValueError, match="needs every branch in one denoiser call"):
+        with guide(pipe, PAG(1.0), LangevinCorrector()):
+            call(pipe, guidance_scale=4.0)
+
+
+def test_the_rope_positions_stay_unbatched_when_the_text_is_as_long_as_the_batch(pipe):
+    """The text's rope positions are ``arange(tokens)``: with 2 tokens for 2 prompts they look batched."""
+    short = lambda pipe, **extra: (
+        pipe(**kandinsky5_call_kwargs(tokens=2) | extra, generator=torch.Generator().manual_seed(0)).image
+    )
+    assert_batched_equals_own_calls(pipe, short, PAG(1.0))
