@@ -220,16 +220,15 @@ def _attention_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any
     """An attention module call's hidden states and text states (None: self-attention), bound by name (diffusers'
     ``hidden_states`` / ``encoder_hidden_states``, HiDream's ``norm_`` spellings), else by position."""
     try:
-        bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
-    except TypeError:
-        bound = {}
+        bound = dict(_signature(type(module)).bind_partial(module, *args, **kwargs).arguments)
+    except TypeError:  # a call its signature does not take: by position, as diffusers' attention modules
+        bound = dict(zip(("hidden_states", "encoder_hidden_states"), args))
+    bound.update(kwargs)  # those a ``**kwargs`` parameter collected
     pick = lambda names: next((bound[n] for n in names if bound.get(n) is not None), None)
     hidden = pick(("hidden_states", "norm_hidden_states"))
-    if hidden is None:  # unbound, or another name: the first argument
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-    if bound:
-        return hidden, pick(("encoder_hidden_states", "norm_encoder_hidden_states"))
-    return hidden, kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    if hidden is None:  # another name: the first argument
+        hidden = args[0] if args else None
+    return hidden, pick(("encoder_hidden_states", "norm_encoder_hidden_states"))
 
 
 class _ShuffleHook(ModelHook):
