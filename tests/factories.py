@@ -1980,3 +1980,10 @@ def cmyk_swap_profile() -> bytes:
     header = struct.pack(">I", start + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"prtrCMYKLab "
     header += bytes(12) + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249)
     return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
+
+
+def family_denoiser(pipe: DiffusionPipeline) -> str:
+    """The attribute under which ``pipe`` holds the denoiser guide() wraps (``unet`` or ``transformer``)."""
+    from guidance.pipeline import family_of
+
+    return family_of(pipe).denoiser

@@ -1,0 +1,54 @@
+"""guide() in bfloat16 on the CPU (the CUDA half-precision checks of ``tests/test_cuda.py`` run only on a GPU): CFG
+through guide() equals the pipeline's own CFG within bfloat16 rounding, APG runs and moves the result, and the
+output keeps the pipeline's dtype path (no float32 leak into the denoiser's inputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guidance import APG, CFG, PAG, guide
+from tests import factories as F
+
+#: name: (builder, call kwargs, the pipeline's own CFG arguments, guide()'s extra call arguments, output attribute)
+PIPELINES = {
+    "sd": (F.tiny_sd, None, {"guidance_scale": 3.0}, {}, "images"),
+    "sdxl": (F.tiny_sdxl, None, {"guidance_scale": 3.0}, {}, "images"),
+    "sd3": (F.tiny_sd3, None, {"guidance_scale": 3.0}, {}, "images"),
+    "flux": (F.tiny_flux, None, {"true_cfg_scale": 3.0, "negative_prompt": ""}, {"negative_prompt": ""}, "images"),
+    "dit": (F.tiny_dit, None, {"guidance_scale": 3.0}, {}, "images"),
+    "auraflow": (F.tiny_auraflow, F.auraflow_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
+    "hidream": (F.tiny_hidream, F.hidream_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
+    "prx": (F.tiny_prx, F.prx_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
+    "cogview3plus": (F.tiny_cogview3plus, F.cogview3plus_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
+    "kandinsky5": (F.tiny_kandinsky5, F.kandinsky5_call_kwargs, {"guidance_scale": 3.0}, {}, "image"),
+}
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_cfg_through_guide_equals_the_pipelines_own_cfg_in_bfloat16(name):
+    build, call_kwargs, own, extra, output = PIPELINES[name]
+    pipe = build().to(torch.bfloat16)
+    for component in pipe.components.values():  # as from_pretrained(torch_dtype=...) does (Kandinsky 5)
+        for name, module in getattr(component, "named_modules", dict)():
+            if any(part in name.split(".") for part in getattr(component, "_keep_in_fp32_modules", None) or ()):
+                module.float()
+    kwargs = (call_kwargs() if call_kwargs else F.default_call_kwargs(pipe)) | {"output_type": "np"}
+    kwargs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    run = lambda **more: getattr(pipe(**kwargs | more, generator=torch.Generator().manual_seed(0)), output)
+    dtypes = []
+    hook = getattr(pipe, F.family_denoiser(pipe)).register_forward_pre_hook(
+        lambda module, args, kw: dtypes.append((args[0] if args else kw["hidden_states"]).dtype), with_kwargs=True
+    )
+    try:
+        reference = run(**own)
+        with guide(pipe, CFG(3.0)):
+            guided = run(**extra)
+        with guide(pipe, APG(3.0), PAG(1.0)):
+            apg = run(**extra)
+    finally:
+        hook.remove()
+    assert set(dtypes) == {torch.bfloat16}
+    assert np.isfinite(apg).all() and np.abs(apg - guided).max() > 0.01
+    np.testing.assert_allclose(guided, reference, atol=0.03)  # bfloat16 rounding over 3 steps
