@@ -23,7 +23,23 @@ PIPELINES = {
     "prx": (F.tiny_prx, F.prx_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
     "cogview3plus": (F.tiny_cogview3plus, F.cogview3plus_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
     "kandinsky5": (F.tiny_kandinsky5, F.kandinsky5_call_kwargs, {"guidance_scale": 3.0}, {}, "image"),
+    "z_image": (F.tiny_z_image, F.z_image_call_kwargs, {"guidance_scale": 2.0}, {}, "images"),  # c + 2 (c - u)
+    "krea2": (F.tiny_krea2, F.krea2_call_kwargs, {"guidance_scale": 2.0}, {}, "images"),
+    "lumina2": (F.tiny_lumina2, F.lumina2_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
+    "cogview4": (F.tiny_cogview4, F.cogview4_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
+    "ernie": (F.tiny_ernie, F.ernie_call_kwargs, {"guidance_scale": 3.0}, {}, "images"),
+    "sana": (F.tiny_sana, lambda: F.sana_call_kwargs(), {"guidance_scale": 3.0}, {}, "images"),
 }
+
+
+def _first_tensor(value):
+    return value if torch.is_tensor(value) else value[0]  # Z-Image: one latent per sample
+
+
+def _bfloat16(value):
+    if torch.is_tensor(value) and value.is_floating_point():
+        return value.to(torch.bfloat16)
+    return [_bfloat16(v) for v in value] if isinstance(value, list) else value
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
@@ -31,15 +47,16 @@ def test_cfg_through_guide_equals_the_pipelines_own_cfg_in_bfloat16(name):
     build, call_kwargs, own, extra, output = PIPELINES[name]
     pipe = build().to(torch.bfloat16)
     for component in pipe.components.values():  # as from_pretrained(torch_dtype=...) does (Kandinsky 5)
-        for name, module in getattr(component, "named_modules", dict)():
-            if any(part in name.split(".") for part in getattr(component, "_keep_in_fp32_modules", None) or ()):
+        for path, module in getattr(component, "named_modules", dict)():
+            if any(part in path.split(".") for part in getattr(component, "_keep_in_fp32_modules", None) or ()):
                 module.float()
     kwargs = (call_kwargs() if call_kwargs else F.default_call_kwargs(pipe)) | {"output_type": "np"}
-    kwargs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    kwargs = {key: _bfloat16(value) for key, value in kwargs.items()}
     run = lambda **more: getattr(pipe(**kwargs | more, generator=torch.Generator().manual_seed(0)), output)
     dtypes = []
     hook = getattr(pipe, F.family_denoiser(pipe)).register_forward_pre_hook(
-        lambda module, args, kw: dtypes.append((args[0] if args else kw["hidden_states"]).dtype), with_kwargs=True
+        lambda module, args, kw: dtypes.append(_first_tensor(args[0] if args else next(iter(kw.values()))).dtype),
+        with_kwargs=True,
     )
     try:
         reference = run(**own)
@@ -51,4 +68,6 @@ def test_cfg_through_guide_equals_the_pipelines_own_cfg_in_bfloat16(name):
         hook.remove()
     assert set(dtypes) == {torch.bfloat16}
     assert np.isfinite(apg).all() and np.abs(apg - guided).max() > 0.01
-    np.testing.assert_allclose(guided, reference, atol=0.03)  # bfloat16 rounding over 3 steps
+    # bfloat16 rounding over 3 steps; Sana upcasts its outputs and combines its CFG in float32, while guide() hands
+    # back the guided prediction in the denoiser's dtype: one bfloat16 rounding more per step there
+    np.testing.assert_allclose(guided, reference, atol=0.08 if name == "sana" else 0.03)
