@@ -84,6 +84,18 @@ def _generated_tokens(kwargs: dict[str, Any], x: Tensor) -> int | None:
     return count
 
 
+def generated_channels(x: Tensor, pred: Tensor) -> Tensor:
+    """The denoiser input ``x`` without the condition channels that follow the generated ones (SD inpainting's mask
+    and image on dim 1, Kandinsky 5 image-to-image's on its channels-last dim -1): ``x`` cut to ``pred``'s size on
+    the one dimension where it is larger."""
+    if x.ndim != pred.ndim or x.shape == pred.shape:
+        return x
+    larger = [d for d in range(x.ndim) if x.shape[d] != pred.shape[d]]
+    if len(larger) != 1 or x.shape[larger[0]] < pred.shape[larger[0]]:
+        raise RuntimeError(f"the denoiser's input {tuple(x.shape)} does not hold its prediction {tuple(pred.shape)}")
+    return x.narrow(larger[0], 0, pred.shape[larger[0]])
+
+
 def _solved_uncond(guided: Tensor, cond: Tensor, s: float) -> Tensor:
     """The unconditional prediction ``u`` (float32) for which the pipeline's own ``u + s (c - u)`` is ``guided``."""
     return (guided.float() - s * cond.float()) / (1 - s)
@@ -416,8 +428,7 @@ class Run:
             heads = {i: p[:, :k] for i, p in perturbed.items()}
             other = None if uncond is None else uncond[:, :k]
             return torch.cat([self.guided(x[:, :k], t, cond[:, :k], other, heads, fraction), cond[:, k:]], dim=1)
-        if x.ndim == cond.ndim and x.shape[1] > cond.shape[1]:  # SD inpainting: mask and image channels follow
-            x = x[:, : cond.shape[1]]
+        x = generated_channels(x, cond)
         x32, cond32 = x.float(), cond.float()
         total = cond32.clone()
         coefs = None

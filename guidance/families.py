@@ -377,10 +377,10 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "kandinsky5",
-        # Kandinsky 5 text-to-image: a conditional call, then an unconditional one (an empty negative prompt unless
-        # given one) whenever guidance_scale > 1; latents (B, 1, H, W, C); text-encoder blocks, then visual blocks
-        # of self-attention and cross-attention
-        ("Kandinsky5T2IPipeline",),
+        # Kandinsky 5 text- and image-to-image: a conditional call, then an unconditional one (an empty negative
+        # prompt unless given one) whenever guidance_scale > 1; latents (B, 1, H, W, C), image-to-image's input
+        # image and mask channels after them; text-encoder blocks, then visual blocks of self- and cross-attention
+        ("Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline"),
         "transformer",
         "sequential",
         "guidance_scale",

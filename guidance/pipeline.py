@@ -218,6 +218,11 @@ class _Controller:
                 "residuals are computed from the latents before the denoiser call, not from the corrected ones)"
             )
         config = getattr(self.denoiser, "config", {})
+        if config.get("visual_cond"):  # Kandinsky 5 image-to-image: the image's channels follow the latents
+            raise ValueError(
+                f"{type(pipe).__name__}: the Langevin corrector needs a denoiser whose input is the latents alone "
+                "(this one takes the input image's latents and mask beside them)"
+            )
         inputs, outputs = config.get("in_channels"), config.get("out_channels")
         if inputs is not None and outputs is not None and outputs not in (inputs, 2 * inputs):  # 2x: learned sigma
             raise ValueError(

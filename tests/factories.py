@@ -983,12 +983,13 @@ def cogview3plus_call_kwargs(batch: int = 2, tokens: int = 64) -> dict[str, Any]
     return kwargs
 
 
-def tiny_kandinsky5() -> DiffusionPipeline:
-    """Kandinsky 5 text-to-image: one text-encoder block, then 2 visual blocks of self-attention and cross-attention
-    (model dim 16 in heads of 8, patch 2x2), the tiny flow VAE (16 latent channels), flow matching at shift 7, no text
-    encoders or tokenizers (call it with :func:`kandinsky5_call_kwargs`). The pipeline maps every request to one of
-    its resolutions (1024 px and up in diffusers; 32x32 here) and assumes an 8x VAE (2x here). The modulations are
-    drawn at random (they start at zero, which leaves every block out)."""
+def tiny_kandinsky5(i2i: bool = False) -> DiffusionPipeline:
+    """Kandinsky 5 text-to-image (``i2i``: image-to-image, one image per call): one text-encoder block, then 2 visual
+    blocks of self-attention and cross-attention (model dim 16 in heads of 8, patch 2x2), the tiny flow VAE (16 latent
+    channels), flow matching at shift 7, no text encoders or tokenizers (call it with
+    :func:`kandinsky5_call_kwargs`). The pipeline maps every request to one of its resolutions (1024 px and up in
+    diffusers; 32x32 here) and assumes an 8x VAE (2x here). The modulations are drawn at random (they start at zero,
+    which leaves every block out)."""
     import diffusers
 
     torch.manual_seed(SEED)
@@ -1004,7 +1005,7 @@ def tiny_kandinsky5() -> DiffusionPipeline:
         num_text_blocks=1,
         num_visual_blocks=2,
         axes_dims=(2, 2, 4),
-        visual_cond=False,
+        visual_cond=i2i,  # image-to-image: the input image's latents and a mask channel follow the latents
         attention_type="regular",
     ).eval()
     g = torch.Generator().manual_seed(SEED + 1)
@@ -1013,7 +1014,7 @@ def tiny_kandinsky5() -> DiffusionPipeline:
             if type(module).__name__ == "Kandinsky5Modulation":
                 module.out_layer.weight.normal_(0.0, 0.3, generator=g)
                 module.out_layer.bias.normal_(0.0, 0.3, generator=g)
-    pipe = diffusers.Kandinsky5T2IPipeline(
+    pipe = (diffusers.Kandinsky5I2IPipeline if i2i else diffusers.Kandinsky5T2IPipeline)(
         transformer=transformer,
         vae=_vae(flow=True, latent_channels=16),
         text_encoder=None,

@@ -68,12 +68,14 @@ def assert_apg_equals_the_formula(
     steps: int = 3,
     atol: float = 1e-5,
     sequential: bool = False,
+    latents: Callable[[Tensor], Tensor] = lambda x: x,
 ) -> None:
     """``APG(6)`` (x0 space, the auto norm threshold) with the pipeline's CFG branch: what the scheduler gets at
     each step is ``c + APG(a x + b c, a x + b u) / b`` on the recorded branches, ``x0(x, t) = (a, b)`` reading x0
     off the denoiser's output; ``guided(x, t, prediction)`` turns the scheduler's prediction back into the
     denoiser's output space (where the pipeline converts it). The branches come from one batched call, the
-    unconditional half first, or (``sequential``) from a conditional call and then an unconditional one."""
+    unconditional half first, or (``sequential``) from a conditional call and then an unconditional one;
+    ``latents(x)``: the generated latents in a denoiser input that holds condition channels beside them."""
     method = APG(6.0)
 
     def run() -> None:
@@ -88,7 +90,7 @@ def assert_apg_equals_the_formula(
     else:
         branches = [(x[n:], t[n:], out[n:], out[:n]) for (x, t, out), n in zip(calls, map(len, predictions))]
     for (x, t, cond, uncond), prediction in zip(branches, predictions):
-        x, cond, uncond = x.float(), cond.float(), uncond.float()
+        x, cond, uncond = latents(x).float(), cond.float(), uncond.float()
         a, b = x0(x, t)
         reference = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
         torch.testing.assert_close(guided(x, t, prediction.float()), reference, rtol=1e-4, atol=atol)

@@ -1,17 +1,20 @@
-"""guide() on Kandinsky 5 text-to-image: a conditional denoiser call, then an unconditional one with an empty
-negative prompt unless given one; latents ``(B, 1, H, W, C)``; a text-encoder stack, then visual blocks of
-self-attention and cross-attention.
+"""guide() on Kandinsky 5 text- and image-to-image: a conditional denoiser call, then an unconditional one with an
+empty negative prompt unless given one; latents ``(B, 1, H, W, C)``, image-to-image's input image latents and mask
+channel after them on the last dimension; a text-encoder stack, then visual blocks of self-attention and
+cross-attention.
 
 CFG equals the pipeline's own; APG equals the formula on the recorded branches; the perturbations batched equal
 them as calls of their own; PAG and TPG default to the middle visual block (not the text encoder's) and PAG never
 picks a cross-attention; the Langevin corrector runs without CFG and is refused with it; the pipeline is left as
-found."""
+found. Image-to-image: CFG equals the pipeline's own, APG acts on the generated channels only, the perturbations
+batched equal their own calls, the corrector is refused (it would move the input image's channels)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from guidance import PAG, SLG, TPG, LangevinCorrector, SoftPAG, guide
 from guidance.layers import self_attention_layers
@@ -90,3 +93,36 @@ def test_the_rope_positions_stay_unbatched_when_the_text_is_as_long_as_the_batch
         pipe(**kandinsky5_call_kwargs(tokens=2) | extra, generator=torch.Generator().manual_seed(0)).image
     )
     assert_batched_equals_own_calls(pipe, short, PAG(1.0))
+
+
+IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def i2i():
+    return tiny_kandinsky5(i2i=True)
+
+
+def call_i2i(pipe, **extra):
+    kwargs = kandinsky5_call_kwargs(batch=1) | {"image": IMAGE} | extra
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).image
+
+
+def test_image_to_image_cfg_and_apg_on_the_generated_channels(i2i):
+    assert_cfg_equals_the_pipelines_own(i2i, call_i2i, atol=1e-5)
+    channels = i2i.transformer.config.out_visual_dim  # 16 of the input's 33 channels: the generated latents first
+    generated = lambda x: x[..., :channels]
+    assert_apg_equals_the_formula(i2i, call_i2i, "kandinsky5", scheduler_x0(i2i), sequential=True, latents=generated)
+
+
+@pytest.mark.parametrize(
+    "method", [PAG(1.0), TPG(1.0), SLG(1.0, layers=(1,), start=0.0, stop=1.0)], ids=["pag", "tpg", "slg"]
+)
+def test_image_to_image_perturbations_batched_equal_their_own_calls(i2i, method):
+    assert_batched_equals_own_calls(i2i, call_i2i, method, atol=2e-5)
+
+
+def test_image_to_image_refuses_the_corrector(i2i):
+    with pytest.raises(ValueError, match="input image's latents and mask"):
+        with guide(i2i, PAG(1.0), LangevinCorrector()):
+            call_i2i(i2i, guidance_scale=1.0)
