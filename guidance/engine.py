@@ -183,7 +183,7 @@ class Run:
                 "Qwen-Image Edit): "
                 "it would move the reference latents with the generated ones"
             )
-        self._follow_pipeline_scale()
+        self._follow_pipeline_scale(timestep)
         if self.controller.corrector is not None:
             step, inputs = self._correct(call, inputs, step)
         output, pred, perturbed = self._branches(call, inputs, step)
@@ -203,14 +203,23 @@ class Run:
         self.pipeline_scale = scale
         self._set_own_cfg(scale)
 
-    def _follow_pipeline_scale(self) -> None:
+    def _follow_pipeline_scale(self, timestep: Any = None) -> None:
         """The pipeline's own CFG at the scale the pipeline holds now: a step-end callback may change it
         (``pipe._guidance_scale``, read by diffusers' pipelines at every step), and it must count here too."""
         if self.own_cfg is None or self.family.layout == "sequential":
             return
-        current = self._scale_now()
+        current = self._dynamic_scale(timestep) or self._scale_now()
         if current is not None and current != self.methods[self.own_cfg].scale:
             self._set_own_cfg(current)
+
+    def _dynamic_scale(self, timestep: Any) -> float | None:
+        """The scale the pipeline combines this step's CFG with when it sets it only after the denoiser call
+        (:attr:`.families.Family.dynamic_scale`), else None."""
+        scale = self.family.dynamic_scale
+        if scale is None:
+            return None
+        index = self.evaluations - 1  # this step's (counted when its record was made)
+        return scale(self.controller.pipe, self.controller.arguments, timestep, index, self._steps())
 
     def _set_own_cfg(self, scale: float) -> None:
         """The pipeline's own CFG (composed with perturbations), if it runs one, at ``scale``."""

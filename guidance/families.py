@@ -9,6 +9,7 @@ the argument that switches the unconditional branch on and the call arguments re
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,10 @@ class Family:
     #: the self-attention's queries are the image tokens alone and its keys and values ``[text, image]`` (PRX):
     #: PAG's identity maps each image token to its own value, the last keys
     image_queries: bool = False
+    #: the CFG scale a pipeline combines this step with when it sets it after the denoiser call (CogVideoX's
+    #: ``use_dynamic_cfg``), from the pipeline, the call's arguments, the denoiser's timestep, the step's index and
+    #: the call's number of steps; None: the scale the pipeline holds
+    dynamic_scale: Callable[[Any, dict[str, Any], Any, int, int], float | None] | None = None
     #: what the denoiser predicts when the pipeline converts it before the scheduler's step (PRXPixel: x0,
     #: ``"sample"``, turned into the flow velocity with the latents); None: the scheduler's prediction type
     prediction: str | None = None
@@ -133,6 +138,15 @@ def _hidream_tokens(denoiser: Any, latents: Tensor, kwargs: dict[str, Any]) -> t
     llama = kwargs["encoder_hidden_states_llama3"]
     llama_tokens = llama[0].shape[-2]  # a (layers, batch, tokens, channels) tensor or a list per layer
     return kwargs["encoder_hidden_states_t5"].shape[1] + 2 * llama_tokens, image
+
+
+def _cogvideox_scale(pipe: Any, arguments: dict[str, Any], timestep: Any, index: int, steps: int) -> float | None:
+    """CogVideoX's ``use_dynamic_cfg``: the scale the pipeline sets after the denoiser call and combines this step's
+    CFG with, from the timestep the denoiser got (diffusers' formula, its odd power of ``(n - t) / n`` included)."""
+    if not arguments.get("use_dynamic_cfg") or timestep is None:
+        return None
+    n, t = steps, float(torch.as_tensor(timestep).reshape(-1)[0])
+    return 1 + float(arguments.get("guidance_scale", 6.0)) * ((1 - math.cos(math.pi * ((n - t) / n) ** 5.0)) / 2)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -374,6 +388,18 @@ FAMILIES: tuple[Family, ...] = (
         "uncond_cond",
         "guidance_scale",
         text_first=True,
+    ),
+    Family(
+        "cogvideox",
+        # one batched CFG call (uncond first) of joint blocks over [text, video] (image-first outputs); latents
+        # (B, F, C, H, W), image-to-video's image latents after them on dim 2; v-prediction on CogVideoX's schedules
+        ("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+        text_first=True,
+        unbatched=("image_rotary_emb", "ofs"),
+        dynamic_scale=_cogvideox_scale,
     ),
     Family(
         "kandinsky5",

@@ -41,7 +41,7 @@ def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 #: transformer blocks whose class names do not end with "TransformerBlock"
-OTHER_BLOCKS = ("ErnieImageSharedAdaLNBlock", "PRXBlock", "Kandinsky5TransformerDecoderBlock")
+OTHER_BLOCKS = ("ErnieImageSharedAdaLNBlock", "PRXBlock", "Kandinsky5TransformerDecoderBlock", "CogVideoXBlock")
 
 
 def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:

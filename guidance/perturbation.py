@@ -316,7 +316,12 @@ class _SkipHook(ModelHook):
 
 #: joint blocks that return ``(hidden_states, encoder_hidden_states)``; the others (FLUX, SD3, Qwen-Image) return
 #: ``(encoder_hidden_states, hidden_states)``
-HIDDEN_FIRST_BLOCKS = ("CogView3PlusTransformerBlock", "CogView4TransformerBlock", "HiDreamImageTransformerBlock")
+HIDDEN_FIRST_BLOCKS = (
+    "CogVideoXBlock",
+    "CogView3PlusTransformerBlock",
+    "CogView4TransformerBlock",
+    "HiDreamImageTransformerBlock",
+)
 
 
 def _hidden_first(module: nn.Module, output: tuple, hidden: Any) -> bool:

@@ -1041,6 +1041,65 @@ def kandinsky5_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
     return kwargs
 
 
+def tiny_cogvideox(pipeline: str = "CogVideoXPipeline") -> DiffusionPipeline:
+    """CogVideoX (``pipeline``: one of the served CogVideoX classes): a 2-block joint-attention transformer over
+    [text, video] (2 heads of 16, patch 2; its blocks return the video stream first), the tiny CogVideoX VAE (8x
+    spatial, 4x temporal), v-prediction on CogVideoX's DDIM schedule, no text encoder or tokenizer (call it with
+    :func:`cogvideox_call_kwargs`). Image-to-video puts the image's latents after the latents' channels (dim 2) and
+    needs rotary positions."""
+    import diffusers
+
+    i2v = pipeline == "CogVideoXImageToVideoPipeline"
+    torch.manual_seed(SEED)
+    transformer = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,  # the 3D rotary positions split a head into even parts
+        in_channels=8 if i2v else 4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=24,
+        num_layers=2,
+        sample_width=4,
+        sample_height=4,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+        use_rotary_positional_embeddings=i2v,
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    ).eval()
+    parts = {"tokenizer": None, "text_encoder": None, "vae": vae, "scheduler": diffusers.CogVideoXDDIMScheduler()}
+    return _finish(getattr(diffusers, pipeline)(**parts, transformer=transformer))
+
+
+def cogvideox_call_kwargs(batch: int = 1, tokens: int = 16) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_cogvideox`: seeded prompt and negative embeddings ``(batch, 16, 24)``
+    (CogVideoX pads its text to ``max_text_seq_length``), 8 frames of 32x32 (3 latent frames of 4x4), no generator
+    nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 101)
+    kwargs: dict[str, Any] = {
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "num_frames": 9,
+        "num_inference_steps": 3,
+        "output_type": "np",
+    }
+    kwargs["prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
+    kwargs["negative_prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
+    return kwargs
+
+
 def tiny_cogview4() -> DiffusionPipeline:
     """CogView4: a 2-block joint-attention transformer (text first; its blocks return the image stream first), the
     tiny KL VAE, flow matching with CogView4's linear dynamic shift, no text encoder (call it with
