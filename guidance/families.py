@@ -402,6 +402,15 @@ FAMILIES: tuple[Family, ...] = (
         dynamic_scale=_cogvideox_scale,
     ),
     Family(
+        "ltx",
+        # LTX-Video text-to-video: one batched CFG call (uncond first) over packed video tokens (B, N, C), blocks
+        # of self-attention (attn1) and cross-attention (attn2); the timestep is the scheduler's
+        ("LTXPipeline",),
+        "transformer",
+        "uncond_cond",
+        "guidance_scale",
+    ),
+    Family(
         "kandinsky5",
         # Kandinsky 5 text- and image-to-image: a conditional call, then an unconditional one (an empty negative
         # prompt unless given one) whenever guidance_scale > 1; latents (B, 1, H, W, C), image-to-image's input

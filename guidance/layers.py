@@ -25,8 +25,14 @@ Selector = int | str
 
 
 #: attention module names (their last part) that mark cross-attention in models whose attention modules do not
-#: say so themselves (Kandinsky 5's ``cross_attention``)
-CROSS_ATTENTION_NAMES = ("cross_attention", "cross_attn")
+#: say so themselves (Kandinsky 5's ``cross_attention``, LTX's ``attn2``); modules that say so are taken at their
+#: word (SD 3.5's ``attn2`` is a second self-attention)
+CROSS_ATTENTION_NAMES = ("cross_attention", "cross_attn", "attn2")
+
+
+def _is_cross_attention(name: str, module: nn.Module) -> bool:
+    flag = getattr(module, "is_cross_attention", None)
+    return bool(flag) if flag is not None else name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES
 
 
 def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -34,9 +40,7 @@ def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: module
         for name, module in model.named_modules()
-        if hasattr(module, "processor")
-        and not getattr(module, "is_cross_attention", False)
-        and name.rsplit(".", 1)[-1] not in CROSS_ATTENTION_NAMES
+        if hasattr(module, "processor") and not _is_cross_attention(name, module)
     }
 
 

@@ -1100,6 +1100,61 @@ def cogvideox_call_kwargs(batch: int = 1, tokens: int = 16) -> dict[str, Any]:
     return kwargs
 
 
+def tiny_ltx() -> DiffusionPipeline:
+    """LTX-Video text-to-video: 2 blocks of self-attention (attn1) and cross-attention (attn2) over packed video tokens
+    (4 heads of 8, patch 1), diffusers' tiny LTX VAE (8 latent channels, 4x spatial, 4x temporal over the first two
+    levels), flow matching, no text encoder or tokenizer (call it with :func:`ltx_call_kwargs`)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=24,
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLLTXVideo(
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        spatio_temporal_scaling=(True, True, False, False),
+        layers_per_block=(1, 1, 1, 1, 1),
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    ).eval()
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    parts = {"tokenizer": None, "text_encoder": None, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler()}
+    return _finish(diffusers.LTXPipeline(**parts, transformer=transformer))
+
+
+def ltx_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_ltx`: seeded prompt and negative embeddings ``(batch, tokens, 24)``
+    with their masks (the prompt's last token masked out), 9 frames of 32x32, the latents as output (packed), no
+    generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 103)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[:, -1] = 0
+    kwargs: dict[str, Any] = {
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "num_frames": 9,
+        "num_inference_steps": 3,
+        "output_type": "latent",  # the tiny LTX VAE decodes slowly (seconds per call)
+    }
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, 24, generator=g)
+        kwargs[f"{prefix}prompt_attention_mask"] = mask.clone()
+    return kwargs
+
+
 def tiny_cogview4() -> DiffusionPipeline:
     """CogView4: a 2-block joint-attention transformer (text first; its blocks return the image stream first), the
     tiny KL VAE, flow matching with CogView4's linear dynamic shift, no text encoder (call it with
