@@ -402,6 +402,17 @@ FAMILIES: tuple[Family, ...] = (
         dynamic_scale=_cogvideox_scale,
     ),
     Family(
+        "hunyuanvideo",
+        # HunyuanVideo text-to-video (guidance-distilled: its `guidance_scale` is an embedded guidance): true CFG as a
+        # separate unconditional call with a negative prompt; double and single blocks over [video, text] that pass
+        # the text beside the video to their attention and return the video stream first
+        ("HunyuanVideoPipeline",),
+        "transformer",
+        "sequential",
+        "true_cfg_scale",
+        negative_embeds=("negative_prompt_embeds", "negative_pooled_prompt_embeds"),
+    ),
+    Family(
         "ltx",
         # LTX-Video text-to-video: one batched CFG call (uncond first) over packed video tokens (B, N, C), blocks
         # of self-attention (attn1) and cross-attention (attn2); the timestep is the scheduler's

@@ -321,6 +321,8 @@ HIDDEN_FIRST_BLOCKS = (
     "CogView3PlusTransformerBlock",
     "CogView4TransformerBlock",
     "HiDreamImageTransformerBlock",
+    "HunyuanVideoTransformerBlock",
+    "HunyuanVideoSingleTransformerBlock",
 )
 
 

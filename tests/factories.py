@@ -1155,6 +1155,71 @@ def ltx_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
     return kwargs
 
 
+def tiny_hunyuanvideo() -> DiffusionPipeline:
+    """HunyuanVideo text-to-video: 2 double and 2 single blocks over [video, text] (2 heads of 10, patch 1) after a
+    one-block text token refiner, embedded guidance, diffusers' tiny HunyuanVideo VAE (8x spatial, 4x temporal),
+    flow matching at shift 7, no text encoders or tokenizers (call it with :func:`hunyuanvideo_call_kwargs`; the
+    latents are the output: the tiny VAE decodes slowly)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        act_fn="silu",
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    ).eval()
+    parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return _finish(diffusers.HunyuanVideoPipeline(**parts, vae=vae, scheduler=scheduler, transformer=transformer))
+
+
+def hunyuanvideo_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_hunyuanvideo`: seeded Llama ``(batch, tokens, 16)`` and pooled CLIP
+    ``(batch, 8)`` prompt and negative embeddings with their masks (the prompt's last token masked out), 9 frames of
+    32x32 (3 latent frames of 4x4), the latents as output, no generator nor guidance."""
+    g = torch.Generator().manual_seed(SEED + 107)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[:, -1] = 0
+    kwargs: dict[str, Any] = {
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "num_frames": 9,
+        "num_inference_steps": 3,
+        "output_type": "latent",
+    }
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
+        kwargs[f"{prefix}pooled_prompt_embeds"] = torch.randn(batch, 8, generator=g)
+        kwargs[f"{prefix}prompt_attention_mask"] = mask.clone()
+    return kwargs
+
+
 def tiny_cogview4() -> DiffusionPipeline:
     """CogView4: a 2-block joint-attention transformer (text first; its blocks return the image stream first), the
     tiny KL VAE, flow matching with CogView4's linear dynamic shift, no text encoder (call it with
