@@ -446,9 +446,9 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "wan",
-        # Wan 2.1 and 2.2 text- and image-to-video (latents (B, C, F, H, W); image-to-video: the condition's
-        # mask and latent channels follow the latents in the denoiser's input)
-        ("WanPipeline", "WanImageToVideoPipeline"),
+        # Wan 2.1 and 2.2 text-, image- and video-to-video (latents (B, C, F, H, W); image-to-video: the
+        # condition's mask and latent channels follow the latents in the denoiser's input)
+        ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
         "transformer",
         "sequential",
         "guidance_scale",

@@ -122,3 +122,28 @@ def test_modular_wan_with_our_guiders_equals_guide_on_the_classic_pipeline(metho
         own_scale=4.0,
         output="frames",
     )
+
+
+def test_video_to_video_cfg_and_perturbations():
+    """Wan's video-to-video pipeline (one transformer, a separate unconditional call): CFG equals its own, and the
+    perturbations batched equal their own calls."""
+    import diffusers
+
+    from tests.factories import noise_image
+    from tests.family_checks import assert_batched_equals_own_calls, assert_cfg_equals_the_pipelines_own
+
+    parts = tiny_wan().components
+    pipe = diffusers.WanVideoToVideoPipeline(
+        **{k: parts[k] for k in ("tokenizer", "text_encoder", "vae", "scheduler")}, transformer=parts["transformer"]
+    )
+    pipe.set_progress_bar_config(disable=True)
+    video = [noise_image((16, 16), seed=i) for i in range(5)]
+
+    def call_v2v(pipe, **extra):
+        kwargs = wan_call_kwargs() | {"video": video, "strength": 0.75} | extra
+        kwargs.pop("num_frames")
+        return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames
+
+    assert_cfg_equals_the_pipelines_own(pipe, call_v2v, atol=1e-5)
+    for method in (PAG(1.0), TPG(1.0), SLG(1.0, layers=(1,), start=0.0, stop=1.0)):
+        assert_batched_equals_own_calls(pipe, call_v2v, method, atol=1e-5)
