@@ -96,6 +96,25 @@ def generated_channels(x: Tensor, pred: Tensor) -> Tensor:
     return x.narrow(larger[0], 0, pred.shape[larger[0]])
 
 
+def _copied_lists(value: Any) -> Any:
+    """``value`` with every list in it (nested in lists and dicts) a new list of the same items."""
+    if isinstance(value, list):
+        return [_copied_lists(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _copied_lists(item) for key, item in value.items()}
+    return value
+
+
+def _fresh_lists(call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call`` handed new lists at every call: the UNet pops the T2I-Adapter's residuals off the list it is given
+    (``down_intrablock_additional_residuals``), which would leave a second call of the same step without them."""
+
+    def fresh(*args: Any, **kwargs: Any) -> Any:
+        return call(*_copied_lists(list(args)), **_copied_lists(kwargs))
+
+    return fresh
+
+
 def _solved_uncond(guided: Tensor, cond: Tensor, s: float) -> Tensor:
     """The unconditional prediction ``u`` (float32) for which the pipeline's own ``u + s (c - u)`` is ``guided``."""
     return (guided.float() - s * cond.float()) / (1 - s)
@@ -165,6 +184,7 @@ class Run:
         self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor, timestep: Any = None
     ) -> Any:
         """The output of one denoiser call (``timestep``: the timestep argument as the denoiser got it)."""
+        call = _fresh_lists(call)  # one step may call the denoiser several times on the same arguments
         if self.family.layout == "sequential" and self.pending is not None:
             output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
             return _with_prediction(output, self._finish_sequential(x, t, _prediction(output)))

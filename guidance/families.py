@@ -159,6 +159,7 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionControlNetPipeline",
             "StableDiffusionControlNetImg2ImgPipeline",
             "StableDiffusionControlNetInpaintPipeline",
+            "StableDiffusionAdapterPipeline",  # T2I-Adapter: its residuals are rebound with the batch
         ),
         "unet",
         "uncond_cond",
@@ -176,6 +177,7 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionXLControlNetUnionPipeline",
             "StableDiffusionXLControlNetUnionImg2ImgPipeline",
             "StableDiffusionXLControlNetUnionInpaintPipeline",
+            "StableDiffusionXLAdapterPipeline",
             "KolorsPipeline",  # an SDXL UNet with ChatGLM text
             "KolorsImg2ImgPipeline",
         ),

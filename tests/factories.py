@@ -1993,8 +1993,8 @@ def _inpainting_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
 
 def variant(family: str, kind: str) -> DiffusionPipeline:
     """``family`` in sd / sdxl / sd3 / flux; ``kind``: inpaint, inpaint9 (SD's 9-channel UNet), controlnet,
-    controlnet_img2img, controlnet_inpaint, and for SDXL controlnet_union, controlnet_union_img2img,
-    controlnet_union_inpaint."""
+    controlnet_img2img, controlnet_inpaint, for SD and SDXL adapter (a T2I-Adapter), and for SDXL controlnet_union,
+    controlnet_union_img2img, controlnet_union_inpaint."""
     import diffusers
 
     if (family, kind) in (("sd3", "inpaint"), ("sd3", "controlnet_inpaint")):
@@ -2014,6 +2014,7 @@ def variant(family: str, kind: str) -> DiffusionPipeline:
         "controlnet_union": f"{prefix}ControlNetUnionPipeline",
         "controlnet_union_img2img": f"{prefix}ControlNetUnionImg2ImgPipeline",
         "controlnet_union_inpaint": f"{prefix}ControlNetUnionInpaintPipeline",
+        "adapter": f"{prefix}AdapterPipeline",
     }
     cls = getattr(diffusers, names[kind])
     if kind.startswith("controlnet_union"):  # SDXL's ControlNet++ (one model, several control modes)
@@ -2024,6 +2025,12 @@ def variant(family: str, kind: str) -> DiffusionPipeline:
         torch.manual_seed(SEED + 7)
         components["controlnet"] = diffusers.ControlNetUnionModel.from_config(
             union.config, num_trans_channel=width, num_proj_channel=width
+        ).eval()
+    elif kind == "adapter":  # T2I-Adapter: residuals for the UNet's down blocks from the control image
+        torch.manual_seed(SEED + 9)
+        channels = list(base.unet.config.block_out_channels)
+        components["adapter"] = diffusers.T2IAdapter(
+            in_channels=3, channels=channels, num_res_blocks=1, downscale_factor=4, adapter_type="full_adapter_xl"
         ).eval()
     elif kind.startswith("controlnet"):
         components["controlnet"] = _controlnet_for(base, 1 if (family, kind) == ("sd3", "controlnet_inpaint") else 0)
@@ -2055,6 +2062,9 @@ def variant_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
         kwargs["control_mask"] = kwargs.pop("mask_image")
         kwargs["control_image"] = kwargs.pop("image")
         del kwargs["strength"]
+        return kwargs
+    if "Adapter" in name:
+        kwargs["image"] = control
         return kwargs
     if "ControlNetUnion" in name:
         kwargs["control_image"], kwargs["control_mode"] = [control], [0]

@@ -1,5 +1,6 @@
-"""guide() on inpainting and ControlNet pipelines (issue #14, item 9): CFG equals the pipeline's own CFG, CFG+PAG
-equals diffusers' PAG pipelines for them, APG runs, the corrector is refused where it cannot apply."""
+"""guide() on inpainting, ControlNet and T2I-Adapter pipelines (issue #14, item 9): CFG equals the pipeline's own
+CFG, CFG+PAG equals diffusers' PAG pipelines for them, APG runs, the perturbations batched equal their own calls
+with the ControlNet's and the adapter's residuals, the corrector is refused where it cannot apply."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ CASES = [
     ("sdxl", "controlnet_union"),
     ("sdxl", "controlnet_union_img2img"),
     ("sdxl", "controlnet_union_inpaint"),
+    ("sd", "adapter"),
+    ("sdxl", "adapter"),
     ("sd3", "inpaint"),
     ("sd3", "controlnet"),
     ("sd3", "controlnet_inpaint"),
@@ -139,3 +142,19 @@ def test_ip_adapter_cfg_and_pag_match_the_pipeline_and_diffusers_pag():
     ).images
     with guide(pipe, CFG(4.0), PAG(2.0, layers="mid")):
         np.testing.assert_allclose(pipe(**kwargs, generator=gen()).images, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(("family", "kind"), [("sd", "adapter"), ("sdxl", "adapter"), ("sdxl", "controlnet")])
+def test_perturbations_batched_equal_their_own_calls_with_residuals(family, kind):
+    """The T2I-Adapter's and the ControlNet's residuals are rebound with the batch: the perturbed rows get their
+    own copies."""
+    from guidance import TPG
+
+    pipe = variant(family, kind)
+    for method in (PAG(2.0), TPG(1.0)):
+        with guide(pipe, CFG(4.0), method):
+            batched = call(pipe)
+        with guide(pipe, CFG(4.0), method, sequential=True):
+            np.testing.assert_allclose(call(pipe), batched, atol=1e-5)
+        with guide(pipe, CFG(4.0)):
+            assert np.abs(batched - call(pipe)).max() > 1e-4
