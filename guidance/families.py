@@ -160,6 +160,7 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionControlNetImg2ImgPipeline",
             "StableDiffusionControlNetInpaintPipeline",
             "StableDiffusionAdapterPipeline",  # T2I-Adapter: its residuals are rebound with the batch
+            "StableDiffusionUpscalePipeline",  # the x4 upscaler: the low-res image follows the latents
         ),
         "unet",
         "uncond_cond",

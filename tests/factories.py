@@ -378,7 +378,7 @@ def recorded_run(pipe: DiffusionPipeline, run: Callable[[], Any]) -> tuple[list[
     (Z-Image's latents and outputs) are recorded stacked."""
     calls: list[tuple] = []
     steps: list[torch.Tensor] = []
-    denoiser = pipe.transformer
+    denoiser = getattr(pipe, family_denoiser(pipe))
     stacked = lambda value: torch.stack(value) if isinstance(value, list) else value
 
     def record(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -1989,6 +1989,57 @@ def _inpainting_unet(unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """The same UNet with SD-inpainting's 9 input channels (latents, mask, masked-image latents)."""
     torch.manual_seed(SEED)
     return UNet2DConditionModel.from_config({**unet.config, "in_channels": 9}).eval()
+
+
+def tiny_sd_upscale() -> DiffusionPipeline:
+    """SD's x4 upscaler: a 3-level UNet whose input holds the low-res image's 3 channels after the 4 latent ones and
+    whose class labels are the noise level (its first two levels' ``attn1`` attend to the text only), a 4x VAE,
+    v-prediction DDIM, the tiny SD text encoder (call it with :func:`sd_upscale_call_kwargs`)."""
+    import diffusers
+
+    base = tiny_sd()
+    torch.manual_seed(SEED)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=7,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=base.unet.config.cross_attention_dim,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        only_cross_attention=(True, True, False),
+        num_class_embeds=100,
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=[32, 32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        latent_channels=4,
+    ).eval()
+    return _finish(
+        diffusers.StableDiffusionUpscalePipeline(
+            unet=unet,
+            low_res_scheduler=diffusers.DDPMScheduler(),
+            scheduler=diffusers.DDIMScheduler(prediction_type="v_prediction"),
+            vae=vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            max_noise_level=350,
+        )
+    )
+
+
+def sd_upscale_call_kwargs() -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_sd_upscale`: a 16 px image to upscale to 64 px at noise level 20, 3
+    steps, no generator nor guidance."""
+    image = random_image(16, seed=SEED + 5)
+    return {"prompt": PROMPT, "image": image, "noise_level": 20, "num_inference_steps": 3, "output_type": "np"}
 
 
 def variant(family: str, kind: str) -> DiffusionPipeline:

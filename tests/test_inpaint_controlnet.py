@@ -158,3 +158,29 @@ def test_perturbations_batched_equal_their_own_calls_with_residuals(family, kind
             np.testing.assert_allclose(call(pipe), batched, atol=1e-5)
         with guide(pipe, CFG(4.0)):
             assert np.abs(batched - call(pipe)).max() > 1e-4
+
+
+def test_the_x4_upscaler():
+    """SD's x4 upscaler: the low-res image's channels follow the latents in the UNet's input and its noise level is
+    a class label per row; CFG equals its own, APG acts on the latent channels, the perturbations batched equal their
+    own calls, the corrector is refused (it would move the image's channels)."""
+    from guidance import TPG
+    from tests.factories import sd_upscale_call_kwargs, tiny_sd_upscale
+    from tests.family_checks import (
+        assert_apg_equals_the_formula,
+        assert_batched_equals_own_calls,
+        assert_cfg_equals_the_pipelines_own,
+        scheduler_x0,
+    )
+
+    pipe = tiny_sd_upscale()
+
+    def upscale(pipe, **extra):
+        return pipe(**sd_upscale_call_kwargs() | extra, generator=gen()).images
+
+    assert_cfg_equals_the_pipelines_own(pipe, upscale, atol=1e-5)
+    assert_apg_equals_the_formula(pipe, upscale, "sd", scheduler_x0(pipe), latents=lambda x: x[:, :4])
+    for method in (PAG(1.0), TPG(1.0)):
+        assert_batched_equals_own_calls(pipe, upscale, method, atol=1e-5)
+    with guide(pipe, PAG(1.0), LangevinCorrector()), pytest.raises(ValueError, match="Langevin corrector"):
+        upscale(pipe)
