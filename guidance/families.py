@@ -161,6 +161,7 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionControlNetInpaintPipeline",
             "StableDiffusionAdapterPipeline",  # T2I-Adapter: its residuals are rebound with the batch
             "StableDiffusionUpscalePipeline",  # the x4 upscaler: the low-res image follows the latents
+            "StableDiffusionDepth2ImgPipeline",  # the depth map follows the latents
         ),
         "unet",
         "uncond_cond",

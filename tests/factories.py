@@ -2042,6 +2042,27 @@ def sd_upscale_call_kwargs() -> dict[str, Any]:
     return {"prompt": PROMPT, "image": image, "noise_level": 20, "num_inference_steps": 3, "output_type": "np"}
 
 
+def tiny_sd_depth() -> DiffusionPipeline:
+    """SD 2's depth-to-image: the tiny SD with a UNet that takes the depth map's channel after the 4 latent ones, no
+    depth estimator (call it with :func:`sd_depth_call_kwargs`' depth map)."""
+    import diffusers
+
+    base = tiny_sd()
+    torch.manual_seed(SEED)
+    unet = diffusers.UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 5}).eval()
+    parts = {k: base.components[k] for k in ("vae", "text_encoder", "tokenizer", "scheduler")}
+    return _finish(
+        diffusers.StableDiffusionDepth2ImgPipeline(**parts, unet=unet, depth_estimator=None, feature_extractor=None)
+    )
+
+
+def sd_depth_call_kwargs() -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_sd_depth`: an image, a seeded depth map, strength 0.8 of 4 steps."""
+    depth = torch.rand(1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(SEED + 11))
+    kwargs: dict[str, Any] = {"prompt": PROMPT, "image": random_image(IMAGE_SIZE), "depth_map": depth}
+    return kwargs | {"strength": 0.8, "num_inference_steps": 4, "output_type": "np"}
+
+
 def variant(family: str, kind: str) -> DiffusionPipeline:
     """``family`` in sd / sdxl / sd3 / flux; ``kind``: inpaint, inpaint9 (SD's 9-channel UNet), controlnet,
     controlnet_img2img, controlnet_inpaint, for SD and SDXL adapter (a T2I-Adapter), and for SDXL controlnet_union,

@@ -160,12 +160,14 @@ def test_perturbations_batched_equal_their_own_calls_with_residuals(family, kind
             assert np.abs(batched - call(pipe)).max() > 1e-4
 
 
-def test_the_x4_upscaler():
-    """SD's x4 upscaler: the low-res image's channels follow the latents in the UNet's input and its noise level is
-    a class label per row; CFG equals its own, APG acts on the latent channels, the perturbations batched equal their
-    own calls, the corrector is refused (it would move the image's channels)."""
+@pytest.mark.parametrize("kind", ["upscale", "depth"])
+def test_the_x4_upscaler_and_depth_to_image(kind):
+    """SD's x4 upscaler (the low-res image's channels follow the latents in the UNet's input, its noise level is a
+    class label per row) and SD 2's depth-to-image (the depth map's channel follows them): CFG equals the pipeline's
+    own, APG acts on the latent channels, the perturbations batched equal their own calls, the corrector is refused
+    (it would move the condition's channels)."""
     from guidance import TPG
-    from tests.factories import sd_upscale_call_kwargs, tiny_sd_upscale
+    from tests.factories import sd_depth_call_kwargs, sd_upscale_call_kwargs, tiny_sd_depth, tiny_sd_upscale
     from tests.family_checks import (
         assert_apg_equals_the_formula,
         assert_batched_equals_own_calls,
@@ -173,10 +175,12 @@ def test_the_x4_upscaler():
         scheduler_x0,
     )
 
-    pipe = tiny_sd_upscale()
+    pipe, kwargs = (
+        (tiny_sd_upscale(), sd_upscale_call_kwargs) if kind == "upscale" else (tiny_sd_depth(), sd_depth_call_kwargs)
+    )
 
     def upscale(pipe, **extra):
-        return pipe(**sd_upscale_call_kwargs() | extra, generator=gen()).images
+        return pipe(**kwargs() | extra, generator=gen()).images
 
     assert_cfg_equals_the_pipelines_own(pipe, upscale, atol=1e-5)
     assert_apg_equals_the_formula(pipe, upscale, "sd", scheduler_x0(pipe), latents=lambda x: x[:, :4])
