@@ -169,14 +169,16 @@ class _AttentionHook(ModelHook):
     @torch.compiler.disable
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         run = active_run(self.controller)
-        image = self._image_block(module, args, kwargs, run)
-        active = [
-            (run.rows[i], heads, u, image if image_only else None)
+        rules = [
+            (run.rows[i], heads, u, image_only)
             for i, heads, u, image_only in self.rules
             if run is not None and run.rows[i] is not None
         ]
-        if not active:
+        if not rules:
             return self.fn_ref.original_forward(*args, **kwargs)
+        # where the image tokens sit is read (binding the call's arguments) only when a joint="image" rule acts
+        image = self._image_block(module, args, kwargs, run) if any(rule[3] for rule in rules) else None
+        active = [(rows, heads, u, image if image_only else None) for rows, heads, u, image_only in rules]
         processor = type(getattr(module, "processor", None)).__name__
         if processor in VALUE_PATH_PROCESSORS:
             if any(rule[3] is not None for rule in active):
