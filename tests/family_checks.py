@@ -104,7 +104,7 @@ def assert_slg_leaves_the_block_out(pipe: Any, kwargs: dict[str, Any], block: st
     denoiser = getattr(pipe, family_of(pipe).denoiser)
     calls = []
     hook = denoiser.register_forward_hook(
-        lambda module, args, kw, out: calls.append((dict(kw), out[0].clone())), with_kwargs=True
+        lambda module, args, kw, out: calls.append(((args, dict(kw)), out[0].clone())), with_kwargs=True
     )
     try:
         with guide(pipe, SLG(2.0, layers=(block,), start=0.0, stop=1.0), sequential=True):
@@ -124,7 +124,7 @@ def assert_slg_leaves_the_block_out(pipe: Any, kwargs: dict[str, Any], block: st
     try:
         for (_, cond), (weak_inputs, weak) in zip(calls[::2], calls[1::2]):
             with torch.no_grad():
-                without = denoiser(**weak_inputs)[0]
+                without = denoiser(*weak_inputs[0], **weak_inputs[1])[0]  # DiT: the latents by position
             torch.testing.assert_close(weak, without, rtol=1e-5, atol=1e-6)
             assert (weak - cond).abs().max() > 1e-5, "leaving the block out must change the prediction"
     finally:

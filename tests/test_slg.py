@@ -3,15 +3,13 @@ weak branch is the denoiser with the chosen block left out."""
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
-import torch
 
 from guidance import APG, CFG, SLG, guide
 from guidance.method import Guidance
 from tests.factories import BUILDERS, default_call_kwargs
+from tests.family_checks import assert_slg_leaves_the_block_out
 from tests.test_pipeline import assert_images_close, gen
 
 
@@ -36,56 +34,20 @@ def test_cfg_plus_slg_equals_the_sd3_pipelines_skip_layer_guidance(sd3, layer):
         sd3(**kwargs, skip_guidance_layers=[layer], generator=gen())
 
 
-def _identity(block):
-    """A stand-in for ``block.forward`` that leaves the block out: its outputs are its inputs."""
-    signature = inspect.signature(block.forward)
-
-    def forward(*args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        output = type(block).forward(block, *args, **kwargs)
-        if isinstance(output, torch.Tensor):
-            return bound["hidden_states"]
-        encoder = None if output[0] is None else bound["encoder_hidden_states"]
-        return encoder, bound["hidden_states"]
-
-    return forward
-
-
 @pytest.mark.parametrize(
-    ("name", "block"),
+    ("name", "block", "pair"),
     [
-        ("dit", "transformer_blocks.0"),  # BasicTransformerBlock
-        ("flux", "transformer_blocks.0"),  # joint double-stream block
-        ("flux", "single_transformer_blocks.0"),  # single-stream block
-        ("sd3_2layers", "transformer_blocks.0"),  # joint block
+        ("dit", "transformer_blocks.0", None),  # BasicTransformerBlock
+        ("flux", "transformer_blocks.0", "text_first"),  # joint double-stream block
+        ("flux", "single_transformer_blocks.0", "text_first"),  # single-stream block, given text and image apart
+        ("sd3_2layers", "transformer_blocks.0", "text_first"),  # joint block
     ],
 )
-def test_the_weak_branch_is_the_denoiser_without_the_block(name, block):
+def test_the_weak_branch_is_the_denoiser_without_the_block(name, block, pair):
     pipe = BUILDERS[name]()
-    denoiser = pipe.transformer
-    calls = []
-    hook = denoiser.register_forward_hook(
-        lambda module, args, kwargs, out: calls.append(((args, dict(kwargs)), out[0].clone())), with_kwargs=True
-    )
     kwargs = default_call_kwargs(pipe)
     kwargs["guidance_scale" if name != "flux" else "true_cfg_scale"] = 1.0  # the conditional branch alone
-    method = SLG(2.0, layers=(block,), start=0.0, stop=1.0)
-    try:
-        with guide(pipe, method, sequential=True):  # per step: the conditional call, then the weak one
-            pipe(**kwargs, generator=gen())
-    finally:
-        hook.remove()
-    assert len(calls) % 2 == 0 and len(calls) >= 4
-    module = dict(denoiser.named_modules())[block]
-    module.forward = _identity(module)
-    try:
-        for (_, cond), (weak_inputs, weak) in zip(calls[::2], calls[1::2]):
-            with torch.no_grad():
-                left_out = denoiser(*weak_inputs[0], **weak_inputs[1])[0]
-            torch.testing.assert_close(weak, left_out, rtol=1e-5, atol=1e-6)
-            assert (weak - cond).abs().max() > 1e-5, "leaving the block out must change the prediction"
-    finally:
-        del module.forward
+    assert_slg_leaves_the_block_out(pipe, kwargs, block, pair)
 
 
 def test_slg_options_are_checked():
