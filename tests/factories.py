@@ -376,9 +376,11 @@ def recorded_run(pipe: DiffusionPipeline, run: Callable[[], Any]) -> tuple[list[
     """``run()`` (a call of ``pipe``, guided or not) recording each denoiser call's ``(hidden_states, timestep,
     output)`` and the prediction each scheduler step receives (after the pipeline's own CFG). Per-sample lists
     (Z-Image's latents and outputs) are recorded stacked."""
+    from guidance.pipeline import family_of
+
     calls: list[tuple] = []
     steps: list[torch.Tensor] = []
-    denoiser = getattr(pipe, family_denoiser(pipe))
+    denoiser = getattr(pipe, family_of(pipe).denoiser)
     stacked = lambda value: torch.stack(value) if isinstance(value, list) else value
 
     def record(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -2242,10 +2244,3 @@ def cmyk_swap_profile() -> bytes:
     header = struct.pack(">I", start + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"prtrCMYKLab "
     header += bytes(12) + b"acsp" + bytes(28) + s15(0.9642) + s15(1.0) + s15(0.8249)
     return header + bytes(128 - len(header)) + struct.pack(">I", len(tags)) + table + data
-
-
-def family_denoiser(pipe: DiffusionPipeline) -> str:
-    """The attribute under which ``pipe`` holds the denoiser guide() wraps (``unet`` or ``transformer``)."""
-    from guidance.pipeline import family_of
-
-    return family_of(pipe).denoiser

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from guidance import APG, CFG, PAG, guide
+from guidance.pipeline import family_of
 from tests import factories as F
 
 #: name: (builder, call kwargs, the pipeline's own CFG arguments, guide()'s extra call arguments, output attribute)
@@ -54,7 +55,7 @@ def test_cfg_through_guide_equals_the_pipelines_own_cfg_in_bfloat16(name):
     kwargs = {key: _bfloat16(value) for key, value in kwargs.items()}
     run = lambda **more: getattr(pipe(**kwargs | more, generator=torch.Generator().manual_seed(0)), output)
     dtypes = []
-    hook = getattr(pipe, F.family_denoiser(pipe)).register_forward_pre_hook(
+    hook = getattr(pipe, family_of(pipe).denoiser).register_forward_pre_hook(
         lambda module, args, kw: dtypes.append(_first_tensor(args[0] if args else next(iter(kw.values()))).dtype),
         with_kwargs=True,
     )
