@@ -43,14 +43,19 @@ class Step:
         return self.cond_rows.stop - self.cond_rows.start
 
 
-def _map_batched(value: Any, fn: Callable[[Tensor], Tensor], n: int) -> Any:
-    """Apply ``fn`` to every tensor in ``value`` (nested in dicts, lists, tuples) whose batch size is ``n``."""
+def _map_batched(value: Any, fn: Callable[[Tensor], Tensor], n: int, frames: int = 1) -> Any:
+    """Apply ``fn`` to every tensor in ``value`` (nested in dicts, lists, tuples) whose batch size is ``n``, and
+    (``frames`` > 1) to every one laid out per frame, ``n * frames`` rows sample-major, as ``n`` rows of frames."""
     if isinstance(value, Tensor):
-        return fn(value) if value.ndim >= 1 and value.shape[0] == n else value
+        if value.ndim >= 1 and value.shape[0] == n:
+            return fn(value)
+        if frames > 1 and value.ndim >= 1 and value.shape[0] == n * frames:
+            return fn(value.unflatten(0, (n, frames))).flatten(0, 1)
+        return value
     if isinstance(value, dict):
-        return {key: _map_batched(item, fn, n) for key, item in value.items()}
+        return {key: _map_batched(item, fn, n, frames) for key, item in value.items()}
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
-        return type(value)(_map_batched(item, fn, n) for item in value)
+        return type(value)(_map_batched(item, fn, n, frames) for item in value)
     return value
 
 
@@ -82,6 +87,18 @@ def _generated_tokens(kwargs: dict[str, Any], x: Tensor) -> int | None:
     if not reference[count:].all():
         raise RuntimeError("the reference-image tokens must follow the generated ones (img_ids' first coordinate)")
     return count
+
+
+def module_rows(rows: slice, size: int, batch: int, name: str) -> slice:
+    """The rows of a module's input of ``size`` rows that hold the ``rows`` of the denoiser call's ``batch``: the
+    same, unless the denoiser folds other dimensions into its batch, sample-major (AnimateDiff's UNet: a sample's
+    frames in its spatial layers, its pixels in its motion modules); then each sample's ``size / batch`` rows."""
+    if size == batch or (rows.start is None and rows.stop is None):
+        return rows
+    if not batch or size % batch:
+        raise RuntimeError(f"{name}: its input's batch of {size} does not fold the denoiser call's batch of {batch}")
+    k = size // batch
+    return slice(rows.start * k, rows.stop * k)
 
 
 def generated_channels(x: Tensor, pred: Tensor) -> Tensor:
@@ -171,6 +188,9 @@ class Run:
         self.perturbations = [i for i, m in enumerate(methods) if m.branch == "perturbed"]
         #: batch rows each perturbation acts on during the current denoiser call (read by the hooks)
         self.rows: dict[int, slice | None] = dict.fromkeys(self.perturbations)
+        #: the batch of the denoiser call those rows index (a module that folds the frames into its batch sees
+        #: ``batch * frames`` rows, sample-major: see :func:`module_rows`)
+        self.batch = 0
         self.pending: tuple[Step, Tensor, dict[int, Tensor]] | None = None
         self.schedule = schedule_of(controller.pipe.scheduler, self.family.prediction)
         self.evaluations = 0
@@ -350,8 +370,14 @@ class Run:
         delta = ((after.float() - before.float()) / scale).to(sample.dtype)
         return sample + delta.repeat(sample.shape[0] // delta.shape[0], *[1] * (sample.ndim - 1))
 
+    def _sample(self, inputs: tuple[tuple, dict]) -> Any:
+        """The denoiser call's sample (its first parameter)."""
+        args, kwargs = inputs
+        return args[0] if args else kwargs[self.controller.parameter_names[0]]
+
     def _perturbed_call(self, call, inputs, rows, keep_output=False):
         self.rows.update(rows)
+        self.batch = len(self._sample(inputs))  # Z-Image: a list of samples
         try:
             output = call(*inputs[0], **inputs[1])
         finally:
@@ -380,8 +406,11 @@ class Run:
                     shape = tuple(value.shape)
                     raise RuntimeError(f"{name} {shape}: expected the batch of {n} on dim {dims[name]}")
                 return fn(value.movedim(dims[name], 0)).movedim(0, dims[name])
-            return _map_batched(value, fn, n)
+            return _map_batched(value, fn, n, frames)
 
+        frames = 1
+        if self.family.frames_dim is not None:  # AnimateDiff: the prompt embeddings and ControlNet residuals per frame
+            frames = self._sample(inputs).shape[self.family.frames_dim]
         return (
             tuple(rebind(names[i], v) for i, v in enumerate(args)),
             {k: rebind(k, v) for k, v in kwargs.items()},

@@ -97,6 +97,10 @@ class Family:
     #: what the denoiser predicts when the pipeline converts it before the scheduler's step (PRXPixel: x0,
     #: ``"sample"``, turned into the flow velocity with the latents); None: the scheduler's prediction type
     prediction: str | None = None
+    #: the input dimension of the frames the denoiser folds into its batch, sample-major (AnimateDiff's UNet:
+    #: ``(B, C, F, H, W)`` becomes ``(B F, C, H, W)``); its arguments laid out per frame (the prompt embeddings
+    #: the pipeline repeats per frame, ControlNet residuals) have ``B F`` rows
+    frames_dim: int | None = None
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -367,6 +371,24 @@ FAMILIES: tuple[Family, ...] = (
         text_first=True,
         image_queries=True,
         prediction="sample",
+    ),
+    Family(
+        "animatediff",
+        # AnimateDiff (SD 1.5 and SDXL, text- and video-to-video, ControlNet, SparseCtrl): one batched CFG call
+        # (uncond first) of a UNet with motion modules on latents (B, C, F, H, W); the UNet folds the frames into
+        # its batch, and the pipeline repeats the prompt embeddings per frame (ControlNet residuals too)
+        (
+            "AnimateDiffPipeline",
+            "AnimateDiffVideoToVideoPipeline",
+            "AnimateDiffControlNetPipeline",
+            "AnimateDiffVideoToVideoControlNetPipeline",
+            "AnimateDiffSparseControlNetPipeline",
+            "AnimateDiffSDXLPipeline",
+        ),
+        "unet",
+        "uncond_cond",
+        "guidance_scale",
+        frames_dim=2,
     ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family(

@@ -100,12 +100,19 @@ def _summary(names: Sequence[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def has_motion_modules(candidates: dict[str, nn.Module]) -> bool:
+    """Whether the candidates are a video UNet's (AnimateDiff): temporal layers in ``motion_modules`` beside the
+    spatial ones in ``attentions``."""
+    return any(".motion_modules." in name for name in candidates)
+
+
 def default_layers(candidates: dict[str, nn.Module]) -> list[Selector]:
-    """The default choice: the UNet's middle block, else the middle transformer block of the main stack
-    (``transformer_blocks``, else the first ``…blocks`` / ``…layers`` stack that is not a text stack ``text_…``:
-    Z-Image's ``layers``, not its refiners; Kandinsky 5's ``visual_transformer_blocks``, not its text encoder's)."""
+    """The default choice: the UNet's middle block (a video UNet's: its spatial layers, not its motion modules),
+    else the middle transformer block of the main stack (``transformer_blocks``, else the first ``…blocks`` /
+    ``…layers`` stack that is not a text stack ``text_…``: Z-Image's ``layers``, not its refiners; Kandinsky 5's
+    ``visual_transformer_blocks``, not its text encoder's)."""
     if any(name.startswith("mid_block") for name in candidates):
-        return ["mid"]
+        return ["mid_block.attentions"] if has_motion_modules(candidates) else ["mid"]
     blocks: dict[str, list[int]] = {}
     for name in candidates:
         if (m := re.match(r"([a-z_]*(?:blocks|layers))\.(\d+)", name)) and not m.group(1).startswith("text_"):

@@ -95,6 +95,7 @@ class _Call:
     def __init__(self, controller: _Controller, index: int, states: list[Any]) -> None:
         self.controller, self.states, self.tokens = controller, states, None
         self.rows = {i: (slice(None) if i == index else None) for i in range(len(controller.methods))}
+        self.batch = 0  # the rows are whole calls: no module's batch needs mapping to them
 
 
 if BaseGuidance is not None:

@@ -28,6 +28,7 @@ import torch
 from diffusers.hooks import ModelHook
 from torch import nn
 
+from .engine import module_rows
 from .hooks import ACTIVE_RUN, attach
 from .method import AttentionEdit, BlockSkip, Perturbation, TokenShuffle
 from .pag import heads_by_layer, soft_identity
@@ -50,11 +51,12 @@ class _AttentionMode(torch.overrides.TorchFunctionMode):
     """On the given rows and heads, SDPA's output becomes ``(1 - u) out + u v`` (or image-only identity).
 
     ``image_queries``: the queries may be the last of the keys (PRX: image queries over ``[text, image]`` keys);
-    each query's own value is then the one at its place among those last keys."""
+    each query's own value is then the one at its place among those last keys. The rows are those of the
+    denoiser call's ``batch`` (:func:`guidance.engine.module_rows`)."""
 
-    def __init__(self, rules: list[Rule], image_queries: bool = False) -> None:
+    def __init__(self, rules: list[Rule], batch: int, name: str, image_queries: bool = False) -> None:
         super().__init__()
-        self.rules = rules
+        self.rules, self.batch, self.name = rules, batch, name
         self.image_queries = image_queries
         self.calls = 0
 
@@ -68,7 +70,8 @@ class _AttentionMode(torch.overrides.TorchFunctionMode):
             if queries == keys or (self.image_queries and keys > queries):  # self / joint attention only
                 self.calls += 1
                 offset = keys - queries  # where the queries sit among the keys
-                for rows, heads, strength, image in self.rules:
+                for given, heads, strength, image in self.rules:
+                    rows = module_rows(given, out.shape[0], self.batch, self.name)
                     if image is None:
                         out[rows] = soft_identity(out[rows], value[rows][..., offset:, :], strength, heads)
                     else:
@@ -114,10 +117,11 @@ def _image_identity_mask(queries: int, keys: int, image: tuple[int, int], like: 
 
 class _ValuePath:
     """While entered: on the given rows and heads, the input of ``module.to_out[0]`` becomes ``(1 - u) out + u v``,
-    ``v`` being ``module.to_v``'s output of the same call (the value path of :data:`VALUE_PATH_PROCESSORS`)."""
+    ``v`` being ``module.to_v``'s output of the same call (the value path of :data:`VALUE_PATH_PROCESSORS`); the
+    rows are those of the denoiser call's ``batch``."""
 
-    def __init__(self, module: nn.Module, rules: list[Rule], name: str) -> None:
-        self.module, self.rules, self.name = module, rules, name
+    def __init__(self, module: nn.Module, rules: list[Rule], batch: int, name: str) -> None:
+        self.module, self.rules, self.batch, self.name = module, rules, batch, name
         self.value: torch.Tensor | None = None
         self.calls = 0
 
@@ -149,7 +153,8 @@ class _ValuePath:
         heads = self.module.heads
         as_heads = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, N, H * D) -> (B, H, N, D)
         mixed = out.clone()
-        for rows, chosen, strength, _ in self.rules:
+        for given, chosen, strength, _ in self.rules:
+            rows = module_rows(given, out.shape[0], self.batch, self.name)
             done = soft_identity(as_heads(out[rows]), as_heads(value[rows]).to(out.dtype), strength, chosen)
             mixed[rows] = done.transpose(1, 2).flatten(-2)
         return (mixed, *args[1:])
@@ -186,12 +191,12 @@ class _AttentionHook(ModelHook):
                     f"{self.name}: the image-only identity (joint='image') needs the attention scores; {processor} "
                     "is perturbed on the value path"
                 )
-            with _ValuePath(module, active, self.name) as path:
+            with _ValuePath(module, active, run.batch, self.name) as path:
                 output = self.fn_ref.original_forward(*args, **kwargs)
             if path.calls != 1:
                 raise RuntimeError(f"{self.name}: {processor} did not run its value projection and output once")
             return output
-        with _AttentionMode(active, self.controller.family.image_queries) as mode:
+        with _AttentionMode(active, run.batch, self.name, self.controller.family.image_queries) as mode:
             output = self.fn_ref.original_forward(*args, **kwargs)
         if mode.calls == 0:
             raise RuntimeError(
@@ -251,7 +256,8 @@ class _ShuffleHook(ModelHook):
         given = bound.arguments[name]
         hidden = (given.transpose(0, 1) if sequence_first else given).clone()
         valid = _padding_mask(bound.arguments, hidden)
-        for r, generator in rows:
+        for given_rows, generator in rows:
+            r = module_rows(given_rows, hidden.shape[0], run.batch, type(module).__name__)
             hidden[r] = shuffle_tokens(hidden[r], generator, None if valid is None else valid[r])
         bound.arguments[name] = hidden.transpose(0, 1).contiguous() if sequence_first else hidden
         return bound.args[1:], bound.kwargs  # without the module itself
@@ -304,6 +310,9 @@ class _SkipHook(ModelHook):
             return output
         bound = _signature(type(module)).bind_partial(module, *args, **kwargs).arguments
         hidden, context = bound.get(_hidden_name(module, bound)), bound.get("encoder_hidden_states")
+        if isinstance(hidden, torch.Tensor):  # the rows of the block's batch (AnimateDiff: the frames folded in)
+            size = hidden.shape[1 if self.controller.family.sequence_first else 0]
+            rows = [module_rows(r, size, run.batch, self.name) for r in rows]
         if isinstance(output, torch.Tensor) and self.controller.family.sequence_first:  # (tokens, batch, channels)
             return _passed_through(output.transpose(0, 1), hidden.transpose(0, 1), rows, self.name).transpose(0, 1)
         if isinstance(output, torch.Tensor):  # a basic / single-stream block: the hidden states

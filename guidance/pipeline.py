@@ -132,6 +132,7 @@ class _Controller:
         for name, reason in self.family.refused:
             if arguments.get(name) not in (None, 0, 0.0, [], ()):
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")
+        self._check_pipeline_state(pipe)
         rescale = arguments.get(self.family.rescale_arg) or 0.0
         if any(m.branch == "uncond" for m in self.methods):
             self._ensure_uncond_branch(pipe, arguments, solved=rescale > 0)
@@ -166,6 +167,25 @@ class _Controller:
             self.arguments = {}  # the call's tensors are not kept
             if previous_count is not _MISSING and "_num_timesteps" not in vars(pipe):
                 pipe._num_timesteps = previous_count
+
+    def _check_pipeline_state(self, pipe: Any) -> None:
+        """Refuse the pipeline modes that ``guide()`` cannot follow: FreeInit (its loop reruns), FreeNoise's split
+        inference (its modules see slices of the batch)."""
+        if getattr(pipe, "free_init_enabled", False):
+            raise ValueError(
+                f"{type(pipe).__name__}: FreeInit is not supported inside guide(): it reruns the whole denoising loop "
+                "from re-noised latents, which the guidance's per-call state (the step's place in the call, APG's "
+                "momentum) does not follow; call pipe.disable_free_init()"
+            )
+        if self.family.frames_dim is not None and any(
+            type(module).__name__ == "SplitInferenceModule" for module in self.denoiser.modules()
+        ):
+            raise ValueError(
+                f"{type(pipe).__name__}: FreeNoise's split inference is not supported inside guide(): its modules "
+                "run on slices of the batch, where the perturbed rows cannot be told apart; diffusers cannot undo "
+                "it: load the UNet again and use FreeNoise without enable_free_noise_split_inference() (FreeNoise "
+                "alone is supported)"
+            )
 
     def _second_scale(self, pipe: Any, arguments: dict[str, Any], scale: float) -> float:
         """The CFG scale of the second denoiser's stage (the first stage's unless the call sets its own)."""

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .layers import Selector, default_layers, select, transformer_blocks
+from .layers import Selector, default_layers, has_motion_modules, select, transformer_blocks
 from .method import Perturbation, TokenShuffle, register
 from .pag import layer_selection
 
@@ -44,9 +44,10 @@ def shuffle_tokens(hidden: Tensor, generator: torch.Generator, valid: Tensor | N
 
 def auto_layers(blocks: dict[str, nn.Module]) -> list[str]:
     """TPG's "auto" layers: the official code's ``down_blocks.2`` transformer blocks where the UNet has them
-    (SDXL, SD 1.x/2.x), else PAG's default (:func:`guidance.layers.default_layers`)."""
+    (SDXL, SD 1.x/2.x; a video UNet's spatial ones, not its motion modules), else PAG's default
+    (:func:`guidance.layers.default_layers`)."""
     if any(name.startswith(OFFICIAL_BLOCK + ".") for name in blocks):
-        return [OFFICIAL_BLOCK]
+        return [OFFICIAL_BLOCK + ".attentions"] if has_motion_modules(blocks) else [OFFICIAL_BLOCK]
     return default_layers(blocks)
 
 

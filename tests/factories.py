@@ -270,8 +270,9 @@ def tiny_sd(prediction_type: str = "epsilon", img2img: bool = False) -> Diffusio
 
 def _sdxl_unet(cross_attention_dim: int, pooled_dim: int, **extra: Any) -> UNet2DConditionModel:
     """A tiny SDXL-style UNet with ``text_time`` added conditioning: 6 micro-conditioning ints (original size,
-    crop, target size) embedded at width 8, beside a pooled text embedding of ``pooled_dim``."""
-    return UNet2DConditionModel(
+    crop, target size) embedded at width 8, beside a pooled text embedding of ``pooled_dim`` (``extra`` adds to or
+    replaces the config)."""
+    config: dict[str, Any] = dict(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -287,8 +288,8 @@ def _sdxl_unet(cross_attention_dim: int, pooled_dim: int, **extra: Any) -> UNet2
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + pooled_dim,
         norm_num_groups=32,
-        **extra,
-    ).eval()
+    )
+    return UNet2DConditionModel(**config | extra).eval()
 
 
 def tiny_sdxl(img2img: bool = False) -> DiffusionPipeline:
@@ -1102,10 +1103,11 @@ def cogvideox_call_kwargs(batch: int = 1, tokens: int = 16) -> dict[str, Any]:
     return kwargs
 
 
-def tiny_ltx() -> DiffusionPipeline:
-    """LTX-Video text-to-video: 2 blocks of self-attention (attn1) and cross-attention (attn2) over packed video tokens
-    (4 heads of 8, patch 1), diffusers' tiny LTX VAE (8 latent channels, 4x spatial, 4x temporal over the first two
-    levels), flow matching, no text encoder or tokenizer (call it with :func:`ltx_call_kwargs`)."""
+def tiny_ltx(image: bool = False) -> DiffusionPipeline:
+    """LTX-Video text-to-video (``image``: image-to-video): 2 blocks of self-attention (attn1) and cross-attention
+    (attn2) over packed video tokens (4 heads of 8, patch 1), diffusers' tiny LTX VAE (8 latent channels, 4x
+    spatial, 4x temporal over the first two levels), flow matching, no text encoder or tokenizer (call it with
+    :func:`ltx_call_kwargs`)."""
     import diffusers
 
     torch.manual_seed(SEED)
@@ -1134,7 +1136,8 @@ def tiny_ltx() -> DiffusionPipeline:
     vae.use_framewise_encoding = False
     vae.use_framewise_decoding = False
     parts = {"tokenizer": None, "text_encoder": None, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler()}
-    return _finish(diffusers.LTXPipeline(**parts, transformer=transformer))
+    cls = diffusers.LTXImageToVideoPipeline if image else diffusers.LTXPipeline
+    return _finish(cls(**parts, transformer=transformer))
 
 
 def ltx_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
@@ -1219,6 +1222,100 @@ def hunyuanvideo_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
         kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, 16, generator=g)
         kwargs[f"{prefix}pooled_prompt_embeds"] = torch.randn(batch, 8, generator=g)
         kwargs[f"{prefix}prompt_attention_mask"] = mask.clone()
+    return kwargs
+
+
+def tiny_animatediff(kind: str = "") -> DiffusionPipeline:
+    """AnimateDiff: an SD-style UNet (32, 64) with a one-layer motion adapter (4 heads, a motion mid block), the
+    tiny VAE, DDIM; ``kind``: "" text-to-video, "video2video", "controlnet" (a ControlNet from the UNet),
+    "video2video-controlnet", "sparsectrl" (a SparseCtrl ControlNet on VAE-encoded conditioning frames), "sdxl"
+    (SDXL's two text encoders and ``text_time`` conditioning, Euler)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    adapter = diffusers.MotionAdapter(
+        block_out_channels=(32, 64),
+        motion_layers_per_block=1,
+        motion_norm_num_groups=2,
+        motion_num_attention_heads=4,
+        use_motion_mid_block=True,
+    )
+    down, up = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    text = {"text_encoder": _clip_text_model(), "tokenizer": clip_tokenizer(), "feature_extractor": None}
+    if kind == "sdxl":
+        torch.manual_seed(SEED)
+        unet = _sdxl_unet(2 * CLIP_HIDDEN, CLIP_PROJECTION, down_block_types=down, up_block_types=up)
+        text |= {"text_encoder_2": _clip_text_model_with_projection(SEED + 1), "tokenizer_2": clip_tokenizer()}
+        scheduler: Any = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        pipe = diffusers.AnimateDiffSDXLPipeline(
+            vae=_vae(), unet=unet, motion_adapter=adapter, scheduler=scheduler, image_encoder=None, **text
+        )
+        return _finish(pipe)
+
+    def sd_unet() -> UNet2DConditionModel:
+        torch.manual_seed(SEED)
+        return UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=list(down),  # SparseCtrl's from_unet rewrites this list in place
+            up_block_types=up,
+            cross_attention_dim=CLIP_HIDDEN,
+            attention_head_dim=4,
+            norm_num_groups=2,
+        ).eval()
+
+    unet = sd_unet()
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False, steps_offset=1
+    )
+    parts = {"vae": _vae(), "unet": unet, "motion_adapter": adapter, "scheduler": scheduler, **text}
+    if kind in ("controlnet", "video2video-controlnet"):
+        torch.manual_seed(SEED + 3)
+        controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        cls = diffusers.AnimateDiffControlNetPipeline
+        if kind == "video2video-controlnet":
+            cls = diffusers.AnimateDiffVideoToVideoControlNetPipeline
+        pipe = cls(**parts, controlnet=_with_weights(controlnet.eval()))
+    elif kind == "sparsectrl":
+        sparse = diffusers.SparseControlNetModel.from_unet(sd_unet(), conditioning_channels=4)  # 4 latent channels
+        torch.manual_seed(SEED + 3)
+        pipe = diffusers.AnimateDiffSparseControlNetPipeline(**parts, controlnet=_with_weights(sparse.eval()))
+    elif kind == "video2video":
+        pipe = diffusers.AnimateDiffVideoToVideoPipeline(**parts, image_encoder=None)
+    else:
+        pipe = diffusers.AnimateDiffPipeline(**parts, image_encoder=None)
+    pipe.unet.eval()
+    return _finish(pipe)
+
+
+def animatediff_call_kwargs(pipe: DiffusionPipeline, batch: int = 2, frames: int = 4) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_animatediff`: ``batch`` prompts, ``frames`` frames of 32x32 (the
+    input video of video-to-video, the conditioning frames of ControlNet: seeded random images), 3 steps, numpy
+    frames out; no generator nor guidance. diffusers' AnimateDiff ControlNet pipelines take one prompt (with more,
+    they repeat the conditioning frames per frame, not per prompt, and fail); SparseCtrl gets its first and last
+    frames (and draws its VAE latents from torch's global generator: seed it before the call)."""
+    prompts = [PROMPT, "a red bicycle in the snow", "an owl at night"][:batch]
+    kwargs: dict[str, Any] = {"prompt": prompts, "num_inference_steps": 3, "output_type": "np"}
+    video = [random_image(IMAGE_SIZE, seed=SEED + 20 + i) for i in range(frames)]
+    name = type(pipe).__name__
+    if name == "AnimateDiffVideoToVideoPipeline":
+        return kwargs | {"video": [video] * batch, "strength": 0.75, "num_inference_steps": 4}
+    if name == "AnimateDiffVideoToVideoControlNetPipeline":
+        return kwargs | {"video": video, "conditioning_frames": video, "strength": 0.75, "num_inference_steps": 4}
+    kwargs |= {"num_frames": frames, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    if name == "AnimateDiffControlNetPipeline":
+        kwargs["conditioning_frames"] = video
+    if name == "AnimateDiffSparseControlNetPipeline":
+        kwargs |= {"conditioning_frames": [video[0], video[-1]], "controlnet_frame_indices": [0, frames - 1]}
     return kwargs
 
 

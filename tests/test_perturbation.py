@@ -430,14 +430,14 @@ def test_joint_image_identity_keeps_the_calls_own_padding_mask_and_arguments():
     padding[1, :, :, 1] = False  # row 1: text token 1 is padding
     image = (2, 4)  # tokens 2..5 are the image
     identity = perturbation._image_identity_mask(6, 6, image, q)
-    mode = perturbation._AttentionMode([(slice(1, 2), None, 1.0, image)])
+    mode = perturbation._AttentionMode([(slice(1, 2), None, 1.0, image)], 2, "attn")
     with mode:
         out = perturbation.SDPA(q, k, v, attn_mask=padding, scale=0.3)
     own = torch.zeros(1, 1, 6, 6).masked_fill(~padding[1:2], float("-inf"))
     expected = perturbation.SDPA(q[1:2], k[1:2], v[1:2], attn_mask=identity + own, scale=0.3)
     torch.testing.assert_close(out[1:2], expected)
     torch.testing.assert_close(out[:1], perturbation.SDPA(q[:1], k[:1], v[:1], attn_mask=padding[:1], scale=0.3))
-    with perturbation._AttentionMode([(slice(0, 2), None, 1.0, image)]):
+    with perturbation._AttentionMode([(slice(0, 2), None, 1.0, image)], 2, "attn"):
         causal = perturbation.SDPA(q, k, v, is_causal=True)
     reference = perturbation.SDPA(q, k, v, attn_mask=identity + torch.full((6, 6), float("-inf")).triu(1))
     torch.testing.assert_close(causal, reference)

@@ -91,7 +91,7 @@ def test_the_identity_on_image_queries_over_text_and_image_keys():
     k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(2))
     padding = torch.ones(2, 1, 1, 6, dtype=torch.bool)
     padding[1, ..., 1] = False  # row 1: text token 1 is padding
-    with perturbation._AttentionMode([(slice(1, 2), None, 1.0, None)], image_queries=True):
+    with perturbation._AttentionMode([(slice(1, 2), None, 1.0, None)], 2, "attn", image_queries=True):
         full = perturbation.SDPA(q, k, v, attn_mask=padding)
     torch.testing.assert_close(full[1:], v[1:, :, 2:])
     torch.testing.assert_close(full[:1], perturbation.SDPA(q[:1], k[:1], v[:1], attn_mask=padding[:1]))
@@ -100,12 +100,14 @@ def test_the_identity_on_image_queries_over_text_and_image_keys():
     allowed[:, :2] = True  # every text key
     allowed[:, 2:] = torch.eye(4, dtype=torch.bool)  # and its own image key
     allowed = allowed & padding[1:2]
-    with perturbation._AttentionMode([(slice(1, 2), None, 1.0, (2, 4))], image_queries=True):
+    with perturbation._AttentionMode([(slice(1, 2), None, 1.0, (2, 4))], 2, "attn", image_queries=True):
         image = perturbation.SDPA(q, k, v, attn_mask=padding)
     torch.testing.assert_close(image[1:], perturbation.SDPA(q[1:], k[1:], v[1:], attn_mask=allowed))
     assert (image[1:] - full[1:]).abs().max() > 1e-3
 
-    mode = perturbation._AttentionMode([(slice(1, 2), None, 1.0, None)])  # other families: not self-attention
+    mode = perturbation._AttentionMode(
+        [(slice(1, 2), None, 1.0, None)], 2, "attn"
+    )  # other families: not self-attention
     with mode:
         plain = perturbation.SDPA(q, k, v)
     assert mode.calls == 0 and torch.equal(plain, perturbation.SDPA(q, k, v))
