@@ -89,6 +89,33 @@ def _generated_tokens(kwargs: dict[str, Any], x: Tensor) -> int | None:
     return count
 
 
+def condition_region(times: Tensor, x: Tensor) -> tuple[int, slice] | None:
+    """Where the generated latents sit in the denoiser input ``x`` when its timestep is one per token, ``times``
+    ``(B, N)``, and a leading block of condition tokens runs below the step's time (LTX-Video image-to-video: the
+    first frame's packed tokens at 0; Wan 2.2 TI2V: the first latent frame's patches), as ``(dim, slice)`` of
+    ``x``: the tokens after the block on dim 1 of packed ``(B, N, C)`` latents, the frames after it on dim 2 of
+    ``(B, C, F, H, W)`` latents whose tokens run frame by frame. None when every token is at the step's time."""
+    condition = times < times.amax(dim=1, keepdim=True)
+    if not condition.any():
+        return None
+    count = int((~condition[0]).int().argmax())  # the first generated token
+    if not condition[:, :count].all() or condition[:, count:].any():
+        raise ValueError(
+            "a timestep per token is supported where only a leading block of condition tokens (the first frame) "
+            "runs below the step's time, the same in every row (not LTX's condition pipeline's frames anywhere at "
+            "any strength)"
+        )
+    tokens = times.shape[1]
+    if x.ndim == 3 and x.shape[1] == tokens:
+        return 1, slice(count, None)
+    if x.ndim == 5 and tokens % x.shape[2] == 0 and count % (tokens // x.shape[2]) == 0:
+        return 2, slice(count // (tokens // x.shape[2]), None)
+    raise ValueError(
+        f"a timestep per token over {tokens} tokens with {count} condition tokens does not fit the denoiser's input "
+        f"{tuple(x.shape)} (packed tokens, or whole leading frames of (B, C, F, H, W) latents)"
+    )
+
+
 def module_rows(rows: slice, size: int, batch: int, name: str) -> slice:
     """The rows of a module's input of ``size`` rows that hold the ``rows`` of the denoiser call's ``batch``: the
     same, unless the denoiser folds other dimensions into its batch, sample-major (AnimateDiff's UNet: a sample's
@@ -176,9 +203,10 @@ class Run:
         methods = controller.methods
         #: (text, image) token counts of the current denoiser call of a sequence model (FLUX, AuraFlow), else None
         self.tokens: tuple[int, int] | None = None
-        #: the generated (leading) image tokens when reference-image tokens follow them (FLUX Kontext, Qwen-Image
-        #: Edit), else None
-        self.generated: int | None = None
+        #: where the generated latents sit in the denoiser's input and output, ``(dim, slice)``, when others share
+        #: it: reference-image tokens after them (FLUX Kontext, Qwen-Image Edit), condition tokens or frames before
+        #: them at a lower timestep (LTX-Video image-to-video, Wan 2.2 TI2V); else None
+        self.generated: tuple[int, slice] | None = None
         #: index of the pipeline's own CFG among the methods (composed with perturbations), if it runs one
         self.own_cfg: int | None = None
         if has_uncond and not any(m.branch == "uncond" for m in methods):
@@ -201,9 +229,16 @@ class Run:
 
     # -- one denoiser call ------------------------------------------------------------------------------------
     def forward(
-        self, call: Callable[..., Any], inputs: tuple[tuple, dict], x: Tensor, t: Tensor, timestep: Any = None
+        self,
+        call: Callable[..., Any],
+        inputs: tuple[tuple, dict],
+        x: Tensor,
+        t: Tensor,
+        timestep: Any = None,
+        token_times: Tensor | None = None,
     ) -> Any:
-        """The output of one denoiser call (``timestep``: the timestep argument as the denoiser got it)."""
+        """The output of one denoiser call (``timestep``: the timestep argument as the denoiser got it; ``t``: the
+        step's time per row; ``token_times``: the time per token ``(B, N)`` of a denoiser that takes one)."""
         call = _fresh_lists(call)  # one step may call the denoiser several times on the same arguments
         if self.family.layout == "sequential" and self.pending is not None:
             output = call(*inputs[0], **inputs[1])  # the unconditional call of a FLUX step
@@ -216,12 +251,15 @@ class Run:
             self.tokens = (context.shape[1], x.shape[1])
         elif x.ndim == 4 and self.family.joint_tokens is not None:  # AuraFlow, HiDream: latents as images
             self.tokens = self.family.joint_tokens(getattr(self.controller.pipe, self.family.denoiser), x, inputs[1])
-        self.generated = _generated_tokens(inputs[1], x)
+        count = _generated_tokens(inputs[1], x)
+        self.generated = None if count is None else (1, slice(0, count))
+        if token_times is not None:
+            self.generated = condition_region(token_times, x)
         if self.generated is not None and self.controller.corrector is not None:
             raise ValueError(
-                "the Langevin corrector is not supported with reference-image tokens (FLUX Kontext with an image, "
-                "Qwen-Image Edit): "
-                "it would move the reference latents with the generated ones"
+                "the Langevin corrector is not supported with reference-image or condition tokens (FLUX Kontext with "
+                "an image, Qwen-Image Edit, LTX-Video image-to-video, Wan 2.2 TI2V): it would move them with the "
+                "generated latents"
             )
         self._follow_pipeline_scale(timestep)
         if self.controller.corrector is not None:
@@ -478,14 +516,29 @@ class Run:
         return _solved_uncond(g, cond, self.pipeline_scale).to(uncond.dtype)
 
     def guided(self, x, t, cond, uncond, perturbed, fraction) -> Tensor:
-        """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype. With reference-image
-        tokens (FLUX Kontext, Qwen-Image Edit) the methods see the generated tokens only (APG's norms and
-        projections are per sample); the reference tokens keep the conditional output, which the pipeline drops."""
-        k = self.generated
-        if k is not None and cond.ndim == 3 and cond.shape[1] > k:
-            heads = {i: p[:, :k] for i, p in perturbed.items()}
-            other = None if uncond is None else uncond[:, :k]
-            return torch.cat([self.guided(x[:, :k], t, cond[:, :k], other, heads, fraction), cond[:, k:]], dim=1)
+        """``D_c + sum_m update_m`` in the methods' spaces, returned in model space and dtype. Where reference-image
+        or condition latents share the denoiser's input with the generated ones (:attr:`generated`) the methods see
+        the generated ones only (APG's norms and projections are per sample). The others get the methods over every
+        token, from a fresh state (APG's momentum is the generated tokens'): the pipeline drops them, but diffusers'
+        ``guidance_rescale`` reads their statistics (LTX-Video image-to-video), which then match the pipeline's own
+        CFG."""
+        if self.generated is None:
+            return self._guided(x, t, cond, uncond, perturbed, fraction)
+        dim, where = self.generated
+        if cond.ndim <= dim or cond.shape[dim] != x.shape[dim]:
+            raise RuntimeError(f"the prediction {tuple(cond.shape)} does not cover the input {tuple(x.shape)}")
+        states, self.states = self.states, [m.new_state(self.family.name) for m in self.methods]
+        try:
+            out = self._guided(x, t, cond, uncond, perturbed, fraction)
+        finally:
+            self.states = states
+        index = (slice(None),) * dim + (where,)
+        heads = {i: p[index] for i, p in perturbed.items()}
+        other = None if uncond is None else uncond[index]
+        out[index] = self._guided(x[index], t, cond[index], other, heads, fraction)
+        return out
+
+    def _guided(self, x, t, cond, uncond, perturbed, fraction) -> Tensor:
         x = generated_channels(x, cond)
         x32, cond32 = x.float(), cond.float()
         total = cond32.clone()

@@ -440,9 +440,10 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "ltx",
-        # LTX-Video text-to-video: one batched CFG call (uncond first) over packed video tokens (B, N, C), blocks
-        # of self-attention (attn1) and cross-attention (attn2); the timestep is the scheduler's
-        ("LTXPipeline",),
+        # LTX-Video text- and image-to-video: one batched CFG call (uncond first) over packed video tokens (B, N, C),
+        # blocks of self-attention (attn1) and cross-attention (attn2); the timestep is the scheduler's, one per
+        # token in image-to-video (the first frame's tokens at 0)
+        ("LTXPipeline", "LTXImageToVideoPipeline"),
         "transformer",
         "uncond_cond",
         "guidance_scale",

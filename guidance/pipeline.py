@@ -106,11 +106,15 @@ class _Controller:
         if isinstance(x, list | tuple):  # Z-Image: one latent per sample
             x = torch.stack(list(x))
         # float32: FLUX passes t / 1000 in bf16, and bf16 rounds t * 1000 to multiples of 4 above 512
-        t = torch.as_tensor(given, device=x.device).reshape(-1).float()
+        t = torch.as_tensor(given, device=x.device).float()
+        token_times = None
+        if t.ndim == 2 and t.shape[0] == x.shape[0] and t.shape[1] > 1:  # one per token (LTX image-to-video, Wan TI2V)
+            token_times, t = t, t.amax(dim=1)  # the generated tokens' time: the step's
+        t = t.reshape(-1)
         t = (1 - t if family.timestep_reversed else t) * family.timestep_divisor
         if family.timestep_scale_key is not None:
             t = t / float(self.denoiser.config[family.timestep_scale_key])
-        return run.forward(call, (args, kwargs), x, t, timestep=given)
+        return run.forward(call, (args, kwargs), x, t, timestep=given, token_times=token_times)
 
     def call(self, call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
         if not self._busy.acquire(blocking=False):
@@ -391,11 +395,6 @@ def guide(pipe: Any, *methods: Guidance | LangevinCorrector, sequential: bool = 
     controller.denoiser = denoiser
     second = getattr(pipe, controller.family.second_denoiser or "", None)
     controller.denoisers = (denoiser,) + ((second,) if isinstance(second, torch.nn.Module) else ())
-    if getattr(getattr(pipe, "config", None), "expand_timesteps", False):
-        raise TypeError(
-            f"guide() cannot serve {type(pipe).__name__} with expand_timesteps (Wan 2.2 TI2V): its timestep is one per "
-            "token, not per sample"
-        )
     controller.signature = inspect.signature(type(inner).forward.__get__(inner))
     controller.parameter_names = list(controller.signature.parameters)
     with contextlib.ExitStack() as undo:  # all or nothing: whatever was installed is removed if a later part fails

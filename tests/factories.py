@@ -324,6 +324,39 @@ def tiny_sdxl(img2img: bool = False) -> DiffusionPipeline:
     return _finish(pipe)
 
 
+def tiny_instruct_pix2pix(xl: bool = False) -> DiffusionPipeline:
+    """InstructPix2Pix: the SD 1.x-style pipeline (``xl``: SDXL-style, Euler) on a UNet that takes the input image's
+    4 latent channels after the latents (8 in, 4 out)."""
+    import diffusers
+
+    if xl:
+        base = tiny_sdxl()
+        torch.manual_seed(SEED)
+        unet = _sdxl_unet(cross_attention_dim=2 * CLIP_HIDDEN, pooled_dim=CLIP_PROJECTION, in_channels=8)
+        drop = ("image_encoder", "feature_extractor", "unet")
+        parts = {k: v for k, v in base.components.items() if k not in drop}
+        pipe: DiffusionPipeline = diffusers.StableDiffusionXLInstructPix2PixPipeline(
+            **parts, unet=unet, add_watermarker=False
+        )
+        return _finish(pipe)
+    base = tiny_sd()
+    torch.manual_seed(SEED)
+    config = dict(base.unet.config) | {"in_channels": 8}
+    unet = UNet2DConditionModel.from_config(config).eval()
+    pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
+        **base.components | {"unet": unet}, requires_safety_checker=False
+    )
+    return _finish(pipe)
+
+
+def instruct_pix2pix_call_kwargs(batch: int = 2) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_instruct_pix2pix`: ``batch`` instructions on one seeded random 32 px
+    image, 3 steps, numpy images out; the pipeline's default image guidance (1.5); no generator nor text guidance."""
+    prompts = ["make it snow", "turn the sky red", "add a small boat"][:batch]
+    image = random_image(IMAGE_SIZE, seed=SEED + 31)
+    return {"prompt": prompts, "image": [image] * batch, "num_inference_steps": 3, "output_type": "np"}
+
+
 def tiny_sd3(img2img: bool = False, latent_channels: int = 4, num_layers: int = 1) -> DiffusionPipeline:
     """SD3-style MMDiT (``num_layers`` layers, 4 heads of 8) with two projected CLIP encoders, a T5, and flow
     matching.
@@ -859,7 +892,7 @@ def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False, image: bo
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=12,
-            in_channels=36 if image else 16,
+            in_channels=36 if image and not expand_timesteps else 16,  # TI2V: the image replaces frame 0
             out_channels=16,
             text_dim=32,
             freq_dim=256,

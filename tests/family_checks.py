@@ -69,13 +69,17 @@ def assert_apg_equals_the_formula(
     atol: float = 1e-5,
     sequential: bool = False,
     latents: Callable[[Tensor], Tensor] = lambda x: x,
+    generated: tuple[int, slice] | None = None,
 ) -> None:
     """``APG(6)`` (x0 space, the auto norm threshold) with the pipeline's CFG branch: what the scheduler gets at
     each step is ``c + APG(a x + b c, a x + b u) / b`` on the recorded branches, ``x0(x, t) = (a, b)`` reading x0
     off the denoiser's output; ``guided(x, t, prediction)`` turns the scheduler's prediction back into the
     denoiser's output space (where the pipeline converts it). The branches come from one batched call, the
     unconditional half first, or (``sequential``) from a conditional call and then an unconditional one;
-    ``latents(x)``: the generated latents in a denoiser input that holds condition channels beside them."""
+    ``latents(x)``: the generated latents in a denoiser input that holds condition channels beside them.
+    ``generated``: ``(dim, slice)`` where the generated latents sit among condition ones (the first frame of an
+    image-to-video call): the formula on them alone, which differs from the formula over everything there; a
+    timestep per token is read as the step's, the generated tokens' (their maximum)."""
     method = APG(6.0)
 
     def run() -> None:
@@ -90,11 +94,21 @@ def assert_apg_equals_the_formula(
     else:
         cond_half = lambda t, n: t[n:] if t.ndim and t.numel() > 1 else t  # SD's UNet gets one 0-dim timestep
         branches = [(x[n:], cond_half(t, n), out[n:], out[:n]) for (x, t, out), n in zip(calls, map(len, predictions))]
+    whole, apart = method.new_state(family), 0.0  # the formula over every token, condition ones included
     for (x, t, cond, uncond), prediction in zip(branches, predictions):
         x, cond, uncond = latents(x).float(), cond.float(), uncond.float()
+        t = t.amax(dim=1) if t.ndim == 2 else t  # a timestep per token
+        expected = guided(x, t, prediction.float())
+        if generated is not None:
+            index = (slice(None),) * generated[0] + (generated[1],)
+            a, b = x0(x, t)
+            everything = cond + method.update(a * x + b * cond, a * x + b * uncond, whole) / b
+            apart = max(apart, (everything[index] - expected[index]).abs().max().item())
+            x, cond, uncond, expected = x[index], cond[index], uncond[index], expected[index]
         a, b = x0(x, t)
         reference = cond + method.update(a * x + b * cond, a * x + b * uncond, state) / b
-        torch.testing.assert_close(guided(x, t, prediction.float()), reference, rtol=1e-4, atol=atol)
+        torch.testing.assert_close(expected, reference, rtol=1e-4, atol=atol)
+    assert generated is None or apart > 1e-3, "the condition latents must matter to the formula over everything"
 
 
 def assert_slg_leaves_the_block_out(pipe: Any, kwargs: dict[str, Any], block: str, pair: str | None) -> None:

@@ -50,7 +50,10 @@ def test_apg_acts_on_the_generated_tokens_only(pipe):
 
 
 def test_the_corrector_is_refused_with_a_reference_image(pipe):
-    with guide(pipe, LangevinCorrector(steps=1)), pytest.raises(ValueError, match="reference-image tokens"):
+    with (
+        guide(pipe, LangevinCorrector(steps=1)),
+        pytest.raises(ValueError, match="reference-image or condition tokens"),
+    ):
         call(pipe, true_cfg_scale=1.0)
 
 

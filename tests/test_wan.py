@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from guidance import APG, CFG, PAG, SLG, TPG, guide
+from guidance import APG, CFG, PAG, SLG, TPG, LangevinCorrector, guide
 from tests.factories import assert_modular_guider_equals_guide, pipeline_snapshot, tiny_wan, wan_call_kwargs
+from tests.family_checks import (
+    assert_apg_equals_the_formula,
+    assert_batched_equals_own_calls,
+    assert_cfg_equals_the_pipelines_own,
+    scheduler_x0,
+)
 from tests.test_pipeline import assert_images_close
 
 
@@ -98,9 +104,6 @@ def test_what_cannot_be_served_is_refused():
     pipe = tiny_wan(two_stages=True)
     with guide(pipe, PAG(2.0)), pytest.raises(ValueError, match="guidance_scale_2"):
         call(pipe, guidance_scale=4.0, guidance_scale_2=1.0)  # an unconditional call combined with nothing
-    with pytest.raises(TypeError, match="expand_timesteps"):
-        with guide(tiny_wan(expand_timesteps=True), CFG(4.0)):
-            pass
 
 
 @pytest.mark.parametrize(
@@ -147,3 +150,23 @@ def test_video_to_video_cfg_and_perturbations():
     assert_cfg_equals_the_pipelines_own(pipe, call_v2v, atol=1e-5)
     for method in (PAG(1.0), TPG(1.0), SLG(1.0, layers=(1,), start=0.0, stop=1.0)):
         assert_batched_equals_own_calls(pipe, call_v2v, method, atol=1e-5)
+
+
+@pytest.mark.parametrize("image", [True, False], ids=["ti2v_image", "ti2v_text"])
+def test_wan22_ti2v_with_a_timestep_per_token(image):
+    """Wan 2.2 TI2V (``expand_timesteps``): a timestep per token, the input image's latent frame in place of the
+    first frame at time 0 (image-to-video). CFG equals the pipeline's own; APG acts on the generated frames alone
+    there (the first frame keeps the conditional output, which the pipeline replaces by the image), tested against
+    the formula on the recorded calls, and on every frame in text-to-video; PAG batched equals its own calls; the
+    corrector is refused beside the image's frame."""
+    pipe = tiny_wan(expand_timesteps=True, image=image)
+    latent = lambda p, **extra: call(p, output_type="latent", **extra)
+    assert_cfg_equals_the_pipelines_own(pipe, latent, atol=1e-5)
+    generated = (2, slice(1, None)) if image else None
+    assert_apg_equals_the_formula(
+        pipe, latent, "wan", scheduler_x0(pipe), steps=4, sequential=True, generated=generated
+    )
+    assert_batched_equals_own_calls(pipe, latent, PAG(1.0), atol=1e-5)
+    if image:
+        with guide(pipe, PAG(1.0), LangevinCorrector()), pytest.raises(ValueError, match="condition tokens"):
+            latent(pipe, guidance_scale=1.0)
