@@ -318,6 +318,10 @@ class Run:
         """The record of the denoiser evaluation of one step (the branch layout is read anew at every step: a
         step-end callback such as diffusers' SDCFGCutoffCallback may switch the pipeline's CFG off)."""
         n = x.shape[0]
+        if has_uncond and self.family.layout == "text_image_uncond":
+            if n % 3:
+                raise RuntimeError(f"{self.family.name}: expected a guidance batch of three thirds, got {n} rows")
+            return Step(x, t, slice(0, n // 3), self._fraction(), has_uncond)
         if has_uncond and self.family.layout != "sequential":
             if n % 2:
                 raise RuntimeError(f"{self.family.name}: expected a CFG batch of even size, got {n}")
@@ -489,9 +493,23 @@ class Run:
         """The CFG batch's halves ``(u', c)``, in the family's order, with ``u' + s (c - u') = guided`` at the
         pipeline's scale ``s`` now (a step-end callback may change it)."""
         cond = pred[step.cond_rows]
-        uncond = _solved_uncond(guided, cond, self._scale_now() or self.pipeline_scale).to(guided.dtype)
+        s = self._scale_now() or self.pipeline_scale
+        if self.family.layout == "text_image_uncond":
+            return self._solved_thirds(pred, guided, s)
+        uncond = _solved_uncond(guided, cond, s).to(guided.dtype)
         halves = [uncond, cond] if self.family.layout == "uncond_cond" else [cond, uncond]
         return torch.cat(halves)
+
+    def _solved_thirds(self, pred: Tensor, guided: Tensor, s: float) -> Tensor:
+        """InstructPix2Pix's thirds ``(c, c_I, u)`` with the text branch true and one of the others solved so that the
+        pipeline's ``u + s (c - c_I) + s_I (c_I - u)`` is ``guided``: ``u`` unless ``s_I`` is 1, else ``c_I``."""
+        c, image, uncond = (part.float() for part in pred.split(guided.shape[0]))
+        g, s_image = guided.float(), self.image_scale()
+        if s_image != 1:
+            uncond = (g - s * (c - image) - s_image * image) / (1 - s_image)
+        else:
+            image = (g - s * c) / (1 - s)
+        return torch.cat([c, image, uncond]).to(guided.dtype)
 
     def _guided_rows(self, step: Step, pred: Tensor, perturbed: dict[int, Tensor]) -> Tensor:
         """The guided prediction for the cond rows of a batched call (learned-sigma channels dropped)."""
@@ -503,9 +521,21 @@ class Run:
         cond = pred[cond_rows]
         if not step.has_uncond:
             return self.guided(x, t, cond, None, perturbed, step.fraction)
-        uncond_rows = slice(0, cond.shape[0]) if cond_rows.start else slice(cond.shape[0], None)
+        b = cond.shape[0]
         x_half, t_half = x[cond_rows], (t[cond_rows] if t.numel() > 1 else t)
+        if self.family.layout == "text_image_uncond":  # InstructPix2Pix: the methods' uncond is the image branch
+            image, uncond = pred[b : 2 * b], pred[2 * b :]
+            g = self.guided(x_half, t_half, cond, image, perturbed, step.fraction)
+            image_guidance = (self.image_scale() - 1) * (image.float() - uncond.float())
+            return (g.float() + image_guidance).to(g.dtype)
+        uncond_rows = slice(0, b) if cond_rows.start else slice(b, None)
         return self.guided(x_half, t_half, cond, pred[uncond_rows], perturbed, step.fraction)
+
+    def image_scale(self) -> float:
+        """The pipeline's image guidance scale ``s_I`` now (InstructPix2Pix's ``image_guidance_scale``; SD's pipeline
+        holds it, a step-end callback may change it there)."""
+        held = vars(self.controller.pipe).get("_image_guidance_scale")
+        return float(held if isinstance(held, int | float) else self.controller.arguments[self.family.image_scale_arg])
 
     def _finish_sequential(self, x: Tensor, t: Tensor, uncond: Tensor) -> Tensor:
         step, cond, perturbed = self.pending

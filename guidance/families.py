@@ -27,7 +27,9 @@ class Family:
     classes: tuple[str, ...]
     denoiser: str
     #: "uncond_cond" / "cond_uncond": one batched call, halves in this order;
-    #: "sequential": a conditional call, then an unconditional one (FLUX true CFG)
+    #: "sequential": a conditional call, then an unconditional one (FLUX true CFG);
+    #: "text_image_uncond": one batched call of three thirds, text and image, image alone, neither
+    #: (InstructPix2Pix: ``u + s (c - c_I) + s_I (c_I - u)``, ``s_I`` the call's :attr:`image_scale_arg`)
     layout: str
     #: the ``__call__`` argument whose value > 1 switches the unconditional branch on
     scale_arg: str
@@ -101,6 +103,9 @@ class Family:
     #: ``(B, C, F, H, W)`` becomes ``(B F, C, H, W)``); its arguments laid out per frame (the prompt embeddings
     #: the pipeline repeats per frame, ControlNet residuals) have ``B F`` rows
     frames_dim: int | None = None
+    #: "text_image_uncond" layout: the ``__call__`` argument of the image guidance's scale ``s_I`` (kept as the
+    #: pipeline's: CFG-type methods take the text guidance's place, on ``(c, c_I)``)
+    image_scale_arg: str | None = None
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -389,6 +394,16 @@ FAMILIES: tuple[Family, ...] = (
         "uncond_cond",
         "guidance_scale",
         frames_dim=2,
+    ),
+    Family(
+        "instruct-pix2pix",
+        # one batched call of three thirds: [text + image, image, neither] (the input image's latents follow the
+        # latents' channels, zeros in the last third)
+        ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"),
+        "unet",
+        "text_image_uncond",
+        "guidance_scale",
+        image_scale_arg="image_guidance_scale",
     ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family(

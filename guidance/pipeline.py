@@ -257,6 +257,9 @@ class _Controller:
     def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
         if self.family.weight(arguments.get(self.family.scale_arg)) <= 1 or self._distilled(pipe):
             return False
+        image_scale = self.family.image_scale_arg
+        if image_scale is not None and arguments.get(image_scale) is not None and arguments[image_scale] < 1:
+            return False  # InstructPix2Pix runs its guidance batch only with image_guidance_scale >= 1
         if self.family.layout == "sequential" and not self.family.negative_by_default:
             return self._sequential_negative(pipe, arguments)
         return True
@@ -300,6 +303,13 @@ class _Controller:
         # s, so it is always 2 there
         if self.family.weight(arguments[self.family.scale_arg]) <= 1 or self.family.layout == "sequential" or solved:
             arguments[self.family.scale_arg] = self.family.argument(FORCED_PIPELINE_SCALE)
+        image_scale = self.family.image_scale_arg
+        if image_scale is not None and arguments.get(image_scale) is not None and arguments[image_scale] < 1:
+            raise ValueError(
+                f"{type(pipe).__name__}({image_scale}={arguments[image_scale]}): the pipeline runs its guidance batch "
+                f"only with {image_scale} >= 1, so CFG-type guidance (which takes its text guidance's place) has no "
+                "branch to act on; give it 1 (no image guidance) or more"
+            )
         if self.family.second_scale_arg in arguments:  # the method's scale decides in every stage
             arguments[self.family.second_scale_arg] = None
         if self.family.layout == "sequential" and self.family.negative_by_default:
