@@ -251,15 +251,18 @@ class Run:
             self.tokens = (context.shape[1], x.shape[1])
         elif x.ndim == 4 and self.family.joint_tokens is not None:  # AuraFlow, HiDream: latents as images
             self.tokens = self.family.joint_tokens(getattr(self.controller.pipe, self.family.denoiser), x, inputs[1])
-        count = _generated_tokens(inputs[1], x)
-        self.generated = None if count is None else (1, slice(0, count))
+        if self.family.generated_last:  # Qwen-Image 2.1: the last image's tokens end the input and the output
+            self.generated = (1, slice(-math.prod(inputs[1]["img_shapes"][0][-1]), None))
+        else:
+            count = _generated_tokens(inputs[1], x)
+            self.generated = None if count is None else (1, slice(0, count))
         if token_times is not None:
             self.generated = condition_region(token_times, x)
         if self.generated is not None and self.controller.corrector is not None:
             raise ValueError(
                 "the Langevin corrector is not supported with reference-image or condition tokens (FLUX Kontext with "
-                "an image, Qwen-Image Edit, LTX-Video image-to-video, Wan 2.2 TI2V): it would move them with the "
-                "generated latents"
+                "an image, Qwen-Image Edit, LTX-Video image-to-video, Wan 2.2 TI2V; Qwen-Image 2.1, whose output "
+                "covers its text): it would move them with the generated latents"
             )
         self._follow_pipeline_scale(timestep)
         if self.controller.corrector is not None:
@@ -555,14 +558,16 @@ class Run:
         if self.generated is None:
             return self._guided(x, t, cond, uncond, perturbed, fraction)
         dim, where = self.generated
-        if cond.ndim <= dim or cond.shape[dim] != x.shape[dim]:
-            raise RuntimeError(f"the prediction {tuple(cond.shape)} does not cover the input {tuple(x.shape)}")
-        states, self.states = self.states, [m.new_state(self.family.name) for m in self.methods]
-        try:
-            out = self._guided(x, t, cond, uncond, perturbed, fraction)
-        finally:
-            self.states = states
         index = (slice(None),) * dim + (where,)
+        if cond.ndim <= dim or x[index].shape[dim] != cond[index].shape[dim]:
+            raise RuntimeError(f"the prediction {tuple(cond.shape)} does not cover the input {tuple(x.shape)}")
+        out = cond.clone()  # where the output is longer than the input (Qwen-Image 2.1's text tokens): the cond's
+        if cond.shape[dim] == x.shape[dim]:
+            states, self.states = self.states, [m.new_state(self.family.name) for m in self.methods]
+            try:
+                out = self._guided(x, t, cond, uncond, perturbed, fraction)
+            finally:
+                self.states = states
         heads = {i: p[index] for i, p in perturbed.items()}
         other = None if uncond is None else uncond[index]
         out[index] = self._guided(x[index], t, cond[index], other, heads, fraction)

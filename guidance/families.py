@@ -106,6 +106,14 @@ class Family:
     #: "text_image_uncond" layout: the ``__call__`` argument of the image guidance's scale ``s_I`` (kept as the
     #: pipeline's: CFG-type methods take the text guidance's place, on ``(c, c_I)``)
     image_scale_arg: str | None = None
+    #: the generated image is the last of the ``img_shapes`` images and its tokens end the denoiser's input and
+    #: output (Qwen-Image 2.1: the output covers the text and condition-image tokens before them, unless its prefix
+    #: cache serves those): the methods act on those last tokens
+    generated_last: bool = False
+    #: the call argument that keeps the conditional branch's prefix (text, condition images) in a cache across
+    #: steps (Qwen-Image 2.1's ``use_kv_cache``): a perturbed branch would read and overwrite it, so with
+    #: perturbation guidance it is off unless the call switches it on itself (refused then)
+    cache_arg: str | None = None
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -273,6 +281,22 @@ FAMILIES: tuple[Family, ...] = (
         timestep_divisor=1000.0,
         text_first=True,
         negative_embeds=("negative_prompt_embeds",),
+    ),
+    Family(
+        "qwenimage21",
+        # one single-stream sequence of [text with condition images, generated image] under a block-causal mask
+        # (attention in segments: each segment's queries over the keys up to its end); a separate unconditional call
+        # with a negative prompt; the output covers the whole sequence, the generated image's tokens last
+        ("QwenImage21Pipeline",),
+        "transformer",
+        "sequential",
+        "true_cfg_scale",
+        timestep_divisor=1000.0,
+        negative_embeds=("negative_prompt_embeds",),
+        single_sequence=True,
+        image_queries=True,
+        generated_last=True,
+        cache_arg="use_kv_cache",
     ),
     Family(
         "longcat-image",

@@ -131,12 +131,14 @@ class _Controller:
     def _call(self, call: Callable[..., Any], pipe: Any, args: tuple, kwargs: dict) -> Any:
         signature = inspect.signature(call)
         bound = signature.bind(pipe, *args, **kwargs)
+        given = dict(bound.arguments)  # what the call itself passes
         bound.apply_defaults()
         arguments = bound.arguments
         for name, reason in self.family.refused:
             if arguments.get(name) not in (None, 0, 0.0, [], ()):
                 raise ValueError(f"{type(pipe).__name__}({name}=...) is not supported inside guide(): {reason}")
         self._check_pipeline_state(pipe)
+        self._cache_off(pipe, arguments, given)
         rescale = arguments.get(self.family.rescale_arg) or 0.0
         if any(m.branch == "uncond" for m in self.methods):
             self._ensure_uncond_branch(pipe, arguments, solved=rescale > 0)
@@ -171,6 +173,21 @@ class _Controller:
             self.arguments = {}  # the call's tensors are not kept
             if previous_count is not _MISSING and "_num_timesteps" not in vars(pipe):
                 pipe._num_timesteps = previous_count
+
+    def _cache_off(self, pipe: Any, arguments: dict[str, Any], given: dict[str, Any]) -> None:
+        """With perturbation guidance, the pipeline's prefix cache across steps (:attr:`.families.Family.cache_arg`)
+        off: every call of the conditional branch shares it, and a perturbed call would overwrite it with its own
+        keys and values. Refused where the call switches it on itself."""
+        name = self.family.cache_arg
+        if name is None or not any(m.branch == "perturbed" for m in self.methods) or not arguments.get(name):
+            return
+        if given.get(name):
+            raise ValueError(
+                f"{type(pipe).__name__}({name}=True) with perturbation guidance: the cache of the prefix keys and "
+                "values is shared by every call of the conditional branch, and a perturbed call would overwrite it; "
+                f"pass {name}=False (CFG-type methods alone work with the cache)"
+            )
+        arguments[name] = False
 
     def _check_pipeline_state(self, pipe: Any) -> None:
         """Refuse the pipeline modes that ``guide()`` cannot follow: FreeInit (its loop reruns), FreeNoise's split

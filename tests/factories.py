@@ -710,6 +710,66 @@ def qwen_call_kwargs(pipe: DiffusionPipeline, negative: bool = True) -> dict[str
     return kwargs
 
 
+class _Qwen21Processor:
+    """What Qwen-Image 2.1's pipeline reads off its processor when built (called with prompt embeddings, it never
+    tokenizes): the system message's token count and the image-pad token's id."""
+
+    class tokenizer:  # the processor's attribute, lower case
+        @staticmethod
+        def encode(text: str) -> list[int]:
+            return [151655]
+
+    @staticmethod
+    def apply_chat_template(messages: Any, tokenize: bool = True, return_dict: bool = False) -> list[list[int]]:
+        return [[0] * 12]
+
+
+def tiny_qwen21() -> DiffusionPipeline:
+    """Qwen-Image 2.1: a 2-block single-stream transformer (2 heads of 16) over [text, image] under its block-causal
+    mask, a tiny Qwen-Image 2.1 VAE (16 latent channels), flow matching, no text encoder (a stub processor; call it
+    with :func:`qwen21_call_kwargs`' embeddings; 64 px make 4 x 4 tokens)."""
+    import diffusers
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.QwenImage21Transformer2DModel(
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=32,
+        mlp_ratio=2,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLQwenImage21(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 16,
+        latents_std=[1.0] * 16,
+    ).eval()
+    parts = {"text_encoder": None, "processor": _Qwen21Processor(), "vae": vae, "transformer": transformer}
+    return _finish(diffusers.QwenImage21Pipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler()))
+
+
+def qwen21_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_qwen21`: seeded prompt and negative embeddings ``(batch, tokens, 32)``
+    with their masks (the last token padding), 64 px, 3 steps, the packed latents as output; no generator nor
+    guidance."""
+    g = torch.Generator().manual_seed(SEED + 41)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[:, -1] = False
+    kwargs: dict[str, Any] = {"height": 64, "width": 64, "num_inference_steps": 3, "output_type": "latent"}
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, tokens, 32, generator=g)
+        kwargs[f"{prefix}prompt_embeds_mask"] = mask.clone()
+    return kwargs
+
+
 def tiny_chroma(kind: str = "") -> DiffusionPipeline:
     """Chroma (``kind`` "" or "img2img"): a FLUX-like transformer (1 double + 1 single block) whose
     modulations come from an approximator, T5 text, flow matching with dynamic shift."""
