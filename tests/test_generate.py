@@ -34,12 +34,14 @@ def test_showcase_rows_are_distinct_and_labelled():
     [
         ("img2img", r"makes images from an input image \(image\)"),
         ("fill", r"makes images from an input image \(image, mask_image\)"),
-        ("pix2pix", "guide\\(\\) cannot serve StableDiffusionInstructPix2PixPipeline"),
+        ("pix2pix", r"makes images from an input image \(image\)"),
+        ("pag", "guide\\(\\) cannot serve StableDiffusionPAGPipeline"),
     ],
 )
 def test_generate_refuses_pipelines_it_cannot_drive_with_the_reason(build, match):
-    """An image-to-image pipeline, one without a CFG scale argument (FLUX Fill) and a conditional UNet pipeline
-    that guide() does not serve are refused with a message, never run as an unconditional model or half-called."""
+    """Image-to-image pipelines (InstructPix2Pix among them), one without a CFG scale argument (FLUX Fill) and a
+    conditional UNet pipeline that guide() does not serve (diffusers' own PAG pipeline) are refused with a message,
+    never run as an unconditional model or half-called."""
     import diffusers
 
     from apps.generate import generate, is_unconditional
@@ -51,10 +53,12 @@ def test_generate_refuses_pipelines_it_cannot_drive_with_the_reason(build, match
         pipe = tiny_flux_distilled("FluxFillPipeline")
     else:
         components = BUILDERS["sd"]().components
-        accepted = diffusers.StableDiffusionInstructPix2PixPipeline.__init__.__code__.co_varnames
-        pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
-            **{k: v for k, v in components.items() if k in accepted}
-        )
+        cls = {
+            "pix2pix": diffusers.StableDiffusionInstructPix2PixPipeline,
+            "pag": diffusers.StableDiffusionPAGPipeline,
+        }[build]
+        accepted = cls.__init__.__code__.co_varnames
+        pipe = cls(**{k: v for k, v in components.items() if k in accepted}, requires_safety_checker=False)
     assert not is_unconditional(pipe)
     with pytest.raises(ValueError, match=match):
         generate(pipe, Request("a cat", method="none", steps=2, num_images=1))
