@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import prediction as P
-from .cfg import CFG
+from .cfg import CFG, cfg_update
 from .families import schedule_of, steps_of_the_call
 from .samplers import langevin_correct
 
@@ -209,6 +209,8 @@ class Run:
         self.generated: tuple[int, slice] | None = None
         #: index of the pipeline's own CFG among the methods (composed with perturbations), if it runs one
         self.own_cfg: int | None = None
+        #: the own CFG's weights where the pipeline holds a tensor of them (Stable Video Diffusion: one per frame)
+        self.own_weights: Tensor | None = None
         if has_uncond and not any(m.branch == "uncond" for m in methods):
             methods, self.own_cfg = (*methods, CFG(pipeline_scale)), len(methods)
         self.methods = methods
@@ -288,6 +290,10 @@ class Run:
         """The pipeline's own CFG at the scale the pipeline holds now: a step-end callback may change it
         (``pipe._guidance_scale``, read by diffusers' pipelines at every step), and it must count here too."""
         if self.own_cfg is None or self.family.layout == "sequential":
+            return
+        held = vars(self.controller.pipe).get("_guidance_scale")
+        if isinstance(held, Tensor) and held.numel() > 1:  # SVD: a weight per sample and frame, (B, F, 1, 1, 1)
+            self.own_weights = held
             return
         current = self._dynamic_scale(timestep) or self._scale_now()
         if current is not None and current != self.methods[self.own_cfg].scale:
@@ -585,6 +591,12 @@ class Run:
             if other is None:
                 continue
             other32 = other.float()
+            if i == self.own_cfg and self.own_weights is not None:
+                weights = self.own_weights.to(cond32.device, torch.float32)
+                total += cfg_update(
+                    cond32, other32, weights.reshape(*weights.shape, *[1] * (cond32.ndim - weights.ndim))
+                )
+                continue
             if method.space == "x0":
                 if coefs is None:
                     a, b = self.schedule.coefficients(*self.schedule.alpha_sigma(t.expand(x.shape[0])))

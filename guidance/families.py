@@ -429,6 +429,18 @@ FAMILIES: tuple[Family, ...] = (
         "guidance_scale",
         image_scale_arg="image_guidance_scale",
     ),
+    Family(
+        "svd",
+        # Stable Video Diffusion: one batched CFG call (uncond first) of a spatio-temporal UNet on latents
+        # (B, F, C, H, W), the input image's latents after the latents' channels; its CFG weight ramps over the
+        # frames from min_guidance_scale to max_guidance_scale (a tensor the pipeline holds); the UNet folds the frames
+        # into its batch
+        ("StableVideoDiffusionPipeline",),
+        "unet",
+        "uncond_cond",
+        "max_guidance_scale",
+        frames_dim=1,
+    ),
     Family("dit", ("DiTPipeline",), "transformer", "cond_uncond", "guidance_scale"),
     Family(
         "hunyuandit",

@@ -100,10 +100,20 @@ def _summary(names: Sequence[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+#: where a video UNet keeps its temporal layers: AnimateDiff's motion modules, Stable Video Diffusion's temporal
+#: transformer blocks beside the spatial ``transformer_blocks``
+TEMPORAL_LAYERS = (".motion_modules.", ".temporal_transformer_blocks.")
+
+
 def has_motion_modules(candidates: dict[str, nn.Module]) -> bool:
-    """Whether the candidates are a video UNet's (AnimateDiff): temporal layers in ``motion_modules`` beside the
-    spatial ones in ``attentions``."""
-    return any(".motion_modules." in name for name in candidates)
+    """Whether the candidates are a video UNet's: temporal layers (:data:`TEMPORAL_LAYERS`) beside the spatial
+    ones."""
+    return any(part in name for name in candidates for part in TEMPORAL_LAYERS)
+
+
+def spatial(block: str) -> str:
+    """The selector of a UNet block's spatial transformer blocks (not its temporal ones)."""
+    return rf"^{block}\.attentions\.\d+\.(?:.*\.)?transformer_blocks\."
 
 
 def default_layers(candidates: dict[str, nn.Module]) -> list[Selector]:
@@ -112,7 +122,7 @@ def default_layers(candidates: dict[str, nn.Module]) -> list[Selector]:
     ``…layers`` stack that is not a text stack ``text_…``: Z-Image's ``layers``, not its refiners; Kandinsky 5's
     ``visual_transformer_blocks``, not its text encoder's)."""
     if any(name.startswith("mid_block") for name in candidates):
-        return ["mid_block.attentions"] if has_motion_modules(candidates) else ["mid"]
+        return [spatial("mid_block")] if has_motion_modules(candidates) else ["mid"]
     blocks: dict[str, list[int]] = {}
     for name in candidates:
         if (m := re.match(r"([a-z_]*(?:blocks|layers))\.(\d+)", name)) and not m.group(1).startswith("text_"):

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .layers import Selector, default_layers, has_motion_modules, select, transformer_blocks
+from .layers import Selector, default_layers, has_motion_modules, select, spatial, transformer_blocks
 from .method import Perturbation, TokenShuffle, register
 from .pag import layer_selection
 
@@ -47,7 +47,7 @@ def auto_layers(blocks: dict[str, nn.Module]) -> list[str]:
     (SDXL, SD 1.x/2.x; a video UNet's spatial ones, not its motion modules), else PAG's default
     (:func:`guidance.layers.default_layers`)."""
     if any(name.startswith(OFFICIAL_BLOCK + ".") for name in blocks):
-        return [OFFICIAL_BLOCK + ".attentions"] if has_motion_modules(blocks) else [OFFICIAL_BLOCK]
+        return [spatial(OFFICIAL_BLOCK)] if has_motion_modules(blocks) else [OFFICIAL_BLOCK]
     return default_layers(blocks)
 
 

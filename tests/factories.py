@@ -1412,6 +1412,81 @@ def animatediff_call_kwargs(pipe: DiffusionPipeline, batch: int = 2, frames: int
     return kwargs
 
 
+def tiny_svd() -> DiffusionPipeline:
+    """Stable Video Diffusion: a spatio-temporal UNet (32, 64; the input image's 4 latent channels after the
+    latents'), a temporal-decoder VAE, a tiny CLIP vision encoder (224 px in 16 patches), Euler with SVD's recipe
+    (Karras sigmas, continuous log-sigma timesteps, v-prediction); 4 frames by default."""
+    import diffusers
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(SEED)
+    unet = diffusers.UNetSpatioTemporalConditionModel(
+        sample_size=16,
+        in_channels=8,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32,
+        num_attention_heads=(2, 4),
+        num_frames=4,
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=24,
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLTemporalDecoder(
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        latent_channels=4,
+    ).eval()
+    torch.manual_seed(SEED)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=224,  # the pipeline resizes the image to 224 px for its encoder
+        intermediate_size=37,
+        patch_size=56,
+    )
+    encoder = CLIPVisionModelWithProjection(config).eval()
+    scheduler = diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    pipe = diffusers.StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=CLIPImageProcessor(crop_size=224, size=224),
+    )
+    return _finish(pipe)
+
+
+def svd_call_kwargs(batch: int = 2, frames: int = 4) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_svd`: ``batch`` seeded random 32 px images, ``frames`` frames, 3
+    steps, the latents as output (the temporal decoder is slow); no generator nor guidance."""
+    images = [random_image(IMAGE_SIZE, seed=SEED + 50 + i) for i in range(batch)]
+    return {
+        "image": images,
+        "height": IMAGE_SIZE,
+        "width": IMAGE_SIZE,
+        "num_frames": frames,
+        "num_inference_steps": 3,
+        "output_type": "latent",
+    }
+
+
 def tiny_cogview4() -> DiffusionPipeline:
     """CogView4: a 2-block joint-attention transformer (text first; its blocks return the image stream first), the
     tiny KL VAE, flow matching with CogView4's linear dynamic shift, no text encoder (call it with
