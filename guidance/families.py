@@ -114,6 +114,9 @@ class Family:
     #: steps (Qwen-Image 2.1's ``use_kv_cache``): a perturbed branch would read and overwrite it, so with
     #: perturbation guidance it is off unless the call switches it on itself (refused then)
     cache_arg: str | None = None
+    #: pipelines whose first latent frame (the input's dim 1) is the input image, which they do not step
+    #: (Kandinsky 5 image-to-video): the methods act on the frames after it
+    image_first_frame: tuple[str, ...] = ()
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -501,16 +504,18 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "kandinsky5",
-        # Kandinsky 5 text- and image-to-image: a conditional call, then an unconditional one (an empty negative
-        # prompt unless given one) whenever guidance_scale > 1; latents (B, 1, H, W, C), image-to-image's input
-        # image and mask channels after them; text-encoder blocks, then visual blocks of self- and cross-attention
-        ("Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline"),
+        # Kandinsky 5 text- and image-to-image and -video: a conditional call, then an unconditional one (an empty
+        # negative prompt unless given one) whenever guidance_scale > 1; latents (B, F, H, W, C), the input image's
+        # latents and mask channel after them (image-to-image, -video); text-encoder blocks, then visual blocks of
+        # self- and cross-attention
+        ("Kandinsky5T2IPipeline", "Kandinsky5I2IPipeline", "Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline"),
         "transformer",
         "sequential",
         "guidance_scale",
         negative_embeds=("negative_prompt_embeds_qwen",),
         negative_by_default=True,
         unbatched=("visual_rope_pos", "text_rope_pos", "scale_factor", "sparse_params"),
+        image_first_frame=("Kandinsky5I2VPipeline",),
     ),
     Family(
         "cogview4",

@@ -1079,13 +1079,14 @@ def cogview3plus_call_kwargs(batch: int = 2, tokens: int = 64) -> dict[str, Any]
     return kwargs
 
 
-def tiny_kandinsky5(i2i: bool = False) -> DiffusionPipeline:
-    """Kandinsky 5 text-to-image (``i2i``: image-to-image, one image per call): one text-encoder block, then 2 visual
+def tiny_kandinsky5(i2i: bool = False, video: bool = False) -> DiffusionPipeline:
+    """Kandinsky 5 text-to-image (``i2i``: image-to-image, one image per call; ``video``: text- or image-to-video on
+    a tiny HunyuanVideo VAE, 8x spatial and 4x temporal, 16 latent channels): one text-encoder block, then 2 visual
     blocks of self-attention and cross-attention (model dim 16 in heads of 8, patch 2x2), the tiny flow VAE (16 latent
     channels), flow matching at shift 7, no text encoders or tokenizers (call it with
-    :func:`kandinsky5_call_kwargs`). The pipeline maps every request to one of its resolutions (1024 px and up in
-    diffusers; 32x32 here) and assumes an 8x VAE (2x here). The modulations are drawn at random (they start at zero,
-    which leaves every block out)."""
+    :func:`kandinsky5_call_kwargs`). The image pipelines map every request to one of their resolutions (1024 px and
+    up in diffusers; 32x32 here) and assume an 8x VAE (2x here). The modulations are drawn at random (they start at
+    zero, which leaves every block out)."""
     import diffusers
 
     torch.manual_seed(SEED)
@@ -1110,6 +1111,21 @@ def tiny_kandinsky5(i2i: bool = False) -> DiffusionPipeline:
             if type(module).__name__ == "Kandinsky5Modulation":
                 module.out_layer.weight.normal_(0.0, 0.3, generator=g)
                 module.out_layer.bias.normal_(0.0, 0.3, generator=g)
+    if video:
+        torch.manual_seed(SEED)
+        vae = diffusers.AutoencoderKLHunyuanVideo(
+            latent_channels=16,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            norm_num_groups=4,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+        ).eval()
+        cls = diffusers.Kandinsky5I2VPipeline if i2i else diffusers.Kandinsky5T2VPipeline
+        parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+        return _finish(cls(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(), **parts))
     pipe = (diffusers.Kandinsky5I2IPipeline if i2i else diffusers.Kandinsky5T2IPipeline)(
         transformer=transformer,
         vae=_vae(flow=True, latent_channels=16),

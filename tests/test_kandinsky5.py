@@ -126,3 +126,45 @@ def test_image_to_image_refuses_the_corrector(i2i):
     with pytest.raises(ValueError, match="input image's latents and mask"):
         with guide(i2i, PAG(1.0), LangevinCorrector()):
             call_i2i(i2i, guidance_scale=1.0)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["t2v", "i2v"])
+def video(request):
+    return tiny_kandinsky5(i2i=request.param, video=True)
+
+
+def call_video(pipe, **extra):
+    """Image-to-video normalises the first frames against the next ones: 25 frames make the 7 latent frames it
+    needs."""
+    image = type(pipe).__name__ == "Kandinsky5I2VPipeline"
+    kwargs = kandinsky5_call_kwargs(batch=1) | {"num_frames": 25 if image else 5, "output_type": "latent"}
+    kwargs |= {"image": IMAGE} if image else {}
+    return pipe(**kwargs | extra, generator=torch.Generator().manual_seed(0)).frames.numpy()
+
+
+def test_video_cfg_and_apg_on_the_generated_latents(video):
+    """Text- and image-to-video (the input image's latents and a mask channel after the latents' on their last
+    dimension; the first latent frame is the image's, which the pipeline does not step): CFG equals the pipeline's
+    own, APG the formula on the recorded calls, on the frames after the image's in image-to-video."""
+    assert_cfg_equals_the_pipelines_own(video, call_video, atol=1e-5)
+    channels = video.transformer.config.out_visual_dim
+    image = type(video).__name__ == "Kandinsky5I2VPipeline"
+
+    def stepped(x, t, prediction):  # image-to-video steps frames 1:, the first frame's prediction unknown
+        return torch.cat([torch.full_like(prediction[:, :1], float("nan")), prediction], 1) if image else prediction
+
+    assert_apg_equals_the_formula(
+        video,
+        call_video,
+        "kandinsky5",
+        scheduler_x0(video),
+        stepped,
+        sequential=True,
+        latents=lambda x: x[..., :channels],
+        generated=(1, slice(1, None)) if image else None,
+    )
+
+
+@pytest.mark.parametrize("method", [PAG(1.0), TPG(1.0)], ids=["pag", "tpg"])
+def test_video_perturbations_batched_equal_their_own_calls(video, method):
+    assert_batched_equals_own_calls(video, call_video, method, atol=2e-5)
