@@ -205,8 +205,8 @@ class Run:
         self.tokens: tuple[int, int] | None = None
         #: where the generated latents sit in the denoiser's input and output, ``(dim, slice)``, when others share
         #: it: reference-image tokens after them (FLUX Kontext, Qwen-Image Edit), condition tokens or frames before
-        #: them at a lower timestep (LTX-Video image-to-video, Wan 2.2 TI2V) or as the first frame (Kandinsky 5
-        #: image-to-video); else None
+        #: them at a lower timestep (LTX-Video image-to-video, Wan 2.2 TI2V) or as the first frame (Kandinsky 5,
+        #: HunyuanVideo image-to-video); else None
         self.generated: tuple[int, slice] | None = None
         #: index of the pipeline's own CFG among the methods (composed with perturbations), if it runs one
         self.own_cfg: int | None = None
@@ -261,12 +261,15 @@ class Run:
             self.generated = None if count is None else (1, slice(0, count))
         if token_times is not None:
             self.generated = condition_region(token_times, x)
-        if type(self.controller.pipe).__name__ in self.family.image_first_frame:  # Kandinsky 5 image-to-video
-            self.generated = (1, slice(1, None))
+        first_frame = self.family.image_first_frame
+        dim = None if first_frame is None else first_frame(self.controller.pipe)
+        if dim is not None:  # Kandinsky 5, HunyuanVideo image-to-video: the image's frame is not stepped
+            self.generated = (dim, slice(1, None))
         if self.generated is not None and self.controller.corrector is not None:
             raise ValueError(
                 "the Langevin corrector is not supported with reference-image or condition tokens (FLUX Kontext with "
-                "an image, Qwen-Image Edit, LTX-Video, Wan 2.2 TI2V and Kandinsky 5 image-to-video; Qwen-Image 2.1, "
+                "an image, Qwen-Image Edit, LTX-Video, Wan 2.2 TI2V, Kandinsky 5 and HunyuanVideo image-to-video; "
+                "Qwen-Image 2.1, "
                 "whose output "
                 "covers its text): it would move them with the generated latents"
             )

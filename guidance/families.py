@@ -114,9 +114,10 @@ class Family:
     #: steps (Qwen-Image 2.1's ``use_kv_cache``): a perturbed branch would read and overwrite it, so with
     #: perturbation guidance it is off unless the call switches it on itself (refused then)
     cache_arg: str | None = None
-    #: pipelines whose first latent frame (the input's dim 1) is the input image, which they do not step
-    #: (Kandinsky 5 image-to-video): the methods act on the frames after it
-    image_first_frame: tuple[str, ...] = ()
+    #: where the pipeline's first latent frame is the input image, which it does not step, the input's dimension of
+    #: the frames, from the pipeline (Kandinsky 5 image-to-video: 1; HunyuanVideo image-to-video with
+    #: ``token_replace``: 2); None otherwise. The methods act on the frames after it
+    image_first_frame: Callable[[Any], int | None] | None = None
 
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
@@ -158,6 +159,15 @@ def _hidream_tokens(denoiser: Any, latents: Tensor, kwargs: dict[str, Any]) -> t
     llama = kwargs["encoder_hidden_states_llama3"]
     llama_tokens = llama[0].shape[-2]  # a (layers, batch, tokens, channels) tensor or a list per layer
     return kwargs["encoder_hidden_states_t5"].shape[1] + 2 * llama_tokens, image
+
+
+def _kandinsky5_image_frame(pipe: Any) -> int | None:
+    return 1 if type(pipe).__name__ == "Kandinsky5I2VPipeline" else None
+
+
+def _hunyuanvideo_image_frame(pipe: Any) -> int | None:
+    image = type(pipe).__name__ == "HunyuanVideoImageToVideoPipeline"
+    return 2 if image and pipe.transformer.config.get("image_condition_type") == "token_replace" else None
 
 
 def _cogvideox_scale(pipe: Any, arguments: dict[str, Any], timestep: Any, index: int, steps: int) -> float | None:
@@ -483,14 +493,17 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "hunyuanvideo",
-        # HunyuanVideo text-to-video (guidance-distilled: its `guidance_scale` is an embedded guidance): true CFG as a
-        # separate unconditional call with a negative prompt; double and single blocks over [video, text] that pass
-        # the text beside the video to their attention and return the video stream first
-        ("HunyuanVideoPipeline",),
+        # HunyuanVideo text- and image-to-video (guidance-distilled: its `guidance_scale` is an embedded guidance):
+        # true CFG as a separate unconditional call with a negative prompt; double and single blocks over [video,
+        # text] that pass the text beside the video to their attention and return the video stream first;
+        # image-to-video: the image's latents and a mask after the latents' channels (latent_concat), or the image's
+        # latents as the first frame, not stepped (token_replace)
+        ("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline"),
         "transformer",
         "sequential",
         "true_cfg_scale",
         negative_embeds=("negative_prompt_embeds", "negative_pooled_prompt_embeds"),
+        image_first_frame=_hunyuanvideo_image_frame,
     ),
     Family(
         "ltx",
@@ -515,7 +528,7 @@ FAMILIES: tuple[Family, ...] = (
         negative_embeds=("negative_prompt_embeds_qwen",),
         negative_by_default=True,
         unbatched=("visual_rope_pos", "text_rope_pos", "scale_factor", "sparse_params"),
-        image_first_frame=("Kandinsky5I2VPipeline",),
+        image_first_frame=_kandinsky5_image_frame,
     ),
     Family(
         "cogview4",

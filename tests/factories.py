@@ -1269,16 +1269,20 @@ def ltx_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:
     return kwargs
 
 
-def tiny_hunyuanvideo() -> DiffusionPipeline:
+def tiny_hunyuanvideo(image: str | None = None) -> DiffusionPipeline:
     """HunyuanVideo text-to-video: 2 double and 2 single blocks over [video, text] (2 heads of 10, patch 1) after a
     one-block text token refiner, embedded guidance, diffusers' tiny HunyuanVideo VAE (8x spatial, 4x temporal),
     flow matching at shift 7, no text encoders or tokenizers (call it with :func:`hunyuanvideo_call_kwargs`; the
-    latents are the output: the tiny VAE decodes slowly)."""
+    latents are the output: the tiny VAE decodes slowly). ``image``: image-to-video with that image condition type,
+    "latent_concat" (the image's latents and a mask after the latents' channels) or "token_replace" (the image's
+    latents as the first frame)."""
     import diffusers
 
     torch.manual_seed(SEED)
+    condition = {} if image is None else {"image_condition_type": image}
     transformer = diffusers.HunyuanVideoTransformer3DModel(
-        in_channels=4,
+        **condition,
+        in_channels=9 if image == "latent_concat" else 4,
         out_channels=4,
         num_attention_heads=2,
         attention_head_dim=10,
@@ -1309,8 +1313,10 @@ def tiny_hunyuanvideo() -> DiffusionPipeline:
         mid_block_add_attention=True,
     ).eval()
     parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
-    return _finish(diffusers.HunyuanVideoPipeline(**parts, vae=vae, scheduler=scheduler, transformer=transformer))
+    parts |= {"vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(shift=7.0), "transformer": transformer}
+    if image is not None:
+        return _finish(diffusers.HunyuanVideoImageToVideoPipeline(**parts, image_processor=None))
+    return _finish(diffusers.HunyuanVideoPipeline(**parts))
 
 
 def hunyuanvideo_call_kwargs(batch: int = 2, tokens: int = 7) -> dict[str, Any]:

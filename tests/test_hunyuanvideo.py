@@ -6,7 +6,12 @@ first.
 CFG equals the pipeline's true CFG; APG equals the formula on the recorded branches; the perturbations batched equal
 them as calls of their own (``PAG(joint="image")`` with the text's padding mask); SLG's weak branch is the denoiser
 without the block, double or single, when text and video have as many tokens; the Langevin corrector runs without
-true CFG and is refused with it; the pipeline is left as found. The tiny pipeline returns its latents."""
+true CFG and is refused with it; the pipeline is left as found. The tiny pipeline returns its latents.
+
+Image-to-video, with the image's latents and a mask after the latents' channels (``latent_concat``) or as the first
+latent frame, which the pipeline does not step (``token_replace``): CFG equals the pipeline's true CFG, APG the
+formula on the recorded calls (on the generated channels; on the frames after the image's), PAG batched equals its
+own calls."""
 
 from __future__ import annotations
 
@@ -15,10 +20,11 @@ import pytest
 import torch
 
 from guidance import CFG, PAG, SLG, TPG, LangevinCorrector, SoftPAG, guide
-from tests.factories import hunyuanvideo_call_kwargs, pipeline_snapshot, tiny_hunyuanvideo
+from tests.factories import IMAGE_SIZE, hunyuanvideo_call_kwargs, pipeline_snapshot, random_image, tiny_hunyuanvideo
 from tests.family_checks import (
     assert_apg_equals_the_formula,
     assert_batched_equals_own_calls,
+    assert_cfg_equals_the_pipelines_own,
     assert_slg_leaves_the_block_out,
     scheduler_x0,
 )
@@ -83,3 +89,40 @@ def test_the_corrector_runs_without_true_cfg_and_is_refused_with_it(pipe):
     with pytest.raises(ValueError, match="needs every branch in one denoiser call"):
         with guide(pipe, PAG(1.0), LangevinCorrector()):
             call(pipe, true_cfg_scale=4.0)
+
+
+@pytest.fixture(scope="module", params=["latent_concat", "token_replace"])
+def i2v(request):
+    return tiny_hunyuanvideo(image=request.param)
+
+
+def call_i2v(pipe, guidance_scale=None, **extra):
+    """One prompt (the pipeline repeats its one image per prompt only through num_videos_per_prompt)."""
+    kwargs = hunyuanvideo_call_kwargs(batch=1) | {"image": random_image(IMAGE_SIZE, seed=11)} | extra
+    if guidance_scale is not None:
+        kwargs["true_cfg_scale"] = guidance_scale
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(0)).frames.numpy()
+
+
+def test_image_to_video_cfg_and_apg(i2v):
+    assert_cfg_equals_the_pipelines_own(i2v, call_i2v, atol=1e-5)
+    replaced = i2v.transformer.config.image_condition_type == "token_replace"
+
+    def stepped(x, t, prediction):  # token_replace steps frames 1:, the first frame's prediction unknown
+        first = torch.full_like(prediction[:, :, :1], float("nan"))
+        return torch.cat([first, prediction], dim=2) if replaced else prediction
+
+    assert_apg_equals_the_formula(
+        i2v,
+        call_i2v,
+        "hunyuanvideo",
+        scheduler_x0(i2v),
+        stepped,
+        sequential=True,
+        latents=lambda x: x[:, :4],
+        generated=(2, slice(1, None)) if replaced else None,
+    )
+
+
+def test_image_to_video_pag_batched_equals_its_own_calls(i2v):
+    assert_batched_equals_own_calls(i2v, call_i2v, PAG(1.0), atol=1e-5)
