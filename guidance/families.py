@@ -554,6 +554,18 @@ FAMILIES: tuple[Family, ...] = (
         second_scale_arg="guidance_scale_2",
     ),
     Family(
+        "skyreels-v2",
+        # SkyReels V2 text- and image-to-video: Wan's layout (a separate unconditional call whenever
+        # guidance_scale > 1; image-to-video's condition mask and latents after the latents' channels); the
+        # diffusion-forcing pipelines (a timestep per frame) are not served
+        ("SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline"),
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
+    ),
+    Family(
         "z-image",
         # one list entry per sample for the latents (C, 1, H, W) and the captions (their own lengths); the cond
         # samples first; one sequence of [image, caption] tokens, padded per batch; ZImageOmniPipeline (nested

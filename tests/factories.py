@@ -976,6 +976,38 @@ def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False, image: bo
     return _finish(diffusers.WanPipeline(**parts))
 
 
+def tiny_skyreels_v2(image: bool = False) -> DiffusionPipeline:
+    """SkyReels V2 text-to-video (``image``: image-to-video, the condition's mask and latents after the latents'
+    channels, a tiny CLIP image encoder): a 2-block Wan-style transformer on :func:`tiny_wan`'s VAE and scheduler, no
+    text encoder (call it with :func:`wan_call_kwargs`' embeddings)."""
+    import diffusers
+    from transformers import CLIPImageProcessor
+
+    wan = tiny_wan()
+    torch.manual_seed(SEED)
+    transformer = diffusers.SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=36 if image else 16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+        image_dim=32 if image else None,
+    ).eval()
+    parts = {"tokenizer": None, "text_encoder": None, "transformer": transformer, "vae": wan.vae}
+    parts["scheduler"] = wan.scheduler
+    if image:
+        encoder = tiny_svd().image_encoder
+        processor = CLIPImageProcessor(crop_size=224, size=224)
+        pipe = diffusers.SkyReelsV2ImageToVideoPipeline(**parts, image_encoder=encoder, image_processor=processor)
+        return _finish(pipe)
+    return _finish(diffusers.SkyReelsV2Pipeline(**parts))
+
+
 def wan_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     """Small valid call kwargs for :func:`tiny_wan`: seeded prompt and negative embeddings, 5 frames of 16 px, 4
     steps, a 16 px first frame for image-to-video; no generator nor guidance settings."""
@@ -983,7 +1015,7 @@ def wan_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"height": 16, "width": 16, "num_frames": 5, "num_inference_steps": 4}
     kwargs |= {"output_type": "np", "prompt_embeds": torch.randn(1, 6, 32, generator=g)}
     kwargs["negative_prompt_embeds"] = torch.randn(1, 6, 32, generator=g)
-    if pipe is not None and type(pipe).__name__ == "WanImageToVideoPipeline":
+    if pipe is not None and type(pipe).__name__ in ("WanImageToVideoPipeline", "SkyReelsV2ImageToVideoPipeline"):
         kwargs["image"] = noise_image((16, 16), seed=SEED + 29)
     return kwargs
 
