@@ -269,9 +269,7 @@ class Run:
             raise ValueError(
                 "the Langevin corrector is not supported with reference-image or condition tokens (FLUX Kontext with "
                 "an image, Qwen-Image Edit, LTX-Video, Wan 2.2 TI2V, Kandinsky 5 and HunyuanVideo image-to-video; "
-                "Qwen-Image 2.1, "
-                "whose output "
-                "covers its text): it would move them with the generated latents"
+                "Qwen-Image 2.1, whose output covers its text): it would move them with the generated latents"
             )
         self._follow_pipeline_scale(timestep)
         if self.controller.corrector is not None:

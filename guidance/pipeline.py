@@ -274,9 +274,8 @@ class _Controller:
     def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
         if self.family.weight(arguments.get(self.family.scale_arg)) <= 1 or self._distilled(pipe):
             return False
-        image_scale = self.family.image_scale_arg
-        if image_scale is not None and arguments.get(image_scale) is not None and arguments[image_scale] < 1:
-            return False  # InstructPix2Pix runs its guidance batch only with image_guidance_scale >= 1
+        if self._image_guidance_off(arguments):  # InstructPix2Pix: no guidance batch at all
+            return False
         if self.family.layout == "sequential" and not self.family.negative_by_default:
             return self._sequential_negative(pipe, arguments)
         return True
@@ -296,6 +295,11 @@ class _Controller:
                 "pipeline runs its true CFG only with all of them) or pass negative_prompt"
             )
         return bool(given)
+
+    def _image_guidance_off(self, arguments: dict[str, Any]) -> bool:
+        """Whether the call's image guidance scale is below 1, where InstructPix2Pix runs no guidance batch."""
+        name = self.family.image_scale_arg
+        return name is not None and arguments.get(name) is not None and arguments[name] < 1
 
     def _distilled(self, pipe: Any) -> bool:
         """A guidance-distilled model that runs no unconditional branch: an LCM-style UNet (``time_cond_proj_dim``)
@@ -320,8 +324,8 @@ class _Controller:
         # s, so it is always 2 there
         if self.family.weight(arguments[self.family.scale_arg]) <= 1 or self.family.layout == "sequential" or solved:
             arguments[self.family.scale_arg] = self.family.argument(FORCED_PIPELINE_SCALE)
-        image_scale = self.family.image_scale_arg
-        if image_scale is not None and arguments.get(image_scale) is not None and arguments[image_scale] < 1:
+        if self._image_guidance_off(arguments):
+            image_scale = self.family.image_scale_arg
             raise ValueError(
                 f"{type(pipe).__name__}({image_scale}={arguments[image_scale]}): the pipeline runs its guidance batch "
                 f"only with {image_scale} >= 1, so CFG-type guidance (which takes its text guidance's place) has no "
