@@ -1541,6 +1541,61 @@ def svd_call_kwargs(batch: int = 2, frames: int = 4) -> dict[str, Any]:
     }
 
 
+def tiny_hunyuanvideo15() -> DiffusionPipeline:
+    """HunyuanVideo 1.5 text-to-video: 2 double-stream blocks (2 heads of 8, patch 1) after a one-block text refiner,
+    the latents beside zero condition latents and a mask (9 input channels), a tiny HunyuanVideo 1.5 VAE (4x spatial,
+    4x temporal, 4 latent channels), flow matching at shift 7, diffusers' CFG guider at 4 in its ``guider``
+    component, no text encoders (call it with :func:`hunyuanvideo15_call_kwargs`' Qwen and ByT5 embeddings)."""
+    import diffusers
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    torch.manual_seed(SEED)
+    transformer = diffusers.HunyuanVideo15Transformer3DModel(
+        in_channels=9,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_refiner_layers=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4),
+        target_size=64,
+        task_type="t2v",
+    ).eval()
+    torch.manual_seed(SEED)
+    vae = diffusers.AutoencoderKLHunyuanVideo15(
+        latent_channels=4,
+        block_out_channels=(16, 16, 16),
+        layers_per_block=1,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+    ).eval()
+    parts = {"text_encoder": None, "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    guider = ClassifierFreeGuidance(guidance_scale=4.0)
+    pipe = diffusers.HunyuanVideo15Pipeline(
+        **parts, transformer=transformer, vae=vae, scheduler=scheduler, guider=guider
+    )
+    return _finish(pipe)
+
+
+def hunyuanvideo15_call_kwargs(batch: int = 1) -> dict[str, Any]:
+    """Small valid call kwargs for :func:`tiny_hunyuanvideo15`: seeded Qwen ``(batch, 7, 16)`` and ByT5
+    ``(batch, 5, 8)`` prompt and negative embeddings with their masks, 5 frames of 32x32, 3 steps, the latents as
+    output; no generator."""
+    g = torch.Generator().manual_seed(SEED + 61)
+    kwargs: dict[str, Any] = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 3}
+    kwargs["output_type"] = "latent"
+    for prefix in ("", "negative_"):
+        kwargs[f"{prefix}prompt_embeds"] = torch.randn(batch, 7, 16, generator=g)
+        kwargs[f"{prefix}prompt_embeds_mask"] = torch.ones(batch, 7, dtype=torch.long)
+        kwargs[f"{prefix}prompt_embeds_2"] = torch.randn(batch, 5, 8, generator=g)
+        kwargs[f"{prefix}prompt_embeds_mask_2"] = torch.ones(batch, 5, dtype=torch.long)
+    return kwargs
+
+
 def tiny_cogview4() -> DiffusionPipeline:
     """CogView4: a 2-block joint-attention transformer (text first; its blocks return the image stream first), the
     tiny KL VAE, flow matching with CogView4's linear dynamic shift, no text encoder (call it with
