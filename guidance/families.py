@@ -542,14 +542,16 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         "wan",
-        # Wan 2.1 and 2.2 text-, image- and video-to-video (latents (B, C, F, H, W); image-to-video: the
-        # condition's mask and latent channels follow the latents in the denoiser's input)
-        ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
+        # Wan 2.1 and 2.2 text-, image- and video-to-video and VACE (latents (B, C, F, H, W); image-to-video: the
+        # condition's mask and latent channels follow the latents in the denoiser's input; VACE: control latents
+        # beside them, scaled per VACE layer)
+        ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline", "WanVACEPipeline"),
         "transformer",
         "sequential",
         "guidance_scale",
         negative_embeds=("negative_prompt_embeds",),
         negative_by_default=True,
+        unbatched=("control_hidden_states_scale",),
         second_denoiser="transformer_2",
         second_scale_arg="guidance_scale_2",
     ),

@@ -1008,6 +1008,30 @@ def tiny_skyreels_v2(image: bool = False) -> DiffusionPipeline:
     return _finish(diffusers.SkyReelsV2Pipeline(**parts))
 
 
+def tiny_wan_vace() -> DiffusionPipeline:
+    """Wan VACE: a 2-block Wan transformer with a VACE block on the first (control latents of 96 channels: inactive
+    and reactive video latents and the 8x8 mask) on :func:`tiny_wan`'s VAE and scheduler, no text encoder."""
+    import diffusers
+
+    wan = tiny_wan()
+    torch.manual_seed(SEED)
+    transformer = diffusers.WanVACETransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+        vace_layers=[0],
+    ).eval()
+    parts = {"tokenizer": None, "text_encoder": None, "transformer": transformer, "vae": wan.vae}
+    return _finish(diffusers.WanVACEPipeline(**parts, scheduler=wan.scheduler))
+
+
 def wan_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     """Small valid call kwargs for :func:`tiny_wan`: seeded prompt and negative embeddings, 5 frames of 16 px, 4
     steps, a 16 px first frame for image-to-video; no generator nor guidance settings."""

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from guidance import APG, CFG, PAG, SLG, TPG, LangevinCorrector, guide
-from tests.factories import assert_modular_guider_equals_guide, pipeline_snapshot, tiny_wan, wan_call_kwargs
+from tests.factories import (
+    assert_modular_guider_equals_guide,
+    noise_image,
+    pipeline_snapshot,
+    tiny_wan,
+    tiny_wan_vace,
+    wan_call_kwargs,
+)
 from tests.family_checks import (
     assert_apg_equals_the_formula,
     assert_batched_equals_own_calls,
@@ -170,3 +177,29 @@ def test_wan22_ti2v_with_a_timestep_per_token(image):
     if image:
         with guide(pipe, PAG(1.0), LangevinCorrector()), pytest.raises(ValueError, match="condition tokens"):
             latent(pipe, guidance_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def vace():
+    return tiny_wan_vace()
+
+
+def call_vace(pipe, **extra):
+    """One prompt and a control video (and, with ``reference``, a reference image whose latent frame precedes the
+    video's); the per-layer control scale, one VACE layer, has as many entries as the batch and must not be rebound
+    as one."""
+    video = [noise_image((16, 16), seed=seed) for seed in range(5)]
+    kwargs = wan_call_kwargs() | {"output_type": "latent", "video": video, "conditioning_scale": 0.8}
+    return pipe(**kwargs | extra, generator=torch.Generator().manual_seed(0)).frames.numpy()
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["video", "reference"])
+def test_wan_vace(vace, reference):
+    """VACE's control latents go through its VACE blocks into the main ones: CFG equals the pipeline's own, APG the
+    formula on the recorded calls, PAG (on a main block by default) batched equals its own calls."""
+    extra = {"reference_images": noise_image((16, 16), seed=9)} if reference else {}
+    run = lambda p, **more: call_vace(p, **extra | more)
+    assert_cfg_equals_the_pipelines_own(vace, run, atol=1e-5)
+    assert_apg_equals_the_formula(vace, run, "wan", scheduler_x0(vace), steps=4, sequential=True)
+    assert list(PAG(1.0).edits(vace.transformer)) == ["blocks.1.attn1"]  # a main block, not a VACE one
+    assert_batched_equals_own_calls(vace, run, PAG(1.0), atol=1e-5)
