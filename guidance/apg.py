@@ -63,14 +63,16 @@ def clip_norm(v: Tensor, threshold: float) -> Tensor:
 
 
 class Momentum:
-    """APG's running average ``m <- Delta + beta * m``; one buffer per sampling run."""
+    """APG's running average ``m <- Delta + beta * m``; one buffer per sampling run. It restarts where the latents
+    change shape within the run (ChronoEdit's temporal reasoning keeps two of its frames after its first steps)."""
 
     def __init__(self, beta: float) -> None:
         self.beta = beta
         self.average: Tensor | None = None
 
     def update(self, delta: Tensor) -> Tensor:
-        self.average = delta if self.average is None else delta + self.beta * self.average
+        restart = self.average is None or self.average.shape != delta.shape
+        self.average = delta if restart else delta + self.beta * self.average
         return self.average
 
 

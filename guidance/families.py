@@ -544,8 +544,17 @@ FAMILIES: tuple[Family, ...] = (
         "wan",
         # Wan 2.1 and 2.2 text-, image- and video-to-video and VACE (latents (B, C, F, H, W); image-to-video: the
         # condition's mask and latent channels follow the latents in the denoiser's input; VACE: control latents
-        # beside them, scaled per VACE layer)
-        ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline", "WanVACEPipeline"),
+        # beside them, scaled per VACE layer), and the editing models built on Wan: ChronoEdit (image-to-video's
+        # layout; its temporal reasoning keeps two of the frames after its first steps) and Lucy Edit (the input
+        # video's latents after the latents' channels)
+        (
+            "WanPipeline",
+            "WanImageToVideoPipeline",
+            "WanVideoToVideoPipeline",
+            "WanVACEPipeline",
+            "ChronoEditPipeline",
+            "LucyEditPipeline",
+        ),
         "transformer",
         "sequential",
         "guidance_scale",

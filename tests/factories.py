@@ -1032,6 +1032,27 @@ def tiny_wan_vace() -> DiffusionPipeline:
     return _finish(diffusers.WanVACEPipeline(**parts, scheduler=wan.scheduler))
 
 
+def tiny_wan_editor(name: str) -> DiffusionPipeline:
+    """The editing pipelines built on Wan, on :func:`tiny_wan`'s VAE and scheduler with a 2-block transformer and no
+    text encoder: ``"ChronoEditPipeline"`` (image-to-video's layout, a tiny CLIP image encoder) or
+    ``"LucyEditPipeline"`` (the input video's 16 latent channels after the latents')."""
+    import diffusers
+    from transformers import CLIPImageProcessor
+
+    wan = tiny_wan()
+    config = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "out_channels": 16}
+    config |= {"text_dim": 32, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2, "rope_max_seq_len": 32}
+    parts = {"tokenizer": None, "text_encoder": None, "vae": wan.vae, "scheduler": wan.scheduler}
+    torch.manual_seed(SEED)
+    if name == "ChronoEditPipeline":
+        transformer = diffusers.ChronoEditTransformer3DModel(**config, in_channels=36, image_dim=32).eval()
+        processor = CLIPImageProcessor(crop_size=224, size=224)
+        parts |= {"image_encoder": tiny_svd().image_encoder, "image_processor": processor}
+        return _finish(diffusers.ChronoEditPipeline(**parts, transformer=transformer))
+    transformer = diffusers.WanTransformer3DModel(**config, in_channels=32).eval()
+    return _finish(diffusers.LucyEditPipeline(**parts, transformer=transformer))
+
+
 def wan_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     """Small valid call kwargs for :func:`tiny_wan`: seeded prompt and negative embeddings, 5 frames of 16 px, 4
     steps, a 16 px first frame for image-to-video; no generator nor guidance settings."""

@@ -15,6 +15,7 @@ from tests.factories import (
     noise_image,
     pipeline_snapshot,
     tiny_wan,
+    tiny_wan_editor,
     tiny_wan_vace,
     wan_call_kwargs,
 )
@@ -203,3 +204,42 @@ def test_wan_vace(vace, reference):
     assert_apg_equals_the_formula(vace, run, "wan", scheduler_x0(vace), steps=4, sequential=True)
     assert list(PAG(1.0).edits(vace.transformer)) == ["blocks.1.attn1"]  # a main block, not a VACE one
     assert_batched_equals_own_calls(vace, run, PAG(1.0), atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["ChronoEditPipeline", "LucyEditPipeline"])
+def editor(request):
+    return tiny_wan_editor(request.param)
+
+
+def call_editor(pipe, **extra):
+    kwargs = wan_call_kwargs() | {"output_type": "latent"}
+    if type(pipe).__name__ == "ChronoEditPipeline":
+        kwargs |= {"image": noise_image((16, 16), seed=29), "num_frames": 5}
+    else:
+        kwargs["video"] = [noise_image((16, 16), seed=seed) for seed in range(5)]
+    return pipe(**kwargs | extra, generator=torch.Generator().manual_seed(0)).frames.numpy()
+
+
+def test_the_editors_built_on_wan(editor):
+    """ChronoEdit and Lucy Edit: the condition's channels after the latents'; CFG equals the pipeline's own, APG the
+    formula on the recorded calls, PAG batched equals its own calls."""
+    assert_cfg_equals_the_pipelines_own(editor, call_editor, atol=1e-5)
+    x0 = scheduler_x0(editor)
+    assert_apg_equals_the_formula(editor, call_editor, "wan", x0, steps=4, sequential=True, latents=lambda x: x[:, :16])
+    assert_batched_equals_own_calls(editor, call_editor, PAG(1.0), atol=1e-5)
+
+
+def test_chronoedit_temporal_reasoning():
+    """Temporal reasoning (UniPC, as the pipeline needs) denoises 3 latent frames for its first 2 steps, then keeps
+    the first and the last: APG's momentum restarts on the new shape (it would not fit the old one), and PAG
+    batched equals its own calls across the change."""
+    import diffusers
+
+    pipe = tiny_wan_editor("ChronoEditPipeline")
+    pipe.scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
+    )
+    reasoning = {"num_frames": 9, "enable_temporal_reasoning": True, "num_temporal_reasoning_steps": 2}
+    run = lambda p, **extra: call_editor(p, **reasoning | extra)
+    assert_cfg_equals_the_pipelines_own(pipe, run, atol=1e-5)
+    assert_batched_equals_own_calls(pipe, run, PAG(1.0), atol=1e-5)
