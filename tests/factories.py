@@ -939,6 +939,21 @@ def sana_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     return kwargs
 
 
+#: the 2-block Wan-style transformer of the Wan family's tiny pipelines (2 heads of 12, patch 1x2x2, 16 latent
+#: channels out, 32-wide text), without its input channels
+WAN_BLOCKS: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "out_channels": 16,
+    "text_dim": 32,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "num_layers": 2,
+    "rope_max_seq_len": 32,
+}
+
+
 def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False, image: bool = False) -> DiffusionPipeline:
     """Wan text-to-video: a 2-block transformer, a tiny Wan VAE (5 frames of 16 px), flow matching with Wan's shift,
     no text encoder (call it with :func:`wan_call_kwargs`' embeddings); ``two_stages``: Wan 2.2's second
@@ -948,18 +963,8 @@ def tiny_wan(two_stages: bool = False, expand_timesteps: bool = False, image: bo
 
     def transformer(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
-        return diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=36 if image and not expand_timesteps else 16,  # TI2V: the image replaces frame 0
-            out_channels=16,
-            text_dim=32,
-            freq_dim=256,
-            ffn_dim=32,
-            num_layers=2,
-            rope_max_seq_len=32,
-        ).eval()
+        channels = 36 if image and not expand_timesteps else 16  # TI2V: the image replaces frame 0
+        return diffusers.WanTransformer3DModel(**WAN_BLOCKS, in_channels=channels).eval()
 
     torch.manual_seed(SEED)
     vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
@@ -986,17 +991,7 @@ def tiny_skyreels_v2(image: bool = False) -> DiffusionPipeline:
     wan = tiny_wan()
     torch.manual_seed(SEED)
     transformer = diffusers.SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=36 if image else 16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-        image_dim=32 if image else None,
+        **WAN_BLOCKS, in_channels=36 if image else 16, image_dim=32 if image else None
     ).eval()
     parts = {"tokenizer": None, "text_encoder": None, "transformer": transformer, "vae": wan.vae}
     parts["scheduler"] = wan.scheduler
@@ -1015,19 +1010,7 @@ def tiny_wan_vace() -> DiffusionPipeline:
 
     wan = tiny_wan()
     torch.manual_seed(SEED)
-    transformer = diffusers.WanVACETransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=32,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-        vace_layers=[0],
-    ).eval()
+    transformer = diffusers.WanVACETransformer3DModel(**WAN_BLOCKS, in_channels=16, vace_layers=[0]).eval()
     parts = {"tokenizer": None, "text_encoder": None, "transformer": transformer, "vae": wan.vae}
     return _finish(diffusers.WanVACEPipeline(**parts, scheduler=wan.scheduler))
 
@@ -1040,16 +1023,14 @@ def tiny_wan_editor(name: str) -> DiffusionPipeline:
     from transformers import CLIPImageProcessor
 
     wan = tiny_wan()
-    config = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "out_channels": 16}
-    config |= {"text_dim": 32, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2, "rope_max_seq_len": 32}
     parts = {"tokenizer": None, "text_encoder": None, "vae": wan.vae, "scheduler": wan.scheduler}
     torch.manual_seed(SEED)
     if name == "ChronoEditPipeline":
-        transformer = diffusers.ChronoEditTransformer3DModel(**config, in_channels=36, image_dim=32).eval()
+        transformer = diffusers.ChronoEditTransformer3DModel(**WAN_BLOCKS, in_channels=36, image_dim=32).eval()
         processor = CLIPImageProcessor(crop_size=224, size=224)
         parts |= {"image_encoder": tiny_svd().image_encoder, "image_processor": processor}
         return _finish(diffusers.ChronoEditPipeline(**parts, transformer=transformer))
-    transformer = diffusers.WanTransformer3DModel(**config, in_channels=32).eval()
+    transformer = diffusers.WanTransformer3DModel(**WAN_BLOCKS, in_channels=32).eval()
     return _finish(diffusers.LucyEditPipeline(**parts, transformer=transformer))
 
 

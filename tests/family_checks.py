@@ -143,3 +143,19 @@ def assert_slg_leaves_the_block_out(pipe: Any, kwargs: dict[str, Any], block: st
             assert (weak - cond).abs().max() > 1e-5, "leaving the block out must change the prediction"
     finally:
         del module.forward
+
+
+def assert_guider_weak_model_acts(pipe: Any, run: Callable[[Any, Any], Any], method: Any) -> None:
+    """On a pipeline that runs a diffusers guider (``run(pipe, guider)`` sets it and calls the pipeline): ``method``
+    beside APG in :func:`guidance.modular.as_guider` changes the result and leaves the denoiser as found, with no
+    call of ours left on it."""
+    from guidance.hooks import ACTIVE_RUN, intercepted
+    from guidance.modular import as_guider
+
+    own, before = pipe.guider, pipeline_snapshot(pipe, "transformer")
+    plain = torch.as_tensor(run(pipe, as_guider(APG(4.0, space="model"))))
+    guided = torch.as_tensor(run(pipe, as_guider(APG(4.0, space="model"), method)))
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
+    pipe.guider = own
+    assert pipeline_snapshot(pipe, "transformer") == before
+    assert not intercepted(pipe.transformer) and ACTIVE_RUN.get() is None

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guidance import APG, CFG, PAG, SLG, TPG, SoftPAG
-from guidance.hooks import ACTIVE_RUN, intercepted
-from tests.factories import hunyuanvideo15_call_kwargs, pipeline_snapshot, tiny_hunyuanvideo15
+from guidance import CFG, PAG, SLG, TPG, SoftPAG
+from tests.factories import hunyuanvideo15_call_kwargs, tiny_hunyuanvideo15
+from tests.family_checks import assert_guider_weak_model_acts
 
 guiders = pytest.importorskip("diffusers.guiders")
 as_guider = pytest.importorskip("guidance.modular").as_guider
@@ -76,13 +76,7 @@ def test_pag_guider_runs_where_diffusers_perturbed_attention_guidance_cannot(pip
     ids=["pag_auto", "softpag", "tpg", "slg"],
 )
 def test_weak_models_act_and_leave_the_pipeline_as_found(pipe, method):
-    own, before = pipe.guider, pipeline_snapshot(pipe, "transformer")
-    plain = run(pipe, as_guider(APG(4.0, space="model")))
-    guided = run(pipe, as_guider(APG(4.0, space="model"), method))
-    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
-    pipe.guider = own
-    assert pipeline_snapshot(pipe, "transformer") == before
-    assert not intercepted(pipe.transformer) and ACTIVE_RUN.get() is None
+    assert_guider_weak_model_acts(pipe, run, method)
 
 
 def test_guide_points_to_the_guider(pipe):
