@@ -254,17 +254,7 @@ class Run:
             self.tokens = (context.shape[1], x.shape[1])
         elif x.ndim == 4 and self.family.joint_tokens is not None:  # AuraFlow, HiDream: latents as images
             self.tokens = self.family.joint_tokens(getattr(self.controller.pipe, self.family.denoiser), x, inputs[1])
-        if self.family.generated_last:  # Qwen-Image 2.1: the last image's tokens end the input and the output
-            self.generated = (1, slice(-math.prod(inputs[1]["img_shapes"][0][-1]), None))
-        else:
-            count = _generated_tokens(inputs[1], x)
-            self.generated = None if count is None else (1, slice(0, count))
-        if token_times is not None:
-            self.generated = condition_region(token_times, x)
-        first_frame = self.family.image_first_frame
-        dim = None if first_frame is None else first_frame(self.controller.pipe)
-        if dim is not None:  # Kandinsky 5, HunyuanVideo image-to-video: the image's frame is not stepped
-            self.generated = (dim, slice(1, None))
+        self.generated = self._generated_region(inputs[1], x, token_times)
         if self.generated is not None and self.controller.corrector is not None:
             raise ValueError(
                 "the Langevin corrector is not supported with reference-image or condition tokens (FLUX Kontext with "
@@ -276,6 +266,21 @@ class Run:
             step, inputs = self._correct(call, inputs, step)
         output, pred, perturbed = self._branches(call, inputs, step)
         return _with_prediction(output, self._combine(step, pred, perturbed))
+
+    def _generated_region(
+        self, kwargs: dict[str, Any], x: Tensor, token_times: Tensor | None
+    ) -> tuple[int, slice] | None:
+        """Where the generated latents sit in this denoiser call's input and output (:attr:`generated`)."""
+        first_frame = self.family.image_first_frame
+        dim = None if first_frame is None else first_frame(self.controller.pipe)
+        if dim is not None:  # Kandinsky 5, HunyuanVideo image-to-video: the image's frame is not stepped
+            return dim, slice(1, None)
+        if token_times is not None:  # LTX-Video image-to-video, Wan 2.2 TI2V
+            return condition_region(token_times, x)
+        if self.family.generated_last:  # Qwen-Image 2.1: the last image's tokens end the input and the output
+            return 1, slice(-math.prod(kwargs["img_shapes"][0][-1]), None)
+        count = _generated_tokens(kwargs, x)  # FLUX Kontext, Qwen-Image Edit, LongCat-Image Edit
+        return None if count is None else (1, slice(0, count))
 
     def _cfg_cut(self, timestep: Any) -> bool:
         """Whether the pipeline skips its unconditional branch at this step (:attr:`.families.Family.cfg_cut`)."""
@@ -572,13 +577,14 @@ class Run:
         index = (slice(None),) * dim + (where,)
         if cond.ndim <= dim or x[index].shape[dim] != cond[index].shape[dim]:
             raise RuntimeError(f"the prediction {tuple(cond.shape)} does not cover the input {tuple(x.shape)}")
-        out = cond.clone()  # where the output is longer than the input (Qwen-Image 2.1's text tokens): the cond's
         if cond.shape[dim] == x.shape[dim]:
             states, self.states = self.states, [m.new_state(self.family.name) for m in self.methods]
             try:
                 out = self._guided(x, t, cond, uncond, perturbed, fraction)
             finally:
                 self.states = states
+        else:  # the output is longer than the input (Qwen-Image 2.1's text tokens): the others keep the cond's
+            out = cond.clone()
         heads = {i: p[index] for i, p in perturbed.items()}
         other = None if uncond is None else uncond[index]
         out[index] = self._guided(x[index], t, cond[index], other, heads, fraction)
