@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
+import gc
 import json
 import os
 import platform
@@ -456,7 +458,7 @@ def protect_rows(ctx: Context, vae, protector, images: torch.Tensor) -> list[dic
 def section_eps(ctx: Context) -> list[dict[str, Any]]:
     from apps.models import load_score_model
     from benchmarks.bench_detection import eps_per_level_loop
-    from protect import EPSDetector
+    from protect import EPSDetector, expected_perturbation_score
 
     unet, scheduler = load_score_model(str(ROOT / "demo_models" / "unet_eps"), ctx.device)
     detector = EPSDetector.from_pretrained(ROOT / "demo_models" / "eps_detector", unet, scheduler)
@@ -465,13 +467,19 @@ def section_eps(ctx: Context) -> list[dict[str, Any]]:
     images = photos(4, size, ctx.device).repeat((n + 3) // 4, 1, 1, 1)[:n] * 2 - 1
     batched = detector.eps(images)
     looped = eps_per_level_loop(detector, images)
+    c = detector.config
     settings = {"per-level loop (peer)": lambda: eps_per_level_loop(detector, images)}
-    settings["batched"] = lambda: detector.eps(images)
+    settings[f"batched, {c.batch_size} evaluations per pass (the detector's)"] = lambda: detector.eps(images)
+    for per_pass in (n, n * c.timesteps // 4):  # the loop's pass size, and a quarter of all N T evaluations
+        settings[f"batched, {per_pass} evaluations per pass"] = functools.partial(
+            expected_perturbation_score, detector.denoiser, images, timesteps=c.timesteps, t_max=c.t_max,
+            generator=c.seed, batch_size=per_pass, antithetic=c.antithetic,
+        )  # fmt: skip
     results = side_by_side(ctx, settings, per=n)
     rows = ratios(results, "per-level loop (peer)")
     for row in rows:
         row["images_per_s"] = 1 / row["median_s"]
-        row["shape"] = f"{n} images {size}x{size}, {detector.config.timesteps} levels, per image"
+        row["shape"] = f"{n} images {size}x{size}, {c.timesteps} levels, per image"
         row["max_abs_difference"] = float((batched - looped).abs().max())
     return rows
 
@@ -538,8 +546,11 @@ def section_app(ctx: Context) -> list[dict[str, Any]]:
 
 
 def section_cuda_tests(ctx: Context) -> list[dict[str, Any]]:
-    where = "tests/test_cuda.py" if ctx.dry_run else "tests"  # a dry run skips collecting the whole suite
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", where]
+    # the marked tests live in their own files: collecting the whole suite would import the app's dependencies
+    where = sorted(
+        str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py") if "mark.cuda" in path.read_text()
+    )
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", *where]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     summary = (done.stdout.strip().splitlines() or [""])[-1]
@@ -647,6 +658,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             traceback.print_exc()
             entry = {"status": "failed", "error": f"{type(error).__name__}: {error}", "rows": []}
         finally:
+            gc.collect()  # the section's models (held in reference cycles by hooks) must not count in the next one
             if ctx.cuda:
                 torch.cuda.empty_cache()
         entry["seconds"] = time.perf_counter() - section_start

@@ -82,6 +82,13 @@ class DiffusersDenoiser:
         else:
             raise ValueError(f"{name} with prediction_type {kind!r} is neither a VP nor a flow-matching schedule")
 
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``alphas_cumprod`` and :attr:`log_sigmas` on ``device``, copied once (see :class:`.DeviceCopies`)."""
+        copies = getattr(self, "_copies", None)
+        if copies is None or copies[0].table is not self.alphas_cumprod:  # made anew if the table is replaced
+            copies = self._copies = (P.DeviceCopies(self.alphas_cumprod), P.DeviceCopies(self.log_sigmas))
+        return copies[0].on(device), copies[1].on(device)
+
     @property
     def log_sigmas(self) -> Tensor:
         """VE log-sigma of each trained VP timestep (float64, increasing)."""
@@ -109,14 +116,14 @@ class DiffusersDenoiser:
         if self.alphas_cumprod is None:
             alpha, sigma = P.flow(t / self.num_train_timesteps)
         else:
-            alpha, sigma = P.vp_discrete(self.alphas_cumprod, t)
+            alpha, sigma = P.vp_discrete(self._tables(t.device)[0], t)
         return sigma / alpha
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """The model's fractional timestep for the VE noise level ``sigma``."""
         if self.alphas_cumprod is None:
             return (sigma / (1 + sigma) * self.num_train_timesteps).float()
-        log_sigmas = self.log_sigmas.to(sigma.device)
+        log_sigmas = self._tables(sigma.device)[1]
         log_sigma = sigma.to(torch.float64).clamp_min(1e-10).log()
         low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
         w = (log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low])

@@ -686,8 +686,8 @@ def schedule_of(scheduler: Any, prediction: str | None = None) -> Schedule:
         if P.has_log_sigma_timesteps(config):
             alpha_sigma = lambda t: P.ve_to_vp(torch.exp(4 * t.float()))
         else:
-            cumprod = scheduler.alphas_cumprod
-            alpha_sigma = lambda t: P.vp_discrete(cumprod, t)
+            table = P.DeviceCopies(torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
+            alpha_sigma = lambda t: P.vp_discrete(table.on(t.device), t)
         return Schedule(alpha_sigma, lambda a, s: P.x0_coefficients(a, s, kind))
     raise TypeError(
         f"guide() cannot read the noise schedule of {name}: it needs a flow-matching scheduler, an EDM scheduler "

@@ -102,6 +102,24 @@ def has_log_sigma_timesteps(config: Any) -> bool:
 # Schedules: timestep -> (alpha, sigma) of path (1), in float32 on t's device.
 
 
+class DeviceCopies:
+    """A small constant table (a scheduler's ``alphas_cumprod``) and one copy of it per device, made on first use.
+
+    Copying a table from the host each step would stall it: a blocking host-to-device copy waits for the work
+    already queued on the GPU, so the host loses its lead and the GPU idles while the next step is launched."""
+
+    def __init__(self, table: Tensor) -> None:
+        self.table = table
+        self._copies: dict[torch.device, Tensor] = {table.device: table}
+
+    def on(self, device: torch.device | str) -> Tensor:
+        device = torch.device(device)
+        copy = self._copies.get(device)
+        if copy is None:
+            copy = self._copies[device] = self.table.to(device)
+        return copy
+
+
 def vp_discrete(alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Discrete VP schedule; fractional ``t`` is interpolated linearly in log-sigma.
 

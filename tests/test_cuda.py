@@ -131,3 +131,30 @@ def test_aspl_in_half_precision_on_the_gpu(dtype):
     )  # fmt: skip
     assert out.device.type == "cuda" and out.dtype == dtype and (out.double() - images.double()).abs().max() <= EPS
     assert all(torch.equal(v, denoiser.state_dict()[k]) for k, v in before.items()) and max(report.linf) > 0
+
+
+def test_the_schedule_and_denoiser_lookups_make_no_host_sync_after_the_first_step():
+    """APG in x0 space and the score samplers read the noise schedule each step: after the first, from a device
+    copy (a host-to-device copy per step waits for the queued GPU work; it cost ~5 % per SDXL step on an H200)."""
+    from diffusers import EulerDiscreteScheduler
+
+    from guidance.denoisers import DiffusersDenoiser
+    from guidance.families import schedule_of
+
+    scheduler = EulerDiscreteScheduler()
+    schedule = schedule_of(scheduler)
+    denoiser = DiffusersDenoiser(torch.nn.Identity(), scheduler)
+    t = torch.tensor([981.0, 500.5], device="cuda")
+
+    def step():
+        alpha, sigma = schedule.alpha_sigma(t)
+        return alpha, schedule.coefficients(alpha, sigma), denoiser.sigma_to_t(denoiser.t_to_sigma(t))
+
+    step()  # the first step copies the tables
+    torch.cuda.set_sync_debug_mode("error")  # a blocking host-device copy now raises
+    try:
+        alpha, coefficients, round_trip = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert alpha.device.type == coefficients[0].device.type == "cuda"
+    torch.testing.assert_close(round_trip, t, rtol=1e-5, atol=1e-3)

@@ -148,3 +148,33 @@ def test_apg_in_x0_space_with_a_zero_terminal_snr_v_model():
     with guide(pipe, APG(3.0)):  # x0 space: the first step sits at abar = 0, where x0 = -v
         images = pipe(**default_call_kwargs(pipe), generator=torch.Generator().manual_seed(0)).images
     assert np.isfinite(np.asarray(images)).all()
+
+
+def test_device_copies_copy_a_table_once_per_device():
+    """The per-step schedule lookups read one device copy of the table (a copy each step stalls the host)."""
+    table = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    copies = P.DeviceCopies(table)
+    assert copies.on("cpu") is table
+    meta = copies.on("meta")
+    assert meta.device.type == "meta" and meta.shape == table.shape and meta.dtype == table.dtype
+    assert copies.on(torch.device("meta")) is meta
+
+
+def test_the_schedule_and_the_denoiser_read_their_tables_through_one_copy_per_device():
+    from diffusers import DDPMScheduler
+
+    from guidance.denoisers import DiffusersDenoiser
+    from guidance.families import schedule_of
+
+    scheduler = DDPMScheduler()
+    t = torch.tensor([10.0, 10.5, 999.0])
+    alpha, sigma = schedule_of(scheduler).alpha_sigma(t)
+    expected = P.vp_discrete(scheduler.alphas_cumprod, t)
+    torch.testing.assert_close((alpha, sigma), expected, rtol=0, atol=0)
+    denoiser = DiffusersDenoiser(torch.nn.Identity(), scheduler)
+    sigma_ve = denoiser.t_to_sigma(t)
+    torch.testing.assert_close(sigma_ve, expected[1] / expected[0])
+    torch.testing.assert_close(denoiser.sigma_to_t(sigma_ve), t, rtol=1e-5, atol=1e-4)
+    denoiser.alphas_cumprod = denoiser.alphas_cumprod[:500]  # a replaced table is read anew, not a stale copy
+    torch.testing.assert_close(denoiser.t_to_sigma(torch.tensor([700.0])), sigma_ve[:1] * 0 + denoiser.sigma_max)
+    assert denoiser.sigma_to_t(sigma_ve[2:]).item() == 499
