@@ -1,4 +1,4 @@
-"""Every GPU figure of the project in one run (at most ~8 minutes on an H100/H200), one JSON and the RESULTS rows.
+"""Every GPU figure of the project in one run (about 3 minutes on an H200), one JSON and the RESULTS rows.
 
 Sections, each timed side by side against the peer it names (see the other ``bench_*`` scripts for the same
 measurements one at a time):
