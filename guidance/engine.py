@@ -326,12 +326,11 @@ class Run:
             self.methods = tuple(methods)
 
     def _scale_now(self) -> float | None:
-        """The CFG scale the pipeline holds now (``pipe._guidance_scale``), if it is one above 1."""
+        """The CFG weight of the scale the pipeline holds now (``pipe._guidance_scale``), if it runs its CFG at it."""
         current = vars(self.controller.pipe).get("_guidance_scale")
         if not isinstance(current, int | float):
             return None
-        weight = self.family.weight(current)
-        return weight if weight > 1 else None
+        return self.family.weight(current) if self.family.runs_cfg(current) else None
 
     def step_of(self, x: Tensor, t: Tensor, has_uncond: bool) -> Step:
         """The record of the denoiser evaluation of one step (the branch layout is read anew at every step: a

@@ -60,6 +60,9 @@ class Family:
     #: the pipeline's CFG is ``c + s (c - u)`` (Z-Image): ``s + scale_offset`` is its weight ``w`` in
     #: ``u + w (c - u)``, and it runs the unconditional branch when ``w > 1``
     scale_offset: float = 0.0
+    #: the pipeline runs its unconditional branch when that weight ``w`` is above this (Kandinsky 3 combines
+    #: ``c + s (c - u)`` but tests ``s > 1``: ``w > 2``)
+    cfg_above: float = 1.0
     #: the call argument that makes the pipeline rescale its CFG result against the conditional prediction
     rescale_arg: str = "guidance_rescale"
     #: denoiser arguments that hold one tensor per sample in a list (Z-Image's latents and captions)
@@ -122,6 +125,10 @@ class Family:
     def weight(self, value: Any) -> float:
         """The CFG weight ``w`` in ``u + w (c - u)`` of the pipeline's scale argument ``value`` (None: no CFG)."""
         return 1.0 if value is None else float(value) + self.scale_offset
+
+    def runs_cfg(self, value: Any) -> bool:
+        """Whether the pipeline runs its unconditional branch at the scale argument ``value``."""
+        return self.weight(value) > self.cfg_above
 
     def argument(self, weight: float) -> float:
         """The scale argument that gives the pipeline's CFG the weight ``weight``."""
@@ -216,6 +223,15 @@ FAMILIES: tuple[Family, ...] = (
         "unet",
         "uncond_cond",
         "guidance_scale",
+    ),
+    Family(
+        "kandinsky3",
+        ("Kandinsky3Pipeline", "Kandinsky3Img2ImgPipeline"),
+        "unet",
+        "uncond_cond",
+        "guidance_scale",
+        scale_offset=1.0,  # (s + 1) c - s u
+        cfg_above=2.0,  # the branch runs when s > 1
     ),
     Family(
         "sd3",

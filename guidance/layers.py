@@ -30,6 +30,12 @@ Selector = int | str
 CROSS_ATTENTION_NAMES = ("cross_attention", "cross_attn", "attn2")
 
 
+#: models whose attention modules all call themselves cross-attention (each is built with a key dimension), with
+#: the names of their self-attention modules: Kandinsky 3's UNet blocks open (down) or close (up) with one
+#: self-attention block, ``attentions.0``; the others, and its time-condition pooling, attend to the text
+SELF_ATTENTION_NAMES = {"Kandinsky3UNet": re.compile(r"(?:down|up)_blocks\.\d+\.attentions\.0\.attention")}
+
+
 def _is_cross_attention(name: str, module: nn.Module) -> bool:
     flag = getattr(module, "is_cross_attention", None)
     return bool(flag) if flag is not None else name.rsplit(".", 1)[-1] in CROSS_ATTENTION_NAMES
@@ -37,10 +43,12 @@ def _is_cross_attention(name: str, module: nn.Module) -> bool:
 
 def self_attention_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Attention modules of ``model`` whose queries and keys come from the same tokens (incl. joint attention)."""
+    named = SELF_ATTENTION_NAMES.get(type(model).__name__)
     return {
         name: module
         for name, module in model.named_modules()
-        if hasattr(module, "processor") and not _is_cross_attention(name, module)
+        if hasattr(module, "processor")
+        and (named.fullmatch(name) is not None if named is not None else not _is_cross_attention(name, module))
     }
 
 
@@ -118,11 +126,18 @@ def spatial(block: str) -> str:
 
 def default_layers(candidates: dict[str, nn.Module]) -> list[Selector]:
     """The default choice: the UNet's middle block (a video UNet's: its spatial layers, not its motion modules),
-    else the middle transformer block of the main stack (``transformer_blocks``, else the first ``…blocks`` /
-    ``…layers`` stack that is not a text stack ``text_…``: Z-Image's ``layers``, not its refiners; Kandinsky 5's
-    ``visual_transformer_blocks``, not its text encoder's)."""
+    the deepest down block and the first up block of a UNet without one (Kandinsky 3), else the middle transformer
+    block of the main stack (``transformer_blocks``, else the first ``…blocks`` / ``…layers`` stack that is not a
+    text stack ``text_…``: Z-Image's ``layers``, not its refiners; Kandinsky 5's ``visual_transformer_blocks``, not
+    its text encoder's)."""
     if any(name.startswith("mid_block") for name in candidates):
         return [spatial("mid_block")] if has_motion_modules(candidates) else ["mid"]
+    levels = {
+        part: [int(m.group(1)) for n in candidates if (m := re.match(rf"{part}\.(\d+)\.", n))]
+        for part in ("down_blocks", "up_blocks")
+    }
+    if levels["down_blocks"] and levels["up_blocks"]:  # a UNet without a middle block (Kandinsky 3): its bottleneck
+        return [rf"^down_blocks\.{max(levels['down_blocks'])}\.", rf"^up_blocks\.{min(levels['up_blocks'])}\."]
     blocks: dict[str, list[int]] = {}
     for name in candidates:
         if (m := re.match(r"([a-z_]*(?:blocks|layers))\.(\d+)", name)) and not m.group(1).startswith("text_"):

@@ -272,7 +272,7 @@ class _Controller:
             )
 
     def _has_uncond(self, pipe: Any, arguments: dict[str, Any]) -> bool:
-        if self.family.weight(arguments.get(self.family.scale_arg)) <= 1 or self._distilled(pipe):
+        if not self.family.runs_cfg(arguments.get(self.family.scale_arg)) or self._distilled(pipe):
             return False
         if self._image_guidance_off(arguments):  # InstructPix2Pix: no guidance batch at all
             return False
@@ -322,8 +322,9 @@ class _Controller:
         # solved (a separate unconditional call, as FLUX's, or the rescaled CFG batch) the rounding of that solve
         # grows like s / (s - 1) away from 2 (10 % per step at 1.01 in bf16); the guided result does not depend on
         # s, so it is always 2 there
-        if self.family.weight(arguments[self.family.scale_arg]) <= 1 or self.family.layout == "sequential" or solved:
-            arguments[self.family.scale_arg] = self.family.argument(FORCED_PIPELINE_SCALE)
+        family = self.family
+        if not family.runs_cfg(arguments[family.scale_arg]) or family.layout == "sequential" or solved:
+            arguments[family.scale_arg] = family.argument(FORCED_PIPELINE_SCALE + family.cfg_above - 1)
         if self._image_guidance_off(arguments):
             image_scale = self.family.image_scale_arg
             raise ValueError(

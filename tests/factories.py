@@ -2346,6 +2346,145 @@ def guidance_pair(seed: int, shape: tuple[int, ...] = (3, 4, 6, 6), dtype: torch
     return torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
 
 
+def tiny_kandinsky3(img2img: bool = False) -> DiffusionPipeline:
+    """Kandinsky 3 (text-to-image, or image-to-image) on diffusers' test-sized UNet, MoVQ and a random T5 encoder
+    (no tokenizer: :func:`kandinsky3_call_kwargs` passes the embeddings and masks)."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    unet = diffusers.Kandinsky3UNet(
+        in_channels=4,
+        time_embedding_dim=4,
+        groups=2,
+        attention_head_dim=4,
+        layers_per_block=3,
+        block_out_channels=(32, 64),
+        cross_attention_dim=4,
+        encoder_hid_dim=32,
+    )
+    movq = diffusers.VQModel(
+        block_out_channels=[32, 64],
+        down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+        in_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        norm_type="spatial",
+        num_vq_embeddings=12,
+        out_channels=3,
+        up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+        vq_embed_dim=4,
+    )
+    scheduler = diffusers.DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="squaredcos_cap_v2", clip_sample=True
+    )
+    text = T5EncoderModel(T5Config(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=8, vocab_size=100)).eval()
+    cls = diffusers.Kandinsky3Img2ImgPipeline if img2img else diffusers.Kandinsky3Pipeline
+    pipe = cls(tokenizer=None, text_encoder=text, unet=unet, scheduler=scheduler, movq=movq)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def kandinsky3_call_kwargs(prompts: int = 1) -> dict[str, Any]:
+    """Seeded T5 embeddings and masks for ``prompts`` prompts (one padded), their negatives, 2 steps at 32 px."""
+    g = torch.Generator().manual_seed(11)
+    mask = torch.ones(prompts, 6, dtype=torch.long)
+    mask[-1, 4:] = 0  # the last prompt is padded
+    return {
+        "prompt_embeds": torch.randn(prompts, 6, 32, generator=g),
+        "attention_mask": mask,
+        "negative_prompt_embeds": torch.randn(prompts, 6, 32, generator=g),
+        "negative_attention_mask": torch.ones(prompts, 6, dtype=torch.long),
+        "height": 32,
+        "width": 32,
+        "num_inference_steps": 2,
+        "output_type": "np",
+    }
+
+
+class NoGuardrail:
+    """Stands in for ``cosmos_guardrail``'s safety checker (not installed here): every prompt and video passes."""
+
+    def to(self, *args: Any, **kwargs: Any) -> NoGuardrail:
+        return self
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, video: Any) -> Any:
+        return video
+
+
+def _cosmos_resize_without_torchvision() -> None:
+    """diffusers' Cosmos transformer resizes its padding mask with torchvision (not a dependency here): the same
+    nearest-neighbour resize of a tensor, by ``F.interpolate``, where torchvision is missing."""
+    import types
+
+    import diffusers.models.transformers.transformer_cosmos as cosmos
+
+    if not hasattr(cosmos, "transforms"):
+        resize = lambda t, size, interpolation: torch.nn.functional.interpolate(t, size=size, mode=interpolation)
+        cosmos.transforms = types.SimpleNamespace(
+            InterpolationMode=types.SimpleNamespace(NEAREST="nearest"),
+            functional=types.SimpleNamespace(resize=resize),
+        )
+
+
+def tiny_cosmos2() -> DiffusionPipeline:
+    """Cosmos 2 text-to-image on diffusers' test-sized transformer and Wan VAE, a random T5 encoder (no tokenizer:
+    :func:`cosmos2_call_kwargs` passes embeddings) and :class:`NoGuardrail`."""
+    import diffusers
+    from transformers import T5Config, T5EncoderModel
+
+    _cosmos_resize_without_torchvision()
+    torch.manual_seed(0)
+    transformer = diffusers.CosmosTransformer3DModel(
+        in_channels=16,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        mlp_ratio=2,
+        text_embed_dim=32,
+        adaln_lora_dim=4,
+        max_size=(4, 32, 32),
+        patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=True,
+        extra_pos_embed_type="learnable",
+    )
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
+    text = T5EncoderModel(T5Config(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=8, vocab_size=100)).eval()
+    pipe = diffusers.Cosmos2TextToImagePipeline(
+        text_encoder=text,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=scheduler,
+        safety_checker=NoGuardrail(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def cosmos2_call_kwargs(prompts: int = 1) -> dict[str, Any]:
+    """Seeded T5 embeddings for ``prompts`` prompts and their negatives, 3 steps at 32 px."""
+    g = torch.Generator().manual_seed(13)
+    return {
+        "prompt_embeds": torch.randn(prompts, 8, 32, generator=g),
+        "negative_prompt_embeds": torch.randn(prompts, 8, 32, generator=g),
+        "height": 32,
+        "width": 32,
+        "num_inference_steps": 3,
+        "output_type": "np",
+    }
+
+
 BUILDERS: dict[str, Callable[[], DiffusionPipeline]] = {
     "sd": tiny_sd,
     "sd_v": lambda: tiny_sd(prediction_type="v_prediction"),
