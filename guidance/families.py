@@ -382,6 +382,21 @@ FAMILIES: tuple[Family, ...] = (
         negative_by_default=True,
     ),
     Family(
+        "cosmos2",
+        # a conditional call, then an unconditional one, combined as c + s (c - u) on x0 for s > 1; the transformer
+        # sees the latents on the flow path at t = sigma / (1 + sigma) of the scheduler's EDM sigmas, in [0, 1]
+        ("Cosmos2TextToImagePipeline",),
+        "transformer",
+        "sequential",
+        "guidance_scale",
+        timestep_divisor=1000.0,
+        unbatched=("padding_mask",),
+        negative_embeds=("negative_prompt_embeds",),
+        negative_by_default=True,
+        scale_offset=1.0,
+        cfg_above=2.0,
+    ),
+    Family(
         "auraflow",
         # one batched CFG call (uncond first) of MMDiT joint blocks, then single-stream blocks over [registers,
         # text, image] tokens; the timestep is sigma in [0, 1]
