@@ -558,7 +558,8 @@ class Run:
     def _finish_sequential(self, x: Tensor, t: Tensor, uncond: Tensor) -> Tensor:
         step, cond, perturbed = self.pending
         self.pending = None
-        if step.x.data_ptr() != x.data_ptr() or step.x.shape != x.shape:
+        # the same latents: the same tensor, or (Cosmos 2 video-to-world builds each call's input anew) equal values
+        if step.x.shape != x.shape or (step.x.data_ptr() != x.data_ptr() and not torch.equal(step.x, x)):
             raise RuntimeError("the unconditional call did not follow the conditional one on the same latents")
         g = self.guided(x, t, cond, uncond, perturbed, step.fraction)
         return _solved_uncond(g, cond, self.pipeline_scale).to(uncond.dtype)

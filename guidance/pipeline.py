@@ -110,6 +110,8 @@ class _Controller:
         token_times = None
         if t.ndim == 2 and t.shape[0] == x.shape[0] and t.shape[1] > 1:  # one per token (LTX image-to-video, Wan TI2V)
             token_times, t = t, t.amax(dim=1)  # the generated tokens' time: the step's
+        elif t.ndim == 5 and x.ndim == 5 and t.shape[0] == x.shape[0] and t.shape[2] == x.shape[2] > 1:
+            token_times, t = t.flatten(1), t.amax(dim=(1, 2, 3, 4))  # one per frame, (B, 1, F, 1, 1): Cosmos 2
         t = t.reshape(-1)
         t = (1 - t if family.timestep_reversed else t) * family.timestep_divisor
         if family.timestep_scale_key is not None:

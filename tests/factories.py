@@ -2431,16 +2431,17 @@ def _cosmos_resize_without_torchvision() -> None:
         )
 
 
-def tiny_cosmos2() -> DiffusionPipeline:
-    """Cosmos 2 text-to-image on diffusers' test-sized transformer and Wan VAE, a random T5 encoder (no tokenizer:
-    :func:`cosmos2_call_kwargs` passes embeddings) and :class:`NoGuardrail`."""
+def tiny_cosmos2(video: bool = False) -> DiffusionPipeline:
+    """Cosmos 2 text-to-image (or video-to-world: its transformer takes the condition mask as a 17th channel) on
+    diffusers' test-sized transformer and Wan VAE, a random T5 encoder (no tokenizer: :func:`cosmos2_call_kwargs`
+    passes embeddings) and :class:`NoGuardrail`."""
     import diffusers
     from transformers import T5Config, T5EncoderModel
 
     _cosmos_resize_without_torchvision()
     torch.manual_seed(0)
     transformer = diffusers.CosmosTransformer3DModel(
-        in_channels=16,
+        in_channels=17 if video else 16,
         out_channels=16,
         num_attention_heads=2,
         attention_head_dim=16,
@@ -2460,7 +2461,8 @@ def tiny_cosmos2() -> DiffusionPipeline:
     )
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
     text = T5EncoderModel(T5Config(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=8, vocab_size=100)).eval()
-    pipe = diffusers.Cosmos2TextToImagePipeline(
+    cls = diffusers.Cosmos2VideoToWorldPipeline if video else diffusers.Cosmos2TextToImagePipeline
+    pipe = cls(
         text_encoder=text,
         tokenizer=None,
         transformer=transformer,

@@ -97,7 +97,7 @@ def assert_apg_equals_the_formula(
     whole, apart = method.new_state(family), 0.0  # the formula over every token, condition ones included
     for (x, t, cond, uncond), prediction in zip(branches, predictions):
         x, cond, uncond = latents(x).float(), cond.float(), uncond.float()
-        t = t.amax(dim=1) if t.ndim == 2 else t  # a timestep per token
+        t = t.flatten(1).amax(dim=1) if t.ndim >= 2 else t  # a timestep per token (B, N) or frame (B, 1, F, 1, 1)
         expected = guided(x, t, prediction.float())
         if generated is not None:
             index = (slice(None),) * generated[0] + (generated[1],)

@@ -1,6 +1,8 @@
-"""guide() on Cosmos 2 text-to-image: a conditional call, then an unconditional one, combined as ``c + s (c - u)``
-on the x0 predictions and run only for ``guidance_scale`` s > 1 (a weight above 2); the transformer sees the latents
-on the rectified-flow path at ``t = sigma / (1 + sigma)`` of the scheduler's EDM sigmas and predicts the velocity."""
+"""guide() on Cosmos 2 text-to-image and video-to-world: a conditional call, then an unconditional one, combined
+as ``c + s (c - u)`` on the x0 predictions and run only for ``guidance_scale`` s > 1 (a weight above 2); the
+transformer sees the latents on the rectified-flow path at ``t = sigma / (1 + sigma)`` of the scheduler's EDM
+sigmas and predicts the velocity. Video-to-world gives the condition frames (the input image's) their own, tiny,
+time: a timestep per frame."""
 
 from __future__ import annotations
 
@@ -15,6 +17,12 @@ from tests.family_checks import assert_apg_equals_the_formula, assert_batched_eq
 
 def call(pipe, prompts=1, **extra):
     return pipe(**(cosmos2_call_kwargs(prompts) | extra), generator=torch.Generator().manual_seed(0)).images
+
+
+def call_video(pipe, prompts=1, **extra):
+    image = torch.rand(prompts, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    kwargs = cosmos2_call_kwargs(prompts) | {"image": image, "num_frames": 9}  # 3 latent frames, the first given
+    return pipe(**(kwargs | extra), generator=torch.Generator().manual_seed(0)).frames
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +88,42 @@ def test_apg_equals_the_formula_on_the_recorded_calls(pipe):
 )
 def test_each_perturbation_batched_equals_its_own_calls(pipe, method):
     assert_batched_equals_own_calls(pipe, lambda p, **e: call(p, prompts=2, **e), method, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def video_pipe():
+    return tiny_cosmos2(video=True)
+
+
+def test_video_to_world_cfg_equals_the_pipelines_own(video_pipe):
+    """Each call builds its input anew (the condition frame set in, at its own time): the unconditional call is
+    recognised by its values."""
+    own = call_video(video_pipe, guidance_scale=3.0)
+    assert np.abs(own - call_video(video_pipe, guidance_scale=1.0)).max() > 1e-3
+    for scale in (1.0, 0.5):
+        with guide(video_pipe, CFG(4.0)):
+            np.testing.assert_allclose(call_video(video_pipe, guidance_scale=scale), own, atol=2e-5)
+
+
+def test_video_to_world_apg_acts_on_the_generated_frames_alone(video_pipe):
+    """The step's time is the generated frames'; APG's norms and projections are theirs, not the condition
+    frame's (which the pipeline replaces by the input image's latents)."""
+
+    def velocity(x, t, eps):
+        return (eps - x) / (1 - t.reshape(-1, 1, 1, 1, 1))
+
+    assert_apg_equals_the_formula(
+        video_pipe,
+        call_video,
+        "cosmos2",
+        scheduler_x0(video_pipe, 1000.0),
+        velocity,
+        atol=5e-4,
+        sequential=True,
+        generated=(2, slice(1, None)),
+    )
+
+
+@pytest.mark.parametrize("method", [PAG(3.0), TPG(2.0)], ids=["pag", "tpg"])
+def test_video_to_world_perturbations_batched_equal_their_own_calls(video_pipe, method):
+    assert_batched_equals_own_calls(video_pipe, lambda p, **e: call_video(p, prompts=2, **e), method, atol=2e-5)
