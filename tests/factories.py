@@ -2350,7 +2350,6 @@ def tiny_kandinsky3(img2img: bool = False) -> DiffusionPipeline:
     """Kandinsky 3 (text-to-image, or image-to-image) on diffusers' test-sized UNet, MoVQ and a random T5 encoder
     (no tokenizer: :func:`kandinsky3_call_kwargs` passes the embeddings and masks)."""
     import diffusers
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     unet = diffusers.Kandinsky3UNet(
@@ -2379,7 +2378,7 @@ def tiny_kandinsky3(img2img: bool = False) -> DiffusionPipeline:
     scheduler = diffusers.DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="squaredcos_cap_v2", clip_sample=True
     )
-    text = T5EncoderModel(T5Config(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=8, vocab_size=100)).eval()
+    text = _t5_encoder(d_model=32)
     cls = diffusers.Kandinsky3Img2ImgPipeline if img2img else diffusers.Kandinsky3Pipeline
     pipe = cls(tokenizer=None, text_encoder=text, unet=unet, scheduler=scheduler, movq=movq)
     pipe.set_progress_bar_config(disable=True)
@@ -2436,7 +2435,6 @@ def tiny_cosmos2(video: bool = False) -> DiffusionPipeline:
     diffusers' test-sized transformer and Wan VAE, a random T5 encoder (no tokenizer: :func:`cosmos2_call_kwargs`
     passes embeddings) and :class:`NoGuardrail`."""
     import diffusers
-    from transformers import T5Config, T5EncoderModel
 
     _cosmos_resize_without_torchvision()
     torch.manual_seed(0)
@@ -2460,7 +2458,7 @@ def tiny_cosmos2(video: bool = False) -> DiffusionPipeline:
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True)
-    text = T5EncoderModel(T5Config(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=8, vocab_size=100)).eval()
+    text = _t5_encoder(d_model=32)
     cls = diffusers.Cosmos2VideoToWorldPipeline if video else diffusers.Cosmos2TextToImagePipeline
     pipe = cls(
         text_encoder=text,
