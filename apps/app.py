@@ -60,8 +60,8 @@ def build_app(
     """A ``gr.Blocks`` app generating with ``model`` (the embedded demo DiT by default), serving requests within
     ``limits`` (default :class:`apps.jobs.Limits`).
 
-    ``detector`` is the folder of a saved EPS-AD detector for the Detect tab (default
-    ``demo_models/eps_detector``; without one, ``/detect`` answers "no detector available"), its score model in
+    ``detector`` is the folder of a saved native-resolution EPS-AD detector for the Detect tab (default
+    ``demo_models/photo_detector``; without one, ``/detect`` answers "no detector available"), its score model in
     ``detect_dtype`` (:func:`apps.device.score_dtype`). Building measures
     the unit costs of the work on ``device`` (about a second).
     """

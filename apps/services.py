@@ -55,7 +55,6 @@ DEFAULT_ASPL_STEPS = 60
 PROTECT_VAE = "demo/photo_vae"  # what the app and the CLI protect against (and measure survival in)
 PROTECT_LDM = "demo/photo_ldm"  # Mist's and SDS's semantic part, the mimicry preview's SDEdit: a latent model on it
 PROTECTOR_NAME = "photo_protector"  # the amortized protector, trained against the photo VAE
-DETECTOR_NAME = "eps_detector"  # the 16 px testbed detector (bench_detection)
 PHOTO_DETECTOR_NAME = "photo_detector"  # native-resolution patches, fitted on photos
 
 __all__ = [
@@ -360,11 +359,11 @@ def mimicry_preview(
 
 
 def default_detector_dir() -> Path:
-    """``demo_models/photo_detector`` (native-resolution patches) if there, else ``demo_models/eps_detector``."""
+    """``demo_models/photo_detector``, the native-resolution detector fitted on photos (the 16 px testbed detector
+    ``demo_models/eps_detector`` scores fixed-size images only, which the app refuses to resize to)."""
     from .demo import DEMO_DIR
 
-    photo = DEMO_DIR / PHOTO_DETECTOR_NAME
-    return photo if (photo / "config.json").is_file() else DEMO_DIR / DETECTOR_NAME
+    return DEMO_DIR / PHOTO_DETECTOR_NAME
 
 
 @functools.lru_cache(maxsize=2)

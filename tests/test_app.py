@@ -286,6 +286,19 @@ def test_cli_detect_json(tmp_path, detector_dir, bad_files, capsys):
     assert "no detector available" in capsys.readouterr().err
 
 
+def test_without_the_photo_detector_the_default_says_none_is_available(tmp_path, monkeypatch):
+    """The default is the native-resolution photo detector; without it there is none (not the 16 px testbed
+    detector, which scores fixed-size images only and would be refused as the wrong kind)."""
+    import apps.demo
+    from apps.services import load_detector
+
+    (tmp_path / "eps_detector").mkdir()
+    (tmp_path / "eps_detector" / "config.json").write_text('{"format": "steerguard.eps_detector/1"}')
+    monkeypatch.setattr(apps.demo, "DEMO_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no detector available: .*photo_detector holds no saved detector"):
+        load_detector(device="cpu")
+
+
 def test_cli_detect_reports_running_out_of_memory_per_file_and_goes_on(tmp_path, detector_dir, capsys, monkeypatch):
     import torch
 
