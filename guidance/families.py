@@ -385,7 +385,7 @@ FAMILIES: tuple[Family, ...] = (
         "cosmos2",
         # a conditional call, then an unconditional one, combined as c + s (c - u) on x0 for s > 1; the transformer
         # sees the latents on the flow path at t = sigma / (1 + sigma) of the scheduler's EDM sigmas, in [0, 1]
-        ("Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline"),
+        ("Cosmos2TextToImagePipeline", "Cosmos2VideoToWorldPipeline", "Cosmos2_5_PredictBasePipeline"),
         "transformer",
         "sequential",
         "guidance_scale",

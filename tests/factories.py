@@ -2472,6 +2472,27 @@ def tiny_cosmos2(video: bool = False) -> DiffusionPipeline:
     return pipe
 
 
+def tiny_cosmos25() -> DiffusionPipeline:
+    """Cosmos Predict 2.5 (text/image/video-to-world) on the parts of :func:`tiny_cosmos2` ``(video=True)`` and a
+    flow UniPC scheduler; no Qwen2.5-VL text encoder (:func:`cosmos2_call_kwargs` passes embeddings)."""
+    import diffusers
+
+    parts = tiny_cosmos2(video=True).components
+    scheduler = diffusers.UniPCMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0
+    )
+    pipe = diffusers.Cosmos2_5_PredictBasePipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=parts["transformer"],
+        vae=parts["vae"],
+        scheduler=scheduler,
+        safety_checker=NoGuardrail(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def cosmos2_call_kwargs(prompts: int = 1) -> dict[str, Any]:
     """Seeded T5 embeddings for ``prompts`` prompts and their negatives, 3 steps at 32 px."""
     g = torch.Generator().manual_seed(13)

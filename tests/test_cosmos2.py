@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from guidance import CFG, PAG, SLG, TPG, SoftPAG, guide
-from tests.factories import cosmos2_call_kwargs, pipeline_snapshot, recorded_run, tiny_cosmos2
+from tests.factories import cosmos2_call_kwargs, pipeline_snapshot, recorded_run, tiny_cosmos2, tiny_cosmos25
 from tests.family_checks import assert_apg_equals_the_formula, assert_batched_equals_own_calls, scheduler_x0
 
 
@@ -127,3 +127,40 @@ def test_video_to_world_apg_acts_on_the_generated_frames_alone(video_pipe):
 @pytest.mark.parametrize("method", [PAG(3.0), TPG(2.0)], ids=["pag", "tpg"])
 def test_video_to_world_perturbations_batched_equal_their_own_calls(video_pipe, method):
     assert_batched_equals_own_calls(video_pipe, lambda p, **e: call_video(p, prompts=2, **e), method, atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def predict25():
+    return tiny_cosmos25()
+
+
+def call_world(pipe, prompts=1, video=True, **extra):
+    """Cosmos Predict 2.5: video-to-world from a given video's first latent frame (its image input needs
+    torchvision), or text-to-world."""
+    kwargs = cosmos2_call_kwargs(prompts) | {"num_frames": 9}
+    if video:
+        clip = torch.rand(1, 3, 9, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        kwargs |= {"video": clip, "num_latent_conditional_frames": 1}
+    return pipe(**(kwargs | extra), generator=torch.Generator().manual_seed(0)).frames
+
+
+def test_predict25_cfg_equals_the_pipelines_own_and_apg_acts_on_the_generated_frames(predict25):
+    own = call_world(predict25, guidance_scale=3.0)
+    assert np.abs(own - call_world(predict25, guidance_scale=1.0)).max() > 1e-3
+    with guide(predict25, CFG(4.0)):
+        np.testing.assert_allclose(call_world(predict25, guidance_scale=1.0), own, atol=2e-5)
+    assert_apg_equals_the_formula(
+        predict25,
+        call_world,
+        "cosmos2",
+        scheduler_x0(predict25, 1000.0),  # the transformer sees sigma in [0, 1]; the scheduler gets its velocity
+        steps=3,
+        sequential=True,
+        generated=(2, slice(1, None)),
+    )
+
+
+@pytest.mark.parametrize("method", [PAG(3.0), TPG(2.0)], ids=["pag", "tpg"])
+def test_predict25_text_to_world_perturbations_batched_equal_their_own_calls(predict25, method):
+    run = lambda p, **e: call_world(p, prompts=2, video=False, **e)  # a video input takes one prompt
+    assert_batched_equals_own_calls(predict25, run, method, atol=2e-5)
