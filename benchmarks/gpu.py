@@ -459,6 +459,7 @@ def section_eps(ctx: Context) -> list[dict[str, Any]]:
     from apps.models import load_score_model
     from benchmarks.bench_detection import eps_per_level_loop
     from protect import EPSDetector, expected_perturbation_score
+    from protect.detector import evaluations_per_pass
 
     unet, scheduler = load_score_model(str(ROOT / "demo_models" / "unet_eps"), ctx.device)
     detector = EPSDetector.from_pretrained(ROOT / "demo_models" / "eps_detector", unet, scheduler)
@@ -469,7 +470,8 @@ def section_eps(ctx: Context) -> list[dict[str, Any]]:
     looped = eps_per_level_loop(detector, images)
     c = detector.config
     settings = {"per-level loop (peer)": lambda: eps_per_level_loop(detector, images)}
-    settings[f"batched, {c.batch_size} evaluations per pass (the detector's)"] = lambda: detector.eps(images)
+    default = evaluations_per_pass(c.batch_size, images.device, size, size)
+    settings[f"detector.eps, {default} evaluations per pass (its default here)"] = lambda: detector.eps(images)
     for per_pass in (n, n * c.timesteps // 4):  # the loop's pass size, and a quarter of all N T evaluations
         settings[f"batched, {per_pass} evaluations per pass"] = functools.partial(
             expected_perturbation_score, detector.denoiser, images, timesteps=c.timesteps, t_max=c.t_max,

@@ -30,6 +30,20 @@ from .mmd import DeepKernel, conv_featurizer, mmd2_per_sample, train_kernel
 
 CONFIG_NAME, WEIGHTS_NAME, FORMAT = "config.json", "detector.safetensors", "steerguard.eps_detector/1"
 
+#: on a GPU, the pixels of the score model's evaluations in one forward pass (evaluations x height x width) that
+#: EPS is computed with at least: the configured ``batch_size`` (256, chosen on the CPU, where batching gives
+#: nothing) ran at half the per-level loop's speed on an H200, 2560 16x16 evaluations per pass 2.2x faster than
+#: the loop at 1.2 GiB with the demo score model (benchmarks/RESULTS.md, 2026-12-04). EPS does not depend on it.
+GPU_PIXELS_PER_PASS = 2560 * 16 * 16
+
+
+def evaluations_per_pass(configured: int, device: torch.device, height: int, width: int) -> int:
+    """Score-model evaluations per forward pass: ``configured`` on the CPU; on a GPU at least as many as make
+    :data:`GPU_PIXELS_PER_PASS` pixels (bounded in pixels: larger images take fewer per pass)."""
+    if torch.device(device).type != "cuda":
+        return configured
+    return max(configured, GPU_PIXELS_PER_PASS // (height * width))
+
 
 @dataclass(frozen=True, kw_only=True)
 class EPSDetectorConfig:
@@ -122,7 +136,8 @@ class EPSDetector:
         self.diffusion_model: str | None = None
 
     def eps(self, images: Tensor) -> Tensor:
-        """The EPS of ``images`` with this detector's levels and seeds."""
+        """The EPS of ``images`` with this detector's levels and seeds (``config.batch_size`` evaluations per pass,
+        more on a GPU: :func:`evaluations_per_pass`)."""
         c = self.config
         return expected_perturbation_score(
             self.denoiser,
@@ -130,7 +145,7 @@ class EPSDetector:
             timesteps=c.timesteps,
             t_max=c.t_max,
             generator=c.seed,
-            batch_size=c.batch_size,
+            batch_size=evaluations_per_pass(c.batch_size, images.device, *images.shape[-2:]),
             antithetic=c.antithetic,
         )
 

@@ -145,3 +145,13 @@ def test_detector_rejects_bad_inputs(unet, fitted):
         EPSDetector(*unet, fpr=1.5)
     with pytest.raises(ValueError, match="scheduler"):
         EPSDetector(unet[0])
+
+
+def test_a_gpu_scores_with_more_evaluations_per_pass_bounded_in_pixels():
+    from protect.detector import GPU_PIXELS_PER_PASS, evaluations_per_pass
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert evaluations_per_pass(256, cpu, 16, 16) == 256  # the configured size on the CPU
+    assert evaluations_per_pass(256, cuda, 16, 16) == GPU_PIXELS_PER_PASS // 256 == 2560
+    assert evaluations_per_pass(4, cuda, 32, 32) == 640
+    assert evaluations_per_pass(256, cuda, 512, 512) == 256  # never fewer than configured
