@@ -498,6 +498,16 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "sana", ("SanaPipeline",), "transformer", "uncond_cond", "guidance_scale", timestep_scale_key="timestep_scale"
     ),
+    Family(
+        "sana-sprint",
+        # guidance-distilled (its guidance_scale feeds a guidance embedding): perturbation guidance only; the
+        # transformer sees the flow path at s in [0, 1] (the pipeline turns its output into a TrigFlow velocity)
+        ("SanaSprintPipeline", "SanaSprintImg2ImgPipeline"),
+        "transformer",
+        "uncond_cond",
+        "true_cfg_scale",
+        timestep_divisor=1000.0,
+    ),
     # diffusers' Sana ControlNet pipeline passes the timestep unscaled
     Family("sana-controlnet", ("SanaControlNetPipeline",), "transformer", "uncond_cond", "guidance_scale"),
     Family(

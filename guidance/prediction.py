@@ -84,9 +84,12 @@ def from_score(score: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, kind: str
 
 
 def is_flow_schedule(scheduler_name: str, config: Any) -> bool:
-    """Whether a diffusers scheduler (class name and config mapping) runs the flow-matching path."""
+    """Whether a diffusers scheduler (class name and config mapping) runs the flow-matching path (SANA-Sprint's
+    TrigFlow ``SCMScheduler``: its pipeline hands the flow model the flow-path sample at ``s = sin t / (sin t +
+    cos t)``)."""
     return (
         scheduler_name.startswith("FlowMatch")
+        or scheduler_name == "SCMScheduler"
         or config.get("prediction_type") == "flow_prediction"
         or bool(config.get("use_flow_sigmas", False))
     )

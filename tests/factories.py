@@ -924,6 +924,23 @@ def tiny_sana(controlnet: bool = False, timestep_scale: float = 1.0) -> Diffusio
     return _finish(diffusers.SanaControlNetPipeline(**parts, controlnet=net))
 
 
+def tiny_sana_sprint(img2img: bool = False) -> DiffusionPipeline:
+    """SANA-Sprint (text- or image-to-image): :func:`tiny_sana`'s autoencoder, a Sana transformer with a guidance
+    embedding and SANA-Sprint's RMS-normed queries and keys, the TrigFlow ``SCMScheduler``; no text encoder."""
+    import diffusers
+
+    dims = {"num_attention_heads": 2, "attention_head_dim": 4, "num_cross_attention_heads": 2}
+    dims |= {"cross_attention_head_dim": 4, "cross_attention_dim": 8, "caption_channels": 8, "sample_size": 16}
+    torch.manual_seed(SEED)
+    transformer = diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, guidance_embeds=True,
+        qk_norm="rms_norm_across_heads", **dims,
+    ).eval()  # fmt: skip
+    cls = diffusers.SanaSprintImg2ImgPipeline if img2img else diffusers.SanaSprintPipeline
+    parts = {"tokenizer": None, "text_encoder": None, "vae": tiny_sana().vae, "transformer": transformer}
+    return _finish(cls(**parts, scheduler=diffusers.SCMScheduler()))
+
+
 def sana_call_kwargs(pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     """Small valid call kwargs for :func:`tiny_sana`: seeded prompt and negative embeddings with their masks (the
     prompt's last token masked out), a control image for the ControlNet pipeline; no generator nor guidance."""
