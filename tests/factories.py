@@ -883,14 +883,18 @@ def kolors_call_kwargs() -> dict[str, Any]:
     return kwargs
 
 
+#: the tiny Sana transformers' sizes (2 heads of 4, 8-wide captions, 16x16 latents)
+SANA_DIMS: dict[str, int] = {"num_attention_heads": 2, "attention_head_dim": 4, "num_cross_attention_heads": 2}
+SANA_DIMS |= {"cross_attention_head_dim": 4, "cross_attention_dim": 8, "caption_channels": 8, "sample_size": 16}
+
+
 def tiny_sana(controlnet: bool = False, timestep_scale: float = 1.0) -> DiffusionPipeline:
     """Sana: a 2-block linear-attention transformer (``timestep_scale``: what the pipeline multiplies the timestep
     by), a deep-compression autoencoder, flow matching with Sana's shift, no text encoder (call it with
     :func:`sana_call_kwargs`' embeddings); ``controlnet``: the ControlNet pipeline with a 1-block ControlNet."""
     import diffusers
 
-    dims = {"num_attention_heads": 2, "attention_head_dim": 4, "num_cross_attention_heads": 2}
-    dims |= {"cross_attention_head_dim": 4, "cross_attention_dim": 8, "caption_channels": 8, "sample_size": 16}
+    dims = SANA_DIMS
     torch.manual_seed(SEED)
     transformer = diffusers.SanaTransformer2DModel(
         patch_size=1, in_channels=4, out_channels=4, num_layers=2, timestep_scale=timestep_scale, **dims
@@ -929,8 +933,7 @@ def tiny_sana_sprint(img2img: bool = False) -> DiffusionPipeline:
     embedding and SANA-Sprint's RMS-normed queries and keys, the TrigFlow ``SCMScheduler``; no text encoder."""
     import diffusers
 
-    dims = {"num_attention_heads": 2, "attention_head_dim": 4, "num_cross_attention_heads": 2}
-    dims |= {"cross_attention_head_dim": 4, "cross_attention_dim": 8, "caption_channels": 8, "sample_size": 16}
+    dims = SANA_DIMS
     torch.manual_seed(SEED)
     transformer = diffusers.SanaTransformer2DModel(
         patch_size=1, in_channels=4, out_channels=4, num_layers=2, guidance_embeds=True,
