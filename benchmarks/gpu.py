@@ -458,7 +458,7 @@ def protect_rows(ctx: Context, vae, protector, images: torch.Tensor) -> list[dic
 def section_eps(ctx: Context) -> list[dict[str, Any]]:
     from apps.models import load_score_model
     from benchmarks.bench_detection import eps_per_level_loop
-    from protect import EPSDetector, expected_perturbation_score
+    from protect import EPSDetector
     from protect.detector import evaluations_per_pass
 
     unet, scheduler = load_score_model(str(ROOT / "demo_models" / "unet_eps"), ctx.device)
@@ -473,10 +473,7 @@ def section_eps(ctx: Context) -> list[dict[str, Any]]:
     default = evaluations_per_pass(c.batch_size, images.device, size, size)
     settings[f"detector.eps, {default} evaluations per pass (its default here)"] = lambda: detector.eps(images)
     for per_pass in (n, n * c.timesteps // 4):  # the loop's pass size, and a quarter of all N T evaluations
-        settings[f"batched, {per_pass} evaluations per pass"] = functools.partial(
-            expected_perturbation_score, detector.denoiser, images, timesteps=c.timesteps, t_max=c.t_max,
-            generator=c.seed, batch_size=per_pass, antithetic=c.antithetic,
-        )  # fmt: skip
+        settings[f"batched, {per_pass} evaluations per pass"] = functools.partial(detector.eps, images, per_pass)
     results = side_by_side(ctx, settings, per=n)
     rows = ratios(results, "per-level loop (peer)")
     for row in rows:

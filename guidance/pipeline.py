@@ -324,9 +324,9 @@ class _Controller:
         # solved (a separate unconditional call, as FLUX's, or the rescaled CFG batch) the rounding of that solve
         # grows like s / (s - 1) away from 2 (10 % per step at 1.01 in bf16); the guided result does not depend on
         # s, so it is always 2 there
-        family = self.family
-        if not family.runs_cfg(arguments[family.scale_arg]) or family.layout == "sequential" or solved:
-            arguments[family.scale_arg] = family.argument(FORCED_PIPELINE_SCALE + family.cfg_above - 1)
+        scale_arg = self.family.scale_arg
+        if not self.family.runs_cfg(arguments[scale_arg]) or self.family.layout == "sequential" or solved:
+            arguments[scale_arg] = self.family.argument(FORCED_PIPELINE_SCALE + self.family.cfg_above - 1)
         if self._image_guidance_off(arguments):
             image_scale = self.family.image_scale_arg
             raise ValueError(

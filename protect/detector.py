@@ -135,17 +135,19 @@ class EPSDetector:
         self.fingerprint: str | None = None
         self.diffusion_model: str | None = None
 
-    def eps(self, images: Tensor) -> Tensor:
-        """The EPS of ``images`` with this detector's levels and seeds (``config.batch_size`` evaluations per pass,
-        more on a GPU: :func:`evaluations_per_pass`)."""
+    def eps(self, images: Tensor, batch_size: int | None = None) -> Tensor:
+        """The EPS of ``images`` with this detector's levels and seeds; ``batch_size`` evaluations per pass (default
+        ``config.batch_size``, more on a GPU: :func:`evaluations_per_pass`; the result does not depend on it)."""
         c = self.config
+        if batch_size is None:
+            batch_size = evaluations_per_pass(c.batch_size, images.device, *images.shape[-2:])
         return expected_perturbation_score(
             self.denoiser,
             images,
             timesteps=c.timesteps,
             t_max=c.t_max,
             generator=c.seed,
-            batch_size=evaluations_per_pass(c.batch_size, images.device, *images.shape[-2:]),
+            batch_size=batch_size,
             antithetic=c.antithetic,
         )
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch import Tensor
 
@@ -159,3 +160,9 @@ def assert_guider_weak_model_acts(pipe: Any, run: Callable[[Any, Any], Any], met
     pipe.guider = own
     assert pipeline_snapshot(pipe, "transformer") == before
     assert not intercepted(pipe.transformer) and ACTIVE_RUN.get() is None
+
+
+def assert_guide_points_to_the_guider(pipe: Any) -> None:
+    """``guide()`` on a pipeline that runs a diffusers guider says to set ``pipe.guider = as_guider(...)``."""
+    with pytest.raises(TypeError, match=r"pipe.guider = as_guider"), guide(pipe, CFG(4.0)):
+        pass

@@ -12,7 +12,7 @@ import torch
 
 from guidance import CFG, PAG, SLG, TPG, SoftPAG
 from tests.factories import hunyuanimage_call_kwargs, tiny_hunyuanimage
-from tests.family_checks import assert_guider_weak_model_acts
+from tests.family_checks import assert_guide_points_to_the_guider, assert_guider_weak_model_acts
 
 guiders = pytest.importorskip("diffusers.guiders")
 as_guider = pytest.importorskip("guidance.modular").as_guider
@@ -69,7 +69,4 @@ def test_weak_models_act_and_leave_the_pipeline_as_found(pipe, method):
 
 
 def test_guide_points_to_the_guider(pipe):
-    from guidance import guide
-
-    with pytest.raises(TypeError, match=r"pipe.guider = as_guider"), guide(pipe, CFG(4.0)):
-        pass
+    assert_guide_points_to_the_guider(pipe)
